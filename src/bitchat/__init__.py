@@ -1,0 +1,46 @@
+"""bitchat: an instant-messaging framework (server, client, binary protocol).
+
+Define a packet and a handler and you have a client/server service; add the IM
+layer (``bitchat.im``) and you have a chat server.
+"""
+
+from bitchat.client import Client, State
+from bitchat.connection import Session
+from bitchat.errors import (
+    BitchatError,
+    ConnectionClosed,
+    ProtocolError,
+    RequestError,
+    RequestTimeout,
+    ServiceUnavailable,
+    UsageError,
+    codes,
+)
+from bitchat.protocol.packets import Error, Packet, Ping, Pong, Registry, registry
+from bitchat.server import Server
+from bitchat.settings import Settings
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BitchatError",
+    "Client",
+    "ConnectionClosed",
+    "Error",
+    "Packet",
+    "Ping",
+    "Pong",
+    "ProtocolError",
+    "Registry",
+    "RequestError",
+    "RequestTimeout",
+    "Server",
+    "ServiceUnavailable",
+    "Session",
+    "Settings",
+    "State",
+    "UsageError",
+    "__version__",
+    "codes",
+    "registry",
+]

@@ -1,0 +1,3 @@
+from bitchat.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,408 @@
+"""The client: one connection to a server, kept alive and re-made when it drops.
+
+::
+
+    async with Client("127.0.0.1", 8864) as client:
+        reply = await client.request(Echo("hi"))
+
+``request`` sends a packet and returns the response (an Error comes back as a
+raised :class:`~bitchat.RequestError`); ``send`` sends one-way; pushes reach the
+callbacks registered with :meth:`Client.on` and the iterator of :meth:`pushes`.
+A Ping goes out every ``heartbeat_interval``; a connection silent for
+``read_idle_timeout`` is dropped; a dropped connection (or a server not up yet)
+is retried with exponential backoff and full jitter (the seed's HealthyChecker).
+Hooks in ``on_connected`` run after every (re)connection before other requests
+go out, so a higher layer can log in again first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import enum
+import logging
+import random
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+from bitchat.errors import ConnectionClosed, ProtocolError, RequestError, RequestTimeout, UsageError
+from bitchat.protocol.frame import FLAG_ERROR, FLAG_POOL, FLAG_RESPONSE, FrameDecoder, encode_frame
+from bitchat.protocol.packets import Error, Packet, Ping, Registry, decode_body
+from bitchat.protocol.packets import registry as default_registry
+from bitchat.protocol.serializers import SERIALIZERS
+from bitchat.protocol.serializers import get as get_serializer
+from bitchat.settings import Settings
+
+log = logging.getLogger("bitchat.client")
+
+P = TypeVar("P", bound=Packet)
+Resolver = Callable[[], Awaitable[tuple[str, int]]]
+ConnectedHook = Callable[["Client"], Awaitable[None]]
+PushCallback = Callable[[Packet], Any]
+
+_in_hook: contextvars.ContextVar[bool] = contextvars.ContextVar("bitchat_in_hook", default=False)
+
+
+class State(enum.Enum):
+    CONNECTING = "connecting"
+    CONNECTED = "connected"
+    DISCONNECTED = "disconnected"
+    CLOSED = "closed"
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self, client: Client, max_body: int) -> None:
+        self.client = client
+        self.decoder = FrameDecoder(max_body)
+        self.transport: asyncio.Transport | None = None
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        client = self.client
+        client._last_read = client._loop.time()
+        try:
+            frames = self.decoder.feed(data)
+        except ProtocolError as exc:
+            log.warning("server broke the protocol: %s; reconnecting", exc)
+            assert self.transport is not None
+            self.transport.abort()
+            return
+        for frame in frames:
+            client._frame_received(frame)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+
+class Client:
+    """A bitchat client (the seed's Client / SimpleClientFactory / ServerAttr).
+
+    ``resolve`` replaces the fixed address with a coroutine asked before every
+    connection attempt (the cluster router uses it).
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 8864,
+                 settings: Settings | None = None, *, serializer: int | str = "json",
+                 registry: Registry | None = None, ssl: ssl.SSLContext | None = None,
+                 reconnect: bool = True, resolve: Resolver | None = None) -> None:
+        self.host = host
+        self.port = port
+        self.settings = settings or Settings()
+        self.serializer = get_serializer(serializer).id
+        self.registry = registry or default_registry
+        self.ssl = ssl
+        self.reconnect = reconnect
+        self.resolve = resolve
+        self.state = State.DISCONNECTED
+        self.on_connected: list[ConnectedHook] = []
+        self.on_state: list[Callable[[State], None]] = []
+        self._callbacks: dict[int, list[PushCallback]] = {}
+        self._any_callbacks: list[PushCallback] = []
+        self._subscribers: list[asyncio.Queue[Packet]] = []
+        self._pending: dict[int, asyncio.Future[Packet]] = {}
+        self._next_id = 0
+        self._proto: _Protocol | None = None
+        self._runner: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+        self._first: asyncio.Future[None] | None = None
+        self._closing = False
+        self._last_read = 0.0
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- connection management ------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self.state is State.CONNECTED
+
+    async def connect(self, timeout: float | None = None) -> None:
+        """Connect, run the ``on_connected`` hooks, and keep the connection up.
+
+        With ``reconnect`` the first attempt is retried until ``timeout``
+        (``None``: forever); without it, a failure raises at once.
+        """
+        if self._runner is not None:
+            raise UsageError("the client is already connected or connecting")
+        self._loop = asyncio.get_running_loop()
+        self._closing = False
+        self._first = self._loop.create_future()
+        self._runner = self._loop.create_task(self._run())
+        try:
+            await asyncio.wait_for(asyncio.shield(self._first), timeout)
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        """Close the connection and stop reconnecting."""
+        self._closing = True
+        runner, self._runner = self._runner, None
+        if self._proto is not None and self._proto.transport is not None:
+            self._proto.transport.close()
+        if runner is not None:
+            runner.cancel()
+            try:
+                await runner
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._fail_pending(ConnectionClosed("the client was closed"))
+        self._set_state(State.CLOSED)
+        for q in self._subscribers:
+            q.put_nowait(_CLOSED)
+
+    async def __aenter__(self) -> Client:
+        await self.connect(timeout=self.settings.connect_timeout)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _set_state(self, state: State) -> None:
+        if state is self.state:
+            return
+        self.state = state
+        for cb in list(self.on_state):
+            try:
+                cb(state)
+            except Exception:
+                log.exception("state callback failed")
+
+    async def _open(self) -> _Protocol:
+        if self.resolve is not None:
+            self.host, self.port = await self.resolve()
+        loop = self._loop
+        assert loop is not None
+        _, proto = await asyncio.wait_for(
+            loop.create_connection(
+                lambda: _Protocol(self, self.settings.max_frame_size), self.host, self.port,
+                ssl=self.ssl,
+            ),
+            self.settings.connect_timeout,
+        )
+        return proto
+
+    async def _run(self) -> None:
+        delay = self.settings.reconnect_initial_delay
+        while not self._closing:
+            self._set_state(State.CONNECTING)
+            try:
+                proto = await self._open()
+            except (OSError, TimeoutError, RequestError) as exc:
+                if not self.reconnect and self._first is not None and not self._first.done():
+                    self._first.set_exception(ConnectionClosed(f"cannot connect: {exc}"))
+                    return
+                wait = random.uniform(0, delay)  # full jitter
+                log.info("connection to %s:%d failed (%s); retrying in %.2fs",
+                         self.host, self.port, exc, wait)
+                self._set_state(State.DISCONNECTED)
+                await asyncio.sleep(wait)
+                delay = min(delay * 2, self.settings.reconnect_max_delay)
+                continue
+            delay = self.settings.reconnect_initial_delay
+            self._proto = proto
+            assert self._loop is not None
+            self._last_read = self._loop.time()
+            heartbeat = self._loop.create_task(self._heartbeat(proto))
+            try:
+                await self._after_connect()
+                if self._first is not None and not self._first.done():
+                    self._first.set_result(None)
+                await proto.lost
+            except (RequestError, ConnectionClosed, RequestTimeout, OSError) as exc:
+                if self._first is not None and not self._first.done() and not self.reconnect:
+                    self._first.set_exception(exc)
+                    return
+                log.warning("setting up the connection failed: %s", exc)
+                if proto.transport is not None:
+                    proto.transport.abort()
+                await asyncio.sleep(random.uniform(0, delay))
+            finally:
+                heartbeat.cancel()
+                self._ready.clear()
+                self._proto = None
+                self._fail_pending(ConnectionClosed("the connection was lost"))
+                if proto.transport is not None:
+                    proto.transport.abort()
+            if self._closing:
+                break
+            self._set_state(State.DISCONNECTED)
+            if not self.reconnect:
+                break
+            log.info("connection to %s:%d lost; reconnecting", self.host, self.port)
+
+    async def _after_connect(self) -> None:
+        self._set_state(State.CONNECTED)
+        token = _in_hook.set(True)
+        try:
+            for hook in list(self.on_connected):
+                await hook(self)
+        finally:
+            _in_hook.reset(token)
+        self._ready.set()
+
+    async def _heartbeat(self, proto: _Protocol) -> None:
+        s = self.settings
+        loop = self._loop
+        assert loop is not None
+        interval = s.heartbeat_interval
+        while True:
+            await asyncio.sleep(interval if interval > 0 else s.read_idle_timeout)
+            if s.read_idle_timeout > 0 and loop.time() - self._last_read >= s.read_idle_timeout:
+                log.warning("no data from the server for %.1fs; reconnecting",
+                            s.read_idle_timeout)
+                if proto.transport is not None:
+                    proto.transport.abort()
+                return
+            if interval > 0:
+                self._write(Ping(), self._new_id(), 0)
+
+    # -- sending ------------------------------------------------------------------------------
+
+    def _new_id(self) -> int:
+        n = self._next_id + 1
+        if n > 0xFFFFFFFF:
+            n = 1
+        self._next_id = n
+        return n
+
+    def _write(self, packet: Packet, request_id: int, flags: int) -> None:
+        proto = self._proto
+        if proto is None or proto.transport is None or proto.transport.is_closing():
+            raise ConnectionClosed("not connected")
+        body = SERIALIZERS[self.serializer].dumps(packet.to_dict())
+        proto.transport.write(encode_frame(self.serializer, flags, packet.TYPE, request_id, body))
+
+    async def _wait_ready(self, timeout: float) -> None:
+        if self._ready.is_set() or _in_hook.get():
+            if self._proto is None:
+                raise ConnectionClosed("not connected")
+            return
+        if self._runner is None:
+            raise ConnectionClosed("the client is not connected; call connect() first")
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        except TimeoutError:
+            raise RequestTimeout(f"not connected within {timeout:.1f}s") from None
+
+    async def request(self, packet: Packet, timeout: float | None = None,
+                      pool: bool | None = None) -> Packet:
+        """Send ``packet`` and return the server's response packet.
+
+        Raises :class:`RequestError` when the server answers with an Error,
+        :class:`RequestTimeout` after ``timeout`` seconds, and
+        :class:`ConnectionClosed` if the connection drops meanwhile.
+        """
+        timeout = self.settings.request_timeout if timeout is None else timeout
+        loop = self._loop
+        if loop is None:
+            raise ConnectionClosed("the client is not connected; call connect() first")
+        deadline = loop.time() + timeout
+        await self._wait_ready(timeout)
+        rid = self._new_id()
+        fut: asyncio.Future[Packet] = loop.create_future()
+        self._pending[rid] = fut
+        flags = FLAG_POOL if (packet.POOL if pool is None else pool) else 0
+        try:
+            self._write(packet, rid, flags)
+            return await asyncio.wait_for(fut, max(deadline - loop.time(), 0))
+        except TimeoutError:
+            raise RequestTimeout(
+                f"no answer to {type(packet).__name__} within {timeout:.1f}s"
+            ) from None
+        finally:
+            self._pending.pop(rid, None)
+
+    async def send(self, packet: Packet, pool: bool | None = None) -> None:
+        """Send a one-way packet (no response is awaited)."""
+        await self._wait_ready(self.settings.request_timeout)
+        flags = FLAG_POOL if (packet.POOL if pool is None else pool) else 0
+        self._write(packet, 0, flags)
+
+    def _fail_pending(self, exc: Exception) -> None:
+        pending, self._pending = self._pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(exc)
+
+    # -- receiving ----------------------------------------------------------------------------
+
+    def on(self, cls: type[P], callback: Callable[[P], Any]) -> None:
+        """Call ``callback(packet)`` for every push of ``cls`` (a coroutine is scheduled)."""
+        self.registry.register(cls)
+        self._callbacks.setdefault(cls.TYPE, []).append(callback)  # type: ignore[arg-type]
+
+    def on_any(self, callback: PushCallback) -> None:
+        """Call ``callback(packet)`` for every push."""
+        self._any_callbacks.append(callback)
+
+    async def pushes(self) -> AsyncIterator[Packet]:
+        """Iterate over pushes as they arrive, until the client is closed."""
+        q: asyncio.Queue[Packet] = asyncio.Queue()
+        self._subscribers.append(q)
+        try:
+            while True:
+                item = await q.get()
+                if item is _CLOSED:
+                    return
+                yield item
+        finally:
+            self._subscribers.remove(q)
+
+    def _frame_received(self, frame: Any) -> None:
+        if frame.flags & FLAG_RESPONSE:
+            fut = self._pending.get(frame.request_id)
+            if fut is None or fut.done():
+                return  # a late answer to a timed-out request, or a Pong
+            try:
+                if frame.flags & FLAG_ERROR:
+                    err = decode_body(Error, frame.serializer, frame.body)
+                    fut.set_exception(RequestError(err.code, err.message))
+                    return
+                cls = self.registry.get(frame.type)
+                if cls is None:
+                    fut.set_exception(ProtocolError(
+                        "unknown_type", f"unknown response type {frame.type}", fatal=False))
+                    return
+                fut.set_result(decode_body(cls, frame.serializer, frame.body))
+            except ProtocolError as exc:
+                fut.set_exception(exc)
+            return
+        if frame.type == 2:  # unsolicited Pong
+            return
+        cls = self.registry.get(frame.type)
+        if cls is None:
+            log.debug("dropping push of unknown type %d", frame.type)
+            return
+        try:
+            packet = decode_body(cls, frame.serializer, frame.body)
+        except ProtocolError as exc:
+            log.warning("dropping an invalid push: %s", exc)
+            return
+        for cb in self._callbacks.get(frame.type, ()):
+            self._call(cb, packet)
+        for cb in self._any_callbacks:
+            self._call(cb, packet)
+        for q in self._subscribers:
+            q.put_nowait(packet)
+
+    def _call(self, cb: PushCallback, packet: Packet) -> None:
+        try:
+            result = cb(packet)
+            if asyncio.iscoroutine(result):
+                assert self._loop is not None
+                self._loop.create_task(result)
+        except Exception:
+            log.exception("push callback failed")
+
+
+class _Closed(Packet):
+    pass
+
+
+_CLOSED: Any = _Closed()

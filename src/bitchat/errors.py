@@ -1,0 +1,96 @@
+"""The one exception tree of bitchat.
+
+::
+
+    BitchatError
+     ├── ProtocolError          the peer sent bytes that break the wire protocol
+     ├── UsageError             the API was misused (e.g. a duplicate packet type)
+     ├── RequestError           a request failed with a stable ``code``; raised by
+     │    │                     handlers (sent to the peer as an Error packet) and
+     │    │                     by ``Client.request`` when an Error comes back
+     │    └── ServiceUnavailable  a backing store is down; retry later
+     ├── RequestTimeout         no response in time (also a ``TimeoutError``)
+     └── ConnectionClosed       the connection went away before the answer came
+                                (also a ``ConnectionError``)
+
+Error codes carried by Error packets are stable strings, listed in ``codes``.
+"""
+
+from __future__ import annotations
+
+
+class codes:
+    """Stable error codes sent in Error packets (clients may branch on them)."""
+
+    # Framing: the connection is closed after these.
+    BAD_MAGIC = "bad_magic"
+    BAD_VERSION = "bad_version"
+    BAD_SERIALIZER = "bad_serializer"
+    BAD_FLAGS = "bad_flags"
+    FRAME_TOO_LARGE = "frame_too_large"
+    # Request level: the connection stays open.
+    BAD_BODY = "bad_body"
+    INVALID_PACKET = "invalid_packet"
+    UNKNOWN_TYPE = "unknown_type"
+    NO_HANDLER = "no_handler"
+    INTERNAL = "internal_error"
+    OVERLOADED = "overloaded"
+    UNAVAILABLE = "unavailable"
+    # IM level.
+    UNAUTHENTICATED = "unauthenticated"
+    LOGIN_FAILED = "login_failed"
+    NAME_TAKEN = "name_taken"
+    NOT_FOUND = "not_found"
+    NOT_MEMBER = "not_member"
+    FORBIDDEN = "forbidden"
+    MESSAGE_TOO_LONG = "message_too_long"
+    GROUP_FULL = "group_full"
+    RATE_LIMITED = "rate_limited"
+    NO_SERVER = "no_server"
+
+
+class BitchatError(Exception):
+    """Root of every exception bitchat raises on purpose."""
+
+
+class ProtocolError(BitchatError):
+    """The peer broke the wire protocol.
+
+    ``fatal`` errors lose the framing: the connection must be closed. Non-fatal
+    ones concern one request (``request_id``) and the connection stays usable.
+    """
+
+    def __init__(self, code: str, message: str, *, fatal: bool = True, request_id: int = 0):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.fatal = fatal
+        self.request_id = request_id
+
+
+class UsageError(BitchatError):
+    """The API was used in a way it does not allow."""
+
+
+class RequestError(BitchatError):
+    """A request failed with a stable error ``code`` and a human ``message``."""
+
+    def __init__(self, code: str, message: str = ""):
+        super().__init__(f"{code}: {message}" if message else code)
+        self.code = code
+        self.message = message
+
+
+class ServiceUnavailable(RequestError):
+    """A backing service (database, Redis) is unreachable; nothing was done."""
+
+    def __init__(self, message: str = "a backing service is unavailable, retry later"):
+        super().__init__(codes.UNAVAILABLE, message)
+
+
+class RequestTimeout(BitchatError, TimeoutError):
+    """No response arrived within the request's timeout."""
+
+
+class ConnectionClosed(BitchatError, ConnectionError):
+    """The connection closed (or was never open) while an answer was awaited."""

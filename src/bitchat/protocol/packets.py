@@ -1,0 +1,292 @@
+"""Packets: typed messages, and the registry from packet type to class.
+
+A packet is a class with annotated fields; declaring it registers it::
+
+    class Echo(Packet, type=1000):
+        text: str
+        times: int = 1
+
+Fields may be ``int``, ``float``, ``bool``, ``str``, ``bytes``, ``Any``,
+``X | None``, ``list[X]`` and ``dict[str, X]`` of those. Decoding validates every
+field against its annotation and raises :class:`~bitchat.errors.ProtocolError`
+(non-fatal: the request fails, the connection stays) on a missing or mistyped
+field. Unknown keys are ignored, so old peers can talk to newer ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable, Iterator
+from typing import Any, ClassVar, TypeVar
+
+from bitchat.errors import ProtocolError, UsageError, codes
+from bitchat.protocol.serializers import SERIALIZERS
+
+_Check = Callable[[Any], Any]
+P = TypeVar("P", bound="Packet")
+
+SYSTEM_TYPES = range(0, 100)
+IM_TYPES = range(100, 1000)
+USER_TYPES_START = 1000
+MAX_TYPE = 0xFFFF
+
+
+class _Invalid(Exception):
+    pass
+
+
+def _check_int(v: Any) -> Any:
+    if type(v) is int:
+        return v
+    raise _Invalid("an integer")
+
+
+def _check_float(v: Any) -> Any:
+    if type(v) is float:
+        return v
+    if type(v) is int:
+        return float(v)
+    raise _Invalid("a number")
+
+
+def _check_bool(v: Any) -> Any:
+    if v is True or v is False:
+        return v
+    raise _Invalid("a boolean")
+
+
+def _check_str(v: Any) -> Any:
+    if type(v) is str:
+        return v
+    raise _Invalid("a string")
+
+
+def _check_bytes(v: Any) -> Any:
+    if type(v) is bytes:
+        return v
+    raise _Invalid("bytes")
+
+
+def _check_any(v: Any) -> Any:
+    return v
+
+
+_SIMPLE: dict[Any, _Check] = {
+    int: _check_int,
+    float: _check_float,
+    bool: _check_bool,
+    str: _check_str,
+    bytes: _check_bytes,
+    Any: _check_any,
+    object: _check_any,
+}
+
+
+def _checker(tp: Any) -> _Check:
+    """Build a validating converter for one annotation."""
+    simple = _SIMPLE.get(tp)
+    if simple is not None:
+        return simple
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (types.UnionType, typing.Union):
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) != 1 or len(args) != 2:
+            raise UsageError(f"unsupported union field type {tp!r}: only X | None")
+        check_inner = _checker(inner[0])
+
+        def check_optional(v: Any) -> Any:
+            return None if v is None else check_inner(v)
+
+        return check_optional
+    if origin is list:
+        check_item = _checker(args[0]) if args else _check_any
+
+        def check_list(v: Any) -> Any:
+            if type(v) is not list:
+                raise _Invalid("a list")
+            return [check_item(x) for x in v]
+
+        return check_list
+    if origin is dict:
+        if args and args[0] is not str:
+            raise UsageError(f"unsupported dict key type in {tp!r}: keys must be str")
+        check_value = _checker(args[1]) if args else _check_any
+
+        def check_dict(v: Any) -> Any:
+            if type(v) is not dict:
+                raise _Invalid("a map")
+            out = {}
+            for k, x in v.items():
+                if type(k) is not str:
+                    raise _Invalid("a map with string keys")
+                out[k] = check_value(x)
+            return out
+
+        return check_dict
+    raise UsageError(f"unsupported field type {tp!r}")
+
+
+class Packet:
+    """Base class of every packet.
+
+    Subclasses name their wire type with a class keyword (``type=1000``) and may
+    set ``pool=True`` to ask, by default, to be handled off the I/O loop (the
+    seed's "sync" field; a client may override it per request). They become
+    dataclasses; their fields are the packet's body.
+    """
+
+    TYPE: ClassVar[int] = -1
+    POOL: ClassVar[bool] = False
+    _fields: ClassVar[tuple[str, ...]] = ()
+    _spec: ClassVar[tuple[tuple[str, _Check, bool], ...] | None] = None
+
+    def __init_subclass__(
+        cls,
+        *,
+        type: int | None = None,
+        pool: bool | None = None,
+        register: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init_subclass__(**kwargs)
+        if pool is not None:
+            cls.POOL = pool
+        dataclasses.dataclass(cls)
+        cls._fields = tuple(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+        cls._spec = None
+        if type is not None:
+            if not 0 <= type <= MAX_TYPE:
+                raise UsageError(f"packet type {type} is outside 0..{MAX_TYPE}")
+            cls.TYPE = type
+            if register:
+                registry.register(cls)
+
+    @classmethod
+    def _build_spec(cls) -> tuple[tuple[str, _Check, bool], ...]:
+        hints = typing.get_type_hints(cls)
+        spec = []
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            spec.append((f.name, _checker(hints[f.name]), required))
+        cls._spec = tuple(spec)
+        return cls._spec
+
+    def to_dict(self) -> dict[str, Any]:
+        """The body map of this packet."""
+        return {name: getattr(self, name) for name in self._fields}
+
+    @classmethod
+    def from_dict(cls: type[P], data: Any) -> P:
+        """Validate a decoded body map and build the packet.
+
+        Raises a non-fatal :class:`ProtocolError` (``invalid_packet``).
+        """
+        if type(data) is not dict:
+            raise ProtocolError(
+                codes.INVALID_PACKET, f"{cls.__name__}: body must be a map", fatal=False
+            )
+        spec = cls._spec or cls._build_spec()
+        kwargs = {}
+        for name, check, required in spec:
+            try:
+                value = data[name]
+            except KeyError:
+                if required:
+                    raise ProtocolError(
+                        codes.INVALID_PACKET,
+                        f"{cls.__name__}: missing field {name!r}",
+                        fatal=False,
+                    ) from None
+                continue
+            try:
+                kwargs[name] = check(value)
+            except _Invalid as exc:
+                raise ProtocolError(
+                    codes.INVALID_PACKET,
+                    f"{cls.__name__}: field {name!r} must be {exc}",
+                    fatal=False,
+                ) from None
+        return cls(**kwargs)
+
+
+class Registry:
+    """Maps packet type numbers to packet classes; refuses duplicates."""
+
+    def __init__(self) -> None:
+        self._by_type: dict[int, type[Packet]] = {}
+
+    def register(self, cls: type[P]) -> type[P]:
+        existing = self._by_type.get(cls.TYPE)
+        if existing is not None and existing is not cls:
+            raise UsageError(
+                f"packet type {cls.TYPE} is already registered to "
+                f"{existing.__module__}.{existing.__qualname__}; "
+                f"cannot register {cls.__module__}.{cls.__qualname__}"
+            )
+        self._by_type[cls.TYPE] = cls
+        return cls
+
+    def unregister(self, cls: type[Packet]) -> None:
+        if self._by_type.get(cls.TYPE) is cls:
+            del self._by_type[cls.TYPE]
+
+    def get(self, type_: int) -> type[Packet] | None:
+        return self._by_type.get(type_)
+
+    def __contains__(self, type_: object) -> bool:
+        return type_ in self._by_type
+
+    def __iter__(self) -> Iterator[type[Packet]]:
+        return iter(self._by_type.values())
+
+
+#: The default registry every ``Packet`` subclass with a ``type=`` joins.
+registry = Registry()
+
+
+def decode_body(cls: type[P], serializer: int, body: bytes, request_id: int = 0) -> P:
+    """Deserialize and validate ``body`` as a ``cls`` packet.
+
+    Raises a non-fatal :class:`ProtocolError` carrying ``request_id``.
+    """
+    try:
+        data = SERIALIZERS[serializer].loads(body)
+    except Exception as exc:
+        raise ProtocolError(
+            codes.BAD_BODY, f"body does not deserialize: {exc}", fatal=False, request_id=request_id
+        ) from None
+    try:
+        return cls.from_dict(data)
+    except ProtocolError as exc:
+        exc.request_id = request_id
+        raise
+    except Exception as exc:  # a field validator raised something unexpected
+        raise ProtocolError(
+            codes.INVALID_PACKET, str(exc), fatal=False, request_id=request_id
+        ) from None
+
+
+def encode_body(packet: Packet, serializer: int) -> bytes:
+    """Serialize a packet's body."""
+    return SERIALIZERS[serializer].dumps(packet.to_dict())
+
+
+# System packets (types 0-99).
+
+
+class Ping(Packet, type=1):
+    """Heartbeat request; answered inline with :class:`Pong`."""
+
+
+class Pong(Packet, type=2):
+    """Heartbeat answer."""
+
+
+class Error(Packet, type=3):
+    """A failed request: a stable ``code`` and a human ``message``."""
+
+    code: str
+    message: str = ""

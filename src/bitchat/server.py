@@ -1,0 +1,224 @@
+"""The server: listens, accepts connections, dispatches packets to handlers.
+
+::
+
+    server = Server("0.0.0.0", 8864)
+
+    @server.handler(Echo)
+    async def echo(session, packet):
+        return EchoReply(packet.text)
+
+    async with server:
+        await server.serve_forever()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+from bitchat.connection import Session, TcpSession
+from bitchat.dispatch import Dispatcher
+from bitchat.errors import UsageError
+from bitchat.metrics import Metrics
+from bitchat.protocol.packets import Packet, Registry
+from bitchat.protocol.packets import registry as default_registry
+from bitchat.settings import Settings
+
+if TYPE_CHECKING:
+    pass
+
+log = logging.getLogger("bitchat.server")
+
+H = TypeVar("H", bound=Callable[..., Any])
+Hook = Callable[["Server"], Awaitable[None]]
+SessionHook = Callable[[Session], None]
+
+
+class WebHandler(Protocol):
+    """What the server needs of the HTTP/WebSocket side of the port."""
+
+    def accepts(self, first_bytes: bytes) -> bool: ...
+
+    def take_over(self, transport: asyncio.Transport, data: bytes, remote: str) -> None: ...
+
+
+def install_uvloop() -> bool:
+    """Use uvloop's event loop policy where it is installed; True if it is."""
+    try:
+        import uvloop
+    except ImportError:
+        return False
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return True
+
+
+def make_ssl_context(cert: str, key: str) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+class Server:
+    """A bitchat server on one port (the seed's Server / SimpleServerFactory)."""
+
+    def __init__(self, host: str = "0.0.0.0", port: int = 8864,
+                 settings: Settings | None = None, *, registry: Registry | None = None,
+                 mode: str = "standalone") -> None:
+        self.host = host
+        self.port = port
+        self.settings = settings or Settings()
+        self.registry = registry or default_registry
+        self.dispatcher = Dispatcher(self.registry)
+        self.metrics = Metrics()
+        self.mode = mode
+        self.web: WebHandler | None = None
+        self.sessions: dict[int, Session] = {}
+        self.on_startup: list[Hook] = []
+        self.on_shutdown: list[Hook] = []
+        self.on_session_open: list[SessionHook] = []
+        self.on_session_close: list[SessionHook] = []
+        self.executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._server: asyncio.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._inflight: set[asyncio.Future[Any]] = set()
+        self._stopped: asyncio.Event | None = None
+        self._started = False
+
+    # -- handlers -------------------------------------------------------------------------
+
+    def handler(self, cls: type[Packet], *, login_required: bool = False) -> Callable[[H], H]:
+        """Decorator: ``func(session, packet)`` handles packets of ``cls``.
+
+        It returns the response packet (sent with the request's id), returns
+        ``None`` (nothing is sent), or raises :class:`~bitchat.RequestError`
+        (sent as an Error). A plain ``def`` runs on the loop, or on the worker
+        thread pool when the request carries the POOL flag; an ``async def``
+        runs in arrival order, or as its own task with POOL. A plain ``def`` may
+        also return an ``asyncio.Future`` of the response, to answer later
+        without holding up the connection's next request.
+        """
+        return self.dispatcher.handler(cls, login_required=login_required)
+
+    def add_handler(self, cls: type[Packet], func: Callable[..., Any], *,
+                    login_required: bool = False) -> None:
+        self.dispatcher.add(cls, func, login_required=login_required)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise UsageError("the server is not started")
+        return self._loop
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound address (the real port when started with port 0)."""
+        if self._server is None or not self._server.sockets:
+            return (self.host, self.port)
+        name = self._server.sockets[0].getsockname()
+        return (name[0], name[1])
+
+    async def start(self) -> None:
+        if self._started:
+            raise UsageError("the server is already started")
+        self._loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        self.executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=self.settings.worker_threads, thread_name_prefix="bitchat-worker"
+        )
+        for hook in self.on_startup:
+            await hook(self)
+        tls = None
+        if self.settings.tls_cert:
+            if not self.settings.tls_key:
+                raise UsageError("a TLS certificate needs its key (tls_key)")
+            tls = make_ssl_context(self.settings.tls_cert, self.settings.tls_key)
+        try:
+            self._server = await self._loop.create_server(
+                lambda: TcpSession(self), self.host, self.port, ssl=tls, backlog=4096,
+                reuse_address=True,
+            )
+        except BaseException:
+            for hook in reversed(self.on_shutdown):
+                await hook(self)
+            raise
+        self._started = True
+        host, port = self.address
+        log.info("bitchat server started on %s:%d (mode: %s, tls: %s, loop: %s)",
+                 self.host if self.port else host, port, self.mode, "on" if tls else "off",
+                 type(self._loop).__module__.split(".")[0])
+
+    async def serve_forever(self) -> None:
+        """Wait until :meth:`stop` is called (from a signal handler, say)."""
+        if not self._started:
+            await self.start()
+        assert self._stopped is not None
+        await self._stopped.wait()
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish (up to the grace), close all."""
+        if not self._started:
+            return
+        self._started = False
+        assert self._server is not None
+        self._server.close()
+        if self._inflight:
+            await asyncio.wait(set(self._inflight), timeout=self.settings.shutdown_grace)
+        for session in list(self.sessions.values()):
+            session.close()
+        try:
+            await asyncio.wait_for(self._server.wait_closed(), self.settings.shutdown_grace)
+        except TimeoutError:
+            log.warning("connections still open after the shutdown grace; aborting them")
+        for session in list(self.sessions.values()):
+            session._abort()
+            session._closed()
+        for hook in reversed(self.on_shutdown):
+            try:
+                await hook(self)
+            except Exception:
+                log.exception("shutdown hook failed")
+        if self.executor is not None:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+        log.info("bitchat server stopped")
+        assert self._stopped is not None
+        self._stopped.set()
+
+    async def __aenter__(self) -> Server:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # -- sessions -------------------------------------------------------------------------
+
+    def _session_opened(self, session: Session) -> None:
+        self.sessions[session.id] = session
+        self.metrics.connection_opened(session.transport_name)
+        for hook in self.on_session_open:
+            hook(session)
+
+    def _session_closed(self, session: Session) -> None:
+        if self.sessions.pop(session.id, None) is None:
+            return
+        self.metrics.connection_closed(session.transport_name)
+        for hook in self.on_session_close:
+            try:
+                hook(session)
+            except Exception:
+                log.exception("session close hook failed")
+
+    def push(self, session_id: int, packet: Packet) -> bool:
+        """Push a packet to one connection; False if it is gone."""
+        session = self.sessions.get(session_id)
+        if session is None or session.closed:
+            return False
+        session.push(packet)
+        return True

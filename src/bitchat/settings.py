@@ -1,0 +1,90 @@
+"""Every limit and tunable of bitchat, in one settings object.
+
+The CLI fills it from its options; a program passes one to ``Server``/``Client``.
+Each default is chosen to be safe for a public server.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Settings:
+    # Wire protocol.
+    max_frame_size: int = 1 << 20
+    """Largest frame body accepted, in bytes (the length header is checked first)."""
+
+    # Connections (both sides).
+    read_idle_timeout: float = 15.0
+    """A connection that sends nothing for this long is closed (the seed's IdleStateChecker)."""
+    heartbeat_interval: float = 5.0
+    """The client sends a Ping this often (the seed's HealthyChecker)."""
+    write_high_water: int = 256 * 1024
+    """Above this many unsent bytes a connection stops reading its peer's requests."""
+    write_low_water: int = 64 * 1024
+    """Below this, reading resumes."""
+    write_hard_limit: int = 8 * 1024 * 1024
+    """A peer that lets more than this pile up unread is disconnected."""
+    max_pending_requests: int = 256
+    """Requests queued on one connection before it stops reading (bounds memory)."""
+
+    # Client.
+    request_timeout: float = 10.0
+    """Default time ``Client.request`` waits for its answer."""
+    connect_timeout: float = 5.0
+    """Time one connection attempt may take."""
+    reconnect_initial_delay: float = 0.2
+    """First wait before reconnecting; doubles per failure, with full jitter."""
+    reconnect_max_delay: float = 10.0
+
+    # Server process.
+    worker_threads: int = 16
+    """Size of the worker thread pool for POOL handlers written as plain ``def``."""
+    shutdown_grace: float = 5.0
+    """Seconds a stopping server waits for in-flight requests before closing."""
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    # IM.
+    data_dir: str = "./bitchat-data"
+    """Folder of the standalone SQLite database."""
+    auto_register: bool = True
+    """Logging in with an unknown name registers it (as in the seed's quick start)."""
+    max_message_length: int = 4096
+    """Longest chat message text, in characters."""
+    max_name_length: int = 32
+    max_password_length: int = 256
+    max_group_size: int = 500
+    max_groups_per_user: int = 1000
+    rate_limit: float = 50.0
+    """Sustained requests per second per connection (token bucket refill rate)."""
+    rate_burst: int = 200
+    """Requests a connection may send in a burst above the rate."""
+    history_max_page: int = 200
+    offline_batch: int = 500
+    """Offline messages pushed per batch at login."""
+    store_batch_max: int = 512
+    """Most messages committed to the store in one transaction (group commit)."""
+    token_ttl: float = 7 * 24 * 3600.0
+    node_id: int = 0
+    """This server's node id, part of every message id (0-1023)."""
+
+    # HTTP / WebSocket on the same port.
+    max_http_header_size: int = 16 * 1024
+    max_ws_message_size: int = 1 << 20
+    admin_token: str | None = None
+    """When set, /status/* requires ``Authorization: Bearer <token>``; else loopback only."""
+
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def db_path(self) -> str:
+        return os.path.join(self.data_dir, "bitchat.db")
