@@ -77,6 +77,8 @@ class Server:
         self.metrics = Metrics()
         self.mode = mode
         self.web: WebHandler | None = None
+        self.data: dict[str, Any] = {}
+        """Components installed on this server (e.g. ``data["im"]``)."""
         self.sessions: dict[int, Session] = {}
         self.on_startup: list[Hook] = []
         self.on_shutdown: list[Hook] = []

@@ -1,0 +1,193 @@
+"""The three centers: users (and groups), messages, connections.
+
+Each is an abstract class; the standalone backends are SQLite (users,
+messages) and in-memory (connections); the cluster backends are PostgreSQL and
+Redis. Handlers see only these interfaces. Backends translate their driver's
+errors at this boundary: a store that is down raises
+:class:`~bitchat.errors.ServiceUnavailable`, never a driver exception.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Awaitable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bitchat.connection import Session
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    id: int
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    id: int
+    name: str
+    owner_id: int
+    members: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "name": self.name, "owner_id": self.owner_id,
+                "members": self.members}
+
+
+@dataclass(slots=True)
+class Message:
+    """A stored chat message. ``to`` is the recipient user (p2p) or the group."""
+
+    id: int
+    kind: str
+    sender_id: int
+    sender_name: str
+    to: int
+    text: str
+    ts: int
+    client_msg_id: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"msg_id": self.id, "kind": self.kind, "sender_id": self.sender_id,
+                "sender_name": self.sender_name, "to": self.to, "text": self.text,
+                "ts": self.ts, "client_msg_id": self.client_msg_id}
+
+
+class UserCenter(abc.ABC):
+    """Users, credentials, tokens and groups."""
+
+    async def start(self) -> None:
+        """Open connections, run migrations."""
+
+    async def close(self) -> None:
+        """Release everything."""
+
+    @abc.abstractmethod
+    async def register(self, name: str, password: str) -> User:
+        """Create a user; RequestError ``name_taken`` if the name exists."""
+
+    @abc.abstractmethod
+    async def authenticate(self, name: str, password: str, auto_register: bool) -> User:
+        """The user for these credentials (registering an unknown name when
+        ``auto_register``); RequestError ``login_failed`` otherwise."""
+
+    @abc.abstractmethod
+    async def issue_token(self, user_id: int, ttl: float) -> str:
+        """A new login token for reconnects."""
+
+    @abc.abstractmethod
+    async def check_token(self, token: str) -> User | None:
+        """The user a live token belongs to."""
+
+    @abc.abstractmethod
+    async def revoke_token(self, token: str) -> None: ...
+
+    @abc.abstractmethod
+    async def get_users(self, ids: Iterable[int]) -> dict[int, User]: ...
+
+    async def get_user(self, user_id: int) -> User | None:
+        return (await self.get_users([user_id])).get(user_id)
+
+    def known_user(self, user_id: int) -> User | None:
+        """The user if this node has it cached (no I/O); None means "ask get_user"."""
+        return None
+
+    def known_members(self, group_id: int) -> list[int] | None:
+        """A group's member ids if cached and current (no I/O); None means "ask"."""
+        return None
+
+    @abc.abstractmethod
+    async def create_group(self, owner_id: int, name: str) -> Group:
+        """Create a group with its owner as first member."""
+
+    @abc.abstractmethod
+    async def join_group(self, group_id: int, user_id: int, max_size: int) -> Group:
+        """RequestError ``not_found`` or ``group_full``; joining twice is harmless."""
+
+    @abc.abstractmethod
+    async def leave_group(self, group_id: int, user_id: int) -> None:
+        """RequestError ``not_found`` / ``not_member``."""
+
+    @abc.abstractmethod
+    async def get_group(self, group_id: int) -> Group | None: ...
+
+    @abc.abstractmethod
+    async def user_groups(self, user_id: int) -> list[Group]: ...
+
+    @abc.abstractmethod
+    async def group_members(self, group_id: int) -> list[int]:
+        """Member ids, ascending."""
+
+
+class MessageCenter(abc.ABC):
+    """Durable messages, each recipient's undelivered ones, and history."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    def store(self, message: Message, recipients: Sequence[int]) -> Awaitable[tuple[Message, bool]]:
+        """Store ``message`` as pending for ``recipients``; resolves when durable.
+
+        Called in the order messages must be stored (it is not a coroutine, so
+        the order of calls is the order of queueing). If the sender already
+        stored a message with the same non-empty ``client_msg_id``, nothing is
+        written and it resolves to ``(that message, True)``.
+        """
+
+    @abc.abstractmethod
+    def ack(self, user_id: int, msg_ids: Sequence[int]) -> Awaitable[None]:
+        """The user has these messages: they are no longer pending."""
+
+    @abc.abstractmethod
+    async def pending(self, user_id: int, after_id: int, limit: int) -> list[Message]:
+        """Undelivered messages of the user with id > ``after_id``, ascending."""
+
+    @abc.abstractmethod
+    async def count_pending(self, user_id: int) -> int: ...
+
+    @abc.abstractmethod
+    async def history(self, user_id: int, peer_id: int, group_id: int, before: int,
+                      limit: int) -> list[Message]:
+        """A conversation, newest first: p2p between ``user_id`` and ``peer_id``,
+        or the group ``group_id``; only ids < ``before`` unless it is 0."""
+
+    @abc.abstractmethod
+    async def last_id(self, node_id: int) -> int:
+        """The largest message id issued by ``node_id`` (seeds the id generator)."""
+
+
+class ConnectionCenter(abc.ABC):
+    """Where users are online, and the delivery of pushes to them."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    @abc.abstractmethod
+    async def attach(self, user_id: int, session: Session) -> None:
+        """``session`` is now logged in as ``user_id``."""
+
+    @abc.abstractmethod
+    async def detach(self, session: Session) -> None:
+        """``session`` logged out or closed."""
+
+    @abc.abstractmethod
+    def local_sessions(self, user_id: int) -> Sequence[Session]:
+        """This node's sessions of the user."""
+
+    @abc.abstractmethod
+    async def online_users(self) -> list[int]:
+        """Ids of every user online anywhere, ascending."""
+
+    @abc.abstractmethod
+    async def is_online(self, user_id: int) -> bool: ...
+
+    @abc.abstractmethod
+    def deliver(self, message: Message, user_ids: Iterable[int],
+                exclude_session: int = 0) -> None:
+        """Push ``message`` to every connection of ``user_ids`` wherever it is,
+        except the session ``exclude_session`` (the sender's own)."""

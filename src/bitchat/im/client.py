@@ -1,0 +1,269 @@
+"""The IM client functions (the seed's Funcs) over :class:`bitchat.Client`.
+
+::
+
+    im = IMClient("127.0.0.1", 8864)
+    await im.connect()
+    me = await im.login("houyi", "123456")
+    im.on_message(lambda m: print(m.sender_name, m.text))
+    await im.send_p2p(2, "hello, gris")
+
+Incoming messages are acked automatically (in one Ack per loop iteration) and
+deduplicated, so a message redelivered after a reconnect is seen once. After a
+reconnect the client logs in again with its token, and the server pushes what
+was missed. Sends carry a client message id and are retried with it when the
+connection drops, so a retry is never stored twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from bitchat.client import Client, Resolver
+from bitchat.errors import ConnectionClosed, RequestError, RequestTimeout, UsageError
+from bitchat.im.centers import User
+from bitchat.im.packets import (
+    Ack,
+    ChatMessage,
+    CreateGroup,
+    GroupInfo,
+    GroupList,
+    GroupMembers,
+    History,
+    HistoryPage,
+    JoinGroup,
+    LeaveGroup,
+    ListOnline,
+    Login,
+    LoginOk,
+    Logout,
+    MemberList,
+    MyGroups,
+    OnlineUsers,
+    Presence,
+    Register,
+    SendAck,
+    SendGroup,
+    SendP2P,
+    UserInfo,
+)
+from bitchat.protocol.packets import Packet
+from bitchat.settings import Settings
+
+log = logging.getLogger("bitchat.im.client")
+
+MessageCallback = Callable[[ChatMessage], Any]
+
+
+class IMClient:
+    """An IM user's connection: login, online list, chat, groups, history."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 8864,
+                 settings: Settings | None = None, *, serializer: int | str = "json",
+                 resolve: Resolver | None = None, auto_ack: bool = True,
+                 dedupe_window: int = 10_000, client: Client | None = None, **kw: Any) -> None:
+        self.client = client or Client(host, port, settings, serializer=serializer,
+                                       resolve=resolve, **kw)
+        self.auto_ack = auto_ack
+        self.user: User | None = None
+        self.token: str | None = None
+        self._password: tuple[str, str] | None = None
+        self._callbacks: list[MessageCallback] = []
+        self._queues: list[asyncio.Queue[ChatMessage]] = []
+        self._seen: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self._dedupe_window = dedupe_window
+        self._to_ack: list[int] = []
+        self._ack_scheduled = False
+        self.client.on(ChatMessage, self._on_chat)
+        self.client.on_connected.append(self._relogin)
+
+    # -- connection ---------------------------------------------------------------------------
+
+    async def connect(self, timeout: float | None = None) -> None:
+        await self.client.connect(timeout)
+
+    async def close(self) -> None:
+        await self.client.close()
+        for q in self._queues:
+            q.put_nowait(_CLOSED)
+
+    async def __aenter__(self) -> IMClient:
+        await self.connect(self.client.settings.connect_timeout)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _relogin(self, client: Client) -> None:
+        if self.user is None:
+            return
+        try:
+            if self.token:
+                try:
+                    await self._login(Login(token=self.token))
+                    return
+                except RequestError as exc:
+                    if self._password is None:
+                        raise
+                    log.info("token refused (%s); logging in with the password", exc.code)
+            if self._password is not None:
+                await self._login(Login(self._password[0], self._password[1]))
+        except RequestError as exc:
+            log.error("logging in again after the reconnect failed: %s", exc)
+
+    async def _login(self, packet: Login) -> LoginOk:
+        ok = await self.client.request(packet)
+        assert isinstance(ok, LoginOk)
+        self.user = User(ok.user_id, ok.name)
+        self.token = ok.token
+        return ok
+
+    # -- the seed's Funcs ---------------------------------------------------------------------
+
+    async def register(self, name: str, password: str) -> User:
+        info = await self.client.request(Register(name, password))
+        assert isinstance(info, UserInfo)
+        return User(info.user_id, info.name)
+
+    async def login(self, name: str = "", password: str = "", *, token: str = "") -> LoginOk:
+        """Log in (``-lo name password``); raises RequestError ``login_failed``."""
+        ok = await self._login(Login(name, password, token))
+        if name:
+            self._password = (name, password)
+        return ok
+
+    async def logout(self) -> None:
+        await self.client.request(Logout())
+        self.user = None
+        self.token = None
+        self._password = None
+
+    async def online_users(self, watch: bool = False) -> list[User]:
+        """Everyone online (``-lu``); ``watch`` also subscribes to Presence pushes."""
+        resp = await self.client.request(ListOnline(watch))
+        assert isinstance(resp, OnlineUsers)
+        return [User(u["id"], u["name"]) for u in resp.users]
+
+    async def send_p2p(self, to: int, text: str, client_msg_id: str | None = None,
+                       retries: int = 3, timeout: float | None = None) -> SendAck:
+        """Send a one-to-one message (``-pc id message``); returns once it is stored."""
+        return await self._send(SendP2P(to, text, client_msg_id or uuid.uuid4().hex), retries,
+                                timeout)
+
+    async def send_group(self, group_id: int, text: str, client_msg_id: str | None = None,
+                         retries: int = 3, timeout: float | None = None) -> SendAck:
+        return await self._send(SendGroup(group_id, text, client_msg_id or uuid.uuid4().hex),
+                                retries, timeout)
+
+    async def _send(self, packet: Packet, retries: int, timeout: float | None) -> SendAck:
+        attempt = 0
+        while True:
+            try:
+                ack = await self.client.request(packet, timeout)
+                assert isinstance(ack, SendAck)
+                return ack
+            except (ConnectionClosed, RequestTimeout):
+                # The same client_msg_id makes the retry harmless if it was stored.
+                attempt += 1
+                if attempt > retries or self.client.state.value == "closed":
+                    raise
+
+    async def create_group(self, name: str) -> GroupInfo:
+        g = await self.client.request(CreateGroup(name))
+        assert isinstance(g, GroupInfo)
+        return g
+
+    async def join_group(self, group_id: int) -> GroupInfo:
+        g = await self.client.request(JoinGroup(group_id))
+        assert isinstance(g, GroupInfo)
+        return g
+
+    async def leave_group(self, group_id: int) -> None:
+        await self.client.request(LeaveGroup(group_id))
+
+    async def my_groups(self) -> list[dict[str, Any]]:
+        resp = await self.client.request(MyGroups())
+        assert isinstance(resp, GroupList)
+        return resp.groups
+
+    async def group_members(self, group_id: int) -> list[dict[str, Any]]:
+        resp = await self.client.request(GroupMembers(group_id))
+        assert isinstance(resp, MemberList)
+        return resp.members
+
+    async def history(self, peer_id: int = 0, group_id: int = 0, before: int = 0,
+                      limit: int = 50) -> HistoryPage:
+        """A page of a conversation, newest first; page on with ``before=last id``."""
+        if bool(peer_id) == bool(group_id):
+            raise UsageError("history() takes either peer_id or group_id")
+        resp = await self.client.request(History(peer_id, group_id, before, limit))
+        assert isinstance(resp, HistoryPage)
+        return resp
+
+    # -- incoming -----------------------------------------------------------------------------
+
+    def on_message(self, callback: MessageCallback) -> None:
+        """Call ``callback(ChatMessage)`` for every new incoming message."""
+        self._callbacks.append(callback)
+
+    def on_presence(self, callback: Callable[[Presence], Any]) -> None:
+        self.client.on(Presence, callback)
+
+    async def messages(self) -> AsyncIterator[ChatMessage]:
+        """Iterate over incoming messages until the client closes."""
+        q: asyncio.Queue[ChatMessage] = asyncio.Queue()
+        self._queues.append(q)
+        try:
+            while True:
+                m = await q.get()
+                if m is _CLOSED:
+                    return
+                yield m
+        finally:
+            self._queues.remove(q)
+
+    def _on_chat(self, m: ChatMessage) -> None:
+        own = self.user is not None and m.sender_id == self.user.id
+        if self.auto_ack and not own:
+            self._ack_later(m.msg_id)
+        if m.msg_id in self._seen:
+            return
+        self._seen[m.msg_id] = None
+        if len(self._seen) > self._dedupe_window:
+            self._seen.popitem(last=False)
+        for cb in self._callbacks:
+            try:
+                r = cb(m)
+                if asyncio.iscoroutine(r):
+                    asyncio.get_running_loop().create_task(r)
+            except Exception:
+                log.exception("message callback failed")
+        for q in self._queues:
+            q.put_nowait(m)
+
+    def _ack_later(self, msg_id: int) -> None:
+        self._to_ack.append(msg_id)
+        if not self._ack_scheduled:
+            self._ack_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_acks)
+
+    def _flush_acks(self) -> None:
+        self._ack_scheduled = False
+        ids, self._to_ack = self._to_ack, []
+        try:
+            self.client._write(Ack(ids), 0, 0)
+        except ConnectionClosed:
+            pass  # unacked messages come again at the next login
+
+    def ack(self, msg_ids: list[int]) -> None:
+        """Ack by hand (with ``auto_ack=False``)."""
+        for m in msg_ids:
+            self._ack_later(m)
+
+
+_CLOSED: Any = object()

@@ -1,0 +1,164 @@
+"""The built-in IM packets (types 100-999).
+
+Requests and their answers; ``ChatMessage`` and ``Presence`` are server pushes.
+User, group and message ids are integers; message ids are 64-bit snowflakes
+(time-ordered, node id inside). Timestamps are Unix milliseconds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bitchat.protocol.packets import Packet
+
+P2P = "p2p"
+GROUP = "group"
+
+
+class Ok(Packet, type=100):
+    """A request that needed no other answer succeeded."""
+
+
+class Register(Packet, type=101):
+    name: str
+    password: str
+
+
+class UserInfo(Packet, type=102):
+    """Answer to Register: the new user."""
+
+    user_id: int
+    name: str
+
+
+class Login(Packet, type=103):
+    """Log in with a password, or with the token of an earlier login."""
+
+    name: str = ""
+    password: str = ""
+    token: str = ""
+
+
+class LoginOk(Packet, type=104):
+    user_id: int
+    name: str
+    token: str
+    pending: int = 0
+    """Offline messages that will be pushed right after this answer."""
+
+
+class Logout(Packet, type=105):
+    pass
+
+
+class ListOnline(Packet, type=106):
+    watch: bool = False
+    """Also push a :class:`Presence` whenever a user comes online or goes offline."""
+
+
+class OnlineUsers(Packet, type=107):
+    users: list[dict[str, Any]]
+    """Each ``{"id": int, "name": str}``, ordered by id."""
+
+
+class SendP2P(Packet, type=110):
+    to: int
+    text: str
+    client_msg_id: str = ""
+    """The sender's id for this message: a retry with the same id is not stored twice."""
+
+
+class SendGroup(Packet, type=111):
+    group_id: int
+    text: str
+    client_msg_id: str = ""
+
+
+class SendAck(Packet, type=112):
+    """The message is durably stored; ``msg_id`` orders it."""
+
+    msg_id: int
+    ts: int
+    client_msg_id: str = ""
+    duplicate: bool = False
+
+
+class ChatMessage(Packet, type=113):
+    """Push: a chat message. ``to`` is the recipient user id (p2p) or the group id."""
+
+    msg_id: int
+    kind: str
+    sender_id: int
+    sender_name: str
+    to: int
+    text: str
+    ts: int
+    client_msg_id: str = ""
+
+
+class Ack(Packet, type=114):
+    """The recipient has the messages: they are not delivered again."""
+
+    msg_ids: list[int]
+
+
+class CreateGroup(Packet, type=120):
+    name: str
+
+
+class GroupInfo(Packet, type=121):
+    group_id: int
+    name: str
+    owner_id: int
+    members: int
+
+
+class JoinGroup(Packet, type=122):
+    group_id: int
+
+
+class LeaveGroup(Packet, type=123):
+    group_id: int
+
+
+class MyGroups(Packet, type=124):
+    pass
+
+
+class GroupList(Packet, type=125):
+    groups: list[dict[str, Any]]
+    """Each ``{"id", "name", "owner_id", "members"}``."""
+
+
+class GroupMembers(Packet, type=126):
+    group_id: int
+
+
+class MemberList(Packet, type=127):
+    group_id: int
+    members: list[dict[str, Any]]
+    """Each ``{"id", "name", "online"}``."""
+
+
+class History(Packet, type=130):
+    """A page of one conversation, newest first: ``peer_id`` (p2p) or ``group_id``."""
+
+    peer_id: int = 0
+    group_id: int = 0
+    before: int = 0
+    """Only messages with a smaller id; 0 = from the newest."""
+    limit: int = 50
+
+
+class HistoryPage(Packet, type=131):
+    messages: list[dict[str, Any]]
+    """ChatMessage bodies, newest first."""
+    more: bool
+
+
+class Presence(Packet, type=140):
+    """Push: a user came online or went offline."""
+
+    user_id: int
+    name: str
+    online: bool

@@ -1,0 +1,419 @@
+"""The IM service: login, users, one-to-one and group chat, history, acks.
+
+It installs its handlers on a :class:`~bitchat.Server` and works against the
+three center interfaces only, so standalone and cluster share every line.
+
+Delivery: a message gets its id when its request is handled (so a
+connection's messages keep their order), is stored for every recipient
+before the sender's :class:`SendAck`, then pushed to every connection of the
+recipients (and the sender's other devices). A recipient's :class:`Ack` clears
+it; what is not acked is pushed again at the next login, in id order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+from bitchat.connection import Session
+from bitchat.errors import RequestError, codes
+from bitchat.im.centers import ConnectionCenter, Message, MessageCenter, User, UserCenter
+from bitchat.im.delivery import SYNCING, push_message
+from bitchat.im.ids import IdGenerator
+from bitchat.im.packets import (
+    GROUP,
+    P2P,
+    Ack,
+    CreateGroup,
+    GroupInfo,
+    GroupList,
+    GroupMembers,
+    History,
+    HistoryPage,
+    JoinGroup,
+    LeaveGroup,
+    ListOnline,
+    Login,
+    LoginOk,
+    Logout,
+    MemberList,
+    MyGroups,
+    Ok,
+    OnlineUsers,
+    Presence,
+    Register,
+    SendAck,
+    SendGroup,
+    SendP2P,
+    UserInfo,
+)
+from bitchat.server import Server
+
+log = logging.getLogger("bitchat.im")
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+_CHAIN = "bitchat.send_chain"
+_WATCH = "bitchat.watch_presence"
+_TOKEN = "bitchat.token"
+
+
+def _then(aw: Awaitable[T], fn: Callable[[T], R]) -> asyncio.Future[R]:
+    """A future of ``fn(result of aw)``, without a task when ``aw`` is a future."""
+    src = asyncio.ensure_future(aw)
+    out: asyncio.Future[R] = src.get_loop().create_future()
+
+    def done(f: asyncio.Future[T]) -> None:
+        if out.done():
+            return
+        if f.cancelled():
+            out.cancel()
+        elif (exc := f.exception()) is not None:
+            out.set_exception(exc)
+        else:
+            try:
+                out.set_result(fn(f.result()))
+            except Exception as e:
+                out.set_exception(e)
+
+    src.add_done_callback(done)
+    return out
+
+
+def _valid_name(name: str, max_len: int) -> str:
+    name = name.strip()
+    if not 1 <= len(name) <= max_len:
+        raise RequestError(codes.INVALID_PACKET, f"a name has 1 to {max_len} characters")
+    if any(not ch.isprintable() or ch.isspace() for ch in name):
+        raise RequestError(codes.INVALID_PACKET, "a name has no spaces or control characters")
+    return name
+
+
+class IMService:
+    """The IM handlers over one set of centers."""
+
+    def __init__(self, server: Server, users: UserCenter, messages: MessageCenter,
+                 connections: ConnectionCenter) -> None:
+        self.server = server
+        self.settings = server.settings
+        self.users = users
+        self.messages = messages
+        self.connections = connections
+        self.ids = IdGenerator(self.settings.node_id)
+        self.watchers: set[Session] = set()
+        self._install()
+
+    # -- wiring ---------------------------------------------------------------------------
+
+    def _install(self) -> None:
+        s = self.server
+        s.add_handler(Register, self.on_register)
+        s.add_handler(Login, self.on_login)
+        for cls, func in (
+            (Logout, self.on_logout),
+            (ListOnline, self.on_list_online),
+            (SendP2P, self.on_send_p2p),
+            (SendGroup, self.on_send_group),
+            (Ack, self.on_ack),
+            (CreateGroup, self.on_create_group),
+            (JoinGroup, self.on_join_group),
+            (LeaveGroup, self.on_leave_group),
+            (MyGroups, self.on_my_groups),
+            (GroupMembers, self.on_group_members),
+            (History, self.on_history),
+        ):
+            s.add_handler(cls, func, login_required=True)
+        s.on_startup.append(self._start)
+        s.on_shutdown.append(self._stop)
+        s.on_session_close.append(self._session_closed)
+
+    async def _start(self, server: Server) -> None:
+        await self.users.start()
+        await self.messages.start()
+        await self.connections.start()
+        last = await self.messages.last_id(self.settings.node_id)
+        self.ids = IdGenerator(self.settings.node_id, last)
+
+    async def _stop(self, server: Server) -> None:
+        await self.connections.close()
+        await self.messages.close()
+        await self.users.close()
+
+    def _session_closed(self, session: Session) -> None:
+        self.watchers.discard(session)
+        if session.user_id is not None:
+            self.server.loop.create_task(self._logged_out(session))
+
+    # -- sessions -------------------------------------------------------------------------
+
+    async def on_register(self, session: Session, p: Register) -> UserInfo:
+        name = _valid_name(p.name, self.settings.max_name_length)
+        self._check_password(p.password)
+        user = await self.users.register(name, p.password)
+        return UserInfo(user.id, user.name)
+
+    def _check_password(self, password: str) -> None:
+        if not 1 <= len(password) <= self.settings.max_password_length:
+            raise RequestError(codes.INVALID_PACKET,
+                               f"a password has 1 to {self.settings.max_password_length} "
+                               "characters")
+
+    async def on_login(self, session: Session, p: Login) -> LoginOk:
+        if p.token:
+            found = await self.users.check_token(p.token)
+            if found is None:
+                self.server.metrics.login_failures.inc()
+                raise RequestError(codes.LOGIN_FAILED, "the token is unknown or expired")
+            user, token = found, p.token
+        else:
+            name = _valid_name(p.name, self.settings.max_name_length)
+            self._check_password(p.password)
+            try:
+                user = await self.users.authenticate(name, p.password,
+                                                     self.settings.auto_register)
+            except RequestError:
+                self.server.metrics.login_failures.inc()
+                raise
+            token = await self.users.issue_token(user.id, self.settings.token_ttl)
+        if session.closed:
+            raise RequestError(codes.LOGIN_FAILED, "the connection closed during login")
+        if session.user_id is not None and session.user_id != user.id:
+            await self._logged_out(session)
+        first = not await self.connections.is_online(user.id)
+        session.data[SYNCING] = []
+        session.user_id = user.id
+        session.user_name = user.name
+        session.login_at = time.time()
+        session.data[_TOKEN] = token
+        await self.connections.attach(user.id, session)
+        self.server.metrics.logins.inc()
+        pending = await self.messages.count_pending(user.id)
+        # Offline messages go out after the LoginOk answer, in id order.
+        self.server.loop.create_task(self._sync(session, user.id))
+        if first:
+            self._presence(user, True)
+        return LoginOk(user.id, user.name, token, pending)
+
+    async def _sync(self, session: Session, user_id: int) -> None:
+        held: list[Message] = session.data.get(SYNCING, [])
+        sent: set[int] = set()
+        after = 0
+        limit = self.settings.offline_batch
+        try:
+            while not session.closed and session.user_id == user_id:
+                batch = await self.messages.pending(user_id, after, limit)
+                if batch:
+                    push_message_each(batch, session)
+                    sent.update(m.id for m in batch)
+                    after = batch[-1].id
+                if len(batch) < limit:
+                    break
+                await _drained(session)
+        except Exception:
+            log.exception("pushing offline messages to user %d failed", user_id)
+        finally:
+            session.data.pop(SYNCING, None)
+        late = sorted((m for m in held if m.id not in sent), key=lambda m: m.id)
+        if late and not session.closed:
+            push_message_each(late, session)
+
+    async def _logged_out(self, session: Session) -> None:
+        user_id = session.user_id
+        if user_id is None:
+            return
+        try:
+            await self.connections.detach(session)
+            if not await self.connections.is_online(user_id):
+                name = session.user_name or ""
+                self._presence(User(user_id, name), False)
+        except Exception:
+            log.exception("detaching a session of user %d failed", user_id)
+
+    async def on_logout(self, session: Session, p: Logout) -> Ok:
+        token = session.data.pop(_TOKEN, None)
+        if token:
+            await self.users.revoke_token(token)
+        await self._logged_out(session)
+        session.user_id = None
+        session.user_name = None
+        return Ok()
+
+    def _presence(self, user: User, online: bool) -> None:
+        if not self.watchers:
+            return
+        packet = Presence(user.id, user.name, online)
+        for s in list(self.watchers):
+            if s.user_id != user.id:
+                s.push(packet)
+
+    async def on_list_online(self, session: Session, p: ListOnline) -> OnlineUsers:
+        if p.watch:
+            self.watchers.add(session)
+        ids = await self.connections.online_users()
+        users = await self.users.get_users(ids)
+        return OnlineUsers([{"id": u, "name": users[u].name} for u in ids if u in users])
+
+    # -- messages ---------------------------------------------------------------------------
+
+    def _check_text(self, text: str) -> None:
+        if not text:
+            raise RequestError(codes.INVALID_PACKET, "a message needs text")
+        if len(text) > self.settings.max_message_length:
+            raise RequestError(codes.MESSAGE_TOO_LONG,
+                               f"messages are limited to {self.settings.max_message_length} "
+                               "characters")
+
+    def on_send_p2p(self, session: Session, p: SendP2P) -> Any:
+        self._check_text(p.text)
+        msg = self._new_message(session, P2P, p.to, p.text, p.client_msg_id)
+        chain = session.data.get(_CHAIN)
+        if chain is None or chain.done():
+            user = self.users.known_user(p.to)
+            if user is not None:
+                return self._store_and_deliver(session, msg, [p.to])
+        return self._chain(session, self._p2p_slow(session, msg, chain))
+
+    async def _p2p_slow(self, session: Session, msg: Message,
+                        chain: asyncio.Future[Any] | None) -> SendAck:
+        if chain is not None:
+            await asyncio.wait([chain])
+        if await self.users.get_user(msg.to) is None:
+            raise RequestError(codes.NOT_FOUND, f"no user {msg.to}")
+        return await self._store_and_deliver(session, msg, [msg.to])
+
+    def on_send_group(self, session: Session, p: SendGroup) -> Any:
+        self._check_text(p.text)
+        msg = self._new_message(session, GROUP, p.group_id, p.text, p.client_msg_id)
+        chain = session.data.get(_CHAIN)
+        if chain is None or chain.done():
+            members = self.users.known_members(p.group_id)
+            if members is not None:
+                self._check_member(members, session, p.group_id)
+                return self._store_and_deliver(session, msg, members)
+        return self._chain(session, self._group_slow(session, msg, chain))
+
+    async def _group_slow(self, session: Session, msg: Message,
+                          chain: asyncio.Future[Any] | None) -> SendAck:
+        if chain is not None:
+            await asyncio.wait([chain])
+        if await self.users.get_group(msg.to) is None:
+            raise RequestError(codes.NOT_FOUND, f"no group {msg.to}")
+        members = await self.users.group_members(msg.to)
+        self._check_member(members, session, msg.to)
+        return await self._store_and_deliver(session, msg, members)
+
+    @staticmethod
+    def _check_member(members: Sequence[int], session: Session, group_id: int) -> None:
+        if session.user_id not in members:
+            raise RequestError(codes.NOT_MEMBER, f"you are not in group {group_id}")
+
+    def _chain(self, session: Session, coro: Awaitable[SendAck]) -> asyncio.Future[SendAck]:
+        # Later sends of this connection wait for this one: their order is kept.
+        task = asyncio.ensure_future(coro)
+        session.data[_CHAIN] = task
+        return task
+
+    def _new_message(self, session: Session, kind: str, to: int, text: str,
+                     client_msg_id: str) -> Message:
+        assert session.user_id is not None
+        return Message(self.ids.next(), kind, session.user_id, session.user_name or "", to,
+                       text, int(time.time() * 1000), client_msg_id)
+
+    def _store_and_deliver(self, session: Session, msg: Message,
+                           recipients: Sequence[int]) -> asyncio.Future[SendAck]:
+        # Pending for every recipient but the sender (whose devices get it live).
+        pending = [u for u in recipients if u != msg.sender_id] or [msg.sender_id]
+        kind = msg.kind
+        session_id = session.id
+        metrics = self.server.metrics
+
+        def stored(result: tuple[Message, bool]) -> SendAck:
+            stored_msg, duplicate = result
+            if not duplicate:
+                metrics.messages.labels(kind).inc()
+                targets = list(recipients)
+                if msg.sender_id not in targets:
+                    targets.append(msg.sender_id)
+                self.connections.deliver(stored_msg, targets, exclude_session=session_id)
+            return SendAck(stored_msg.id, stored_msg.ts, stored_msg.client_msg_id, duplicate)
+
+        return _then(self.messages.store(msg, pending), stored)
+
+    def on_ack(self, session: Session, p: Ack) -> Any:
+        if not p.msg_ids:
+            return Ok()
+        assert session.user_id is not None
+        return _then(self.messages.ack(session.user_id, p.msg_ids), lambda _: Ok())
+
+    async def on_history(self, session: Session, p: History) -> HistoryPage:
+        assert session.user_id is not None
+        if bool(p.peer_id) == bool(p.group_id):
+            raise RequestError(codes.INVALID_PACKET, "name either peer_id or group_id")
+        if p.group_id:
+            members = await self.users.group_members(p.group_id)
+            self._check_member(members, session, p.group_id)
+        limit = max(1, min(p.limit, self.settings.history_max_page))
+        msgs = await self.messages.history(session.user_id, p.peer_id, p.group_id, p.before,
+                                           limit)
+        return HistoryPage([m.to_dict() for m in msgs], len(msgs) == limit)
+
+    # -- groups -----------------------------------------------------------------------------
+
+    async def on_create_group(self, session: Session, p: CreateGroup) -> GroupInfo:
+        assert session.user_id is not None
+        name = p.name.strip()
+        if not 1 <= len(name) <= 64:
+            raise RequestError(codes.INVALID_PACKET, "a group name has 1 to 64 characters")
+        g = await self.users.create_group(session.user_id, name)
+        return GroupInfo(g.id, g.name, g.owner_id, g.members)
+
+    async def on_join_group(self, session: Session, p: JoinGroup) -> GroupInfo:
+        assert session.user_id is not None
+        g = await self.users.join_group(p.group_id, session.user_id,
+                                        self.settings.max_group_size)
+        return GroupInfo(g.id, g.name, g.owner_id, g.members)
+
+    async def on_leave_group(self, session: Session, p: LeaveGroup) -> Ok:
+        assert session.user_id is not None
+        await self.users.leave_group(p.group_id, session.user_id)
+        return Ok()
+
+    async def on_my_groups(self, session: Session, p: MyGroups) -> GroupList:
+        assert session.user_id is not None
+        groups = await self.users.user_groups(session.user_id)
+        return GroupList([g.to_dict() for g in groups])
+
+    async def on_group_members(self, session: Session, p: GroupMembers) -> MemberList:
+        if await self.users.get_group(p.group_id) is None:
+            raise RequestError(codes.NOT_FOUND, f"no group {p.group_id}")
+        ids = await self.users.group_members(p.group_id)
+        users = await self.users.get_users(ids)
+        online = set(await self.connections.online_users())
+        return MemberList(p.group_id, [
+            {"id": u, "name": users[u].name if u in users else "", "online": u in online}
+            for u in ids
+        ])
+
+
+def push_message_each(messages: Sequence[Message], session: Session) -> None:
+    """Push messages to one session, bypassing the hold of its own sync."""
+    held = session.data.pop(SYNCING, None)
+    try:
+        for m in messages:
+            push_message(m, (session,))
+    finally:
+        if held is not None:
+            session.data[SYNCING] = held
+
+
+async def _drained(session: Session) -> None:
+    """Wait until the session's peer has read most of what was pushed."""
+    high = session.server.settings.write_high_water
+    for _ in range(1000):  # bounded: the hard write limit closes a peer that never reads
+        if session.closed or session._write_buffer_size() < high:
+            return
+        await asyncio.sleep(0.01)

@@ -1,0 +1,501 @@
+"""Standalone backends on SQLite (through aiosqlite), in one database file.
+
+WAL mode; a ``schema_version`` table and numbered migrations. The message
+center commits in batches (group commit): every store and ack queued while a
+transaction is being written goes into the next one, so an ack to the sender
+still means the message is on disk, without one fsync per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import aiosqlite
+
+from bitchat.errors import RequestError, ServiceUnavailable, codes
+from bitchat.im.centers import Group, Message, MessageCenter, User, UserCenter
+from bitchat.im.ids import MAX_NODE, SEQ_BITS
+from bitchat.im.passwords import hash_password, new_token, token_digest, verify_password
+
+log = logging.getLogger("bitchat.sqlite")
+
+MIGRATIONS: list[str] = [
+    # 1: users, tokens, groups, messages, pending deliveries.
+    """
+    CREATE TABLE users (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        name TEXT NOT NULL UNIQUE,
+        password_hash TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE tokens (
+        digest TEXT PRIMARY KEY,
+        user_id INTEGER NOT NULL REFERENCES users(id),
+        expires_at REAL NOT NULL
+    );
+    CREATE TABLE groups (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        name TEXT NOT NULL,
+        owner_id INTEGER NOT NULL REFERENCES users(id),
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE group_members (
+        group_id INTEGER NOT NULL REFERENCES groups(id),
+        user_id INTEGER NOT NULL REFERENCES users(id),
+        joined_at REAL NOT NULL,
+        PRIMARY KEY (group_id, user_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX group_members_user ON group_members(user_id);
+    CREATE TABLE messages (
+        id INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL,
+        conv TEXT NOT NULL,
+        sender_id INTEGER NOT NULL,
+        sender_name TEXT NOT NULL,
+        to_id INTEGER NOT NULL,
+        text TEXT NOT NULL,
+        ts INTEGER NOT NULL,
+        client_msg_id TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX messages_conv ON messages(conv, id);
+    CREATE UNIQUE INDEX messages_dedup ON messages(sender_id, client_msg_id)
+        WHERE client_msg_id != '';
+    CREATE TABLE pending (
+        user_id INTEGER NOT NULL,
+        msg_id INTEGER NOT NULL,
+        PRIMARY KEY (user_id, msg_id)
+    ) WITHOUT ROWID;
+    """,
+]
+
+
+def conversation(kind: str, a: int, b: int) -> str:
+    """The key of a conversation: a p2p pair (unordered) or a group."""
+    if kind == "group":
+        return f"g:{b}"
+    lo, hi = (a, b) if a < b else (b, a)
+    return f"p:{lo}:{hi}"
+
+
+async def open_db(path: str, synchronous: str = "FULL") -> aiosqlite.Connection:
+    """Open (creating the folder) and migrate the database at ``path``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    try:
+        db = await aiosqlite.connect(path, isolation_level=None)
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute(f"PRAGMA synchronous={synchronous}")
+        await db.execute("PRAGMA foreign_keys=ON")
+        await db.execute("PRAGMA busy_timeout=5000")
+        await _migrate(db)
+    except sqlite3.Error as exc:
+        raise ServiceUnavailable(f"cannot open the database {path}: {exc}") from exc
+    return db
+
+
+async def _migrate(db: aiosqlite.Connection) -> None:
+    await db.execute("BEGIN IMMEDIATE")
+    try:
+        await db.execute(
+            "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
+        )
+        rows = list(await db.execute_fetchall("SELECT version FROM schema_version"))
+        current = rows[0][0] if rows else 0
+        if not rows:
+            await db.execute("INSERT INTO schema_version VALUES (0)")
+        for version, script in enumerate(MIGRATIONS[current:], start=current + 1):
+            for statement in script.split(";"):
+                if statement.strip():
+                    await db.execute(statement)
+            await db.execute("UPDATE schema_version SET version = ?", (version,))
+            log.info("database migrated to schema version %d", version)
+        await db.execute("COMMIT")
+    except BaseException:
+        await db.execute("ROLLBACK")
+        raise
+
+
+class SqliteUserCenter(UserCenter):
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._db: aiosqlite.Connection | None = None
+        # This process is the only writer, so these caches are complete and current.
+        self._names: dict[int, str] = {}
+        self._members: dict[int, list[int]] = {}
+        # One connection: writes (and their transactions) must not interleave.
+        self._lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        self._db = await open_db(self.path)
+        for uid, name in await self._rows("SELECT id, name FROM users"):
+            self._names[uid] = name
+
+    def known_user(self, user_id: int) -> User | None:
+        name = self._names.get(user_id)
+        return None if name is None else User(user_id, name)
+
+    def known_members(self, group_id: int) -> list[int] | None:
+        return self._members.get(group_id)
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise ServiceUnavailable("the user database is not open")
+        return self._db
+
+    async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        try:
+            return list(await self.db.execute_fetchall(sql, params))
+        except sqlite3.Error as exc:
+            raise ServiceUnavailable(f"user database error: {exc}") from exc
+
+    async def register(self, name: str, password: str) -> User:
+        digest = await hash_password(password)
+        try:
+            async with self._lock:
+                cur = await self.db.execute(
+                    "INSERT INTO users (name, password_hash, created_at) VALUES (?, ?, ?)",
+                    (name, digest, time.time()),
+                )
+        except sqlite3.IntegrityError:
+            raise RequestError(codes.NAME_TAKEN, f"the name {name!r} is taken") from None
+        except sqlite3.Error as exc:
+            raise ServiceUnavailable(f"user database error: {exc}") from exc
+        user_id = cur.lastrowid
+        assert user_id is not None
+        self._names[user_id] = name
+        return User(user_id, name)
+
+    async def authenticate(self, name: str, password: str, auto_register: bool) -> User:
+        rows = await self._rows("SELECT id, password_hash FROM users WHERE name = ?", (name,))
+        if not rows:
+            if not auto_register:
+                raise RequestError(codes.LOGIN_FAILED, "unknown user or wrong password")
+            try:
+                return await self.register(name, password)
+            except RequestError as exc:
+                if exc.code != codes.NAME_TAKEN:
+                    raise
+                # Registered concurrently by another login: check against it.
+                return await self.authenticate(name, password, False)
+        user_id, stored = rows[0]
+        if not await verify_password(stored, password):
+            raise RequestError(codes.LOGIN_FAILED, "unknown user or wrong password")
+        self._names[user_id] = name
+        return User(user_id, name)
+
+    async def issue_token(self, user_id: int, ttl: float) -> str:
+        token = new_token()
+        now = time.time()
+        async with self._lock:
+            await self._rows("DELETE FROM tokens WHERE expires_at < ?", (now,))
+            await self._rows("INSERT INTO tokens VALUES (?, ?, ?)",
+                             (token_digest(token), user_id, now + ttl))
+        return token
+
+    async def check_token(self, token: str) -> User | None:
+        rows = await self._rows(
+            "SELECT u.id, u.name FROM tokens t JOIN users u ON u.id = t.user_id "
+            "WHERE t.digest = ? AND t.expires_at > ?", (token_digest(token), time.time()))
+        return User(rows[0][0], rows[0][1]) if rows else None
+
+    async def revoke_token(self, token: str) -> None:
+        async with self._lock:
+            await self._rows("DELETE FROM tokens WHERE digest = ?", (token_digest(token),))
+
+    async def get_users(self, ids: Iterable[int]) -> dict[int, User]:
+        wanted = set(ids)
+        found = {i: User(i, self._names[i]) for i in wanted if i in self._names}
+        missing = [i for i in wanted if i not in found]
+        for start in range(0, len(missing), 500):
+            chunk = missing[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for uid, name in await self._rows(
+                f"SELECT id, name FROM users WHERE id IN ({marks})", chunk
+            ):
+                self._names[uid] = name
+                found[uid] = User(uid, name)
+        return found
+
+    async def create_group(self, owner_id: int, name: str) -> Group:
+        now = time.time()
+        async with self._lock:
+            try:
+                await self.db.execute("BEGIN IMMEDIATE")
+                cur = await self.db.execute(
+                    "INSERT INTO groups (name, owner_id, created_at) VALUES (?, ?, ?)",
+                    (name, owner_id, now))
+                group_id = cur.lastrowid
+                assert group_id is not None
+                await self.db.execute("INSERT INTO group_members VALUES (?, ?, ?)",
+                                      (group_id, owner_id, now))
+                await self.db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                await self._rollback()
+                raise ServiceUnavailable(f"user database error: {exc}") from exc
+        self._members[group_id] = [owner_id]
+        return Group(group_id, name, owner_id, 1)
+
+    async def _rollback(self) -> None:
+        try:
+            await self.db.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+
+    async def join_group(self, group_id: int, user_id: int, max_size: int) -> Group:
+        async with self._lock:
+            group = await self.get_group(group_id)
+            if group is None:
+                raise RequestError(codes.NOT_FOUND, f"no group {group_id}")
+            members = await self.group_members(group_id)
+            if user_id in members:
+                return group
+            if len(members) >= max_size:
+                raise RequestError(codes.GROUP_FULL,
+                                   f"group {group_id} has reached {max_size} members")
+            await self._rows("INSERT INTO group_members VALUES (?, ?, ?)",
+                             (group_id, user_id, time.time()))
+            self._members[group_id] = sorted([*members, user_id])
+        return Group(group.id, group.name, group.owner_id, len(members) + 1)
+
+    async def leave_group(self, group_id: int, user_id: int) -> None:
+        async with self._lock:
+            if await self.get_group(group_id) is None:
+                raise RequestError(codes.NOT_FOUND, f"no group {group_id}")
+            try:
+                cur = await self.db.execute(
+                    "DELETE FROM group_members WHERE group_id = ? AND user_id = ?",
+                    (group_id, user_id))
+            except sqlite3.Error as exc:
+                raise ServiceUnavailable(f"user database error: {exc}") from exc
+            self._members.pop(group_id, None)
+        if cur.rowcount == 0:
+            raise RequestError(codes.NOT_MEMBER, f"you are not in group {group_id}")
+
+    async def get_group(self, group_id: int) -> Group | None:
+        rows = await self._rows(
+            "SELECT g.id, g.name, g.owner_id, "
+            "(SELECT count(*) FROM group_members m WHERE m.group_id = g.id) "
+            "FROM groups g WHERE g.id = ?", (group_id,))
+        return Group(*rows[0]) if rows else None
+
+    async def user_groups(self, user_id: int) -> list[Group]:
+        rows = await self._rows(
+            "SELECT g.id, g.name, g.owner_id, "
+            "(SELECT count(*) FROM group_members m2 WHERE m2.group_id = g.id) "
+            "FROM group_members m JOIN groups g ON g.id = m.group_id "
+            "WHERE m.user_id = ? ORDER BY g.id", (user_id,))
+        return [Group(*r) for r in rows]
+
+    async def group_members(self, group_id: int) -> list[int]:
+        cached = self._members.get(group_id)
+        if cached is not None:
+            return cached
+        rows = await self._rows(
+            "SELECT user_id FROM group_members WHERE group_id = ? ORDER BY user_id",
+            (group_id,))
+        members = [r[0] for r in rows]
+        if members or await self.get_group(group_id) is not None:
+            self._members[group_id] = members
+        return members
+
+
+_MSG_COLUMNS = "id, kind, sender_id, sender_name, to_id, text, ts, client_msg_id"
+
+
+def _message(row: Sequence[Any]) -> Message:
+    return Message(*row)
+
+
+class SqliteMessageCenter(MessageCenter):
+    """Messages and pending deliveries, written in batches."""
+
+    def __init__(self, path: str, batch_max: int = 512, synchronous: str = "FULL") -> None:
+        self.path = path
+        self.batch_max = batch_max
+        self.synchronous = synchronous
+        self._db: aiosqlite.Connection | None = None
+        self._stores: list[tuple[Message, Sequence[int], asyncio.Future[tuple[Message, bool]]]] = []
+        self._acks: list[tuple[int, int]] = []
+        self._ack_waiters: list[asyncio.Future[None]] = []
+        self._writer: asyncio.Task[None] | None = None
+        self._wake: asyncio.Event | None = None
+        self._closing = False
+
+    async def start(self) -> None:
+        self._db = await open_db(self.path, self.synchronous)
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._wake is not None:
+            self._wake.set()
+        if self._writer is not None:
+            await self._writer
+            self._writer = None
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise ServiceUnavailable("the message database is not open")
+        return self._db
+
+    # -- writes (group commit) ----------------------------------------------------------------
+
+    def store(self, message: Message, recipients: Sequence[int]) -> asyncio.Future[tuple[Message, bool]]:
+        fut: asyncio.Future[tuple[Message, bool]] = asyncio.get_running_loop().create_future()
+        if self._closing or self._wake is None:
+            fut.set_exception(ServiceUnavailable("the message store is closed"))
+            return fut
+        self._stores.append((message, recipients, fut))
+        self._wake.set()
+        return fut
+
+    def ack(self, user_id: int, msg_ids: Sequence[int]) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._closing or self._wake is None:
+            fut.set_exception(ServiceUnavailable("the message store is closed"))
+            return fut
+        self._acks.extend((user_id, m) for m in msg_ids)
+        self._ack_waiters.append(fut)
+        self._wake.set()
+        return fut
+
+    async def _write_loop(self) -> None:
+        assert self._wake is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._stores or self._acks:
+                stores = self._stores[: self.batch_max]
+                del self._stores[: self.batch_max]
+                acks, self._acks = self._acks, []
+                waiters, self._ack_waiters = self._ack_waiters, []
+                try:
+                    results = await self._write(stores, acks)
+                except Exception as exc:
+                    log.error("writing %d messages failed: %s", len(stores), exc)
+                    err = ServiceUnavailable(f"the message store failed: {exc}")
+                    for _, _, fut in stores:
+                        if not fut.done():
+                            fut.set_exception(err)
+                    for w in waiters:
+                        if not w.done():
+                            w.set_exception(err)
+                    continue
+                for (_, _, fut), result in zip(stores, results, strict=True):
+                    if not fut.done():
+                        fut.set_result(result)
+                for w in waiters:
+                    if not w.done():
+                        w.set_result(None)
+            if self._closing and not self._stores and not self._acks:
+                return
+
+    async def _write(self, stores: list[tuple[Message, Sequence[int], Any]],
+                     acks: list[tuple[int, int]]) -> list[tuple[Message, bool]]:
+        db = self.db
+        results: list[tuple[Message, bool]] = [(m, False) for m, _, _ in stores]
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            if stores:
+                rows = [
+                    (m.id, m.kind, conversation(m.kind, m.sender_id, m.to), m.sender_id,
+                     m.sender_name, m.to, m.text, m.ts, m.client_msg_id)
+                    for m, _, _ in stores
+                ]
+                cur = await db.executemany(
+                    "INSERT OR IGNORE INTO messages (id, kind, conv, sender_id, sender_name, "
+                    "to_id, text, ts, client_msg_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                if cur.rowcount != len(rows):
+                    await self._resolve_duplicates(stores, results)
+                pending = [
+                    (u, m.id)
+                    for (m, recipients, _), (_, dup) in zip(stores, results, strict=True)
+                    if not dup
+                    for u in recipients
+                ]
+                if pending:
+                    await db.executemany("INSERT OR IGNORE INTO pending VALUES (?, ?)", pending)
+            if acks:
+                await db.executemany("DELETE FROM pending WHERE user_id = ? AND msg_id = ?", acks)
+            await db.execute("COMMIT")
+        except BaseException:
+            try:
+                await db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            raise
+        return results
+
+    async def _resolve_duplicates(self, stores: list[tuple[Message, Sequence[int], Any]],
+                                  results: list[tuple[Message, bool]]) -> None:
+        """Some inserts were ignored: a retried client_msg_id. Find the originals."""
+        ids = [m.id for m, _, _ in stores]
+        stored: set[int] = set()
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            stored.update(r[0] for r in await self.db.execute_fetchall(
+                f"SELECT id FROM messages WHERE id IN ({marks})", chunk))
+        for i, (m, _, _) in enumerate(stores):
+            if m.id in stored:
+                continue
+            rows = list(await self.db.execute_fetchall(
+                f"SELECT {_MSG_COLUMNS} FROM messages WHERE sender_id = ? AND client_msg_id = ?",
+                (m.sender_id, m.client_msg_id)))
+            if rows:
+                results[i] = (_message(rows[0]), True)
+
+    # -- reads --------------------------------------------------------------------------------
+
+    async def _rows(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        try:
+            return list(await self.db.execute_fetchall(sql, params))
+        except sqlite3.Error as exc:
+            raise ServiceUnavailable(f"message database error: {exc}") from exc
+
+    async def pending(self, user_id: int, after_id: int, limit: int) -> list[Message]:
+        rows = await self._rows(
+            f"SELECT {', '.join('m.' + c.strip() for c in _MSG_COLUMNS.split(','))} "
+            "FROM pending p JOIN messages m ON m.id = p.msg_id "
+            "WHERE p.user_id = ? AND p.msg_id > ? ORDER BY p.msg_id LIMIT ?",
+            (user_id, after_id, limit))
+        return [_message(r) for r in rows]
+
+    async def count_pending(self, user_id: int) -> int:
+        rows = await self._rows("SELECT count(*) FROM pending WHERE user_id = ?", (user_id,))
+        return int(rows[0][0])
+
+    async def history(self, user_id: int, peer_id: int, group_id: int, before: int,
+                      limit: int) -> list[Message]:
+        conv = conversation("group", user_id, group_id) if group_id else conversation(
+            "p2p", user_id, peer_id)
+        before = before or (1 << 63) - 1
+        rows = await self._rows(
+            f"SELECT {_MSG_COLUMNS} FROM messages WHERE conv = ? AND id < ? "
+            "ORDER BY id DESC LIMIT ?", (conv, before, limit))
+        return [_message(r) for r in rows]
+
+    async def last_id(self, node_id: int) -> int:
+        # Ids of one node share bits 12-21; scan the newest few and pick this node's.
+        rows = await self._rows(
+            "SELECT id FROM messages WHERE ((id >> ?) & ?) = ? ORDER BY id DESC LIMIT 1",
+            (SEQ_BITS, MAX_NODE, node_id))
+        return int(rows[0][0]) if rows else 0
