@@ -111,7 +111,8 @@ class FrameDecoder:
                 if view[pos] != MAGIC:
                     raise ProtocolError(codes.BAD_MAGIC, f"bad magic byte 0x{view[pos]:02x}")
                 if end - pos < HEADER_SIZE:
-                    self._check_partial(view[pos:end])
+                    # A copy of at most 13 bytes: a view would pin ``buf`` if this raises.
+                    self._check_partial(bytes(view[pos:end]))
                     break
                 _, version, ser, flags, type_, rid, length = _unpack_header(view, pos)
                 self._check_header(version, ser, flags, length)
@@ -134,7 +135,7 @@ class FrameDecoder:
             buf += data[pos:]
         return frames
 
-    def _check_partial(self, head: memoryview) -> None:
+    def _check_partial(self, head: bytes) -> None:
         # Fail as early as the bytes allow, so a wrong peer is told at once.
         n = len(head)
         if n > 1 and head[1] != VERSION:
