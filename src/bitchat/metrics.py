@@ -51,13 +51,13 @@ class Metrics:
     def error(self, code: str) -> None:
         child = self._error_children.get(code)
         if child is None:
-            child = self._error_children[code] = self.errors.labels(code)  # type: ignore[assignment]
+            child = self._error_children[code] = self.errors.labels(code)
         child.inc()
 
     def observe_handler(self, packet: str, seconds: float) -> None:
         child = self._latency_children.get(packet)
         if child is None:
-            child = self._latency_children[packet] = self.handler_seconds.labels(packet)  # type: ignore[assignment]
+            child = self._latency_children[packet] = self.handler_seconds.labels(packet)
         child.observe(seconds)
 
     def render(self) -> bytes:

@@ -75,9 +75,10 @@ def build_server(args: argparse.Namespace) -> Server:
     if args.cluster:
         from bitchat.cluster.node import build_cluster_server
 
-        return build_cluster_server(args.host, args.port, settings, redis_url=args.redis,
+        server: Server = build_cluster_server(args.host, args.port, settings, redis_url=args.redis,
                                     pg_dsn=args.pg, node_id=args.node_id,
                                     advertise=args.advertise)
+        return server
     from bitchat.im.app import build_standalone_server
 
     return build_standalone_server(args.host, args.port, settings)
@@ -85,11 +86,13 @@ def build_server(args: argparse.Namespace) -> Server:
 
 async def serve(server: Server) -> None:
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        log.info("received %s, shutting down", sig.name)
+        loop.create_task(server.stop())
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, lambda s=sig: (
-            log.info("received %s, shutting down", signal.Signals(s).name),
-            loop.create_task(server.stop()),
-        ))
+        loop.add_signal_handler(sig, on_signal, sig)
     await server.start()
     await server.serve_forever()
 

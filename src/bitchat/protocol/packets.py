@@ -19,7 +19,7 @@ import dataclasses
 import types
 import typing
 from collections.abc import Callable, Iterator
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar, dataclass_transform
 
 from bitchat.errors import ProtocolError, UsageError, codes
 from bitchat.protocol.serializers import SERIALIZERS
@@ -129,6 +129,7 @@ def _checker(tp: Any) -> _Check:
     raise UsageError(f"unsupported field type {tp!r}")
 
 
+@dataclass_transform()
 class Packet:
     """Base class of every packet.
 
