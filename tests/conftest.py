@@ -12,6 +12,7 @@ The server and raw-socket tests run on both the default asyncio loop and uvloop
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -138,10 +139,8 @@ class RawPeer:
 
     async def close(self) -> None:
         self.writer.close()
-        try:
+        with contextlib.suppress(OSError):
             await self.writer.wait_closed()
-        except OSError:
-            pass
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import struct
 from typing import Any
 
@@ -136,7 +137,7 @@ def test_frames_round_trip_whatever_the_chunking(fs: list[Frame], cuts: list[int
     points = sorted({min(c, len(data)) for c in cuts} | {0, len(data)})
     d = FrameDecoder()
     out: list[Frame] = []
-    for a, b in zip(points, points[1:], strict=False):
+    for a, b in itertools.pairwise(points):
         out += d.feed(data[a:b])
     assert out == fs
     assert d.buffered == 0

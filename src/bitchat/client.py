@@ -18,13 +18,15 @@ go out, so a higher layer can log in again first.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import enum
 import logging
 import random
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar, cast
 
 from bitchat.errors import ConnectionClosed, ProtocolError, RequestError, RequestTimeout, UsageError
 from bitchat.protocol.frame import FLAG_ERROR, FLAG_POOL, FLAG_RESPONSE, FrameDecoder, encode_frame
@@ -59,12 +61,12 @@ class _Protocol(asyncio.Protocol):
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A cast, not an isinstance check: uvloop's transports do not subclass asyncio's.
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         client = self.client
-        client._last_read = client._loop.time()
+        client._last_read = client._loop.time()  # type: ignore[union-attr]
         try:
             frames = self.decoder.feed(data)
         except ProtocolError as exc:
@@ -104,7 +106,8 @@ class Client:
         self.on_state: list[Callable[[State], None]] = []
         self._callbacks: dict[int, list[PushCallback]] = {}
         self._any_callbacks: list[PushCallback] = []
-        self._subscribers: list[asyncio.Queue[Packet]] = []
+        self._subscribers: weakref.WeakSet[PushStream] = weakref.WeakSet()
+        self._callback_tasks: set[asyncio.Task[Any]] = set()
         self._pending: dict[int, asyncio.Future[Packet]] = {}
         self._next_id = 0
         self._proto: _Protocol | None = None
@@ -147,14 +150,12 @@ class Client:
             self._proto.transport.close()
         if runner is not None:
             runner.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await runner
-            except (asyncio.CancelledError, Exception):
-                pass
         self._fail_pending(ConnectionClosed("the client was closed"))
         self._set_state(State.CLOSED)
-        for q in self._subscribers:
-            q.put_nowait(_CLOSED)
+        for stream in list(self._subscribers):
+            stream.close()
 
     async def __aenter__(self) -> Client:
         await self.connect(timeout=self.settings.connect_timeout)
@@ -214,8 +215,13 @@ class Client:
                 if self._first is not None and not self._first.done():
                     self._first.set_result(None)
                 await proto.lost
-            except (RequestError, ConnectionClosed, RequestTimeout, OSError) as exc:
-                if self._first is not None and not self._first.done() and not self.reconnect:
+            except Exception as exc:  # from an on_connected hook, or the connection dropped
+                first = self._first is not None and not self._first.done()
+                if first and (not self.reconnect or not isinstance(
+                        exc, (ConnectionClosed, RequestTimeout, OSError))):
+                    # Without reconnecting, or when a hook was refused (say, a wrong
+                    # password) or broke: connect() raises it rather than retrying.
+                    assert self._first is not None
                     self._first.set_exception(exc)
                     return
                 log.warning("setting up the connection failed: %s", exc)
@@ -341,18 +347,20 @@ class Client:
         """Call ``callback(packet)`` for every push."""
         self._any_callbacks.append(callback)
 
-    async def pushes(self) -> AsyncIterator[Packet]:
-        """Iterate over pushes as they arrive, until the client is closed."""
-        q: asyncio.Queue[Packet] = asyncio.Queue()
-        self._subscribers.append(q)
-        try:
-            while True:
-                item = await q.get()
-                if item is _CLOSED:
-                    return
-                yield item
-        finally:
-            self._subscribers.remove(q)
+    def pushes(self) -> PushStream:
+        """Every push from now on, as an async iterator that ends when the client closes.
+
+        The subscription starts when this is called, not at the first ``__anext__``,
+        so no push is missed between asking for the stream and iterating it::
+
+            stream = client.pushes()
+            await client.request(Subscribe())
+            async for packet in stream:
+                ...
+        """
+        stream = PushStream()
+        self._subscribers.add(stream)
+        return stream
 
     def _frame_received(self, frame: Any) -> None:
         if frame.flags & FLAG_RESPONSE:
@@ -388,17 +396,58 @@ class Client:
             self._call(cb, packet)
         for cb in self._any_callbacks:
             self._call(cb, packet)
-        for q in self._subscribers:
-            q.put_nowait(packet)
+        for stream in self._subscribers:
+            stream._put(packet)
 
     def _call(self, cb: PushCallback, packet: Packet) -> None:
         try:
             result = cb(packet)
             if asyncio.iscoroutine(result):
                 assert self._loop is not None
-                self._loop.create_task(result)
+                task = self._loop.create_task(result)
+                # Held until done (the loop keeps only a weak reference), then checked.
+                self._callback_tasks.add(task)
+                task.add_done_callback(self._callback_done)
         except Exception:
             log.exception("push callback failed")
+
+    def _callback_done(self, task: asyncio.Task[Any]) -> None:
+        self._callback_tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("push callback failed", exc_info=(type(exc), exc, exc.__traceback__))
+
+
+class PushStream:
+    """The pushes a client receives, as an async iterator (see :meth:`Client.pushes`).
+
+    It stops when the client is closed; dropping it (or :meth:`close`) ends the
+    subscription.
+    """
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[Packet] = asyncio.Queue()
+        self._done = False
+
+    def _put(self, packet: Packet) -> None:
+        if not self._done:
+            self._queue.put_nowait(packet)
+
+    def close(self) -> None:
+        """Stop receiving; iteration ends once what already arrived is read."""
+        self._put(_CLOSED)
+        self._done = True
+
+    def __aiter__(self) -> PushStream:
+        return self
+
+    async def __anext__(self) -> Packet:
+        if self._done and self._queue.empty():
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if item is _CLOSED:
+            self._done = True
+            raise StopAsyncIteration
+        return item
 
 
 class _Closed(Packet):

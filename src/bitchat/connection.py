@@ -19,7 +19,7 @@ import collections
 import itertools
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from bitchat.errors import ProtocolError, RequestError, codes
 from bitchat.protocol.frame import (
@@ -31,7 +31,7 @@ from bitchat.protocol.frame import (
     FrameDecoder,
     encode_frame,
 )
-from bitchat.protocol.packets import Error, Packet, Pong, decode_body
+from bitchat.protocol.packets import Error, Packet, decode_body
 from bitchat.protocol.serializers import JSON, SERIALIZER_IDS, SERIALIZERS
 
 if TYPE_CHECKING:
@@ -78,7 +78,7 @@ class Session:
         self._flush_scheduled = False
         self._queue: collections.deque[tuple[Route, Frame]] = collections.deque()
         self._draining = False
-        self._read_paused = 0  # bit 1: write backpressure, bit 2: request queue
+        self._read_paused = 0  # bit 1: write backpressure, 2: request queue, 4: POOL in flight
         self._last_read = self._loop.time()
         self._idle_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Future[Any]] = set()
@@ -210,16 +210,16 @@ class Session:
                             frame.request_id, frame.serializer)
 
     def _decode(self, route: Route, frame: Frame) -> Packet | None:
-        try:
-            packet = decode_body(route.cls, frame.serializer, frame.body, frame.request_id)
-        except ProtocolError as exc:
-            self.send_error(exc.code, exc.message, frame.request_id, frame.serializer)
-            return None
+        # Login first: an anonymous peer gets no parsing work done and learns no schema.
         if route.login_required and self.user_id is None:
             self.send_error(codes.UNAUTHENTICATED, "log in first", frame.request_id,
                             frame.serializer)
             return None
-        return packet
+        try:
+            return decode_body(route.cls, frame.serializer, frame.body, frame.request_id)
+        except ProtocolError as exc:
+            self.send_error(exc.code, exc.message, frame.request_id, frame.serializer)
+            return None
 
     def _run_inline(self, route: Route, frame: Frame) -> None:
         packet = self._decode(route, frame)
@@ -254,7 +254,7 @@ class Session:
                 if not self._queue or self.closed:
                     break
                 route, frame = self._queue.popleft()
-                if self._read_paused & 2 and len(self._queue) < (
+                if self._read_paused & 2 and len(self._queue) <= (
                     self.server.settings.max_pending_requests // 2
                 ):
                     self._resume(2)
@@ -282,6 +282,8 @@ class Session:
         fut = self._loop.run_in_executor(self.server.executor, route.func, self, packet)
 
         def done(f: asyncio.Future[Any]) -> None:
+            if f.cancelled():
+                return  # the pool was shut down with the server
             exc = f.exception()
             if exc is not None:
                 self._handler_failed(exc, route, frame)
@@ -294,14 +296,36 @@ class Session:
 
     def _track(self, fut: asyncio.Future[Any]) -> None:
         self._tasks.add(fut)
-        fut.add_done_callback(self._tasks.discard)
+        fut.add_done_callback(self._untrack)
         self.server._inflight.add(fut)
         fut.add_done_callback(self.server._inflight.discard)
+        # POOL requests run concurrently: bound them per connection as the queue is.
+        if len(self._tasks) > self.server.settings.max_pending_requests:
+            self._pause(4)
+
+    def _untrack(self, fut: asyncio.Future[Any]) -> None:
+        self._tasks.discard(fut)
+        if self._read_paused & 4 and len(self._tasks) <= (
+            self.server.settings.max_pending_requests // 2
+        ):
+            self._resume(4)
 
     def _observe(self, route: Route, started: float) -> None:
         self.server.metrics.observe_handler(route.name, time.perf_counter() - started)
 
     def _deliver_result(self, result: Any, route: Route, frame: Frame) -> None:
+        if isinstance(result, Packet):
+            if frame.request_id:
+                try:
+                    self.send_packet(result, frame.request_id, _RESP, frame.serializer)
+                except Exception as exc:  # e.g. a field the frame's serializer cannot carry
+                    self._handler_failed(exc, route, frame)
+            return
+        if result is None:
+            return
+        if asyncio.iscoroutine(result):
+            result = self._loop.create_task(result)
+            self._track(result)
         if isinstance(result, asyncio.Future):
             # A handler may answer later without holding up the next request.
             def later(f: asyncio.Future[Any]) -> None:
@@ -314,14 +338,14 @@ class Session:
 
             result.add_done_callback(later)
             return
-        if result is None or frame.request_id == 0:
-            return
-        self.send_packet(result, frame.request_id, _RESP, frame.serializer)
+        self._handler_failed(
+            TypeError(f"handler {route.name} returned {type(result).__name__}, not a Packet"),
+            route,
+            frame,
+        )
 
     def _handler_failed(self, exc: BaseException, route: Route, frame: Frame) -> None:
-        if isinstance(exc, RequestError):
-            self.send_error(exc.code, exc.message, frame.request_id, frame.serializer)
-        elif isinstance(exc, ProtocolError):
+        if isinstance(exc, (RequestError, ProtocolError)):
             self.send_error(exc.code, exc.message, frame.request_id, frame.serializer)
         else:
             log.error("handler %s failed on connection %s", route.name, self.id,
@@ -425,13 +449,13 @@ class TcpSession(Session, asyncio.Protocol):
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        peer = transport.get_extra_info("peername")
+        # A cast, not an isinstance check: uvloop's transports do not subclass asyncio's.
+        self.transport = cast(asyncio.Transport, transport)
+        peer = self.transport.get_extra_info("peername")
         remote = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         Session.__init__(self, self.server, remote)
         s = self.server.settings
-        transport.set_write_buffer_limits(high=s.write_high_water, low=s.write_low_water)
+        self.transport.set_write_buffer_limits(high=s.write_high_water, low=s.write_low_water)
         self._sniff_timer = self._loop.call_later(
             max(s.read_idle_timeout, 0.001) if s.read_idle_timeout > 0 else 3600, self._abort
         )

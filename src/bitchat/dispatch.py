@@ -40,9 +40,10 @@ class Dispatcher:
         if not replace and cls.TYPE in self.routes:
             raise UsageError(f"packet type {cls.TYPE} ({cls.__name__}) already has a handler")
         self.registry.register(cls)
-        self.routes[cls.TYPE] = Route(
-            cls, func, inspect.iscoroutinefunction(func), login_required, cls.__name__
-        )
+        # An object with an ``async def __call__`` counts as a coroutine handler too.
+        call = func if inspect.isroutine(func) else type(func).__call__
+        is_coroutine = inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(call)
+        self.routes[cls.TYPE] = Route(cls, func, is_coroutine, login_required, cls.__name__)
 
     def handler(self, cls: type[Packet], *, login_required: bool = False) -> Callable[[H], H]:
         def decorate(func: H) -> H:

@@ -89,6 +89,7 @@ class Server:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._inflight: set[asyncio.Future[Any]] = set()
         self._stopped: asyncio.Event | None = None
+        self._no_sessions: asyncio.Event | None = None
         self._started = False
 
     # -- handlers -------------------------------------------------------------------------
@@ -129,26 +130,32 @@ class Server:
     async def start(self) -> None:
         if self._started:
             raise UsageError("the server is already started")
-        self._loop = asyncio.get_running_loop()
-        self._stopped = asyncio.Event()
-        self.executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=self.settings.worker_threads, thread_name_prefix="bitchat-worker"
-        )
-        for hook in self.on_startup:
-            await hook(self)
         tls = None
         if self.settings.tls_cert:
             if not self.settings.tls_key:
                 raise UsageError("a TLS certificate needs its key (tls_key)")
             tls = make_ssl_context(self.settings.tls_cert, self.settings.tls_key)
+        self._loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        self._no_sessions = asyncio.Event()
+        self._no_sessions.set()
+        self.executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=self.settings.worker_threads, thread_name_prefix="bitchat-worker"
+        )
         try:
+            for hook in self.on_startup:
+                await hook(self)
             self._server = await self._loop.create_server(
                 lambda: TcpSession(self), self.host, self.port, ssl=tls, backlog=4096,
                 reuse_address=True,
             )
         except BaseException:
             for hook in reversed(self.on_shutdown):
-                await hook(self)
+                try:
+                    await hook(self)
+                except Exception:
+                    log.exception("shutdown hook failed")
+            self.executor.shutdown(wait=False, cancel_futures=True)
             raise
         self._started = True
         host, port = self.address
@@ -174,8 +181,11 @@ class Server:
             await asyncio.wait(set(self._inflight), timeout=self.settings.shutdown_grace)
         for session in list(self.sessions.values()):
             session.close()
+        # Wait for the peers to get their last bytes (Server.wait_closed() does not
+        # wait for connections before Python 3.12).
+        assert self._no_sessions is not None
         try:
-            await asyncio.wait_for(self._server.wait_closed(), self.settings.shutdown_grace)
+            await asyncio.wait_for(self._no_sessions.wait(), self.settings.shutdown_grace)
         except TimeoutError:
             log.warning("connections still open after the shutdown grace; aborting them")
         for session in list(self.sessions.values()):
@@ -186,6 +196,10 @@ class Server:
                 await hook(self)
             except Exception:
                 log.exception("shutdown hook failed")
+        try:  # connections the web side took over close in its shutdown hook
+            await asyncio.wait_for(self._server.wait_closed(), self.settings.shutdown_grace)
+        except TimeoutError:
+            log.warning("web connections still open after the shutdown grace")
         if self.executor is not None:
             self.executor.shutdown(wait=False, cancel_futures=True)
         log.info("bitchat server stopped")
@@ -203,6 +217,8 @@ class Server:
 
     def _session_opened(self, session: Session) -> None:
         self.sessions[session.id] = session
+        if self._no_sessions is not None:
+            self._no_sessions.clear()
         self.metrics.connection_opened(session.transport_name)
         for hook in self.on_session_open:
             hook(session)
@@ -210,6 +226,8 @@ class Server:
     def _session_closed(self, session: Session) -> None:
         if self.sessions.pop(session.id, None) is None:
             return
+        if not self.sessions and self._no_sessions is not None:
+            self._no_sessions.set()
         self.metrics.connection_closed(session.transport_name)
         for hook in self.on_session_close:
             try:

@@ -154,5 +154,6 @@ class FrameDecoder:
             raise ProtocolError(codes.BAD_FLAGS, f"reserved flag bits set: 0x{flags:02x}")
         if length > self.max_body:
             raise ProtocolError(
-                codes.FRAME_TOO_LARGE, f"body of {length} bytes exceeds the limit of {self.max_body}"
+                codes.FRAME_TOO_LARGE,
+                f"body of {length} bytes exceeds the limit of {self.max_body}",
             )

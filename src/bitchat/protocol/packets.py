@@ -15,6 +15,7 @@ field. Unknown keys are ignored, so old peers can talk to newer ones.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 import typing
@@ -158,11 +159,10 @@ class Packet:
         dataclasses.dataclass(cls)
         cls._fields = tuple(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
         cls._spec = None
-        try:
-            # Refuse an unsupported field type where it is declared, not at first use.
+        # Refuse an unsupported field type where it is declared, not at first use; an
+        # annotation that does not resolve yet (NameError) is checked at first use.
+        with contextlib.suppress(NameError):
             cls._build_spec()
-        except NameError:
-            pass  # an annotation that does not resolve yet: checked at first use
         if type is not None:
             if not 0 <= type <= MAX_TYPE:
                 raise UsageError(f"packet type {type} is outside 0..{MAX_TYPE}")
