@@ -70,6 +70,12 @@ class Settings:
     store_batch_max: int = 512
     """Most messages committed to the store in one transaction (group commit)."""
     token_ttl: float = 7 * 24 * 3600.0
+    """Seconds a login token stays valid for reconnects."""
+    password_hash_time_cost: int = 2
+    """argon2id passes per password hash (OWASP's baseline: 2 passes of 19 MiB)."""
+    password_hash_memory_kib: int = 19 * 1024
+    """argon2id memory per password hash, in KiB. Lower only in tests: the hash is
+    slow on purpose, so a leaked database is slow to crack."""
     node_id: int = 0
     """This server's node id, part of every message id (0-1023)."""
 

@@ -58,6 +58,7 @@ from bitchat.settings import Settings
 log = logging.getLogger("bitchat.im.client")
 
 MessageCallback = Callable[[ChatMessage], Any]
+ReloginCallback = Callable[[LoginOk | None, Exception | None], Any]
 
 
 class IMClient:
@@ -79,6 +80,7 @@ class IMClient:
         self._dedupe_window = dedupe_window
         self._to_ack: list[int] = []
         self._ack_scheduled = False
+        self._relogin_callbacks: list[ReloginCallback] = []
         self.client.on(ChatMessage, self._on_chat)
         self.client.on_connected.append(self._relogin)
 
@@ -99,22 +101,34 @@ class IMClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    def on_relogin(self, callback: ReloginCallback) -> None:
+        """Call ``callback(login_ok, None)`` after every automatic login that follows a
+        reconnect, or ``callback(None, error)`` when it failed."""
+        self._relogin_callbacks.append(callback)
+
     async def _relogin(self, client: Client) -> None:
         if self.user is None:
             return
+        ok: LoginOk | None = None
+        error: RequestError | None = None
         try:
             if self.token:
                 try:
-                    await self._login(Login(token=self.token))
-                    return
+                    ok = await self._login(Login(token=self.token))
                 except RequestError as exc:
                     if self._password is None:
                         raise
                     log.info("token refused (%s); logging in with the password", exc.code)
-            if self._password is not None:
-                await self._login(Login(self._password[0], self._password[1]))
+            if ok is None and self._password is not None:
+                ok = await self._login(Login(self._password[0], self._password[1]))
         except RequestError as exc:
             log.error("logging in again after the reconnect failed: %s", exc)
+            error = exc
+        for cb in list(self._relogin_callbacks):
+            try:
+                cb(ok, error)
+            except Exception:
+                log.exception("relogin callback failed")
 
     async def _login(self, packet: Login) -> LoginOk:
         ok = await self.client.request(packet)

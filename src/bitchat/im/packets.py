@@ -154,6 +154,11 @@ class HistoryPage(Packet, type=131):
     messages: list[dict[str, Any]]
     """ChatMessage bodies, newest first."""
     more: bool
+    """Older messages exist: ask again with ``before`` = the last id of this page."""
+
+    def chat_messages(self) -> list[ChatMessage]:
+        """The page as typed messages, newest first."""
+        return [ChatMessage.from_dict(m) for m in self.messages]
 
 
 class Presence(Packet, type=140):

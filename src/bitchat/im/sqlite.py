@@ -14,7 +14,7 @@ import os
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiosqlite
 
@@ -22,6 +22,9 @@ from bitchat.errors import RequestError, ServiceUnavailable, codes
 from bitchat.im.centers import Group, Message, MessageCenter, User, UserCenter
 from bitchat.im.ids import MAX_NODE, SEQ_BITS
 from bitchat.im.passwords import hash_password, new_token, token_digest, verify_password
+
+if TYPE_CHECKING:
+    from argon2 import PasswordHasher
 
 log = logging.getLogger("bitchat.sqlite")
 
@@ -122,8 +125,9 @@ async def _migrate(db: aiosqlite.Connection) -> None:
 
 
 class SqliteUserCenter(UserCenter):
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, hasher: PasswordHasher | None = None) -> None:
         self.path = path
+        self.hasher = hasher
         self._db: aiosqlite.Connection | None = None
         # This process is the only writer, so these caches are complete and current.
         self._names: dict[int, str] = {}
@@ -161,7 +165,7 @@ class SqliteUserCenter(UserCenter):
             raise ServiceUnavailable(f"user database error: {exc}") from exc
 
     async def register(self, name: str, password: str) -> User:
-        digest = await hash_password(password)
+        digest = await hash_password(password, self.hasher)
         try:
             async with self._lock:
                 cur = await self.db.execute(
@@ -181,6 +185,8 @@ class SqliteUserCenter(UserCenter):
         rows = await self._rows("SELECT id, password_hash FROM users WHERE name = ?", (name,))
         if not rows:
             if not auto_register:
+                # As slow as a wrong password: timing does not tell which names exist.
+                await hash_password(password, self.hasher)
                 raise RequestError(codes.LOGIN_FAILED, "unknown user or wrong password")
             try:
                 return await self.register(name, password)
@@ -190,7 +196,7 @@ class SqliteUserCenter(UserCenter):
                 # Registered concurrently by another login: check against it.
                 return await self.authenticate(name, password, False)
         user_id, stored = rows[0]
-        if not await verify_password(stored, password):
+        if not await verify_password(stored, password, self.hasher):
             raise RequestError(codes.LOGIN_FAILED, "unknown user or wrong password")
         self._names[user_id] = name
         return User(user_id, name)

@@ -1,0 +1,124 @@
+"""``bitchat client``: the interactive IM client (the seed's client example).
+
+On a terminal it shows the prompt ``bitchat> ``; with stdin from a pipe or a
+file it runs the lines as commands and prints the same output, so it can be
+scripted. ``--router`` asks a cluster router which server to use (and asks
+again after every disconnect).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from bitchat.client import Resolver
+from bitchat.settings import Settings
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "client",
+        help="run the interactive chat client",
+        description="Connect to a bitchat server and chat: -lo name password, -lu, "
+        "-pc userId message, ... (type help at the prompt).",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="server address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8864, help="server port (default 8864)")
+    p.add_argument(
+        "--router",
+        metavar="HOST:PORT",
+        default=None,
+        help="ask this cluster router for a server instead of --host/--port",
+    )
+    p.add_argument(
+        "--serializer",
+        choices=["json", "msgpack"],
+        default="json",
+        help="body encoding on the wire (default json)",
+    )
+    p.set_defaults(func=run)
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+class _CurrentStderr:
+    """Writes to whatever ``sys.stderr`` is now: under the prompt, prompt_toolkit's
+    ``patch_stdout`` replaces it, so log lines go above the prompt too."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+def _quiet_logging(level: str) -> None:
+    # The client prints connection changes as status lines; "info" logs repeat them.
+    if level == "info":
+        logging.getLogger("bitchat").setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setStream(_CurrentStderr())
+
+
+async def main(
+    args: argparse.Namespace,
+    *,
+    interactive: bool | None = None,
+    router_resolver: Callable[..., Resolver] | None = None,
+) -> int:
+    from bitchat.cli.repl import Repl, stdin_lines
+    from bitchat.im.client import IMClient
+
+    settings = Settings()
+    resolve = None
+    if args.router:
+        assert router_resolver is not None
+        host, port = parse_address(args.router)
+        resolve = router_resolver(host, port, settings=settings)
+    im = IMClient(args.host, args.port, settings, serializer=args.serializer, resolve=resolve)
+    repl = Repl(im, out=lambda line: print(line, flush=True))
+    # Connect in the background: the prompt is usable at once, and commands
+    # wait (up to the request timeout) for the connection.
+    connecting = asyncio.get_running_loop().create_task(im.connect(None))
+    try:
+        if interactive is None:
+            interactive = sys.stdin.isatty()
+        if interactive:
+            await repl.run_interactive()
+        else:
+            await repl.run_lines(stdin_lines())
+    finally:
+        connecting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await connecting
+        await im.close()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    resolver: Callable[..., Resolver] | None = None
+    if args.router:
+        try:
+            parse_address(args.router)
+        except argparse.ArgumentTypeError as exc:
+            print(f"bitchat client: --router: {exc}", file=sys.stderr)
+            return 2
+        try:
+            from bitchat.cluster.discovery import router_resolver
+        except ImportError as exc:
+            print(f"bitchat client: cluster support is not available: {exc}", file=sys.stderr)
+            return 2
+        resolver = router_resolver
+    _quiet_logging(args.log_level)
+    return asyncio.run(main(args, router_resolver=resolver))
