@@ -205,12 +205,14 @@ class Client:
                 await asyncio.sleep(wait)
                 delay = min(delay * 2, self.settings.reconnect_max_delay)
                 continue
-            delay = self.settings.reconnect_initial_delay
             self._proto = proto
             assert self._loop is not None
-            self._last_read = self._loop.time()
+            self._last_read = connected_at = self._loop.time()
             heartbeat = self._loop.create_task(self._heartbeat(proto))
             try:
+                # A Ping at once: the server opens a session at a peer's first bytes (it
+                # tells bitchat from HTTP by them), so it can push to us from now on.
+                self._write(Ping(), self._new_id(), 0)
                 await self._after_connect()
                 if self._first is not None and not self._first.done():
                     self._first.set_result(None)
@@ -225,9 +227,6 @@ class Client:
                     self._first.set_exception(exc)
                     return
                 log.warning("setting up the connection failed: %s", exc)
-                if proto.transport is not None:
-                    proto.transport.abort()
-                await asyncio.sleep(random.uniform(0, delay))
             finally:
                 heartbeat.cancel()
                 self._ready.clear()
@@ -240,7 +239,16 @@ class Client:
             self._set_state(State.DISCONNECTED)
             if not self.reconnect:
                 break
-            log.info("connection to %s:%d lost; reconnecting", self.host, self.port)
+            if self._loop.time() - connected_at >= self.settings.reconnect_max_delay:
+                delay = self.settings.reconnect_initial_delay
+                log.info("connection to %s:%d lost; reconnecting", self.host, self.port)
+            else:
+                # A server that accepts and drops at once is not hammered: back off.
+                wait = random.uniform(0, delay)
+                log.info("connection to %s:%d lost; reconnecting in %.2fs",
+                         self.host, self.port, wait)
+                await asyncio.sleep(wait)
+                delay = min(delay * 2, self.settings.reconnect_max_delay)
 
     async def _after_connect(self) -> None:
         self._set_state(State.CONNECTED)
@@ -257,6 +265,8 @@ class Client:
         loop = self._loop
         assert loop is not None
         interval = s.heartbeat_interval
+        if interval <= 0 and s.read_idle_timeout <= 0:
+            return  # both off: nothing to do
         while True:
             await asyncio.sleep(interval if interval > 0 else s.read_idle_timeout)
             if s.read_idle_timeout > 0 and loop.time() - self._last_read >= s.read_idle_timeout:
@@ -266,7 +276,10 @@ class Client:
                     proto.transport.abort()
                 return
             if interval > 0:
-                self._write(Ping(), self._new_id(), 0)
+                try:
+                    self._write(Ping(), self._new_id(), 0)
+                except ConnectionClosed:
+                    return  # the connection is going; _run sees it end
 
     # -- sending ------------------------------------------------------------------------------
 
@@ -291,6 +304,8 @@ class Client:
             return
         if self._runner is None:
             raise ConnectionClosed("the client is not connected; call connect() first")
+        if self._runner.done():  # lost, and not reconnecting
+            raise ConnectionClosed("the connection was lost")
         try:
             await asyncio.wait_for(self._ready.wait(), timeout)
         except TimeoutError:

@@ -145,9 +145,12 @@ class Server:
         try:
             for hook in self.on_startup:
                 await hook(self)
+            idle = self.settings.read_idle_timeout
             self._server = await self._loop.create_server(
                 lambda: TcpSession(self), self.host, self.port, ssl=tls, backlog=4096,
                 reuse_address=True,
+                # A handshake is not allowed to idle longer than a connection may.
+                ssl_handshake_timeout=idle if tls is not None and idle > 0 else None,
             )
         except BaseException:
             for hook in reversed(self.on_shutdown):
