@@ -252,6 +252,8 @@ class Channel:
         self.queue: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
         self.loop = asyncio.get_running_loop()
         self.loop.add_reader(pipe.fileno(), self._readable)
+        # uvloop makes a watched fd non-blocking; a large result must not be cut short.
+        os.set_blocking(pipe.fileno(), True)
 
     def _readable(self) -> None:
         try:
@@ -262,6 +264,7 @@ class Channel:
             self.queue.put_nowait(("close",))
 
     def send(self, *msg: Any) -> None:
+        os.set_blocking(self.pipe.fileno(), True)
         self.pipe.send(msg)
 
     async def recv(self, *kinds: str) -> tuple[Any, ...]:

@@ -264,9 +264,9 @@ class Workers:
 def _server(cfg: BenchConfig, users: list[UserSpec], progress: Progress) -> Iterator[ServerHandle]:
     if cfg.target:
         host, port = parse_target(cfg.target)
-        handle = ServerHandle(host, port, cfg.server_pid, False)
-        wait_listening(handle, 10)
-        yield handle
+        running = ServerHandle(host, port, cfg.server_pid, False)
+        wait_listening(running, 10)
+        yield running
         return
     folder = cfg.data_dir or tempfile.mkdtemp(prefix="bitchat-bench-")
     os.makedirs(folder, exist_ok=True)

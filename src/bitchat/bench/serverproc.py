@@ -210,8 +210,8 @@ async def _seed(db_path: str, users: Sequence[UserSpec], password: str) -> None:
             "INSERT INTO users (name, password_hash, created_at) VALUES (?, ?, ?)",
             [(u.name, digest, now) for u in users],
         )
-        rows = await db.execute_fetchall("SELECT name, id FROM users")
-        ids: dict[str, int] = {str(r[0]): int(r[1]) for r in rows}
+        found = await db.execute_fetchall("SELECT name, id FROM users")
+        ids: dict[str, int] = {str(r[0]): int(r[1]) for r in found}
         rows = []
         for u in users:
             u.user_id = int(ids[u.name])
