@@ -281,11 +281,13 @@ def _server(cfg: BenchConfig, users: list[UserSpec], progress: Progress) -> Iter
             py_spy = shutil.which("py-spy")
             if py_spy is None:
                 raise UsageError("--profile needs py-spy (pip install py-spy)")
+            # Collapsed stacks (text: grep, flame graphs) or speedscope JSON.
+            fmt = "raw" if cfg.profile.endswith((".txt", ".folded")) else "speedscope"
             wrap = [
                 py_spy,
                 "record",
                 "--format",
-                "speedscope",
+                fmt,
                 "--rate",
                 "250",
                 "--threads",
