@@ -186,7 +186,7 @@ async def connect(settings: Settings) -> AsyncIterator[Callable[..., Awaitable[C
         await client.close()
 
 
-# -- handler outcomes ---------------------------------------------------------------------------
+# -- handler outcomes --------------------------------------------------------------------------
 
 
 async def test_request_response(app: App, connect: Any) -> None:
@@ -289,7 +289,7 @@ def test_handler_registration_rules(settings: Settings) -> None:
         server.add_handler(Untyped, lambda s, p: None)
 
 
-# -- POOL and ordering --------------------------------------------------------------------------
+# -- POOL and ordering -------------------------------------------------------------------------
 
 
 async def test_pool_runs_a_blocking_handler_off_the_loop(app: App, connect: Any) -> None:
@@ -369,7 +369,7 @@ async def test_rate_limit(make_app: Any, raw_connect: Any) -> None:
     assert await peer.request(1, rid=5) == (1, RESPONSE, 2, 5, {})  # heartbeats are free
 
 
-# -- timeouts, backpressure -----------------------------------------------------------------
+# -- timeouts, backpressure --------------------------------------------------------------------
 
 
 async def test_idle_connection_is_closed(make_app: Any, raw_connect: Any) -> None:
@@ -435,7 +435,7 @@ async def test_a_peer_that_does_not_read_is_disconnected(
         sock.close()
 
 
-# -- pushes, hooks, stop ------------------------------------------------------------------------
+# -- pushes, hooks, stop -----------------------------------------------------------------------
 
 
 async def test_server_push(app: App, connect: Any) -> None:
@@ -561,7 +561,7 @@ async def test_start_and_stop_log_lines(settings: Settings, caplog: Any) -> None
     assert messages[-1] == "bitchat server stopped"
 
 
-# -- TLS ------------------------------------------------------------------------------------------
+# -- TLS ---------------------------------------------------------------------------------------
 
 
 def self_signed(tmp: Path) -> tuple[str, str]:
