@@ -79,6 +79,21 @@ class Settings:
     node_id: int = 0
     """This server's node id, part of every message id (0-1023)."""
 
+    # Cluster mode.
+    node_ttl: float = 5.0
+    """A node's registration in Redis lives this long unless refreshed (every quarter
+    of it): a killed node, and the users online on it, drop out within this time."""
+    redis_prefix: str = "bitchat:"
+    """Prefix of every Redis key and channel of the cluster (several clusters, or
+    tests, may share one Redis)."""
+    router_policy: str = "least_connections"
+    """How the router picks a node: ``least_connections`` or ``round_robin``."""
+    pg_pool_size: int = 10
+    """Most PostgreSQL connections one node opens."""
+    backend_timeout: float = 5.0
+    """Longest one Redis or PostgreSQL call may take before the request fails with
+    ``unavailable``."""
+
     # HTTP / WebSocket on the same port.
     max_http_header_size: int = 16 * 1024
     max_ws_message_size: int = 1 << 20
