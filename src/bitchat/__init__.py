@@ -6,6 +6,7 @@ layer (``bitchat.im``) and you have a chat server.
 
 from bitchat.client import Client, State
 from bitchat.connection import Session
+from bitchat.dispatch import handler
 from bitchat.errors import (
     BitchatError,
     ConnectionClosed,
@@ -42,5 +43,6 @@ __all__ = [
     "UsageError",
     "__version__",
     "codes",
+    "handler",
     "registry",
 ]

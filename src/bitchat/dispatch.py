@@ -51,3 +51,44 @@ class Dispatcher:
             return func
 
         return decorate
+
+
+_MARK = "__bitchat_handler__"
+
+
+def handler(cls: type[Packet], *, login_required: bool = False) -> Callable[[H], H]:
+    """Mark ``func(session, packet)`` as the handler of ``cls``, with no server at hand.
+
+    A module of handlers written this way is added to a server with
+    :meth:`bitchat.Server.include`; ``@server.handler(cls)`` does both at once::
+
+        @handler(Echo)
+        async def echo(session, packet):
+            return EchoReply(packet.text)
+
+        server.include(echo)  # or server.include(the_module)
+    """
+
+    def decorate(func: H) -> H:
+        setattr(func, _MARK, (cls, login_required))
+        return func
+
+    return decorate
+
+
+def marked_handlers(obj: Any) -> list[tuple[type[Packet], Callable[..., Any], bool]]:
+    """``(cls, func, login_required)`` of ``obj`` if marked, else of its marked attributes
+    (a module's functions, a class's static methods, an instance's methods)."""
+    mark = getattr(obj, _MARK, None)
+    if mark is not None:
+        return [(mark[0], obj, mark[1])]
+    found = []
+    names = vars(obj) if inspect.ismodule(obj) else dir(obj)
+    for name in names:
+        if name.startswith("__"):
+            continue
+        value = getattr(obj, name)  # resolves staticmethods and binds methods
+        mark = getattr(value, _MARK, None)
+        if mark is not None and callable(value):
+            found.append((mark[0], value, mark[1]))
+    return found

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from bitchat.connection import Session, TcpSession
-from bitchat.dispatch import Dispatcher
+from bitchat.dispatch import Dispatcher, marked_handlers
 from bitchat.errors import UsageError
 from bitchat.metrics import Metrics
 from bitchat.protocol.packets import Packet, Registry
@@ -110,6 +110,16 @@ class Server:
     def add_handler(self, cls: type[Packet], func: Callable[..., Any], *,
                     login_required: bool = False) -> None:
         self.dispatcher.add(cls, func, login_required=login_required)
+
+    def include(self, *handlers: Any) -> None:
+        """Add handlers marked with :func:`bitchat.handler`: functions, or the
+        marked functions found in modules (or classes, or any object's attributes)."""
+        for obj in handlers:
+            found = marked_handlers(obj)
+            if not found:
+                raise UsageError(f"{obj!r} is not, and holds no, function marked @handler")
+            for cls, func, login_required in found:
+                self.dispatcher.add(cls, func, login_required=login_required)
 
     # -- lifecycle ------------------------------------------------------------------------
 
