@@ -35,6 +35,9 @@ class Metrics:
                      0.25, 0.5, 1.0, 2.5),
             registry=r,
         )
+        self.http_requests = Counter(
+            "bitchat_http_requests", "HTTP requests answered", ["route", "status"], registry=r
+        )
         # Children resolved once: label lookup is the slow part of prometheus-client.
         self._tcp = self.connections.labels("tcp")
         self._ws = self.connections.labels("ws")

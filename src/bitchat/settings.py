@@ -96,7 +96,14 @@ class Settings:
 
     # HTTP / WebSocket on the same port.
     max_http_header_size: int = 16 * 1024
+    """Largest HTTP request head (request line and headers); above it: 431 and a close."""
     max_ws_message_size: int = 1 << 20
+    """Largest WebSocket message (one whole frame, header included); above it: close 1009."""
+    http_timeout: float = 10.0
+    """An HTTP connection with no complete request for this long is closed (keep-alive
+    idle time, and the time a request may take to arrive)."""
+    ws_close_timeout: float = 5.0
+    """Time a WebSocket peer has to answer the server's close frame before it is dropped."""
     admin_token: str | None = None
     """When set, /status/* requires ``Authorization: Bearer <token>``; else loopback only."""
 

@@ -1,0 +1,62 @@
+"""HTTP, WebSocket, the browser chat page, the status API and metrics, on the server's port.
+
+::
+
+    first bytes of a connection (read by TcpSession)
+      0xBC ...................... the packet stream (TcpSession keeps it)
+      GET / POST / HEAD ... ..... HttpConnection (h11): the page, /status/*, /healthz,
+                                  /metrics; a GET /ws with ``Upgrade: websocket``
+                                  becomes a WsSession (wsproto), a Session like a TCP one
+      anything else ............. closed
+
+:func:`install` sets ``server.web`` to a :class:`WebFrontend`; the standalone and
+cluster builders call it (through ``bitchat.im.app.install_web``). No HTTP or
+WebSocket bytes are parsed here by hand: h11 and wsproto do all of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+
+from bitchat.web.assets import StaticFiles
+from bitchat.web.http import HttpConnection, looks_like_http
+from bitchat.web.ws import WsSession
+
+if TYPE_CHECKING:
+    from bitchat.server import Server
+
+__all__ = ["HttpConnection", "WebFrontend", "WsSession", "install", "looks_like_http"]
+
+
+class WebFrontend:
+    """The HTTP side of a server's port: what ``server.web`` holds."""
+
+    def __init__(self, server: Server, im: Any = None) -> None:
+        self.server = server
+        self.im = im
+        self.static = StaticFiles()
+        self.connections: set[HttpConnection] = set()
+        """HTTP connections not (yet) upgraded; WebSocket ones are server sessions."""
+        server.on_shutdown.append(self._shutdown)
+
+    def accepts(self, first_bytes: bytes) -> bool:
+        """True when a connection's first bytes start an HTTP/1.x request."""
+        return looks_like_http(first_bytes)
+
+    def take_over(self, transport: asyncio.Transport, data: bytes, remote: str) -> None:
+        """Become the connection's protocol and handle ``data``, its first bytes."""
+        conn = HttpConnection(self, transport, remote)
+        transport.set_protocol(conn)
+        conn.data_received(data)
+
+    async def _shutdown(self, server: Server) -> None:
+        for conn in list(self.connections):
+            conn.abort()
+
+
+def install(server: Server, im: Any = None) -> WebFrontend:
+    """Serve HTTP and WebSocket on ``server``'s port (``im`` is the IM service, if any)."""
+    web = WebFrontend(server, im)
+    server.web = web
+    return web

@@ -1,0 +1,428 @@
+"""HTTP/1.1 on the server's port, with h11: the chat page, /status/*, /healthz, /metrics.
+
+One :class:`HttpConnection` per connection whose first bytes are an HTTP request.
+It answers requests in order (keep-alive and pipelining included) and hands a
+``GET /ws`` with ``Upgrade: websocket`` to wsproto and a
+:class:`~bitchat.web.ws.WsSession`, which replaces it as the transport's protocol.
+
+Bad input never escapes: a request h11 cannot parse gets 400 (431 when its head
+is over ``Settings.max_http_header_size``) and a close; an unknown path 404; a
+method other than GET/HEAD 405; a body (none of our routes takes one) over
+64 KiB 413. A peer that sends no complete request within ``Settings.http_timeout``
+is dropped, and one that does not read its answers stops being read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+import h11
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, RejectConnection
+from wsproto.events import Request as WsRequest
+from wsproto.utilities import RemoteProtocolError as WsHandshakeError
+
+from bitchat.metrics import CONTENT_TYPE_LATEST
+from bitchat.web import status
+from bitchat.web.ws import WsSession
+
+if TYPE_CHECKING:
+    from bitchat.web import WebFrontend
+
+log = logging.getLogger("bitchat.web")
+
+_METHODS = (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"CONNECT", b"TRACE")
+_MAX_BODY = 64 * 1024
+_JSON = b"application/json"
+_TEXT = b"text/plain; charset=utf-8"
+_ALLOW = b"GET, HEAD"
+# The page loads nothing from elsewhere; the CSP makes that a promise the browser keeps.
+_PAGE_HEADERS = [
+    (
+        b"content-security-policy",
+        b"default-src 'self'; connect-src 'self'; img-src 'self' data:; object-src 'none'; "
+        b"base-uri 'none'; frame-ancestors 'none'; form-action 'none'",
+    ),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cache-control", b"no-cache"),
+]
+_REASONS = {
+    200: b"OK",
+    304: b"Not Modified",
+    400: b"Bad Request",
+    401: b"Unauthorized",
+    403: b"Forbidden",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    426: b"Upgrade Required",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+}
+
+Headers = list[tuple[bytes, bytes]]
+
+
+def looks_like_http(first: bytes) -> bool:
+    """True when ``first`` starts (or may start: it can be one byte) an HTTP request line."""
+    token, space, _ = first[:8].partition(b" ")
+    if space:
+        return token in _METHODS
+    return bool(token) and any(m.startswith(token) for m in _METHODS)
+
+
+class Reply:
+    """One response: status, extra headers, body."""
+
+    __slots__ = ("body", "content_type", "headers", "status")
+
+    def __init__(
+        self,
+        status: int,
+        body: bytes = b"",
+        content_type: bytes = _TEXT,
+        headers: Headers | None = None,
+    ) -> None:
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+        self.headers = headers or []
+
+
+def _text(status: int, message: str = "") -> Reply:
+    return Reply(status, (message or _REASONS.get(status, b"").decode()).encode() + b"\n")
+
+
+class HttpConnection(asyncio.Protocol):
+    """One HTTP/1.1 connection, until it closes or becomes a WebSocket."""
+
+    def __init__(self, web: WebFrontend, transport: asyncio.Transport, remote: str) -> None:
+        self.web = web
+        self.server = web.server
+        self.settings = web.server.settings
+        self.transport = transport
+        self.remote = remote
+        peer = transport.get_extra_info("peername")
+        self.peer_host: str = peer[0] if isinstance(peer, tuple) else ""
+        self.conn = h11.Connection(
+            h11.SERVER, max_incomplete_event_size=self.settings.max_http_header_size
+        )
+        self._request: h11.Request | None = None
+        self._body_size = 0
+        self._write_paused = False
+        self._done = False
+        self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = None
+        self._arm_timer()
+        web.connections.add(self)
+
+    # -- asyncio.Protocol ---------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self._done:
+            return
+        try:
+            self.conn.receive_data(data)
+        except RuntimeError:  # h11 refuses data after it saw the end; the peer is gone
+            return
+        self._process()
+
+    def eof_received(self) -> bool | None:
+        if not self._done:
+            self.conn.receive_data(b"")
+            self._process()
+        return None  # the transport closes itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._finish()
+
+    def pause_writing(self) -> None:
+        # The peer is not reading its answers: stop reading its requests.
+        self._write_paused = True
+        if not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if not self.transport.is_closing():
+            self.transport.resume_reading()
+        self._process()
+
+    # -- the request loop ---------------------------------------------------------------------
+
+    def _process(self) -> None:
+        conn = self.conn
+        while not self._done and not self._write_paused:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                self._fail(exc.error_status_hint, str(exc))
+                return
+            if event is h11.NEED_DATA:
+                return
+            if event is h11.PAUSED:
+                if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+                    conn.start_next_cycle()
+                    self._arm_timer()
+                    continue
+                if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+                    self.close()
+                return
+            if isinstance(event, h11.Request):
+                self._request = event
+                self._body_size = 0
+                if _content_length(event) > _MAX_BODY:
+                    self._fail(413, "request bodies are not accepted here")
+                    return
+            elif isinstance(event, h11.Data):
+                self._body_size += len(event.data)
+                if self._body_size > _MAX_BODY:
+                    self._fail(413, "request bodies are not accepted here")
+                    return
+            elif isinstance(event, h11.EndOfMessage):
+                request, self._request = self._request, None
+                assert request is not None
+                self._handle(request)
+            elif isinstance(event, h11.ConnectionClosed):
+                self.close()
+                return
+
+    def _handle(self, request: h11.Request) -> None:
+        try:
+            path = urlsplit(request.target.decode("ascii")).path
+        except (UnicodeDecodeError, ValueError):
+            self._fail(400, "bad request target")
+            return
+        if path == "/ws" and _header_has(request, b"upgrade", b"websocket"):
+            self._upgrade(request)
+            return
+        try:
+            reply = self._route(request, path)
+        except Exception:
+            log.exception("HTTP handler for %s failed", path)
+            reply = _text(500)
+        self._send(reply, request)
+
+    def _route(self, request: h11.Request, path: str) -> Reply:
+        handler = _ROUTES.get(path)
+        if handler is None:
+            name = path[len("/static/") :] if path.startswith("/static/") else ""
+            if not name or self.web.static.get(name) is None:
+                return _text(404)
+            handler = lambda conn, request: conn._file(name, request)  # noqa: E731
+        if request.method not in (b"GET", b"HEAD"):
+            return Reply(405, b"Method Not Allowed\n", headers=[(b"allow", _ALLOW)])
+        return handler(self, request)
+
+    # -- routes -------------------------------------------------------------------------------
+
+    def _file(self, name: str, request: h11.Request) -> Reply:
+        asset = self.web.static.get(name)
+        if asset is None:  # pragma: no cover - index.html ships with the package
+            return _text(404)
+        headers = [*_PAGE_HEADERS, (b"etag", asset.etag)]
+        if _header_value(request, b"if-none-match") == asset.etag:
+            return Reply(304, headers=headers)
+        return Reply(200, asset.body, asset.content_type, headers)
+
+    def _index(self, request: h11.Request) -> Reply:
+        return self._file("index.html", request)
+
+    def _ws_without_upgrade(self, request: h11.Request) -> Reply:
+        return Reply(
+            426,
+            b"This is the WebSocket endpoint: send Upgrade: websocket.\n",
+            headers=[(b"upgrade", b"websocket")],
+        )
+
+    def _healthz(self, request: h11.Request) -> Reply:
+        return Reply(
+            200, status.dumps(status.health(self.server)), _JSON, [(b"cache-control", b"no-store")]
+        )
+
+    def _metrics(self, request: h11.Request) -> Reply:
+        return Reply(
+            200,
+            self.server.metrics.render(),
+            CONTENT_TYPE_LATEST.encode(),
+            [(b"cache-control", b"no-store")],
+        )
+
+    def _status(self, request: h11.Request, build: Callable[..., object]) -> Reply:
+        refusal = status.authorize(
+            self.settings.admin_token, _header_value(request, b"authorization"), self.peer_host
+        )
+        if refusal is not None:
+            code, message = refusal
+            headers = [(b"www-authenticate", b'Bearer realm="bitchat"')] if code == 401 else []
+            return Reply(code, status.dumps({"error": message}), _JSON, headers)
+        return Reply(
+            200, status.dumps(build(self.server)), _JSON, [(b"cache-control", b"no-store")]
+        )
+
+    def _channels(self, request: h11.Request) -> Reply:
+        return self._status(request, status.channels)
+
+    def _sessions(self, request: h11.Request) -> Reply:
+        return self._status(request, status.sessions)
+
+    # -- WebSocket upgrade --------------------------------------------------------------------
+
+    def _upgrade(self, request: h11.Request) -> None:
+        if request.method != b"GET":
+            self._send(
+                Reply(405, b"Method Not Allowed\n", headers=[(b"allow", b"GET")]),
+                request,
+                close=True,
+            )
+            return
+        ws = WSConnection(ConnectionType.SERVER)
+        try:
+            ws.initiate_upgrade_connection(list(request.headers), request.target)
+            for event in ws.events():
+                assert isinstance(event, WsRequest)
+        except WsHandshakeError as exc:
+            hint = exc.event_hint
+            code = hint.status_code if isinstance(hint, RejectConnection) else 400
+            extra = list(hint.headers) if isinstance(hint, RejectConnection) else []
+            self._send(
+                Reply(code, f"Bad WebSocket handshake: {exc}\n".encode(), headers=extra),
+                request,
+                close=True,
+            )
+            return
+        accept = ws.send(AcceptConnection())
+        trailing, _ = self.conn.trailing_data
+        self.server.metrics.http_requests.labels("/ws", "101").inc()
+        self._finish()
+        session = WsSession(self.server, self.transport, self.remote, ws)
+        self.transport.set_protocol(session)
+        session.start(accept, trailing)
+
+    # -- output and closing -------------------------------------------------------------------
+
+    def _send(self, reply: Reply, request: h11.Request | None, *, close: bool = False) -> None:
+        conn = self.conn
+        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            self.abort()
+            return
+        headers: Headers = [
+            (b"content-type", reply.content_type),
+            (b"content-length", str(len(reply.body)).encode()),
+            (b"server", b"bitchat"),
+            *reply.headers,
+        ]
+        if close:
+            headers.append((b"connection", b"close"))
+        head = request is not None and request.method == b"HEAD"
+        try:
+            out = conn.send(
+                h11.Response(
+                    status_code=reply.status,
+                    headers=headers,
+                    reason=_REASONS.get(reply.status, b""),
+                )
+            )
+            if reply.body and not head and reply.status != 304:
+                out += conn.send(h11.Data(data=reply.body)) or b""
+            out += conn.send(h11.EndOfMessage()) or b""
+        except h11.LocalProtocolError:
+            log.exception("could not send an HTTP response")
+            self.abort()
+            return
+        if out:
+            self.transport.write(out)
+        route = _route_label(request)
+        self.server.metrics.http_requests.labels(route, str(reply.status)).inc()
+        if close:
+            self.close()
+
+    def _fail(self, code: int, message: str) -> None:
+        log.info("bad HTTP request from %s: %s (%d)", self.remote, message, code)
+        if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            self._send(
+                _text(code, f"{_REASONS.get(code, b'Error').decode()}: {message}"), None, close=True
+            )
+        else:
+            self.abort()
+
+    def _arm_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        timeout = self.settings.http_timeout
+        self._timer = self._loop.call_later(timeout, self._timed_out) if timeout > 0 else None
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        if self._done:
+            return
+        if self.conn.their_state is h11.IDLE and not self.conn.trailing_data[0]:
+            self.close()  # an idle keep-alive connection: nothing to say
+        else:
+            self._fail(408, "the request took too long")
+
+    def _finish(self) -> None:
+        """Stop being this connection's protocol (closed, or upgraded)."""
+        self._done = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.web.connections.discard(self)
+
+    def close(self) -> None:
+        """Close after what is written has left."""
+        self._finish()
+        self.transport.close()
+
+    def abort(self) -> None:
+        self._finish()
+        self.transport.abort()
+
+
+def _content_length(request: h11.Request) -> int:
+    value = _header_value(request, b"content-length")
+    try:
+        return int(value) if value else 0
+    except ValueError:  # pragma: no cover - h11 already refused a bad Content-Length
+        return 0
+
+
+def _header_value(request: h11.Request, name: bytes) -> bytes | None:
+    for key, value in request.headers:
+        if key == name:
+            return bytes(value)
+    return None
+
+
+def _header_has(request: h11.Request, name: bytes, token: bytes) -> bool:
+    for key, value in request.headers:
+        if key == name and any(t.strip().lower() == token for t in value.split(b",")):
+            return True
+    return False
+
+
+_ROUTES: dict[str, Callable[[HttpConnection, h11.Request], Reply]] = {
+    "/": HttpConnection._index,
+    "/index.html": HttpConnection._index,
+    "/ws": HttpConnection._ws_without_upgrade,
+    "/healthz": HttpConnection._healthz,
+    "/metrics": HttpConnection._metrics,
+    "/status/channels": HttpConnection._channels,
+    "/status/sessions": HttpConnection._sessions,
+}
+
+
+def _route_label(request: h11.Request | None) -> str:
+    """A bounded label for metrics: a known route, ``static`` or ``other``."""
+    if request is None:
+        return "invalid"
+    path = request.target.split(b"?", 1)[0].decode("ascii", "replace")
+    if path in _ROUTES:
+        return path
+    return "static" if path.startswith("/static/") else "other"

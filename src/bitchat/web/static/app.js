@@ -1,0 +1,947 @@
+// bitchat in the browser: the same binary protocol a TCP client speaks (DESIGN.md section 2),
+// one frame per WebSocket message, with the JSON serializer, over /ws on the page's own port.
+//
+// Message ids are 64-bit snowflakes: JSON numbers past 2^53 are read from their source text as
+// BigInt and written back exactly with JSON.rawJSON, so an Ack names the very message it clears.
+
+const T = Object.freeze({
+  PING: 1, PONG: 2, ERROR: 3,
+  OK: 100, LOGIN: 103, LOGIN_OK: 104, LOGOUT: 105, LIST_ONLINE: 106, ONLINE_USERS: 107,
+  SEND_P2P: 110, SEND_GROUP: 111, SEND_ACK: 112, CHAT: 113, ACK: 114,
+  CREATE_GROUP: 120, GROUP_INFO: 121, JOIN_GROUP: 122, LEAVE_GROUP: 123, MY_GROUPS: 124,
+  GROUP_LIST: 125, GROUP_MEMBERS: 126, MEMBER_LIST: 127, HISTORY: 130, HISTORY_PAGE: 131,
+  PRESENCE: 140,
+});
+const MAGIC = 0xbc;
+const VERSION = 1;
+const SER_JSON = 1;
+const HEADER = 14;
+const F_RESPONSE = 2;
+const F_ERROR = 4;
+const HEARTBEAT_MS = 5000;       // the seed's HealthyChecker: a Ping every 5 s
+const DEAD_AFTER_MS = 16000;     // nothing heard for this long: the link is dead
+const REQUEST_TIMEOUT_MS = 10000;
+const HISTORY_PAGE = 50;
+const GROUPING_MS = 5 * 60 * 1000;
+
+const utf8in = new TextDecoder();
+const utf8out = new TextEncoder();
+
+// -- JSON that keeps 64-bit integers exact ------------------------------------------------------
+
+export function parseJSON(text) {
+  return JSON.parse(text, (key, value, ctx) => {
+    if (typeof value === 'number' && !Number.isSafeInteger(value) && ctx &&
+        typeof ctx.source === 'string' && /^-?\d+$/.test(ctx.source)) {
+      return BigInt(ctx.source);
+    }
+    return value;
+  });
+}
+
+export function stringifyJSON(value) {
+  return JSON.stringify(value, (key, v) => (typeof v === 'bigint' ? JSON.rawJSON(v.toString()) : v));
+}
+
+const idKey = (id) => String(id);
+const idNum = (id) => BigInt(id);
+
+// -- frames -------------------------------------------------------------------------------------
+
+export function encodeFrame(type, requestId, body, flags = 0) {
+  const payload = utf8out.encode(stringifyJSON(body ?? {}));
+  const bytes = new Uint8Array(HEADER + payload.length);
+  const view = new DataView(bytes.buffer);
+  view.setUint8(0, MAGIC);
+  view.setUint8(1, VERSION);
+  view.setUint8(2, SER_JSON);
+  view.setUint8(3, flags);
+  view.setUint16(4, type);
+  view.setUint32(6, requestId);
+  view.setUint32(10, payload.length);
+  bytes.set(payload, HEADER);
+  return bytes;
+}
+
+export function decodeFrame(buffer) {
+  const view = new DataView(buffer);
+  if (buffer.byteLength < HEADER || view.getUint8(0) !== MAGIC || view.getUint8(1) !== VERSION) {
+    throw new Error('not a bitchat frame');
+  }
+  if (view.getUint8(2) !== SER_JSON) throw new Error('unexpected serializer');
+  const length = view.getUint32(10);
+  if (HEADER + length !== buffer.byteLength) throw new Error('a message must hold one frame');
+  const text = utf8in.decode(new Uint8Array(buffer, HEADER, length));
+  return {
+    flags: view.getUint8(3),
+    type: view.getUint16(4),
+    requestId: view.getUint32(6),
+    body: text ? parseJSON(text) : {},
+  };
+}
+
+class RequestFailed extends Error {
+  constructor(code, message) {
+    super(message || code);
+    this.code = code;
+  }
+}
+
+// -- one WebSocket connection: requests, pushes, heartbeat ---------------------------------------
+
+class Link {
+  constructor(url, { onPush, onClose }) {
+    this.url = url;
+    this.onPush = onPush;
+    this.onClose = onClose;
+    this.ws = null;
+    this.nextId = 1;
+    this.pending = new Map();
+    this.lastHeard = 0;
+    this.heartbeat = null;
+    this.ended = false;
+    this.live = false; // logged in on this link: a drop means reconnect
+  }
+
+  open() {
+    return new Promise((resolve, reject) => {
+      let opened = false;
+      const ws = new WebSocket(this.url);
+      ws.binaryType = 'arraybuffer';
+      this.ws = ws;
+      ws.onopen = () => {
+        opened = true;
+        this.lastHeard = Date.now();
+        this.heartbeat = setInterval(() => this.beat(), HEARTBEAT_MS);
+        resolve();
+      };
+      ws.onmessage = (event) => {
+        this.lastHeard = Date.now();
+        this.receive(event.data);
+      };
+      ws.onclose = (event) => {
+        if (!opened) reject(new RequestFailed('closed', 'could not connect'));
+        this.end(event.code, event.reason);
+      };
+      ws.onerror = () => {}; // a close event follows
+    });
+  }
+
+  beat() {
+    if (Date.now() - this.lastHeard > DEAD_AFTER_MS) {
+      // The server answers every Ping: this silence means the link is gone.
+      this.close(4000, 'heartbeat lost');
+      return;
+    }
+    this.send(T.PING, {});
+  }
+
+  receive(data) {
+    let frame;
+    try {
+      frame = decodeFrame(data);
+    } catch (err) {
+      console.warn('bitchat: dropped a message:', err);
+      return;
+    }
+    if (frame.flags & F_RESPONSE) {
+      if (frame.type === T.PONG) return;
+      const waiter = this.pending.get(frame.requestId);
+      if (waiter) {
+        this.pending.delete(frame.requestId);
+        clearTimeout(waiter.timer);
+        if (frame.flags & F_ERROR) waiter.reject(new RequestFailed(frame.body.code, frame.body.message));
+        else waiter.resolve(frame.body);
+      } else if (frame.flags & F_ERROR) {
+        console.warn('bitchat: server error', frame.body);
+      }
+      return;
+    }
+    this.onPush(frame.type, frame.body);
+  }
+
+  request(type, body, timeout = REQUEST_TIMEOUT_MS) {
+    if (this.ended || !this.ws || this.ws.readyState !== WebSocket.OPEN) {
+      return Promise.reject(new RequestFailed('closed', 'not connected'));
+    }
+    const requestId = this.nextId;
+    this.nextId = this.nextId >= 0xffffffff ? 1 : this.nextId + 1;
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.pending.delete(requestId);
+        reject(new RequestFailed('timeout', 'the server did not answer in time'));
+      }, timeout);
+      this.pending.set(requestId, { resolve, reject, timer });
+      this.ws.send(encodeFrame(type, requestId, body));
+    });
+  }
+
+  send(type, body) {
+    if (!this.ended && this.ws && this.ws.readyState === WebSocket.OPEN) {
+      this.ws.send(encodeFrame(type, 0, body));
+    }
+  }
+
+  close(code = 1000, reason = '') {
+    if (this.ws) {
+      try { this.ws.close(code, reason); } catch { /* already closing */ }
+    }
+    this.end(code, reason);
+  }
+
+  end(code, reason) {
+    if (this.ended) return;
+    this.ended = true;
+    clearInterval(this.heartbeat);
+    for (const waiter of this.pending.values()) {
+      clearTimeout(waiter.timer);
+      waiter.reject(new RequestFailed('closed', 'the connection closed'));
+    }
+    this.pending.clear();
+    this.onClose(this, code, reason);
+  }
+}
+
+// -- state --------------------------------------------------------------------------------------
+
+const state = {
+  me: null,              // {id, name}
+  token: null,
+  link: null,
+  retries: 0,
+  retryTimer: null,
+  users: new Map(),      // id -> {id, name, online}
+  groups: new Map(),     // id -> {id, name, owner_id, members}
+  convs: new Map(),      // 'u:<id>' | 'g:<id>' -> conversation
+  active: null,
+  outbox: new Map(),     // client_msg_id -> {type, body}
+  toAck: [],
+  acked: 0,
+};
+
+const $ = (id) => document.getElementById(id);
+const el = (tag, className, text) => {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+};
+
+function newId() {
+  // crypto.randomUUID needs a secure context; getRandomValues works on plain http too.
+  const bytes = crypto.getRandomValues(new Uint8Array(16));
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('');
+}
+
+function conversation(key) {
+  let conv = state.convs.get(key);
+  if (!conv) {
+    const [kind, id] = key.split(':');
+    conv = {
+      key, kind: kind === 'g' ? 'group' : 'p2p', id: Number(id),
+      messages: [], byId: new Map(), byClient: new Map(),
+      unread: 0, loaded: false, loading: false, more: false, last: null,
+    };
+    state.convs.set(key, conv);
+  }
+  return conv;
+}
+
+function convTitle(conv) {
+  if (conv.kind === 'group') return state.groups.get(conv.id)?.name ?? `Group ${conv.id}`;
+  return state.users.get(conv.id)?.name ?? conv.fallbackName ?? `User ${conv.id}`;
+}
+
+function rememberUser(id, name, online) {
+  if (id === state.me?.id) return;
+  const user = state.users.get(id) ?? { id, name, online: false };
+  if (name) user.name = name;
+  if (online !== undefined) user.online = online;
+  state.users.set(id, user);
+}
+
+function order(a, b) {
+  // Stored messages by id (the server's order); ones still being sent go last.
+  if (a.msg_id == null || b.msg_id == null) {
+    if (a.msg_id == null && b.msg_id == null) return a.ts - b.ts;
+    return a.msg_id == null ? 1 : -1;
+  }
+  const x = idNum(a.msg_id);
+  const y = idNum(b.msg_id);
+  return x < y ? -1 : x > y ? 1 : 0;
+}
+
+// Adds or updates a message; true when it is new to this conversation.
+function addMessage(conv, msg) {
+  if (msg.msg_id != null) {
+    const known = conv.byId.get(idKey(msg.msg_id));
+    if (known) return false;
+  }
+  if (msg.client_msg_id && conv.byClient.has(msg.client_msg_id)) {
+    const mine = conv.byClient.get(msg.client_msg_id);
+    if (mine.msg_id == null && msg.msg_id != null) {
+      Object.assign(mine, { msg_id: msg.msg_id, ts: msg.ts, status: 'sent' });
+      conv.byId.set(idKey(msg.msg_id), mine);
+      conv.messages.sort(order);
+    }
+    return false;
+  }
+  conv.messages.push(msg);
+  if (msg.msg_id != null) conv.byId.set(idKey(msg.msg_id), msg);
+  if (msg.client_msg_id && msg.sender_id === state.me?.id) conv.byClient.set(msg.client_msg_id, msg);
+  conv.messages.sort(order);
+  if (!conv.last || msg.ts >= conv.last.ts) conv.last = msg;
+  return true;
+}
+
+// -- connecting, logging in, reconnecting --------------------------------------------------------
+
+function wsUrl() {
+  return `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/ws`;
+}
+
+async function connect(credentials) {
+  const link = new Link(wsUrl(), { onPush, onClose: onLinkClosed });
+  state.link = link;
+  try {
+    await link.open();
+    const ok = await link.request(T.LOGIN, credentials);
+    state.me = { id: ok.user_id, name: ok.name };
+    state.token = ok.token;
+    sessionStorage.setItem('bitchat.session', JSON.stringify({ token: ok.token, me: state.me }));
+    document.body.dataset.pending = String(ok.pending);
+    document.body.dataset.userId = String(ok.user_id);
+    if (ok.pending > 0) {
+      toast(ok.pending === 1 ? '1 message arrived while you were away'
+        : `${ok.pending} messages arrived while you were away`);
+    }
+    link.live = true;
+    await afterLogin(link);
+    return ok;
+  } catch (err) {
+    link.live = false;
+    link.close();
+    throw err;
+  }
+}
+
+async function afterLogin(link) {
+  const [online, groups] = await Promise.all([
+    link.request(T.LIST_ONLINE, { watch: true }),
+    link.request(T.MY_GROUPS, {}),
+  ]);
+  for (const user of state.users.values()) user.online = false;
+  for (const u of online.users) rememberUser(u.id, u.name, true);
+  state.groups.clear();
+  for (const g of groups.groups) {
+    state.groups.set(g.id, g);
+    conversation(`g:${g.id}`);
+  }
+  setConnected(true);
+  state.retries = 0;
+  // Sends cut off by a drop go again with the same client id: the server stores them once.
+  for (const cid of state.outbox.keys()) deliver(cid);
+  const active = state.active && state.convs.get(state.active);
+  if (active) loadHistory(active, false);
+  render();
+}
+
+function onLinkClosed(link) {
+  if (link !== state.link || !link.live) return;
+  link.live = false;
+  if (state.me) {
+    setConnected(false);
+    scheduleReconnect();
+  }
+}
+
+function scheduleReconnect() {
+  clearTimeout(state.retryTimer);
+  const ceiling = Math.min(10000, 500 * 2 ** state.retries);
+  state.retries += 1;
+  const delay = ceiling / 2 + Math.random() * (ceiling / 2);
+  setBanner(`Connection lost. Reconnecting in ${Math.ceil(delay / 1000)} s…`);
+  state.retryTimer = setTimeout(reconnect, delay);
+}
+
+async function reconnect() {
+  clearTimeout(state.retryTimer);
+  state.retryTimer = null;
+  if (!state.token || (state.link && state.link.live)) return;
+  setBanner('Reconnecting…');
+  try {
+    await connect({ token: state.token });
+  } catch (err) {
+    if (err.code === 'login_failed') {
+      signedOut('Your session has expired. Please sign in again.');
+    } else if (state.me) {
+      scheduleReconnect();
+    }
+  }
+}
+
+window.addEventListener('online', () => { if (state.me && !state.link?.live) reconnect(); });
+
+function setConnected(on) {
+  document.body.dataset.state = on ? 'online' : 'reconnecting';
+  $('status-text').textContent = on ? 'Online' : 'Reconnecting…';
+  if (on) setBanner(null);
+}
+
+function setBanner(text) {
+  const banner = $('banner');
+  banner.hidden = !text;
+  banner.textContent = text ?? '';
+}
+
+function signedOut(message) {
+  clearTimeout(state.retryTimer);
+  sessionStorage.removeItem('bitchat.session');
+  const link = state.link;
+  state.link = null;
+  if (link) { link.live = false; link.close(); }
+  Object.assign(state, { me: null, token: null, active: null, retries: 0, toAck: [] });
+  state.users.clear();
+  state.groups.clear();
+  state.convs.clear();
+  state.outbox.clear();
+  document.body.dataset.state = 'login';
+  $('app').hidden = true;
+  $('login-screen').hidden = false;
+  showLoginError(message);
+  $('login-password').value = '';
+  $('login-name').focus();
+}
+
+// -- pushes -------------------------------------------------------------------------------------
+
+function onPush(type, body) {
+  if (type === T.CHAT) onChat(body);
+  else if (type === T.PRESENCE) {
+    rememberUser(body.user_id, body.name, body.online);
+    render();
+  }
+}
+
+function onChat(m) {
+  const mine = m.sender_id === state.me?.id;
+  let key;
+  if (m.kind === 'group') {
+    key = `g:${m.to}`;
+  } else {
+    const peer = mine ? m.to : m.sender_id;
+    key = `u:${peer}`;
+    if (!mine) rememberUser(m.sender_id, m.sender_name);
+  }
+  const conv = conversation(key);
+  if (!mine && m.kind === 'p2p') conv.fallbackName = m.sender_name;
+  const fresh = addMessage(conv, { ...m, status: 'sent' });
+  if (!mine) queueAck(m.msg_id);
+  if (fresh && !mine && (state.active !== key || document.hidden)) conv.unread += 1;
+  if (m.kind === 'group' && !state.groups.has(m.to)) refreshGroups();
+  render();
+}
+
+function queueAck(msgId) {
+  state.toAck.push(msgId);
+  if (state.toAck.length === 1) queueMicrotask(flushAcks);
+}
+
+async function flushAcks() {
+  const ids = state.toAck;
+  state.toAck = [];
+  if (!ids.length || !state.link?.live) return; // unacked messages come again at the next login
+  try {
+    await state.link.request(T.ACK, { msg_ids: ids });
+    state.acked += ids.length;
+    document.body.dataset.acked = String(state.acked);
+  } catch (err) {
+    console.warn('bitchat: ack failed, the messages will come again:', err);
+  }
+}
+
+async function refreshGroups() {
+  try {
+    const list = await state.link.request(T.MY_GROUPS, {});
+    for (const g of list.groups) state.groups.set(g.id, g);
+    render();
+  } catch { /* the next login lists them */ }
+}
+
+// -- actions ------------------------------------------------------------------------------------
+
+async function sendText(conv, text) {
+  const cid = newId();
+  const msg = {
+    msg_id: null, client_msg_id: cid, kind: conv.kind, sender_id: state.me.id,
+    sender_name: state.me.name, to: conv.id, text, ts: Date.now(), status: 'pending',
+  };
+  addMessage(conv, msg);
+  const body = conv.kind === 'group'
+    ? { group_id: conv.id, text, client_msg_id: cid }
+    : { to: conv.id, text, client_msg_id: cid };
+  state.outbox.set(cid, { key: conv.key, type: conv.kind === 'group' ? T.SEND_GROUP : T.SEND_P2P, body });
+  render({ toBottom: true });
+  await deliver(cid);
+}
+
+async function deliver(cid) {
+  const item = state.outbox.get(cid);
+  if (!item || !state.link?.live) return;
+  const conv = conversation(item.key);
+  const msg = conv.byClient.get(cid);
+  try {
+    const ack = await state.link.request(item.type, item.body);
+    state.outbox.delete(cid);
+    if (msg && msg.msg_id == null) {
+      Object.assign(msg, { msg_id: ack.msg_id, ts: ack.ts, status: 'sent' });
+      conv.byId.set(idKey(ack.msg_id), msg);
+      conv.messages.sort(order);
+    }
+  } catch (err) {
+    if (err.code === 'closed' || err.code === 'timeout') return; // sent again after reconnecting
+    state.outbox.delete(cid);
+    if (msg) Object.assign(msg, { status: 'failed', error: err.message || err.code });
+  }
+  render();
+}
+
+async function loadHistory(conv, older) {
+  if (conv.loading || !state.link?.live) return;
+  conv.loading = true;
+  const first = conv.messages.find((m) => m.msg_id != null);
+  const before = older && first ? idNum(first.msg_id) : 0;
+  const query = conv.kind === 'group'
+    ? { group_id: conv.id, before, limit: HISTORY_PAGE }
+    : { peer_id: conv.id, before, limit: HISTORY_PAGE };
+  try {
+    const page = await state.link.request(T.HISTORY, query);
+    const list = $('messages');
+    const fromBottom = list.scrollHeight - list.scrollTop;
+    for (const m of page.messages) {
+      if (conv.kind === 'p2p' && m.sender_id !== state.me.id) conv.fallbackName = m.sender_name;
+      addMessage(conv, { ...m, status: 'sent' });
+    }
+    if (older || !conv.loaded) conv.more = page.more;
+    conv.loaded = true;
+    render(older ? { keepFromBottom: fromBottom } : { toBottom: true });
+  } catch (err) {
+    if (err.code !== 'closed') toast(`Could not load the history: ${err.message}`);
+  } finally {
+    conv.loading = false;
+  }
+}
+
+function openConversation(key) {
+  const conv = conversation(key);
+  state.active = key;
+  conv.unread = 0;
+  $('app').classList.add('in-chat');
+  render({ toBottom: true });
+  if (!conv.loaded) loadHistory(conv, false);
+  $('composer-input').focus();
+}
+
+// -- rendering ----------------------------------------------------------------------------------
+
+let renderQueued = null;
+
+// Coalesces renders: many pushes in one tick draw once.
+function render(options = {}) {
+  if (renderQueued) {
+    Object.assign(renderQueued, options);
+    return;
+  }
+  renderQueued = { ...options };
+  queueMicrotask(() => {
+    const opts = renderQueued;
+    renderQueued = null;
+    if (!state.me) return;
+    renderSidebar();
+    renderConversation(opts);
+    const unread = [...state.convs.values()].reduce((n, c) => n + c.unread, 0);
+    document.title = unread ? `(${unread}) bitchat` : 'bitchat';
+  });
+}
+
+function hue(id) {
+  return (Number(id) * 137) % 360;
+}
+
+function avatar(name, id, { group = false, online } = {}) {
+  const node = el('div', group ? 'avatar group' : 'avatar', (name || '?').slice(0, 1).toUpperCase());
+  node.style.setProperty('--hue', hue(id));
+  node.setAttribute('aria-hidden', 'true');
+  if (online !== undefined) node.append(el('span', online ? 'dot online' : 'dot'));
+  return node;
+}
+
+const timeFormat = new Intl.DateTimeFormat(undefined, { hour: '2-digit', minute: '2-digit' });
+const dayFormat = new Intl.DateTimeFormat(undefined, { weekday: 'long', month: 'long', day: 'numeric' });
+const shortDay = new Intl.DateTimeFormat(undefined, { month: 'short', day: 'numeric' });
+
+function dayLabel(ts) {
+  const d = new Date(ts);
+  const today = new Date();
+  const yesterday = new Date(Date.now() - 86400000);
+  if (d.toDateString() === today.toDateString()) return 'Today';
+  if (d.toDateString() === yesterday.toDateString()) return 'Yesterday';
+  return dayFormat.format(d);
+}
+
+function shortTime(ts) {
+  const d = new Date(ts);
+  return d.toDateString() === new Date().toDateString() ? timeFormat.format(d) : shortDay.format(d);
+}
+
+function convRow(conv, { online } = {}) {
+  const title = convTitle(conv);
+  const li = el('li');
+  const button = el('button', 'conv');
+  button.type = 'button';
+  button.dataset.key = conv.key;
+  button.dataset.testid = 'conversation';
+  if (conv.key === state.active) button.classList.add('active');
+  if (conv.unread) button.classList.add('unread');
+  button.append(avatar(title, conv.id, { group: conv.kind === 'group', online }));
+  const text = el('div', 'conv-text');
+  const top = el('div', 'conv-top');
+  top.append(el('span', 'conv-name', title));
+  if (conv.last) top.append(el('span', 'conv-time', shortTime(conv.last.ts)));
+  const bottom = el('div', 'conv-bottom');
+  let preview;
+  if (conv.last) {
+    const who = conv.last.sender_id === state.me.id ? 'You: '
+      : conv.kind === 'group' ? `${conv.last.sender_name}: ` : '';
+    preview = who + conv.last.text;
+  } else if (conv.kind === 'group') {
+    const g = state.groups.get(conv.id);
+    preview = g ? `Group ${g.id} · ${g.members} member${g.members === 1 ? '' : 's'}` : `Group ${conv.id}`;
+  } else {
+    preview = online ? 'Online' : 'Offline';
+  }
+  bottom.append(el('span', 'conv-preview', preview));
+  if (conv.unread) {
+    const badge = el('span', 'badge', String(conv.unread));
+    badge.dataset.testid = 'unread';
+    bottom.append(badge);
+  }
+  text.append(top, bottom);
+  button.append(text);
+  button.addEventListener('click', () => openConversation(conv.key));
+  li.append(button);
+  return li;
+}
+
+const recency = (c) => (c.last ? c.last.ts : 0);
+
+function renderSidebar() {
+  const me = state.me;
+  $('me-name').textContent = `${me.name}`;
+  $('me-name').title = `You are user ${me.id}`;
+  $('me-avatar').replaceWith(Object.assign(avatar(me.name, me.id), { id: 'me-avatar' }));
+
+  // People: everyone online, and everyone I have a conversation with.
+  const people = new Map();
+  for (const u of state.users.values()) if (u.online) people.set(`u:${u.id}`, conversation(`u:${u.id}`));
+  for (const c of state.convs.values()) if (c.kind === 'p2p' && c.id !== me.id) people.set(c.key, c);
+  const rows = [...people.values()].sort((a, b) =>
+    recency(b) - recency(a) ||
+    Number(!!state.users.get(b.id)?.online) - Number(!!state.users.get(a.id)?.online) ||
+    convTitle(a).localeCompare(convTitle(b)));
+  $('people').replaceChildren(...rows.map((c) => convRow(c, { online: !!state.users.get(c.id)?.online })));
+  $('people-empty').hidden = rows.length > 0;
+
+  const groups = [...state.convs.values()].filter((c) => c.kind === 'group')
+    .sort((a, b) => recency(b) - recency(a) || convTitle(a).localeCompare(convTitle(b)));
+  $('groups').replaceChildren(...groups.map((c) => convRow(c)));
+  $('groups-empty').hidden = groups.length > 0;
+}
+
+function renderConversation(opts) {
+  const conv = state.active && state.convs.get(state.active);
+  $('empty').hidden = !!conv;
+  $('conversation').hidden = !conv;
+  if (!conv) return;
+  const title = convTitle(conv);
+  $('chat-name').textContent = title;
+  const isGroup = conv.kind === 'group';
+  $('chat-avatar').replaceWith(Object.assign(
+    avatar(title, conv.id, { group: isGroup, online: isGroup ? undefined : !!state.users.get(conv.id)?.online }),
+    { id: 'chat-avatar' }));
+  if (isGroup) {
+    const g = state.groups.get(conv.id);
+    $('chat-sub').textContent = g
+      ? `Group ${g.id} · ${g.members} member${g.members === 1 ? '' : 's'} · others join with number ${g.id}`
+      : `Group ${conv.id}`;
+  } else {
+    $('chat-sub').textContent = state.users.get(conv.id)?.online ? 'Online' : 'Offline';
+  }
+  $('members').hidden = !isGroup;
+  $('leave').hidden = !isGroup;
+  $('load-older').hidden = !conv.more;
+
+  const box = $('messages');
+  const nearBottom = box.scrollHeight - box.scrollTop - box.clientHeight < 80;
+  const nodes = [];
+  let prev = null;
+  for (const m of conv.messages) {
+    const day = new Date(m.ts).toDateString();
+    if (!prev || new Date(prev.ts).toDateString() !== day) {
+      nodes.push(el('div', 'day', dayLabel(m.ts)));
+      prev = null;
+    }
+    const mine = m.sender_id === state.me.id;
+    const first = !prev || prev.sender_id !== m.sender_id || m.ts - prev.ts > GROUPING_MS;
+    const row = el('div', `msg ${mine ? 'mine' : 'theirs'}${first ? ' first' : ''} ${m.status}`);
+    row.dataset.testid = 'message';
+    if (m.msg_id != null) row.dataset.msgId = idKey(m.msg_id);
+    if (!mine) {
+      const a = avatar(m.sender_name, m.sender_id);
+      if (!first) a.classList.add('spacer');
+      row.append(a);
+    }
+    const bubble = el('div', 'bubble');
+    if (!mine && isGroup && first) {
+      const sender = el('div', 'sender', m.sender_name);
+      sender.style.setProperty('--hue', hue(m.sender_id));
+      bubble.append(sender);
+    }
+    bubble.append(el('div', 'text', m.text));
+    const meta = el('div', 'meta');
+    meta.append(el('time', '', timeFormat.format(new Date(m.ts))));
+    if (mine) {
+      const mark = m.status === 'pending' ? '🕓' : m.status === 'failed' ? 'Not sent: tap to retry' : '✓';
+      meta.append(el('span', 'status', mark));
+    }
+    if (m.status === 'failed') {
+      bubble.title = m.error || 'not sent';
+      bubble.addEventListener('click', () => retry(conv, m));
+    }
+    bubble.append(meta);
+    row.append(bubble);
+    nodes.push(row);
+    prev = m;
+  }
+  $('message-list').replaceChildren(...nodes);
+  if (opts.keepFromBottom) box.scrollTop = box.scrollHeight - opts.keepFromBottom;
+  else if (opts.toBottom || nearBottom) box.scrollTop = box.scrollHeight;
+}
+
+function retry(conv, msg) {
+  conv.messages.splice(conv.messages.indexOf(msg), 1);
+  conv.byClient.delete(msg.client_msg_id);
+  sendText(conv, msg.text);
+}
+
+// -- small UI pieces ----------------------------------------------------------------------------
+
+let toastTimer = null;
+function toast(text) {
+  const box = $('toast');
+  box.textContent = text;
+  box.hidden = false;
+  clearTimeout(toastTimer);
+  toastTimer = setTimeout(() => { box.hidden = true; }, 4000);
+}
+
+function showLoginError(message) {
+  const p = $('login-error');
+  p.hidden = !message;
+  p.textContent = message ?? '';
+}
+
+// A small modal: asks for one value (or just shows `content`); resolves to the value or null.
+function ask({ title, label, placeholder = '', ok = 'OK', type = 'text', content = null, submit }) {
+  const dialog = $('dialog');
+  $('dialog-title').textContent = title;
+  $('dialog-body').replaceChildren(...(content ? [content] : []));
+  $('dialog-field').hidden = !label;
+  $('dialog-label').textContent = label ?? '';
+  const input = $('dialog-input');
+  input.type = type;
+  input.value = '';
+  input.placeholder = placeholder;
+  $('dialog-ok').textContent = ok;
+  $('dialog-cancel').hidden = !label;
+  const error = $('dialog-error');
+  error.hidden = true;
+  return new Promise((resolve) => {
+    const form = $('dialog-form');
+    const finish = (value) => {
+      form.onsubmit = null;
+      $('dialog-cancel').onclick = null;
+      dialog.onclose = null;
+      if (dialog.open) dialog.close();
+      resolve(value);
+    };
+    form.onsubmit = async (event) => {
+      event.preventDefault();
+      if (!label) { finish(true); return; }
+      const value = input.value.trim();
+      if (!value) return;
+      if (!submit) { finish(value); return; }
+      try {
+        finish(await submit(value));
+      } catch (err) {
+        error.textContent = err.message || String(err);
+        error.hidden = false;
+      }
+    };
+    $('dialog-cancel').onclick = () => finish(null);
+    dialog.onclose = () => finish(null);
+    dialog.showModal();
+    if (label) input.focus();
+  });
+}
+
+function groupArrived(g) {
+  state.groups.set(g.group_id, { id: g.group_id, name: g.name, owner_id: g.owner_id, members: g.members });
+  openConversation(`g:${g.group_id}`);
+}
+
+// -- wiring -------------------------------------------------------------------------------------
+
+function wire() {
+  $('login-form').addEventListener('submit', async (event) => {
+    event.preventDefault();
+    const name = $('login-name').value.trim();
+    const password = $('login-password').value;
+    if (!name || !password) {
+      showLoginError('Enter a name and a password.');
+      return;
+    }
+    const button = $('login-button');
+    button.disabled = true;
+    button.textContent = 'Signing in…';
+    showLoginError(null);
+    try {
+      await connect({ name, password });
+      showApp();
+    } catch (err) {
+      state.me = null;
+      showLoginError(err.code === 'login_failed' ? 'Wrong name or password.'
+        : err.code === 'closed' ? 'Cannot reach the server. Is it running?'
+          : err.message);
+    } finally {
+      button.disabled = false;
+      button.textContent = 'Sign in';
+    }
+  });
+
+  $('logout').addEventListener('click', async () => {
+    try { await state.link?.request(T.LOGOUT, {}, 3000); } catch { /* signing out anyway */ }
+    signedOut(null);
+  });
+
+  $('composer').addEventListener('submit', (event) => {
+    event.preventDefault();
+    const input = $('composer-input');
+    const text = input.value.trim();
+    const conv = state.active && state.convs.get(state.active);
+    if (!text || !conv) return;
+    input.value = '';
+    fitComposer();
+    sendText(conv, text);
+  });
+  $('composer-input').addEventListener('keydown', (event) => {
+    if (event.key === 'Enter' && !event.shiftKey && !event.isComposing) {
+      event.preventDefault();
+      $('composer').requestSubmit();
+    }
+  });
+  $('composer-input').addEventListener('input', fitComposer);
+
+  $('messages').addEventListener('scroll', () => {
+    const conv = state.active && state.convs.get(state.active);
+    if (conv && conv.more && $('messages').scrollTop < 40) loadHistory(conv, true);
+  });
+  $('load-older').addEventListener('click', () => {
+    const conv = state.active && state.convs.get(state.active);
+    if (conv) loadHistory(conv, true);
+  });
+  $('back').addEventListener('click', () => {
+    state.active = null;
+    $('app').classList.remove('in-chat');
+    render();
+  });
+
+  $('new-chat').addEventListener('click', async () => {
+    const id = await ask({ title: 'New message', label: 'User number', type: 'number', placeholder: 'e.g. 2', ok: 'Open' });
+    const n = Number(id);
+    if (Number.isInteger(n) && n > 0 && n !== state.me.id) openConversation(`u:${n}`);
+  });
+  $('new-group').addEventListener('click', () => ask({
+    title: 'New group', label: 'Group name', placeholder: 'e.g. weekend plans', ok: 'Create',
+    submit: async (name) => groupArrived(await state.link.request(T.CREATE_GROUP, { name })),
+  }));
+  $('join-group').addEventListener('click', () => ask({
+    title: 'Join a group', label: 'Group number', type: 'number', placeholder: 'the number its members see', ok: 'Join',
+    submit: async (value) => groupArrived(await state.link.request(T.JOIN_GROUP, { group_id: Number(value) })),
+  }));
+  $('members').addEventListener('click', async () => {
+    const conv = state.convs.get(state.active);
+    try {
+      const list = await state.link.request(T.GROUP_MEMBERS, { group_id: conv.id });
+      const ul = el('ul', 'member-list');
+      for (const m of list.members) {
+        const li = el('li');
+        li.append(avatar(m.name, m.id, { online: m.online }),
+          el('span', '', m.id === state.me.id ? `${m.name} (you)` : m.name));
+        ul.append(li);
+      }
+      await ask({ title: `${convTitle(conv)} · ${list.members.length} members`, content: ul, ok: 'Close' });
+    } catch (err) {
+      toast(err.message);
+    }
+  });
+  $('leave').addEventListener('click', async () => {
+    const conv = state.convs.get(state.active);
+    try {
+      await state.link.request(T.LEAVE_GROUP, { group_id: conv.id });
+      state.groups.delete(conv.id);
+      state.convs.delete(conv.key);
+      state.active = null;
+      $('app').classList.remove('in-chat');
+      render();
+    } catch (err) {
+      toast(err.message);
+    }
+  });
+  document.addEventListener('visibilitychange', () => {
+    const conv = state.active && state.convs.get(state.active);
+    if (!document.hidden && conv && conv.unread) { conv.unread = 0; render(); }
+  });
+}
+
+function fitComposer() {
+  const input = $('composer-input');
+  input.style.height = 'auto';
+  input.style.height = `${Math.min(input.scrollHeight, 160)}px`;
+}
+
+function showApp() {
+  $('login-screen').hidden = true;
+  $('app').hidden = false;
+  render();
+}
+
+function start() {
+  wire();
+  const saved = sessionStorage.getItem('bitchat.session');
+  if (saved) {
+    // A reload: log in again with the token of this tab's session.
+    const { token, me } = JSON.parse(saved);
+    state.token = token;
+    state.me = me;
+    document.body.dataset.state = 'reconnecting';
+    showApp();
+    reconnect();
+  } else {
+    document.body.dataset.state = 'login';
+    $('login-screen').hidden = false;
+    $('login-name').focus();
+  }
+}
+
+start();
