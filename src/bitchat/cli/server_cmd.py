@@ -8,6 +8,7 @@ import logging
 import signal
 from typing import Any
 
+from bitchat.errors import BitchatError
 from bitchat.server import Server, install_uvloop
 from bitchat.settings import Settings
 
@@ -49,6 +50,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--node-id", type=int, default=None, help="this node's id, 0-1023 (cluster)")
     p.add_argument("--advertise", default=None,
                    help="HOST:PORT clients should use to reach this node (cluster)")
+    p.add_argument("--redis-prefix", default=Settings.redis_prefix,
+                   help="prefix of the cluster's Redis keys (cluster; default bitchat:)")
+    p.add_argument("--node-ttl", type=float, default=Settings.node_ttl,
+                   help="seconds a dead node stays registered (cluster; default 5)")
     p.set_defaults(func=run)
 
 
@@ -67,6 +72,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         worker_threads=args.workers,
         admin_token=args.admin_token,
         node_id=args.node_id or 0,
+        redis_prefix=args.redis_prefix,
+        node_ttl=args.node_ttl,
     )
 
 
@@ -103,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         server = build_server(args)
         asyncio.run(serve(server))
-    except OSError as exc:
+    except (OSError, BitchatError) as exc:
         log.error("cannot start the server: %s", exc)
         return 1
     return 0

@@ -1,0 +1,519 @@
+"""The cluster connection center: who is online where (Redis), and cross-node delivery.
+
+Each node keeps its own sessions in memory and mirrors them into Redis as
+``P online:{node}`` (user id -> connection count), a hash that expires with
+the node's registration. So "user -> the nodes where the user is online" is
+one read across the live nodes' hashes (:meth:`RedisConnectionCenter.locate`,
+one Lua script), and a dead node's users drop out when its keys expire, with
+no clean-up by anyone.
+
+Delivery: :meth:`deliver` pushes to this node's sessions at once, then queues
+the message for forwarding; one forwarder task takes the queue in order,
+finds which other nodes hold the recipients, and publishes each message once
+per node on that node's ``P inbox:{node}`` channel. The receiving node pushes
+it to its own sessions of those users.
+
+Why pub/sub and not streams: the store (PostgreSQL) is the source of truth and
+the forward only saves the recipient a wait, so it need not be durable. A
+message lost in transit is still pending in the store and comes at the
+recipient's next sync; and every node re-syncs its sessions from the store
+whenever its subscription comes back after an outage, which covers what a
+stream's replay would. Pub/sub keeps nothing in Redis, needs no trimming or
+consumer groups, and a dead node leaves no backlog behind.
+
+While Redis is down the node refuses logins and online lists with ``unavailable``
+(it cannot tell the cluster where the user is), keeps serving its connected
+users, and forwards what was queued once Redis is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+from redis.asyncio.client import PubSub
+
+from bitchat.cluster.health import Backoff, Health
+from bitchat.cluster.registry import (
+    REDIS_ERRORS,
+    Keys,
+    NodeRegistry,
+    connect_redis,
+    safe_url,
+)
+from bitchat.errors import ServiceUnavailable
+from bitchat.im.centers import ConnectionCenter, Message
+from bitchat.im.delivery import push_message
+from bitchat.settings import Settings
+
+if TYPE_CHECKING:
+    from bitchat.connection import Session
+
+log = logging.getLogger("bitchat.cluster.connections")
+
+# KEYS: none (node keys are derived). ARGV: prefix, this node's id, user ids...
+# Returns {node id, {user ids online there}, ...} for live nodes other than this one.
+_LOCATE = """
+local prefix = ARGV[1]
+local out = {}
+for _, n in ipairs(redis.call('SMEMBERS', prefix .. 'nodes')) do
+  if n ~= ARGV[2] and redis.call('EXISTS', prefix .. 'node:' .. n) == 1 then
+    local counts = redis.call('HMGET', prefix .. 'online:' .. n, unpack(ARGV, 3))
+    local here = {}
+    for i, c in ipairs(counts) do
+      if c then here[#here + 1] = ARGV[i + 2] end
+    end
+    if #here > 0 then
+      out[#out + 1] = n
+      out[#out + 1] = here
+    end
+  end
+end
+return out
+"""
+
+# ARGV: prefix. The user ids online on any live node.
+_ONLINE = """
+local prefix = ARGV[1]
+local out = {}
+for _, n in ipairs(redis.call('SMEMBERS', prefix .. 'nodes')) do
+  if redis.call('EXISTS', prefix .. 'node:' .. n) == 1 then
+    for _, u in ipairs(redis.call('HKEYS', prefix .. 'online:' .. n)) do
+      out[#out + 1] = u
+    end
+  end
+end
+return out
+"""
+
+_LOCATE_CHUNK = 1000  # users per script call: Lua's unpack() has a stack limit
+FORWARD_BATCH = 512
+FORWARD_QUEUE_MAX = 100_000
+"""Messages waiting to be forwarded while Redis is down; beyond, new ones are not
+queued (they are pending in the store, so they come at the recipient's next sync)."""
+
+ResyncHook = Callable[["Session"], None]
+PresenceHook = Callable[[int, str, bool], None]
+
+
+def _message_row(m: Message) -> list[Any]:
+    return [m.id, m.kind, m.sender_id, m.sender_name, m.to, m.text, m.ts, m.client_msg_id]
+
+
+class RedisConnectionCenter(ConnectionCenter):
+    """Sessions in memory, online users in Redis, forwarding over Redis pub/sub."""
+
+    def __init__(self, redis_url: str, settings: Settings, node_id: int) -> None:
+        self.redis_url = redis_url
+        self.settings = settings
+        self.node_id = node_id
+        self.keys = Keys(settings.redis_prefix)
+        self.health = Health("Redis", log)
+        self.redis = connect_redis(redis_url, settings)
+        self.registry = NodeRegistry(self.redis, settings, node_id)
+        self.load: Callable[[], int] = lambda: 0
+        """Connections on this node (the server sets it); published as its load."""
+        self.on_resync: ResyncHook | None = None
+        """Called for each local session whose pushes may have been lost in transit."""
+        self.on_presence: PresenceHook | None = None
+        """Called for presence changes published by other nodes."""
+        self.on_evicted: Callable[[], None] | None = None
+        """Called if another instance took this node id over (this node must stop)."""
+        self.forwarded = 0
+        self.received = 0
+        self._locate = self.redis.register_script(_LOCATE)
+        self._online = self.redis.register_script(_ONLINE)
+        self._by_user: dict[int, list[Session]] = {}
+        # Mirror of _by_user in Redis, written by one task (so writes keep their order).
+        self._dirty: set[int] = set()
+        self._rewrite_all = False
+        self._write_waiters: list[asyncio.Future[None]] = []
+        self._write_wake = asyncio.Event()
+        self._forward: collections.deque[tuple[Message, tuple[int, ...]]] = collections.deque()
+        self._forward_wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._publishing: set[asyncio.Task[None]] = set()
+        self._forward_idle = asyncio.Event()
+        self._forward_idle.set()
+        self._subscribed = asyncio.Event()
+        self._closing = False
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Claim the node id (refusing a duplicate), then start the background tasks."""
+        await self.registry.claim()
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._heartbeat_loop(), name="bitchat-heartbeat"),
+            loop.create_task(self._write_loop(), name="bitchat-online-writer"),
+            loop.create_task(self._forward_loop(), name="bitchat-forwarder"),
+            loop.create_task(self._subscribe_loop(), name="bitchat-subscriber"),
+        ]
+        try:
+            await asyncio.wait_for(self._subscribed.wait(), self.settings.backend_timeout)
+        except TimeoutError:
+            log.warning("not yet subscribed to this node's inbox; continuing")
+        log.info(
+            "node %d uses Redis at %s (key prefix %r)",
+            self.node_id,
+            safe_url(self.redis_url),
+            self.keys.prefix,
+        )
+
+    async def announce(self, host: str, port: int) -> None:
+        """The server listens: publish the address and let the router send clients."""
+        self.registry.host = host
+        self.registry.port = port
+        self.registry.ready = True
+        await self._beat_once()
+        log.info("node %d announced at %s:%d", self.node_id, host, port)
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._forward and self.health.up:
+            # Give queued forwards a moment to leave (they are in the store anyway).
+            self._forward_wake.set()
+            try:
+                await asyncio.wait_for(self._forward_idle.wait(), 1.0)
+            except TimeoutError:
+                log.warning("%d forwards left to the recipients' next sync", len(self._forward))
+        tasks = [*self._tasks, *self._publishing]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks = []
+        try:
+            if await asyncio.wait_for(self.registry.release(), self.settings.backend_timeout):
+                log.info("node %d left the registry", self.node_id)
+        except REDIS_ERRORS as exc:
+            log.warning(
+                "could not leave the registry (%s); it expires in %.1fs",
+                exc,
+                self.settings.node_ttl,
+            )
+        with contextlib.suppress(*REDIS_ERRORS):
+            await self.redis.aclose()
+
+    # -- the ConnectionCenter interface ------------------------------------------------------
+
+    async def attach(self, user_id: int, session: Session) -> None:
+        sessions = self._by_user.setdefault(user_id, [])
+        if session in sessions:
+            return
+        sessions.append(session)
+        try:
+            await self._flush(user_id)
+        except ServiceUnavailable:
+            # Not online cluster-wide: undo, so the login fails cleanly.
+            self._remove(user_id, session)
+            raise
+
+    async def detach(self, session: Session) -> None:
+        user_id = session.user_id
+        if user_id is None or not self._remove(user_id, session):
+            return
+        with contextlib.suppress(ServiceUnavailable):  # rewritten in full once Redis is back
+            await self._flush(user_id)
+
+    def _remove(self, user_id: int, session: Session) -> bool:
+        sessions = self._by_user.get(user_id)
+        if not sessions or session not in sessions:
+            return False
+        sessions.remove(session)
+        if not sessions:
+            del self._by_user[user_id]
+        return True
+
+    def local_sessions(self, user_id: int) -> Sequence[Session]:
+        return self._by_user.get(user_id, ())
+
+    def local_users(self) -> list[int]:
+        return sorted(self._by_user)
+
+    async def online_users(self) -> list[int]:
+        try:
+            raw = await self._online(args=[self.keys.prefix])
+        except REDIS_ERRORS as exc:
+            self._failed(exc, "listing online users")
+            raise ServiceUnavailable("the online list is unavailable (Redis is down)") from exc
+        self._ok()
+        return sorted({int(u) for u in raw} | set(self._by_user))
+
+    async def is_online(self, user_id: int) -> bool:
+        if user_id in self._by_user:
+            return True
+        return bool(await self.locate([user_id]))
+
+    async def locate(self, user_ids: Iterable[int]) -> dict[int, set[int]]:
+        """The other live nodes holding any of ``user_ids``: node id -> those users."""
+        users = list(dict.fromkeys(user_ids))
+        found: dict[int, set[int]] = {}
+        for start in range(0, len(users), _LOCATE_CHUNK):
+            chunk = users[start : start + _LOCATE_CHUNK]
+            try:
+                raw = await self._locate(args=[self.keys.prefix, self.node_id, *chunk])
+            except REDIS_ERRORS as exc:
+                self._failed(exc, "locating users")
+                raise ServiceUnavailable("cannot locate users (Redis is down)") from exc
+            for i in range(0, len(raw), 2):
+                found.setdefault(int(raw[i]), set()).update(int(u) for u in raw[i + 1])
+        self._ok()
+        return found
+
+    def deliver(self, message: Message, user_ids: Iterable[int], exclude_session: int = 0) -> None:
+        targets = tuple(user_ids)
+        push_message(
+            message,
+            (s for u in targets for s in self._by_user.get(u, ()) if s.id != exclude_session),
+        )
+        if self._closing:
+            return
+        if len(self._forward) >= FORWARD_QUEUE_MAX:
+            log.warning(
+                "forward queue full: message %d left to the recipients' next sync", message.id
+            )
+            return
+        self._forward.append((message, targets))
+        self._forward_idle.clear()
+        self._forward_wake.set()
+
+    # -- presence across nodes --------------------------------------------------------------
+
+    def publish_presence(self, user_id: int, name: str, online: bool) -> None:
+        """Tell the other nodes' watchers (best effort: a lost one is only a late list)."""
+        if self._closing:
+            return
+        payload = msgpack.packb([self.node_id, user_id, name, online])
+
+        async def publish() -> None:
+            try:
+                await self.redis.publish(self.keys.presence, payload)
+            except REDIS_ERRORS as exc:
+                self._failed(exc, "publishing presence")
+
+        task = asyncio.get_running_loop().create_task(publish())
+        self._publishing.add(task)
+        task.add_done_callback(self._publishing.discard)
+
+    # -- health -----------------------------------------------------------------------------
+
+    def _failed(self, exc: BaseException, doing: str) -> None:
+        self.health.failed(exc, doing)
+
+    def _ok(self) -> None:
+        if self.health.ok():
+            # Writes may have been lost meanwhile: mirror every local user again.
+            self._rewrite_all = True
+            self._write_wake.set()
+            self._forward_wake.set()
+
+    # -- the mirror of local users in Redis --------------------------------------------------
+
+    async def _flush(self, user_id: int) -> None:
+        """Write the user's local connection count; resolves once Redis has it."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._dirty.add(user_id)
+        self._write_waiters.append(fut)
+        self._write_wake.set()
+        await fut
+
+    async def _write_loop(self) -> None:
+        key = self.keys.online(self.node_id)
+        ttl_ms = max(1, int(self.settings.node_ttl * 1000))
+        while True:
+            await self._write_wake.wait()
+            self._write_wake.clear()
+            if not (self._dirty or self._rewrite_all or self._write_waiters):
+                continue
+            dirty, self._dirty = self._dirty, set()
+            waiters, self._write_waiters = self._write_waiters, []
+            rewrite = self._rewrite_all
+            self._rewrite_all = False
+            try:
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    if rewrite:
+                        pipe.delete(key)
+                        counts = {u: len(s) for u, s in self._by_user.items()}
+                        if counts:
+                            pipe.hset(key, mapping=counts)  # type: ignore[arg-type]
+                    else:
+                        for u in dirty:
+                            n = len(self._by_user.get(u, ()))
+                            if n:
+                                pipe.hset(key, str(u), n)
+                            else:
+                                pipe.hdel(key, str(u))
+                    pipe.pexpire(key, ttl_ms)
+                    await pipe.execute()
+            except REDIS_ERRORS as exc:
+                self._failed(exc, "publishing online users")
+                self._rewrite_all = True  # once Redis is back, rewrite the whole hash
+                err = ServiceUnavailable("the connection center is unavailable (Redis is down)")
+                for w in waiters:
+                    if not w.done():
+                        w.set_exception(err)
+                continue
+            self._ok()
+            if rewrite:
+                log.info(
+                    "node %d: %d online users written to Redis again",
+                    self.node_id,
+                    len(self._by_user),
+                )
+            for w in waiters:
+                if not w.done():
+                    w.set_result(None)
+
+    # -- heartbeat --------------------------------------------------------------------------
+
+    async def _beat_once(self) -> None:
+        try:
+            result = await self.registry.beat(self.load(), len(self._by_user))
+        except REDIS_ERRORS as exc:
+            self._failed(exc, "refreshing the node's registration")
+            return
+        if result < 0:
+            log.critical(
+                "node id %d was taken over by another instance while this node "
+                "could not reach Redis; stopping this node",
+                self.node_id,
+            )
+            if self.on_evicted is not None:
+                self.on_evicted()
+            return
+        if result == 0:
+            log.warning(
+                "node %d's registration had expired (Redis restarted, or this node "
+                "was cut off for over %.1fs); registered again",
+                self.node_id,
+                self.settings.node_ttl,
+            )
+            self._rewrite_all = True
+            self._write_wake.set()
+        self._ok()
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.registry.interval)
+            await self._beat_once()
+
+    # -- forwarding -------------------------------------------------------------------------
+
+    async def _forward_loop(self) -> None:
+        backoff = Backoff(0.05, 1.0)
+        while True:
+            await self._forward_wake.wait()
+            self._forward_wake.clear()
+            while self._forward:
+                n = min(len(self._forward), FORWARD_BATCH)
+                batch = [self._forward[i] for i in range(n)]
+                try:
+                    await self._forward_batch(batch)
+                except ServiceUnavailable:
+                    # Keep the batch; retry when Redis answers (the heartbeat probes it).
+                    await asyncio.sleep(backoff.delay())
+                    continue
+                backoff.reset()
+                for _ in range(n):
+                    self._forward.popleft()
+            self._forward_idle.set()
+
+    async def _forward_batch(self, batch: list[tuple[Message, tuple[int, ...]]]) -> None:
+        users: dict[int, None] = {}
+        for _, targets in batch:
+            users.update(dict.fromkeys(targets))
+        where = await self.locate(users)
+        if not where:
+            return
+        out: dict[int, list[Any]] = {}
+        for message, targets in batch:
+            for node, present in where.items():
+                here = [u for u in targets if u in present]
+                if here:
+                    out.setdefault(node, []).append([_message_row(message), here])
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for node, items in out.items():
+                    pipe.publish(self.keys.inbox(node), msgpack.packb(items))
+                await pipe.execute()
+        except REDIS_ERRORS as exc:
+            self._failed(exc, "forwarding messages")
+            raise ServiceUnavailable("cannot forward (Redis is down)") from exc
+        self.forwarded += sum(len(items) for items in out.values())
+
+    # -- receiving --------------------------------------------------------------------------
+
+    async def _subscribe_loop(self) -> None:
+        backoff = Backoff(0.05, 1.0)
+        first = True
+        inbox = self.keys.inbox(self.node_id)
+        while True:
+            pubsub: PubSub | None = None
+            try:
+                pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+                await pubsub.subscribe(inbox, self.keys.presence)
+                if not first:
+                    log.warning(
+                        "node %d subscribed again to its inbox; re-sending pending "
+                        "messages to its %d online users",
+                        self.node_id,
+                        len(self._by_user),
+                    )
+                    self._resync_all()
+                first = False
+                self._subscribed.set()
+                backoff.reset()
+                while True:
+                    msg = await pubsub.get_message(
+                        ignore_subscribe_messages=True, timeout=self.settings.node_ttl
+                    )
+                    if msg is not None:
+                        self._received(msg)
+            except REDIS_ERRORS as exc:
+                self._subscribed.clear()
+                self._failed(exc, "listening on the node's inbox")
+            finally:
+                if pubsub is not None:
+                    with contextlib.suppress(*REDIS_ERRORS):
+                        await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await asyncio.sleep(backoff.delay())
+
+    def _received(self, msg: dict[str, Any]) -> None:
+        channel = _text(msg.get("channel"))
+        try:
+            data = msgpack.unpackb(msg["data"], raw=False)
+        except Exception:
+            log.warning("dropping an undecodable message on %s", channel)
+            return
+        if channel == self.keys.presence:
+            node, user_id, name, online = data
+            if node != self.node_id and self.on_presence is not None:
+                self.on_presence(user_id, name, online)
+            return
+        for row, users in data:
+            message = Message(*row)
+            self.received += 1
+            push_message(message, (s for u in users for s in self._by_user.get(u, ())))
+
+    def _resync_all(self) -> None:
+        if self.on_resync is None:
+            return
+        for sessions in list(self._by_user.values()):
+            for s in list(sessions):
+                if not s.closed:
+                    self.on_resync(s)
+
+    async def wait_subscribed(self, timeout: float) -> None:
+        await asyncio.wait_for(self._subscribed.wait(), timeout)
+
+
+def _text(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
