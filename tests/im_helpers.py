@@ -16,12 +16,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from conftest import WAIT
-
 from bitchat import Server, Settings
 from bitchat.im.app import build_standalone_server
 from bitchat.im.client import IMClient
 from bitchat.im.packets import ChatMessage
+from conftest import WAIT
 
 FAST_HASH = {"password_hash_time_cost": 1, "password_hash_memory_kib": 8}
 

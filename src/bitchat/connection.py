@@ -79,6 +79,7 @@ class Session:
         self._queue: collections.deque[tuple[Route, Frame]] = collections.deque()
         self._draining = False
         self._read_paused = 0  # bit 1: write backpressure, 2: request queue, 4: POOL in flight
+        self._writable: asyncio.Event | None = None  # made by drain(), set when bit 1 clears
         self._last_read = self._loop.time()
         self._idle_timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Future[Any]] = set()
@@ -131,6 +132,8 @@ class Session:
         self.closed = True
         if self._idle_timer is not None:
             self._idle_timer.cancel()
+        if self._writable is not None:
+            self._writable.set()
         self._queue.clear()
         self._out.clear()
         self.server._session_closed(self)
@@ -417,6 +420,22 @@ class Session:
         self._read_paused &= ~reason
         if was and not self._read_paused:
             self._resume_reading()
+        if reason & 1 and self._writable is not None:
+            self._writable.set()
+
+    async def drain(self) -> None:
+        """Send what is queued, then wait while the peer is behind on reading.
+
+        Returns once the transport's buffer is below the low-water mark (the
+        adapter calls ``_resume(1)``) or the session is closed. For a sender of
+        many pushes (offline messages), so it goes at the pace of the reader.
+        """
+        self._flush()
+        while self._read_paused & 1 and not self.closed:
+            if self._writable is None:
+                self._writable = asyncio.Event()
+            self._writable.clear()
+            await self._writable.wait()
 
     def info(self) -> dict[str, Any]:
         """What ``/status/channels`` shows of this connection."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -64,12 +65,22 @@ ReloginCallback = Callable[[LoginOk | None, Exception | None], Any]
 class IMClient:
     """An IM user's connection: login, online list, chat, groups, history."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 8864,
-                 settings: Settings | None = None, *, serializer: int | str = "json",
-                 resolve: Resolver | None = None, auto_ack: bool = True,
-                 dedupe_window: int = 10_000, client: Client | None = None, **kw: Any) -> None:
-        self.client = client or Client(host, port, settings, serializer=serializer,
-                                       resolve=resolve, **kw)
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 8864,
+        settings: Settings | None = None,
+        *,
+        serializer: int | str = "json",
+        resolve: Resolver | None = None,
+        auto_ack: bool = True,
+        dedupe_window: int = 10_000,
+        client: Client | None = None,
+        **kw: Any,
+    ) -> None:
+        self.client = client or Client(
+            host, port, settings, serializer=serializer, resolve=resolve, **kw
+        )
         self.auto_ack = auto_ack
         self.user: User | None = None
         self.token: str | None = None
@@ -163,16 +174,30 @@ class IMClient:
         assert isinstance(resp, OnlineUsers)
         return [User(u["id"], u["name"]) for u in resp.users]
 
-    async def send_p2p(self, to: int, text: str, client_msg_id: str | None = None,
-                       retries: int = 3, timeout: float | None = None) -> SendAck:
+    async def send_p2p(
+        self,
+        to: int,
+        text: str,
+        client_msg_id: str | None = None,
+        retries: int = 3,
+        timeout: float | None = None,
+    ) -> SendAck:
         """Send a one-to-one message (``-pc id message``); returns once it is stored."""
-        return await self._send(SendP2P(to, text, client_msg_id or uuid.uuid4().hex), retries,
-                                timeout)
+        return await self._send(
+            SendP2P(to, text, client_msg_id or uuid.uuid4().hex), retries, timeout
+        )
 
-    async def send_group(self, group_id: int, text: str, client_msg_id: str | None = None,
-                         retries: int = 3, timeout: float | None = None) -> SendAck:
-        return await self._send(SendGroup(group_id, text, client_msg_id or uuid.uuid4().hex),
-                                retries, timeout)
+    async def send_group(
+        self,
+        group_id: int,
+        text: str,
+        client_msg_id: str | None = None,
+        retries: int = 3,
+        timeout: float | None = None,
+    ) -> SendAck:
+        return await self._send(
+            SendGroup(group_id, text, client_msg_id or uuid.uuid4().hex), retries, timeout
+        )
 
     async def _send(self, packet: Packet, retries: int, timeout: float | None) -> SendAck:
         attempt = 0
@@ -210,8 +235,9 @@ class IMClient:
         assert isinstance(resp, MemberList)
         return resp.members
 
-    async def history(self, peer_id: int = 0, group_id: int = 0, before: int = 0,
-                      limit: int = 50) -> HistoryPage:
+    async def history(
+        self, peer_id: int = 0, group_id: int = 0, before: int = 0, limit: int = 50
+    ) -> HistoryPage:
         """A page of a conversation, newest first; page on with ``before=last id``."""
         if bool(peer_id) == bool(group_id):
             raise UsageError("history() takes either peer_id or group_id")
@@ -269,10 +295,8 @@ class IMClient:
     def _flush_acks(self) -> None:
         self._ack_scheduled = False
         ids, self._to_ack = self._to_ack, []
-        try:
+        with contextlib.suppress(ConnectionClosed):  # unacked ones come again at next login
             self.client._write(Ack(ids), 0, 0)
-        except ConnectionClosed:
-            pass  # unacked messages come again at the next login
 
     def ack(self, msg_ids: list[int]) -> None:
         """Ack by hand (with ``auto_ack=False``)."""

@@ -43,8 +43,8 @@ class MemoryConnectionCenter(ConnectionCenter):
     async def is_online(self, user_id: int) -> bool:
         return user_id in self._by_user
 
-    def deliver(self, message: Message, user_ids: Iterable[int],
-                exclude_session: int = 0) -> None:
-        push_message(message, (
-            s for u in user_ids for s in self._by_user.get(u, ()) if s.id != exclude_session
-        ))
+    def deliver(self, message: Message, user_ids: Iterable[int], exclude_session: int = 0) -> None:
+        push_message(
+            message,
+            (s for u in user_ids for s in self._by_user.get(u, ()) if s.id != exclude_session),
+        )

@@ -96,8 +96,13 @@ def _valid_name(name: str, max_len: int) -> str:
 class IMService:
     """The IM handlers over one set of centers."""
 
-    def __init__(self, server: Server, users: UserCenter, messages: MessageCenter,
-                 connections: ConnectionCenter) -> None:
+    def __init__(
+        self,
+        server: Server,
+        users: UserCenter,
+        messages: MessageCenter,
+        connections: ConnectionCenter,
+    ) -> None:
         self.server = server
         self.settings = server.settings
         self.users = users
@@ -105,6 +110,7 @@ class IMService:
         self.connections = connections
         self.ids = IdGenerator(self.settings.node_id)
         self.watchers: set[Session] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._install()
 
     # -- wiring ---------------------------------------------------------------------------
@@ -146,7 +152,9 @@ class IMService:
     def _session_closed(self, session: Session) -> None:
         self.watchers.discard(session)
         if session.user_id is not None:
-            self.server.loop.create_task(self._logged_out(session))
+            task = self.server.loop.create_task(self._logged_out(session))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     # -- sessions -------------------------------------------------------------------------
 
@@ -158,9 +166,10 @@ class IMService:
 
     def _check_password(self, password: str) -> None:
         if not 1 <= len(password) <= self.settings.max_password_length:
-            raise RequestError(codes.INVALID_PACKET,
-                               f"a password has 1 to {self.settings.max_password_length} "
-                               "characters")
+            raise RequestError(
+                codes.INVALID_PACKET,
+                f"a password has 1 to {self.settings.max_password_length} characters",
+            )
 
     async def on_login(self, session: Session, p: Login) -> LoginOk:
         if p.token:
@@ -173,8 +182,7 @@ class IMService:
             name = _valid_name(p.name, self.settings.max_name_length)
             self._check_password(p.password)
             try:
-                user = await self.users.authenticate(name, p.password,
-                                                     self.settings.auto_register)
+                user = await self.users.authenticate(name, p.password, self.settings.auto_register)
             except RequestError:
                 self.server.metrics.login_failures.inc()
                 raise
@@ -184,7 +192,8 @@ class IMService:
         if session.user_id is not None and session.user_id != user.id:
             await self._logged_out(session)
         first = not await self.connections.is_online(user.id)
-        session.data[SYNCING] = []
+        held: list[Message] = []
+        session.data[SYNCING] = held
         session.user_id = user.id
         session.user_name = user.name
         session.login_at = time.time()
@@ -193,33 +202,46 @@ class IMService:
         self.server.metrics.logins.inc()
         pending = await self.messages.count_pending(user.id)
         # Offline messages go out after the LoginOk answer, in id order.
-        self.server.loop.create_task(self._sync(session, user.id))
+        task = self.server.loop.create_task(self._sync(session, user.id, held))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
         if first:
             self._presence(user, True)
         return LoginOk(user.id, user.name, token, pending)
 
-    async def _sync(self, session: Session, user_id: int) -> None:
-        held: list[Message] = session.data.get(SYNCING, [])
+    async def _sync(self, session: Session, user_id: int, held: list[Message]) -> None:
+        """Push the user's pending messages in id order, then those held meanwhile."""
         sent: set[int] = set()
         after = 0
         limit = self.settings.offline_batch
+
+        def current() -> bool:  # a later login on this session replaces this sync
+            return (
+                not session.closed
+                and session.user_id == user_id
+                and session.data.get(SYNCING) is held
+            )
+
         try:
-            while not session.closed and session.user_id == user_id:
+            while current():
                 batch = await self.messages.pending(user_id, after, limit)
+                if not current():
+                    return
                 if batch:
                     push_message_each(batch, session)
                     sent.update(m.id for m in batch)
                     after = batch[-1].id
                 if len(batch) < limit:
                     break
-                await _drained(session)
+                await session.drain()
         except Exception:
             log.exception("pushing offline messages to user %d failed", user_id)
         finally:
-            session.data.pop(SYNCING, None)
-        late = sorted((m for m in held if m.id not in sent), key=lambda m: m.id)
-        if late and not session.closed:
-            push_message_each(late, session)
+            if session.data.get(SYNCING) is held:
+                del session.data[SYNCING]
+                late = sorted((m for m in held if m.id not in sent), key=lambda m: m.id)
+                if late and not session.closed:
+                    push_message_each(late, session)
 
     async def _logged_out(self, session: Session) -> None:
         user_id = session.user_id
@@ -263,9 +285,10 @@ class IMService:
         if not text:
             raise RequestError(codes.INVALID_PACKET, "a message needs text")
         if len(text) > self.settings.max_message_length:
-            raise RequestError(codes.MESSAGE_TOO_LONG,
-                               f"messages are limited to {self.settings.max_message_length} "
-                               "characters")
+            raise RequestError(
+                codes.MESSAGE_TOO_LONG,
+                f"messages are limited to {self.settings.max_message_length} characters",
+            )
 
     def on_send_p2p(self, session: Session, p: SendP2P) -> Any:
         self._check_text(p.text)
@@ -277,8 +300,9 @@ class IMService:
                 return self._store_and_deliver(session, msg, [p.to])
         return self._chain(session, self._p2p_slow(session, msg, chain))
 
-    async def _p2p_slow(self, session: Session, msg: Message,
-                        chain: asyncio.Future[Any] | None) -> SendAck:
+    async def _p2p_slow(
+        self, session: Session, msg: Message, chain: asyncio.Future[Any] | None
+    ) -> SendAck:
         if chain is not None:
             await asyncio.wait([chain])
         if await self.users.get_user(msg.to) is None:
@@ -296,8 +320,9 @@ class IMService:
                 return self._store_and_deliver(session, msg, members)
         return self._chain(session, self._group_slow(session, msg, chain))
 
-    async def _group_slow(self, session: Session, msg: Message,
-                          chain: asyncio.Future[Any] | None) -> SendAck:
+    async def _group_slow(
+        self, session: Session, msg: Message, chain: asyncio.Future[Any] | None
+    ) -> SendAck:
         if chain is not None:
             await asyncio.wait([chain])
         if await self.users.get_group(msg.to) is None:
@@ -317,16 +342,24 @@ class IMService:
         session.data[_CHAIN] = task
         return task
 
-    def _new_message(self, session: Session, kind: str, to: int, text: str,
-                     client_msg_id: str) -> Message:
+    def _new_message(
+        self, session: Session, kind: str, to: int, text: str, client_msg_id: str
+    ) -> Message:
         assert session.user_id is not None
-        return Message(self.ids.next(), kind, session.user_id, session.user_name or "", to,
-                       text, int(time.time() * 1000), client_msg_id)
+        # The id is given when the message is queued for storing (_store_and_deliver).
+        return Message(
+            0, kind, session.user_id, session.user_name or "", to, text, 0, client_msg_id
+        )
 
-    def _store_and_deliver(self, session: Session, msg: Message,
-                           recipients: Sequence[int]) -> asyncio.Future[SendAck]:
-        # Pending for every recipient but the sender (whose devices get it live).
-        pending = [u for u in recipients if u != msg.sender_id] or [msg.sender_id]
+    def _store_and_deliver(
+        self, session: Session, msg: Message, recipients: Sequence[int]
+    ) -> asyncio.Future[SendAck]:
+        # Ids are issued in the order messages are queued, which is the order they are
+        # committed and pushed: every recipient sees a conversation in id order.
+        msg.id = self.ids.next()
+        msg.ts = int(time.time() * 1000)
+        # Pending for every recipient but the sender (whose other devices get it live).
+        pending = [u for u in recipients if u != msg.sender_id]
         kind = msg.kind
         session_id = session.id
         metrics = self.server.metrics
@@ -357,9 +390,11 @@ class IMService:
             members = await self.users.group_members(p.group_id)
             self._check_member(members, session, p.group_id)
         limit = max(1, min(p.limit, self.settings.history_max_page))
-        msgs = await self.messages.history(session.user_id, p.peer_id, p.group_id, p.before,
-                                           limit)
-        return HistoryPage([m.to_dict() for m in msgs], len(msgs) == limit)
+        # One more than the page: whether older messages exist, without a second query.
+        msgs = await self.messages.history(
+            session.user_id, p.peer_id, p.group_id, p.before, limit + 1
+        )
+        return HistoryPage([m.to_dict() for m in msgs[:limit]], len(msgs) > limit)
 
     # -- groups -----------------------------------------------------------------------------
 
@@ -373,8 +408,7 @@ class IMService:
 
     async def on_join_group(self, session: Session, p: JoinGroup) -> GroupInfo:
         assert session.user_id is not None
-        g = await self.users.join_group(p.group_id, session.user_id,
-                                        self.settings.max_group_size)
+        g = await self.users.join_group(p.group_id, session.user_id, self.settings.max_group_size)
         return GroupInfo(g.id, g.name, g.owner_id, g.members)
 
     async def on_leave_group(self, session: Session, p: LeaveGroup) -> Ok:
@@ -393,10 +427,13 @@ class IMService:
         ids = await self.users.group_members(p.group_id)
         users = await self.users.get_users(ids)
         online = set(await self.connections.online_users())
-        return MemberList(p.group_id, [
-            {"id": u, "name": users[u].name if u in users else "", "online": u in online}
-            for u in ids
-        ])
+        return MemberList(
+            p.group_id,
+            [
+                {"id": u, "name": users[u].name if u in users else "", "online": u in online}
+                for u in ids
+            ],
+        )
 
 
 def push_message_each(messages: Sequence[Message], session: Session) -> None:
@@ -408,12 +445,3 @@ def push_message_each(messages: Sequence[Message], session: Session) -> None:
     finally:
         if held is not None:
             session.data[SYNCING] = held
-
-
-async def _drained(session: Session) -> None:
-    """Wait until the session's peer has read most of what was pushed."""
-    high = session.server.settings.write_high_water
-    for _ in range(1000):  # bounded: the hard write limit closes a peer that never reads
-        if session.closed or session._write_buffer_size() < high:
-            return
-        await asyncio.sleep(0.01)

@@ -9,6 +9,7 @@ still means the message is on disk, without one fsync per message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import sqlite3
@@ -105,9 +106,7 @@ async def open_db(path: str, synchronous: str = "FULL") -> aiosqlite.Connection:
 async def _migrate(db: aiosqlite.Connection) -> None:
     await db.execute("BEGIN IMMEDIATE")
     try:
-        await db.execute(
-            "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)"
-        )
+        await db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
         rows = list(await db.execute_fetchall("SELECT version FROM schema_version"))
         current = rows[0][0] if rows else 0
         if not rows:
@@ -206,14 +205,17 @@ class SqliteUserCenter(UserCenter):
         now = time.time()
         async with self._lock:
             await self._rows("DELETE FROM tokens WHERE expires_at < ?", (now,))
-            await self._rows("INSERT INTO tokens VALUES (?, ?, ?)",
-                             (token_digest(token), user_id, now + ttl))
+            await self._rows(
+                "INSERT INTO tokens VALUES (?, ?, ?)", (token_digest(token), user_id, now + ttl)
+            )
         return token
 
     async def check_token(self, token: str) -> User | None:
         rows = await self._rows(
             "SELECT u.id, u.name FROM tokens t JOIN users u ON u.id = t.user_id "
-            "WHERE t.digest = ? AND t.expires_at > ?", (token_digest(token), time.time()))
+            "WHERE t.digest = ? AND t.expires_at > ?",
+            (token_digest(token), time.time()),
+        )
         return User(rows[0][0], rows[0][1]) if rows else None
 
     async def revoke_token(self, token: str) -> None:
@@ -241,11 +243,13 @@ class SqliteUserCenter(UserCenter):
                 await self.db.execute("BEGIN IMMEDIATE")
                 cur = await self.db.execute(
                     "INSERT INTO groups (name, owner_id, created_at) VALUES (?, ?, ?)",
-                    (name, owner_id, now))
+                    (name, owner_id, now),
+                )
                 group_id = cur.lastrowid
                 assert group_id is not None
-                await self.db.execute("INSERT INTO group_members VALUES (?, ?, ?)",
-                                      (group_id, owner_id, now))
+                await self.db.execute(
+                    "INSERT INTO group_members VALUES (?, ?, ?)", (group_id, owner_id, now)
+                )
                 await self.db.execute("COMMIT")
             except sqlite3.Error as exc:
                 await self._rollback()
@@ -254,10 +258,8 @@ class SqliteUserCenter(UserCenter):
         return Group(group_id, name, owner_id, 1)
 
     async def _rollback(self) -> None:
-        try:
+        with contextlib.suppress(sqlite3.Error):
             await self.db.execute("ROLLBACK")
-        except sqlite3.Error:
-            pass
 
     async def join_group(self, group_id: int, user_id: int, max_size: int) -> Group:
         async with self._lock:
@@ -268,10 +270,12 @@ class SqliteUserCenter(UserCenter):
             if user_id in members:
                 return group
             if len(members) >= max_size:
-                raise RequestError(codes.GROUP_FULL,
-                                   f"group {group_id} has reached {max_size} members")
-            await self._rows("INSERT INTO group_members VALUES (?, ?, ?)",
-                             (group_id, user_id, time.time()))
+                raise RequestError(
+                    codes.GROUP_FULL, f"group {group_id} has reached {max_size} members"
+                )
+            await self._rows(
+                "INSERT INTO group_members VALUES (?, ?, ?)", (group_id, user_id, time.time())
+            )
             self._members[group_id] = sorted([*members, user_id])
         return Group(group.id, group.name, group.owner_id, len(members) + 1)
 
@@ -282,7 +286,8 @@ class SqliteUserCenter(UserCenter):
             try:
                 cur = await self.db.execute(
                     "DELETE FROM group_members WHERE group_id = ? AND user_id = ?",
-                    (group_id, user_id))
+                    (group_id, user_id),
+                )
             except sqlite3.Error as exc:
                 raise ServiceUnavailable(f"user database error: {exc}") from exc
             self._members.pop(group_id, None)
@@ -293,7 +298,9 @@ class SqliteUserCenter(UserCenter):
         rows = await self._rows(
             "SELECT g.id, g.name, g.owner_id, "
             "(SELECT count(*) FROM group_members m WHERE m.group_id = g.id) "
-            "FROM groups g WHERE g.id = ?", (group_id,))
+            "FROM groups g WHERE g.id = ?",
+            (group_id,),
+        )
         return Group(*rows[0]) if rows else None
 
     async def user_groups(self, user_id: int) -> list[Group]:
@@ -301,7 +308,9 @@ class SqliteUserCenter(UserCenter):
             "SELECT g.id, g.name, g.owner_id, "
             "(SELECT count(*) FROM group_members m2 WHERE m2.group_id = g.id) "
             "FROM group_members m JOIN groups g ON g.id = m.group_id "
-            "WHERE m.user_id = ? ORDER BY g.id", (user_id,))
+            "WHERE m.user_id = ? ORDER BY g.id",
+            (user_id,),
+        )
         return [Group(*r) for r in rows]
 
     async def group_members(self, group_id: int) -> list[int]:
@@ -309,8 +318,8 @@ class SqliteUserCenter(UserCenter):
         if cached is not None:
             return cached
         rows = await self._rows(
-            "SELECT user_id FROM group_members WHERE group_id = ? ORDER BY user_id",
-            (group_id,))
+            "SELECT user_id FROM group_members WHERE group_id = ? ORDER BY user_id", (group_id,)
+        )
         members = [r[0] for r in rows]
         if members or await self.get_group(group_id) is not None:
             self._members[group_id] = members
@@ -332,6 +341,9 @@ class SqliteMessageCenter(MessageCenter):
         self.batch_max = batch_max
         self.synchronous = synchronous
         self._db: aiosqlite.Connection | None = None
+        # Reads go through their own connection: with WAL they see only committed
+        # data, never a batch the writer is in the middle of.
+        self._rdb: aiosqlite.Connection | None = None
         self._stores: list[tuple[Message, Sequence[int], asyncio.Future[tuple[Message, bool]]]] = []
         self._acks: list[tuple[int, int]] = []
         self._ack_waiters: list[asyncio.Future[None]] = []
@@ -341,6 +353,7 @@ class SqliteMessageCenter(MessageCenter):
 
     async def start(self) -> None:
         self._db = await open_db(self.path, self.synchronous)
+        self._rdb = await open_db(self.path, self.synchronous)
         self._wake = asyncio.Event()
         self._closing = False
         self._writer = asyncio.get_running_loop().create_task(self._write_loop())
@@ -352,9 +365,10 @@ class SqliteMessageCenter(MessageCenter):
         if self._writer is not None:
             await self._writer
             self._writer = None
-        if self._db is not None:
-            await self._db.close()
-            self._db = None
+        for db in (self._db, self._rdb):
+            if db is not None:
+                await db.close()
+        self._db = self._rdb = None
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -364,7 +378,9 @@ class SqliteMessageCenter(MessageCenter):
 
     # -- writes (group commit) ----------------------------------------------------------------
 
-    def store(self, message: Message, recipients: Sequence[int]) -> asyncio.Future[tuple[Message, bool]]:
+    def store(
+        self, message: Message, recipients: Sequence[int]
+    ) -> asyncio.Future[tuple[Message, bool]]:
         fut: asyncio.Future[tuple[Message, bool]] = asyncio.get_running_loop().create_future()
         if self._closing or self._wake is None:
             fut.set_exception(ServiceUnavailable("the message store is closed"))
@@ -388,7 +404,7 @@ class SqliteMessageCenter(MessageCenter):
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self._stores or self._acks:
+            while self._stores or self._acks or self._ack_waiters:
                 stores = self._stores[: self.batch_max]
                 del self._stores[: self.batch_max]
                 acks, self._acks = self._acks, []
@@ -414,21 +430,33 @@ class SqliteMessageCenter(MessageCenter):
             if self._closing and not self._stores and not self._acks:
                 return
 
-    async def _write(self, stores: list[tuple[Message, Sequence[int], Any]],
-                     acks: list[tuple[int, int]]) -> list[tuple[Message, bool]]:
+    async def _write(
+        self, stores: list[tuple[Message, Sequence[int], Any]], acks: list[tuple[int, int]]
+    ) -> list[tuple[Message, bool]]:
         db = self.db
         results: list[tuple[Message, bool]] = [(m, False) for m, _, _ in stores]
         await db.execute("BEGIN IMMEDIATE")
         try:
             if stores:
                 rows = [
-                    (m.id, m.kind, conversation(m.kind, m.sender_id, m.to), m.sender_id,
-                     m.sender_name, m.to, m.text, m.ts, m.client_msg_id)
+                    (
+                        m.id,
+                        m.kind,
+                        conversation(m.kind, m.sender_id, m.to),
+                        m.sender_id,
+                        m.sender_name,
+                        m.to,
+                        m.text,
+                        m.ts,
+                        m.client_msg_id,
+                    )
                     for m, _, _ in stores
                 ]
                 cur = await db.executemany(
                     "INSERT OR IGNORE INTO messages (id, kind, conv, sender_id, sender_name, "
-                    "to_id, text, ts, client_msg_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                    "to_id, text, ts, client_msg_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
                 if cur.rowcount != len(rows):
                     await self._resolve_duplicates(stores, results)
                 pending = [
@@ -443,37 +471,46 @@ class SqliteMessageCenter(MessageCenter):
                 await db.executemany("DELETE FROM pending WHERE user_id = ? AND msg_id = ?", acks)
             await db.execute("COMMIT")
         except BaseException:
-            try:
+            with contextlib.suppress(sqlite3.Error):
                 await db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
             raise
         return results
 
-    async def _resolve_duplicates(self, stores: list[tuple[Message, Sequence[int], Any]],
-                                  results: list[tuple[Message, bool]]) -> None:
+    async def _resolve_duplicates(
+        self, stores: list[tuple[Message, Sequence[int], Any]], results: list[tuple[Message, bool]]
+    ) -> None:
         """Some inserts were ignored: a retried client_msg_id. Find the originals."""
         ids = [m.id for m, _, _ in stores]
         stored: set[int] = set()
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            stored.update(r[0] for r in await self.db.execute_fetchall(
-                f"SELECT id FROM messages WHERE id IN ({marks})", chunk))
+            stored.update(
+                r[0]
+                for r in await self.db.execute_fetchall(
+                    f"SELECT id FROM messages WHERE id IN ({marks})", chunk
+                )
+            )
         for i, (m, _, _) in enumerate(stores):
             if m.id in stored:
                 continue
-            rows = list(await self.db.execute_fetchall(
-                f"SELECT {_MSG_COLUMNS} FROM messages WHERE sender_id = ? AND client_msg_id = ?",
-                (m.sender_id, m.client_msg_id)))
+            rows = list(
+                await self.db.execute_fetchall(
+                    f"SELECT {_MSG_COLUMNS} FROM messages "
+                    "WHERE sender_id = ? AND client_msg_id = ?",
+                    (m.sender_id, m.client_msg_id),
+                )
+            )
             if rows:
                 results[i] = (_message(rows[0]), True)
 
     # -- reads --------------------------------------------------------------------------------
 
     async def _rows(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        if self._rdb is None:
+            raise ServiceUnavailable("the message database is not open")
         try:
-            return list(await self.db.execute_fetchall(sql, params))
+            return list(await self._rdb.execute_fetchall(sql, params))
         except sqlite3.Error as exc:
             raise ServiceUnavailable(f"message database error: {exc}") from exc
 
@@ -482,26 +519,34 @@ class SqliteMessageCenter(MessageCenter):
             f"SELECT {', '.join('m.' + c.strip() for c in _MSG_COLUMNS.split(','))} "
             "FROM pending p JOIN messages m ON m.id = p.msg_id "
             "WHERE p.user_id = ? AND p.msg_id > ? ORDER BY p.msg_id LIMIT ?",
-            (user_id, after_id, limit))
+            (user_id, after_id, limit),
+        )
         return [_message(r) for r in rows]
 
     async def count_pending(self, user_id: int) -> int:
         rows = await self._rows("SELECT count(*) FROM pending WHERE user_id = ?", (user_id,))
         return int(rows[0][0])
 
-    async def history(self, user_id: int, peer_id: int, group_id: int, before: int,
-                      limit: int) -> list[Message]:
-        conv = conversation("group", user_id, group_id) if group_id else conversation(
-            "p2p", user_id, peer_id)
+    async def history(
+        self, user_id: int, peer_id: int, group_id: int, before: int, limit: int
+    ) -> list[Message]:
+        conv = (
+            conversation("group", user_id, group_id)
+            if group_id
+            else conversation("p2p", user_id, peer_id)
+        )
         before = before or (1 << 63) - 1
         rows = await self._rows(
             f"SELECT {_MSG_COLUMNS} FROM messages WHERE conv = ? AND id < ? "
-            "ORDER BY id DESC LIMIT ?", (conv, before, limit))
+            "ORDER BY id DESC LIMIT ?",
+            (conv, before, limit),
+        )
         return [_message(r) for r in rows]
 
     async def last_id(self, node_id: int) -> int:
         # Ids of one node share bits 12-21; scan the newest few and pick this node's.
         rows = await self._rows(
             "SELECT id FROM messages WHERE ((id >> ?) & ?) = ? ORDER BY id DESC LIMIT 1",
-            (SEQ_BITS, MAX_NODE, node_id))
+            (SEQ_BITS, MAX_NODE, node_id),
+        )
         return int(rows[0][0]) if rows else 0
