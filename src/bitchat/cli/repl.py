@@ -77,7 +77,8 @@ class Repl:
     def __init__(self, im: IMClient, out: Output | None = None) -> None:
         self.im = im
         self.out: Output = out or print
-        self._was_connected = False
+        self._connected_once = False  # "Connected" the first time, then "Reconnected"
+        self._up = False
         self._announced_retry = False
         self._commands: dict[str, Callable[[list[str], str], Any]] = {
             "-lo": self.login,
@@ -111,17 +112,14 @@ class Repl:
         client = self.im.client
         where = f"{client.host}:{client.port}"
         if state is State.CONNECTED:
-            if self._was_connected:
-                self.out(f"Reconnected to {where}")
-            else:
-                self.out(f"Connected to {where}")
-            self._was_connected = True
+            self.out(f"{'Reconnected' if self._connected_once else 'Connected'} to {where}")
+            self._connected_once = self._up = True
             self._announced_retry = False
         elif state is State.DISCONNECTED:
-            if self._was_connected:
+            if self._up:
                 self.out("Connection lost; reconnecting...")
-                self._was_connected = False
-                self._announced_retry = True  # "reconnecting" already said
+                self._up = False
+                self._announced_retry = True  # "reconnecting" says it already
             elif not self._announced_retry:
                 self.out(f"Cannot reach {where}; retrying...")
                 self._announced_retry = True

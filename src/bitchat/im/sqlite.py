@@ -90,16 +90,22 @@ def conversation(kind: str, a: int, b: int) -> str:
 async def open_db(path: str, synchronous: str = "FULL") -> aiosqlite.Connection:
     """Open (creating the folder) and migrate the database at ``path``."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     try:
+        os.makedirs(folder, exist_ok=True)
         db = await aiosqlite.connect(path, isolation_level=None)
+    except (OSError, sqlite3.Error) as exc:
+        raise ServiceUnavailable(f"cannot open the database {path}: {exc}") from exc
+    try:
         await db.execute("PRAGMA journal_mode=WAL")
         await db.execute(f"PRAGMA synchronous={synchronous}")
         await db.execute("PRAGMA foreign_keys=ON")
         await db.execute("PRAGMA busy_timeout=5000")
         await _migrate(db)
-    except sqlite3.Error as exc:
-        raise ServiceUnavailable(f"cannot open the database {path}: {exc}") from exc
+    except BaseException as exc:
+        await db.close()
+        if isinstance(exc, sqlite3.Error):
+            raise ServiceUnavailable(f"cannot open the database {path}: {exc}") from exc
+        raise
     return db
 
 

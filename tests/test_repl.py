@@ -1,0 +1,457 @@
+"""``bitchat client``: the REPL's commands and output, in process (plain lines and
+prompt_toolkit's pipe input), as subprocesses fed by pipes against a ``bitchat
+server`` subprocess (the article's quick start), and under a pseudo-terminal."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from prompt_toolkit import PromptSession
+from prompt_toolkit.input import create_pipe_input
+from prompt_toolkit.output import DummyOutput
+
+from bitchat.cli import build_parser
+from bitchat.cli.repl import PROMPT, USAGE, Repl
+from bitchat.im.client import IMClient
+from bitchat.settings import Settings
+from conftest import WAIT
+from im_helpers import PYTHON, free_port, im_server, port_of, subprocess_env
+
+
+class Screen:
+    """The lines a Repl printed; waits for one to show up."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self._changed = asyncio.Event()
+        self._seen = 0
+
+    def __call__(self, text: str) -> None:
+        self.lines.extend(text.split("\n"))
+        self._changed.set()
+
+    async def expect(self, wanted: str, timeout: float = WAIT) -> str:
+        """The next line (after the last one expected) that contains ``wanted``."""
+
+        async def find() -> str:
+            while True:
+                for i in range(self._seen, len(self.lines)):
+                    if wanted in self.lines[i]:
+                        self._seen = i + 1
+                        return self.lines[i]
+                self._changed.clear()
+                await self._changed.wait()
+
+        try:
+            return await asyncio.wait_for(find(), timeout)
+        except TimeoutError:
+            raise AssertionError(f"{wanted!r} not in {self.lines[self._seen :]!r}") from None
+
+    def mark(self) -> int:
+        self._seen = len(self.lines)
+        return self._seen
+
+    def since(self, mark: int) -> list[str]:
+        """The lines printed after ``mark``; later expects look after them."""
+        self._seen = len(self.lines)
+        return self.lines[mark:]
+
+
+@contextlib.asynccontextmanager
+async def repl_for(port: int, settings: Settings) -> AsyncIterator[tuple[Repl, Screen]]:
+    screen = Screen()
+    im = IMClient("127.0.0.1", port, settings)
+    repl = Repl(im, out=screen)
+    await im.connect(WAIT)
+    try:
+        yield repl, screen
+    finally:
+        await im.close()
+
+
+async def test_commands_and_their_output(tmp_path: Path) -> None:
+    async with im_server(tmp_path) as server:
+        port, s = port_of(server), server.settings
+        async with repl_for(port, s) as (houyi, h_out), repl_for(port, s) as (gris, g_out):
+            assert h_out.lines == [f"Connected to 127.0.0.1:{port}"]
+            await houyi.execute("-lo houyi 123456")
+            assert h_out.lines[-1] == "Login success"
+            await gris.execute("-lo gris 123456")
+            m = g_out.mark()
+            await gris.execute("-lu")
+            assert g_out.since(m) == ["userName(userId)", "----------------", "houyi(1)", "gris(2)"]
+
+            await gris.execute("-pc 1 hello,houyi")
+            assert g_out.lines[-1] == "Send p2p message success"
+            assert await h_out.expect("gris(2)") == "gris(2): hello,houyi"
+            # The message is the rest of the line, inner spaces kept.
+            await houyi.execute("-pc 2   hello   there, gris  ")
+            assert await g_out.expect("houyi(1)") == "houyi(1): hello   there, gris"
+
+            await houyi.execute("-gcreate moon base")
+            assert h_out.lines[-1] == "Group created: moon base(1)"
+            await gris.execute("-gjoin 1")
+            assert g_out.lines[-1] == "Joined group moon base(1), 2 member(s)"
+            m = g_out.mark()
+            await gris.execute("-gl")
+            assert g_out.since(m) == [
+                "groupName(groupId)\tmembers",
+                "----------------",
+                "moon base(1)\t2",
+            ]
+            m = g_out.mark()
+            await gris.execute("-gm 1")
+            assert g_out.since(m) == [
+                "userName(userId)",
+                "----------------",
+                "houyi(1)\tonline",
+                "gris(2)\tonline",
+            ]
+            await gris.execute("-gc 1 hi moon")
+            assert g_out.lines[-1] == "Send group message success"
+            assert await h_out.expect("[group 1]") == "[group 1] gris(2): hi moon"
+
+            m = h_out.mark()
+            await houyi.execute("-hi 2")
+            history = h_out.since(m)
+            assert [re.sub(r"^\S+ \S+ ", "", x) for x in history] == [
+                "gris(2): hello,houyi",
+                "houyi(1): hello   there, gris",
+            ]
+            m = h_out.mark()
+            await houyi.execute("-hi -g 1")
+            assert [re.sub(r"^\S+ \S+ ", "", x) for x in h_out.since(m)] == ["gris(2): hi moon"]
+            await gris.execute("-gleave 1")
+            assert g_out.lines[-1] == "Left group 1"
+
+            # Failures and misuse: a line each, and the REPL goes on.
+            for line, answer in [
+                ("-pc 99 anyone?", "Send p2p message failed cause: no user 99"),
+                ("-gc 1 still here?", "Send group message failed cause: you are not in group 1"),
+                ("-gjoin 42", "Join group failed cause: no group 42"),
+                ("-pc x hello", "Usage: -pc userId message"),
+                ("-pc 1", "Usage: -pc userId message"),
+                ("-lo gris", "Usage: -lo userName password"),
+                ("-hi", "Usage: -hi userId [beforeId]  or  -hi -g groupId [beforeId]"),
+                ("-lo houyi wrong", "Login failed cause: unknown user or wrong password"),
+            ]:
+                await gris.execute(line)
+                assert g_out.lines[-1] == answer, line
+            m = g_out.mark()
+            await gris.execute("-nope")
+            assert g_out.since(m) == ["Unknown command: -nope", *USAGE.split("\n")]
+            m = g_out.mark()
+            assert await gris.execute("help")
+            assert g_out.since(m) == USAGE.split("\n")
+            assert not await gris.execute("bye")
+            assert g_out.lines[-1] == "bye bye!"
+
+
+async def test_commands_need_a_login(tmp_path: Path) -> None:
+    async with (
+        im_server(tmp_path) as server,
+        repl_for(port_of(server), server.settings) as (repl, out),
+    ):
+        await repl.execute("-lu")
+        assert out.lines[-1] == "List online user failed cause: log in first"
+        await repl.execute("-pc 1 hi")
+        assert out.lines[-1] == "Send p2p message failed cause: log in first"
+
+
+async def test_history_pages(tmp_path: Path) -> None:
+    async with im_server(tmp_path) as server:
+        port, s = port_of(server), server.settings
+        async with repl_for(port, s) as (houyi, h_out), repl_for(port, s) as (gris, _):
+            await houyi.execute("-lo houyi 1")
+            await gris.execute("-lo gris 1")
+            for i in range(25):
+                await gris.execute(f"-pc 1 n{i}")
+            m = h_out.mark()
+            await houyi.execute("-hi 2")
+            page = h_out.since(m)
+            assert len(page) == 21 and page[0].endswith("gris(2): n5")
+            assert page[19].endswith("gris(2): n24")
+            older = re.fullmatch(r"\(older: (-hi 2 \d+)\)", page[20])
+            assert older is not None
+            m = h_out.mark()
+            await houyi.execute(older.group(1))
+            assert [x.split(": ")[-1] for x in h_out.since(m)] == [f"n{i}" for i in range(5)]
+
+
+async def test_reconnect_is_shown_and_missed_messages_arrive(tmp_path: Path) -> None:
+    server_cm = im_server(tmp_path)
+    server = await server_cm.__aenter__()
+    port = port_of(server)
+    async with repl_for(port, server.settings) as (houyi, out):
+        await houyi.execute("-lo houyi 123456")
+        await server_cm.__aexit__(None, None, None)
+        await out.expect("Connection lost; reconnecting...")
+        async with (
+            im_server(tmp_path, port=port) as again,
+            repl_for(port, again.settings) as (gris, _),
+        ):
+            await gris.execute("-lo gris 123456")
+            await gris.execute("-pc 1 you missed this")
+            await out.expect(f"Reconnected to 127.0.0.1:{port}")
+            await out.expect("Logged in again as houyi(1)")
+            assert await out.expect("gris(2)") == "gris(2): you missed this"
+
+
+async def test_prompt_toolkit_front_end(tmp_path: Path) -> None:
+    """The interactive loop, fed keys through prompt_toolkit's pipe input."""
+    async with im_server(tmp_path) as server:
+        port, s = port_of(server), server.settings
+        async with repl_for(port, s) as (houyi, h_out), repl_for(port, s) as (gris, g_out):
+            with create_pipe_input() as keys:
+                session: PromptSession[str] = PromptSession(input=keys, output=DummyOutput())
+                loop = asyncio.ensure_future(houyi.run_interactive(session, patch=False))
+                keys.send_text("-lo houyi 123456\r")
+                await h_out.expect("Login success")
+                await gris.execute("-lo gris 123456")
+                keys.send_text("-lu\r")
+                await h_out.expect("gris(2)")
+                # A message arrives while a line is half typed; the line survives.
+                keys.send_text("-pc 2 hello,")
+                await gris.execute("-pc 1 hello,houyi")
+                await h_out.expect("gris(2): hello,houyi")
+                keys.send_text("gris\r")
+                assert await g_out.expect("houyi(1)") == "houyi(1): hello,gris"
+                keys.send_text("\x03")  # Ctrl-C: a fresh line, not an exit
+                keys.send_text("bye\r")
+                await asyncio.wait_for(loop, WAIT)
+                assert h_out.lines[-1] == "bye bye!"
+            with create_pipe_input() as keys:
+                session = PromptSession(input=keys, output=DummyOutput())
+                loop = asyncio.ensure_future(houyi.run_interactive(session, patch=False))
+                keys.send_text("\x04")  # Ctrl-D on an empty line quits too
+                await asyncio.wait_for(loop, WAIT)
+
+
+def test_client_command_line() -> None:
+    args = build_parser().parse_args(["client"])
+    assert (args.host, args.port, args.router) == ("127.0.0.1", 8864, None)
+    args = build_parser().parse_args(
+        ["client", "--host", "::1", "--port", "9000", "--router", "10.0.0.1:8870"]
+    )
+    assert (args.host, args.port, args.router) == ("::1", 9000, "10.0.0.1:8870")
+    assert PROMPT == "bitchat> "
+
+
+# -- subprocesses ---------------------------------------------------------------------------
+
+
+class Proc:
+    """A ``python -m bitchat`` child with line-by-line reading of its output."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, name: str) -> None:
+        self.proc = proc
+        self.name = name
+        self.transcript: list[str] = []
+
+    @classmethod
+    async def start(cls, *args: str, name: str, stdin: bool = False) -> Proc:
+        proc = await asyncio.create_subprocess_exec(
+            PYTHON,
+            "-m",
+            "bitchat",
+            *args,
+            stdin=asyncio.subprocess.PIPE if stdin else asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=subprocess_env(),
+        )
+        return cls(proc, name)
+
+    async def expect(self, wanted: str, timeout: float = 2 * WAIT) -> str:
+        assert self.proc.stdout is not None
+
+        async def find() -> str:
+            assert self.proc.stdout is not None
+            while True:
+                raw = await self.proc.stdout.readline()
+                if not raw:
+                    raise AssertionError(f"{self.name} exited before printing {wanted!r}")
+                line = raw.decode().rstrip("\r\n")
+                self.transcript.append(line)
+                if wanted in line:
+                    return line
+
+        try:
+            return await asyncio.wait_for(find(), timeout)
+        except TimeoutError:
+            raise AssertionError(
+                f"{self.name}: {wanted!r} not seen; output: {self.transcript!r}"
+            ) from None
+
+    async def lines_until(self, last: str) -> list[str]:
+        """Every line up to and including the one that contains ``last``."""
+        start = len(self.transcript)
+        await self.expect(last)
+        return self.transcript[start:]
+
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line.encode() + b"\n")
+
+    async def stop(self) -> int:
+        if self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(signal.SIGTERM)
+        try:
+            return await asyncio.wait_for(self.proc.wait(), WAIT)
+        except TimeoutError:
+            self.proc.kill()
+            return await self.proc.wait()
+
+
+@contextlib.asynccontextmanager
+async def server_process(data_dir: Path) -> AsyncIterator[int]:
+    port = free_port()
+    server = await Proc.start(
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(data_dir),
+        name="server",
+    )
+    try:
+        await server.expect("bitchat server started")
+        yield port
+    finally:
+        assert await server.stop() == 0, server.transcript
+
+
+async def test_quick_start_with_processes(tmp_path: Path) -> None:
+    """The article's quick start, exactly: two clients scripted through pipes."""
+    async with server_process(tmp_path / "data") as port:
+        houyi = await Proc.start("client", "--port", str(port), name="houyi", stdin=True)
+        gris = await Proc.start("client", "--port", str(port), name="gris", stdin=True)
+        try:
+            await houyi.expect(f"Connected to 127.0.0.1:{port}")
+            houyi.send("-lo houyi 123456")
+            assert await houyi.expect("Login") == "Login success"
+            gris.send("-lo gris 123456")
+            assert await gris.expect("Login") == "Login success"
+
+            gris.send("-lu")
+            assert await gris.lines_until("gris(") == [
+                "userName(userId)",
+                "----------------",
+                "houyi(1)",
+                "gris(2)",
+            ]
+            gris.send("-pc 1 hello,houyi")
+            assert await gris.expect("Send p2p") == "Send p2p message success"
+            assert await houyi.expect("hello") == "gris(2): hello,houyi"
+
+            houyi.send("bye")
+            assert await houyi.expect("bye") == "bye bye!"
+            assert await asyncio.wait_for(houyi.proc.wait(), WAIT) == 0
+            assert gris.proc.stdin is not None
+            gris.proc.stdin.close()  # the end of the script ends the client too
+            assert await asyncio.wait_for(gris.proc.wait(), WAIT) == 0
+        finally:
+            await houyi.stop()
+            await gris.stop()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs a pseudo-terminal")
+async def test_interactive_client_on_a_terminal(tmp_path: Path) -> None:
+    """Under a pty: the prompt, and a push printed above a half-typed line."""
+    import pty
+
+    async with server_process(tmp_path / "data") as port:
+        gris = await Proc.start("client", "--port", str(port), name="gris", stdin=True)
+        master, slave = pty.openpty()
+        env = subprocess_env() | {
+            "TERM": "xterm",
+            "PROMPT_TOOLKIT_NO_CPR": "1",
+            "COLUMNS": "100",
+            "LINES": "30",
+        }
+        houyi = await asyncio.create_subprocess_exec(
+            PYTHON,
+            "-m",
+            "bitchat",
+            "client",
+            "--port",
+            str(port),
+            stdin=slave,
+            stdout=slave,
+            stderr=slave,
+            env=env,
+            start_new_session=True,
+        )
+        os.close(slave)
+        screen = bytearray()
+        loop = asyncio.get_running_loop()
+        grew = asyncio.Event()
+
+        def readable() -> None:
+            try:
+                data = os.read(master, 65536)
+            except OSError:
+                data = b""
+            if not data:
+                loop.remove_reader(master)
+            screen.extend(data)
+            grew.set()
+
+        loop.add_reader(master, readable)
+
+        def text() -> str:
+            # The screen as plain text: escape sequences out, carriage returns kept.
+            return re.sub(
+                r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][A-Z0-9]|\x1b[=>]",
+                "",
+                screen.decode(errors="replace"),
+            )
+
+        async def shows(wanted: str, after: int = 0) -> int:
+            async def find() -> int:
+                while (at := text().find(wanted, after)) < 0:
+                    grew.clear()
+                    await grew.wait()
+                return at
+
+            try:
+                return await asyncio.wait_for(find(), 2 * WAIT)
+            except TimeoutError:
+                raise AssertionError(f"{wanted!r} not on the screen: {text()!r}") from None
+
+        try:
+            await shows(PROMPT.rstrip())  # the renderer draws the space as a cursor move
+            os.write(master, b"-lo houyi 123456\r")
+            at = await shows("Login success")
+            gris.send("-lo gris 123456")
+            await gris.expect("Login success")
+            os.write(master, b"-pc 2 half typ")
+            at = await shows("-pc 2 half typ", at)
+            gris.send("-pc 1 hello,houyi")
+            at = await shows("gris(2): hello,houyi", at)
+            # The half-typed line is drawn again below the message, and finishing it
+            # sends it whole.
+            at = await shows("-pc 2 half typ", at)
+            os.write(master, b"ed\r")
+            assert await gris.expect("houyi(1)") == "houyi(1): half typed"
+            os.write(master, b"bye\r")
+            await shows("bye bye!", at)
+            assert await asyncio.wait_for(houyi.wait(), WAIT) == 0
+        finally:
+            loop.remove_reader(master)
+            os.close(master)
+            if houyi.returncode is None:
+                houyi.kill()
+                await houyi.wait()
+            await gris.stop()
