@@ -643,3 +643,23 @@ def test_registry_is_shared_with_handlers() -> None:
     server = Server("127.0.0.1", 0, registry=reg)
     server.add_handler(Add, lambda s, p: None)
     assert reg.get(Add.TYPE) is Add
+
+
+async def test_stop_during_start_stops_once_started(settings: Settings) -> None:
+    # As when SIGTERM arrives while `bitchat server` is still opening its database.
+    server = Server("127.0.0.1", 0, settings, registry=REG)
+    opening = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow_startup(server: Server) -> None:
+        opening.set()
+        await release.wait()
+
+    server.on_startup.append(slow_startup)
+    serving = asyncio.create_task(server.serve_forever())
+    await asyncio.wait_for(opening.wait(), WAIT)
+    stopping = asyncio.create_task(server.stop())
+    release.set()
+    await asyncio.wait_for(stopping, WAIT)
+    await asyncio.wait_for(serving, WAIT)  # serve_forever returns: the server is stopped
+    assert server._server is not None and not server._server.is_serving()

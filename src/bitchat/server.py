@@ -90,6 +90,7 @@ class Server:
         self._inflight: set[asyncio.Future[Any]] = set()
         self._stopped: asyncio.Event | None = None
         self._no_sessions: asyncio.Event | None = None
+        self._starting: asyncio.Future[None] | None = None
         self._started = False
 
     # -- handlers -------------------------------------------------------------------------
@@ -138,8 +139,17 @@ class Server:
         return (name[0], name[1])
 
     async def start(self) -> None:
-        if self._started:
+        if self._started or self._starting is not None:
             raise UsageError("the server is already started")
+        self._starting = asyncio.get_running_loop().create_future()
+        try:
+            await self._start()
+        finally:
+            # A stop() that came meanwhile goes on now (see stop()).
+            starting, self._starting = self._starting, None
+            starting.set_result(None)
+
+    async def _start(self) -> None:
         tls = None
         if self.settings.tls_cert:
             if not self.settings.tls_key:
@@ -184,7 +194,12 @@ class Server:
         await self._stopped.wait()
 
     async def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish (up to the grace), close all."""
+        """Stop accepting, let in-flight requests finish (up to the grace), close all.
+
+        Called while the server is starting, it waits for the start to end first.
+        """
+        if self._starting is not None:
+            await asyncio.shield(self._starting)
         if not self._started:
             return
         self._started = False
