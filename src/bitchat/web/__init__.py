@@ -51,8 +51,9 @@ class WebFrontend:
         conn.data_received(data)
 
     async def _shutdown(self, server: Server) -> None:
+        # Runs once the sessions are closed; idle keep-alive connections go now.
         for conn in list(self.connections):
-            conn.abort()
+            conn.close()
 
 
 def install(server: Server, im: Any = None) -> WebFrontend:

@@ -45,7 +45,7 @@ _PAGE_HEADERS = [
     (
         b"content-security-policy",
         b"default-src 'self'; connect-src 'self'; img-src 'self' data:; object-src 'none'; "
-        b"base-uri 'none'; frame-ancestors 'none'; form-action 'none'",
+        b"base-uri 'none'; frame-ancestors 'none'",
     ),
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),
@@ -70,9 +70,17 @@ Headers = list[tuple[bytes, bytes]]
 
 
 def looks_like_http(first: bytes) -> bool:
-    """True when ``first`` starts (or may start: it can be one byte) an HTTP request line."""
-    token, space, _ = first[:8].partition(b" ")
-    if space:
+    """True when ``first`` starts (or may start: it can be one byte) an HTTP request line.
+
+    A known method followed by anything is HTTP (h11 then judges the rest, so a
+    garbled request line gets its 400); a prefix of one may be too.
+    """
+    head = first[:8]
+    n = 0
+    while n < len(head) and 0x41 <= head[n] <= 0x5A:  # A-Z
+        n += 1
+    token = head[:n]
+    if n < len(head):
         return token in _METHODS
     return bool(token) and any(m.startswith(token) for m in _METHODS)
 
@@ -177,6 +185,10 @@ class HttpConnection(asyncio.Protocol):
             if isinstance(event, h11.Request):
                 self._request = event
                 self._body_size = 0
+                # h11 bounds a head that is still arriving; this bounds one that came whole.
+                if _head_size(event) > self.settings.max_http_header_size:
+                    self._fail(431, "the request head is too large")
+                    return
                 if _content_length(event) > _MAX_BODY:
                     self._fail(413, "request bodies are not accepted here")
                     return
@@ -194,6 +206,9 @@ class HttpConnection(asyncio.Protocol):
                 return
 
     def _handle(self, request: h11.Request) -> None:
+        if request.http_version not in (b"1.0", b"1.1"):
+            self._fail(505, f"HTTP/{request.http_version.decode()} is not spoken here")
+            return
         try:
             path = urlsplit(request.target.decode("ascii")).path
         except (UnicodeDecodeError, ValueError):
@@ -340,7 +355,7 @@ class HttpConnection(asyncio.Protocol):
             self.transport.write(out)
         route = _route_label(request)
         self.server.metrics.http_requests.labels(route, str(reply.status)).inc()
-        if close:
+        if close or self.conn.our_state is h11.MUST_CLOSE:  # the peer asked to close
             self.close()
 
     def _fail(self, code: int, message: str) -> None:
@@ -383,6 +398,14 @@ class HttpConnection(asyncio.Protocol):
     def abort(self) -> None:
         self._finish()
         self.transport.abort()
+
+
+def _head_size(request: h11.Request) -> int:
+    """The request head's size as sent, give or take the spaces h11 strips."""
+    size = len(request.method) + len(request.target) + 12
+    for name, value in request.headers:
+        size += len(name) + len(value) + 4
+    return size
 
 
 def _content_length(request: h11.Request) -> int:
