@@ -111,6 +111,7 @@ class IMService:
         self.ids = IdGenerator(self.settings.node_id)
         self.watchers: set[Session] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._syncs: set[asyncio.Task[None]] = set()
         self._install()
 
     # -- wiring ---------------------------------------------------------------------------
@@ -145,6 +146,11 @@ class IMService:
         self.ids = IdGenerator(self.settings.node_id, last)
 
     async def _stop(self, server: Server) -> None:
+        # Offline syncs stop, detaches of closed sessions finish, before the centers close.
+        for task in self._syncs:
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=self.settings.shutdown_grace)
         await self.connections.close()
         await self.messages.close()
         await self.users.close()
@@ -191,7 +197,10 @@ class IMService:
             raise RequestError(codes.LOGIN_FAILED, "the connection closed during login")
         if session.user_id is not None and session.user_id != user.id:
             await self._logged_out(session)
+        pending = await self.messages.count_pending(user.id)
         first = not await self.connections.is_online(user.id)
+        # From here on, live messages for the user are held until the offline ones
+        # are out (see _sync), so the session sees everything in id order.
         held: list[Message] = []
         session.data[SYNCING] = held
         session.user_id = user.id
@@ -199,12 +208,18 @@ class IMService:
         session.login_at = time.time()
         session.data[_TOKEN] = token
         await self.connections.attach(user.id, session)
+        if session.closed:
+            # Closed while being attached: its close hook may have run before the
+            # attach, so detach here, or the user would stay online for good.
+            await self._logged_out(session)
+            raise RequestError(codes.LOGIN_FAILED, "the connection closed during login")
         self.server.metrics.logins.inc()
-        pending = await self.messages.count_pending(user.id)
         # Offline messages go out after the LoginOk answer, in id order.
         task = self.server.loop.create_task(self._sync(session, user.id, held))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        self._syncs.add(task)
+        task.add_done_callback(self._syncs.discard)
         if first:
             self._presence(user, True)
         return LoginOk(user.id, user.name, token, pending)
@@ -240,7 +255,7 @@ class IMService:
             if session.data.get(SYNCING) is held:
                 del session.data[SYNCING]
                 late = sorted((m for m in held if m.id not in sent), key=lambda m: m.id)
-                if late and not session.closed:
+                if late and not session.closed and session.user_id == user_id:
                     push_message_each(late, session)
 
     async def _logged_out(self, session: Session) -> None:
