@@ -329,3 +329,20 @@ def test_garbage_never_escapes_as_another_exception(data: bytes) -> None:
             codes.BAD_FLAGS,
             codes.FRAME_TOO_LARGE,
         }
+
+
+@pytest.mark.parametrize(("header", "code"), BAD_HEADERS)
+def test_receive_returns_the_frames_before_the_error(header: bytes, code: str) -> None:
+    d = _decoder()
+    frames, error = d.receive(STREAM[: len(wire(FRAMES[0]))] + wire(FRAMES[1]) + header)
+    assert frames == FRAMES[:2]
+    assert error is not None and error.code == code and error.fatal
+    assert d.buffered == 0
+    frames, error = d.receive(wire(FRAMES[0]))  # refused from now on
+    assert frames == [] and error is not None and error.fatal
+
+
+def test_receive_without_an_error() -> None:
+    d = FrameDecoder()
+    assert d.receive(STREAM[:20]) == (FRAMES[:1], None)
+    assert d.receive(STREAM[20:]) == (FRAMES[1:], None)

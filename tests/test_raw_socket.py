@@ -227,3 +227,16 @@ async def test_many_clients_at_once(port: int, raw_connect: Any) -> None:
         p.send_frame(61200, {"a": i, "b": i}, rid=i + 1, ser=2)
     for i, p in enumerate(peers):
         assert await p.read_frame() == (2, RESPONSE, 61201, i + 1, {"total": 2 * i})
+
+
+@pytest.mark.parametrize(("data", "code"), FATAL[:1] + FATAL[-2:-1])
+async def test_frames_before_the_bad_bytes_are_still_answered(
+    port: int, raw_connect: Any, data: bytes, code: str
+) -> None:
+    # Whatever the segmentation, every complete frame before the bad bytes is handled.
+    peer = await raw_connect(port)
+    peer.send(peer.frame(PING, rid=1) + peer.frame(61200, {"a": 1, "b": 2}, rid=2) + data)
+    assert await peer.read_frame() == (1, RESPONSE, PONG, 1, {})
+    assert await peer.read_frame() == (1, RESPONSE, 61201, 2, {"total": 3})
+    assert await error(peer, rid=0) == code
+    assert await peer.read_to_eof() == b""

@@ -67,15 +67,13 @@ class _Protocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         client = self.client
         client._last_read = client._loop.time()  # type: ignore[union-attr]
-        try:
-            frames = self.decoder.feed(data)
-        except ProtocolError as exc:
-            log.warning("server broke the protocol: %s; reconnecting", exc)
-            assert self.transport is not None
-            self.transport.abort()
-            return
+        frames, error = self.decoder.receive(data)
         for frame in frames:
             client._frame_received(frame)
+        if error is not None:
+            log.warning("server broke the protocol: %s; reconnecting", error)
+            assert self.transport is not None
+            self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.lost.done():

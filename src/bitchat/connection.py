@@ -152,13 +152,11 @@ class Session:
     def _bytes_received(self, data: bytes) -> None:
         self.bytes_in += len(data)
         self._last_read = self._loop.time()
-        try:
-            frames = self._decoder.feed(data)
-        except ProtocolError as exc:
-            self._fatal(exc)
-            return
+        frames, error = self._decoder.receive(data)
         for frame in frames:
             self._frame_received(frame)
+        if error is not None:
+            self._fatal(error)
 
     def _frame_received(self, frame: Frame) -> None:
         """Route one complete frame (also called by the WebSocket adapter)."""

@@ -19,7 +19,8 @@ The same frame travels unchanged inside one binary WebSocket message.
 :class:`FrameDecoder` is fed arbitrary chunks (a frame split at any byte, many
 frames in one chunk) and returns complete frames. It checks every header field,
 the length against the limit included, before it buffers any of the body; a
-bad header raises a fatal :class:`~bitchat.errors.ProtocolError` and the
+bad header is a fatal :class:`~bitchat.errors.ProtocolError` (``feed`` raises
+it, ``receive`` returns it after the frames that came before it) and the
 decoder refuses further input, since the framing is lost.
 """
 
@@ -93,9 +94,27 @@ class FrameDecoder:
         return len(self._buf)
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
-        """Add ``data`` and return every frame it completes, in order."""
+        """Add ``data`` and return every frame it completes, in order.
+
+        A bad header raises :class:`ProtocolError`; frames that ``data`` completed
+        before it are lost with it (:meth:`receive` returns them).
+        """
+        frames, error = self.receive(data)
+        if error is not None:
+            raise error
+        return frames
+
+    def receive(
+        self, data: bytes | bytearray | memoryview
+    ) -> tuple[list[Frame], ProtocolError | None]:
+        """Add ``data``; return the frames it completes and the fatal error, if any.
+
+        Unlike :meth:`feed` this never raises: the frames before a bad header are
+        returned with its error, so every complete frame is handled whatever the
+        peer's bytes were split into. After an error the decoder refuses input.
+        """
         if self._closed:
-            raise ProtocolError("closed", "decoder is closed after a protocol error")
+            return [], ProtocolError("closed", "decoder is closed after a protocol error")
         buf = self._buf
         if buf:
             buf += data
@@ -122,18 +141,18 @@ class FrameDecoder:
                 # The one copy per frame: the body leaves the receive buffer.
                 frames.append(Frame(ser, flags, type_, rid, bytes(view[pos + HEADER_SIZE : stop])))
                 pos = stop
-        except ProtocolError:
+        except ProtocolError as exc:
             self._closed = True
             view.release()
             buf.clear()
-            raise
+            return frames, exc
         view.release()
         if buf:
             if pos:
                 del buf[:pos]
         elif pos < end:
             buf += data[pos:]
-        return frames
+        return frames, None
 
     def _check_partial(self, head: bytes) -> None:
         # Fail as early as the bytes allow, so a wrong peer is told at once.
