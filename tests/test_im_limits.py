@@ -75,3 +75,22 @@ async def test_rate_limited_per_connection(tmp_path: Path) -> None:
         await gris2.send_p2p(1, "from another connection")
         got = await inbox.wait_for(5)
         assert [m.text for m in got] == [f"ok{i}" for i in range(4)] + ["from another connection"]
+
+
+async def test_groups_per_user(tmp_path: Path) -> None:
+    async with im_server(tmp_path, max_groups_per_user=2) as server, clients_of(server) as c:
+        houyi = await c.login("houyi")
+        gris = await c.login("gris")
+        a = await houyi.create_group("a")
+        b = await gris.create_group("b")
+        await houyi.join_group(b.group_id)
+        with pytest.raises(RequestError) as info:
+            await houyi.create_group("c")
+        assert info.value.code == codes.FORBIDDEN
+        c3 = await gris.create_group("c")
+        with pytest.raises(RequestError) as info:
+            await houyi.join_group(c3.group_id)
+        assert info.value.code == codes.FORBIDDEN
+        assert (await houyi.join_group(a.group_id)).members == 1  # already in: harmless
+        await houyi.leave_group(a.group_id)
+        assert (await houyi.join_group(c3.group_id)).members == 2

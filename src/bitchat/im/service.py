@@ -418,11 +418,19 @@ class IMService:
         name = p.name.strip()
         if not 1 <= len(name) <= 64:
             raise RequestError(codes.INVALID_PACKET, "a group name has 1 to 64 characters")
+        await self._check_group_count(session.user_id, 0)
         g = await self.users.create_group(session.user_id, name)
         return GroupInfo(g.id, g.name, g.owner_id, g.members)
 
+    async def _check_group_count(self, user_id: int, joining: int) -> None:
+        limit = self.settings.max_groups_per_user
+        groups = await self.users.user_groups(user_id)
+        if len(groups) >= limit and all(g.id != joining for g in groups):
+            raise RequestError(codes.FORBIDDEN, f"a user may be in at most {limit} groups")
+
     async def on_join_group(self, session: Session, p: JoinGroup) -> GroupInfo:
         assert session.user_id is not None
+        await self._check_group_count(session.user_id, p.group_id)
         g = await self.users.join_group(p.group_id, session.user_id, self.settings.max_group_size)
         return GroupInfo(g.id, g.name, g.owner_id, g.members)
 
