@@ -57,14 +57,19 @@ class Settings:
     max_message_length: int = 4096
     """Longest chat message text, in characters."""
     max_name_length: int = 32
+    """Longest user name, in characters (names have no spaces)."""
     max_password_length: int = 256
+    """Longest password, in characters."""
     max_group_size: int = 500
+    """Most members of a group; one more join fails with ``group_full``."""
     max_groups_per_user: int = 1000
+    """Most groups one user may be in; one more create or join is ``forbidden``."""
     rate_limit: float = 50.0
     """Sustained requests per second per connection (token bucket refill rate)."""
     rate_burst: int = 200
     """Requests a connection may send in a burst above the rate."""
     history_max_page: int = 200
+    """Most messages in one history page, whatever the request asks."""
     offline_batch: int = 500
     """Offline messages pushed per batch at login."""
     store_batch_max: int = 512

@@ -324,6 +324,7 @@ class Repl:
         from prompt_toolkit.patch_stdout import patch_stdout
 
         prompt: PromptSession[str] = session or PromptSession()
+        self.out("Type help for the commands, bye to quit.")
         with patch_stdout(raw=True) if patch else contextlib.nullcontext():
             while True:
                 try:
