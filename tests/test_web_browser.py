@@ -149,6 +149,8 @@ async def test_two_browser_users_chat_one_to_one_and_in_a_group(
     await expect(bob.page.locator("#chat-name")).to_have_text("Weekend trip")
     await bob.say("I'll bring the tent")
     await expect(alice.message("I'll bring the tent")).to_have_count(1)
+    # A message from a new member refreshes the group's member count.
+    await expect(alice.page.locator("#chat-sub")).to_contain_text("2 members")
     await expect(alice.message("I'll bring the tent").locator(".sender")).to_have_text("bob")
     await alice.say("Great, I'll drive")
     await expect(bob.message("Great, I'll drive")).to_have_count(1)
@@ -218,6 +220,15 @@ async def test_offline_message_shows_at_login_and_the_pages_ack_clears_it(
         await frank.open_chat("erin")
         shown = frank.message("You missed this while you were out")
         await expect(shown).to_have_attribute("data-msg-id", str(ack.msg_id))
+        # The page's JSON keeps 64-bit ids exact both ways (parse from source, emit raw).
+        echoed = await frank.page.evaluate(
+            """async (text) => {
+                const m = await import('/static/app.js');
+                return m.stringifyJSON({msg_ids: [m.parseJSON(text).msg_id]});
+            }""",
+            f'{{"msg_id": {ack.msg_id}}}',
+        )
+        assert echoed == f'{{"msg_ids":[{ack.msg_id}]}}'
         await frank.page.screenshot(path=str(artifact("chat-offline-message.png")))
         await frank.close()
 
@@ -260,3 +271,30 @@ async def test_page_reconnects_by_itself_after_a_drop(server: Server, browser: B
         [new] = [s for s in server.sessions.values() if isinstance(s, WsSession)]
         assert new is not ws and new.user_id == henry_id
         await henry.close()
+
+
+async def test_history_pages_back_through_a_long_conversation(
+    server: Server, browser: Browser
+) -> None:
+    port = server.address[1]
+    async with IMClient("127.0.0.1", port) as ivy, IMClient("127.0.0.1", port) as jack:
+        await ivy.login("ivy", "ivy-pw")
+        jack_me = await jack.login("jack", "jack-pw")
+        for n in range(1, 61):
+            await ivy.send_p2p(jack_me.user_id, f"note {n:02d}")
+
+        page_jack = await PageUser.open(browser, server)
+        await page_jack.sign_in("jack", "jack-pw")
+        await page_jack.open_chat("ivy")
+        # The newest page (50) first, the oldest 10 on demand.
+        await expect(page_jack.message("note 60")).to_have_count(1)
+        await expect(page_jack.page.get_by_test_id("message")).to_have_count(50)
+        await expect(page_jack.message("note 10")).to_have_count(0)
+        await page_jack.page.get_by_role("button", name="Load earlier messages").click()
+        await expect(page_jack.page.get_by_test_id("message")).to_have_count(60)
+        await expect(
+            page_jack.page.get_by_role("button", name="Load earlier messages")
+        ).to_be_hidden()
+        texts = await page_jack.page.locator(".msg .text").all_text_contents()
+        assert texts == [f"note {n:02d}" for n in range(1, 61)]
+        await page_jack.close()

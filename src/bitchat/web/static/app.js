@@ -439,6 +439,9 @@ function onChat(m) {
   if (!mine) queueAck(m.msg_id);
   if (fresh && !mine && (state.active !== key || document.hidden)) conv.unread += 1;
   if (m.kind === 'group' && !state.groups.has(m.to)) refreshGroups();
+  else if (m.kind === 'group' && conv.memberIds && !conv.memberIds.has(m.sender_id)) {
+    refreshMembers(conv); // someone joined since the list was read
+  }
   render();
 }
 
@@ -539,7 +542,24 @@ function openConversation(key) {
   $('app').classList.add('in-chat');
   render({ toBottom: true });
   if (!conv.loaded) loadHistory(conv, false);
+  if (conv.kind === 'group') refreshMembers(conv);
   $('composer-input').focus();
+}
+
+// A group's member list (and so its count) as the server has it now.
+async function refreshMembers(conv) {
+  if (!state.link?.live) return null;
+  try {
+    const list = await state.link.request(T.GROUP_MEMBERS, { group_id: conv.id });
+    conv.memberIds = new Set(list.members.map((m) => m.id));
+    const g = state.groups.get(conv.id);
+    if (g) g.members = list.members.length;
+    render();
+    return list.members;
+  } catch (err) {
+    if (err.code !== 'closed') toast(err.message);
+    return null;
+  }
 }
 
 // -- rendering ----------------------------------------------------------------------------------
@@ -637,8 +657,8 @@ const recency = (c) => (c.last ? c.last.ts : 0);
 
 function renderSidebar() {
   const me = state.me;
-  $('me-name').textContent = `${me.name}`;
-  $('me-name').title = `You are user ${me.id}`;
+  $('me-name').replaceChildren(me.name, el('span', 'me-id', ` #${me.id}`));
+  $('me-name').title = `You are user ${me.id}: others message you with this number`;
   $('me-avatar').replaceWith(Object.assign(avatar(me.name, me.id), { id: 'me-avatar' }));
 
   // People: everyone online, and everyone I have a conversation with.
@@ -881,16 +901,17 @@ function wire() {
   }));
   $('members').addEventListener('click', async () => {
     const conv = state.convs.get(state.active);
+    const members = await refreshMembers(conv);
+    if (!members) return;
     try {
-      const list = await state.link.request(T.GROUP_MEMBERS, { group_id: conv.id });
       const ul = el('ul', 'member-list');
-      for (const m of list.members) {
+      for (const m of members) {
         const li = el('li');
         li.append(avatar(m.name, m.id, { online: m.online }),
           el('span', '', m.id === state.me.id ? `${m.name} (you)` : m.name));
         ul.append(li);
       }
-      await ask({ title: `${convTitle(conv)} · ${list.members.length} members`, content: ul, ok: 'Close' });
+      await ask({ title: `${convTitle(conv)} · ${members.length} members`, content: ul, ok: 'Close' });
     } catch (err) {
       toast(err.message);
     }
