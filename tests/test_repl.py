@@ -455,3 +455,40 @@ async def test_interactive_client_on_a_terminal(tmp_path: Path) -> None:
                 houyi.kill()
                 await houyi.wait()
             await gris.stop()
+
+
+async def test_client_asks_the_router_where_to_connect(tmp_path: Path) -> None:
+    """``--router``: the real router_resolver asks a router (here a stand-in that
+    answers WhereTo with the IM server's address) before every connection."""
+    from bitchat import Server
+    from bitchat.cluster.packets import NodeAddress, WhereTo
+
+    async with im_server(tmp_path) as im:
+        asked: list[WhereTo] = []
+        router = Server("127.0.0.1", 0, im.settings)
+
+        @router.handler(WhereTo)
+        async def where_to(session: object, packet: WhereTo) -> NodeAddress:
+            asked.append(packet)
+            return NodeAddress("127.0.0.1", port_of(im), 7)
+
+        async with router:
+            client = await Proc.start(
+                "client", "--router", f"127.0.0.1:{port_of(router)}", name="client", stdin=True
+            )
+            try:
+                await client.expect(f"Connected to 127.0.0.1:{port_of(im)}")
+                client.send("-lo houyi 123456")
+                assert await client.expect("Login") == "Login success"
+                client.send("bye")
+                assert await asyncio.wait_for(client.proc.wait(), WAIT) == 0
+            finally:
+                await client.stop()
+            assert len(asked) == 1
+
+
+async def test_client_refuses_a_bad_router_address() -> None:
+    proc = await Proc.start("client", "--router", "nowhere", name="client", stdin=True)
+    line = await proc.expect("--router")
+    assert "expected HOST:PORT" in line
+    assert await asyncio.wait_for(proc.proc.wait(), WAIT) == 2
