@@ -23,6 +23,7 @@ const DEAD_AFTER_MS = 16000;     // nothing heard for this long: the link is dea
 const REQUEST_TIMEOUT_MS = 10000;
 const HISTORY_PAGE = 50;
 const GROUPING_MS = 5 * 60 * 1000;
+const ACK_DELAY_MS = 25;
 
 const utf8in = new TextDecoder();
 const utf8out = new TextEncoder();
@@ -445,9 +446,10 @@ function onChat(m) {
   render();
 }
 
+// Acks go in batches: a burst of offline messages costs a few requests, not one each.
 function queueAck(msgId) {
   state.toAck.push(msgId);
-  if (state.toAck.length === 1) queueMicrotask(flushAcks);
+  if (state.toAck.length === 1) setTimeout(flushAcks, ACK_DELAY_MS);
 }
 
 async function flushAcks() {
