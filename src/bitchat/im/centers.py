@@ -32,8 +32,12 @@ class Group:
     members: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "name": self.name, "owner_id": self.owner_id,
-                "members": self.members}
+        return {
+            "id": self.id,
+            "name": self.name,
+            "owner_id": self.owner_id,
+            "members": self.members,
+        }
 
 
 @dataclass(slots=True)
@@ -50,18 +54,25 @@ class Message:
     client_msg_id: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"msg_id": self.id, "kind": self.kind, "sender_id": self.sender_id,
-                "sender_name": self.sender_name, "to": self.to, "text": self.text,
-                "ts": self.ts, "client_msg_id": self.client_msg_id}
+        return {
+            "msg_id": self.id,
+            "kind": self.kind,
+            "sender_id": self.sender_id,
+            "sender_name": self.sender_name,
+            "to": self.to,
+            "text": self.text,
+            "ts": self.ts,
+            "client_msg_id": self.client_msg_id,
+        }
 
 
 class UserCenter(abc.ABC):
     """Users, credentials, tokens and groups."""
 
-    async def start(self) -> None:
+    async def start(self) -> None:  # noqa: B027 (optional hook)
         """Open connections, run migrations."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 (optional hook)
         """Release everything."""
 
     @abc.abstractmethod
@@ -124,9 +135,9 @@ class UserCenter(abc.ABC):
 class MessageCenter(abc.ABC):
     """Durable messages, each recipient's undelivered ones, and history."""
 
-    async def start(self) -> None: ...
+    async def start(self) -> None: ...  # noqa: B027 (optional hook)
 
-    async def close(self) -> None: ...
+    async def close(self) -> None: ...  # noqa: B027 (optional hook)
 
     @abc.abstractmethod
     def store(self, message: Message, recipients: Sequence[int]) -> Awaitable[tuple[Message, bool]]:
@@ -150,8 +161,9 @@ class MessageCenter(abc.ABC):
     async def count_pending(self, user_id: int) -> int: ...
 
     @abc.abstractmethod
-    async def history(self, user_id: int, peer_id: int, group_id: int, before: int,
-                      limit: int) -> list[Message]:
+    async def history(
+        self, user_id: int, peer_id: int, group_id: int, before: int, limit: int
+    ) -> list[Message]:
         """A conversation, newest first: p2p between ``user_id`` and ``peer_id``,
         or the group ``group_id``; only ids < ``before`` unless it is 0."""
 
@@ -163,9 +175,9 @@ class MessageCenter(abc.ABC):
 class ConnectionCenter(abc.ABC):
     """Where users are online, and the delivery of pushes to them."""
 
-    async def start(self) -> None: ...
+    async def start(self) -> None: ...  # noqa: B027 (optional hook)
 
-    async def close(self) -> None: ...
+    async def close(self) -> None: ...  # noqa: B027 (optional hook)
 
     @abc.abstractmethod
     async def attach(self, user_id: int, session: Session) -> None:
@@ -187,7 +199,6 @@ class ConnectionCenter(abc.ABC):
     async def is_online(self, user_id: int) -> bool: ...
 
     @abc.abstractmethod
-    def deliver(self, message: Message, user_ids: Iterable[int],
-                exclude_session: int = 0) -> None:
+    def deliver(self, message: Message, user_ids: Iterable[int], exclude_session: int = 0) -> None:
         """Push ``message`` to every connection of ``user_ids`` wherever it is,
         except the session ``exclude_session`` (the sender's own)."""
