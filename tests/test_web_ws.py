@@ -291,3 +291,29 @@ async def test_a_broken_websocket_frame_closes_only_that_connection(server: Serv
         assert int.from_bytes(rest[2:4], "big") == 1002
         writer.close()
         assert await request(good, PING, rid=3) == (RESPONSE, PONG, 3, {})
+
+
+def test_the_web_side_on_uvloop(tmp_path: Path) -> None:
+    """``bitchat server`` runs on uvloop: the HTTP and WebSocket take-over works there too."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> None:
+        async with running_server(tmp_path, max_ws_message_size=512) as server:
+            port = server.address[1]
+            assert type(asyncio.get_running_loop()).__module__.startswith("uvloop")
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+                assert (await http.get("/")).status_code == 200
+                async with connect(ws_url(server)) as ws:
+                    assert await request(ws, PING, rid=1) == (RESPONSE, PONG, 1, {})
+                    _, type_, _, _ = await request(ws, LOGIN, {"name": "uv", "password": "pw"}, 2)
+                    assert type_ == LOGIN_OK
+                    channels = (await http.get("/status/channels")).json()["channels"]
+                    assert [(c["transport"], c["user_name"]) for c in channels] == [("ws", "uv")]
+                    await ws.send(frame(PING, raw=b" " * 600, rid=3))
+                    assert (await closed(ws))[0] == 1009
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET / HTTP/1.1\r\nHost x\r\n\r\n")
+            assert (await asyncio.wait_for(reader.read(), WAIT)).startswith(b"HTTP/1.1 400 ")
+            writer.close()
+
+    uvloop.run(scenario())
