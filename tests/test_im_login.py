@@ -59,6 +59,11 @@ async def test_login_registers_unknown_names_and_checks_passwords(tmp_path: Path
         ok2 = await other.login("houyi", "123456")
         assert ok2.user_id == 1 and ok2.token != ok.token
 
+        # Names are Unicode: the article's users may go by their Chinese names.
+        hou_yi = await clients.connect()
+        assert (await hou_yi.login("后羿", "密码 with spaces")).name == "后羿"
+        assert [u.name for u in await hou_yi.online_users()] == ["houyi", "后羿"]
+
 
 async def test_no_auto_register(tmp_path: Path) -> None:
     async with im_server(tmp_path, auto_register=False) as server, clients_of(server) as c:
