@@ -195,7 +195,7 @@ async def test_client_close_handshake(server: Server) -> None:
 
 
 async def test_idle_websocket_is_closed(tmp_path: Path) -> None:
-    async with running_server(tmp_path, read_idle_timeout=0.3) as server:
+    async with running_server(tmp_path, read_idle_timeout=0.6) as server:
         gone = session_closes(server)
         async with connect(ws_url(server), ping_interval=None) as ws:
             assert await request(ws, PING, rid=1) == (RESPONSE, PONG, 1, {})

@@ -218,6 +218,7 @@ const state = {
   outbox: new Map(),     // client_msg_id -> {type, body}
   toAck: [],
   acked: 0,
+  reconnects: 0,
 };
 
 const $ = (id) => document.getElementById(id);
@@ -234,15 +235,20 @@ function newId() {
   return Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('');
 }
 
+function newConversation(key) {
+  const [kind, id] = key.split(':');
+  return {
+    key, kind: kind === 'g' ? 'group' : 'p2p', id: Number(id),
+    messages: [], byId: new Map(), byClient: new Map(),
+    unread: 0, loaded: false, loading: false, more: false, last: null,
+  };
+}
+
+// The conversation for a key, created (and kept) on first use.
 function conversation(key) {
   let conv = state.convs.get(key);
   if (!conv) {
-    const [kind, id] = key.split(':');
-    conv = {
-      key, kind: kind === 'g' ? 'group' : 'p2p', id: Number(id),
-      messages: [], byId: new Map(), byClient: new Map(),
-      unread: 0, loaded: false, loading: false, more: false, last: null,
-    };
+    conv = newConversation(key);
     state.convs.set(key, conv);
   }
   return conv;
@@ -372,6 +378,8 @@ async function reconnect() {
   setBanner('Reconnecting…');
   try {
     await connect({ token: state.token });
+    state.reconnects += 1;
+    document.body.dataset.reconnects = String(state.reconnects);
   } catch (err) {
     if (err.code === 'login_failed') {
       signedOut('Your session has expired. Please sign in again.');
@@ -665,7 +673,10 @@ function renderSidebar() {
 
   // People: everyone online, and everyone I have a conversation with.
   const people = new Map();
-  for (const u of state.users.values()) if (u.online) people.set(`u:${u.id}`, conversation(`u:${u.id}`));
+  for (const u of state.users.values()) {
+    // Someone merely online is listed, not kept: they leave the list when they go.
+    if (u.online) people.set(`u:${u.id}`, state.convs.get(`u:${u.id}`) ?? newConversation(`u:${u.id}`));
+  }
   for (const c of state.convs.values()) if (c.kind === 'p2p' && c.id !== me.id) people.set(c.key, c);
   const rows = [...people.values()].sort((a, b) =>
     recency(b) - recency(a) ||
