@@ -78,8 +78,13 @@ def test_version_matches_the_package_metadata() -> None:
 
 def test_the_exception_tree() -> None:
     e = bitchat
-    for exc in (e.ProtocolError, e.UsageError, e.RequestError, e.RequestTimeout,
-                e.ConnectionClosed):
+    for exc in (
+        e.ProtocolError,
+        e.UsageError,
+        e.RequestError,
+        e.RequestTimeout,
+        e.ConnectionClosed,
+    ):
         assert issubclass(exc, e.BitchatError)
     assert issubclass(e.ServiceUnavailable, e.RequestError)
     assert issubclass(e.RequestTimeout, TimeoutError)

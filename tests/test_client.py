@@ -152,9 +152,7 @@ async def test_request(servers: Any, clients: Any, serializer: str) -> None:
         assert results == [Sum(2 * i) for i in range(100)]
 
 
-async def test_request_timeout_when_the_server_never_answers(
-    servers: Any, clients: Any
-) -> None:
+async def test_request_timeout_when_the_server_never_answers(servers: Any, clients: Any) -> None:
     server = await servers()
     async with clients(server.address[1]) as client:
         loop = asyncio.get_running_loop()
@@ -207,9 +205,7 @@ async def test_requests_before_connect_and_after_close(servers: Any, clients: An
     await client.close()  # closing twice is harmless
 
 
-async def test_pending_requests_fail_when_the_connection_drops(
-    servers: Any, clients: Any
-) -> None:
+async def test_pending_requests_fail_when_the_connection_drops(servers: Any, clients: Any) -> None:
     server = await servers()
     client = clients(server.address[1], reconnect=False)
     await client.connect(timeout=WAIT)

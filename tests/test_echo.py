@@ -17,9 +17,7 @@ def test_echo_example_runs_on_a_free_port() -> None:
         f"ns = runpy.run_path({str(EXAMPLE)!r})\n"
         "print('returned', asyncio.run(ns['main'](0)))\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
-    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["HELLO, BITCHAT", "returned HELLO, BITCHAT"]
 

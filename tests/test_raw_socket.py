@@ -40,8 +40,9 @@ class Orphan(Packet, type=61203, register=False):
 
 @pytest.fixture
 async def server(settings: Settings, registry_of: Any) -> AsyncIterator[Server]:
-    srv = Server("127.0.0.1", 0, settings.replace(max_frame_size=1024),
-                 registry=registry_of(Orphan))
+    srv = Server(
+        "127.0.0.1", 0, settings.replace(max_frame_size=1024), registry=registry_of(Orphan)
+    )
 
     @srv.handler(Add)
     def add(session: Session, p: Add) -> Sum:
@@ -69,23 +70,34 @@ async def test_ping_pong(port: int, raw_connect: Any, ser: int) -> None:
     assert await peer.request(PING, rid=77, ser=ser) == (ser, RESPONSE, PONG, 77, {})
     # A one-way Ping (request id 0) is answered too: it is the heartbeat.
     assert await peer.request(PING, rid=0, ser=ser) == (ser, RESPONSE, PONG, 0, {})
-    assert await peer.request(PING, rid=0xFFFFFFFF, ser=ser) == (ser, RESPONSE, PONG,
-                                                                  0xFFFFFFFF, {})
+    assert await peer.request(PING, rid=0xFFFFFFFF, ser=ser) == (
+        ser,
+        RESPONSE,
+        PONG,
+        0xFFFFFFFF,
+        {},
+    )
 
 
 @pytest.mark.parametrize("ser", [1, 2])
 async def test_request_response(port: int, raw_connect: Any, ser: int) -> None:
     peer = await raw_connect(port)
     assert await peer.request(61200, {"a": 2, "b": 3}, rid=5, ser=ser) == (
-        ser, RESPONSE, 61201, 5, {"total": 5})
+        ser,
+        RESPONSE,
+        61201,
+        5,
+        {"total": 5},
+    )
 
 
 async def test_pipelined_requests_in_one_write_are_answered_in_order(
     port: int, raw_connect: Any
 ) -> None:
     peer = await raw_connect(port)
-    peer.send(b"".join(peer.frame(61200, {"a": i, "b": 1}, rid=i + 1, ser=1 + i % 2)
-                       for i in range(50)))
+    peer.send(
+        b"".join(peer.frame(61200, {"a": i, "b": 1}, rid=i + 1, ser=1 + i % 2) for i in range(50))
+    )
     for i in range(50):
         assert await peer.read_frame() == (1 + i % 2, RESPONSE, 61201, i + 1, {"total": i + 1})
 
@@ -124,8 +136,9 @@ async def test_unknown_type_keeps_the_connection(port: int, raw_connect: Any, se
     ("ser", "raw"),
     [(1, b"{oops"), (1, b""), (1, b"\xff\xfe"), (2, b"\xc1"), (2, b"\x82\xa1a"), (2, b"")],
 )
-async def test_body_that_does_not_deserialize(port: int, raw_connect: Any, ser: int,
-                                              raw: bytes) -> None:
+async def test_body_that_does_not_deserialize(
+    port: int, raw_connect: Any, ser: int, raw: bytes
+) -> None:
     peer = await raw_connect(port)
     peer.send_frame(61200, raw=raw, rid=8, ser=ser)
     assert await error(peer, rid=8, ser=ser) == "bad_body"
@@ -190,16 +203,16 @@ async def test_fatal_errors_send_error_then_close(
     assert gone.closed and gone.id not in server.sessions
 
 
-async def test_oversized_length_fails_before_the_body_is_sent(port: int,
-                                                              raw_connect: Any) -> None:
+async def test_oversized_length_fails_before_the_body_is_sent(port: int, raw_connect: Any) -> None:
     peer = await raw_connect(port)
     peer.send(H.pack(0xBC, 1, 2, 0, 61200, 1, 10_000_000))  # and never a body byte
     rest = await peer.read_to_eof()
     assert rest[14:] and b"frame_too_large" in rest
 
 
-async def test_first_byte_not_bitchat_is_closed(port: int, raw_connect: Any,
-                                                server: Server) -> None:
+async def test_first_byte_not_bitchat_is_closed(
+    port: int, raw_connect: Any, server: Server
+) -> None:
     peer = await raw_connect(port)
     peer.send(b"\x00\x01\x02")
     with contextlib.suppress(ConnectionResetError):
@@ -207,8 +220,7 @@ async def test_first_byte_not_bitchat_is_closed(port: int, raw_connect: Any,
     assert not server.sessions
 
 
-async def test_stray_responses_from_the_client_are_ignored(port: int,
-                                                           raw_connect: Any) -> None:
+async def test_stray_responses_from_the_client_are_ignored(port: int, raw_connect: Any) -> None:
     peer = await raw_connect(port)
     peer.send_frame(61201, {"total": 1}, rid=5, flags=RESPONSE)
     peer.send_frame(PONG, {}, rid=6, flags=RESPONSE)

@@ -327,8 +327,7 @@ async def test_coroutine_handlers_without_pool_run_in_arrival_order(
     app.gate(1).set()
     for rid, total in [(1, 1), (2, 2), (3, 3), (4, 2)]:
         assert await peer.read_frame() == (1, RESPONSE, 61301, rid, {"total": total})
-    assert app.log == [("start", 1), ("end", 1), ("start", 2), ("end", 2), ("start", 3),
-                       ("end", 3)]
+    assert app.log == [("start", 1), ("end", 1), ("start", 2), ("end", 2), ("start", 3), ("end", 3)]
 
 
 async def test_coroutine_handlers_with_pool_run_concurrently(app: App, connect: Any) -> None:
@@ -408,8 +407,9 @@ async def test_activity_keeps_a_connection_open(make_app: Any, raw_connect: Any)
 async def test_a_peer_that_does_not_read_is_disconnected(
     make_app: Any, connect: Any, wait: Any
 ) -> None:
-    app = await make_app(write_high_water=16 * 1024, write_low_water=4 * 1024,
-                         write_hard_limit=256 * 1024)
+    app = await make_app(
+        write_high_water=16 * 1024, write_low_water=4 * 1024, write_hard_limit=256 * 1024
+    )
     port = app.server.address[1]
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -462,9 +462,7 @@ async def test_session_hooks(app: App, connect: Any) -> None:
     assert opened.id not in app.server.sessions
 
 
-async def test_graceful_stop_drains_in_flight_requests(
-    settings: Settings, connect: Any
-) -> None:
+async def test_graceful_stop_drains_in_flight_requests(settings: Settings, connect: Any) -> None:
     app = App(settings)
     calls: list[str] = []
 
@@ -614,14 +612,25 @@ async def test_tls(settings: Settings, tmp_path: Path, caplog: Any, raw_connect:
     async with server:
         assert "tls: on" in caplog.records[0].getMessage()
         ctx = ssl.create_default_context(cafile=cert)
-        client = Client("127.0.0.1", server.address[1], tls_settings.replace(
-            heartbeat_interval=0.1), registry=REG, ssl=ctx)
+        client = Client(
+            "127.0.0.1",
+            server.address[1],
+            tls_settings.replace(heartbeat_interval=0.1),
+            registry=REG,
+            ssl=ctx,
+        )
         async with client:
             assert await client.request(Add(40, 2)) == Sum(42)
             assert await client.request(Ping()) is not None
         # A client that does not trust the certificate cannot connect.
-        untrusting = Client("127.0.0.1", server.address[1], settings, registry=REG,
-                            ssl=ssl.create_default_context(), reconnect=False)
+        untrusting = Client(
+            "127.0.0.1",
+            server.address[1],
+            settings,
+            registry=REG,
+            ssl=ssl.create_default_context(),
+            reconnect=False,
+        )
         with pytest.raises(ConnectionClosed):
             await untrusting.connect(timeout=WAIT)
         # Nor can one that speaks plain TCP to the TLS port: it is closed (at the latest

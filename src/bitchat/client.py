@@ -87,10 +87,18 @@ class Client:
     connection attempt (the cluster router uses it).
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 8864,
-                 settings: Settings | None = None, *, serializer: int | str = "json",
-                 registry: Registry | None = None, ssl: ssl.SSLContext | None = None,
-                 reconnect: bool = True, resolve: Resolver | None = None) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 8864,
+        settings: Settings | None = None,
+        *,
+        serializer: int | str = "json",
+        registry: Registry | None = None,
+        ssl: ssl.SSLContext | None = None,
+        reconnect: bool = True,
+        resolve: Resolver | None = None,
+    ) -> None:
         self.host = host
         self.port = port
         self.settings = settings or Settings()
@@ -179,7 +187,9 @@ class Client:
         assert loop is not None
         _, proto = await asyncio.wait_for(
             loop.create_connection(
-                lambda: _Protocol(self, self.settings.max_frame_size), self.host, self.port,
+                lambda: _Protocol(self, self.settings.max_frame_size),
+                self.host,
+                self.port,
                 ssl=self.ssl,
             ),
             self.settings.connect_timeout,
@@ -197,8 +207,13 @@ class Client:
                     self._first.set_exception(ConnectionClosed(f"cannot connect: {exc}"))
                     return
                 wait = random.uniform(0, delay)  # full jitter
-                log.info("connection to %s:%d failed (%s); retrying in %.2fs",
-                         self.host, self.port, exc, wait)
+                log.info(
+                    "connection to %s:%d failed (%s); retrying in %.2fs",
+                    self.host,
+                    self.port,
+                    exc,
+                    wait,
+                )
                 self._set_state(State.DISCONNECTED)
                 await asyncio.sleep(wait)
                 delay = min(delay * 2, self.settings.reconnect_max_delay)
@@ -217,8 +232,10 @@ class Client:
                 await proto.lost
             except Exception as exc:  # from an on_connected hook, or the connection dropped
                 first = self._first is not None and not self._first.done()
-                if first and (not self.reconnect or not isinstance(
-                        exc, (ConnectionClosed, RequestTimeout, OSError))):
+                if first and (
+                    not self.reconnect
+                    or not isinstance(exc, (ConnectionClosed, RequestTimeout, OSError))
+                ):
                     # Without reconnecting, or when a hook was refused (say, a wrong
                     # password) or broke: connect() raises it rather than retrying.
                     assert self._first is not None
@@ -243,8 +260,9 @@ class Client:
             else:
                 # A server that accepts and drops at once is not hammered: back off.
                 wait = random.uniform(0, delay)
-                log.info("connection to %s:%d lost; reconnecting in %.2fs",
-                         self.host, self.port, wait)
+                log.info(
+                    "connection to %s:%d lost; reconnecting in %.2fs", self.host, self.port, wait
+                )
                 await asyncio.sleep(wait)
                 delay = min(delay * 2, self.settings.reconnect_max_delay)
 
@@ -268,8 +286,7 @@ class Client:
         while True:
             await asyncio.sleep(interval if interval > 0 else s.read_idle_timeout)
             if s.read_idle_timeout > 0 and loop.time() - self._last_read >= s.read_idle_timeout:
-                log.warning("no data from the server for %.1fs; reconnecting",
-                            s.read_idle_timeout)
+                log.warning("no data from the server for %.1fs; reconnecting", s.read_idle_timeout)
                 if proto.transport is not None:
                     proto.transport.abort()
                 return
@@ -309,8 +326,9 @@ class Client:
         except TimeoutError:
             raise RequestTimeout(f"not connected within {timeout:.1f}s") from None
 
-    async def request(self, packet: Packet, timeout: float | None = None,
-                      pool: bool | None = None) -> Packet:
+    async def request(
+        self, packet: Packet, timeout: float | None = None, pool: bool | None = None
+    ) -> Packet:
         """Send ``packet`` and return the server's response packet.
 
         Raises :class:`RequestError` when the server answers with an Error,
@@ -387,8 +405,11 @@ class Client:
                     return
                 cls = self.registry.get(frame.type)
                 if cls is None:
-                    fut.set_exception(ProtocolError(
-                        "unknown_type", f"unknown response type {frame.type}", fatal=False))
+                    fut.set_exception(
+                        ProtocolError(
+                            "unknown_type", f"unknown response type {frame.type}", fatal=False
+                        )
+                    )
                     return
                 fut.set_result(decode_body(cls, frame.serializer, frame.body))
             except ProtocolError as exc:

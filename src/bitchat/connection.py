@@ -120,8 +120,12 @@ class Session:
             return
         timeout = self.server.settings.read_idle_timeout
         if self._loop.time() - self._last_read >= timeout:
-            log.info("closing idle connection %s (%s): nothing read for %.1fs",
-                     self.id, self.remote, timeout)
+            log.info(
+                "closing idle connection %s (%s): nothing read for %.1fs",
+                self.id,
+                self.remote,
+                timeout,
+            )
             self.close()
         else:
             self._arm_idle()
@@ -164,14 +168,21 @@ class Session:
             return
         self.serializer = frame.serializer
         if frame.type == _PING:
-            self._send(encode_frame(frame.serializer, _RESP, 2, frame.request_id,
-                                    _PONG_BODIES[frame.serializer]))
+            self._send(
+                encode_frame(
+                    frame.serializer, _RESP, 2, frame.request_id, _PONG_BODIES[frame.serializer]
+                )
+            )
             return
         if frame.flags & FLAG_RESPONSE:
             return  # the server makes no requests of its own; stray answers are dropped
         if self._rate_limited and not self._take_token():
-            self.send_error(codes.RATE_LIMITED, "too many requests, slow down",
-                            frame.request_id, frame.serializer)
+            self.send_error(
+                codes.RATE_LIMITED,
+                "too many requests, slow down",
+                frame.request_id,
+                frame.serializer,
+            )
             return
         route = self.server.dispatcher.routes.get(frame.type)
         if route is None:
@@ -204,17 +215,26 @@ class Session:
 
     def _unroutable(self, frame: Frame) -> None:
         if frame.type in self.server.registry:
-            self.send_error(codes.NO_HANDLER, f"no handler for packet type {frame.type}",
-                            frame.request_id, frame.serializer)
+            self.send_error(
+                codes.NO_HANDLER,
+                f"no handler for packet type {frame.type}",
+                frame.request_id,
+                frame.serializer,
+            )
         else:
-            self.send_error(codes.UNKNOWN_TYPE, f"unknown packet type {frame.type}",
-                            frame.request_id, frame.serializer)
+            self.send_error(
+                codes.UNKNOWN_TYPE,
+                f"unknown packet type {frame.type}",
+                frame.request_id,
+                frame.serializer,
+            )
 
     def _decode(self, route: Route, frame: Frame) -> Packet | None:
         # Login first: an anonymous peer gets no parsing work done and learns no schema.
         if route.login_required and self.user_id is None:
-            self.send_error(codes.UNAUTHENTICATED, "log in first", frame.request_id,
-                            frame.serializer)
+            self.send_error(
+                codes.UNAUTHENTICATED, "log in first", frame.request_id, frame.serializer
+            )
             return None
         try:
             return decode_body(route.cls, frame.serializer, frame.body, frame.request_id)
@@ -349,10 +369,15 @@ class Session:
         if isinstance(exc, (RequestError, ProtocolError)):
             self.send_error(exc.code, exc.message, frame.request_id, frame.serializer)
         else:
-            log.error("handler %s failed on connection %s", route.name, self.id,
-                      exc_info=(type(exc), exc, exc.__traceback__))
-            self.send_error(codes.INTERNAL, "internal server error", frame.request_id,
-                            frame.serializer)
+            log.error(
+                "handler %s failed on connection %s",
+                route.name,
+                self.id,
+                exc_info=(type(exc), exc, exc.__traceback__),
+            )
+            self.send_error(
+                codes.INTERNAL, "internal server error", frame.request_id, frame.serializer
+            )
 
     def _fatal(self, exc: ProtocolError) -> None:
         log.info("protocol error from %s (connection %s): %s", self.remote, self.id, exc)
@@ -362,8 +387,9 @@ class Session:
 
     # -- output -----------------------------------------------------------------------------
 
-    def send_packet(self, packet: Packet, request_id: int = 0, flags: int = 0,
-                    serializer: int | None = None) -> None:
+    def send_packet(
+        self, packet: Packet, request_id: int = 0, flags: int = 0, serializer: int | None = None
+    ) -> None:
         """Encode and queue one packet for this peer."""
         ser = self.serializer if serializer is None else serializer
         body = SERIALIZERS[ser].dumps(packet.to_dict())
@@ -373,8 +399,9 @@ class Session:
         """Send a server push (request id 0) to this peer."""
         self.send_packet(packet)
 
-    def send_error(self, code: str, message: str, request_id: int = 0,
-                   serializer: int | None = None) -> None:
+    def send_error(
+        self, code: str, message: str, request_id: int = 0, serializer: int | None = None
+    ) -> None:
         self.server.metrics.error(code)
         self.send_packet(Error(code, message), request_id, _RESP_ERR, serializer)
 
@@ -402,8 +429,12 @@ class Session:
         self.bytes_out += len(data)
         self._write(data)
         if self._write_buffer_size() > self.server.settings.write_hard_limit:
-            log.warning("disconnecting %s (connection %s): over %d bytes unread",
-                        self.remote, self.id, self.server.settings.write_hard_limit)
+            log.warning(
+                "disconnecting %s (connection %s): over %d bytes unread",
+                self.remote,
+                self.id,
+                self.server.settings.write_hard_limit,
+            )
             self._abort()
 
     # -- flow control -------------------------------------------------------------------------
@@ -493,8 +524,9 @@ class TcpSession(Session, asyncio.Protocol):
             self.closed = True  # this object is done; the HTTP protocol takes over
             web.take_over(self.transport, data, self.remote)
             return
-        log.info("closing %s: not a bitchat or HTTP client (first byte 0x%02x)",
-                 self.remote, data[0])
+        log.info(
+            "closing %s: not a bitchat or HTTP client (first byte 0x%02x)", self.remote, data[0]
+        )
         self.closed = True
         self.transport.abort()
 

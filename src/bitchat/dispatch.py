@@ -31,8 +31,14 @@ class Dispatcher:
         self.registry = registry
         self.routes: dict[int, Route] = {}
 
-    def add(self, cls: type[Packet], func: Callable[..., Any], *,
-            login_required: bool = False, replace: bool = False) -> None:
+    def add(
+        self,
+        cls: type[Packet],
+        func: Callable[..., Any],
+        *,
+        login_required: bool = False,
+        replace: bool = False,
+    ) -> None:
         if cls.TYPE < 0:
             raise UsageError(f"{cls.__name__} has no packet type; declare it with type=N")
         if cls.TYPE in (1, 2):

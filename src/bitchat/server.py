@@ -66,9 +66,15 @@ def make_ssl_context(cert: str, key: str) -> ssl.SSLContext:
 class Server:
     """A bitchat server on one port (the seed's Server / SimpleServerFactory)."""
 
-    def __init__(self, host: str = "0.0.0.0", port: int = 8864,
-                 settings: Settings | None = None, *, registry: Registry | None = None,
-                 mode: str = "standalone") -> None:
+    def __init__(
+        self,
+        host: str = "0.0.0.0",
+        port: int = 8864,
+        settings: Settings | None = None,
+        *,
+        registry: Registry | None = None,
+        mode: str = "standalone",
+    ) -> None:
         self.host = host
         self.port = port
         self.settings = settings or Settings()
@@ -108,8 +114,9 @@ class Server:
         """
         return self.dispatcher.handler(cls, login_required=login_required)
 
-    def add_handler(self, cls: type[Packet], func: Callable[..., Any], *,
-                    login_required: bool = False) -> None:
+    def add_handler(
+        self, cls: type[Packet], func: Callable[..., Any], *, login_required: bool = False
+    ) -> None:
         self.dispatcher.add(cls, func, login_required=login_required)
 
     def include(self, *handlers: Any) -> None:
@@ -167,7 +174,11 @@ class Server:
                 await hook(self)
             idle = self.settings.read_idle_timeout
             self._server = await self._loop.create_server(
-                lambda: TcpSession(self), self.host, self.port, ssl=tls, backlog=4096,
+                lambda: TcpSession(self),
+                self.host,
+                self.port,
+                ssl=tls,
+                backlog=4096,
                 reuse_address=True,
                 # A handshake is not allowed to idle longer than a connection may.
                 ssl_handshake_timeout=idle if tls is not None and idle > 0 else None,
@@ -182,9 +193,14 @@ class Server:
             raise
         self._started = True
         host, port = self.address
-        log.info("bitchat server started on %s:%d (mode: %s, tls: %s, loop: %s)",
-                 self.host if self.port else host, port, self.mode, "on" if tls else "off",
-                 type(self._loop).__module__.split(".")[0])
+        log.info(
+            "bitchat server started on %s:%d (mode: %s, tls: %s, loop: %s)",
+            self.host if self.port else host,
+            port,
+            self.mode,
+            "on" if tls else "off",
+            type(self._loop).__module__.split(".")[0],
+        )
 
     async def serve_forever(self) -> None:
         """Wait until :meth:`stop` is called (from a signal handler, say)."""
