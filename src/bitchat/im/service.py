@@ -382,7 +382,7 @@ class IMService:
         def stored(result: tuple[Message, bool]) -> SendAck:
             stored_msg, duplicate = result
             if not duplicate:
-                metrics.messages.labels(kind).inc()
+                metrics.message_stored(kind)
                 targets = list(recipients)
                 if msg.sender_id not in targets:
                     targets.append(msg.sender_id)
