@@ -9,6 +9,7 @@ still means the message is on disk, without one fsync per message.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -339,14 +340,44 @@ def _message(row: Sequence[Any]) -> Message:
     return Message(*row)
 
 
+_MESSAGE_ROWS = 100
+"""Message rows per INSERT statement (9 variables each: under SQLite's oldest limit of 999)."""
+_PAIR_ROWS = 400
+"""(user, message) pairs per statement."""
+
+
+def _insert_rows(db: sqlite3.Connection, head: str, row: str, rows: list[tuple[Any, ...]],
+                 chunk: int) -> int:
+    """``head VALUES row, row, ...`` in a few statements; returns the rows inserted.
+
+    One statement per ``chunk`` rows rather than one per row (``executemany``):
+    sqlite3 releases and re-takes the GIL around every statement it steps, and
+    each re-take waits for a busy event loop to let go.
+    """
+    inserted = 0
+    for start in range(0, len(rows), chunk):
+        part = rows[start : start + chunk]
+        cur = db.execute(f"{head} VALUES {','.join([row] * len(part))}",
+                         [v for r in part for v in r])
+        inserted += cur.rowcount
+    return inserted
+
+
 class SqliteMessageCenter(MessageCenter):
-    """Messages and pending deliveries, written in batches."""
+    """Messages and pending deliveries, written in batches.
+
+    Each batch is one transaction, run whole on a writer thread of its own with
+    a plain ``sqlite3`` connection: one hand-over per batch rather than one per
+    statement, and a few multi-row statements rather than a statement per row.
+    """
 
     def __init__(self, path: str, batch_max: int = 512, synchronous: str = "FULL") -> None:
         self.path = path
         self.batch_max = batch_max
         self.synchronous = synchronous
-        self._db: aiosqlite.Connection | None = None
+        self._wdb: sqlite3.Connection | None = None
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         # Reads go through their own connection: with WAL they see only committed
         # data, never a batch the writer is in the middle of.
         self._rdb: aiosqlite.Connection | None = None
@@ -358,11 +389,33 @@ class SqliteMessageCenter(MessageCenter):
         self._closing = False
 
     async def start(self) -> None:
-        self._db = await open_db(self.path, self.synchronous)
-        self._rdb = await open_db(self.path, self.synchronous)
+        self._rdb = await open_db(self.path, self.synchronous)  # creates and migrates
+        self._loop = asyncio.get_running_loop()
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="bitchat-sqlite-writer"
+        )
+        try:
+            self._wdb = await self._loop.run_in_executor(self._executor, self._connect_writer)
+        except BaseException:
+            self._executor.shutdown(wait=False)
+            await self._rdb.close()
+            self._rdb = None
+            raise
         self._wake = asyncio.Event()
         self._closing = False
-        self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+        self._writer = self._loop.create_task(self._write_loop())
+
+    def _connect_writer(self) -> sqlite3.Connection:
+        try:
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            db.execute(f"PRAGMA synchronous={self.synchronous}")
+            db.execute("PRAGMA foreign_keys=ON")
+            db.execute("PRAGMA busy_timeout=5000")
+            # Room for the hot index pages (they fill only as the store grows).
+            db.execute("PRAGMA cache_size=-32768")
+        except sqlite3.Error as exc:
+            raise ServiceUnavailable(f"cannot open the database {self.path}: {exc}") from exc
+        return db
 
     async def close(self) -> None:
         self._closing = True
@@ -371,23 +424,30 @@ class SqliteMessageCenter(MessageCenter):
         if self._writer is not None:
             await self._writer
             self._writer = None
-        for db in (self._db, self._rdb):
-            if db is not None:
-                await db.close()
-        self._db = self._rdb = None
+        if self._wdb is not None and self._executor is not None and self._loop is not None:
+            await self._loop.run_in_executor(self._executor, self._wdb.close)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+        if self._rdb is not None:
+            await self._rdb.close()
+        self._wdb = self._executor = self._rdb = None
 
     @property
     def db(self) -> aiosqlite.Connection:
-        if self._db is None:
+        """The connection reads go through (writes have their own thread)."""
+        if self._rdb is None:
             raise ServiceUnavailable("the message database is not open")
-        return self._db
+        return self._rdb
 
     # -- writes (group commit) ----------------------------------------------------------------
 
     def store(
         self, message: Message, recipients: Sequence[int]
     ) -> asyncio.Future[tuple[Message, bool]]:
-        fut: asyncio.Future[tuple[Message, bool]] = asyncio.get_running_loop().create_future()
+        # The loop saved at start: get_running_loop() costs a getpid() call per message.
+        fut: asyncio.Future[tuple[Message, bool]] = (
+            self._loop or asyncio.get_running_loop()
+        ).create_future()
         if self._closing or self._wake is None:
             fut.set_exception(ServiceUnavailable("the message store is closed"))
             return fut
@@ -396,7 +456,7 @@ class SqliteMessageCenter(MessageCenter):
         return fut
 
     def ack(self, user_id: int, msg_ids: Sequence[int]) -> asyncio.Future[None]:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[None] = (self._loop or asyncio.get_running_loop()).create_future()
         if self._closing or self._wake is None:
             fut.set_exception(ServiceUnavailable("the message store is closed"))
             return fut
@@ -439,9 +499,19 @@ class SqliteMessageCenter(MessageCenter):
     async def _write(
         self, stores: list[tuple[Message, Sequence[int], Any]], acks: list[tuple[int, int]]
     ) -> list[tuple[Message, bool]]:
-        db = self.db
+        if self._loop is None or self._executor is None:
+            raise ServiceUnavailable("the message database is not open")
+        return await self._loop.run_in_executor(self._executor, self._write_batch, stores, acks)
+
+    def _write_batch(
+        self, stores: list[tuple[Message, Sequence[int], Any]], acks: list[tuple[int, int]]
+    ) -> list[tuple[Message, bool]]:
+        """One group-commit transaction, on the writer thread (touches no future)."""
+        db = self._wdb
+        if db is None:
+            raise ServiceUnavailable("the message database is not open")
         results: list[tuple[Message, bool]] = [(m, False) for m, _, _ in stores]
-        await db.execute("BEGIN IMMEDIATE")
+        db.execute("BEGIN IMMEDIATE")
         try:
             if stores:
                 rows = [
@@ -458,13 +528,16 @@ class SqliteMessageCenter(MessageCenter):
                     )
                     for m, _, _ in stores
                 ]
-                cur = await db.executemany(
+                inserted = _insert_rows(
+                    db,
                     "INSERT OR IGNORE INTO messages (id, kind, conv, sender_id, sender_name, "
-                    "to_id, text, ts, client_msg_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "to_id, text, ts, client_msg_id)",
+                    "(?,?,?,?,?,?,?,?,?)",
                     rows,
+                    _MESSAGE_ROWS,
                 )
-                if cur.rowcount != len(rows):
-                    await self._resolve_duplicates(stores, results)
+                if inserted != len(rows):
+                    self._resolve_duplicates(db, stores, results)
                 pending = [
                     (u, m.id)
                     for (m, recipients, _), (_, dup) in zip(stores, results, strict=True)
@@ -472,18 +545,31 @@ class SqliteMessageCenter(MessageCenter):
                     for u in recipients
                 ]
                 if pending:
-                    await db.executemany("INSERT OR IGNORE INTO pending VALUES (?, ?)", pending)
+                    _insert_rows(db, "INSERT OR IGNORE INTO pending", "(?,?)", pending, _PAIR_ROWS)
             if acks:
-                await db.executemany("DELETE FROM pending WHERE user_id = ? AND msg_id = ?", acks)
-            await db.execute("COMMIT")
+                by_user: dict[int, list[int]] = {}
+                for user_id, msg_id in acks:
+                    by_user.setdefault(user_id, []).append(msg_id)
+                for user_id, ids in by_user.items():
+                    for start in range(0, len(ids), _PAIR_ROWS):
+                        part = ids[start : start + _PAIR_ROWS]
+                        db.execute(
+                            "DELETE FROM pending WHERE user_id = ? AND msg_id IN "
+                            f"({','.join('?' * len(part))})",
+                            [user_id, *part],
+                        )
+            db.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
-                await db.execute("ROLLBACK")
+                db.execute("ROLLBACK")
             raise
         return results
 
-    async def _resolve_duplicates(
-        self, stores: list[tuple[Message, Sequence[int], Any]], results: list[tuple[Message, bool]]
+    @staticmethod
+    def _resolve_duplicates(
+        db: sqlite3.Connection,
+        stores: list[tuple[Message, Sequence[int], Any]],
+        results: list[tuple[Message, bool]],
     ) -> None:
         """Some inserts were ignored: a retried client_msg_id. Find the originals."""
         ids = [m.id for m, _, _ in stores]
@@ -492,23 +578,17 @@ class SqliteMessageCenter(MessageCenter):
             chunk = ids[start : start + 500]
             marks = ",".join("?" * len(chunk))
             stored.update(
-                r[0]
-                for r in await self.db.execute_fetchall(
-                    f"SELECT id FROM messages WHERE id IN ({marks})", chunk
-                )
+                r[0] for r in db.execute(f"SELECT id FROM messages WHERE id IN ({marks})", chunk)
             )
         for i, (m, _, _) in enumerate(stores):
             if m.id in stored:
                 continue
-            rows = list(
-                await self.db.execute_fetchall(
-                    f"SELECT {_MSG_COLUMNS} FROM messages "
-                    "WHERE sender_id = ? AND client_msg_id = ?",
-                    (m.sender_id, m.client_msg_id),
-                )
-            )
-            if rows:
-                results[i] = (_message(rows[0]), True)
+            row = db.execute(
+                f"SELECT {_MSG_COLUMNS} FROM messages WHERE sender_id = ? AND client_msg_id = ?",
+                (m.sender_id, m.client_msg_id),
+            ).fetchone()
+            if row is not None:
+                results[i] = (_message(row), True)
 
     # -- reads --------------------------------------------------------------------------------
 
