@@ -108,6 +108,8 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.CrashShutdownError,
     asyncpg.exceptions.CannotConnectNowError,
     asyncpg.exceptions.TooManyConnectionsError,
+    # The protocol state of a connection cut while idle (seen after pg_terminate_backend).
+    asyncpg.exceptions.InternalClientError,
 )
 _DRIVER: tuple[type[BaseException], ...] = (*_TRANSIENT, asyncpg.PostgresError)
 _CLOSING: tuple[type[BaseException], ...] = (TimeoutError, *_DRIVER)
@@ -197,8 +199,16 @@ class PgDatabase:
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[asyncpg.Connection]:
-        async with self.pool.acquire(timeout=self.settings.backend_timeout) as con:
-            yield con
+        pool = self.pool
+        async with pool.acquire(timeout=self.settings.backend_timeout) as con:
+            try:
+                yield con
+            except _TRANSIENT:
+                # A broken connection must not go back to the pool, and its siblings
+                # were probably cut too (a restart, pg_terminate_backend): renew them all.
+                con.terminate()
+                await pool.expire_connections()
+                raise
 
     async def run(
         self, doing: str, fn: Callable[[asyncpg.Connection], Awaitable[T]], *, retry: bool = True

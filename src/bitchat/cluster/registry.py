@@ -145,10 +145,11 @@ if owner then return 1 end
 return 0
 """
 
-# KEYS: node, online. ARGV: instance. Deletes only this instance's registration.
+# KEYS: node, online, nodes. ARGV: instance, node id. Deletes only this instance's registration.
 _RELEASE = """
 if redis.call('HGET', KEYS[1], 'instance') == ARGV[1] then
   redis.call('DEL', KEYS[1], KEYS[2])
+  redis.call('SREM', KEYS[3], ARGV[2])
   return 1
 end
 return 0
@@ -274,7 +275,7 @@ class NodeRegistry:
 
         False if this instance was not registered (it never claimed the id).
         """
-        return bool(await self._release(keys=self._keys()[:2], args=[self.instance]))
+        return bool(await self._release(keys=self._keys(), args=[self.instance, self.node_id]))
 
 
 async def live_nodes(redis: aioredis.Redis, keys: Keys) -> list[NodeInfo]:
