@@ -90,12 +90,16 @@ def _fmt(v: Any, digits: int = 2) -> str:
 def summary_table(r: BenchResult) -> Table:
     cfg = r.config
     where = "self-started" if r.server.get("self_started") else "running"
+    c = {
+        k: cfg.get(k)
+        for k in ("users", "members", "senders", "window", "payload", "connections", "login")
+    }
     shape = {
-        "p2p": f"{cfg['users']} users in pairs, window {cfg['window']}, {cfg['payload']} B",
-        "group": f"{cfg['members']} members, {cfg['senders']} senders, window {cfg['window']}, "
-        f"{cfg['payload']} B",
-        "connect": f"{cfg['connections']} connections, {cfg['login']} login",
-        "idle": f"{cfg['connections']} idle connections",
+        "p2p": f"{c['users']} users in pairs, window {c['window']}, {c['payload']} B",
+        "group": f"{c['members']} members, {c['senders']} senders, window {c['window']}, "
+        f"{c['payload']} B",
+        "connect": f"{c['connections']} connections, {c['login']} login",
+        "idle": f"{c['connections']} idle connections",
     }[r.scenario]
     t = Table(
         title=f"bitchat bench {r.scenario}: {shape} ({where} server, "

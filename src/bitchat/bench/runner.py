@@ -653,6 +653,7 @@ def _run_connect(
                         "idle_cpu_pct": round(100 * (s2.cpu_s - s1.cpu_s) / cfg.duration, 2),
                     }
                 )
+        workers.broadcast("close")
         closed = workers.gather("closed", 30, lambda: None, handle.alive)
         result.disconnects = sum(c["disconnects"] for c in closed)
         if result.disconnects:
