@@ -97,13 +97,55 @@ async def test_users_tokens_and_groups(centers) -> None:
     assert err.value.code == codes.NOT_FOUND
     assert await users.group_members(g.id) == sorted([alice.id, bob.id])
     assert [x.id for x in await users.user_groups(bob.id)] == [g.id]
-    assert users.known_members(g.id) is None  # membership changes on any node: always ask
     await users.leave_group(g.id, bob.id)
     with pytest.raises(RequestError) as err:
         await users.leave_group(g.id, bob.id)
     assert err.value.code == codes.NOT_MEMBER
     assert (await users.get_group(g.id)).members == 1
     assert await users.get_group(999) is None
+
+
+async def test_member_caches_follow_changes_on_other_nodes(pg_dsn: str) -> None:
+    hasher = hasher_for(cluster_settings())
+    a = PgUserCenter(_db(pg_dsn, "node-a"), hasher)
+    b = PgUserCenter(_db(pg_dsn, "node-b"), hasher)
+    await a.start()
+    await b.start()
+    try:
+        owner = await a.register("owner", "pw")
+        joiner = await a.register("joiner", "pw")
+        g = await a.create_group(owner.id, "g")
+        assert a.known_members(g.id) is None  # not read yet
+        assert await a.group_members(g.id) == [owner.id]
+        assert a.known_members(g.id) == [owner.id]  # cached: group sends skip the database
+        assert a.known_members(999) is None and await a.group_members(999) == []
+        assert a.known_members(999) is None  # an unknown group is never cached
+
+        heard = a.invalidations.value
+        await b.join_group(g.id, joiner.id, 10)  # on the other node
+        await a.invalidations.wait(heard + 1, WAIT)  # its NOTIFY, sent at commit
+        assert a.known_members(g.id) is None
+        assert await a.group_members(g.id) == sorted([owner.id, joiner.id])
+        heard = a.invalidations.value
+        await b.leave_group(g.id, joiner.id)
+        await a.invalidations.wait(heard + 1, WAIT)
+        assert await a.group_members(g.id) == [owner.id]
+        # This node's own changes apply at once.
+        await a.join_group(g.id, joiner.id, 10)
+        assert a.known_members(g.id) is None
+        assert await a.group_members(g.id) == sorted([owner.id, joiner.id])
+
+        # Without its listening connection a node caches nothing, until it is back.
+        losses, listens = a.listener_losses.value, a.listens.value
+        assert await terminate_backends(pg_dsn, "node-a") >= 1
+        await a.listener_losses.wait(losses + 1, WAIT)
+        await a.listens.wait(listens + 1, WAIT)  # listening again, with an empty cache
+        assert a.known_members(g.id) is None
+        assert await a.group_members(g.id) == sorted([owner.id, joiner.id])
+        assert a.known_members(g.id) == sorted([owner.id, joiner.id])
+    finally:
+        await b.close()
+        await a.close()
 
 
 async def test_concurrent_joins_keep_the_group_size(centers) -> None:

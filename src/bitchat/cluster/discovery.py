@@ -63,6 +63,12 @@ def router_resolver(host: str, port: int, settings: Settings | None = None) -> R
     """
     # (time, node id) of recent answers: asked again soon after, those nodes failed us.
     recent: list[tuple[float, int]] = []
+    failing: list[str] = []  # the error of the current run of failures, logged once
+
+    def failed(message: str) -> None:
+        level = logging.DEBUG if failing and failing[0] == message else logging.WARNING
+        log.log(level, "%s (retrying)", message)
+        failing[:] = [message]
 
     async def resolve() -> tuple[str, int]:
         now = time.monotonic()
@@ -73,13 +79,12 @@ def router_resolver(host: str, port: int, settings: Settings | None = None) -> R
         try:
             node = await where_to(host, port, settings, avoid=avoid)
         except RequestError as exc:
-            log.warning(
-                "the router at %s:%d has no node for us: %s", host, port, exc.message or exc.code
-            )
+            failed(f"the router at {host}:{port} has no node for us: {exc.message or exc.code}")
             raise
         except (ConnectionClosed, RequestTimeout) as exc:
-            log.warning("cannot ask the router at %s:%d: %s", host, port, exc)
+            failed(f"cannot ask the router at {host}:{port}: {exc}")
             raise
+        failing.clear()
         recent.append((now, node.node_id))
         log.info("the router sent us to node %d at %s:%d", node.node_id, node.host, node.port)
         return node.host, node.port

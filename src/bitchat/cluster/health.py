@@ -77,6 +77,34 @@ class Health:
                 fut.set_result(None)
 
 
+class Counter:
+    """A count of events that code can wait on (``await c.wait(n, timeout)``)."""
+
+    def __init__(self) -> None:
+        self.value = 0
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+
+    def bump(self) -> None:
+        self.value += 1
+        for entry in list(self._waiters):
+            if self.value >= entry[0]:
+                self._waiters.remove(entry)
+                if not entry[1].done():
+                    entry[1].set_result(None)
+
+    async def wait(self, at_least: int, timeout: float) -> None:
+        """Wait until the count reaches ``at_least``; TimeoutError after ``timeout``."""
+        if self.value >= at_least:
+            return
+        entry = (at_least, asyncio.get_running_loop().create_future())
+        self._waiters.append(entry)
+        try:
+            await asyncio.wait_for(entry[1], timeout)
+        finally:
+            if entry in self._waiters:
+                self._waiters.remove(entry)
+
+
 class Backoff:
     """Exponential delays with full jitter, for reconnect loops."""
 

@@ -21,6 +21,7 @@ recovery.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 
-from bitchat.cluster.health import Backoff, Health
+from bitchat.cluster.health import Backoff, Counter, Health
 from bitchat.errors import RequestError, ServiceUnavailable, codes
 from bitchat.im.centers import Group, Message, MessageCenter, User, UserCenter
 from bitchat.im.ids import MAX_NODE, SEQ_BITS
@@ -271,32 +272,128 @@ def _safe_dsn(dsn: str) -> str:
 # -- users and groups ---------------------------------------------------------------------------
 
 
+MEMBERS_CHANNEL = "bitchat_members"
+"""PostgreSQL NOTIFY channel: the payload is a group id whose membership changed."""
+_NOTIFY_MEMBERS = "SELECT pg_notify($1, $2)"
+
+
 class PgUserCenter(UserCenter):
     """Users, tokens and groups in PostgreSQL.
 
     User names never change, so ``known_user`` answers from a cache of the
-    users this node has seen. Group membership changes on any node, so
-    ``known_members`` answers None (the service asks the database).
+    users this node has seen. Group membership changes on any node: a join or
+    leave sends ``NOTIFY bitchat_members`` in its transaction (so only once it
+    committed), and every node drops that group from its cache when it hears
+    it. ``known_members`` answers from the cache only while this node is
+    listening and PostgreSQL is up; otherwise None (the service asks the
+    database). Another node's change reaches the cache a few milliseconds
+    after its commit; this node's own changes at once.
     """
 
     def __init__(self, db: PgDatabase, hasher: PasswordHasher | None = None) -> None:
         self.db = db
         self.hasher = hasher
         self._names: dict[int, str] = {}
+        self._members: dict[int, list[int]] = {}
+        self._generation: dict[int, int] = {}
+        self._listener: asyncpg.Connection | None = None
+        self._relisten: asyncio.Task[None] | None = None
         self._open = False
+        self.invalidations = Counter()
+        """Membership changes heard or made."""
+        self.listens = Counter()
+        """Times the listening connection was opened (1 after start, more after losses)."""
+        self.listener_losses = Counter()
 
     async def start(self) -> None:
         await self.db.open()
         self._open = True
+        if not await self._listen():
+            self._relisten_later()
 
     async def close(self) -> None:
-        if self._open:
-            self._open = False
-            await self.db.close()
+        if not self._open:
+            return
+        self._open = False
+        if self._relisten is not None:
+            self._relisten.cancel()
+            self._relisten = None
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            with contextlib.suppress(*_CLOSING):
+                await asyncio.wait_for(listener.close(), self.db.settings.shutdown_grace)
+            listener.terminate()
+        await self.db.close()
 
     def known_user(self, user_id: int) -> User | None:
         name = self._names.get(user_id)
         return None if name is None else User(user_id, name)
+
+    # -- the membership cache ---------------------------------------------------------------
+
+    def known_members(self, group_id: int) -> list[int] | None:
+        if self._listener is None or not self.db.health.up:
+            return None
+        return self._members.get(group_id)
+
+    async def _listen(self) -> bool:
+        try:
+            con = await asyncpg.connect(
+                self.db.dsn,
+                timeout=self.db.settings.backend_timeout,
+                server_settings={"application_name": self.db.application_name},
+            )
+        except _DRIVER as exc:
+            log.warning("cannot listen for group changes (%s); not caching members", exc)
+            return False
+        try:
+            await con.add_listener(MEMBERS_CHANNEL, self._notified)
+        except _DRIVER as exc:
+            con.terminate()
+            log.warning("cannot listen for group changes (%s); not caching members", exc)
+            return False
+        con.add_termination_listener(self._listener_lost)
+        # Whatever was cached before is unverified: start empty.
+        self._members.clear()
+        self._listener = con
+        self.listens.bump()
+        return True
+
+    def _listener_lost(self, con: asyncpg.Connection) -> None:
+        if self._listener is not con:
+            return
+        self._listener = None
+        self._members.clear()
+        self.listener_losses.bump()
+        if self._open:
+            log.warning(
+                "lost the PostgreSQL connection listening for group changes; "
+                "not caching members until it is back"
+            )
+            self._relisten_later()
+
+    def _relisten_later(self) -> None:
+        if self._relisten is None or self._relisten.done():
+            self._relisten = asyncio.get_running_loop().create_task(self._relisten_loop())
+
+    async def _relisten_loop(self) -> None:
+        backoff = Backoff(0.05, 2.0)
+        while self._open and self._listener is None:
+            await asyncio.sleep(backoff.delay())
+            if await self._listen():
+                log.info("listening for group changes again")
+
+    def _notified(self, con: object, pid: int, channel: str, payload: object) -> None:
+        try:
+            group_id = int(str(payload))
+        except ValueError:
+            return
+        self._invalidate(group_id)
+
+    def _invalidate(self, group_id: int) -> None:
+        self._members.pop(group_id, None)
+        self._generation[group_id] = self._generation.get(group_id, 0) + 1
+        self.invalidations.bump()
 
     async def _fetch(self, doing: str, sql: str, *args: Any) -> list[asyncpg.Record]:
         async def q(con: asyncpg.Connection) -> list[asyncpg.Record]:
@@ -455,26 +552,35 @@ class PgUserCenter(UserCenter):
                         user_id,
                         time.time(),
                     )
+                    await con.execute(_NOTIFY_MEMBERS, MEMBERS_CHANNEL, str(group_id))
                     members += 1
                 return Group(g["id"], g["name"], g["owner_id"], int(members))
 
         # Idempotent (joining twice is harmless): retried once on a dropped connection.
-        return await self.db.run("joining a group", q)
+        try:
+            return await self.db.run("joining a group", q)
+        finally:
+            self._invalidate(group_id)
 
     async def leave_group(self, group_id: int, user_id: int) -> None:
         async def q(con: asyncpg.Connection) -> str:
             async with con.transaction():
                 if await con.fetchval("SELECT 1 FROM groups WHERE id = $1", group_id) is None:
                     raise RequestError(codes.NOT_FOUND, f"no group {group_id}")
-                return str(
+                status = str(
                     await con.execute(
                         "DELETE FROM group_members WHERE group_id = $1 AND user_id = $2",
                         group_id,
                         user_id,
                     )
                 )
+                await con.execute(_NOTIFY_MEMBERS, MEMBERS_CHANNEL, str(group_id))
+                return status
 
-        status = await self.db.run("leaving a group", q, retry=False)
+        try:
+            status = await self.db.run("leaving a group", q, retry=False)
+        finally:
+            self._invalidate(group_id)
         if status.endswith(" 0"):
             raise RequestError(codes.NOT_MEMBER, f"you are not in group {group_id}")
 
@@ -500,12 +606,27 @@ class PgUserCenter(UserCenter):
         return [Group(r[0], r[1], r[2], int(r[3])) for r in rows]
 
     async def group_members(self, group_id: int) -> list[int]:
+        cached = self.known_members(group_id)
+        if cached is not None:
+            return cached
+        listener = self._listener
+        generation = self._generation.get(group_id, 0)
         rows = await self._fetch(
             "reading group members",
             "SELECT user_id FROM group_members WHERE group_id = $1 ORDER BY user_id",
             group_id,
         )
-        return [r[0] for r in rows]
+        members = [r[0] for r in rows]
+        # Cached only if no change was heard meanwhile (it may predate our read),
+        # and not empty (an unknown group must stay "not found", not "not a member").
+        if (
+            members
+            and listener is not None
+            and self._listener is listener
+            and self._generation.get(group_id, 0) == generation
+        ):
+            self._members[group_id] = members
+        return members
 
 
 # -- messages -----------------------------------------------------------------------------------
