@@ -672,3 +672,16 @@ async def test_stop_during_start_stops_once_started(settings: Settings) -> None:
     await asyncio.wait_for(stopping, WAIT)
     await asyncio.wait_for(serving, WAIT)  # serve_forever returns: the server is stopped
     assert server._server is not None and not server._server.is_serving()
+
+
+async def test_rate_limit_burst_is_not_doubled_after_a_quiet_time(
+    make_app: Any, raw_connect: Any
+) -> None:
+    app = await make_app(rate_limit=0.001, rate_burst=3)
+    peer = await raw_connect(app.server.address[1])
+    assert await peer.request(1, rid=1) == (1, RESPONSE, 2, 1, {})
+    (session,) = app.server.sessions.values()
+    session._tokens_at -= 1000.0  # as if the connection had been quiet for long
+    peer.send(b"".join(peer.frame(61300, {"a": i, "b": 0}, rid=i) for i in range(1, 6)))
+    codes = [(await peer.read_frame())[4].get("code") for _ in range(5)]
+    assert codes == [None, None, None, "rate_limited", "rate_limited"]

@@ -201,15 +201,15 @@ class Session:
             self._run_inline(route, frame)
 
     def _take_token(self) -> bool:
-        tokens = self._tokens
+        # Refill on every request: refilling only when empty would count the time the
+        # bucket sat full, letting a peer quiet for a while burst twice over.
+        now = self._loop.time()
+        s = self.server.settings
+        tokens = min(float(s.rate_burst), self._tokens + (now - self._tokens_at) * s.rate_limit)
+        self._tokens_at = now
         if tokens < 1.0:
-            now = self._loop.time()
-            s = self.server.settings
-            tokens = min(float(s.rate_burst), tokens + (now - self._tokens_at) * s.rate_limit)
-            self._tokens_at = now
-            if tokens < 1.0:
-                self._tokens = tokens
-                return False
+            self._tokens = tokens
+            return False
         self._tokens = tokens - 1.0
         return True
 
