@@ -685,3 +685,23 @@ async def test_rate_limit_burst_is_not_doubled_after_a_quiet_time(
     peer.send(b"".join(peer.frame(61300, {"a": i, "b": 0}, rid=i) for i in range(1, 6)))
     codes = [(await peer.read_frame())[4].get("code") for _ in range(5)]
     assert codes == [None, None, None, "rate_limited", "rate_limited"]
+
+
+async def test_an_idle_peer_that_reads_nothing_is_not_kept_forever(
+    make_app: Any, wait: Any
+) -> None:
+    # close() waits for the unsent bytes to leave; a peer that never reads would hold
+    # its connection (and buffers) forever if the idle close did not end in an abort.
+    app = await make_app(read_idle_timeout=0.3, write_hard_limit=64 << 20)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", app.server.address[1]))
+    try:
+        sock.sendall(b"\xbc\x01\x01\x00\x00\x01\x00\x00\x00\x01\x00\x00\x00\x00")  # a Ping
+        session = await wait(app.opened.get())
+        blob = Blob("x" * 65536)
+        for _ in range(128):  # 8 MiB: more than the kernel buffers hold, under the limit
+            session.push(blob)
+        assert await wait(app.closed.get()) is session
+    finally:
+        sock.close()

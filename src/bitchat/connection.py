@@ -127,6 +127,9 @@ class Session:
                 timeout,
             )
             self.close()
+            # close() waits for unsent bytes to leave; a peer that reads nothing either
+            # would keep the connection (and its buffer) forever: abort after one more.
+            self._idle_timer = self._loop.call_later(timeout, self._abort)
         else:
             self._arm_idle()
 
