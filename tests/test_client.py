@@ -25,8 +25,7 @@ from bitchat import (
     State,
     UsageError,
 )
-
-WAIT = 5.0
+from conftest import WAIT
 
 
 class Add(Packet, type=61400, register=False):

@@ -26,17 +26,10 @@ from bitchat import (
     Settings,
     UsageError,
 )
-from bitchat.protocol import Error, Ping, Pong, Registry
+from bitchat.protocol import Ping, Registry
+from conftest import WAIT, make_registry
 
 RESPONSE, ERR = 2, 4
-WAIT = 5.0
-
-
-def make_registry(*classes: type[Packet]) -> Registry:
-    reg = Registry()
-    for cls in (Ping, Pong, Error, *classes):
-        reg.register(cls)
-    return reg
 
 
 class Add(Packet, type=61300, register=False):
