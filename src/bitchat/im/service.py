@@ -64,7 +64,8 @@ _TOKEN = "bitchat.token"
 
 def _then(aw: Awaitable[T], fn: Callable[[T], R]) -> asyncio.Future[R]:
     """A future of ``fn(result of aw)``, without a task when ``aw`` is a future."""
-    src = asyncio.ensure_future(aw)
+    # Every send comes through here: skip ensure_future's Python-level checks for a future.
+    src = aw if isinstance(aw, asyncio.Future) else asyncio.ensure_future(aw)
     out: asyncio.Future[R] = src.get_loop().create_future()
 
     def done(f: asyncio.Future[T]) -> None:
