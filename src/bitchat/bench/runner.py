@@ -179,6 +179,8 @@ def machine_info(use_uvloop: bool) -> dict[str, Any]:
         "implementation": platform.python_implementation(),
         "uvloop": uv,
         "kernel": platform.release(),
+        # Other work on the machine skews every figure: say how busy it was.
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
     }
 
 
