@@ -28,6 +28,7 @@ class codes:
     BAD_SERIALIZER = "bad_serializer"
     BAD_FLAGS = "bad_flags"
     FRAME_TOO_LARGE = "frame_too_large"
+    BAD_MESSAGE = "bad_message"  # a WebSocket message that is not exactly one frame
     # Request level: the connection stays open.
     BAD_BODY = "bad_body"
     INVALID_PACKET = "invalid_packet"

@@ -74,9 +74,6 @@ class Metrics:
         self.logins = Counter("bitchat_logins", "Successful logins", registry=r)
         self.login_failures = Counter("bitchat_login_failures", "Refused logins", registry=r)
         self.messages = Counter("bitchat_messages", "Chat messages stored", ["kind"], registry=r)
-        self.deliveries = Counter(
-            "bitchat_deliveries", "Chat messages pushed to connections", registry=r
-        )
         self.errors = Counter("bitchat_errors", "Error packets sent", ["code"], registry=r)
         self.handler_seconds = HandlerTimes(
             "bitchat_handler_seconds", "Time spent in request handlers"

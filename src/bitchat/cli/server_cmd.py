@@ -94,10 +94,13 @@ def build_server(args: argparse.Namespace) -> Server:
 
 async def serve(server: Server) -> None:
     loop = asyncio.get_running_loop()
+    stopping: set[asyncio.Task[None]] = set()  # a reference keeps the stop task alive
 
     def on_signal(sig: signal.Signals) -> None:
         log.info("received %s, shutting down", sig.name)
-        loop.create_task(server.stop())
+        task = loop.create_task(server.stop())
+        stopping.add(task)
+        task.add_done_callback(stopping.discard)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)

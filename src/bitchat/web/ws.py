@@ -38,7 +38,7 @@ from wsproto.events import (
 from wsproto.utilities import LocalProtocolError
 
 from bitchat.connection import Session
-from bitchat.errors import ProtocolError
+from bitchat.errors import ProtocolError, codes
 from bitchat.protocol.frame import HEADER_SIZE, Frame
 
 if TYPE_CHECKING:
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bitchat.web.ws")
 
-BAD_MESSAGE = "bad_message"
+BAD_MESSAGE = codes.BAD_MESSAGE
 """Error code: a WebSocket message did not hold exactly one frame."""
 
 CLOSE_NORMAL = 1000
