@@ -314,16 +314,25 @@ class IMService:
             user = self.users.known_user(p.to)
             if user is not None:
                 return self._store_and_deliver(session, msg, [p.to])
-        return self._chain(session, self._p2p_slow(session, msg, chain))
+        queued = self._chain(session)
+        return asyncio.ensure_future(self._p2p_slow(session, msg, chain, queued))
 
     async def _p2p_slow(
-        self, session: Session, msg: Message, chain: asyncio.Future[Any] | None
+        self,
+        session: Session,
+        msg: Message,
+        chain: asyncio.Future[Any] | None,
+        queued: asyncio.Future[None],
     ) -> SendAck:
-        if chain is not None:
-            await asyncio.wait([chain])
-        if await self.users.get_user(msg.to) is None:
-            raise RequestError(codes.NOT_FOUND, f"no user {msg.to}")
-        return await self._store_and_deliver(session, msg, [msg.to])
+        try:
+            if chain is not None:
+                await asyncio.wait([chain])
+            if await self.users.get_user(msg.to) is None:
+                raise RequestError(codes.NOT_FOUND, f"no user {msg.to}")
+            stored = self._store_and_deliver(session, msg, [msg.to])
+        finally:
+            _resolve(queued)
+        return await stored
 
     def on_send_group(self, session: Session, p: SendGroup) -> Any:
         self._check_text(p.text)
@@ -334,29 +343,42 @@ class IMService:
             if members is not None:
                 self._check_member(members, session, p.group_id)
                 return self._store_and_deliver(session, msg, members)
-        return self._chain(session, self._group_slow(session, msg, chain))
+        queued = self._chain(session)
+        return asyncio.ensure_future(self._group_slow(session, msg, chain, queued))
 
     async def _group_slow(
-        self, session: Session, msg: Message, chain: asyncio.Future[Any] | None
+        self,
+        session: Session,
+        msg: Message,
+        chain: asyncio.Future[Any] | None,
+        queued: asyncio.Future[None],
     ) -> SendAck:
-        if chain is not None:
-            await asyncio.wait([chain])
-        if await self.users.get_group(msg.to) is None:
-            raise RequestError(codes.NOT_FOUND, f"no group {msg.to}")
-        members = await self.users.group_members(msg.to)
-        self._check_member(members, session, msg.to)
-        return await self._store_and_deliver(session, msg, members)
+        try:
+            if chain is not None:
+                await asyncio.wait([chain])
+            # Cached members (no I/O) let a busy connection's sends leave this slow path.
+            members = self.users.known_members(msg.to)
+            if members is None:
+                if await self.users.get_group(msg.to) is None:
+                    raise RequestError(codes.NOT_FOUND, f"no group {msg.to}")
+                members = await self.users.group_members(msg.to)
+            self._check_member(members, session, msg.to)
+            stored = self._store_and_deliver(session, msg, members)
+        finally:
+            _resolve(queued)
+        return await stored
 
     @staticmethod
     def _check_member(members: Sequence[int], session: Session, group_id: int) -> None:
         if session.user_id not in members:
             raise RequestError(codes.NOT_MEMBER, f"you are not in group {group_id}")
 
-    def _chain(self, session: Session, coro: Awaitable[SendAck]) -> asyncio.Future[SendAck]:
-        # Later sends of this connection wait for this one: their order is kept.
-        task = asyncio.ensure_future(coro)
-        session.data[_CHAIN] = task
-        return task
+    def _chain(self, session: Session) -> asyncio.Future[None]:
+        # Later sends of this connection wait until this one is queued for storing
+        # (it has its id): their order is kept, without waiting for its commit.
+        queued: asyncio.Future[None] = self.server.loop.create_future()
+        session.data[_CHAIN] = queued
+        return queued
 
     def _new_message(
         self, session: Session, kind: str, to: int, text: str, client_msg_id: str
@@ -458,6 +480,11 @@ class IMService:
                 for u in ids
             ],
         )
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 def push_message_each(messages: Sequence[Message], session: Session) -> None:
