@@ -25,8 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="bitchat", description="bitchat: an instant-messaging server, client and framework."
     )
     parser.add_argument("--version", action="version", version=f"bitchat {__version__}")
-    parser.add_argument("--log-level", default="info",
-                        choices=["debug", "info", "warning", "error"], help="logging level")
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="logging level",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     from bitchat.cli import server_cmd

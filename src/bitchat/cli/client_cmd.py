@@ -87,7 +87,11 @@ async def main(
         host, port = parse_address(args.router)
         resolve = router_resolver(host, port, settings=settings)
     im = IMClient(args.host, args.port, settings, serializer=args.serializer, resolve=resolve)
-    repl = Repl(im, out=lambda line: print(line, flush=True))
+    repl = Repl(
+        im,
+        out=lambda line: print(line, flush=True),
+        via=f"router {args.router}" if args.router else None,
+    )
     # Connect in the background: the prompt is usable at once, and commands
     # wait (up to the request timeout) for the connection.
     connecting = asyncio.get_running_loop().create_task(im.connect(None))

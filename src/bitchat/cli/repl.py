@@ -74,9 +74,10 @@ class Repl:
     changes and incoming messages go through it too.
     """
 
-    def __init__(self, im: IMClient, out: Output | None = None) -> None:
+    def __init__(self, im: IMClient, out: Output | None = None, via: str | None = None) -> None:
         self.im = im
         self.out: Output = out or print
+        self.via = via  # "router HOST:PORT" when a cluster router picks the server
         self._connected_once = False  # "Connected" the first time, then "Reconnected"
         self._up = False
         self._announced_retry = False
@@ -121,6 +122,8 @@ class Repl:
                 self._up = False
                 self._announced_retry = True  # "reconnecting" says it already
             elif not self._announced_retry:
+                if self.via:
+                    where = f"a server through the {self.via}"
                 self.out(f"Cannot reach {where}; retrying...")
                 self._announced_retry = True
 
