@@ -137,6 +137,7 @@ class SqliteUserCenter(UserCenter):
         self._db: aiosqlite.Connection | None = None
         # This process is the only writer, so these caches are complete and current.
         self._names: dict[int, str] = {}
+        self._users: dict[int, User] = {}
         self._members: dict[int, list[int]] = {}
         # One connection: writes (and their transactions) must not interleave.
         self._lock = asyncio.Lock()
@@ -147,8 +148,15 @@ class SqliteUserCenter(UserCenter):
             self._names[uid] = name
 
     def known_user(self, user_id: int) -> User | None:
-        name = self._names.get(user_id)
-        return None if name is None else User(user_id, name)
+        # Asked on every one-to-one send: hand out one User per id (names never change)
+        # rather than building a frozen dataclass each time.
+        user = self._users.get(user_id)
+        if user is None:
+            name = self._names.get(user_id)
+            if name is None:
+                return None
+            user = self._users[user_id] = User(user_id, name)
+        return user
 
     def known_members(self, group_id: int) -> list[int] | None:
         return self._members.get(group_id)
