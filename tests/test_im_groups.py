@@ -159,3 +159,15 @@ async def test_group_history_is_for_members(tmp_path: Path) -> None:
         with pytest.raises(RequestError) as info:
             await chang.history(group_id=g.group_id)
         assert info.value.code == codes.NOT_MEMBER
+
+
+async def test_history_of_someone_or_a_group_that_does_not_exist(tmp_path: Path) -> None:
+    async with im_server(tmp_path) as server, clients_of(server) as c:
+        houyi = await c.login("houyi")
+        for kw, answer in [({"peer_id": 99}, "no user 99"), ({"group_id": 42}, "no group 42")]:
+            with pytest.raises(RequestError) as info:
+                await houyi.history(**kw)
+            assert (info.value.code, info.value.message) == (codes.NOT_FOUND, answer)
+        # A user who exists but never wrote: an empty page, not an error.
+        await c.login("gris")
+        assert (await houyi.history(peer_id=2)).messages == []

@@ -19,7 +19,7 @@ from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
 
 from bitchat.cli import build_parser
-from bitchat.cli.repl import PROMPT, USAGE, Repl
+from bitchat.cli.repl import PROMPT, USAGE, Repl, table
 from bitchat.im.client import IMClient
 from bitchat.settings import Settings
 from conftest import WAIT
@@ -100,20 +100,24 @@ async def test_commands_and_their_output(tmp_path: Path) -> None:
             assert h_out.lines[-1] == "Group created: moon base(1)"
             await gris.execute("-gjoin 1")
             assert g_out.lines[-1] == "Joined group moon base(1), 2 member(s)"
+            await houyi.execute("-gcreate a group with a much longer name")
+            await gris.execute("-gjoin 2")
             m = g_out.mark()
             await gris.execute("-gl")
             assert g_out.since(m) == [
-                "groupName(groupId)\tmembers",
-                "----------------",
-                "moon base(1)\t2",
+                "groupName(groupId)                  members",
+                "----------------------------------  -------",
+                "moon base(1)                              2",
+                "a group with a much longer name(2)        2",
             ]
+            await gris.execute("-gleave 2")
             m = g_out.mark()
             await gris.execute("-gm 1")
             assert g_out.since(m) == [
-                "userName(userId)",
-                "----------------",
-                "houyi(1)\tonline",
-                "gris(2)\tonline",
+                "userName(userId)  status",
+                "----------------  ------",
+                "houyi(1)          online",
+                "gris(2)           online",
             ]
             await gris.execute("-gc 1 hi moon")
             assert g_out.lines[-1] == "Send group message success"
@@ -131,6 +135,8 @@ async def test_commands_and_their_output(tmp_path: Path) -> None:
             assert [re.sub(r"^\S+ \S+ ", "", x) for x in h_out.since(m)] == ["gris(2): hi moon"]
             await gris.execute("-gleave 1")
             assert g_out.lines[-1] == "Left group 1"
+            await gris.execute("-gl")
+            assert g_out.lines[-1] == "No groups"
 
             # Failures and misuse: a line each, and the REPL goes on.
             for line, answer in [
@@ -142,12 +148,16 @@ async def test_commands_and_their_output(tmp_path: Path) -> None:
                 ("-lo gris", "Usage: -lo userName password"),
                 ("-hi", "Usage: -hi userId [beforeId]  or  -hi -g groupId [beforeId]"),
                 ("-lo houyi wrong", "Login failed cause: unknown user or wrong password"),
+                ("-hi 99", "History failed cause: no user 99"),
+                ("-hi -g 42", "History failed cause: no group 42"),
+                ("-gm 42", "List members failed cause: no group 42"),
+                ("I am half way through", "Unknown command: I (type help for the commands)"),
             ]:
+                m = g_out.mark()
+                failures = gris.failures
                 await gris.execute(line)
-                assert g_out.lines[-1] == answer, line
-            m = g_out.mark()
-            await gris.execute("-nope")
-            assert g_out.since(m) == ["Unknown command: -nope", *USAGE.split("\n")]
+                assert g_out.since(m) == [answer], line  # one line
+                assert gris.failures == failures + 1
             m = g_out.mark()
             assert await gris.execute("help")
             assert g_out.since(m) == USAGE.split("\n")
@@ -205,6 +215,93 @@ async def test_reconnect_is_shown_and_missed_messages_arrive(tmp_path: Path) -> 
             assert await out.expect("gris(2)") == "gris(2): you missed this"
 
 
+async def test_commands_fail_at_once_while_not_connected(tmp_path: Path) -> None:
+    """No server: a command answers its one failure line at once, not after the
+    request timeout (made far longer than the test's wait here)."""
+    port = free_port()
+    settings = Settings(request_timeout=60 * WAIT, reconnect_initial_delay=0.05)
+    screen = Screen()
+    im = IMClient("127.0.0.1", port, settings)
+    repl = Repl(im, out=screen)
+    connecting = asyncio.ensure_future(im.connect(None))  # as bitchat client does
+    try:
+        # The first line may come before the first attempt ended: it waits for that.
+        await asyncio.wait_for(repl.execute("-lo houyi 123456"), WAIT)
+        assert screen.lines == [
+            f"Cannot reach 127.0.0.1:{port}; retrying...",
+            f"Login failed cause: not connected to 127.0.0.1:{port} (retrying in the background)",
+        ]
+        m = screen.mark()
+        await asyncio.wait_for(repl.execute("-lu"), WAIT)
+        assert screen.since(m) == [
+            f"List online user failed cause: not connected to 127.0.0.1:{port} "
+            "(retrying in the background)"
+        ]
+        assert repl.failures == 2
+        # The server comes up: the client connects by itself and commands work.
+        async with im_server(tmp_path, port=port):
+            await screen.expect(f"Connected to 127.0.0.1:{port}")
+            await repl.execute("-lo houyi 123456")
+            assert screen.lines[-1] == "Login success"
+        await screen.expect("Connection lost; reconnecting...")
+        m = screen.mark()
+        await asyncio.wait_for(repl.execute("-pc 1 hello"), WAIT)
+        assert screen.since(m) == [
+            f"Send p2p message failed cause: not connected to 127.0.0.1:{port} "
+            "(retrying in the background)"
+        ]
+    finally:
+        connecting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await connecting
+        await im.close()
+
+
+async def test_router_outages_are_one_status_line_each(tmp_path: Path) -> None:
+    """Through a router with no live server: one line saying so, however often the
+    client asks again; a new line when the reason changes."""
+    from bitchat import RequestError, Server, codes
+    from bitchat.cluster.discovery import router_resolver
+    from bitchat.cluster.packets import NodeAddress, WhereTo
+
+    settings = Settings(reconnect_initial_delay=0.01, reconnect_max_delay=0.02)
+    asked = 0
+    asked_enough = asyncio.Event()
+    router = Server("127.0.0.1", 0, settings)
+
+    @router.handler(WhereTo)
+    async def where_to(session: object, packet: WhereTo) -> NodeAddress:
+        nonlocal asked
+        asked += 1
+        if asked >= 5:
+            asked_enough.set()
+        raise RequestError(codes.NO_SERVER, "no bitchat server is alive in the cluster")
+
+    await router.start()
+    via = f"router 127.0.0.1:{port_of(router)}"
+    screen = Screen()
+    resolve = router_resolver("127.0.0.1", port_of(router), settings)
+    im = IMClient(settings=settings, resolve=resolve)
+    repl = Repl(im, out=screen, via=via)
+    connecting = asyncio.ensure_future(im.connect(None))
+    try:
+        await asyncio.wait_for(asked_enough.wait(), WAIT)
+        await asyncio.wait_for(repl.execute("-lu"), WAIT)
+        assert screen.lines == [
+            f"No server is alive in the cluster ({via}); retrying...",
+            f"List online user failed cause: not connected to a server through the {via} "
+            "(retrying in the background)",
+        ]
+        await router.stop()
+        await screen.expect(f"Cannot reach the {via}; retrying...")
+    finally:
+        connecting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await connecting
+        await im.close()
+        await router.stop()
+
+
 async def test_prompt_toolkit_front_end(tmp_path: Path) -> None:
     """The interactive loop, fed keys through prompt_toolkit's pipe input."""
     async with im_server(tmp_path) as server:
@@ -224,8 +321,14 @@ async def test_prompt_toolkit_front_end(tmp_path: Path) -> None:
                 await h_out.expect("gris(2): hello,houyi")
                 keys.send_text("gris\r")
                 assert await g_out.expect("houyi(1)") == "houyi(1): hello,gris"
-                keys.send_text("\x03")  # Ctrl-C: a fresh line, not an exit
                 keys.send_text("bye\r")
+                await asyncio.wait_for(loop, WAIT)
+                assert h_out.lines[-1] == "bye bye!"
+            with create_pipe_input() as keys:
+                session = PromptSession(input=keys, output=DummyOutput())
+                loop = asyncio.ensure_future(houyi.run_interactive(session, patch=False))
+                keys.send_text("-lu")
+                keys.send_text("\x03")  # Ctrl-C, even on a half-typed line, is bye
                 await asyncio.wait_for(loop, WAIT)
                 assert h_out.lines[-1] == "bye bye!"
             with create_pipe_input() as keys:
@@ -233,6 +336,16 @@ async def test_prompt_toolkit_front_end(tmp_path: Path) -> None:
                 loop = asyncio.ensure_future(houyi.run_interactive(session, patch=False))
                 keys.send_text("\x04")  # Ctrl-D on an empty line quits too
                 await asyncio.wait_for(loop, WAIT)
+
+
+def test_tables_are_aligned_on_the_terminal() -> None:
+    # A wide (CJK) character takes two columns, so the next column still lines up.
+    assert table(["userName(userId)", "status"], [["嫦娥(3)", "offline"], ["gris(2)", ""]]) == [
+        "userName(userId)  status",
+        "----------------  -------",
+        "嫦娥(3)           offline",
+        "gris(2)",
+    ]
 
 
 def test_client_command_line() -> None:
@@ -492,3 +605,36 @@ async def test_client_refuses_a_bad_router_address() -> None:
     line = await proc.expect("--router")
     assert "expected HOST:PORT" in line
     assert await asyncio.wait_for(proc.proc.wait(), WAIT) == 2
+
+
+async def test_client_through_a_router_with_no_server_is_quiet_and_exits_1() -> None:
+    """No library log records (timestamped WARNINGs) on the client's screen: one
+    status line; a script in which a command failed exits with status 1."""
+    from bitchat import RequestError, Server, codes
+    from bitchat.cluster.packets import NodeAddress, WhereTo
+
+    asked = asyncio.Event()
+    router = Server("127.0.0.1", 0)
+
+    @router.handler(WhereTo)
+    async def where_to(session: object, packet: WhereTo) -> NodeAddress:
+        asked.set()
+        raise RequestError(codes.NO_SERVER, "no bitchat server is alive in the cluster")
+
+    async with router:
+        via = f"router 127.0.0.1:{port_of(router)}"
+        client = await Proc.start("client", "--router", via.split()[1], name="client", stdin=True)
+        try:
+            await asyncio.wait_for(asked.wait(), 2 * WAIT)
+            client.send("-lu")
+            client.send("bye")
+            assert await asyncio.wait_for(client.proc.wait(), WAIT) == 1
+            await client.expect("bye bye!")
+            assert client.transcript == [
+                f"No server is alive in the cluster ({via}); retrying...",
+                f"List online user failed cause: not connected to a server through the {via} "
+                "(retrying in the background)",
+                "bye bye!",
+            ]
+        finally:
+            await client.stop()

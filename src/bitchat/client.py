@@ -108,6 +108,9 @@ class Client:
         self.reconnect = reconnect
         self.resolve = resolve
         self.state = State.DISCONNECTED
+        self.last_error: BaseException | None = None
+        """Why the last connection attempt failed, or the connection ended (set before
+        the ``DISCONNECTED`` state callbacks run; None while connected)."""
         self.on_connected: list[ConnectedHook] = []
         self.on_state: list[Callable[[State], None]] = []
         self._callbacks: dict[int, list[PushCallback]] = {}
@@ -203,6 +206,7 @@ class Client:
             try:
                 proto = await self._open()
             except (OSError, TimeoutError, RequestError) as exc:
+                self.last_error = exc
                 if not self.reconnect and self._first is not None and not self._first.done():
                     self._first.set_exception(ConnectionClosed(f"cannot connect: {exc}"))
                     return
@@ -230,7 +234,9 @@ class Client:
                 if self._first is not None and not self._first.done():
                     self._first.set_result(None)
                 await proto.lost
+                self.last_error = ConnectionClosed("the connection was lost")
             except Exception as exc:  # from an on_connected hook, or the connection dropped
+                self.last_error = exc
                 first = self._first is not None and not self._first.done()
                 if first and (
                     not self.reconnect
@@ -267,6 +273,7 @@ class Client:
                 delay = min(delay * 2, self.settings.reconnect_max_delay)
 
     async def _after_connect(self) -> None:
+        self.last_error = None
         self._set_state(State.CONNECTED)
         token = _in_hook.set(True)
         try:

@@ -2,8 +2,13 @@
 
 On a terminal it shows the prompt ``bitchat> ``; with stdin from a pipe or a
 file it runs the lines as commands and prints the same output, so it can be
-scripted. ``--router`` asks a cluster router which server to use (and asks
-again after every disconnect).
+scripted; it then exits with status 1 if any command failed (0 otherwise).
+``--router`` asks a cluster router which server to use (and asks again after
+every disconnect).
+
+The client says what happens to its connection in status lines of its own
+(``Connection lost; reconnecting...``), so the library's log records below
+ERROR are not shown unless ``--log-level debug``.
 """
 
 from __future__ import annotations
@@ -63,9 +68,10 @@ class _CurrentStderr:
 
 
 def _quiet_logging(level: str) -> None:
-    # The client prints connection changes as status lines; "info" logs repeat them.
-    if level == "info":
-        logging.getLogger("bitchat").setLevel(logging.WARNING)
+    # The client prints connection changes as status lines; the library's warnings
+    # (a router with no server, a failed reconnect) would repeat them, timestamped.
+    if level != "debug":
+        logging.getLogger().setLevel(logging.ERROR)
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.StreamHandler):
             handler.setStream(_CurrentStderr())
@@ -92,8 +98,8 @@ async def main(
         out=lambda line: print(line, flush=True),
         via=f"router {args.router}" if args.router else None,
     )
-    # Connect in the background: the prompt is usable at once, and commands
-    # wait (up to the request timeout) for the connection.
+    # Connect in the background: the prompt is usable at once; a command waits
+    # for an attempt under way, and fails at once while the server is unreachable.
     connecting = asyncio.get_running_loop().create_task(im.connect(None))
     try:
         if interactive is None:
@@ -107,7 +113,8 @@ async def main(
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await connecting
         await im.close()
-    return 0
+    # A script learns whether every command worked; at a prompt, the user saw.
+    return 1 if repl.failures and not interactive else 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -125,4 +132,8 @@ def run(args: argparse.Namespace) -> int:
             return 2
         resolver = router_resolver
     _quiet_logging(args.log_level)
-    return asyncio.run(main(args, router_resolver=resolver))
+    try:
+        return asyncio.run(main(args, router_resolver=resolver))
+    except KeyboardInterrupt:  # Ctrl-C while a command runs (at the prompt it is bye)
+        print("bye bye!", flush=True)
+        return 130

@@ -10,7 +10,11 @@ they happen. Two front ends feed it lines:
 - :meth:`Repl.run_lines`: lines from a pipe or a file (stdin that is not a
   terminal), with the same output and no prompt, so the client can be scripted.
 
-Commands are run one at a time, in order; each prints one answer.
+Commands are run one at a time, in order; each prints one answer, and a
+failure is one line naming its cause (``Login failed cause: ...``). While the
+client is not connected, a command fails at once rather than waiting for the
+connection; :attr:`Repl.failures` counts failed commands (``bitchat client``
+exits with status 1 after a script in which any failed).
 """
 
 from __future__ import annotations
@@ -20,11 +24,18 @@ import contextlib
 import datetime
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any
+import unicodedata
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
 
 from bitchat.client import State
-from bitchat.errors import BitchatError, RequestError
+from bitchat.errors import (
+    BitchatError,
+    ConnectionClosed,
+    RequestError,
+    RequestTimeout,
+    codes,
+)
 from bitchat.im.packets import GROUP, ChatMessage, LoginOk
 
 if TYPE_CHECKING:
@@ -52,6 +63,11 @@ Usage: <cmd> [options]
   bye                        quit"""
 
 Output = Callable[[str], None]
+Command = Callable[[list[str], str], Awaitable[None]]
+
+
+class _Usage(Exception):
+    """A command line that does not fit its command: print its usage."""
 
 
 def _cause(exc: BaseException) -> str:
@@ -67,6 +83,31 @@ def _int(text: str) -> int | None:
         return None
 
 
+def _width(text: str) -> int:
+    """Columns ``text`` takes on a terminal: East Asian wide characters take two."""
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def table(
+    headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()
+) -> list[str]:
+    """Lines of a table: a header, a rule under each column, the rows.
+
+    Columns are as wide as their widest cell and two spaces apart; the columns
+    whose index is in ``right`` are aligned to the right (numbers).
+    """
+    widths = [max([_width(h)] + [_width(r[i]) for r in rows]) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        out = []
+        for i, (cell, width) in enumerate(zip(cells, widths, strict=True)):
+            pad = " " * (width - _width(cell))
+            out.append(pad + cell if i in right else cell + pad)
+        return "  ".join(out).rstrip()
+
+    return [line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)]
+
+
 class Repl:
     """Runs commands against an :class:`IMClient` and prints what happens.
 
@@ -78,20 +119,26 @@ class Repl:
         self.im = im
         self.out: Output = out or print
         self.via = via  # "router HOST:PORT" when a cluster router picks the server
+        self.failures = 0
+        """Commands that failed (a refusal, a lost connection, a bad command line)."""
         self._connected_once = False  # "Connected" the first time, then "Reconnected"
         self._up = False
-        self._announced_retry = False
-        self._commands: dict[str, Callable[[list[str], str], Any]] = {
-            "-lo": self.login,
-            "-lu": self.list_users,
-            "-pc": self.p2p_chat,
-            "-gc": self.group_chat,
-            "-gcreate": self.group_create,
-            "-gjoin": self.group_join,
-            "-gleave": self.group_leave,
-            "-gl": self.group_list,
-            "-gm": self.group_members,
-            "-hi": self.history,
+        self._status: str | None = None  # the status line printed for the current outage
+        # Set when a connection attempt has ended (connected or not), cleared while one
+        # runs: a command waits for an attempt under way rather than failing at once.
+        self._attempted = asyncio.Event()
+        # command -> (what it does, its failure's name: "<name> failed cause: ...")
+        self._commands: dict[str, tuple[Command, str]] = {
+            "-lo": (self.login, "Login"),
+            "-lu": (self.list_users, "List online user"),
+            "-pc": (self.p2p_chat, "Send p2p message"),
+            "-gc": (self.group_chat, "Send group message"),
+            "-gcreate": (self.group_create, "Create group"),
+            "-gjoin": (self.group_join, "Join group"),
+            "-gleave": (self.group_leave, "Leave group"),
+            "-gl": (self.group_list, "List groups"),
+            "-gm": (self.group_members, "List members"),
+            "-hi": (self.history, "History"),
         }
         im.on_message(self.show_message)
         im.on_relogin(self._relogged_in)
@@ -109,23 +156,49 @@ class Repl:
         else:
             self.out(f"{m.sender_name}({m.sender_id}): {m.text}")
 
-    def _state_changed(self, state: State) -> None:
+    def _where(self) -> str:
         client = self.im.client
-        where = f"{client.host}:{client.port}"
+        return f"{client.host}:{client.port}"
+
+    def _state_changed(self, state: State) -> None:
+        if state is State.CONNECTING:
+            self._attempted.clear()
+            return
+        self._attempted.set()
         if state is State.CONNECTED:
-            self.out(f"{'Reconnected' if self._connected_once else 'Connected'} to {where}")
+            self.out(f"{'Reconnected' if self._connected_once else 'Connected'} to {self._where()}")
             self._connected_once = self._up = True
-            self._announced_retry = False
+            self._status = None
         elif state is State.DISCONNECTED:
             if self._up:
-                self.out("Connection lost; reconnecting...")
                 self._up = False
-                self._announced_retry = True  # "reconnecting" says it already
-            elif not self._announced_retry:
-                if self.via:
-                    where = f"a server through the {self.via}"
-                self.out(f"Cannot reach {where}; retrying...")
-                self._announced_retry = True
+                self._status = "Connection lost; reconnecting..."
+                self.out(self._status)
+                return
+            status = self._outage_status()
+            if status is not None and status != self._status:
+                self._status = status
+                self.out(status)
+
+    def _outage_status(self) -> str | None:
+        """The line that says why the client cannot connect, or None when said already.
+
+        Said once per outage; through a router, again when the reason changes
+        (the router went down, or no server is alive).
+        """
+        error = self.im.client.last_error
+        if self.via is not None:
+            if isinstance(error, RequestError):
+                if error.code == codes.NO_SERVER:
+                    return f"No server is alive in the cluster ({self.via}); retrying..."
+                return f"The {self.via} cannot give a server ({_cause(error)}); retrying..."
+            if isinstance(error, (ConnectionClosed, RequestTimeout)):
+                return f"Cannot reach the {self.via}; retrying..."
+        if self._status is not None:
+            return None  # "Connection lost; reconnecting..." says it already
+        if self.via is not None:
+            return f"Cannot reach {self._where()} (given by the {self.via}); retrying..."
+        return f"Cannot reach {self._where()}; retrying..."
 
     def _relogged_in(self, ok: LoginOk | None, error: Exception | None) -> None:
         if ok is not None:
@@ -148,17 +221,39 @@ class Repl:
             self.out(USAGE)
             return True
         parts = line.split()
-        command = self._commands.get(parts[0])
-        if command is None:
-            self.out(f"Unknown command: {parts[0]}")
-            self.out(USAGE)
+        entry = self._commands.get(parts[0])
+        if entry is None:
+            self._fail(f"Unknown command: {parts[0]} (type help for the commands)")
             return True
+        command, name = entry
         try:
             await command(parts, line)
+        except _Usage as exc:
+            self._fail(f"Usage: {exc}")
         except (BitchatError, OSError) as exc:
-            # Every command handles its own RequestError; this is the connection.
-            self.out(f"Failed cause: {_cause(exc)}")
+            self._fail(f"{name} failed cause: {_cause(exc)}")
         return True
+
+    def _fail(self, line: str) -> None:
+        self.failures += 1
+        self.out(line)
+
+    async def _connected(self) -> None:
+        """Return when the client is connected; raise at once when it is not.
+
+        A connection attempt under way (the first one, say, when a script's first
+        line comes at once) is waited for, up to the time one attempt may take.
+        """
+        client = self.im.client
+        if client.connected:
+            return
+        if client.state is not State.CLOSED and not self._attempted.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._attempted.wait(), client.settings.connect_timeout)
+            if client.connected:
+                return
+        where = f"a server through the {self.via}" if self.via else self._where()
+        raise ConnectionClosed(f"not connected to {where} (retrying in the background)")
 
     @staticmethod
     def _rest(line: str, words: int) -> str:
@@ -168,21 +263,14 @@ class Repl:
 
     async def login(self, parts: list[str], line: str) -> None:
         if len(parts) != 3:
-            self.out("Usage: -lo userName password")
-            return
-        try:
-            await self.im.login(parts[1], parts[2])
-        except RequestError as exc:
-            self.out(f"Login failed cause: {_cause(exc)}")
-            return
+            raise _Usage("-lo userName password")
+        await self._connected()
+        await self.im.login(parts[1], parts[2])
         self.out("Login success")
 
     async def list_users(self, parts: list[str], line: str) -> None:
-        try:
-            users = await self.im.online_users()
-        except RequestError as exc:
-            self.out(f"List online user failed cause: {_cause(exc)}")
-            return
+        await self._connected()
+        users = await self.im.online_users()
         self.out("userName(userId)")
         self.out("----------------")
         for u in users:
@@ -191,91 +279,70 @@ class Repl:
     async def p2p_chat(self, parts: list[str], line: str) -> None:
         to = _int(parts[1]) if len(parts) >= 3 else None
         if to is None:
-            self.out("Usage: -pc userId message")
-            return
-        try:
-            await self.im.send_p2p(to, self._rest(line, 2))
-        except RequestError as exc:
-            self.out(f"Send p2p message failed cause: {_cause(exc)}")
-            return
+            raise _Usage("-pc userId message")
+        await self._connected()
+        await self.im.send_p2p(to, self._rest(line, 2))
         self.out("Send p2p message success")
 
     async def group_chat(self, parts: list[str], line: str) -> None:
         group_id = _int(parts[1]) if len(parts) >= 3 else None
         if group_id is None:
-            self.out("Usage: -gc groupId message")
-            return
-        try:
-            await self.im.send_group(group_id, self._rest(line, 2))
-        except RequestError as exc:
-            self.out(f"Send group message failed cause: {_cause(exc)}")
-            return
+            raise _Usage("-gc groupId message")
+        await self._connected()
+        await self.im.send_group(group_id, self._rest(line, 2))
         self.out("Send group message success")
 
     async def group_create(self, parts: list[str], line: str) -> None:
         name = self._rest(line, 1)
         if not name:
-            self.out("Usage: -gcreate groupName")
-            return
-        try:
-            g = await self.im.create_group(name)
-        except RequestError as exc:
-            self.out(f"Create group failed cause: {_cause(exc)}")
-            return
+            raise _Usage("-gcreate groupName")
+        await self._connected()
+        g = await self.im.create_group(name)
         self.out(f"Group created: {g.name}({g.group_id})")
 
-    def _group_id(self, parts: list[str], usage: str) -> int | None:
+    @staticmethod
+    def _group_id(parts: list[str], usage: str) -> int:
         group_id = _int(parts[1]) if len(parts) == 2 else None
         if group_id is None:
-            self.out(f"Usage: {usage}")
+            raise _Usage(usage)
         return group_id
 
     async def group_join(self, parts: list[str], line: str) -> None:
         group_id = self._group_id(parts, "-gjoin groupId")
-        if group_id is None:
-            return
-        try:
-            g = await self.im.join_group(group_id)
-        except RequestError as exc:
-            self.out(f"Join group failed cause: {_cause(exc)}")
-            return
+        await self._connected()
+        g = await self.im.join_group(group_id)
         self.out(f"Joined group {g.name}({g.group_id}), {g.members} member(s)")
 
     async def group_leave(self, parts: list[str], line: str) -> None:
         group_id = self._group_id(parts, "-gleave groupId")
-        if group_id is None:
-            return
-        try:
-            await self.im.leave_group(group_id)
-        except RequestError as exc:
-            self.out(f"Leave group failed cause: {_cause(exc)}")
-            return
+        await self._connected()
+        await self.im.leave_group(group_id)
         self.out(f"Left group {group_id}")
 
     async def group_list(self, parts: list[str], line: str) -> None:
-        try:
-            groups = await self.im.my_groups()
-        except RequestError as exc:
-            self.out(f"List groups failed cause: {_cause(exc)}")
+        if len(parts) != 1:
+            raise _Usage("-gl")
+        await self._connected()
+        groups = await self.im.my_groups()
+        if not groups:
+            self.out("No groups")
             return
-        self.out("groupName(groupId)\tmembers")
-        self.out("----------------")
-        for g in groups:
-            self.out(f"{g['name']}({g['id']})\t{g['members']}")
+        rows = [[f"{g['name']}({g['id']})", str(g["members"])] for g in groups]
+        for text in table(["groupName(groupId)", "members"], rows, right=[1]):
+            self.out(text)
 
     async def group_members(self, parts: list[str], line: str) -> None:
         group_id = self._group_id(parts, "-gm groupId")
-        if group_id is None:
+        await self._connected()
+        members = await self.im.group_members(group_id)
+        if not members:
+            self.out("No members")
             return
-        try:
-            members = await self.im.group_members(group_id)
-        except RequestError as exc:
-            self.out(f"List members failed cause: {_cause(exc)}")
-            return
-        self.out("userName(userId)")
-        self.out("----------------")
-        for m in members:
-            self.out(f"{m['name']}({m['id']})" + ("\tonline" if m["online"] else ""))
+        rows = [
+            [f"{m['name']}({m['id']})", "online" if m["online"] else "offline"] for m in members
+        ]
+        for text in table(["userName(userId)", "status"], rows):
+            self.out(text)
 
     async def history(self, parts: list[str], line: str) -> None:
         args = parts[1:]
@@ -284,18 +351,14 @@ class Repl:
             args = args[1:]
         ids = [_int(a) for a in args]
         if not 1 <= len(ids) <= 2 or any(i is None for i in ids):
-            self.out("Usage: -hi userId [beforeId]  or  -hi -g groupId [beforeId]")
-            return
+            raise _Usage("-hi userId [beforeId]  or  -hi -g groupId [beforeId]")
         target = ids[0] or 0
         before = (ids[1] or 0) if len(ids) == 2 else 0
-        try:
-            if group:
-                page = await self.im.history(group_id=target, before=before, limit=HISTORY_PAGE)
-            else:
-                page = await self.im.history(peer_id=target, before=before, limit=HISTORY_PAGE)
-        except RequestError as exc:
-            self.out(f"History failed cause: {_cause(exc)}")
-            return
+        await self._connected()
+        if group:
+            page = await self.im.history(group_id=target, before=before, limit=HISTORY_PAGE)
+        else:
+            page = await self.im.history(peer_id=target, before=before, limit=HISTORY_PAGE)
         messages = page.chat_messages()
         if not messages:
             self.out("No messages")
@@ -318,7 +381,7 @@ class Repl:
     async def run_interactive(
         self, session: PromptSession[str] | None = None, *, patch: bool = True
     ) -> None:
-        """Prompt with ``bitchat> `` until ``bye`` or Ctrl-D.
+        """Prompt with ``bitchat> `` until ``bye``, Ctrl-D or Ctrl-C.
 
         With ``patch`` (the default), everything printed while the prompt is
         shown goes above it (prompt_toolkit's ``patch_stdout``).
@@ -332,9 +395,7 @@ class Repl:
             while True:
                 try:
                     line = await prompt.prompt_async(PROMPT)
-                except KeyboardInterrupt:
-                    continue  # Ctrl-C clears the line, as in a shell
-                except EOFError:
+                except (KeyboardInterrupt, EOFError):  # Ctrl-C or Ctrl-D: as bye
                     self.out("bye bye!")
                     return
                 if not await self.execute(line):

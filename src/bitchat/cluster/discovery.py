@@ -41,7 +41,13 @@ async def where_to(
     # One short-lived connection per question: nothing to keep alive between
     # (rare) reconnects, and a restarted router is simply found again.
     router = Client(host, port, settings.replace(heartbeat_interval=0), reconnect=False)
-    await router.connect(settings.connect_timeout)
+    try:
+        await router.connect(settings.connect_timeout)
+    except (OSError, TimeoutError) as exc:
+        # A refused or timed-out connect alike: the router cannot be reached.
+        if isinstance(exc, ConnectionClosed):
+            raise
+        raise ConnectionClosed(f"cannot connect: {str(exc) or type(exc).__name__}") from exc
     try:
         answer = await router.request(WhereTo(avoid or None), settings.request_timeout)
     finally:

@@ -133,7 +133,8 @@ class IMClient:
             if ok is None and self._password is not None:
                 ok = await self._login(Login(self._password[0], self._password[1]))
         except RequestError as exc:
-            log.error("logging in again after the reconnect failed: %s", exc)
+            # A warning: the on_relogin callbacks report it (the CLI prints one line).
+            log.warning("logging in again after the reconnect failed: %s", exc)
             error = exc
         for cb in list(self._relogin_callbacks):
             try:

@@ -426,7 +426,14 @@ class IMService:
             raise RequestError(codes.INVALID_PACKET, "name either peer_id or group_id")
         if p.group_id:
             members = await self.users.group_members(p.group_id)
+            if session.user_id not in members and await self.users.get_group(p.group_id) is None:
+                raise RequestError(codes.NOT_FOUND, f"no group {p.group_id}")
             self._check_member(members, session, p.group_id)
+        elif (
+            self.users.known_user(p.peer_id) is None
+            and await self.users.get_user(p.peer_id) is None
+        ):
+            raise RequestError(codes.NOT_FOUND, f"no user {p.peer_id}")
         limit = max(1, min(p.limit, self.settings.history_max_page))
         # One more than the page: whether older messages exist, without a second query.
         msgs = await self.messages.history(
