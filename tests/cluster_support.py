@@ -484,7 +484,7 @@ class ProcessCluster:
             ],
         )
         self.procs.append(proc)
-        await proc.start(r"bitchat server started on")
+        await proc.start(r"bitchat router started on")
         return proc, port
 
     def port_of(self, node_id: int) -> int:

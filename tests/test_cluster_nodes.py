@@ -18,7 +18,7 @@ from bitchat import RequestError, Server, codes
 from bitchat.cluster.connections import RedisConnectionCenter
 from bitchat.cluster.discovery import router_resolver, where_to
 from bitchat.cluster.node import ClusterServer, build_cluster_server
-from bitchat.cluster.registry import NodeIdInUse, NodeInfo
+from bitchat.cluster.registry import Keys, NodeIdInUse, NodeInfo, live_nodes
 from bitchat.cluster.router import Router, build_router
 from bitchat.im.client import IMClient
 from bitchat.im.packets import Presence
@@ -193,6 +193,39 @@ async def test_router_and_resolver(make_node: MakeNode, redis_prefix: str) -> No
             assert im.client.port in (n1.address[1], n2.address[1])
         finally:
             await im.close()
+
+
+async def test_a_stopping_node_leaves_the_registry_before_it_drains(
+    make_node: MakeNode, make_client: MakeClient, redis_prefix: str
+) -> None:
+    n1 = await make_node(1)
+    await make_client(n1, "alice")
+    keys = Keys(redis_prefix)
+    redis = center(n1).redis
+    seen: list[tuple[list[int], int]] = []
+
+    async def while_stopping(server: Server) -> None:
+        # Runs after the node's own stopping hook, before connections are closed.
+        seen.append(([n.node_id for n in await live_nodes(redis, keys)], len(server.sessions)))
+
+    n1.on_stopping.append(while_stopping)
+    await n1.stop()
+    assert seen == [([], 1)]  # out of the registry while alice is still connected
+
+
+async def test_ids_of_dead_nodes_are_pruned_by_the_live_ones(
+    make_node: MakeNode, redis_prefix: str
+) -> None:
+    n1 = await make_node(1)
+    redis = center(n1).redis
+    nodes = Keys(redis_prefix).nodes
+    await redis.sadd(nodes, "77")  # a node killed with kill -9: its node key expired
+    # No router reads the registry here: node 1's heartbeat prunes it.
+    await eventually(lambda: _members_are(redis, nodes, {b"1"}), WAIT, "the dead id being pruned")
+
+
+async def _members_are(redis: Any, key: str, expected: set[bytes]) -> bool:
+    return set(await redis.smembers(key)) == expected
 
 
 def test_router_policies() -> None:

@@ -492,6 +492,38 @@ async def test_graceful_stop_drains_in_flight_requests(settings: Settings, conne
     await server.stop()  # stopping twice is harmless
 
 
+async def test_a_peer_that_speaks_first_once_the_stop_began_is_refused(
+    settings: Settings, raw_connect: Any
+) -> None:
+    """Accepted before the port closed, its first bytes after: closed at once, not
+    served while the server shuts down (it reconnects elsewhere)."""
+    server = Server("127.0.0.1", 0, settings, registry=REG)
+    opened: list[Session] = []
+    server.on_session_open.append(opened.append)
+    stopping_began, go_on = asyncio.Event(), asyncio.Event()
+
+    async def on_stopping(s: Server) -> None:
+        stopping_began.set()
+        await go_on.wait()
+
+    server.on_stopping.append(on_stopping)
+    await server.start()
+    port = server.address[1]
+    silent = await raw_connect(port)
+    speaker = await raw_connect(port)
+    # Connections are accepted in order: once the second is answered, the first is in.
+    assert (await speaker.request(1, rid=1))[2] == 2  # Pong
+    stopping = asyncio.create_task(server.stop())
+    try:
+        await asyncio.wait_for(stopping_began.wait(), WAIT)
+        silent.send_frame(1, rid=1)  # Ping
+        assert await silent.read_to_eof() == b""  # no Pong: closed
+        assert len(opened) == 1  # the speaker only
+    finally:
+        go_on.set()
+        await asyncio.wait_for(stopping, WAIT)
+
+
 async def test_stop_gives_up_after_the_grace(settings: Settings, connect: Any) -> None:
     app = App(settings.replace(shutdown_grace=0.2))
     await app.server.start()
@@ -550,6 +582,12 @@ async def test_start_and_stop_log_lines(settings: Settings, caplog: Any) -> None
         f"loop: {loop_name})"
     )
     assert messages[-1] == "bitchat server stopped"
+    caplog.clear()
+    async with Server("127.0.0.1", 0, settings, registry=REG, mode="router") as router:
+        port = router.address[1]
+    messages = [r.getMessage() for r in caplog.records if r.name == "bitchat.server"]
+    assert messages[0].startswith(f"bitchat router started on 127.0.0.1:{port} (mode: router,")
+    assert messages[-1] == "bitchat router stopped"
 
 
 # -- TLS ---------------------------------------------------------------------------------------

@@ -87,6 +87,9 @@ class Server:
         """Components installed on this server (e.g. ``data["im"]``)."""
         self.sessions: dict[int, Session] = {}
         self.on_startup: list[Hook] = []
+        self.on_stopping: list[Hook] = []
+        """Run when a stop begins, once the port stopped accepting and before the
+        connections drain (a cluster node leaves the registry here)."""
         self.on_shutdown: list[Hook] = []
         self.on_session_open: list[SessionHook] = []
         self.on_session_close: list[SessionHook] = []
@@ -98,6 +101,7 @@ class Server:
         self._no_sessions: asyncio.Event | None = None
         self._starting: asyncio.Future[None] | None = None
         self._started = False
+        self._stopping = False
 
     # -- handlers -------------------------------------------------------------------------
 
@@ -132,6 +136,11 @@ class Server:
     # -- lifecycle ------------------------------------------------------------------------
 
     @property
+    def kind(self) -> str:
+        """What the process is, in its log lines: ``router`` or ``server``."""
+        return "router" if self.mode == "router" else "server"
+
+    @property
     def loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
             raise UsageError("the server is not started")
@@ -163,6 +172,7 @@ class Server:
                 raise UsageError("a TLS certificate needs its key (tls_key)")
             tls = make_ssl_context(self.settings.tls_cert, self.settings.tls_key)
         self._loop = asyncio.get_running_loop()
+        self._stopping = False
         self._stopped = asyncio.Event()
         self._no_sessions = asyncio.Event()
         self._no_sessions.set()
@@ -194,7 +204,8 @@ class Server:
         self._started = True
         host, port = self.address
         log.info(
-            "bitchat server started on %s:%d (mode: %s, tls: %s, loop: %s)",
+            "bitchat %s started on %s:%d (mode: %s, tls: %s, loop: %s)",
+            self.kind,
             self.host if self.port else host,
             port,
             self.mode,
@@ -219,8 +230,14 @@ class Server:
         if not self._started:
             return
         self._started = False
+        self._stopping = True
         assert self._server is not None
         self._server.close()
+        for hook in self.on_stopping:
+            try:
+                await hook(self)
+            except Exception:
+                log.exception("stopping hook failed")
         if self._inflight:
             await asyncio.wait(set(self._inflight), timeout=self.settings.shutdown_grace)
         for session in list(self.sessions.values()):
@@ -246,7 +263,7 @@ class Server:
             log.warning("web connections still open after the shutdown grace")
         if self.executor is not None:
             self.executor.shutdown(wait=False, cancel_futures=True)
-        log.info("bitchat server stopped")
+        log.info("bitchat %s stopped", self.kind)
         assert self._stopped is not None
         self._stopped.set()
 
@@ -260,6 +277,12 @@ class Server:
     # -- sessions -------------------------------------------------------------------------
 
     def _session_opened(self, session: Session) -> None:
+        if self._stopping:
+            # Accepted just before the port closed, first bytes after: refused at once
+            # (the peer reconnects elsewhere) rather than served while everything closes.
+            session.closed = True
+            session._abort()
+            return
         self.sessions[session.id] = session
         if self._no_sessions is not None:
             self._no_sessions.clear()

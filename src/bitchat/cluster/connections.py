@@ -142,6 +142,8 @@ class RedisConnectionCenter(ConnectionCenter):
         self._forward_idle.set()
         self._subscribed = asyncio.Event()
         self._closing = False
+        self._left = False
+        self._beat_lock = asyncio.Lock()
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -174,7 +176,27 @@ class RedisConnectionCenter(ConnectionCenter):
         await self._beat_once()
         log.info("node %d announced at %s:%d", self.node_id, host, port)
 
+    async def leave(self) -> None:
+        """Leave the registry at once, first thing in a clean stop: the router stops
+        sending clients here while the connections drain. The heartbeat stops too,
+        so the node does not register again; a second call does nothing."""
+        if self._left:
+            return
+        self._left = True
+        async with self._beat_lock:
+            pass  # a heartbeat under way ends first: after the release, it would register again
+        try:
+            if await asyncio.wait_for(self.registry.release(), self.settings.backend_timeout):
+                log.info("node %d left the registry", self.node_id)
+        except REDIS_ERRORS as exc:
+            log.warning(
+                "could not leave the registry (%s); it expires in %.1fs",
+                exc,
+                self.settings.node_ttl,
+            )
+
     async def close(self) -> None:
+        await self.leave()
         self._closing = True
         if self._forward and self.health.up:
             # Give queued forwards a moment to leave (they are in the store anyway).
@@ -190,15 +212,6 @@ class RedisConnectionCenter(ConnectionCenter):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks = []
-        try:
-            if await asyncio.wait_for(self.registry.release(), self.settings.backend_timeout):
-                log.info("node %d left the registry", self.node_id)
-        except REDIS_ERRORS as exc:
-            log.warning(
-                "could not leave the registry (%s); it expires in %.1fs",
-                exc,
-                self.settings.node_ttl,
-            )
         with contextlib.suppress(*REDIS_ERRORS):
             await self.redis.aclose()
 
@@ -337,6 +350,13 @@ class RedisConnectionCenter(ConnectionCenter):
             waiters, self._write_waiters = self._write_waiters, []
             rewrite = self._rewrite_all
             self._rewrite_all = False
+            if self._left:
+                # Out of the registry (stopping): the online hash went with it, and
+                # writing it again would leave a stray key behind until it expires.
+                for w in waiters:
+                    if not w.done():
+                        w.set_result(None)
+                continue
             try:
                 async with self.redis.pipeline(transaction=True) as pipe:
                     if rewrite:
@@ -375,11 +395,14 @@ class RedisConnectionCenter(ConnectionCenter):
     # -- heartbeat --------------------------------------------------------------------------
 
     async def _beat_once(self) -> None:
-        try:
-            result = await self.registry.beat(self.load(), len(self._by_user))
-        except REDIS_ERRORS as exc:
-            self._failed(exc, "refreshing the node's registration")
-            return
+        async with self._beat_lock:
+            if self._left:
+                return
+            try:
+                result = await self.registry.beat(self.load(), len(self._by_user))
+            except REDIS_ERRORS as exc:
+                self._failed(exc, "refreshing the node's registration")
+                return
         if result < 0:
             log.critical(
                 "node id %d was taken over by another instance while this node "

@@ -10,7 +10,9 @@
 Start-up order: claim the node id in Redis (a duplicate of a live node is
 refused here, before anything else), open PostgreSQL (migrating the schema),
 listen, then announce the address so the router sends clients. A clean stop
-leaves the registry at once; a killed node drops out after ``node_ttl``.
+leaves the registry first (as the port stops accepting), so the router sends no
+one to a node that is draining its connections; a killed node drops out after
+``node_ttl``.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class ClusterServer(Server):
         self.advertise = advertise
         center.load = lambda: len(self.sessions)
         center.on_evicted = self._evicted
+        self.on_stopping.append(self._leave)
 
     def advertised(self) -> tuple[str, int]:
         """The address clients are given: ``advertise``, else the bound one."""
@@ -72,6 +75,9 @@ class ClusterServer(Server):
         await super().start()
         host, port = self.advertised()
         await self.center.announce(host, port)
+
+    async def _leave(self, server: Server) -> None:
+        await self.center.leave()
 
     def _evicted(self) -> None:
         self.loop.create_task(self.stop())

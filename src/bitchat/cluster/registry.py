@@ -2,7 +2,8 @@
 
 Keys (``P`` is ``Settings.redis_prefix``, ``bitchat:`` by default)::
 
-    P nodes           set     ids of nodes that registered (dead ones pruned lazily)
+    P nodes           set     ids of registered nodes; an id whose node key expired
+                              is pruned by every live node's heartbeat and every read
     P node:{id}       hash    host, port, conns, users, ready, instance, beat, started;
                               expires after node_ttl unless the node refreshes it
     P online:{id}     hash    user id -> connections of that user on node {id};
@@ -118,7 +119,7 @@ def safe_url(url: str) -> str:
     return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
 
 
-# KEYS: node, online, nodes. ARGV: instance, ttl ms, node id, field, value, ...
+# KEYS: node, online, nodes. ARGV: instance, ttl ms, node id, prefix, field, value, ...
 _CLAIM = """
 local owner = redis.call('HGET', KEYS[1], 'instance')
 if owner and owner ~= ARGV[1] then
@@ -126,7 +127,7 @@ if owner and owner ~= ARGV[1] then
   return {0, owner, h[1] or '', h[2] or '', h[3] or ''}
 end
 redis.call('DEL', KEYS[1], KEYS[2])
-redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('SADD', KEYS[3], ARGV[3])
 return {1}
@@ -134,13 +135,20 @@ return {1}
 
 # Same keys and arguments. Returns 1 (refreshed), 0 (was gone: registered again,
 # the caller must rewrite its online users) or -1 (another instance has the id).
+# It also prunes the ids of nodes whose registration expired (killed ones), so
+# none stays in the set while any node lives.
 _BEAT = """
 local owner = redis.call('HGET', KEYS[1], 'instance')
 if owner and owner ~= ARGV[1] then return -1 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 4))
+redis.call('HSET', KEYS[1], unpack(ARGV, 5))
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
 redis.call('SADD', KEYS[3], ARGV[3])
+for _, n in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+  if redis.call('EXISTS', ARGV[4] .. 'node:' .. n) == 0 then
+    redis.call('SREM', KEYS[3], n)
+  end
+end
 if owner then return 1 end
 return 0
 """
@@ -208,6 +216,7 @@ class NodeRegistry:
             self.instance,
             ttl_ms,
             self.node_id,
+            self.keys.prefix,
             "instance",
             self.instance,
             "host",
