@@ -145,8 +145,6 @@ def start_server(
         sys.executable,
         "-m",
         "bitchat",
-        "--log-level",
-        "warning",
         "server",
         "--host",
         host,
