@@ -196,6 +196,30 @@ async def test_history_pages(tmp_path: Path) -> None:
             assert [x.split(": ")[-1] for x in h_out.since(m)] == [f"n{i}" for i in range(5)]
 
 
+def test_missed_messages_come_after_the_login_line() -> None:
+    """The server pushes missed messages right behind its login answer, often in the
+    same read: they are held until the login line is printed."""
+    from bitchat.client import State
+    from bitchat.im.centers import User
+    from bitchat.im.packets import ChatMessage, LoginOk
+
+    screen = Screen()
+    im = IMClient("127.0.0.1", free_port())
+    repl = Repl(im, out=screen)
+    missed = ChatMessage(7, "p2p", 2, "gris", 1, "you missed this", 0)
+    im.user = User(1, "houyi")  # logged in before the connection dropped
+    repl._state_changed(State.CONNECTED)  # the client logs in again with its token...
+    repl.show_message(missed)  # ...and the push comes before the answer is handled
+    repl._relogged_in(LoginOk(1, "houyi", "t", pending=1), None)
+    assert screen.lines == [
+        "Connected to 127.0.0.1:" + str(im.client.port),
+        "Logged in again as houyi(1), 1 missed message(s)",
+        "gris(2): you missed this",
+    ]
+    repl.show_message(missed)  # not held any more
+    assert screen.lines[-1] == "gris(2): you missed this"
+
+
 async def test_reconnect_is_shown_and_missed_messages_arrive(tmp_path: Path) -> None:
     server_cm = im_server(tmp_path)
     server = await server_cm.__aenter__()

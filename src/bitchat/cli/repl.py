@@ -124,6 +124,7 @@ class Repl:
         self._connected_once = False  # "Connected" the first time, then "Reconnected"
         self._up = False
         self._status: str | None = None  # the status line printed for the current outage
+        self._held: list[str] | None = None  # messages that wait for a login line
         # Set when a connection attempt has ended (connected or not), cleared while one
         # runs: a command waits for an attempt under way rather than failing at once.
         self._attempted = asyncio.Event()
@@ -149,12 +150,28 @@ class Repl:
     def show_message(self, m: ChatMessage) -> None:
         me = self.im.user
         if m.kind == GROUP:
-            self.out(f"[group {m.to}] {m.sender_name}({m.sender_id}): {m.text}")
+            text = f"[group {m.to}] {m.sender_name}({m.sender_id}): {m.text}"
         elif me is not None and m.sender_id == me.id:
             # Sent from another connection of ours.
-            self.out(f"{m.sender_name}({m.sender_id}) -> {m.to}: {m.text}")
+            text = f"{m.sender_name}({m.sender_id}) -> {m.to}: {m.text}"
         else:
-            self.out(f"{m.sender_name}({m.sender_id}): {m.text}")
+            text = f"{m.sender_name}({m.sender_id}): {m.text}"
+        if self._held is not None:
+            self._held.append(text)
+        else:
+            self.out(text)
+
+    def _hold(self) -> None:
+        """Hold incoming messages back until :meth:`_release`: the server pushes the
+        missed ones right behind its login answer, and they read better after the
+        login line than before it."""
+        if self._held is None:
+            self._held = []
+
+    def _release(self) -> None:
+        held, self._held = self._held, None
+        for text in held or ():
+            self.out(text)
 
     def _where(self) -> str:
         client = self.im.client
@@ -169,7 +186,10 @@ class Repl:
             self.out(f"{'Reconnected' if self._connected_once else 'Connected'} to {self._where()}")
             self._connected_once = self._up = True
             self._status = None
+            if self.im.user is not None:
+                self._hold()  # until "Logged in again" (or the connection drops)
         elif state is State.DISCONNECTED:
+            self._release()
             if self._up:
                 self._up = False
                 self._status = "Connection lost; reconnecting..."
@@ -206,6 +226,7 @@ class Repl:
             self.out(f"Logged in again as {ok.name}({ok.user_id}){more}")
         elif error is not None:
             self.out(f"Login failed cause: {_cause(error)}")
+        self._release()
 
     # -- commands -------------------------------------------------------------------------
 
@@ -265,8 +286,15 @@ class Repl:
         if len(parts) != 3:
             raise _Usage("-lo userName password")
         await self._connected()
-        await self.im.login(parts[1], parts[2])
-        self.out("Login success")
+        self._hold()
+        try:
+            await self.im.login(parts[1], parts[2])
+        except (BitchatError, OSError) as exc:
+            self._fail(f"Login failed cause: {_cause(exc)}")
+        else:
+            self.out("Login success")
+        finally:
+            self._release()
 
     async def list_users(self, parts: list[str], line: str) -> None:
         await self._connected()
