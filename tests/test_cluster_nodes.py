@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+import redis.asyncio as aioredis
 
 from bitchat import RequestError, Server, codes
 from bitchat.cluster.connections import RedisConnectionCenter
@@ -216,12 +217,24 @@ async def test_a_stopping_node_leaves_the_registry_before_it_drains(
 async def test_ids_of_dead_nodes_are_pruned_by_the_live_ones(
     make_node: MakeNode, redis_prefix: str
 ) -> None:
-    n1 = await make_node(1)
-    redis = center(n1).redis
+    """An id in the nodes set whose node key expired (a node killed with kill -9)
+    is dropped by a node starting, by every heartbeat and by a node stopping."""
+    redis = aioredis.Redis.from_url(REDIS_URL)
     nodes = Keys(redis_prefix).nodes
-    await redis.sadd(nodes, "77")  # a node killed with kill -9: its node key expired
-    # No router reads the registry here: node 1's heartbeat prunes it.
-    await eventually(lambda: _members_are(redis, nodes, {b"1"}), WAIT, "the dead id being pruned")
+    try:
+        await redis.sadd(nodes, "76")
+        n1 = await make_node(1)
+        assert set(await redis.smembers(nodes)) == {b"1"}  # the claim pruned it
+        await redis.sadd(nodes, "77")
+        # No router reads the registry here: node 1's heartbeat prunes it.
+        await eventually(
+            lambda: _members_are(redis, nodes, {b"1"}), WAIT, "the dead id being pruned"
+        )
+        await redis.sadd(nodes, "78")
+        await n1.stop()
+        assert set(await redis.smembers(nodes)) == set()  # nothing left behind
+    finally:
+        await redis.aclose()
 
 
 async def _members_are(redis: Any, key: str, expected: set[bytes]) -> bool:

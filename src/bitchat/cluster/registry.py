@@ -119,8 +119,23 @@ def safe_url(url: str) -> str:
     return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
 
 
+def _prune(prefix_arg: int) -> str:
+    """Lua that drops from the set ``KEYS[3]`` the ids whose node key expired (nodes
+    killed with kill -9); ``ARGV[prefix_arg]`` is the key prefix. Part of claim, beat
+    and release: no dead id stays while a node lives, and one left behind by the
+    last node to go is dropped by the next one to start."""
+    return f"""
+for _, n in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+  if redis.call('EXISTS', ARGV[{prefix_arg}] .. 'node:' .. n) == 0 then
+    redis.call('SREM', KEYS[3], n)
+  end
+end
+"""
+
+
 # KEYS: node, online, nodes. ARGV: instance, ttl ms, node id, prefix, field, value, ...
-_CLAIM = """
+_CLAIM = (
+    """
 local owner = redis.call('HGET', KEYS[1], 'instance')
 if owner and owner ~= ARGV[1] then
   local h = redis.call('HMGET', KEYS[1], 'beat', 'host', 'port')
@@ -130,31 +145,36 @@ redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('HSET', KEYS[1], unpack(ARGV, 5))
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('SADD', KEYS[3], ARGV[3])
+"""
+    + _prune(4)
+    + """
 return {1}
 """
+)
 
 # Same keys and arguments. Returns 1 (refreshed), 0 (was gone: registered again,
 # the caller must rewrite its online users) or -1 (another instance has the id).
-# It also prunes the ids of nodes whose registration expired (killed ones), so
-# none stays in the set while any node lives.
-_BEAT = """
+_BEAT = (
+    """
 local owner = redis.call('HGET', KEYS[1], 'instance')
 if owner and owner ~= ARGV[1] then return -1 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 5))
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
 redis.call('SADD', KEYS[3], ARGV[3])
-for _, n in ipairs(redis.call('SMEMBERS', KEYS[3])) do
-  if redis.call('EXISTS', ARGV[4] .. 'node:' .. n) == 0 then
-    redis.call('SREM', KEYS[3], n)
-  end
-end
+"""
+    + _prune(4)
+    + """
 if owner then return 1 end
 return 0
 """
+)
 
-# KEYS: node, online, nodes. ARGV: instance, node id. Deletes only this instance's registration.
-_RELEASE = """
+# KEYS: node, online, nodes. ARGV: instance, node id, prefix. Deletes only this
+# instance's registration.
+_RELEASE = (
+    _prune(3)
+    + """
 if redis.call('HGET', KEYS[1], 'instance') == ARGV[1] then
   redis.call('DEL', KEYS[1], KEYS[2])
   redis.call('SREM', KEYS[3], ARGV[2])
@@ -162,6 +182,7 @@ if redis.call('HGET', KEYS[1], 'instance') == ARGV[1] then
 end
 return 0
 """
+)
 
 # KEYS: nodes. ARGV: prefix. Every live node as {id, {field, value, ...}}; prunes dead ids.
 _NODES = """
@@ -284,7 +305,8 @@ class NodeRegistry:
 
         False if this instance was not registered (it never claimed the id).
         """
-        return bool(await self._release(keys=self._keys(), args=[self.instance, self.node_id]))
+        args: list[Any] = [self.instance, self.node_id, self.keys.prefix]
+        return bool(await self._release(keys=self._keys(), args=args))
 
 
 async def live_nodes(redis: aioredis.Redis, keys: Keys) -> list[NodeInfo]:
