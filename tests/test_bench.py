@@ -8,7 +8,8 @@ server and fails loudly on one that drops a message.
 
 from __future__ import annotations
 
-import array
+import argparse
+import io
 import json
 import os
 import subprocess
@@ -19,11 +20,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.console import Console
 
 from bitchat.bench import BenchConfig, run_bench
 from bitchat.bench.loadgen import Conn, Worker, WorkerPlan
 from bitchat.bench.procstat import raise_nofile_limit, read_proc
-from bitchat.bench.report import summary_table, write_json, write_plot
+from bitchat.bench.report import (
+    EXIT_STATUS_NOTE,
+    print_report,
+    summary_table,
+    targets_table,
+    write_json,
+    write_plot,
+)
+from bitchat.bench.runner import BenchResult
 from bitchat.bench.serverproc import UserSpec, parse_target
 from bitchat.bench.stats import percentile, percentiles_ms
 from bitchat.errors import UsageError
@@ -52,7 +62,7 @@ def _bench(*args: str, timeout: float = WAIT) -> subprocess.CompletedProcess[str
         text=True,
         timeout=timeout,
         stdin=subprocess.DEVNULL,
-        env={**os.environ, "COLUMNS": "120"},
+        env={**os.environ, "COLUMNS": "80"},
     )
 
 
@@ -63,14 +73,20 @@ def test_p2p_runs_checks_every_message_and_writes_json(tmp_path: Path) -> None:
     out = tmp_path / "p2p.json"
     done = _bench("p2p", "--users", "4", "--duration", "1", "--window", "4", "--json", str(out))
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "delivered messages/s" in done.stdout
-    assert "no message lost, duplicated or reordered" in done.stdout
+    assert "messages delivered per second" in done.stdout
+    assert "no message lost, duplicated or reordered (exit status 0)" in done.stdout
+    assert "Only a failed check makes the exit status 1" in done.stdout
+    assert max(len(line) for line in done.stdout.splitlines()) <= 80
     data = json.loads(out.read_text())
     assert data.keys() >= REQUIRED
     assert set(data["latency_ms"]) >= {"p50", "p90", "p99", "max"}
     assert data["scenario"] == "p2p"
     assert data["delivered"] > 0 and data["delivered_per_s"] > 0
     assert data["delivered"] == data["messages_acked"]  # every acked message arrived
+    # The total is what arrived in the window plus what arrived while draining.
+    assert data["delivered"] == data["delivered_in_window"] + data["delivered_after_window"]
+    assert f"{data['delivered_in_window']:,}" in done.stdout
+    assert f"{data['delivered']:,}" in done.stdout
     assert (data["lost"], data["duplicated"], data["reordered"]) == (0, 0, 0)
     assert data["send_errors"] == 0 and data["disconnects"] == 0
     assert data["server_cpu_us_per_msg"] > 0
@@ -82,8 +98,15 @@ def test_p2p_runs_checks_every_message_and_writes_json(tmp_path: Path) -> None:
 
 
 def test_group_every_member_gets_every_post() -> None:
-    r = run_bench(BenchConfig("group", members=5, senders=2, window=4, duration=1.0, procs=2))
+    notes: dict[str, str] = {}
+    r = run_bench(
+        BenchConfig("group", members=5, senders=2, window=4, duration=1.0, procs=2),
+        lambda phase, done, total, note: notes.__setitem__(phase, note),
+    )
     assert r.ok, r.problems
+    # The progress bars' last counts are the table's: in the window, then in all.
+    assert notes["measure"].startswith(f"{r.extra['delivered_in_window']:,} deliveries,")
+    assert notes["drain"] == f"{r.delivered:,} deliveries in all"
     assert r.extra["fanout"] == 4
     # Each sender's acked messages reach the 4 other members.
     assert r.delivered == r.extra["messages_acked"] * 4
@@ -92,8 +115,13 @@ def test_group_every_member_gets_every_post() -> None:
 
 
 def test_connect_counts_logins() -> None:
-    r = run_bench(BenchConfig("connect", connections=12, procs=2))
+    notes: dict[str, str] = {}
+    r = run_bench(
+        BenchConfig("connect", connections=12, procs=2),
+        lambda phase, done, total, note: notes.__setitem__(phase, note),
+    )
     assert r.ok, r.problems
+    assert notes["connect + log in"].startswith("12 logins, ")
     assert r.extra["logins"] == 12 and r.delivered == 12
     assert r.extra["logins_per_s"] > 0
     assert r.latency_ms["p50"] is not None
@@ -259,27 +287,130 @@ def test_bad_configs_are_refused() -> None:
             config.resolved()
 
 
+def _result(scenario: str, **config: Any) -> BenchResult:
+    """A made-up result of ``scenario`` with figures as large as real runs give."""
+    cfg = {
+        "users": 200,
+        "members": 100,
+        "senders": 10,
+        "window": 32,
+        "payload": 100,
+        "procs": 2,
+        "connections": 5000,
+        "login": "token",
+        "duration": 10.0,
+        **config,
+    }
+    unit = {"p2p": "messages", "group": "deliveries"}.get(scenario, "logins")
+    r = BenchResult(
+        scenario,
+        cfg,
+        {"nproc": 2, "loadavg_at_start": [1.3, 1.2, 1.1]},
+        {"self_started": True, "pid": 4242},
+        unit,
+        delivered=257_792,
+        delivered_per_s=25_139.2,
+        duration_s=10.0,
+        server_cpu_s=8.1,
+        server_cpu_us_per_msg=31.4,
+        server_rss_kib=92_000,
+        server_rss_peak_kib=93_000,
+        client_cpu_s=5.2,
+        latency_ms=percentiles_ms([200_000, 250_000, 1_699_000, 1_730_000]),
+        timeline=[1, 2],
+        latencies_us=[200_000, 250_000, 1_699_000, 1_730_000],
+    )
+    if scenario in ("p2p", "group"):
+        r.extra.update(delivered_in_window=251_392, delivered_after_window=6_400)
+    else:
+        r.extra.update(login_failures=0)
+    if scenario == "idle":
+        r.extra.update(rss_kib_per_conn=5.9, idle_cpu_pct=2.3)
+    return r
+
+
+def _render(r: BenchResult) -> str:
+    out = io.StringIO()
+    print_report(r, Console(file=out, width=80, force_terminal=False, color_system=None))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("scenario", ["p2p", "group", "connect", "idle"])
+def test_report_fits_80_columns_without_empty_rows(scenario: str) -> None:
+    text = _render(_result(scenario))
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    assert lines[0].startswith(f"bitchat bench {scenario}: ")  # the heading is not wrapped
+    assert lines[1].startswith("self-started server (pid 4242); 2 load processes, 2 cores")
+    rows = [line.split("│") for line in lines if "│" in line]
+    assert rows, text
+    for cells in rows:
+        # Every row has its label and its value: nothing wrapped onto a second line.
+        assert cells[0].strip() and cells[1].strip() not in ("", "-"), text
+    assert "server CPU / load generators' CPU (s)" in text
+    assert text.count("ok") >= 2  # the correctness checks
+    assert EXIT_STATUS_NOTE.split("\n")[0] in text
+
+
+def test_report_labels_delivered_counts() -> None:
+    text = _render(_result("p2p"))
+    assert "messages delivered in the 10 s of sending" in text and "251,392" in text
+    assert "messages delivered in all, drain included" in text and "257,792" in text
+    assert "250.0 / 1,730.0" in text  # p50 / p90 in ms, with the same decimals
+
+
+def test_a_missed_target_is_reported_but_not_a_failure() -> None:
+    r = _result("p2p")  # 31.4 µs per message: the < 25 µs target is missed
+    assert r.ok
+    text = _render(r)
+    assert "target (informational)" in text and "measured" in text
+    assert "missed" in text and "MISSED" not in text
+    assert "every check passed" in text and "(exit status 0)" in text
+    # A run without --server-pid has no server figures: a note, not a failure, no empty rows.
+    r.server_cpu_s = r.server_cpu_us_per_msg = r.server_rss_kib = None
+    r.notes.append("no --server-pid: the server's CPU and memory are not known")
+    assert r.ok
+    text = _render(r)
+    assert "server CPU" not in text and "server RSS" not in text
+    assert targets_table(r) is None  # nothing measured to compare with
+    assert "note: no --server-pid" in text
+
+
+def test_a_failed_check_is_a_failure() -> None:
+    r = _result("p2p", window=1)
+    r.lost = 1
+    r.problems.append("LOST: 1 acked message(s) never arrived")
+    assert not r.ok
+    text = _render(r)
+    assert "FAIL" in text and "a check failed (exit status 1)" in text
+    assert "p99 latency, --window 1 (ms)" in text  # the window-1 target applies
+
+
+def test_help_is_clean(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bitchat.cli import build_parser
+
+    monkeypatch.setenv("COLUMNS", "80")
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    bench = sub.choices["bench"]
+    text = bench.format_help()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert "(default:" not in text  # no ArgumentDefaultsHelpFormatter duplicates
+    for action in bench._actions:
+        assert action.help, action.option_strings  # every option says what it does
+        assert action.help.count("(default") <= 1, action.help
+        if action.default not in (None, False, [], argparse.SUPPRESS) and action.dest != "help":
+            assert "default" in action.help, action.option_strings
+    assert "exit status:" in text and "never an error" in text
+    for command in ("bitchat bench p2p", "bitchat bench group", "--json", "--plot"):
+        assert command in text
+
+
 def test_table_and_plot(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    from bitchat.bench.runner import BenchResult
-
-    r = BenchResult(
-        "p2p",
-        {"users": 2, "window": 1, "payload": 100, "procs": 1},
-        {"nproc": 2},
-        {"self_started": True},
-        "messages",
-        delivered=3,
-        delivered_per_s=3.0,
-        duration_s=1.0,
-        server_cpu_us_per_msg=30.0,
-        latency_ms=percentiles_ms([500, 800, 1200]),
-        timeline=[1, 2],
-        latencies_us=[500, 800, 1200],
-    )
+    r = _result("p2p", users=2, window=1, procs=1)
     table: Any = summary_table(r)
     assert table.row_count > 5
     png = tmp_path / "plot.png"
     write_plot(r, str(png))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert array.array  # the latency sample stays a plain sequence of ints

@@ -421,9 +421,12 @@ class Worker:
         cpu0 = self.cpu_s()
         for conn, target in senders:
             conn.start_sending(send_type, target, plan.window)
+        # During sending, progress is what arrived within the window: its last count, sent
+        # once the deadline has passed, is exactly ``in_window``, the table's measured count.
         while _now() < self.deadline:
             await asyncio.sleep(min(_PROGRESS_EVERY, max(0.0, (self.deadline - _now()) / 1e9)))
-            self.chan.send("progress", self.delivered)
+            self.chan.send("progress", self.in_window)
+        self.chan.send("progress", self.in_window)
         # Sending stops at the deadline; wait for the answers to what is in flight.
         drain_end = _now() + int(spec["drain"] * 1e9)
         while any(c.inflight and not c.lost for c, _ in senders) and _now() < drain_end:

@@ -1,4 +1,4 @@
-"""Showing a run: the summary table (with the issue's targets), the JSON file, the plot."""
+"""Showing a run: what it measured, its checks, the published targets, the JSON, the plot."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -24,6 +25,8 @@ class Target:
     goal: float
     stretch: float | None = None
     applies: Callable[[BenchResult], bool] = lambda r: True
+    digits: int = 2
+    """Decimals of the measured value in the table."""
 
     def met(self, value: float, goal: float) -> bool:
         return value < goal if self.better == "lower" else value >= goal
@@ -34,7 +37,7 @@ class Target:
             return None
         if self.stretch is not None and self.met(value, self.stretch):
             return "stretch met"
-        return "met" if self.met(value, self.goal) else "MISSED"
+        return "met" if self.met(value, self.goal) else "missed"
 
     def describe(self) -> str:
         op = "<" if self.better == "lower" else ">="
@@ -48,25 +51,27 @@ TARGETS: dict[str, list[Target]] = {
     "p2p": [
         Target("server CPU per message (µs)", lambda r: r.server_cpu_us_per_msg, "lower", 25, 12),
         Target(
-            "p99 latency with --window 1 (ms)",
+            "p99 latency, --window 1 (ms)",
             lambda r: r.latency_ms.get("p99"),
             "lower",
             10,
             applies=lambda r: r.config.get("window") == 1,
+            digits=1,
         ),
     ],
     "group": [
         Target(
-            "deliveries per second, 100 members",
+            "deliveries/s, 100 members",
             lambda r: r.delivered_per_s,
             "higher",
             100_000,
             applies=lambda r: r.config.get("members") == 100,
+            digits=0,
         ),
     ],
     "idle": [
         Target(
-            "server RSS per idle connection (KiB)",
+            "RSS per idle connection (KiB)",
             lambda r: r.extra.get("rss_kib_per_conn"),
             "lower",
             16,
@@ -75,6 +80,11 @@ TARGETS: dict[str, list[Target]] = {
     ],
     "connect": [],
 }
+
+EXIT_STATUS_NOTE = (
+    "Only a failed check makes the exit status 1. The targets are the project's\n"
+    "published goals: a missed target is reported, never a failure."
+)
 
 
 def _fmt(v: Any, digits: int = 2) -> str:
@@ -87,97 +97,158 @@ def _fmt(v: Any, digits: int = 2) -> str:
     return str(v)
 
 
-def summary_table(r: BenchResult) -> Table:
+def _ms_pair(a: float | None, b: float | None) -> str | None:
+    """Two latencies in ms, with fewer decimals as they grow: 0.42 / 0.97, 12.3 / 104.0."""
+    if a is None or b is None:
+        return None
+    low = min(a, b)
+    digits = 2 if low < 10 else 1 if low < 1000 else 0
+    return f"{_fmt(float(a), digits)} / {_fmt(float(b), digits)}"
+
+
+def _mib(kib: int | None) -> str | None:
+    return None if kib is None else f"{kib / 1024:,.1f}"
+
+
+def _pair(a: str | None, b: str | None) -> str | None:
+    return None if a is None or b is None else f"{a} / {b}"
+
+
+def heading(r: BenchResult) -> list[str]:
+    """The two lines above the tables: what ran, and where."""
     cfg = r.config
-    where = "self-started" if r.server.get("self_started") else "running"
     c = {
         k: cfg.get(k)
         for k in ("users", "members", "senders", "window", "payload", "connections", "login")
     }
+    secs = f"{cfg.get('duration', r.duration_s):g} s"
     shape = {
-        "p2p": f"{c['users']} users in pairs, window {c['window']}, {c['payload']} B",
-        "group": f"{c['members']} members, {c['senders']} senders, window {c['window']}, "
-        f"{c['payload']} B",
-        "connect": f"{c['connections']} connections, {c['login']} login",
-        "idle": f"{c['connections']} idle connections",
+        "p2p": f"{c['users']} users in pairs, window {c['window']}, {c['payload']} B, {secs}",
+        "group": f"{c['members']} members, {c['senders']} posting, window {c['window']}, "
+        f"{c['payload']} B, {secs}",
+        "connect": f"{_fmt(c['connections'])} connections, {c['login']} logins",
+        "idle": f"{_fmt(c['connections'])} idle connections held for {secs}",
     }[r.scenario]
-    t = Table(
-        title=f"bitchat bench {r.scenario}: {shape} ({where} server, "
-        f"{cfg['procs']} load processes, {r.machine['nproc']} cores)"
-    )
-    t.add_column("figure")
-    t.add_column("value", justify="right")
-    t.add_column("target", justify="right")
-    t.add_column("", justify="left")
-    rate_name = {
-        "p2p": "delivered messages/s",
-        "group": "deliveries/s",
-        "connect": "logins/s",
-        "idle": "logins/s (set-up)",
-    }[r.scenario]
-    t.add_row(
-        f"{r.unit} delivered" if r.scenario in ("p2p", "group") else "logins",
-        _fmt(r.delivered),
-        "",
-        "",
-    )
-    t.add_row(rate_name, _fmt(r.delivered_per_s, 0), "", "")
-    lat = r.latency_ms
-    what = "one-way latency" if r.scenario in ("p2p", "group") else "login latency"
-    t.add_row(f"{what} p50 / p90 (ms)", f"{_fmt(lat.get('p50'))} / {_fmt(lat.get('p90'))}", "", "")
-    t.add_row(f"{what} p99 / max (ms)", f"{_fmt(lat.get('p99'))} / {_fmt(lat.get('max'))}", "", "")
-    if r.scenario in ("p2p", "group"):
-        for name, v in (
-            ("lost", r.lost),
-            ("duplicated", r.duplicated),
-            ("reordered", r.reordered),
-            ("send errors", r.send_errors),
-        ):
-            t.add_row(name, _fmt(v), "0", "ok" if v == 0 else f"[bold red]{name.upper()}[/]")
-    t.add_row(
-        "disconnects",
-        _fmt(r.disconnects),
-        "0",
-        "ok" if r.disconnects == 0 else "[bold red]DISCONNECTS[/]",
-    )
-    per = {"p2p": "message", "group": "delivery", "connect": "login", "idle": "login"}[r.scenario]
-    t.add_row(f"server CPU per {per} (µs)", _fmt(r.server_cpu_us_per_msg), "", "")
-    t.add_row(
-        "server CPU (s) / load generators' CPU (s)",
-        f"{_fmt(r.server_cpu_s)} / {_fmt(r.client_cpu_s)}",
-        "",
-        "",
-    )
-    t.add_row(
-        "server RSS now / peak (KiB)",
-        f"{_fmt(r.server_rss_kib)} / {_fmt(r.server_rss_peak_kib)}",
-        "",
-        "",
-    )
-    if r.scenario == "idle":
-        t.add_row(
-            "server RSS per idle connection (KiB)", _fmt(r.extra.get("rss_kib_per_conn")), "", ""
+    where = "self-started server" if r.server.get("self_started") else "running server"
+    if r.server.get("pid"):
+        where += f" (pid {r.server['pid']})"
+    machine = f"{cfg.get('procs')} load processes, {r.machine.get('nproc')} cores"
+    load = r.machine.get("loadavg_at_start")
+    if load:
+        machine += f", load average {load[0]:g}"
+    return [f"bitchat bench {r.scenario}: {shape}", f"{where}; {machine}"]
+
+
+def _check(value: int) -> str:
+    return "[green]ok[/]" if value == 0 else "[bold red]FAIL[/]"
+
+
+def summary_table(r: BenchResult) -> Table:
+    """What was measured, with the correctness checks (any FAIL: exit status 1)."""
+    t = Table(box=box.MINIMAL, show_edge=False, pad_edge=False)
+    t.add_column("measured", no_wrap=True)
+    t.add_column("value", justify="right", no_wrap=True)
+    t.add_column("check", no_wrap=True)
+
+    def row(label: str, value: str | None, check: str = "") -> None:
+        if value is not None:  # never an empty row: a figure not known is left out
+            t.add_row(label, value, check)
+
+    messages = r.scenario in ("p2p", "group")
+    if messages:
+        what = "messages delivered" if r.scenario == "p2p" else "deliveries"
+        in_window = r.extra.get("delivered_in_window")
+        row(f"{what} in the {r.duration_s:g} s of sending", _fmt(in_window))
+        row(f"{what} in all, drain included", _fmt(r.delivered))
+        row(f"{what} per second (in the {r.duration_s:g} s)", _fmt(r.delivered_per_s, 0))
+    else:
+        row("logins (measured)", _fmt(r.delivered))
+        row(
+            "logins per second" + (" (set-up)" if r.scenario == "idle" else ""),
+            _fmt(r.delivered_per_s, 0),
         )
-        t.add_row("server CPU while idle (% of a core)", _fmt(r.extra.get("idle_cpu_pct")), "", "")
-    for target in TARGETS[r.scenario]:
-        if not target.applies(r):
-            continue
-        verdict = target.verdict(r)
-        style = {"MISSED": "[bold red]MISSED[/]", None: "-"}.get(verdict, f"[green]{verdict}[/]")
-        t.add_row(f"[b]target:[/] {target.label}", _fmt(target.get(r)), target.describe(), style)
+    lat = r.latency_ms
+    what = "one-way latency" if messages else "login latency"
+    if lat.get("p50") is not None:
+        row(f"{what} p50 / p90 (ms)", _ms_pair(lat.get("p50"), lat.get("p90")))
+        row(f"{what} p99 / max (ms)", _ms_pair(lat.get("p99"), lat.get("max")))
+    per = {"p2p": "message", "group": "delivery", "connect": "login", "idle": "login"}[r.scenario]
+    if r.server_cpu_us_per_msg is not None:
+        row(f"server CPU per {per} (µs)", _fmt(r.server_cpu_us_per_msg))
+    if r.server_cpu_s is not None:
+        row(
+            "server CPU / load generators' CPU (s)",
+            _pair(_fmt(r.server_cpu_s), _fmt(r.client_cpu_s)),
+        )
+    row("server RSS now / peak (MiB)", _pair(_mib(r.server_rss_kib), _mib(r.server_rss_peak_kib)))
+    if r.scenario == "idle":
+        kib = r.extra.get("rss_kib_per_conn")
+        row("server RSS per idle connection (KiB)", None if kib is None else _fmt(kib))
+        pct = r.extra.get("idle_cpu_pct")
+        row("server CPU while idle (% of a core)", None if pct is None else _fmt(pct))
+    if t.rows:
+        t.rows[-1].end_section = True  # then the checks
+    checks: list[tuple[str, int]] = []
+    if messages:
+        checks += [
+            ("messages lost", r.lost),
+            ("messages duplicated", r.duplicated),
+            ("messages reordered", r.reordered),
+            ("sends refused", r.send_errors),
+            ("sends unanswered", int(r.extra.get("messages_unacked", 0))),
+        ]
+    else:
+        checks.append(("logins failed", int(r.extra.get("login_failures", 0))))
+    checks.append(("connections dropped", r.disconnects))
+    for label, value in checks:
+        row(label, _fmt(value), _check(value))
+    return t
+
+
+def targets_table(r: BenchResult) -> Table | None:
+    """The published targets that apply to this run, measured against; None if none do."""
+    rows = [tg for tg in TARGETS[r.scenario] if tg.applies(r) and tg.get(r) is not None]
+    if not rows:
+        return None
+    t = Table(box=box.MINIMAL, show_edge=False, pad_edge=False)
+    t.add_column("target (informational)", no_wrap=True)
+    t.add_column("goal", no_wrap=True)
+    t.add_column("measured", justify="right", no_wrap=True)
+    t.add_column("verdict", no_wrap=True)
+    for tg in rows:
+        verdict = tg.verdict(r) or "-"
+        style = "yellow" if verdict == "missed" else "green"
+        value = tg.get(r)
+        measured = _fmt(None if value is None else float(value), tg.digits)
+        t.add_row(tg.label, tg.describe(), measured, f"[{style}]{verdict}[/]")
     return t
 
 
 def print_report(r: BenchResult, console: Console) -> None:
+    for line in heading(r):
+        console.print(line, highlight=False)
+    console.print()
     console.print(summary_table(r))
+    targets = targets_table(r)
+    if targets is not None:
+        console.print()
+        console.print(targets)
+    console.print()
+    for note in r.notes:
+        console.print(f"[yellow]note: {note}[/]")
     for problem in r.problems:
         console.print(f"[bold red]{problem}[/]")
     if r.ok:
         console.print(
-            "[green]no message lost, duplicated or reordered[/]"
+            "[green]every check passed[/]: no message lost, duplicated or reordered (exit status 0)"
             if r.scenario in ("p2p", "group")
-            else "[green]no failures[/]"
+            else "[green]every check passed[/]: no login failed, no connection dropped "
+            "(exit status 0)",
+            highlight=False,
         )
+    else:
+        console.print("[bold red]a check failed[/] (exit status 1)", highlight=False)
+    console.print(EXIT_STATUS_NOTE, style="dim", highlight=False)
 
 
 def write_json(r: BenchResult, path: str) -> None:

@@ -8,102 +8,181 @@ from typing import Any
 
 from bitchat.errors import UsageError
 
+DESCRIPTION = """\
+Load a bitchat server with one scenario from several processes and report
+what it measured: delivered messages/s, one-way latency, lost, duplicated or
+reordered messages (every message is checked), and the server's CPU per
+message and memory, read from /proc. By default the bench starts its own
+standalone server (SQLite in a temporary folder, rate limit off); --target
+HOST:PORT --server-pid PID benches one already running on this machine.
+
+scenarios:
+  p2p      users in pairs, each sending to its partner (default)
+  group    one group: some members post, every other member receives
+  connect  connections that log in as fast as they can: logins/s
+  idle     logged-in connections that only heartbeat: memory per connection
+"""
+
+EPILOG = """\
+exit status:
+  0  every check passed, whether or not the targets were met
+  1  a correctness check failed: a message lost, duplicated or reordered, a
+     send refused or unanswered, a login failed or a connection dropped
+  2  the bench could not run (bad option, the server did not start or died)
+
+The table's "target" column gives the project's published goals (see
+docs/benchmarks.md); a missed target is reported, never an error.
+
+examples:
+  bitchat bench p2p --duration 3
+  bitchat bench group --members 20
+  bitchat bench connect -k 200
+  bitchat bench idle -k 1000
+  bitchat bench p2p --json p2p.json --plot p2p.png
+  bitchat bench p2p --target 127.0.0.1:8864 --server-pid 1234
+"""
+
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "bench",
         help="measure a server: throughput, latency, loss, CPU and memory",
-        description="Start a standalone server (SQLite in a temporary folder, rate limit off) "
-        "or target a running one, load it with one scenario from several processes, and "
-        "report delivered messages/s, one-way latency, lost/duplicated/reordered messages "
-        "(exit status 1 if any), and the server's CPU per message and memory from /proc.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "scenario",
         nargs="?",
         default="p2p",
         choices=["p2p", "group", "connect", "idle"],
-        help="p2p: users in pairs; group: one group; connect: logins/s; "
-        "idle: memory per idle connection",
+        help="what to measure (default p2p; see scenarios above)",
     )
-    p.add_argument("--users", type=int, default=200, help="p2p: users, in pairs")
-    p.add_argument("--members", type=int, default=100, help="group: members")
-    p.add_argument("--senders", type=int, default=10, help="group: members that post")
-    p.add_argument(
+    load = p.add_argument_group("load")
+    load.add_argument(
+        "--users", type=int, default=200, metavar="N", help="p2p: users, in pairs (default 200)"
+    )
+    load.add_argument(
+        "--members", type=int, default=100, metavar="N", help="group: members (default 100)"
+    )
+    load.add_argument(
+        "--senders",
+        type=int,
+        default=10,
+        metavar="N",
+        help="group: members that post (default 10)",
+    )
+    load.add_argument(
         "--connections",
         "-k",
         type=int,
         default=0,
-        help="connect/idle: connections (0: 1000 for connect, 5000 for idle)",
+        metavar="N",
+        help="connect, idle: connections to open (default 1000 for connect, 5000 for idle)",
     )
-    p.add_argument(
+    load.add_argument(
         "--window",
         type=int,
         default=0,
-        help="unanswered messages per sender (0: 32 for p2p, 16 for group)",
+        metavar="N",
+        help="p2p, group: unanswered messages per sender (default 32 for p2p, 16 for group)",
     )
-    p.add_argument("--payload", type=int, default=100, help="bytes of text per message")
-    p.add_argument(
+    load.add_argument(
+        "--payload",
+        type=int,
+        default=100,
+        metavar="BYTES",
+        help="p2p, group: bytes of text per message (default 100)",
+    )
+    load.add_argument(
         "--duration",
         type=float,
         default=10.0,
-        help="seconds of sending (p2p, group) or of holding idle connections",
+        metavar="SECONDS",
+        help="p2p, group: seconds of sending; idle: seconds of holding the connections "
+        "(default 10)",
     )
-    p.add_argument("--procs", type=int, default=2, help="load-generator processes")
-    p.add_argument("--serializer", choices=["json", "msgpack"], default="json")
-    p.add_argument(
+    load.add_argument(
+        "--procs", type=int, default=2, metavar="N", help="load-generator processes (default 2)"
+    )
+    load.add_argument(
+        "--serializer",
+        choices=["json", "msgpack"],
+        default="json",
+        help="body encoding the load generators use (default json)",
+    )
+    load.add_argument(
         "--login",
         choices=["token", "password"],
         default="token",
         help="how the measured logins log in: token (a reconnect) or password "
-        "(argon2, slow on purpose)",
+        "(argon2, slow on purpose) (default token)",
     )
-    p.add_argument(
-        "--target",
-        metavar="HOST:PORT",
-        help="bench a running server on this machine instead of starting one",
+    load.add_argument(
+        "--concurrency",
+        type=int,
+        default=64,
+        metavar="N",
+        help="connections each load generator opens at once (default 64)",
     )
-    p.add_argument("--server-pid", type=int, help="with --target: its pid, for CPU and memory")
-    p.add_argument(
-        "--data-dir",
-        help="folder of the self-started server's database "
-        "(default: a new temporary folder, removed afterwards)",
-    )
-    p.add_argument("--keep", action="store_true", help="keep the temporary folder")
-    p.add_argument(
-        "--no-uvloop",
-        action="store_true",
-        help="run the self-started server on the default asyncio loop",
-    )
-    p.add_argument(
+    load.add_argument(
         "--drain-timeout",
         type=float,
         default=5.0,
-        help="after sending stops, the longest wait for acks and deliveries",
+        metavar="SECONDS",
+        help="after sending stops, the longest wait for acks, then for deliveries (default 5)",
     )
-    p.add_argument(
-        "--concurrency", type=int, default=64, help="connections each load generator opens at once"
+    server = p.add_argument_group("server under test")
+    server.add_argument(
+        "--target",
+        metavar="HOST:PORT",
+        help="bench a server already running on this machine instead of starting one",
     )
-    p.add_argument(
+    server.add_argument(
+        "--server-pid",
+        type=int,
+        metavar="PID",
+        help="with --target: the server's process id, to read its CPU and memory "
+        "(without it they are not reported)",
+    )
+    server.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="folder of the self-started server's database "
+        "(default a new temporary folder, removed afterwards)",
+    )
+    server.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the temporary folder (database and server.log) afterwards",
+    )
+    server.add_argument(
+        "--no-uvloop",
+        action="store_true",
+        help="run the self-started server on the default asyncio loop (default uvloop)",
+    )
+    server.add_argument(
         "--server-arg",
         action="append",
         default=[],
         metavar="ARG",
-        help="extra option for the self-started `bitchat server` (repeatable)",
+        help="one more option for the self-started `bitchat server`, e.g. "
+        "--server-arg=--workers=4; repeat for more",
     )
-    p.add_argument(
+    server.add_argument(
         "--profile",
         metavar="FILE",
-        help="record the self-started server with py-spy (speedscope JSON)",
+        help="record the self-started server with py-spy: FILE.txt collapsed stacks, "
+        "any other name speedscope JSON",
     )
-    p.add_argument("--json", metavar="FILE", help="write the results as JSON")
-    p.add_argument(
+    output = p.add_argument_group("output")
+    output.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    output.add_argument(
         "--plot",
         metavar="FILE.png",
-        help="draw latency distribution and throughput over time (matplotlib)",
+        help="also draw the latency distribution and throughput over time (needs matplotlib)",
     )
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    output.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
