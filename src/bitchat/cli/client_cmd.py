@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import ssl
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -46,7 +47,25 @@ def add_parser(sub: Any) -> None:
         default="json",
         help="body encoding on the wire (default json)",
     )
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="connect with TLS, verifying the server's certificate (system CAs by default)",
+    )
+    p.add_argument(
+        "--tls-ca",
+        metavar="FILE",
+        default=None,
+        help="PEM file of the CA (or self-signed certificate) to trust; implies --tls",
+    )
     p.set_defaults(func=run)
+
+
+def tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The client's TLS context, or None for plain TCP."""
+    if not (args.tls or args.tls_ca):
+        return None
+    return ssl.create_default_context(cafile=args.tls_ca)
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -92,7 +111,14 @@ async def main(
         assert router_resolver is not None
         host, port = parse_address(args.router)
         resolve = router_resolver(host, port, settings=settings)
-    im = IMClient(args.host, args.port, settings, serializer=args.serializer, resolve=resolve)
+    im = IMClient(
+        args.host,
+        args.port,
+        settings,
+        serializer=args.serializer,
+        resolve=resolve,
+        ssl=tls_context(args),
+    )
     repl = Repl(
         im,
         out=lambda line: print(line, flush=True),
@@ -119,6 +145,11 @@ async def main(
 
 def run(args: argparse.Namespace) -> int:
     resolver: Callable[..., Resolver] | None = None
+    try:
+        tls_context(args)
+    except (OSError, ssl.SSLError) as exc:
+        print(f"bitchat client: --tls-ca: {exc}", file=sys.stderr)
+        return 2
     if args.router:
         try:
             parse_address(args.router)

@@ -1,0 +1,66 @@
+"""`bitchat client --tls-ca` against a standalone server speaking TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+from test_server import self_signed
+
+from bitchat.im.app import build_standalone_server
+from bitchat.settings import Settings
+
+WAIT = 30.0
+
+
+async def run_client(port: int, *extra: str, script: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bitchat",
+        "client",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *extra,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    out, err = await asyncio.wait_for(proc.communicate(script.encode()), WAIT)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_client_over_tls(tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path)
+    settings = Settings(
+        data_dir=str(tmp_path / "data"),
+        tls_cert=cert,
+        tls_key=key,
+        password_hash_time_cost=1,
+        password_hash_memory_kib=8,
+    )
+    server = build_standalone_server("127.0.0.1", 0, settings)
+    async with server:
+        port = server.address[1]
+        code, out, err = await run_client(port, "--tls-ca", cert, script="-lo houyi 123456\n-lu\n")
+        assert code == 0, (out, err)
+        assert "Login success" in out
+        assert "houyi(1)" in out
+
+        # Without trusting the self-signed certificate the client cannot get in.
+        code, out, _ = await run_client(port, "--tls", script="-lo houyi 123456\n")
+        assert code == 1
+        assert "Login success" not in out
+        assert "Login failed cause:" in out
+
+
+async def test_bad_ca_file(tmp_path: Path) -> None:
+    code, _, err = await run_client(1, "--tls-ca", str(tmp_path / "missing.pem"), script="")
+    assert code == 2
+    assert "--tls-ca" in err
