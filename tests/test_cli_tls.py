@@ -7,10 +7,9 @@ import os
 import sys
 from pathlib import Path
 
-from test_server import self_signed
-
 from bitchat.im.app import build_standalone_server
 from bitchat.settings import Settings
+from test_server import self_signed
 
 WAIT = 30.0
 
