@@ -130,6 +130,124 @@ def _checker(tp: Any) -> _Check:
     raise UsageError(f"unsupported field type {tp!r}")
 
 
+# Generated codecs. Every body on the wire passes through ``from_dict`` or
+# ``to_dict``; one function per class, with the field names and the checks of
+# simple types written out, does in one call what the generic loop does in a
+# call per field (SendP2P: 0.85 -> 0.4 us). They behave exactly as the generic
+# ``Packet.from_dict`` / ``Packet.to_dict``, which remain for classes whose
+# annotations do not resolve yet and for overrides that call ``super()``.
+
+_MISSING: Any = object()
+_GENERATED = "__bitchat_generated__"
+
+# Inline checks of the simple types: (condition that the value is bad, expected).
+_INLINE: dict[Any, tuple[str, str]] = {
+    int: ("type({v}) is not int", "an integer"),
+    bool: ("{v} is not True and {v} is not False", "a boolean"),
+    str: ("type({v}) is not str", "a string"),
+    bytes: ("type({v}) is not bytes", "bytes"),
+}
+
+
+def _bad_field(cls: type, name: str, what: object) -> ProtocolError:
+    return ProtocolError(
+        codes.INVALID_PACKET, f"{cls.__name__}: field {name!r} must be {what}", fatal=False
+    )
+
+
+def _missing_field(cls: type, name: str) -> ProtocolError:
+    return ProtocolError(
+        codes.INVALID_PACKET, f"{cls.__name__}: missing field {name!r}", fatal=False
+    )
+
+
+def _not_a_map(cls: type) -> ProtocolError:
+    return ProtocolError(codes.INVALID_PACKET, f"{cls.__name__}: body must be a map", fatal=False)
+
+
+def _inherits_generated(cls: type, name: str) -> bool:
+    """Whether ``cls`` may get a generated ``name``: neither it nor a base overrides it."""
+    if name in cls.__dict__:
+        return False
+    inherited = getattr(cls, name)
+    func = getattr(inherited, "__func__", inherited)
+    generic = Packet.__dict__[name]
+    return func is getattr(generic, "__func__", generic) or getattr(func, _GENERATED, False)
+
+
+def _compile(name: str, lines: list[str], env: dict[str, Any]) -> Callable[..., Any]:
+    namespace: dict[str, Any] = {}
+    exec("\n".join(lines), env, namespace)  # the source holds only field names
+    func: Callable[..., Any] = namespace[name]
+    setattr(func, _GENERATED, True)
+    return func
+
+
+def _compile_to_dict(cls: type[Packet]) -> Callable[[Packet], dict[str, Any]]:
+    items = ", ".join(f"{n!r}: self.{n}" for n in cls._fields)
+    func = _compile("to_dict", ["def to_dict(self):", f"    return {{{items}}}"], {})
+    func.__doc__ = Packet.to_dict.__doc__
+    func.__qualname__ = f"{cls.__qualname__}.to_dict"
+    return func
+
+
+def _compile_from_dict(cls: type[Packet], hints: dict[str, Any]) -> Callable[..., Any]:
+    env: dict[str, Any] = {
+        "_MISSING": _MISSING,
+        "_Invalid": _Invalid,
+        "_bad": _bad_field,
+        "_missing": _missing_field,
+        "_not_a_map": _not_a_map,
+    }
+    lines = [
+        "def from_dict(cls, data):",
+        "    if type(data) is not dict:",
+        "        raise _not_a_map(cls)",
+        "    get = data.get",
+    ]
+    args = []
+    for i, f in enumerate(dataclasses.fields(cls)):  # type: ignore[arg-type]
+        v, name = f"v{i}", f.name
+        lines.append(f"    {v} = get({name!r}, _MISSING)")
+        lines.append(f"    if {v} is _MISSING:")
+        if f.default is not dataclasses.MISSING:
+            env[f"_d{i}"] = f.default
+            lines += [f"        {v} = _d{i}", "    else:"]
+            pad = "        "
+        elif f.default_factory is not dataclasses.MISSING:
+            env[f"_f{i}"] = f.default_factory
+            lines += [f"        {v} = _f{i}()", "    else:"]
+            pad = "        "
+        else:
+            lines.append(f"        raise _missing(cls, {name!r})")
+            pad = "    "
+        tp = hints[name]
+        inline = _INLINE.get(tp)
+        if inline is not None:
+            cond, what = inline
+            lines += [
+                f"{pad}if {cond.format(v=v)}:",
+                f"{pad}    raise _bad(cls, {name!r}, {what!r})",
+            ]
+        elif tp is Any or tp is object:
+            lines.append(f"{pad}pass")
+        else:
+            env[f"_c{i}"] = _checker(tp)
+            lines += [
+                f"{pad}try:",
+                f"{pad}    {v} = _c{i}({v})",
+                f"{pad}except _Invalid as exc:",
+                f"{pad}    raise _bad(cls, {name!r}, exc) from None",
+            ]
+        # Positional where __init__ takes it so (a keyword call costs twice as much).
+        args.append(v if f.init and not f.kw_only else f"{name}={v}")
+    lines.append(f"    return cls({', '.join(args)})")
+    func = _compile("from_dict", lines, env)
+    func.__doc__ = Packet.from_dict.__doc__
+    func.__qualname__ = f"{cls.__qualname__}.from_dict"
+    return func
+
+
 @dataclass_transform()
 class Packet:
     """Base class of every packet.
@@ -159,6 +277,8 @@ class Packet:
         dataclasses.dataclass(cls)
         cls._fields = tuple(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
         cls._spec = None
+        if _inherits_generated(cls, "to_dict"):
+            cls.to_dict = _compile_to_dict(cls)  # type: ignore[method-assign,assignment]
         # Refuse an unsupported field type where it is declared, not at first use; an
         # annotation that does not resolve yet (NameError) is checked at first use.
         with contextlib.suppress(NameError):
@@ -178,6 +298,8 @@ class Packet:
             required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
             spec.append((f.name, _checker(hints[f.name]), required))
         cls._spec = tuple(spec)
+        if _inherits_generated(cls, "from_dict"):
+            cls.from_dict = classmethod(_compile_from_dict(cls, hints))  # type: ignore[assignment]
         return cls._spec
 
     def to_dict(self) -> dict[str, Any]:
