@@ -127,13 +127,13 @@ async def test_group_commit_batches_and_durability(tmp_path: Path) -> None:
     messages = SqliteMessageCenter(path, batch_max=30)
     await messages.start()
     writes: list[int] = []
-    original = messages._write
+    original = messages._write_batch
 
-    async def counting(stores: Any, acks: Any) -> Any:
+    def counting(db: Any, stores: Any, acks: Any) -> Any:
         writes.append(len(stores))
-        return await original(stores, acks)
+        return original(db, stores, acks)
 
-    messages._write = counting  # type: ignore[method-assign]
+    messages._write_batch = counting  # type: ignore[method-assign]
     ids = IdGenerator(0)
     try:
         # 100 stores queued in one go: 4 transactions of at most 30, in order.

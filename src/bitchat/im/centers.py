@@ -10,7 +10,8 @@ errors at this boundary: a store that is down raises
 from __future__ import annotations
 
 import abc
-from collections.abc import Awaitable, Iterable, Sequence
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +65,10 @@ class Message:
             "ts": self.ts,
             "client_msg_id": self.client_msg_id,
         }
+
+
+StoreCallback = Callable[[tuple[Message, bool] | None, BaseException | None], None]
+"""``then(result, error)`` of :meth:`MessageCenter.store_then`: exactly one is None."""
 
 
 class UserCenter(abc.ABC):
@@ -148,6 +153,23 @@ class MessageCenter(abc.ABC):
         stored a message with the same non-empty ``client_msg_id``, nothing is
         written and it resolves to ``(that message, True)``.
         """
+
+    def store_then(self, message: Message, recipients: Sequence[int], then: StoreCallback) -> None:
+        """:meth:`store`, then ``then(result, None)`` or ``then(None, error)`` on the loop.
+
+        For the send path, which needs no future of its own: a backend may call
+        ``then`` straight from its group commit (the default waits on ``store``).
+        """
+
+        def done(f: asyncio.Future[tuple[Message, bool]]) -> None:
+            if f.cancelled():
+                then(None, asyncio.CancelledError())
+            elif (exc := f.exception()) is not None:
+                then(None, exc)
+            else:
+                then(f.result(), None)
+
+        asyncio.ensure_future(self.store(message, recipients)).add_done_callback(done)
 
     @abc.abstractmethod
     def ack(self, user_id: int, msg_ids: Sequence[int]) -> Awaitable[None]:

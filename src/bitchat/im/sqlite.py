@@ -11,17 +11,20 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import logging
 import os
+import queue
 import sqlite3
+import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import aiosqlite
 
 from bitchat.errors import RequestError, ServiceUnavailable, codes
-from bitchat.im.centers import Group, Message, MessageCenter, User, UserCenter
+from bitchat.im.centers import Group, Message, MessageCenter, StoreCallback, User, UserCenter
 from bitchat.im.ids import MAX_NODE, SEQ_BITS
 from bitchat.im.passwords import hash_password, new_token, token_digest, verify_password
 
@@ -352,70 +355,104 @@ _MESSAGE_ROWS = 100
 """Message rows per INSERT statement (9 variables each: under SQLite's oldest limit of 999)."""
 _PAIR_ROWS = 400
 """(user, message) pairs per statement."""
+_INSERT_MESSAGES = (
+    "INSERT OR IGNORE INTO messages (id, kind, conv, sender_id, sender_name, to_id, text, ts, "
+    "client_msg_id) SELECT * FROM (VALUES {rows}) WHERE column1 IS NOT NULL"
+)
+_INSERT_PENDING = (
+    "INSERT OR IGNORE INTO pending SELECT * FROM (VALUES {rows}) WHERE column1 IS NOT NULL"
+)
+_DELETE_PENDING = "DELETE FROM pending WHERE (user_id, msg_id) IN (SELECT * FROM (VALUES {rows}))"
 
 
-def _insert_rows(db: sqlite3.Connection, head: str, row: str, rows: list[tuple[Any, ...]],
-                 chunk: int) -> int:
-    """``head VALUES row, row, ...`` in a few statements; returns the rows inserted.
+@functools.cache
+def _statement(sql: str, width: int, rows: int) -> str:
+    row = "(" + ",".join("?" * width) + ")"
+    return sql.format(rows=",".join([row] * rows))
 
-    One statement per ``chunk`` rows rather than one per row (``executemany``):
-    sqlite3 releases and re-takes the GIL around every statement it steps, and
-    each re-take waits for a busy event loop to let go.
+
+def _write_rows(db: sqlite3.Connection, sql: str, width: int, flat: list[Any], chunk: int) -> int:
+    """Run ``sql`` over ``flat`` (rows of ``width`` values, laid end to end); rows changed.
+
+    A few statements of a few fixed sizes (``chunk`` rows, a quarter of that, and
+    so on down to under 8), the last one padded with rows of NULLs that the
+    statement skips: every statement is compiled once and then found in sqlite3's
+    statement cache, and each is one GIL release (sqlite3 releases the GIL around
+    every step, and taking it back waits for a busy event loop).
     """
-    inserted = 0
-    for start in range(0, len(rows), chunk):
-        part = rows[start : start + chunk]
-        cur = db.execute(f"{head} VALUES {','.join([row] * len(part))}",
-                         [v for r in part for v in r])
-        inserted += cur.rowcount
-    return inserted
+    changed = 0
+    n = len(flat) // width
+    pos = 0
+    while pos < n:
+        left = n - pos
+        size = chunk
+        while size > 8 and size // 4 >= left:
+            size //= 4
+        take = min(size, left)
+        params = flat[pos * width : (pos + take) * width]
+        if take < size:
+            params += [None] * ((size - take) * width)
+        cur = db.execute(_statement(sql, width, size), params)
+        changed += cur.rowcount
+        pos += take
+    return changed
+
+
+_Store = tuple[Message, Sequence[int], "asyncio.Future[tuple[Message, bool]] | StoreCallback"]
+_Batch = tuple[list[_Store], list[tuple[int, int]], list["asyncio.Future[None]"]]
 
 
 class SqliteMessageCenter(MessageCenter):
     """Messages and pending deliveries, written in batches.
 
     Each batch is one transaction, run whole on a writer thread of its own with
-    a plain ``sqlite3`` connection: one hand-over per batch rather than one per
-    statement, and a few multi-row statements rather than a statement per row.
+    a plain ``sqlite3`` connection, in a few multi-row statements. The event
+    loop hands the thread what one loop iteration queued, in one piece; the
+    thread commits whatever is waiting when it is free (up to ``batch_max``
+    messages) and hands the results back, in one piece, without waiting for the
+    loop between two batches.
     """
 
     def __init__(self, path: str, batch_max: int = 512, synchronous: str = "FULL") -> None:
         self.path = path
         self.batch_max = batch_max
         self.synchronous = synchronous
-        self._wdb: sqlite3.Connection | None = None
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # Reads go through their own connection: with WAL they see only committed
         # data, never a batch the writer is in the middle of.
         self._rdb: aiosqlite.Connection | None = None
-        self._stores: list[tuple[Message, Sequence[int], asyncio.Future[tuple[Message, bool]]]] = []
+        # Queued during this loop iteration; handed to the writer by _hand_over.
+        self._stores: list[_Store] = []
         self._acks: list[tuple[int, int]] = []
         self._ack_waiters: list[asyncio.Future[None]] = []
-        self._writer: asyncio.Task[None] | None = None
-        self._wake: asyncio.Event | None = None
+        self._handing_over = False
+        self._queue: queue.SimpleQueue[_Batch | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._stopped: asyncio.Future[None] | None = None
         self._closing = False
 
     async def start(self) -> None:
         self._rdb = await open_db(self.path, self.synchronous)  # creates and migrates
-        self._loop = asyncio.get_running_loop()
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix="bitchat-sqlite-writer"
+        self._loop = loop = asyncio.get_running_loop()
+        self._queue = queue.SimpleQueue()
+        self._stopped = loop.create_future()
+        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._thread = threading.Thread(
+            target=self._run, args=(ready,), name="bitchat-sqlite-writer", daemon=True
         )
+        self._thread.start()
         try:
-            self._wdb = await self._loop.run_in_executor(self._executor, self._connect_writer)
+            await asyncio.wrap_future(ready)
         except BaseException:
-            self._executor.shutdown(wait=False)
             await self._rdb.close()
             self._rdb = None
+            self._thread = None
             raise
-        self._wake = asyncio.Event()
         self._closing = False
-        self._writer = self._loop.create_task(self._write_loop())
 
     def _connect_writer(self) -> sqlite3.Connection:
         try:
-            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            db = sqlite3.connect(self.path, isolation_level=None)
             db.execute(f"PRAGMA synchronous={self.synchronous}")
             db.execute("PRAGMA foreign_keys=ON")
             db.execute("PRAGMA busy_timeout=5000")
@@ -426,19 +463,18 @@ class SqliteMessageCenter(MessageCenter):
         return db
 
     async def close(self) -> None:
+        if self._thread is not None and not self._closing:
+            self._closing = True
+            self._hand_over()  # what this iteration queued is written before the end
+            self._queue.put(None)
         self._closing = True
-        if self._wake is not None:
-            self._wake.set()
-        if self._writer is not None:
-            await self._writer
-            self._writer = None
-        if self._wdb is not None and self._executor is not None and self._loop is not None:
-            await self._loop.run_in_executor(self._executor, self._wdb.close)
-        if self._executor is not None:
-            self._executor.shutdown(wait=False)
+        if self._stopped is not None:
+            await self._stopped
+            self._stopped = None
+        self._thread = None
         if self._rdb is not None:
             await self._rdb.close()
-        self._wdb = self._executor = self._rdb = None
+        self._rdb = None
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -456,74 +492,152 @@ class SqliteMessageCenter(MessageCenter):
         fut: asyncio.Future[tuple[Message, bool]] = (
             self._loop or asyncio.get_running_loop()
         ).create_future()
-        if self._closing or self._wake is None:
-            fut.set_exception(ServiceUnavailable("the message store is closed"))
-            return fut
-        self._stores.append((message, recipients, fut))
-        self._wake.set()
+        self.store_then(message, recipients, fut)
         return fut
+
+    def store_then(
+        self,
+        message: Message,
+        recipients: Sequence[int],
+        then: StoreCallback | asyncio.Future[tuple[Message, bool]],
+    ) -> None:
+        if self._closing or self._thread is None:
+            err = ServiceUnavailable("the message store is closed")
+            if isinstance(then, asyncio.Future):
+                then.set_exception(err)
+            else:
+                then(None, err)
+            return
+        self._stores.append((message, recipients, then))
+        if not self._handing_over:
+            self._handing_over = True
+            # After every request this iteration read: one hand-over for all of them.
+            self._loop.call_soon(self._hand_over)  # type: ignore[union-attr]
 
     def ack(self, user_id: int, msg_ids: Sequence[int]) -> asyncio.Future[None]:
         fut: asyncio.Future[None] = (self._loop or asyncio.get_running_loop()).create_future()
-        if self._closing or self._wake is None:
+        if self._closing or self._thread is None:
             fut.set_exception(ServiceUnavailable("the message store is closed"))
             return fut
         self._acks.extend((user_id, m) for m in msg_ids)
         self._ack_waiters.append(fut)
-        self._wake.set()
+        if not self._handing_over:
+            self._handing_over = True
+            self._loop.call_soon(self._hand_over)  # type: ignore[union-attr]
         return fut
 
-    async def _write_loop(self) -> None:
-        assert self._wake is not None
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._stores or self._acks or self._ack_waiters:
-                stores = self._stores[: self.batch_max]
-                del self._stores[: self.batch_max]
-                acks, self._acks = self._acks, []
-                waiters, self._ack_waiters = self._ack_waiters, []
+    def _hand_over(self) -> None:
+        """Queue this iteration's stores and acks for the writer thread (on the loop)."""
+        self._handing_over = False
+        stores, acks, waiters = self._stores, self._acks, self._ack_waiters
+        if not stores and not acks and not waiters:
+            return
+        self._stores, self._acks, self._ack_waiters = [], [], []
+        step = self.batch_max
+        put = self._queue.put
+        put((stores[:step], acks, waiters))
+        for start in range(step, len(stores), step):
+            put((stores[start : start + step], [], []))
+
+    def _run(self, ready: concurrent.futures.Future[None]) -> None:
+        """The writer thread: commit what is queued, batch after batch, until None."""
+        try:
+            db = self._connect_writer()
+        except BaseException as exc:
+            ready.set_exception(exc)
+            return
+        ready.set_result(None)
+        get, get_nowait = self._queue.get, self._queue.get_nowait
+        carry: _Batch | None = None
+        stopping = False
+        try:
+            while not stopping:
+                first = carry if carry is not None else get()
+                carry = None
+                if first is None:
+                    break
+                stores, acks, waiters = first
+                # Group commit: everything that queued up meanwhile, up to batch_max.
+                while len(stores) < self.batch_max:
+                    try:
+                        more = get_nowait()
+                    except queue.Empty:
+                        break
+                    if more is None:
+                        stopping = True
+                        break
+                    if len(stores) + len(more[0]) > self.batch_max:
+                        carry = more
+                        break
+                    stores = stores + more[0]
+                    acks = acks + more[1]
+                    waiters = waiters + more[2]
+                results: list[tuple[Message, bool]] | None = None
+                error: BaseException | None = None
                 try:
-                    results = await self._write(stores, acks)
+                    results = self._write_batch(db, stores, acks)
                 except Exception as exc:
                     log.error("writing %d messages failed: %s", len(stores), exc)
-                    err = ServiceUnavailable(f"the message store failed: {exc}")
-                    for _, _, fut in stores:
-                        if not fut.done():
-                            fut.set_exception(err)
-                    for w in waiters:
-                        if not w.done():
-                            w.set_exception(err)
-                    continue
-                for (_, _, fut), result in zip(stores, results, strict=True):
-                    if not fut.done():
-                        fut.set_result(result)
-                for w in waiters:
-                    if not w.done():
-                        w.set_result(None)
-            if self._closing and not self._stores and not self._acks:
-                return
+                    error = ServiceUnavailable(f"the message store failed: {exc}")
+                self._call(self._finish, stores, waiters, results, error)
+        finally:
+            with contextlib.suppress(sqlite3.Error):
+                db.close()
+            self._call(self._thread_done)
 
-    async def _write(
-        self, stores: list[tuple[Message, Sequence[int], Any]], acks: list[tuple[int, int]]
-    ) -> list[tuple[Message, bool]]:
-        if self._loop is None or self._executor is None:
-            raise ServiceUnavailable("the message database is not open")
-        return await self._loop.run_in_executor(self._executor, self._write_batch, stores, acks)
+    def _call(self, fn: Callable[..., None], *args: Any) -> None:
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(fn, *args)
+
+    def _thread_done(self) -> None:
+        if self._stopped is not None and not self._stopped.done():
+            self._stopped.set_result(None)
+
+    @staticmethod
+    def _finish(
+        stores: list[_Store],
+        waiters: list[asyncio.Future[None]],
+        results: list[tuple[Message, bool]] | None,
+        error: BaseException | None,
+    ) -> None:
+        """Resolve one committed (or failed) batch, in queueing order (on the loop)."""
+        if results is None:
+            results = [None] * len(stores)  # type: ignore[list-item]
+        for (_, _, then), result in zip(stores, results, strict=True):
+            if isinstance(then, asyncio.Future):
+                if not then.done():
+                    if error is None:
+                        then.set_result(result)
+                    else:
+                        then.set_exception(error)
+                continue
+            try:
+                then(result, error)
+            except Exception:
+                log.exception("a callback of a stored message failed")
+        for w in waiters:
+            if not w.done():
+                if error is None:
+                    w.set_result(None)
+                else:
+                    w.set_exception(error)
 
     def _write_batch(
-        self, stores: list[tuple[Message, Sequence[int], Any]], acks: list[tuple[int, int]]
+        self,
+        db: sqlite3.Connection,
+        stores: list[_Store],
+        acks: list[tuple[int, int]],
     ) -> list[tuple[Message, bool]]:
         """One group-commit transaction, on the writer thread (touches no future)."""
-        db = self._wdb
-        if db is None:
-            raise ServiceUnavailable("the message database is not open")
         results: list[tuple[Message, bool]] = [(m, False) for m, _, _ in stores]
         db.execute("BEGIN IMMEDIATE")
         try:
             if stores:
-                rows = [
-                    (
+                flat: list[Any] = []
+                for m, _, _ in stores:
+                    flat += (
                         m.id,
                         m.kind,
                         conversation(m.kind, m.sender_id, m.to),
@@ -534,38 +648,18 @@ class SqliteMessageCenter(MessageCenter):
                         m.ts,
                         m.client_msg_id,
                     )
-                    for m, _, _ in stores
-                ]
-                inserted = _insert_rows(
-                    db,
-                    "INSERT OR IGNORE INTO messages (id, kind, conv, sender_id, sender_name, "
-                    "to_id, text, ts, client_msg_id)",
-                    "(?,?,?,?,?,?,?,?,?)",
-                    rows,
-                    _MESSAGE_ROWS,
-                )
-                if inserted != len(rows):
+                inserted = _write_rows(db, _INSERT_MESSAGES, 9, flat, _MESSAGE_ROWS)
+                if inserted != len(stores):
                     self._resolve_duplicates(db, stores, results)
-                pending = [
-                    (u, m.id)
-                    for (m, recipients, _), (_, dup) in zip(stores, results, strict=True)
-                    if not dup
-                    for u in recipients
-                ]
+                pending: list[int] = []
+                for (m, recipients, _), (_, dup) in zip(stores, results, strict=True):
+                    if not dup:
+                        for u in recipients:
+                            pending += (u, m.id)
                 if pending:
-                    _insert_rows(db, "INSERT OR IGNORE INTO pending", "(?,?)", pending, _PAIR_ROWS)
+                    _write_rows(db, _INSERT_PENDING, 2, pending, _PAIR_ROWS)
             if acks:
-                by_user: dict[int, list[int]] = {}
-                for user_id, msg_id in acks:
-                    by_user.setdefault(user_id, []).append(msg_id)
-                for user_id, ids in by_user.items():
-                    for start in range(0, len(ids), _PAIR_ROWS):
-                        part = ids[start : start + _PAIR_ROWS]
-                        db.execute(
-                            "DELETE FROM pending WHERE user_id = ? AND msg_id IN "
-                            f"({','.join('?' * len(part))})",
-                            [user_id, *part],
-                        )
+                _write_rows(db, _DELETE_PENDING, 2, [v for pair in acks for v in pair], _PAIR_ROWS)
             db.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
