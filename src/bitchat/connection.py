@@ -45,6 +45,54 @@ _PING = 1
 _RESP = FLAG_RESPONSE
 _RESP_ERR = FLAG_RESPONSE | FLAG_ERROR
 _PONG_BODIES = {sid: SERIALIZERS[sid].dumps({}) for sid in SERIALIZER_IDS}
+_UNSET: Any = object()
+
+
+class Answer:
+    """What a handler returns to answer later from a callback on the event loop.
+
+    Like a future the handler resolves once, with ``set_result(packet)`` or
+    ``set_exception(exc)``, but the answer is queued on the connection at once:
+    a future's callbacks run one loop pass later, after the connection's write
+    for this pass has left, so the answer would take a write of its own. The IM
+    service answers every send this way from its group commit.
+    """
+
+    __slots__ = ("_to", "_value")
+
+    def __init__(self) -> None:
+        self._to: tuple[Session, Route, Frame] | None = None
+        self._value: Any = _UNSET
+
+    def done(self) -> bool:
+        return self._value is not _UNSET
+
+    def set_result(self, result: Packet) -> None:
+        self._give(result)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._give(exc)
+
+    def _give(self, value: Any) -> None:
+        if self._value is not _UNSET:
+            raise asyncio.InvalidStateError("the answer was already given")
+        self._value = value
+        if self._to is not None:
+            self._deliver()
+
+    def _bind(self, session: Session, route: Route, frame: Frame) -> None:
+        self._to = (session, route, frame)
+        if self._value is not _UNSET:
+            self._deliver()
+
+    def _deliver(self) -> None:
+        assert self._to is not None
+        session, route, frame = self._to
+        value = self._value
+        if isinstance(value, BaseException):
+            session._handler_failed(value, route, frame)
+        else:
+            session._deliver_result(value, route, frame)
 
 
 class Session:
@@ -335,7 +383,7 @@ class Session:
             self._resume(4)
 
     def _observe(self, route: Route, started: float) -> None:
-        self.server.metrics.observe_handler(route.name, time.perf_counter() - started)
+        self.server.metrics.handler_seconds.observe(route.name, time.perf_counter() - started)
 
     def _deliver_result(self, result: Any, route: Route, frame: Frame) -> None:
         if isinstance(result, Packet):
@@ -347,7 +395,11 @@ class Session:
             return
         if result is None:
             return
-        if asyncio.iscoroutine(result):
+        if type(result) is Answer:
+            result._bind(self, route, frame)
+            return
+        # A future first: iscoroutine() of a non-coroutine goes through an ABC check.
+        if not isinstance(result, asyncio.Future) and asyncio.iscoroutine(result):
             result = self._loop.create_task(result)
             self._track(result)
         if isinstance(result, asyncio.Future):

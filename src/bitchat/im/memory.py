@@ -44,7 +44,8 @@ class MemoryConnectionCenter(ConnectionCenter):
         return user_id in self._by_user
 
     def deliver(self, message: Message, user_ids: Iterable[int], exclude_session: int = 0) -> None:
+        by_user = self._by_user
         push_message(
             message,
-            (s for u in user_ids for s in self._by_user.get(u, ()) if s.id != exclude_session),
+            [s for u in user_ids for s in by_user.get(u, ()) if s.id != exclude_session],
         )

@@ -15,10 +15,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
-from bitchat.connection import Session
+from bitchat.connection import Answer, Session
 from bitchat.errors import RequestError, codes
 from bitchat.im.centers import ConnectionCenter, Message, MessageCenter, User, UserCenter
 from bitchat.im.delivery import SYNCING, push_message
@@ -54,35 +54,10 @@ from bitchat.server import Server
 
 log = logging.getLogger("bitchat.im")
 
-T = TypeVar("T")
-R = TypeVar("R")
-
+_OK = Ok()  # no fields: one instance answers every Ack
 _CHAIN = "bitchat.send_chain"
 _WATCH = "bitchat.watch_presence"
 _TOKEN = "bitchat.token"
-
-
-def _then(aw: Awaitable[T], fn: Callable[[T], R]) -> asyncio.Future[R]:
-    """A future of ``fn(result of aw)``, without a task when ``aw`` is a future."""
-    # Every send comes through here: skip ensure_future's Python-level checks for a future.
-    src = aw if isinstance(aw, asyncio.Future) else asyncio.ensure_future(aw)
-    out: asyncio.Future[R] = src.get_loop().create_future()
-
-    def done(f: asyncio.Future[T]) -> None:
-        if out.done():
-            return
-        if f.cancelled():
-            out.cancel()
-        elif (exc := f.exception()) is not None:
-            out.set_exception(exc)
-        else:
-            try:
-                out.set_result(fn(f.result()))
-            except Exception as e:
-                out.set_exception(e)
-
-    src.add_done_callback(done)
-    return out
 
 
 def _valid_name(name: str, max_len: int) -> str:
@@ -329,7 +304,8 @@ class IMService:
                 await asyncio.wait([chain])
             if await self.users.get_user(msg.to) is None:
                 raise RequestError(codes.NOT_FOUND, f"no user {msg.to}")
-            stored = self._store_and_deliver(session, msg, [msg.to])
+            stored: asyncio.Future[SendAck] = self.server.loop.create_future()
+            self._store_and_deliver(session, msg, [msg.to], stored)
         finally:
             _resolve(queued)
         return await stored
@@ -363,7 +339,8 @@ class IMService:
                     raise RequestError(codes.NOT_FOUND, f"no group {msg.to}")
                 members = await self.users.group_members(msg.to)
             self._check_member(members, session, msg.to)
-            stored = self._store_and_deliver(session, msg, members)
+            stored: asyncio.Future[SendAck] = self.server.loop.create_future()
+            self._store_and_deliver(session, msg, members, stored)
         finally:
             _resolve(queued)
         return await stored
@@ -390,35 +367,70 @@ class IMService:
         )
 
     def _store_and_deliver(
-        self, session: Session, msg: Message, recipients: Sequence[int]
-    ) -> asyncio.Future[SendAck]:
+        self,
+        session: Session,
+        msg: Message,
+        recipients: Sequence[int],
+        answer: Answer | asyncio.Future[SendAck] | None = None,
+    ) -> Answer | asyncio.Future[SendAck]:
+        """Queue ``msg`` for storing; once committed, push it and answer the SendAck.
+
+        The answer is an :class:`Answer` (the fast path: the SendAck is queued on
+        the connection from the commit's callback), or the given future.
+        """
         # Ids are issued in the order messages are queued, which is the order they are
         # committed and pushed: every recipient sees a conversation in id order.
         msg.id = self.ids.next()
         msg.ts = int(time.time() * 1000)
         # Pending for every recipient but the sender (whose other devices get it live).
-        pending = [u for u in recipients if u != msg.sender_id]
-        kind = msg.kind
+        sender = msg.sender_id
+        pending = [u for u in recipients if u != sender]
+        out = Answer() if answer is None else answer
         session_id = session.id
-        metrics = self.server.metrics
+        count = self.server.metrics.message_stored
+        deliver = self.connections.deliver
 
-        def stored(result: tuple[Message, bool]) -> SendAck:
+        def stored(result: tuple[Message, bool] | None, error: BaseException | None) -> None:
+            if out.done():
+                return
+            if result is None:
+                out.set_exception(error or RuntimeError("no result"))
+                return
             stored_msg, duplicate = result
-            if not duplicate:
-                metrics.message_stored(kind)
-                targets = list(recipients)
-                if msg.sender_id not in targets:
-                    targets.append(msg.sender_id)
-                self.connections.deliver(stored_msg, targets, exclude_session=session_id)
-            return SendAck(stored_msg.id, stored_msg.ts, stored_msg.client_msg_id, duplicate)
+            try:
+                if not duplicate:
+                    count(stored_msg.kind)
+                    # The recipients, and the sender's other devices.
+                    targets = recipients if sender in recipients else [*recipients, sender]
+                    deliver(stored_msg, targets, exclude_session=session_id)
+                ack = SendAck(stored_msg.id, stored_msg.ts, stored_msg.client_msg_id, duplicate)
+            except Exception as exc:
+                out.set_exception(exc)
+                return
+            out.set_result(ack)
 
-        return _then(self.messages.store(msg, pending), stored)
+        self.messages.store_then(msg, pending, stored)
+        return out
 
     def on_ack(self, session: Session, p: Ack) -> Any:
         if not p.msg_ids:
             return Ok()
         assert session.user_id is not None
-        return _then(self.messages.ack(session.user_id, p.msg_ids), lambda _: Ok())
+        answer = Answer()
+
+        def acked(f: asyncio.Future[None]) -> None:
+            if f.cancelled():
+                answer.set_exception(asyncio.CancelledError())
+            elif (exc := f.exception()) is not None:
+                answer.set_exception(exc)
+            else:
+                answer.set_result(_OK)
+
+        aw = self.messages.ack(session.user_id, p.msg_ids)
+        (aw if isinstance(aw, asyncio.Future) else asyncio.ensure_future(aw)).add_done_callback(
+            acked
+        )
+        return answer
 
     async def on_history(self, session: Session, p: History) -> HistoryPage:
         assert session.user_id is not None
