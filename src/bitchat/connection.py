@@ -58,10 +58,12 @@ class Answer:
     service answers every send this way from its group commit.
     """
 
-    __slots__ = ("_to", "_value")
+    __slots__ = ("_frame", "_route", "_session", "_value")
 
     def __init__(self) -> None:
-        self._to: tuple[Session, Route, Frame] | None = None
+        self._session: Session | None = None
+        self._route: Route | None = None
+        self._frame: Frame | None = None
         self._value: Any = _UNSET
 
     def done(self) -> bool:
@@ -77,17 +79,17 @@ class Answer:
         if self._value is not _UNSET:
             raise asyncio.InvalidStateError("the answer was already given")
         self._value = value
-        if self._to is not None:
+        if self._session is not None:
             self._deliver()
 
     def _bind(self, session: Session, route: Route, frame: Frame) -> None:
-        self._to = (session, route, frame)
+        self._session, self._route, self._frame = session, route, frame
         if self._value is not _UNSET:
             self._deliver()
 
     def _deliver(self) -> None:
-        assert self._to is not None
-        session, route, frame = self._to
+        session, route, frame = self._session, self._route, self._frame
+        assert session is not None and route is not None and frame is not None
         value = self._value
         if isinstance(value, BaseException):
             session._handler_failed(value, route, frame)

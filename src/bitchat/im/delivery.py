@@ -25,7 +25,10 @@ def encode_message(message: Message, serializer: int) -> bytes:
 
 def push_message(message: Message, sessions: Iterable[Session]) -> int:
     """Push to each session; returns how many got it (or will, after their sync)."""
-    frames: dict[int, bytes] = {}
+    # Encoded once per serializer; the first one without a dict (most pushes have one).
+    first_ser = 0
+    first: bytes = b""
+    frames: dict[int, bytes] | None = None
     n = 0
     for session in sessions:
         if session.closed:
@@ -37,9 +40,15 @@ def push_message(message: Message, sessions: Iterable[Session]) -> int:
             n += 1
             continue
         ser = session.serializer
-        frame = frames.get(ser)
-        if frame is None:
-            frame = frames[ser] = encode_message(message, ser)
+        if ser == first_ser:
+            frame = first
+        elif not first_ser:
+            first_ser, first = ser, encode_message(message, ser)
+            frame = first
+        else:
+            if frames is None:
+                frames = {}
+            frame = frames.get(ser) or frames.setdefault(ser, encode_message(message, ser))
         session.send_frame(frame)
         n += 1
     return n
