@@ -26,8 +26,9 @@ class IdGenerator:
         self._ms = last_id >> (NODE_BITS + SEQ_BITS)
         self._seq = last_id & _SEQ_MASK
 
-    def next(self) -> int:
-        ms = int(time.time() * 1000) - EPOCH_MS
+    def next(self, now_ms: int | None = None) -> int:
+        """The next id; ``now_ms`` is the current Unix time in ms if the caller has it."""
+        ms = (int(time.time() * 1000) if now_ms is None else now_ms) - EPOCH_MS
         if ms > self._ms:
             self._ms = ms
             self._seq = 0

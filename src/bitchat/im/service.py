@@ -283,8 +283,14 @@ class IMService:
             )
 
     def on_send_p2p(self, session: Session, p: SendP2P) -> Any:
-        self._check_text(p.text)
-        msg = self._new_message(session, P2P, p.to, p.text, p.client_msg_id)
+        text = p.text
+        if not text or len(text) > self.settings.max_message_length:
+            self._check_text(text)  # raises
+        assert session.user_id is not None
+        # As _new_message does, written out: this is every one-to-one message's path.
+        msg = Message(
+            0, P2P, session.user_id, session.user_name or "", p.to, text, 0, p.client_msg_id
+        )
         chain = session.data.get(_CHAIN)
         if chain is None or chain.done():
             user = self.users.known_user(p.to)
@@ -381,8 +387,9 @@ class IMService:
         """
         # Ids are issued in the order messages are queued, which is the order they are
         # committed and pushed: every recipient sees a conversation in id order.
-        msg.id = self.ids.next()
-        msg.ts = int(time.time() * 1000)
+        now_ms = int(time.time() * 1000)
+        msg.id = self.ids.next(now_ms)
+        msg.ts = now_ms
         # Pending for every recipient but the sender (whose other devices get it live).
         sender = msg.sender_id
         pending = [u for u in recipients if u != sender] if sender in recipients else recipients

@@ -26,7 +26,9 @@ decoder refuses further input, since the framing is lost.
 
 from __future__ import annotations
 
+import functools
 import struct
+from collections.abc import Callable
 from typing import NamedTuple
 
 from bitchat.errors import ProtocolError, codes
@@ -56,6 +58,12 @@ class Frame(NamedTuple):
     type: int
     request_id: int
     body: bytes
+
+
+# tuple.__new__ in C, where Frame(...) goes through the namedtuple's Python __new__.
+_new_frame: Callable[[tuple[int, int, int, int, bytes]], Frame] = functools.partial(
+    tuple.__new__, Frame
+)
 
 
 def encode_header(serializer: int, flags: int, type_: int, request_id: int, length: int) -> bytes:
@@ -139,7 +147,9 @@ class FrameDecoder:
                 if stop > end:
                     break
                 # The one copy per frame: the body leaves the receive buffer.
-                frames.append(Frame(ser, flags, type_, rid, bytes(view[pos + HEADER_SIZE : stop])))
+                frames.append(
+                    _new_frame((ser, flags, type_, rid, bytes(view[pos + HEADER_SIZE : stop])))
+                )
                 pos = stop
         except ProtocolError as exc:
             self._closed = True
