@@ -241,7 +241,7 @@ class Session:
         if route is None:
             self._unroutable(frame)
             return
-        if frame.flags & FLAG_POOL:
+        if frame.flags & FLAG_POOL and route.poolable:
             self._run_pooled(route, frame)
         elif self._draining:
             self._queue.append((route, frame))

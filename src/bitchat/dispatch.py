@@ -22,6 +22,9 @@ class Route:
     is_coroutine: bool
     login_required: bool
     name: str
+    poolable: bool = True
+    """False: the POOL flag is ignored and the handler always runs on the loop, in
+    order (for handlers that touch loop-only state, such as the IM send path)."""
 
 
 class Dispatcher:
@@ -38,6 +41,7 @@ class Dispatcher:
         *,
         login_required: bool = False,
         replace: bool = False,
+        poolable: bool = True,
     ) -> None:
         if cls.TYPE < 0:
             raise UsageError(f"{cls.__name__} has no packet type; declare it with type=N")
@@ -49,7 +53,9 @@ class Dispatcher:
         # An object with an ``async def __call__`` counts as a coroutine handler too.
         call = func if inspect.isroutine(func) else type(func).__call__
         is_coroutine = inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(call)
-        self.routes[cls.TYPE] = Route(cls, func, is_coroutine, login_required, cls.__name__)
+        self.routes[cls.TYPE] = Route(
+            cls, func, is_coroutine, login_required, cls.__name__, poolable
+        )
 
     def handler(self, cls: type[Packet], *, login_required: bool = False) -> Callable[[H], H]:
         def decorate(func: H) -> H:

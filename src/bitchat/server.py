@@ -119,9 +119,16 @@ class Server:
         return self.dispatcher.handler(cls, login_required=login_required)
 
     def add_handler(
-        self, cls: type[Packet], func: Callable[..., Any], *, login_required: bool = False
+        self,
+        cls: type[Packet],
+        func: Callable[..., Any],
+        *,
+        login_required: bool = False,
+        poolable: bool = True,
     ) -> None:
-        self.dispatcher.add(cls, func, login_required=login_required)
+        """Like :meth:`handler`; ``poolable=False`` makes the handler ignore the POOL
+        flag and always run on the loop, in arrival order."""
+        self.dispatcher.add(cls, func, login_required=login_required, poolable=poolable)
 
     def include(self, *handlers: Any) -> None:
         """Add handlers marked with :func:`bitchat.handler`: functions, or the

@@ -95,8 +95,8 @@ class IMService:
 
     def _install(self) -> None:
         s = self.server
-        s.add_handler(Register, self.on_register)
-        s.add_handler(Login, self.on_login)
+        s.add_handler(Register, self.on_register, poolable=False)
+        s.add_handler(Login, self.on_login, poolable=False)
         for cls, func in (
             (Logout, self.on_logout),
             (ListOnline, self.on_list_online),
@@ -110,7 +110,7 @@ class IMService:
             (GroupMembers, self.on_group_members),
             (History, self.on_history),
         ):
-            s.add_handler(cls, func, login_required=True)
+            s.add_handler(cls, func, login_required=True, poolable=False)
         s.on_startup.append(self._start)
         s.on_shutdown.append(self._stop)
         s.on_session_close.append(self._session_closed)
