@@ -35,7 +35,7 @@ from bitchat.cluster.health import Backoff, Counter, Health
 from bitchat.errors import RequestError, ServiceUnavailable, codes
 from bitchat.im.centers import Group, Message, MessageCenter, User, UserCenter
 from bitchat.im.ids import MAX_NODE, SEQ_BITS
-from bitchat.im.passwords import hash_password, new_token, token_digest, verify_password
+from bitchat.im.passwords import hash_password, new_token, token_digest
 from bitchat.im.sqlite import conversation
 from bitchat.settings import Settings
 
@@ -430,27 +430,15 @@ class PgUserCenter(UserCenter):
         self._names[user_id] = name
         return User(user_id, name)
 
-    async def authenticate(self, name: str, password: str, auto_register: bool) -> User:
+    async def credentials(self, name: str) -> tuple[int, str] | None:
         rows = await self._fetch(
             "logging in", "SELECT id, password_hash FROM users WHERE name = $1", name
         )
         if not rows:
-            if not auto_register:
-                # As slow as a wrong password: timing does not tell which names exist.
-                await hash_password(password, self.hasher)
-                raise RequestError(codes.LOGIN_FAILED, "unknown user or wrong password")
-            try:
-                return await self.register(name, password)
-            except RequestError as exc:
-                if exc.code != codes.NAME_TAKEN:
-                    raise
-                # Registered meanwhile by another login (maybe on another node).
-                return await self.authenticate(name, password, False)
+            return None
         user_id, stored = rows[0]["id"], rows[0]["password_hash"]
-        if not await verify_password(stored, password, self.hasher):
-            raise RequestError(codes.LOGIN_FAILED, "unknown user or wrong password")
         self._names[user_id] = name
-        return User(user_id, name)
+        return user_id, stored
 
     async def issue_token(self, user_id: int, ttl: float) -> str:
         token = new_token()

@@ -15,7 +15,12 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from bitchat.errors import RequestError, codes
+from bitchat.im.passwords import hash_password, verify_password
+
 if TYPE_CHECKING:
+    from argon2 import PasswordHasher
+
     from bitchat.connection import Session
 
 
@@ -84,10 +89,33 @@ class UserCenter(abc.ABC):
     async def register(self, name: str, password: str) -> User:
         """Create a user; RequestError ``name_taken`` if the name exists."""
 
+    hasher: PasswordHasher | None = None
+    """The argon2 parameters passwords are hashed with (None: the defaults)."""
+
     @abc.abstractmethod
+    async def credentials(self, name: str) -> tuple[int, str] | None:
+        """The id and stored password hash of the user called ``name``, if any."""
+
     async def authenticate(self, name: str, password: str, auto_register: bool) -> User:
         """The user for these credentials (registering an unknown name when
         ``auto_register``); RequestError ``login_failed`` otherwise."""
+        found = await self.credentials(name)
+        if found is None:
+            if not auto_register:
+                # As slow as a wrong password: timing does not tell which names exist.
+                await hash_password(password, self.hasher)
+                raise RequestError(codes.LOGIN_FAILED, "unknown user or wrong password")
+            try:
+                return await self.register(name, password)
+            except RequestError as exc:
+                if exc.code != codes.NAME_TAKEN:
+                    raise
+                # Registered meanwhile by another login (maybe on another node).
+                return await self.authenticate(name, password, False)
+        user_id, stored = found
+        if not await verify_password(stored, password, self.hasher):
+            raise RequestError(codes.LOGIN_FAILED, "unknown user or wrong password")
+        return User(user_id, name)
 
     @abc.abstractmethod
     async def issue_token(self, user_id: int, ttl: float) -> str:

@@ -26,7 +26,7 @@ import aiosqlite
 from bitchat.errors import RequestError, ServiceUnavailable, codes
 from bitchat.im.centers import Group, Message, MessageCenter, StoreCallback, User, UserCenter
 from bitchat.im.ids import MAX_NODE, SEQ_BITS
-from bitchat.im.passwords import hash_password, new_token, token_digest, verify_password
+from bitchat.im.passwords import hash_password, new_token, token_digest
 
 if TYPE_CHECKING:
     from argon2 import PasswordHasher
@@ -198,25 +198,13 @@ class SqliteUserCenter(UserCenter):
         self._names[user_id] = name
         return User(user_id, name)
 
-    async def authenticate(self, name: str, password: str, auto_register: bool) -> User:
+    async def credentials(self, name: str) -> tuple[int, str] | None:
         rows = await self._rows("SELECT id, password_hash FROM users WHERE name = ?", (name,))
         if not rows:
-            if not auto_register:
-                # As slow as a wrong password: timing does not tell which names exist.
-                await hash_password(password, self.hasher)
-                raise RequestError(codes.LOGIN_FAILED, "unknown user or wrong password")
-            try:
-                return await self.register(name, password)
-            except RequestError as exc:
-                if exc.code != codes.NAME_TAKEN:
-                    raise
-                # Registered concurrently by another login: check against it.
-                return await self.authenticate(name, password, False)
+            return None
         user_id, stored = rows[0]
-        if not await verify_password(stored, password, self.hasher):
-            raise RequestError(codes.LOGIN_FAILED, "unknown user or wrong password")
         self._names[user_id] = name
-        return User(user_id, name)
+        return user_id, stored
 
     async def issue_token(self, user_id: int, ttl: float) -> str:
         token = new_token()
