@@ -19,8 +19,22 @@ from prometheus_client.utils import floatToGoString
 
 __all__ = ["CONTENT_TYPE_LATEST", "HandlerTimes", "Metrics"]
 
-HANDLER_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
-                   0.25, 0.5, 1.0, 2.5)
+HANDLER_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+)
 
 
 class HandlerTimes:
@@ -33,8 +47,9 @@ class HandlerTimes:
     a ``Histogram`` with a ``packet`` label would be.
     """
 
-    def __init__(self, name: str, documentation: str,
-                 buckets: Sequence[float] = HANDLER_BUCKETS) -> None:
+    def __init__(
+        self, name: str, documentation: str, buckets: Sequence[float] = HANDLER_BUCKETS
+    ) -> None:
         self.name = name
         self.documentation = documentation
         self.bounds = [*sorted(buckets), math.inf]
