@@ -16,7 +16,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from bitchat.connection import Answer, Session
@@ -297,23 +297,33 @@ class IMService:
             if user is not None:
                 return self._store_and_deliver(session, msg, [p.to])
         queued = self._chain(session)
-        return asyncio.ensure_future(self._p2p_slow(session, msg, chain, queued))
+        return asyncio.ensure_future(
+            self._send_slow(session, msg, chain, queued, self._p2p_recipients(msg))
+        )
 
-    async def _p2p_slow(
+    async def _p2p_recipients(self, msg: Message) -> list[int]:
+        if await self.users.get_user(msg.to) is None:
+            raise RequestError(codes.NOT_FOUND, f"no user {msg.to}")
+        return [msg.to]
+
+    async def _send_slow(
         self,
         session: Session,
         msg: Message,
         chain: asyncio.Future[Any] | None,
         queued: asyncio.Future[None],
+        recipients: Coroutine[Any, Any, Sequence[int]],
     ) -> SendAck:
+        """A send that needs I/O before it can be queued (an uncached user or group),
+        or that follows one: it waits its turn, so the connection's order is kept."""
         try:
             if chain is not None:
                 await asyncio.wait([chain])
-            if await self.users.get_user(msg.to) is None:
-                raise RequestError(codes.NOT_FOUND, f"no user {msg.to}")
+            targets = await recipients
             stored: asyncio.Future[SendAck] = self.server.loop.create_future()
-            self._store_and_deliver(session, msg, [msg.to], stored)
+            self._store_and_deliver(session, msg, targets, stored)
         finally:
+            recipients.close()  # never awaited when the chain failed first: no warning
             _resolve(queued)
         return await stored
 
@@ -327,30 +337,19 @@ class IMService:
                 self._check_member(members, session, p.group_id)
                 return self._store_and_deliver(session, msg, members)
         queued = self._chain(session)
-        return asyncio.ensure_future(self._group_slow(session, msg, chain, queued))
+        return asyncio.ensure_future(
+            self._send_slow(session, msg, chain, queued, self._group_recipients(session, msg))
+        )
 
-    async def _group_slow(
-        self,
-        session: Session,
-        msg: Message,
-        chain: asyncio.Future[Any] | None,
-        queued: asyncio.Future[None],
-    ) -> SendAck:
-        try:
-            if chain is not None:
-                await asyncio.wait([chain])
-            # Cached members (no I/O) let a busy connection's sends leave this slow path.
-            members = self.users.known_members(msg.to)
-            if members is None:
-                if await self.users.get_group(msg.to) is None:
-                    raise RequestError(codes.NOT_FOUND, f"no group {msg.to}")
-                members = await self.users.group_members(msg.to)
-            self._check_member(members, session, msg.to)
-            stored: asyncio.Future[SendAck] = self.server.loop.create_future()
-            self._store_and_deliver(session, msg, members, stored)
-        finally:
-            _resolve(queued)
-        return await stored
+    async def _group_recipients(self, session: Session, msg: Message) -> Sequence[int]:
+        # Cached members (no I/O) let a busy connection's sends leave the slow path.
+        members = self.users.known_members(msg.to)
+        if members is None:
+            if await self.users.get_group(msg.to) is None:
+                raise RequestError(codes.NOT_FOUND, f"no group {msg.to}")
+            members = await self.users.group_members(msg.to)
+        self._check_member(members, session, msg.to)
+        return members
 
     @staticmethod
     def _check_member(members: Sequence[int], session: Session, group_id: int) -> None:
