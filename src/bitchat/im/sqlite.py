@@ -1,9 +1,12 @@
-"""Standalone backends on SQLite (through aiosqlite), in one database file.
+"""Standalone backends on SQLite, in one database file.
 
-WAL mode; a ``schema_version`` table and numbered migrations. The message
-center commits in batches (group commit): every store and ack queued while a
-transaction is being written goes into the next one, so an ack to the sender
-still means the message is on disk, without one fsync per message.
+WAL mode; a ``schema_version`` table and numbered migrations. Users, groups and
+every read go through aiosqlite. The message center commits in batches (group
+commit) on a writer thread of its own, with the standard ``sqlite3`` module:
+every store and ack queued while a transaction is being written goes into the
+next one, so an ack to the sender still means the message is on disk, without
+one fsync per message. (aiosqlite hands each statement to its thread and back;
+a whole batch in one hand-off is what made the store keep up with the loop.)
 """
 
 from __future__ import annotations
