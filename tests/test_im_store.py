@@ -36,6 +36,8 @@ async def test_schema_version_and_migrations(tmp_path: Path, monkeypatch: Any) -
         assert (await db.execute_fetchall("PRAGMA journal_mode"))[0][0] == "wal"
         [(version,)] = await db.execute_fetchall("SELECT version FROM schema_version")
         assert version == len(store.MIGRATIONS)
+        # Checkpoints every 10,000 WAL pages, as the message writer does.
+        assert (await db.execute_fetchall("PRAGMA wal_autocheckpoint"))[0][0] == 10_000
     finally:
         await db.close()
 
@@ -203,3 +205,14 @@ def test_ids_are_ordered_and_survive_restarts() -> None:
     assert resumed.next() > future
     with pytest.raises(ValueError):
         IdGenerator(1024)
+
+
+def test_the_writer_checkpoints_rarely_but_still_fsyncs(tmp_path: Path) -> None:
+    # A checkpoint every 10,000 WAL pages, not SQLite's 1,000 (hot index pages are
+    # copied back once per checkpoint); every commit is still fsynced.
+    writer = SqliteMessageCenter(str(tmp_path / "b.db"))._connect_writer()
+    try:
+        assert writer.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 10_000
+        assert writer.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    finally:
+        writer.close()
