@@ -220,7 +220,8 @@ async def test_server_stop_closes_websockets(tmp_path: Path) -> None:
         ws = await connect(ws_url(server))
         await request(ws, PING)
         await asyncio.wait_for(server.stop(), WAIT)
-        assert ws.close_code == 1000
+        assert ws.close_code == 1001  # going away
+        assert ws.close_reason == "server shutting down"
         await ws.close()
 
 

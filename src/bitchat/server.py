@@ -148,6 +148,11 @@ class Server:
         return "router" if self.mode == "router" else "server"
 
     @property
+    def stopping(self) -> bool:
+        """True once :meth:`stop` has begun."""
+        return self._stopping
+
+    @property
     def loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
             raise UsageError("the server is not started")

@@ -9,7 +9,8 @@ very code a TCP session runs.
 
 Close codes the server sends::
 
-    1000  normal close (idle timeout, logout, server shutdown)
+    1000  normal close (idle timeout, logout)
+    1001  going away: the server is shutting down
     1002  protocol error: a bad frame header, or a message that is not exactly
           one frame (an Error packet goes first, as on TCP)
     1003  a text message (the protocol is binary)
@@ -50,6 +51,7 @@ BAD_MESSAGE = codes.BAD_MESSAGE
 """Error code: a WebSocket message did not hold exactly one frame."""
 
 CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
 CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_UNSUPPORTED_DATA = 1003
 CLOSE_MESSAGE_TOO_BIG = 1009
@@ -216,6 +218,8 @@ class WsSession(Session, asyncio.Protocol):
         if self.transport.is_closing():
             return
         if self._ws.state is ConnectionState.OPEN:
+            if self._close_code == CLOSE_NORMAL and self.server.stopping:
+                self._close_code, self._close_reason = CLOSE_GOING_AWAY, "server shutting down"
             self._send_control(CloseConnection(self._close_code, self._close_reason))
             # Wait for the peer's close frame (it ends the connection), but not forever.
             timeout = self.server.settings.ws_close_timeout
