@@ -12,10 +12,10 @@ import argparse
 import io
 import json
 import os
+import select
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 from typing import Any
 
@@ -166,19 +166,16 @@ DROPPING_SERVER = textwrap.dedent(
                 return
             super().deliver(message, user_ids, exclude_session)
 
-    async def main(port_file, data_dir):
+    async def main(data_dir):
         settings = Settings(data_dir=data_dir, rate_limit=0, password_hash_time_cost=1,
                             password_hash_memory_kib=1024)
         server = build_standalone_server("127.0.0.1", 0, settings)
         server.data["im"].connections = DroppingCenter()
         await server.start()
-        with open(port_file + ".tmp", "w") as f:
-            f.write(str(server.address[1]))
-        import os
-        os.replace(port_file + ".tmp", port_file)
+        print(server.address[1], flush=True)  # the test waits for this line
         await server.serve_forever()
 
-    asyncio.run(main(sys.argv[1], sys.argv[2]))
+    asyncio.run(main(sys.argv[1]))
     """
 )
 
@@ -186,17 +183,19 @@ DROPPING_SERVER = textwrap.dedent(
 def test_a_lost_message_fails_loudly(tmp_path: Path) -> None:
     script = tmp_path / "dropping_server.py"
     script.write_text(DROPPING_SERVER)
-    port_file = tmp_path / "port"
     server = subprocess.Popen(
-        [sys.executable, str(script), str(port_file), str(tmp_path / "d")], stdin=subprocess.DEVNULL
+        [sys.executable, str(script), str(tmp_path / "d")],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
-        deadline = time.monotonic() + WAIT
-        while not port_file.exists():
-            assert server.poll() is None, "the dropping server died"
-            assert time.monotonic() < deadline, "the dropping server did not start"
-            time.sleep(0.05)
-        port = port_file.read_text()
+        assert server.stdout is not None
+        # Wait for the port line (or EOF if the server dies), not by polling.
+        ready, _, _ = select.select([server.stdout], [], [], WAIT)
+        assert ready, "the dropping server did not start"
+        port = server.stdout.readline().strip()
+        assert port.isdigit(), "the dropping server died"
         out = tmp_path / "lost.json"
         done = _bench(
             "p2p",
