@@ -60,6 +60,8 @@ class Settings:
     """Longest user name, in characters (names have no spaces)."""
     max_password_length: int = 256
     """Longest password, in characters."""
+    max_group_name_length: int = 64
+    """Longest group name, in characters."""
     max_group_size: int = 500
     """Most members of a group; one more join fails with ``group_full``."""
     max_groups_per_user: int = 1000
@@ -102,6 +104,8 @@ class Settings:
     # HTTP / WebSocket on the same port.
     max_http_header_size: int = 16 * 1024
     """Largest HTTP request head (request line and headers); above it: 431 and a close."""
+    max_http_body_size: int = 64 * 1024
+    """Largest HTTP request body (no endpoint takes one); above it: 413 and a close."""
     max_ws_message_size: int = 1 << 20
     """Largest WebSocket message (one whole frame, header included); above it: close 1009."""
     http_timeout: float = 10.0

@@ -473,8 +473,9 @@ class IMService:
     async def on_create_group(self, session: Session, p: CreateGroup) -> GroupInfo:
         assert session.user_id is not None
         name = p.name.strip()
-        if not 1 <= len(name) <= 64:
-            raise RequestError(codes.INVALID_PACKET, "a group name has 1 to 64 characters")
+        limit = self.settings.max_group_name_length
+        if not 1 <= len(name) <= limit:
+            raise RequestError(codes.INVALID_PACKET, f"a group name has 1 to {limit} characters")
         await self._check_group_count(session.user_id, 0)
         g = await self.users.create_group(session.user_id, name)
         return GroupInfo(g.id, g.name, g.owner_id, g.members)

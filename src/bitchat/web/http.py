@@ -36,7 +36,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("bitchat.web")
 
 _METHODS = (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"CONNECT", b"TRACE")
-_MAX_BODY = 64 * 1024
 _JSON = b"application/json"
 _TEXT = b"text/plain; charset=utf-8"
 _ALLOW = b"GET, HEAD"
@@ -189,12 +188,12 @@ class HttpConnection(asyncio.Protocol):
                 if _head_size(event) > self.settings.max_http_header_size:
                     self._fail(431, "the request head is too large")
                     return
-                if _content_length(event) > _MAX_BODY:
+                if _content_length(event) > self.settings.max_http_body_size:
                     self._fail(413, "request bodies are not accepted here")
                     return
             elif isinstance(event, h11.Data):
                 self._body_size += len(event.data)
-                if self._body_size > _MAX_BODY:
+                if self._body_size > self.settings.max_http_body_size:
                     self._fail(413, "request bodies are not accepted here")
                     return
             elif isinstance(event, h11.EndOfMessage):
