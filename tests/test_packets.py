@@ -114,6 +114,17 @@ def test_wrong_type(field: str, value: Any) -> None:
     assert repr(field) in exc.message
 
 
+@pytest.mark.parametrize("value", [1 << 63, (1 << 64) - 1])  # MessagePack carries u64
+@pytest.mark.parametrize("field", ["n", "count", "scores"])
+def test_ints_must_fit_in_64_bits_signed(field: str, value: int) -> None:
+    """Ids reach the stores as signed 64-bit integers: larger ones are bad input."""
+    body = {**GOOD, field: {"a": value} if field == "scores" else value}
+    exc = invalid(body)
+    assert repr(field) in exc.message and "64-bit integer" in exc.message
+    edge = {**GOOD, "n": (1 << 63) - 1, "count": -(1 << 63)}
+    assert (dec(edge).n, dec(edge).count) == ((1 << 63) - 1, -(1 << 63))
+
+
 def test_int_is_accepted_for_float_and_becomes_one() -> None:
     p = dec({**GOOD, "x": 3})
     assert p.x == 3.0 and type(p.x) is float

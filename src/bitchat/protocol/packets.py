@@ -6,7 +6,8 @@ A packet is a class with annotated fields; declaring it registers it::
         text: str
         times: int = 1
 
-Fields may be ``int``, ``float``, ``bool``, ``str``, ``bytes``, ``Any``,
+Fields may be ``int`` (signed 64-bit: what both serializers and the stores carry),
+``float``, ``bool``, ``str``, ``bytes``, ``Any``,
 ``X | None``, ``list[X]`` and ``dict[str, X]`` of those. Decoding validates every
 field against its annotation and raises :class:`~bitchat.errors.ProtocolError`
 (non-fatal: the request fails, the connection stays) on a missing or mistyped
@@ -38,10 +39,14 @@ class _Invalid(Exception):
     pass
 
 
+INT_MIN = -(1 << 63)
+INT_MAX = (1 << 63) - 1
+
+
 def _check_int(v: Any) -> Any:
-    if type(v) is int:
+    if type(v) is int and INT_MIN <= v <= INT_MAX:
         return v
-    raise _Invalid("an integer")
+    raise _Invalid("a 64-bit integer")
 
 
 def _check_float(v: Any) -> Any:
@@ -142,7 +147,10 @@ _GENERATED = "__bitchat_generated__"
 
 # Inline checks of the simple types: (condition that the value is bad, expected).
 _INLINE: dict[Any, tuple[str, str]] = {
-    int: ("type({v}) is not int", "an integer"),
+    int: (
+        f"type({{v}}) is not int or not {INT_MIN} <= {{v}} <= {INT_MAX}",
+        "a 64-bit integer",
+    ),
     bool: ("{v} is not True and {v} is not False", "a boolean"),
     str: ("type({v}) is not str", "a string"),
     bytes: ("type({v}) is not bytes", "bytes"),
