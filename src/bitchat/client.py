@@ -29,7 +29,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 
 from bitchat.errors import ConnectionClosed, ProtocolError, RequestError, RequestTimeout, UsageError
-from bitchat.protocol.frame import FLAG_ERROR, FLAG_POOL, FLAG_RESPONSE, FrameDecoder, encode_frame
+from bitchat.protocol.frame import (
+    FLAG_ERROR,
+    FLAG_POOL,
+    FLAG_RESPONSE,
+    MAX_REQUEST_ID,
+    FrameDecoder,
+    encode_frame,
+)
 from bitchat.protocol.packets import Error, Packet, Ping, Registry, decode_body
 from bitchat.protocol.packets import registry as default_registry
 from bitchat.protocol.serializers import SERIALIZERS
@@ -307,7 +314,7 @@ class Client:
 
     def _new_id(self) -> int:
         n = self._next_id + 1
-        if n > 0xFFFFFFFF:
+        if n > MAX_REQUEST_ID:
             n = 1
         self._next_id = n
         return n

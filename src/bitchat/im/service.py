@@ -57,7 +57,6 @@ log = logging.getLogger("bitchat.im")
 
 _OK = Ok()  # no fields: one instance answers every Ack
 _CHAIN = "bitchat.send_chain"
-_WATCH = "bitchat.watch_presence"
 _TOKEN = "bitchat.token"
 
 
