@@ -42,6 +42,10 @@ class Settings:
     reconnect_max_delay: float = 10.0
 
     # Server process.
+    host: str = "0.0.0.0"
+    """Address the server listens on."""
+    port: int = 8864
+    """Port the server listens on (packets, HTTP and WebSocket share it)."""
     worker_threads: int = 16
     """Size of the worker thread pool for POOL handlers written as plain ``def``."""
     shutdown_grace: float = 5.0
@@ -85,6 +89,19 @@ class Settings:
     slow on purpose, so a leaked database is slow to crack."""
     node_id: int = 0
     """This server's node id, part of every message id (0-1023)."""
+
+    # Backends: which centers the composition root builds.
+    mode: str = "standalone"
+    """``standalone``: SQLite users and messages, in-memory connections; ``cluster``:
+    PostgreSQL users and messages, Redis registry, connections and forwarding."""
+    redis_url: str | None = None
+    """Redis URL of the cluster (cluster mode), e.g. ``redis://127.0.0.1:6379/0``."""
+    pg_dsn: str | None = None
+    """PostgreSQL DSN of the cluster (cluster mode), e.g.
+    ``postgresql://postgres@127.0.0.1:5432/bitchat``."""
+    advertise: str | None = None
+    """``HOST:PORT`` clients are given to reach this node (cluster mode; default: the
+    bound address)."""
 
     # Cluster mode.
     node_ttl: float = 5.0
