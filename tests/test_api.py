@@ -18,6 +18,7 @@ def test_all_is_pinned() -> None:
         "BitchatError",
         "Client",
         "ConnectionClosed",
+        "Deferred",
         "Error",
         "Packet",
         "Ping",

@@ -211,7 +211,7 @@ async def test_pending_requests_fail_when_the_connection_drops(servers: Any, cli
     held = [asyncio.create_task(client.request(Hold(), timeout=WAIT)) for _ in range(3)]
     await asyncio.wait_for(server.holding.wait(), WAIT)
     (session,) = server.sessions.values()
-    session._abort()
+    session.abort()
     for task in held:
         with pytest.raises(ConnectionClosed):
             await asyncio.wait_for(task, WAIT)

@@ -291,7 +291,7 @@ async def test_offline_sync_goes_at_the_pace_of_a_slow_reader(tmp_path: Path) ->
         await asyncio.wait_for(waiting.wait(), WAIT)
         [session] = [s for s in server.sessions.values() if s.user_id == 1]
         assert len(inbox.messages) < 400 and not session.closed
-        assert session._write_buffer_size() < 128 * 1024
+        assert session.link.write_buffer_size() < 128 * 1024
 
         proto.transport.resume_reading()
         got = await inbox.wait_for(400)

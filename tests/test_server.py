@@ -218,7 +218,7 @@ async def test_handler_outcomes(
                 await client.request(Try("refuse"), pool=pool)
             assert (info.value.code, info.value.message) == ("nope", "not today")
             with (
-                caplog.at_level(logging.ERROR, "bitchat.connection"),
+                caplog.at_level(logging.ERROR, "bitchat.dispatch"),
                 pytest.raises(RequestError) as info,
             ):
                 await client.request(Try("crash"), pool=pool)
@@ -712,7 +712,7 @@ async def test_rate_limit_burst_is_not_doubled_after_a_quiet_time(
     peer = await raw_connect(app.server.address[1])
     assert await peer.request(1, rid=1) == (1, RESPONSE, 2, 1, {})
     (session,) = app.server.sessions.values()
-    session._tokens_at -= 1000.0  # as if the connection had been quiet for long
+    session.core._tokens_at -= 1000.0  # as if the connection had been quiet for long
     peer.send(b"".join(peer.frame(61300, {"a": i, "b": 0}, rid=i) for i in range(1, 6)))
     codes = [(await peer.read_frame())[4].get("code") for _ in range(5)]
     assert codes == [None, None, None, "rate_limited", "rate_limited"]

@@ -19,7 +19,6 @@ import pytest
 from bitchat import Server
 from bitchat.im.app import build_standalone_server
 from bitchat.im.client import IMClient
-from bitchat.web.ws import WsSession
 from web_helpers import WAIT, WAIT_MS, artifact, chromium, running_server
 
 pytest.importorskip("playwright")
@@ -259,7 +258,7 @@ async def test_page_reconnects_by_itself_after_a_drop(server: Server, browser: B
         # Cut the page's WebSocket from the server side, without a close handshake.
         closed: asyncio.Queue[Any] = asyncio.Queue()
         server.on_session_close.append(closed.put_nowait)
-        (ws,) = [s for s in server.sessions.values() if isinstance(s, WsSession)]
+        (ws,) = [s for s in server.sessions.values() if s.transport_name == "ws"]
         ws._abort()
         assert (await asyncio.wait_for(closed.get(), WAIT)) is ws
 
@@ -270,7 +269,7 @@ async def test_page_reconnects_by_itself_after_a_drop(server: Server, browser: B
         await expect(henry.conversation("gina").get_by_test_id("unread")).to_have_text("1")
         await henry.open_chat("gina")
         await expect(henry.message("Are you back?")).to_have_count(1)
-        [new] = [s for s in server.sessions.values() if isinstance(s, WsSession)]
+        [new] = [s for s in server.sessions.values() if s.transport_name == "ws"]
         assert new is not ws and new.user_id == henry_id
         await henry.close()
 

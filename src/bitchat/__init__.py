@@ -5,8 +5,7 @@ layer (``bitchat.im``) and you have a chat server.
 """
 
 from bitchat.client import Client, State
-from bitchat.connection import Session
-from bitchat.dispatch import handler
+from bitchat.dispatch import Deferred, handler
 from bitchat.errors import (
     BitchatError,
     ConnectionClosed,
@@ -19,6 +18,7 @@ from bitchat.errors import (
 )
 from bitchat.protocol.packets import Error, Packet, Ping, Pong, Registry, registry
 from bitchat.server import Server
+from bitchat.session import Session
 from bitchat.settings import Settings
 
 __version__ = "0.1.0"
@@ -27,6 +27,7 @@ __all__ = [
     "BitchatError",
     "Client",
     "ConnectionClosed",
+    "Deferred",
     "Error",
     "Packet",
     "Ping",

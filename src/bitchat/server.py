@@ -19,18 +19,16 @@ import concurrent.futures
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from bitchat.connection import Session, TcpSession
+from bitchat.connection import TcpConnection
 from bitchat.dispatch import Dispatcher, marked_handlers
 from bitchat.errors import UsageError
 from bitchat.metrics import Metrics
 from bitchat.protocol.packets import Packet, Registry
 from bitchat.protocol.packets import registry as default_registry
+from bitchat.session import Session
 from bitchat.settings import Settings
-
-if TYPE_CHECKING:
-    pass
 
 log = logging.getLogger("bitchat.server")
 
@@ -79,8 +77,8 @@ class Server:
         self.port = port
         self.settings = settings or Settings()
         self.registry = registry or default_registry
-        self.dispatcher = Dispatcher(self.registry)
         self.metrics = Metrics()
+        self.dispatcher = Dispatcher(self.registry, self.metrics)
         self.mode = mode
         self.web: WebHandler | None = None
         self.data: dict[str, Any] = {}
@@ -96,7 +94,6 @@ class Server:
         self.executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._server: asyncio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._inflight: set[asyncio.Future[Any]] = set()
         self._stopped: asyncio.Event | None = None
         self._no_sessions: asyncio.Event | None = None
         self._starting: asyncio.Future[None] | None = None
@@ -191,12 +188,13 @@ class Server:
         self.executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=self.settings.worker_threads, thread_name_prefix="bitchat-worker"
         )
+        self.dispatcher.executor = self.executor
         try:
             for hook in self.on_startup:
                 await hook(self)
             idle = self.settings.read_idle_timeout
             self._server = await self._loop.create_server(
-                lambda: TcpSession(self),
+                lambda: TcpConnection(self),
                 self.host,
                 self.port,
                 ssl=tls,
@@ -250,8 +248,9 @@ class Server:
                 await hook(self)
             except Exception:
                 log.exception("stopping hook failed")
-        if self._inflight:
-            await asyncio.wait(set(self._inflight), timeout=self.settings.shutdown_grace)
+        inflight = self.dispatcher.inflight
+        if inflight:
+            await asyncio.wait(set(inflight), timeout=self.settings.shutdown_grace)
         for session in list(self.sessions.values()):
             session.close()
         # Wait for the peers to get their last bytes (Server.wait_closed() does not
@@ -262,8 +261,8 @@ class Server:
         except TimeoutError:
             log.warning("connections still open after the shutdown grace; aborting them")
         for session in list(self.sessions.values()):
-            session._abort()
-            session._closed()
+            session.abort()
+            session.connection_lost()
         for hook in reversed(self.on_shutdown):
             try:
                 await hook(self)
@@ -293,7 +292,7 @@ class Server:
             # Accepted just before the port closed, first bytes after: refused at once
             # (the peer reconnects elsewhere) rather than served while everything closes.
             session.closed = True
-            session._abort()
+            session.abort()
             return
         self.sessions[session.id] = session
         if self._no_sessions is not None:

@@ -52,7 +52,7 @@ from bitchat.im.delivery import push_message
 from bitchat.settings import Settings
 
 if TYPE_CHECKING:
-    from bitchat.connection import Session
+    from bitchat.session import Session
 
 log = logging.getLogger("bitchat.cluster.connections")
 

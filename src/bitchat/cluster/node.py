@@ -21,7 +21,6 @@ import logging
 
 from bitchat.cluster.connections import RedisConnectionCenter
 from bitchat.cluster.pg import PgDatabase, PgMessageCenter, PgUserCenter
-from bitchat.connection import Session
 from bitchat.errors import UsageError
 from bitchat.im.app import install_web
 from bitchat.im.centers import Message, User
@@ -31,6 +30,7 @@ from bitchat.im.packets import Login, LoginOk
 from bitchat.im.passwords import hasher_for
 from bitchat.im.service import IMService, push_message_each
 from bitchat.server import Server
+from bitchat.session import Session
 from bitchat.settings import Settings
 
 log = logging.getLogger("bitchat.cluster.node")

@@ -32,9 +32,9 @@ from bitchat.cluster.registry import (
     live_nodes,
     safe_url,
 )
-from bitchat.connection import Session
 from bitchat.errors import RequestError, ServiceUnavailable, UsageError, codes
 from bitchat.server import Server
+from bitchat.session import Session
 from bitchat.settings import Settings
 
 log = logging.getLogger("bitchat.cluster.router")

@@ -21,7 +21,7 @@ from bitchat.im.passwords import hash_password, verify_password
 if TYPE_CHECKING:
     from argon2 import PasswordHasher
 
-    from bitchat.connection import Session
+    from bitchat.session import Session
 
 
 @dataclass(frozen=True, slots=True)

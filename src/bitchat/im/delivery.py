@@ -11,7 +11,7 @@ from bitchat.protocol.frame import encode_frame
 from bitchat.protocol.serializers import SERIALIZERS
 
 if TYPE_CHECKING:
-    from bitchat.connection import Session
+    from bitchat.session import Session
 
 _CHAT = ChatMessage.TYPE
 SYNCING = "bitchat.syncing"
@@ -39,7 +39,7 @@ def push_message(message: Message, sessions: Iterable[Session]) -> int:
             held.append(message)
             n += 1
             continue
-        ser = session.serializer
+        ser = session.core.serializer
         if ser == first_ser:
             frame = first
         elif not first_ser:

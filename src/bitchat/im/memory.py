@@ -9,7 +9,7 @@ from bitchat.im.centers import ConnectionCenter, Message
 from bitchat.im.delivery import push_message
 
 if TYPE_CHECKING:
-    from bitchat.connection import Session
+    from bitchat.session import Session
 
 
 class MemoryConnectionCenter(ConnectionCenter):

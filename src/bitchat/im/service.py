@@ -19,7 +19,7 @@ import time
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
-from bitchat.connection import Answer, Session
+from bitchat.dispatch import Deferred
 from bitchat.errors import RequestError, codes
 from bitchat.im.centers import ConnectionCenter, Message, MessageCenter, User, UserCenter
 from bitchat.im.delivery import SYNCING, push_message
@@ -52,6 +52,7 @@ from bitchat.im.packets import (
     UserInfo,
 )
 from bitchat.server import Server
+from bitchat.session import Session
 
 log = logging.getLogger("bitchat.im")
 
@@ -376,11 +377,11 @@ class IMService:
         session: Session,
         msg: Message,
         recipients: Sequence[int],
-        answer: Answer | asyncio.Future[SendAck] | None = None,
-    ) -> Answer | asyncio.Future[SendAck]:
+        answer: Deferred | asyncio.Future[SendAck] | None = None,
+    ) -> Deferred | asyncio.Future[SendAck]:
         """Queue ``msg`` for storing; once committed, push it and answer the SendAck.
 
-        The answer is an :class:`Answer` (the fast path: the SendAck is queued on
+        The answer is an :class:`Deferred` (the fast path: the SendAck is queued on
         the connection from the commit's callback), or the given future.
         """
         # Ids are issued in the order messages are queued, which is the order they are
@@ -391,7 +392,7 @@ class IMService:
         # Pending for every recipient but the sender (whose other devices get it live).
         sender = msg.sender_id
         pending = [u for u in recipients if u != sender] if sender in recipients else recipients
-        out = Answer() if answer is None else answer
+        out = Deferred() if answer is None else answer
         # A partial rather than a closure: fewer objects per message for the collector.
         self.messages.store_then(
             msg, pending, functools.partial(self._stored, out, session.id, recipients)
@@ -400,7 +401,7 @@ class IMService:
 
     def _stored(
         self,
-        out: Answer | asyncio.Future[SendAck],
+        out: Deferred | asyncio.Future[SendAck],
         session_id: int,
         recipients: Sequence[int],
         result: tuple[Message, bool] | None,
@@ -430,7 +431,7 @@ class IMService:
         if not p.msg_ids:
             return Ok()
         assert session.user_id is not None
-        answer = Answer()
+        answer = Deferred()
 
         def acked(f: asyncio.Future[None]) -> None:
             if f.cancelled():

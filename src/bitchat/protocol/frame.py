@@ -84,17 +84,23 @@ class FrameDecoder:
     above ``max_body``.
     """
 
-    __slots__ = ("_buf", "_closed", "max_body", "serializers")
+    __slots__ = ("_buf", "_closed", "_new_other", "_new_response", "max_body", "serializers")
 
     def __init__(
         self,
         max_body: int = DEFAULT_MAX_BODY,
         serializers: frozenset[int] = frozenset({1, 2}),
+        *,
+        request_class: type[Frame] = Frame,
+        response_class: type[Frame] = Frame,
     ) -> None:
         self.max_body = max_body
         self.serializers = serializers
         self._buf = bytearray()
         self._closed = False
+        # The connection core's events are Frame subclasses, made here directly.
+        self._new_other = functools.partial(tuple.__new__, request_class)
+        self._new_response = functools.partial(tuple.__new__, response_class)
 
     @property
     def buffered(self) -> int:
@@ -147,9 +153,8 @@ class FrameDecoder:
                 if stop > end:
                     break
                 # The one copy per frame: the body leaves the receive buffer.
-                frames.append(
-                    _new_frame((ser, flags, type_, rid, bytes(view[pos + HEADER_SIZE : stop])))
-                )
+                new = self._new_response if flags & FLAG_RESPONSE else self._new_other
+                frames.append(new((ser, flags, type_, rid, bytes(view[pos + HEADER_SIZE : stop]))))
                 pos = stop
         except ProtocolError as exc:
             self._closed = True

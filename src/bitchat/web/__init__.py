@@ -6,7 +6,7 @@
       0xBC ...................... the packet stream (TcpSession keeps it)
       GET / POST / HEAD ... ..... HttpConnection (h11): the page, /status/*, /healthz,
                                   /metrics; a GET /ws with ``Upgrade: websocket``
-                                  becomes a WsSession (wsproto), a Session like a TCP one
+                                  becomes a WsConnection (wsproto): a Session like a TCP one
       anything else ............. closed
 
 :func:`install` sets ``server.web`` to a :class:`WebFrontend`; the standalone and
@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Any
 
 from bitchat.web.assets import StaticFiles
 from bitchat.web.http import HttpConnection, looks_like_http
-from bitchat.web.ws import WsSession
+from bitchat.web.ws import WsConnection
 
 if TYPE_CHECKING:
     from bitchat.server import Server
 
-__all__ = ["HttpConnection", "WebFrontend", "WsSession", "install", "looks_like_http"]
+__all__ = ["HttpConnection", "WebFrontend", "WsConnection", "install", "looks_like_http"]
 
 
 class WebFrontend:

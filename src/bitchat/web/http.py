@@ -3,7 +3,7 @@
 One :class:`HttpConnection` per connection whose first bytes are an HTTP request.
 It answers requests in order (keep-alive and pipelining included) and hands a
 ``GET /ws`` with ``Upgrade: websocket`` to wsproto and a
-:class:`~bitchat.web.ws.WsSession`, which replaces it as the transport's protocol.
+:class:`~bitchat.web.ws.WsConnection`, which replaces it as the transport's protocol.
 
 Bad input never escapes: a request h11 cannot parse gets 400 (431 when its head
 is over ``Settings.max_http_header_size``) and a close; an unknown path 404; a
@@ -28,7 +28,7 @@ from wsproto.utilities import RemoteProtocolError as WsHandshakeError
 
 from bitchat.metrics import CONTENT_TYPE_LATEST
 from bitchat.web import status
-from bitchat.web.ws import WsSession
+from bitchat.web.ws import WsConnection
 
 if TYPE_CHECKING:
     from bitchat.web import WebFrontend
@@ -315,9 +315,9 @@ class HttpConnection(asyncio.Protocol):
         trailing, _ = self.conn.trailing_data
         self.server.metrics.http_requests.labels("/ws", "101").inc()
         self._finish()
-        session = WsSession(self.server, self.transport, self.remote, ws)
-        self.transport.set_protocol(session)
-        session.start(accept, trailing)
+        link = WsConnection(self.server, self.transport, self.remote, ws)
+        self.transport.set_protocol(link)
+        link.start(accept, trailing)
 
     # -- output and closing -------------------------------------------------------------------
 

@@ -3,9 +3,10 @@
 Each binary message carries exactly one frame of the wire protocol (DESIGN.md
 section 2). The frame is checked with the session's own ``FrameDecoder`` as its
 bytes arrive (the header, the length against ``max_frame_size`` included,
-before the body is buffered), then handed to ``Session._frame_received``: login,
+before the body is buffered), by the session's own connection core: login,
 pushes, heartbeats, the idle timeout, the rate limit and flow control are the
-very code a TCP session runs.
+very code a TCP session runs. Going out, the core hands over one ``bytes`` per
+frame, and each becomes one message.
 
 Close codes the server sends::
 
@@ -38,9 +39,9 @@ from wsproto.events import (
 )
 from wsproto.utilities import LocalProtocolError
 
-from bitchat.connection import Session
 from bitchat.errors import ProtocolError, codes
-from bitchat.protocol.frame import HEADER_SIZE, Frame
+from bitchat.protocol.frame import HEADER_SIZE
+from bitchat.session import Session
 
 if TYPE_CHECKING:
     from bitchat.server import Server
@@ -57,20 +58,23 @@ CLOSE_UNSUPPORTED_DATA = 1003
 CLOSE_MESSAGE_TOO_BIG = 1009
 
 
-class WsSession(Session, asyncio.Protocol):
-    """A session whose transport is a WebSocket; ``transport_name`` is ``"ws"``."""
+class WsConnection(asyncio.Protocol):
+    """The :class:`~bitchat.session.Link` of a session over a WebSocket
+    (``transport_name`` is ``"ws"``)."""
 
     transport_name = "ws"
 
     def __init__(
         self, server: Server, transport: asyncio.Transport, remote: str, ws: WSConnection
     ) -> None:
-        Session.__init__(self, server, remote)
+        self.server = server
         self.transport = transport
+        self.remote = remote
         self._ws = ws
+        self.session = Session(server, remote, self)
         self._max_message = server.settings.max_ws_message_size
         self._message_size = 0
-        self._message_frames: list[Frame] = []
+        self._message_frames = 0  # frames completed in the message being received
         self._close_code = CLOSE_NORMAL
         self._close_reason = ""
         self._close_timer: asyncio.TimerHandle | None = None
@@ -78,21 +82,23 @@ class WsSession(Session, asyncio.Protocol):
     def start(self, handshake: bytes, trailing: bytes) -> None:
         """Send the 101 answer, register the session and read what followed the request."""
         self.transport.write(handshake)
-        self.bytes_out += len(handshake)
-        self._opened()
+        self.session.core.bytes_out += len(handshake)
+        self.session.opened()
         if trailing:
             self.data_received(trailing)
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        self.bytes_in += len(data)
-        self._last_read = self._loop.time()
+        session = self.session
+        core = session.core
         ws = self._ws
         try:
             ws.receive_data(data)
         except LocalProtocolError:
             return  # after the close handshake: nothing more is read
+        # Any input counts for the idle timeout, WebSocket control frames included.
+        core.last_received = core.clock()
         for event in ws.events():
             if isinstance(event, BytesMessage):
                 if ws.state is ConnectionState.OPEN and not self._message_part(
@@ -102,7 +108,7 @@ class WsSession(Session, asyncio.Protocol):
             elif isinstance(event, Ping):
                 self._send_control(event.response())
             elif isinstance(event, Pong):
-                pass  # any input counts for the idle timeout
+                pass
             elif isinstance(event, CloseConnection):
                 self._close_received(event)
                 return
@@ -117,55 +123,55 @@ class WsSession(Session, asyncio.Protocol):
         if self._close_timer is not None:
             self._close_timer.cancel()
             self._close_timer = None
-        self._closed()
+        self.session.connection_lost()
 
     def pause_writing(self) -> None:
-        self._pause(1)
+        self.session.pause_writing()
 
     def resume_writing(self) -> None:
-        self._resume(1)
+        self.session.resume_writing()
 
     # -- messages -----------------------------------------------------------------------------
 
     def _message_part(self, data: bytes, finished: bool) -> bool:
         """Feed one piece of a binary message; False when the session is failing."""
+        session = self.session
+        core = session.core
         self._message_size += len(data)
         if self._message_size > self._max_message:
             self._fail(CLOSE_MESSAGE_TOO_BIG, f"a message is limited to {self._max_message} bytes")
             return False
-        try:
-            frames = self._decoder.feed(data)
-        except ProtocolError as exc:
-            self._fatal(exc)
+        before = core.frames_received
+        core.receive_data(data)
+        if core.error is not None:  # a bad frame header: the core's failure event closes
+            self._close_code = CLOSE_PROTOCOL_ERROR
+            self._close_reason = core.error.code
+            session.run_events()
             return False
-        if frames:
-            self._message_frames.extend(frames)
-        extra = len(self._message_frames) > 1 or (self._message_frames and self._decoder.buffered)
+        self._message_frames += core.frames_received - before
+        extra = self._message_frames > 1 or (self._message_frames and core.buffered)
         if extra or (finished and not self._message_frames):
-            self._fatal(
-                ProtocolError(
-                    BAD_MESSAGE,
-                    "a WebSocket message must hold exactly one frame "
-                    f"({HEADER_SIZE}-byte header and its body)",
-                )
+            error = ProtocolError(
+                BAD_MESSAGE,
+                "a WebSocket message must hold exactly one frame "
+                f"({HEADER_SIZE}-byte header and its body)",
             )
+            self._close_code = CLOSE_PROTOCOL_ERROR
+            self._close_reason = error.code
+            session._fatal(error)
             return False
         if finished:
-            frame = self._message_frames.pop()
+            # The message is whole and good: its frame runs now, not before.
+            self._message_frames = 0
             self._message_size = 0
-            self._frame_received(frame)
+            session.run_events()
         return True
 
-    def _fatal(self, exc: ProtocolError) -> None:
-        self._close_code = CLOSE_PROTOCOL_ERROR
-        self._close_reason = exc.code
-        super()._fatal(exc)
-
     def _fail(self, code: int, reason: str) -> None:
-        log.info("closing WebSocket %s (%s): %s", self.id, self.remote, reason)
+        log.info("closing WebSocket %s (%s): %s", self.session.id, self.remote, reason)
         self._close_code = code
         self._close_reason = reason
-        self.close()
+        self.session.close()
 
     def _close_received(self, event: CloseConnection) -> None:
         ws = self._ws
@@ -178,43 +184,45 @@ class WsSession(Session, asyncio.Protocol):
             self._send_control(CloseConnection(event.code, (event.reason or "")[:100]))
         self.transport.close()
 
-    # -- Session's transport adapter ----------------------------------------------------------
+    # -- Link ---------------------------------------------------------------------------------
 
-    def _write(self, data: bytes) -> None:
+    def flush(self) -> None:
+        frames = self.session.core.frames_to_send()
+        if not frames:
+            return
         ws = self._ws
         if ws.state is not ConnectionState.OPEN:
             return  # closing: nothing but the close frame may follow it
-        # Session coalesces frames into one write; each frame gets a message of its own.
-        n = len(data)
-        end = HEADER_SIZE + int.from_bytes(data[10:HEADER_SIZE], "big")
-        if end == n:
-            out = ws.send(BytesMessage(data=data))
-        else:
-            parts = []
-            pos = 0
-            while pos < n:
-                end = pos + HEADER_SIZE + int.from_bytes(data[pos + 10 : pos + HEADER_SIZE], "big")
-                parts.append(ws.send(BytesMessage(data=data[pos:end])))
-                pos = end
-            out = b"".join(parts)
-        self.bytes_out += len(out) - n  # Session counted the frames; add the WebSocket framing
+        send = ws.send
+        out = b"".join([send(BytesMessage(data=f)) for f in frames])
+        # The core counted the frames; add the WebSocket framing.
+        self.session.core.bytes_out += len(out) - sum(map(len, frames))
         self.transport.write(out)
+        limit = self.server.settings.write_hard_limit
+        if self.transport.get_write_buffer_size() > limit:
+            log.warning(
+                "disconnecting %s (connection %s): over %d bytes unread",
+                self.remote,
+                self.session.id,
+                limit,
+            )
+            self.transport.abort()
 
     def _send_control(self, event: Ping | Pong | CloseConnection) -> None:
         try:
             out = self._ws.send(event)
         except LocalProtocolError:
             return
-        self.bytes_out += len(out)
+        self.session.core.bytes_out += len(out)
         self.transport.write(out)
 
-    def _write_buffer_size(self) -> int:
+    def write_buffer_size(self) -> int:
         return self.transport.get_write_buffer_size()
 
-    def _abort(self) -> None:
+    def abort(self) -> None:
         self.transport.abort()
 
-    def _close_transport(self) -> None:
+    def close(self) -> None:
         if self.transport.is_closing():
             return
         if self._ws.state is ConnectionState.OPEN:
@@ -223,16 +231,19 @@ class WsSession(Session, asyncio.Protocol):
             self._send_control(CloseConnection(self._close_code, self._close_reason))
             # Wait for the peer's close frame (it ends the connection), but not forever.
             timeout = self.server.settings.ws_close_timeout
-            self._close_timer = self._loop.call_later(timeout, self._abort)
-            if self._read_paused:
-                self._resume_reading()  # the answer to the close must be read
+            self._close_timer = self.server.loop.call_later(timeout, self.abort)
+            if self.session.core.paused:
+                self._set_transport_reading(True)  # the answer to the close must be read
         else:
             self.transport.close()
 
-    def _pause_reading(self) -> None:
-        if not self.transport.is_closing():
-            self.transport.pause_reading()
+    def set_reading(self, paused: bool) -> None:
+        self._set_transport_reading(not paused)
 
-    def _resume_reading(self) -> None:
-        if not self.transport.is_closing():
+    def _set_transport_reading(self, on: bool) -> None:
+        if self.transport.is_closing():
+            return
+        if on:
             self.transport.resume_reading()
+        else:
+            self.transport.pause_reading()

@@ -1,0 +1,257 @@
+"""Sessions: one per client connection, whatever its transport.
+
+A :class:`Session` is what a handler gets as its first argument: who the peer is
+(``user_id``, ``user_name``, ``remote``), ``push`` to it, ``data`` for your own
+per-connection state, ``server`` to reach the rest (``server.data["im"]``: the
+installed services and their centers). It knows nothing of sockets: it drives
+the sans-I/O :class:`~bitchat.protocol.connection.Connection` core and hands
+bytes to a :class:`Link`, the transport adapter (raw TCP/TLS in
+:mod:`bitchat.connection`, WebSocket in :mod:`bitchat.web.ws`).
+
+Writes are coalesced: every frame queued during one loop iteration leaves in one
+write. Reading pauses while the peer does not read its answers (the link's write
+watermarks) or has ``max_pending_requests`` requests unfinished, so no peer can
+grow the server's memory without bound; the link disconnects one that lets
+``write_hard_limit`` bytes pile up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Protocol
+
+from bitchat.errors import ProtocolError
+from bitchat.protocol.connection import Connection, Pause, ProtocolFailure, Role
+from bitchat.protocol.packets import Packet
+
+if TYPE_CHECKING:
+    from bitchat.server import Server
+
+log = logging.getLogger("bitchat.session")
+
+_ids = itertools.count(1)
+
+
+class Link(Protocol):
+    """What a session needs of its transport adapter."""
+
+    transport_name: str
+
+    def flush(self) -> None:
+        """Write what the session's core has queued."""
+
+    def close(self) -> None:
+        """Close gracefully (what was written still leaves)."""
+
+    def abort(self) -> None:
+        """Drop the connection at once."""
+
+    def set_reading(self, paused: bool) -> None:
+        """Stop or resume reading from the peer."""
+
+
+class Session:
+    """One client connection, logged in or not, as handlers see it."""
+
+    def __init__(self, server: Server, remote: str, link: Link) -> None:
+        self.server = server
+        self.id = next(_ids)
+        self.remote = remote
+        self.link = link
+        self.connected_at = time.time()
+        self.user_id: int | None = None
+        self.user_name: str | None = None
+        self.login_at: float | None = None
+        self.data: dict[str, Any] = {}
+        """Per-connection state of your own (and of the installed services)."""
+        self.closed = False
+        loop = self._loop = server.loop
+        s = server.settings
+        dispatcher = server.dispatcher
+        core = self.core = Connection(
+            Role.SERVER,
+            max_frame_size=s.max_frame_size,
+            clock=loop.time,
+            rate_limit=s.rate_limit,
+            rate_burst=s.rate_burst,
+            max_pending_requests=s.max_pending_requests,
+            routes=dispatcher.routes,
+            known_types=server.registry,
+        )
+        core.on_output = self._output_queued
+        core.on_reading = link.set_reading
+        core.on_error = server.metrics.error
+        self._dispatch = dispatcher.dispatch
+        self._flush_scheduled = False
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._writable: asyncio.Event | None = None  # made by drain(), set when writing resumes
+        # The dispatcher's per-connection state: requests waiting for an earlier
+        # coroutine handler (arrival order), and the tasks running for this peer.
+        self.queue: collections.deque[Any] = collections.deque()
+        self.draining = False
+        self.tasks: set[asyncio.Future[Any]] = set()
+
+    @property
+    def transport_name(self) -> str:
+        return self.link.transport_name
+
+    @property
+    def serializer(self) -> int:
+        """The serializer of the peer's last frame; pushes go out in it."""
+        return self.core.serializer
+
+    @property
+    def bytes_in(self) -> int:
+        return self.core.bytes_in
+
+    @property
+    def bytes_out(self) -> int:
+        return self.core.bytes_out
+
+    # -- what the link calls --------------------------------------------------------------
+
+    def opened(self) -> None:
+        """The link is ready: register with the server and start the idle timer."""
+        self.server._session_opened(self)
+        self._arm_idle()
+
+    def data_received(self, data: bytes) -> None:
+        """Bytes from the peer."""
+        if not self.closed:
+            self.core.receive_data(data)
+            self.run_events()
+
+    def run_events(self) -> None:
+        """Handle every event the core has, in order (each before the next is made)."""
+        next_event = self.core.next_event
+        dispatch = self._dispatch
+        while (event := next_event()) is not None:
+            if type(event) is ProtocolFailure:
+                self._fatal(event.error)
+                return
+            if self.closed:
+                return
+            dispatch(self, event)  # type: ignore[arg-type]  # a Request on the server side
+
+    def pause_writing(self) -> None:
+        self.core.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.core.resume_writing()
+        if self._writable is not None:
+            self._writable.set()
+
+    def connection_lost(self) -> None:
+        """The link is closed."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        if self._writable is not None:
+            self._writable.set()
+        self.queue.clear()
+        self.core.on_output = None
+        self.core.discard_output()
+        self.server._session_closed(self)
+
+    # -- idle timeout (the seed's IdleStateChecker) -------------------------------------------
+
+    def _arm_idle(self) -> None:
+        timeout = self.server.settings.read_idle_timeout
+        if timeout > 0:
+            self._idle_timer = self._loop.call_at(
+                self.core.last_received + timeout, self._check_idle
+            )
+
+    def _check_idle(self) -> None:
+        if self.closed:
+            return
+        timeout = self.server.settings.read_idle_timeout
+        if self.core.idle_for() >= timeout:
+            log.info(
+                "closing idle connection %s (%s): nothing read for %.1fs",
+                self.id,
+                self.remote,
+                timeout,
+            )
+            self.close()
+            # close() waits for unsent bytes to leave; a peer that reads nothing either
+            # would keep the connection (and its buffer) forever: abort after one more.
+            self._idle_timer = self._loop.call_later(timeout, self.abort)
+        else:
+            self._arm_idle()
+
+    def _fatal(self, exc: ProtocolError) -> None:
+        self.core.fail(exc)
+        log.info("protocol error from %s (connection %s): %s", self.remote, self.id, exc)
+        self.close()
+
+    # -- output -----------------------------------------------------------------------------
+
+    def _output_queued(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write what is queued now (normally at the end of the loop iteration)."""
+        self._flush_scheduled = False
+        if not self.closed:
+            self.link.flush()
+
+    def push(self, packet: Packet) -> None:
+        """Send a server push (request id 0) to this peer, in its serializer."""
+        if not self.closed:
+            self.core.send_packet(packet)
+
+    def send_error(self, code: str, message: str, request_id: int = 0) -> None:
+        """Send an Error packet to this peer."""
+        if not self.closed:
+            self.core.send_error(code, message, request_id)
+
+    def send_frame(self, data: bytes) -> None:
+        """Queue an already encoded frame (e.g. one encoded once for many peers)."""
+        if not self.closed:
+            self.core.send_frame(data)
+
+    def close(self) -> None:
+        """Flush what is queued and close the connection."""
+        if not self.closed:
+            self.flush()
+            self.link.close()
+
+    def abort(self) -> None:
+        """Drop the connection at once."""
+        self.link.abort()
+
+    async def drain(self) -> None:
+        """Send what is queued, then wait while the peer is behind on reading.
+
+        Returns once the link's buffer is below the low-water mark or the session
+        is closed. For a sender of many pushes (offline messages), so it goes at
+        the pace of the reader.
+        """
+        self.flush()
+        while self.core.is_paused(Pause.WRITING) and not self.closed:
+            if self._writable is None:
+                self._writable = asyncio.Event()
+            self._writable.clear()
+            await self._writable.wait()
+
+    def info(self) -> dict[str, Any]:
+        """What ``/status/channels`` shows of this connection."""
+        return {
+            "id": self.id,
+            "remote": self.remote,
+            "transport": self.transport_name,
+            "user_id": self.user_id,
+            "user_name": self.user_name,
+            "connected_since": self.connected_at,
+            "bytes_in": self.bytes_in,
+            "bytes_out": self.bytes_out,
+        }
