@@ -136,16 +136,16 @@ class Connection:
         "_failed",
         "_failure",
         "_frames",
-        "_pos",
-        "_told",
         "_next_id",
         "_out",
         "_out_size",
         "_paused",
+        "_pos",
         "_rate",
         "_resume_at",
         "_tokens",
         "_tokens_at",
+        "_told",
         "bytes_in",
         "bytes_out",
         "clock",
@@ -549,4 +549,3 @@ class Connection:
         self._paused.discard(reason)
         if not self._paused and self.on_reading is not None:
             self.on_reading(False)
-
