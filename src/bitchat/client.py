@@ -29,17 +29,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 
 from bitchat.errors import ConnectionClosed, ProtocolError, RequestError, RequestTimeout, UsageError
-from bitchat.protocol.frame import (
-    FLAG_ERROR,
-    FLAG_POOL,
-    FLAG_RESPONSE,
-    MAX_REQUEST_ID,
-    FrameDecoder,
-    encode_frame,
-)
+from bitchat.protocol.connection import Connection, ProtocolFailure, Push, Response, Role
+from bitchat.protocol.frame import FLAG_ERROR, Frame
 from bitchat.protocol.packets import Error, Packet, Ping, Registry, decode_body
 from bitchat.protocol.packets import registry as default_registry
-from bitchat.protocol.serializers import SERIALIZERS
 from bitchat.protocol.serializers import get as get_serializer
 from bitchat.settings import Settings
 
@@ -50,6 +43,7 @@ Resolver = Callable[[], Awaitable[tuple[str, int]]]
 ConnectedHook = Callable[["Client"], Awaitable[None]]
 PushCallback = Callable[[Packet], Any]
 
+_PING = Ping()
 _in_hook: contextvars.ContextVar[bool] = contextvars.ContextVar("bitchat_in_hook", default=False)
 
 
@@ -61,9 +55,12 @@ class State(enum.Enum):
 
 
 class _Protocol(asyncio.Protocol):
-    def __init__(self, client: Client, max_body: int) -> None:
+    """The asyncio side of one connection: bytes in and out of the client's core."""
+
+    def __init__(self, client: Client, core: Connection) -> None:
         self.client = client
-        self.decoder = FrameDecoder(max_body)
+        self.core = core
+        core.on_output = self.flush  # requests leave at once: a client does not batch
         self.transport: asyncio.Transport | None = None
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -72,17 +69,27 @@ class _Protocol(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        core = self.core
+        core.receive_data(data)
         client = self.client
-        client._last_read = client._loop.time()  # type: ignore[union-attr]
-        frames, error = self.decoder.receive(data)
-        for frame in frames:
-            client._frame_received(frame)
-        if error is not None:
-            log.warning("server broke the protocol: %s; reconnecting", error)
-            assert self.transport is not None
-            self.transport.abort()
+        while (event := core.next_event()) is not None:
+            if type(event) is ProtocolFailure:
+                log.warning("server broke the protocol: %s; reconnecting", event.error)
+                assert self.transport is not None
+                self.transport.abort()
+                return
+            client._event_received(event)  # type: ignore[arg-type]
+        if core.pending_output:  # a Pong to a server's Ping
+            self.flush()
+
+    def flush(self) -> None:
+        data = self.core.data_to_send()
+        t = self.transport
+        if data and t is not None and not t.is_closing():
+            t.write(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.core.forget_all()
         if not self.lost.done():
             self.lost.set_result(None)
 
@@ -125,13 +132,11 @@ class Client:
         self._subscribers: weakref.WeakSet[PushStream] = weakref.WeakSet()
         self._callback_tasks: set[asyncio.Task[Any]] = set()
         self._pending: dict[int, asyncio.Future[Packet]] = {}
-        self._next_id = 0
         self._proto: _Protocol | None = None
         self._runner: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
         self._first: asyncio.Future[None] | None = None
         self._closing = False
-        self._last_read = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- connection management ------------------------------------------------------------
@@ -195,9 +200,12 @@ class Client:
             self.host, self.port = await self.resolve()
         loop = self._loop
         assert loop is not None
+        core = Connection(Role.CLIENT, max_frame_size=self.settings.max_frame_size, clock=loop.time)
+        core.serializer = self.serializer
+        core.on_stray = self._stray
         _, proto = await asyncio.wait_for(
             loop.create_connection(
-                lambda: _Protocol(self, self.settings.max_frame_size),
+                lambda: _Protocol(self, core),
                 self.host,
                 self.port,
                 ssl=self.ssl,
@@ -231,12 +239,12 @@ class Client:
                 continue
             self._proto = proto
             assert self._loop is not None
-            self._last_read = connected_at = self._loop.time()
+            connected_at = self._loop.time()
             heartbeat = self._loop.create_task(self._heartbeat(proto))
             try:
                 # A Ping at once: the server opens a session at a peer's first bytes (it
                 # tells bitchat from HTTP by them), so it can push to us from now on.
-                self._write(Ping(), self._new_id(), 0)
+                self._ping(proto)
                 await self._after_connect()
                 if self._first is not None and not self._first.done():
                     self._first.set_result(None)
@@ -299,32 +307,29 @@ class Client:
             return  # both off: nothing to do
         while True:
             await asyncio.sleep(interval if interval > 0 else s.read_idle_timeout)
-            if s.read_idle_timeout > 0 and loop.time() - self._last_read >= s.read_idle_timeout:
+            if s.read_idle_timeout > 0 and proto.core.idle_for() >= s.read_idle_timeout:
                 log.warning("no data from the server for %.1fs; reconnecting", s.read_idle_timeout)
                 if proto.transport is not None:
                     proto.transport.abort()
                 return
             if interval > 0:
                 try:
-                    self._write(Ping(), self._new_id(), 0)
+                    self._ping(proto)
                 except ConnectionClosed:
                     return  # the connection is going; _run sees it end
 
     # -- sending ------------------------------------------------------------------------------
 
-    def _new_id(self) -> int:
-        n = self._next_id + 1
-        if n > MAX_REQUEST_ID:
-            n = 1
-        self._next_id = n
-        return n
+    def _ping(self, proto: _Protocol) -> None:
+        if proto.transport is None or proto.transport.is_closing():
+            raise ConnectionClosed("not connected")
+        proto.core.send_request(_PING, expect=False)  # its Pong is not awaited
 
-    def _write(self, packet: Packet, request_id: int, flags: int) -> None:
+    def _core(self) -> Connection:
         proto = self._proto
         if proto is None or proto.transport is None or proto.transport.is_closing():
             raise ConnectionClosed("not connected")
-        body = SERIALIZERS[self.serializer].dumps(packet.to_dict())
-        proto.transport.write(encode_frame(self.serializer, flags, packet.TYPE, request_id, body))
+        return proto.core
 
     async def _wait_ready(self, timeout: float) -> None:
         if self._ready.is_set() or _in_hook.get():
@@ -355,12 +360,11 @@ class Client:
             raise ConnectionClosed("the client is not connected; call connect() first")
         deadline = loop.time() + timeout
         await self._wait_ready(timeout)
-        rid = self._new_id()
+        core = self._core()
+        rid = core.send_request(packet, pool=packet.POOL if pool is None else pool)
         fut: asyncio.Future[Packet] = loop.create_future()
         self._pending[rid] = fut
-        flags = FLAG_POOL if (packet.POOL if pool is None else pool) else 0
         try:
-            self._write(packet, rid, flags)
             return await asyncio.wait_for(fut, max(deadline - loop.time(), 0))
         except TimeoutError:
             raise RequestTimeout(
@@ -368,12 +372,18 @@ class Client:
             ) from None
         finally:
             self._pending.pop(rid, None)
+            core.forget(rid)  # a late answer is dropped by the core
 
     async def send(self, packet: Packet, pool: bool | None = None) -> None:
         """Send a one-way packet (no response is awaited)."""
         await self._wait_ready(self.settings.request_timeout)
-        flags = FLAG_POOL if (packet.POOL if pool is None else pool) else 0
-        self._write(packet, 0, flags)
+        core = self._core()
+        core.send_one_way(packet, pool=packet.POOL if pool is None else pool)
+
+    def send_nowait(self, packet: Packet, pool: bool | None = None) -> None:
+        """Send a one-way packet now, on the current connection; raises
+        :class:`ConnectionClosed` when there is none (nothing waits for it)."""
+        self._core().send_one_way(packet, pool=packet.POOL if pool is None else pool)
 
     def _fail_pending(self, exc: Exception) -> None:
         pending, self._pending = self._pending, {}
@@ -407,40 +417,41 @@ class Client:
         self._subscribers.add(stream)
         return stream
 
-    def _frame_received(self, frame: Any) -> None:
-        if frame.flags & FLAG_RESPONSE:
-            fut = self._pending.get(frame.request_id)
+    def _stray(self, frame: Frame) -> None:
+        """A response nobody awaits: a heartbeat's Pong, or a late answer."""
+
+    def _event_received(self, event: Response | Push) -> None:
+        if type(event) is Response:
+            fut = self._pending.get(event.request_id)
             if fut is None or fut.done():
-                return  # a late answer to a timed-out request, or a Pong
+                return  # its request was given up just now
             try:
-                if frame.flags & FLAG_ERROR:
-                    err = decode_body(Error, frame.serializer, frame.body)
+                if event.flags & FLAG_ERROR:
+                    err = decode_body(Error, event.serializer, event.body)
                     fut.set_exception(RequestError(err.code, err.message))
                     return
-                cls = self.registry.get(frame.type)
+                cls = self.registry.get(event.type)
                 if cls is None:
                     fut.set_exception(
                         ProtocolError(
-                            "unknown_type", f"unknown response type {frame.type}", fatal=False
+                            "unknown_type", f"unknown response type {event.type}", fatal=False
                         )
                     )
                     return
-                fut.set_result(decode_body(cls, frame.serializer, frame.body))
+                fut.set_result(decode_body(cls, event.serializer, event.body))
             except ProtocolError as exc:
                 fut.set_exception(exc)
             return
-        if frame.type == 2:  # unsolicited Pong
-            return
-        cls = self.registry.get(frame.type)
+        cls = self.registry.get(event.type)
         if cls is None:
-            log.debug("dropping push of unknown type %d", frame.type)
+            log.debug("dropping push of unknown type %d", event.type)
             return
         try:
-            packet = decode_body(cls, frame.serializer, frame.body)
+            packet = decode_body(cls, event.serializer, event.body)
         except ProtocolError as exc:
             log.warning("dropping an invalid push: %s", exc)
             return
-        for cb in self._callbacks.get(frame.type, ()):
+        for cb in self._callbacks.get(event.type, ()):
             self._call(cb, packet)
         for cb in self._any_callbacks:
             self._call(cb, packet)

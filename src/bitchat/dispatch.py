@@ -166,27 +166,25 @@ class Dispatcher:
         elif route.is_coroutine:
             session.draining = True
             self._track(session, session._loop.create_task(self._drain(session, route, request)))
-        else:
-            self._run_inline(session, route, request)
-
-    def _run_inline(self, session: Session, route: Route, request: Request) -> None:
-        packet = session.core.admit(request, session.user_id is not None)
-        if packet is None:
-            return
-        started = time.perf_counter()
-        try:
-            result = route.func(session, packet)
-        except Exception as exc:
-            self.fail(session, route, request, exc)
-            return
-        self._observe(route, started)
-        self.complete(session, route, request, result)
+        else:  # inline, written out: this is every chat message's path
+            packet = session.core.admit(request, route, session.user_id is not None)
+            if packet is None:
+                return
+            started = time.perf_counter()
+            try:
+                result = route.func(session, packet)
+            except Exception as exc:
+                self.fail(session, route, request, exc)
+                return
+            if self.metrics is not None:
+                self.metrics.handler_seconds.observe(route.name, time.perf_counter() - started)
+            self.complete(session, route, request, result)
 
     async def _drain(self, session: Session, route: Route, request: Request) -> None:
         """Run queued requests in arrival order; exits when the queue is empty."""
         try:
             while True:
-                packet = session.core.admit(request, session.user_id is not None)
+                packet = session.core.admit(request, route, session.user_id is not None)
                 if packet is not None:
                     if route.is_coroutine:
                         await self._call_coroutine(session, route, request, packet)
@@ -218,7 +216,7 @@ class Dispatcher:
         self.complete(session, route, request, result)
 
     def _run_pooled(self, session: Session, route: Route, request: Request) -> None:
-        packet = session.core.admit(request, session.user_id is not None)
+        packet = session.core.admit(request, route, session.user_id is not None)
         if packet is None:
             return
         loop = session._loop
@@ -257,14 +255,14 @@ class Dispatcher:
         """The one place a handler's outcome becomes the request's answer."""
         if session.closed:
             return
+        if type(result) is Deferred:  # first: every chat message is answered so
+            result._bind(self, session, route, request)
+            return
         if result is None or isinstance(result, Packet):
             try:
                 session.core.complete(request, result)
             except Exception as exc:  # e.g. a field the frame's serializer cannot carry
                 self.fail(session, route, request, exc)
-            return
-        if type(result) is Deferred:
-            result._bind(self, session, route, request)
             return
         # A future first: iscoroutine() of a non-coroutine goes through an ABC check.
         if not isinstance(result, asyncio.Future) and asyncio.iscoroutine(result):

@@ -83,6 +83,8 @@ class Session:
             known_types=server.registry,
         )
         core.on_output = self._output_queued
+        # The push path of every delivered message: straight to the core's queue.
+        self.send_frame = core.send_frame  # type: ignore[method-assign]
         core.on_reading = link.set_reading
         core.on_error = server.metrics.error
         self._dispatch = dispatcher.dispatch
@@ -155,6 +157,7 @@ class Session:
         if self._writable is not None:
             self._writable.set()
         self.queue.clear()
+        del self.send_frame  # the class's method again: it checks ``closed``
         self.core.on_output = None
         self.core.discard_output()
         self.server._session_closed(self)
@@ -215,7 +218,10 @@ class Session:
             self.core.send_error(code, message, request_id)
 
     def send_frame(self, data: bytes) -> None:
-        """Queue an already encoded frame (e.g. one encoded once for many peers)."""
+        """Queue an already encoded frame (e.g. one encoded once for many peers).
+
+        (Replaced per instance by the core's own method while the session is open.)
+        """
         if not self.closed:
             self.core.send_frame(data)
 

@@ -1,10 +1,12 @@
 """The load generator: lean clients on the protocol core, in worker processes.
 
 Each worker process runs one event loop (uvloop where installed) holding many
-connections. A connection is a bare ``asyncio.Protocol`` over
-:class:`~bitchat.protocol.FrameDecoder`: no packet objects on the hot path,
-one ``write`` per read (answers, next sends and acks coalesced), so the
-machine's CPU goes to the server under test rather than to its clients.
+connections. A connection is a bare ``asyncio.Protocol`` over the client side
+of the connection core (:mod:`bitchat.protocol.connection`, the frame loop
+``bitchat.Client`` and the server use too): no packet objects on the hot
+path, bodies serialized by hand, one ``write`` per read (answers, next sends
+and acks coalesced), so the machine's CPU goes to the server under test rather
+than to its clients.
 
 A chat payload is ``"<seq> <send time ns> <run id> <padding>"``: ``seq``
 counts the sender's messages from 1, the time is ``CLOCK_MONOTONIC`` (one
@@ -32,9 +34,11 @@ from multiprocessing.connection import Connection as Pipe
 from typing import Any, cast
 
 from bitchat.bench.serverproc import UserSpec
-from bitchat.errors import ProtocolError
 from bitchat.im.packets import Ack, ChatMessage, JoinGroup, Login, SendGroup, SendP2P
-from bitchat.protocol.frame import FLAG_ERROR, FLAG_RESPONSE, FrameDecoder, encode_frame
+from bitchat.protocol.connection import Connection as Core
+from bitchat.protocol.connection import ProtocolFailure, Response, Role
+from bitchat.protocol.frame import FLAG_ERROR, encode_frame
+from bitchat.protocol.packets import Ping
 from bitchat.protocol.serializers import SERIALIZERS
 
 _now = time.monotonic_ns
@@ -42,9 +46,7 @@ _CHAT = ChatMessage.TYPE
 _ACK = Ack.TYPE
 _LOGIN = Login.TYPE
 _JOIN = JoinGroup.TYPE
-_PING = 1
-_SETUP_RID = 0x8000_0000
-"""Request ids of set-up requests start here; a send's request id is its sequence number."""
+_PING = Ping()
 _PROGRESS_EVERY = 0.25
 
 
@@ -89,10 +91,10 @@ class Conn(asyncio.Protocol):
         self.w = worker
         self.user = user
         self.transport: asyncio.Transport | None = None
-        self.decoder = FrameDecoder(1 << 20)
+        self.core = Core(Role.CLIENT, max_frame_size=1 << 20)
+        self.core.serializer = worker.ser
         self.lost = False
         self.waiters: dict[int, asyncio.Future[Any]] = {}
-        self.next_rid = _SETUP_RID
         self.last_write = 0
         # sending
         self.send_type = 0
@@ -100,7 +102,8 @@ class Conn(asyncio.Protocol):
         self.target = 0
         self.sending = False
         self.seq = 0
-        self.inflight: set[int] = set()
+        self.inflight: dict[int, int] = {}
+        """Request id -> sequence number of each unanswered send."""
         self.failed: list[int] = []
         self.errors: dict[str, int] = {}
         # receiving: sender id -> [last seq, gaps, duplicates, reordered, distinct]
@@ -123,37 +126,35 @@ class Conn(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         now = _now()
         w = self.w
-        try:
-            frames = self.decoder.feed(data)
-        except ProtocolError as exc:
-            w.protocol_errors += 1
-            w.note(f"protocol error from the server: {exc}")
-            assert self.transport is not None
-            self.transport.abort()
-            return
-        out: list[bytes] = []
+        core = self.core
+        core.receive_data(data)
         acks: list[int] = []
-        for f in frames:
-            flags = f.flags
-            if flags & FLAG_RESPONSE:
-                rid = f.request_id
-                if rid in self.inflight:
-                    self.inflight.discard(rid)
-                    if flags & FLAG_ERROR:
-                        self.failed.append(rid)
-                        code = str(w.loads(f.body).get("code", "?"))
+        while (ev := core.next_event()) is not None:
+            if type(ev) is Response:
+                rid = ev.request_id
+                seq = self.inflight.pop(rid, None)
+                if seq is not None:
+                    if ev.flags & FLAG_ERROR:
+                        self.failed.append(seq)
+                        code = str(w.loads(ev.body).get("code", "?"))
                         self.errors[code] = self.errors.get(code, 0) + 1
                     if self.sending:
                         if now < w.deadline:
-                            out.append(self.next_frame())
+                            self.send_next()
                         else:
                             self.sending = False
                     continue
                 fut = self.waiters.pop(rid, None)
                 if fut is not None and not fut.done():
-                    fut.set_result(f)
-            elif f.type == _CHAT:
-                d = w.loads(f.body)
+                    fut.set_result(ev)
+            elif isinstance(ev, ProtocolFailure):
+                w.protocol_errors += 1
+                w.note(f"protocol error from the server: {ev.error}")
+                assert self.transport is not None
+                self.transport.abort()
+                return
+            elif ev.type == _CHAT:
+                d = w.loads(ev.body)
                 acks.append(d["msg_id"])
                 parts = d["text"].split(" ", 3)
                 if len(parts) < 3 or parts[2] != w.run_id:
@@ -161,10 +162,10 @@ class Conn(asyncio.Protocol):
                     continue
                 self.received(d["sender_id"], int(parts[0]), int(parts[1]), now)
         if acks:
-            out.append(encode_frame(w.ser, 0, _ACK, 0, w.dumps({"msg_ids": acks})))
-        if out and not self.lost:
+            core.send_frame(encode_frame(w.ser, 0, _ACK, 0, w.dumps({"msg_ids": acks})))
+        if core.pending_output and not self.lost:
             assert self.transport is not None
-            self.transport.write(out[0] if len(out) == 1 else b"".join(out))
+            self.transport.write(core.data_to_send())
             self.last_write = now
 
     # -- receiving ----------------------------------------------------------------------------
@@ -198,7 +199,8 @@ class Conn(asyncio.Protocol):
 
     # -- sending ------------------------------------------------------------------------------
 
-    def next_frame(self) -> bytes:
+    def send_next(self) -> None:
+        """Queue the next chat message on the core (written with the rest of this pass)."""
         w = self.w
         seq = self.seq = self.seq + 1
         head = f"{seq} {_now()} {w.run_id} "
@@ -206,34 +208,42 @@ class Conn(asyncio.Protocol):
         body = w.dumps(
             {self.target_key: self.target, "text": text, "client_msg_id": f"{w.run_id}.{seq}"}
         )
-        self.inflight.add(seq)
-        return encode_frame(w.ser, 0, self.send_type, seq, body)
+        self.inflight[self.core.send_request_body(self.send_type, body)] = seq
 
     def start_sending(self, send_type: int, target: int, window: int) -> None:
         self.send_type = send_type
         self.target_key = "group_id" if send_type == SendGroup.TYPE else "to"
         self.target = target
         self.sending = True
-        self.write(b"".join(self.next_frame() for _ in range(window)))
+        for _ in range(window):
+            self.send_next()
+        self.flush()
 
     # -- set-up requests ----------------------------------------------------------------------
 
-    def write(self, data: bytes) -> None:
+    def flush(self) -> None:
+        """Write what the core has queued."""
         if self.lost or self.transport is None:
+            self.core.discard_output()
             raise ConnectionError("not connected")
-        self.transport.write(data)
+        self.transport.write(self.core.data_to_send())
         self.last_write = _now()
+
+    def ping(self) -> None:
+        self.core.send_request(_PING, expect=False)
+        self.flush()
 
     async def request(self, type_: int, body: dict[str, Any]) -> dict[str, Any]:
         w = self.w
-        rid = self.next_rid = self.next_rid + 1
+        rid = self.core.send_request_body(type_, w.dumps(body))
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self.waiters[rid] = fut
-        self.write(encode_frame(w.ser, 0, type_, rid, w.dumps(body)))
+        self.flush()
         try:
             frame = await asyncio.wait_for(fut, w.plan.timeout)
         finally:
             self.waiters.pop(rid, None)
+            self.core.forget(rid)
         data = w.loads(frame.body)
         if frame.flags & FLAG_ERROR:
             raise BenchRequestError(str(data.get("code")), str(data.get("message")))
@@ -370,7 +380,6 @@ class Worker:
 
     async def heartbeat(self) -> None:
         """Ping connections that wrote nothing lately, as a real client does."""
-        ping = encode_frame(self.ser, 0, _PING, 0, self.dumps({}))
         interval = int(self.plan.heartbeat * 1e9)
         while True:
             await asyncio.sleep(self.plan.heartbeat / 2)
@@ -378,7 +387,7 @@ class Worker:
             for conn in self.conns:
                 if not conn.lost and now - conn.last_write >= interval:
                     with contextlib.suppress(ConnectionError):
-                        conn.write(ping)
+                        conn.ping()
 
     def cpu_s(self) -> float:
         r = resource.getrusage(resource.RUSAGE_SELF)
@@ -436,7 +445,7 @@ class Worker:
             {
                 c.user.user_id: {
                     "sent": c.seq,
-                    "unacked": sorted(c.inflight),
+                    "unacked": sorted(c.inflight.values()),
                     "failed": c.failed,
                     "errors": c.errors,
                 }

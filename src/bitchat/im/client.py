@@ -307,7 +307,7 @@ class IMClient:
         self._ack_scheduled = False
         ids, self._to_ack = self._to_ack, []
         with contextlib.suppress(ConnectionClosed):  # unacked ones come again at next login
-            self.client._write(Ack(ids), 0, 0)
+            self.client.send_nowait(Ack(ids))
 
     def ack(self, msg_ids: list[int]) -> None:
         """Ack by hand (with ``auto_ack=False``)."""

@@ -364,7 +364,7 @@ class Connection:
             except ProtocolError as exc:
                 self._error(exc.code, exc.message, f.request_id, ser)
                 return
-        self._queue(encode_frame(ser, _RESP, PONG, f.request_id, _EMPTY_BODIES[ser]))
+        self.send_frame(encode_frame(ser, _RESP, PONG, f.request_id, _EMPTY_BODIES[ser]))
 
     def _take_token(self, now: float) -> bool:
         # Refill on every request: refilling only when empty would count the time the
@@ -389,15 +389,15 @@ class Connection:
 
     # -- server side: running requests ----------------------------------------------------
 
-    def admit(self, request: Request, authenticated: bool) -> Packet | None:
+    def admit(self, request: Request, rule: Rule, authenticated: bool) -> Packet | None:
         """The request's packet, or None when it is refused (its Error is queued and
-        the request completed): the login gate first, so an anonymous peer gets no
-        parsing done and learns no schema, then the body is parsed and validated.
+        the request completed). ``rule`` is ``routes[request.type]``. The login gate
+        comes first, so an anonymous peer gets no parsing done and learns no schema;
+        then the body is parsed and validated.
 
         Called when the request is about to run, not when it arrives: a pipelined
         request after a Login runs once the login is done.
         """
-        rule = self.routes[request.type]
         if rule.login_required and not authenticated:
             self.complete_error(request, codes.UNAUTHENTICATED, "log in first")
             return None
@@ -416,8 +416,10 @@ class Connection:
         if packet is not None and request.request_id:
             ser = request.serializer
             body = SERIALIZERS[ser].dumps(packet.to_dict())
-            self._queue(encode_frame(ser, _RESP, packet.TYPE, request.request_id, body))
-        self._finished()
+            self.send_frame(encode_frame(ser, _RESP, packet.TYPE, request.request_id, body))
+        n = self.unfinished = self.unfinished - 1
+        if n <= self._resume_at and Pause.REQUESTS in self._paused:
+            self._resume(Pause.REQUESTS)
 
     def complete_error(self, request: Request, code: str, message: str) -> None:
         """A request failed: its Error response is queued."""
@@ -439,14 +441,20 @@ class Connection:
             self._awaiting.add(rid)
         ser = self.serializer
         body = SERIALIZERS[ser].dumps(packet.to_dict())
-        self._queue(encode_frame(ser, FLAG_POOL if pool else 0, packet.TYPE, rid, body))
+        self.send_frame(encode_frame(ser, FLAG_POOL if pool else 0, packet.TYPE, rid, body))
         return rid
+
+    def send_one_way(self, packet: Packet, *, pool: bool = False) -> None:
+        """Queue a one-way packet (request id 0: no answer comes)."""
+        ser = self.serializer
+        body = SERIALIZERS[ser].dumps(packet.to_dict())
+        self.send_frame(encode_frame(ser, FLAG_POOL if pool else 0, packet.TYPE, 0, body))
 
     def send_request_body(self, type_: int, body: bytes, flags: int = 0) -> int:
         """Queue a request whose body is already serialized; return its id."""
         rid = self.next_request_id()
         self._awaiting.add(rid)
-        self._queue(encode_frame(self.serializer, flags, type_, rid, body))
+        self.send_frame(encode_frame(self.serializer, flags, type_, rid, body))
         return rid
 
     def next_request_id(self) -> int:
@@ -477,23 +485,20 @@ class Connection:
         """Queue a push (request id 0) in the peer's serializer, or the one given."""
         ser = self.serializer if serializer is None else serializer
         body = SERIALIZERS[ser].dumps(packet.to_dict())
-        self._queue(encode_frame(ser, 0, packet.TYPE, 0, body))
+        self.send_frame(encode_frame(ser, 0, packet.TYPE, 0, body))
 
     def send_error(self, code: str, message: str, request_id: int = 0) -> None:
         """Queue an Error packet that answers no request of the peer's in particular."""
         self._error(code, message, request_id, self.serializer)
 
-    def send_frame(self, data: bytes) -> None:
-        """Queue an already encoded frame (e.g. one encoded once for many peers)."""
-        self._queue(data)
-
     def _error(self, code: str, message: str, request_id: int, serializer: int) -> None:
         body = SERIALIZERS[serializer].dumps({"code": code, "message": message})
-        self._queue(encode_frame(serializer, _RESP_ERR, ERROR, request_id, body))
+        self.send_frame(encode_frame(serializer, _RESP_ERR, ERROR, request_id, body))
         if self.on_error is not None:
             self.on_error(code)
 
-    def _queue(self, data: bytes) -> None:
+    def send_frame(self, data: bytes) -> None:
+        """Queue an already encoded frame (e.g. one encoded once for many peers)."""
         out = self._out
         out.append(data)
         self._out_size += len(data)
