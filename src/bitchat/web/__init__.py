@@ -2,8 +2,8 @@
 
 ::
 
-    first bytes of a connection (read by TcpSession)
-      0xBC ...................... the packet stream (TcpSession keeps it)
+    first bytes of a connection (read by TcpConnection)
+      0xBC ...................... the packet stream (TcpConnection keeps it)
       GET / POST / HEAD ... ..... HttpConnection (h11): the page, /status/*, /healthz,
                                   /metrics; a GET /ws with ``Upgrade: websocket``
                                   becomes a WsConnection (wsproto): a Session like a TCP one
