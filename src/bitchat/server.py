@@ -110,8 +110,9 @@ class Server:
         (sent as an Error). A plain ``def`` runs on the loop, or on the worker
         thread pool when the request carries the POOL flag; an ``async def``
         runs in arrival order, or as its own task with POOL. A plain ``def`` may
-        also return an ``asyncio.Future`` of the response, to answer later
-        without holding up the connection's next request.
+        also return a :class:`~bitchat.Deferred` (or an ``asyncio.Future``) and
+        resolve it later, to answer without holding up the connection's next
+        request. How each of these runs is decided in :mod:`bitchat.dispatch`.
         """
         return self.dispatcher.handler(cls, login_required=login_required)
 

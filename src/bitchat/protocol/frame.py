@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import functools
 import struct
-from collections.abc import Callable
 from typing import NamedTuple
 
 from bitchat.errors import ProtocolError, codes
@@ -58,12 +57,6 @@ class Frame(NamedTuple):
     type: int
     request_id: int
     body: bytes
-
-
-# tuple.__new__ in C, where Frame(...) goes through the namedtuple's Python __new__.
-_new_frame: Callable[[tuple[int, int, int, int, bytes]], Frame] = functools.partial(
-    tuple.__new__, Frame
-)
 
 
 def encode_header(serializer: int, flags: int, type_: int, request_id: int, length: int) -> bytes:
