@@ -9,6 +9,7 @@ from bitchat.connection import Session
 from bitchat.dispatch import handler
 from bitchat.errors import (
     BitchatError,
+    ConfigError,
     ConnectionClosed,
     ProtocolError,
     RequestError,
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BitchatError",
     "Client",
+    "ConfigError",
     "ConnectionClosed",
     "Error",
     "Packet",

@@ -32,7 +32,7 @@ from multiprocessing.connection import Connection as Pipe
 from typing import Any, cast
 
 from bitchat.bench.serverproc import UserSpec
-from bitchat.errors import ProtocolError
+from bitchat.errors import BitchatError, ProtocolError
 from bitchat.im.packets import Ack, ChatMessage, JoinGroup, Login, SendGroup, SendP2P
 from bitchat.protocol.frame import FLAG_ERROR, FLAG_RESPONSE, FrameDecoder, encode_frame
 from bitchat.protocol.serializers import SERIALIZERS
@@ -48,7 +48,7 @@ _SETUP_RID = 0x8000_0000
 _PROGRESS_EVERY = 0.25
 
 
-class BenchRequestError(Exception):
+class BenchRequestError(BitchatError):
     """A set-up request (login, join) was answered with an Error."""
 
     def __init__(self, code: str, message: str) -> None:
