@@ -17,6 +17,7 @@ def test_all_is_pinned() -> None:
     assert sorted(bitchat.__all__) == [
         "BitchatError",
         "Client",
+        "ConfigError",
         "ConnectionClosed",
         "Deferred",
         "Error",

@@ -8,6 +8,7 @@ from bitchat.client import Client, State
 from bitchat.dispatch import Deferred, handler
 from bitchat.errors import (
     BitchatError,
+    ConfigError,
     ConnectionClosed,
     ProtocolError,
     RequestError,
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BitchatError",
     "Client",
+    "ConfigError",
     "ConnectionClosed",
     "Deferred",
     "Error",

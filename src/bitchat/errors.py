@@ -5,13 +5,25 @@
     BitchatError
      ├── ProtocolError          the peer sent bytes that break the wire protocol
      ├── UsageError             the API was misused (e.g. a duplicate packet type)
+     │    └── ConfigError       a setting is unknown, of the wrong type or out of
+     │                          range; names the key and where it came from
      ├── RequestError           a request failed with a stable ``code``; raised by
      │    │                     handlers (sent to the peer as an Error packet) and
      │    │                     by ``Client.request`` when an Error comes back
      │    └── ServiceUnavailable  a backing store is down; retry later
      ├── RequestTimeout         no response in time (also a ``TimeoutError``)
-     └── ConnectionClosed       the connection went away before the answer came
-                                (also a ``ConnectionError``)
+     ├── ConnectionClosed       the connection went away before the answer came
+     │                          (also a ``ConnectionError``)
+     ├── bitchat.cluster.registry.NodeIdInUse
+     │                          another live node of the cluster has this node id
+     └── bitchat.bench.loadgen.BenchRequestError
+                                a bench set-up request (login, join) was refused
+
+Classes named with a module live there, next to the code that raises them.
+Every exception class of the package is in this tree (a test walks the modules),
+private ones too: ``bitchat.protocol.packets._Invalid`` (a field value that fails
+validation, always turned into a ``ProtocolError``) under ``BitchatError``, and
+``bitchat.cli.repl._Usage`` (a mistyped REPL command) under ``UsageError``.
 
 Error codes carried by Error packets are stable strings, listed in ``codes``.
 """
@@ -71,6 +83,14 @@ class ProtocolError(BitchatError):
 
 class UsageError(BitchatError):
     """The API was used in a way it does not allow."""
+
+
+class ConfigError(UsageError):
+    """A setting is unknown, of the wrong type or out of range.
+
+    The message names the key and where its value came from, e.g.
+    ``bitchat.toml: max_message_length: expected an integer >= 1, got "abc"``.
+    """
 
 
 class RequestError(BitchatError):

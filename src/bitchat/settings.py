@@ -1,139 +1,225 @@
 """Every limit and tunable of bitchat, in one settings object.
 
-The CLI fills it from its options; a program passes one to ``Server``/``Client``.
+A program passes one to ``Server``/``Client``; the ``bitchat`` commands fill one
+from the command line, the environment and a TOML file (:mod:`bitchat.config`).
+Each field carries, next to its default, what it allows and which commands take
+it as an option (a :class:`Spec`), and its docstring says what it is for: the
+command-line help and the README's table are generated from both, and
+:meth:`Settings.validate` checks every value against them.
 Each default is chosen to be safe for a public server.
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
+import json
+import math
 import os
+import textwrap
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
+
+from bitchat.errors import ConfigError
+
+T = TypeVar("T")
+
+SERVER, ROUTER, CLIENT = "server", "router", "client"
+"""The commands that build a Settings (``bitchat server``, ``router``, ``client``)."""
+
+_ALL = (SERVER, ROUTER, CLIENT)
+_SR = (SERVER, ROUTER)
+_S = (SERVER,)
+_C = (CLIENT,)
+
+
+@dataclass(frozen=True, slots=True)
+class Spec:
+    """What one setting allows, and how the commands and the docs present it."""
+
+    ge: float | None = None
+    """The value is at least this."""
+    gt: float | None = None
+    """The value is more than this."""
+    le: float | None = None
+    """The value is at most this."""
+    choices: tuple[str, ...] = ()
+    """The only values a string setting may take."""
+    unit: str = ""
+    """How the docs show a number: ``bytes``, ``KiB``, ``s`` (seconds) or ``/s``."""
+    commands: tuple[str, ...] = ()
+    """The commands with a command-line option for it; all of them read it from the
+    config file and the environment."""
+    aliases: tuple[str, ...] = ()
+    """Older option names that keep working (``--idle-timeout``)."""
+    flags: tuple[tuple[str, str], ...] = ()
+    """Options without a value that set a fixed one (``--cluster`` sets ``mode``)."""
+    metavar: str = ""
+    """The option's value in ``--help`` (default: from the type and unit)."""
+
+
+def setting(
+    default: T,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    choices: tuple[str, ...] = (),
+    unit: str = "",
+    commands: tuple[str, ...] = (),
+    aliases: tuple[str, ...] = (),
+    flags: tuple[tuple[str, str], ...] = (),
+    metavar: str = "",
+) -> T:
+    """A dataclass field with its default and its :class:`Spec`."""
+    spec = Spec(ge, gt, le, choices, unit, commands, aliases, flags, metavar)
+    return field(default=default, metadata={"spec": spec})
 
 
 @dataclass
 class Settings:
     # Wire protocol.
-    max_frame_size: int = 1 << 20
+    max_frame_size: int = setting(1 << 20, ge=1, le=0xFFFF_FFFF, unit="bytes", commands=_ALL)
     """Largest frame body accepted, in bytes (the length header is checked first)."""
 
     # Connections (both sides).
-    read_idle_timeout: float = 15.0
-    """A connection that sends nothing for this long is closed (the seed's IdleStateChecker)."""
-    heartbeat_interval: float = 5.0
-    """The client sends a Ping this often (the seed's HealthyChecker)."""
-    write_high_water: int = 256 * 1024
+    read_idle_timeout: float = setting(
+        15.0, ge=0, unit="s", commands=_ALL, aliases=("--idle-timeout",)
+    )
+    """A connection that sends nothing for this long is closed (the seed's
+    IdleStateChecker); 0 = never."""
+    heartbeat_interval: float = setting(5.0, ge=0, unit="s", commands=_C)
+    """The client sends a Ping this often (the seed's HealthyChecker); 0 = never."""
+    write_high_water: int = setting(256 * 1024, ge=0, unit="bytes", commands=_SR)
     """Above this many unsent bytes a connection stops reading its peer's requests."""
-    write_low_water: int = 64 * 1024
-    """Below this, reading resumes."""
-    write_hard_limit: int = 8 * 1024 * 1024
-    """A peer that lets more than this pile up unread is disconnected."""
-    max_pending_requests: int = 256
+    write_low_water: int = setting(64 * 1024, ge=0, unit="bytes", commands=_SR)
+    """Below this, reading resumes (at most ``write_high_water``)."""
+    write_hard_limit: int = setting(8 * 1024 * 1024, ge=1, unit="bytes", commands=_SR)
+    """A peer that lets more than this pile up unread is disconnected (at least
+    ``write_high_water``)."""
+    max_pending_requests: int = setting(256, ge=1, commands=_SR)
     """Requests queued on one connection before it stops reading (bounds memory)."""
 
     # Client.
-    request_timeout: float = 10.0
+    request_timeout: float = setting(10.0, gt=0, unit="s", commands=_C)
     """Default time ``Client.request`` waits for its answer."""
-    connect_timeout: float = 5.0
-    """Time one connection attempt may take."""
-    reconnect_initial_delay: float = 0.2
+    connect_timeout: float = setting(5.0, gt=0, unit="s", commands=_ALL)
+    """Time one connection attempt may take (to a server, a router, Redis)."""
+    reconnect_initial_delay: float = setting(0.2, gt=0, unit="s", commands=_C)
     """First wait before reconnecting; doubles per failure, with full jitter."""
-    reconnect_max_delay: float = 10.0
+    reconnect_max_delay: float = setting(10.0, gt=0, unit="s", commands=_C)
+    """Longest wait between two reconnect attempts (at least ``reconnect_initial_delay``)."""
 
     # Server process.
-    host: str = "0.0.0.0"
-    """Address the server listens on."""
-    port: int = 8864
-    """Port the server listens on (packets, HTTP and WebSocket share it)."""
-    worker_threads: int = 16
+    host: str = setting("0.0.0.0", commands=_SR)
+    """Address the server (or the router) listens on."""
+    port: int = setting(8864, ge=0, le=65535, commands=_SR)
+    """Port the server listens on (packets, HTTP and WebSocket share it); 0 = any free one."""
+    worker_threads: int = setting(16, ge=1, commands=_SR, aliases=("--workers",))
     """Size of the worker thread pool for POOL handlers written as plain ``def``."""
-    shutdown_grace: float = 5.0
+    shutdown_grace: float = setting(5.0, ge=0, unit="s", commands=_SR)
     """Seconds a stopping server waits for in-flight requests before closing."""
-    tls_cert: str | None = None
-    tls_key: str | None = None
+    tls_cert: str | None = setting(None, commands=_SR, metavar="FILE")
+    """PEM certificate: the server speaks TLS on its port."""
+    tls_key: str | None = setting(None, commands=_SR, metavar="FILE")
+    """PEM private key of ``tls_cert``."""
 
     # IM.
-    data_dir: str = "./bitchat-data"
+    data_dir: str = setting("./bitchat-data", commands=_S, metavar="DIR")
     """Folder of the standalone SQLite database."""
-    auto_register: bool = True
+    auto_register: bool = setting(True, commands=_S)
     """Logging in with an unknown name registers it (as in the seed's quick start)."""
-    max_message_length: int = 4096
+    max_message_length: int = setting(4096, ge=1, commands=_S)
     """Longest chat message text, in characters."""
-    max_name_length: int = 32
+    max_name_length: int = setting(32, ge=1, commands=_S)
     """Longest user name, in characters (names have no spaces)."""
-    max_password_length: int = 256
+    max_password_length: int = setting(256, ge=1, commands=_S)
     """Longest password, in characters."""
-    max_group_name_length: int = 64
+    max_group_name_length: int = setting(64, ge=1, commands=_S)
     """Longest group name, in characters."""
-    max_group_size: int = 500
+    max_group_size: int = setting(500, ge=1, commands=_S)
     """Most members of a group; one more join fails with ``group_full``."""
-    max_groups_per_user: int = 1000
+    max_groups_per_user: int = setting(1000, ge=0, commands=_S)
     """Most groups one user may be in; one more create or join is ``forbidden``."""
-    rate_limit: float = 50.0
-    """Sustained requests per second per connection (token bucket refill rate)."""
-    rate_burst: int = 200
+    rate_limit: float = setting(50.0, ge=0, unit="/s", commands=_SR)
+    """Sustained requests per second per connection (token bucket refill rate); 0 = off."""
+    rate_burst: int = setting(200, ge=1, commands=_SR)
     """Requests a connection may send in a burst above the rate."""
-    history_max_page: int = 200
+    history_max_page: int = setting(200, ge=1, commands=_S)
     """Most messages in one history page, whatever the request asks."""
-    offline_batch: int = 500
+    offline_batch: int = setting(500, ge=1, commands=_S)
     """Offline messages pushed per batch at login."""
-    store_batch_max: int = 512
+    store_batch_max: int = setting(512, ge=1, commands=_S)
     """Most messages committed to the store in one transaction (group commit)."""
-    token_ttl: float = 7 * 24 * 3600.0
+    token_ttl: float = setting(7 * 24 * 3600.0, gt=0, unit="s", commands=_S)
     """Seconds a login token stays valid for reconnects."""
-    password_hash_time_cost: int = 2
+    password_hash_time_cost: int = setting(2, ge=1, commands=_S)
     """argon2id passes per password hash (OWASP's baseline: 2 passes of 19 MiB)."""
-    password_hash_memory_kib: int = 19 * 1024
+    password_hash_memory_kib: int = setting(19 * 1024, ge=8, unit="KiB", commands=_S)
     """argon2id memory per password hash, in KiB. Lower only in tests: the hash is
     slow on purpose, so a leaked database is slow to crack."""
-    node_id: int = 0
-    """This server's node id, part of every message id (0-1023)."""
+    node_id: int = setting(0, ge=0, le=1023, commands=_S)
+    """This server's node id, part of every message id; in cluster mode it must be
+    given, unique per node."""
 
     # Backends: which centers the composition root builds.
-    mode: str = "standalone"
+    mode: str = setting(
+        "standalone",
+        choices=("standalone", "cluster"),
+        commands=_S,
+        flags=(("--cluster", "cluster"),),
+    )
     """``standalone``: SQLite users and messages, in-memory connections; ``cluster``:
     PostgreSQL users and messages, Redis registry, connections and forwarding."""
-    redis_url: str | None = None
-    """Redis URL of the cluster (cluster mode), e.g. ``redis://127.0.0.1:6379/0``."""
-    pg_dsn: str | None = None
+    redis_url: str | None = setting(None, commands=_SR, aliases=("--redis",), metavar="URL")
+    """Redis URL of the cluster (cluster mode, router), e.g. ``redis://127.0.0.1:6379/0``."""
+    pg_dsn: str | None = setting(None, commands=_S, aliases=("--pg",), metavar="DSN")
     """PostgreSQL DSN of the cluster (cluster mode), e.g.
     ``postgresql://postgres@127.0.0.1:5432/bitchat``."""
-    advertise: str | None = None
+    advertise: str | None = setting(None, commands=_S, metavar="HOST:PORT")
     """``HOST:PORT`` clients are given to reach this node (cluster mode; default: the
     bound address)."""
 
     # Cluster mode.
-    node_ttl: float = 5.0
+    node_ttl: float = setting(5.0, gt=0, unit="s", commands=_S)
     """A node's registration in Redis lives this long unless refreshed (every quarter
     of it): a killed node, and the users online on it, drop out within this time."""
-    redis_prefix: str = "bitchat:"
+    redis_prefix: str = setting("bitchat:", commands=_SR, metavar="PREFIX")
     """Prefix of every Redis key and channel of the cluster (several clusters, or
     tests, may share one Redis)."""
-    router_policy: str = "least_connections"
+    router_policy: str = setting(
+        "least_connections",
+        choices=("least_connections", "round_robin"),
+        commands=(ROUTER,),
+        aliases=("--policy",),
+    )
     """How the router picks a node: ``least_connections`` or ``round_robin``."""
-    pg_pool_size: int = 10
+    pg_pool_size: int = setting(10, ge=1, commands=_S)
     """Most PostgreSQL connections one node opens."""
-    backend_timeout: float = 5.0
+    backend_timeout: float = setting(5.0, gt=0, unit="s", commands=_SR)
     """Longest one Redis or PostgreSQL call may take before the request fails with
     ``unavailable``."""
 
     # HTTP / WebSocket on the same port.
-    max_http_header_size: int = 16 * 1024
+    max_http_header_size: int = setting(16 * 1024, ge=1, unit="bytes", commands=_S)
     """Largest HTTP request head (request line and headers); above it: 431 and a close."""
-    max_http_body_size: int = 64 * 1024
+    max_http_body_size: int = setting(64 * 1024, ge=0, unit="bytes", commands=_S)
     """Largest HTTP request body (no endpoint takes one); above it: 413 and a close."""
-    max_ws_message_size: int = 1 << 20
+    max_ws_message_size: int = setting(1 << 20, ge=1, unit="bytes", commands=_S)
     """Largest WebSocket message (one whole frame, header included); above it: close 1009."""
-    http_timeout: float = 10.0
+    http_timeout: float = setting(10.0, gt=0, unit="s", commands=_S)
     """An HTTP connection with no complete request for this long is closed (keep-alive
     idle time, and the time a request may take to arrive)."""
-    ws_close_timeout: float = 5.0
+    ws_close_timeout: float = setting(5.0, gt=0, unit="s", commands=_S)
     """Time a WebSocket peer has to answer the server's close frame before it is dropped."""
-    admin_token: str | None = None
+    admin_token: str | None = setting(None, commands=_S, metavar="TOKEN")
     """When set, /status/* requires ``Authorization: Bearer <token>``; else loopback only."""
 
     extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form settings of your own handlers (the config file's ``[extra]`` table)."""
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with some fields changed."""
@@ -142,3 +228,180 @@ class Settings:
     @property
     def db_path(self) -> str:
         return os.path.join(self.data_dir, "bitchat.db")
+
+    def validate(self, origins: Mapping[str, str] | None = None) -> None:
+        """Raise :class:`ConfigError` for the first value its field does not allow.
+
+        It checks each field's type and range (its :class:`Spec`), then the rules
+        between fields. ``origins`` names where each value came from (``--port``,
+        ``environment BITCHAT_PORT``, ``bitchat.toml: port``), for the message;
+        a field missing from it kept its default. Given ``origins`` (as the
+        commands do), cluster mode also requires ``node_id`` to be set rather than
+        defaulted, since two nodes with one id would mint the same message ids.
+        """
+        where = dict(origins or {})
+
+        def fail(name: str, problem: str) -> ConfigError:
+            return ConfigError(f"{where.get(name, name)}: {problem}")
+
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not allows(f.name, value):
+                raise fail(f.name, f"expected {expectation(f.name)}, got {show(value)}")
+        for low, high in _ORDERED:
+            a, b = getattr(self, low), getattr(self, high)
+            if a > b:
+                source = where.get(high, "default")
+                raise fail(low, f"expected at most {high} = {show(b)} ({source}), got {show(a)}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            given, missing = ("tls_cert", "tls_key") if self.tls_key is None else _TLS_KEY_ONLY
+            raise fail(given, f"{given} needs {missing} too")
+        if self.mode == "cluster":
+            for name, example in _CLUSTER_NEEDS.items():
+                if getattr(self, name) is None:
+                    raise fail("mode", f"cluster mode needs {_how_to_set(name)}, e.g. {example}")
+            if origins is not None and "node_id" not in origins:
+                raise fail("mode", f"cluster mode needs {_how_to_set('node_id')}, unique per node")
+
+
+_ORDERED = (
+    ("write_low_water", "write_high_water"),
+    ("write_high_water", "write_hard_limit"),
+    ("reconnect_initial_delay", "reconnect_max_delay"),
+)
+"""Pairs of fields where the first may not exceed the second."""
+_TLS_KEY_ONLY = ("tls_key", "tls_cert")
+_CLUSTER_NEEDS = {
+    "redis_url": "redis://127.0.0.1:6379/0",
+    "pg_dsn": "postgresql://postgres@127.0.0.1:5432/bitchat",
+}
+"""What cluster mode cannot do without (besides an explicit node_id), with examples."""
+
+
+def _how_to_set(name: str) -> str:
+    return f"{name} ({option_names(name)[0]}, {env_name(name)} or the config file)"
+
+
+FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(Settings)}
+"""The fields of :class:`Settings` by name, in the class's order."""
+
+KINDS = {"int": int, "float": float, "str": str, "bool": bool, "str | None": str}
+"""The field types a setting may have (``extra`` aside), as written in the class."""
+
+
+def spec(name: str) -> Spec:
+    """The :class:`Spec` of field ``name`` (an empty one for ``extra``)."""
+    value = FIELDS[name].metadata.get("spec", Spec())
+    assert isinstance(value, Spec)
+    return value
+
+
+def kind(name: str) -> type:
+    """The Python type of field ``name``'s values (``str`` for ``str | None``)."""
+    return KINDS.get(str(FIELDS[name].type), dict)
+
+
+def optional(name: str) -> bool:
+    """Whether field ``name`` may be None (unset)."""
+    return str(FIELDS[name].type).endswith("| None")
+
+
+def default(name: str) -> Any:
+    f = FIELDS[name]
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def option_names(name: str) -> list[str]:
+    """The command-line options of field ``name``: the generated one, then aliases."""
+    return [f"--{name.replace('_', '-')}", *spec(name).aliases]
+
+
+def env_name(name: str) -> str:
+    """The environment variable of field ``name``: ``BITCHAT_MAX_MESSAGE_LENGTH``."""
+    return f"BITCHAT_{name.upper()}"
+
+
+def allows(name: str, value: Any) -> bool:
+    """Whether ``value`` has field ``name``'s type and lies in its range."""
+    s, k = spec(name), kind(name)
+    if value is None:
+        return optional(name)
+    if k is dict:
+        return isinstance(value, dict)
+    if k is float:
+        if type(value) not in (int, float) or not math.isfinite(value):
+            return False
+    elif type(value) is not k:  # bool is an int subclass: not an integer here
+        return False
+    if s.choices and value not in s.choices:
+        return False
+    return not (
+        (s.ge is not None and value < s.ge)
+        or (s.gt is not None and value <= s.gt)
+        or (s.le is not None and value > s.le)
+    )
+
+
+def expectation(name: str) -> str:
+    """What field ``name`` expects, for messages: ``an integer from 0 to 65535``."""
+    s, k = spec(name), kind(name)
+    if s.choices:
+        return "one of " + ", ".join(s.choices)
+    what = {int: "an integer", float: "a number", bool: "true or false", dict: "a table"}
+    text = what.get(k, "a string")
+    if s.ge is not None and s.le is not None:
+        text += f" from {_number(s.ge)} to {_number(s.le)}"
+    elif s.ge is not None:
+        text += f" >= {_number(s.ge)}"
+    elif s.gt is not None:
+        text += f" > {_number(s.gt)}"
+    return text
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if x == int(x) else str(x)
+
+
+def show(value: Any) -> str:
+    """``value`` as a message shows it, TOML-like: ``"abc"``, ``true``, ``12``."""
+    if value is None:
+        return "nothing"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return type(value).__name__
+
+
+@functools.cache
+def docs() -> dict[str, str]:
+    """Each field's docstring (the string below it in the class), whitespace folded.
+
+    Read from the class's source with :mod:`ast`: attribute docstrings are not
+    kept at run time. Empty if the source is not available.
+    """
+    try:
+        source = textwrap.dedent(inspect.getsource(Settings))
+    except (OSError, TypeError):
+        return {}
+    [cls] = ast.parse(source).body
+    assert isinstance(cls, ast.ClassDef)
+    found: dict[str, str] = {}
+    for node, after in zip(cls.body, cls.body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            found[node.target.id] = " ".join(after.value.value.split())
+    return found

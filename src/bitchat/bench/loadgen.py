@@ -34,6 +34,7 @@ from multiprocessing.connection import Connection as Pipe
 from typing import Any, cast
 
 from bitchat.bench.serverproc import UserSpec
+from bitchat.errors import BitchatError
 from bitchat.im.packets import Ack, ChatMessage, JoinGroup, Login, SendGroup, SendP2P
 from bitchat.protocol.connection import Connection as Core
 from bitchat.protocol.connection import ProtocolFailure, Response, Role
@@ -50,7 +51,7 @@ _PING = Ping()
 _PROGRESS_EVERY = 0.25
 
 
-class BenchRequestError(Exception):
+class BenchRequestError(BitchatError):
     """A set-up request (login, join) was answered with an Error."""
 
     def __init__(self, code: str, message: str) -> None:

@@ -4,7 +4,9 @@ On a terminal it shows the prompt ``bitchat> ``; with stdin from a pipe or a
 file it runs the lines as commands and prints the same output, so it can be
 scripted; it then exits with status 1 if any command failed (0 otherwise).
 ``--router`` asks a cluster router which server to use (and asks again after
-every disconnect).
+every disconnect). ``--host``/``--port`` name the server to connect to; the
+client's settings (timeouts, heartbeat, reconnect delays) come from its options,
+the ``BITCHAT_<NAME>`` environment variables and ``--config``, as the server's do.
 
 The client says what happens to its connection in status lines of its own
 (``Connection lost; reconnecting...``), so the library's log records below
@@ -22,8 +24,10 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from bitchat.cli.options import add_settings_options, print_config, settings_from_args
 from bitchat.client import Resolver
-from bitchat.settings import Settings
+from bitchat.errors import ConfigError
+from bitchat.settings import CLIENT, Settings
 
 
 def add_parser(sub: Any) -> None:
@@ -58,6 +62,7 @@ def add_parser(sub: Any) -> None:
         default=None,
         help="PEM file of the CA (or self-signed certificate) to trust; implies --tls",
     )
+    add_settings_options(p, CLIENT)
     p.set_defaults(func=run)
 
 
@@ -101,11 +106,12 @@ async def main(
     *,
     interactive: bool | None = None,
     router_resolver: Callable[..., Resolver] | None = None,
+    settings: Settings | None = None,
 ) -> int:
     from bitchat.cli.repl import Repl, stdin_lines
     from bitchat.im.client import IMClient
 
-    settings = Settings()
+    settings = settings or Settings()
     resolve = None
     if args.router:
         assert router_resolver is not None
@@ -146,6 +152,14 @@ async def main(
 def run(args: argparse.Namespace) -> int:
     resolver: Callable[..., Resolver] | None = None
     try:
+        loaded = settings_from_args(args)
+    except ConfigError as exc:
+        print(f"bitchat client: {exc}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print_config(loaded, CLIENT)
+        return 0
+    try:
         tls_context(args)
     except (OSError, ssl.SSLError) as exc:
         print(f"bitchat client: --tls-ca: {exc}", file=sys.stderr)
@@ -164,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
         resolver = router_resolver
     _quiet_logging(args.log_level)
     try:
-        return asyncio.run(main(args, router_resolver=resolver))
+        return asyncio.run(main(args, router_resolver=resolver, settings=loaded.settings))
     except KeyboardInterrupt:  # Ctrl-C while a command runs (at the prompt it is bye)
         print("bye bye!", flush=True)
         return 130

@@ -34,6 +34,7 @@ from bitchat.errors import (
     ConnectionClosed,
     RequestError,
     RequestTimeout,
+    UsageError,
     codes,
 )
 from bitchat.im.packets import GROUP, ChatMessage, LoginOk
@@ -66,7 +67,7 @@ Output = Callable[[str], None]
 Command = Callable[[list[str], str], Awaitable[None]]
 
 
-class _Usage(Exception):
+class _Usage(UsageError):
     """A command line that does not fit its command: print its usage."""
 
 

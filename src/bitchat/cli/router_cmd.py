@@ -7,11 +7,15 @@ import asyncio
 import logging
 from typing import Any
 
-from bitchat.errors import BitchatError
+from bitchat.cli.options import add_settings_options, print_config, settings_from_args
+from bitchat.errors import BitchatError, ConfigError
 from bitchat.server import install_uvloop
-from bitchat.settings import Settings
+from bitchat.settings import ROUTER
 
 log = logging.getLogger("bitchat.cli")
+
+DEFAULTS: dict[str, Any] = {"port": 8870, "redis_url": "redis://127.0.0.1:6379/0"}
+"""The router's own defaults, where they differ from the fields' (a server's)."""
 
 
 def add_parser(sub: Any) -> None:
@@ -19,32 +23,12 @@ def add_parser(sub: Any) -> None:
         "router",
         help="run the cluster router",
         description="Run the cluster router: clients ask it which live server to use "
-        "(bitchat client --router HOST:PORT).",
+        "(bitchat client --router HOST:PORT). Settings come from the options, the "
+        "BITCHAT_<NAME> environment variables and the --config file, as for bitchat "
+        "server. Exit status: 0 after a clean stop, 1 if the router cannot start, 2 for "
+        "a bad option or setting.",
     )
-    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
-    p.add_argument("--port", type=int, default=8870, help="port to listen on (default 8870)")
-    p.add_argument(
-        "--redis",
-        default="redis://127.0.0.1:6379/0",
-        help="Redis URL of the cluster registry (default redis://127.0.0.1:6379/0)",
-    )
-    p.add_argument(
-        "--redis-prefix",
-        default=Settings.redis_prefix,
-        help="prefix of the cluster's Redis keys (default bitchat:)",
-    )
-    p.add_argument(
-        "--policy",
-        default="least-connections",
-        choices=["least-connections", "round-robin"],
-        help="how to pick a server (default least-connections)",
-    )
-    p.add_argument(
-        "--idle-timeout",
-        type=float,
-        default=Settings.read_idle_timeout,
-        help="close connections silent for this many seconds (default 15)",
-    )
+    add_settings_options(p, ROUTER, DEFAULTS)
     p.add_argument("--no-uvloop", action="store_true", help="use the default asyncio loop")
     p.set_defaults(func=run)
 
@@ -53,15 +37,23 @@ def run(args: argparse.Namespace) -> int:
     from bitchat.cli.server_cmd import serve
     from bitchat.cluster.router import build_router
 
+    try:
+        loaded = settings_from_args(args, defaults=DEFAULTS)
+        redis_url = loaded.settings.redis_url
+        if redis_url is None:
+            where = loaded.origins.get("redis_url", "redis_url")
+            raise ConfigError(f"{where}: the router needs a Redis URL")
+    except ConfigError as exc:
+        log.error("invalid settings: %s", exc)
+        return 2
+    if args.print_config:
+        print_config(loaded, ROUTER)
+        return 0
     if not args.no_uvloop:
         install_uvloop()
-    settings = Settings(
-        redis_prefix=args.redis_prefix,
-        router_policy=args.policy.replace("-", "_"),
-        read_idle_timeout=args.idle_timeout,
-    )
+    settings = loaded.settings
     try:
-        server = build_router(args.host, args.port, settings, redis_url=args.redis)
+        server = build_router(settings.host, settings.port, settings, redis_url=redis_url)
         asyncio.run(serve(server))
     except (OSError, BitchatError) as exc:
         log.error("cannot start the router: %s", exc)

@@ -9,9 +9,10 @@ import logging
 import signal
 from typing import Any
 
-from bitchat.errors import BitchatError
+from bitchat.cli.options import add_settings_options, print_config, settings_from_args
+from bitchat.errors import BitchatError, ConfigError
 from bitchat.server import Server, install_uvloop
-from bitchat.settings import Settings
+from bitchat.settings import SERVER, Settings
 
 log = logging.getLogger("bitchat.cli")
 
@@ -20,133 +21,34 @@ def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "server",
         help="run a bitchat server",
-        description="Run a bitchat server (standalone by default).",
+        description="Run a bitchat server (standalone by default). Every setting comes "
+        "from, in this order: its option, its BITCHAT_<NAME> environment variable, "
+        "the --config file, its default. Exit status: 0 after a clean stop, 1 if the "
+        "server cannot start, 2 for a bad option or setting.",
     )
-    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
-    p.add_argument("--port", type=int, default=8864, help="port to listen on (default 8864)")
-    p.add_argument(
-        "--data-dir",
-        default=Settings.data_dir,
-        help="folder of the standalone database (default ./bitchat-data)",
-    )
-    p.add_argument(
-        "--no-auto-register",
-        action="store_true",
-        help="refuse logins of unknown names instead of registering them",
-    )
-    p.add_argument("--tls-cert", help="PEM certificate: serve TLS")
-    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
-    p.add_argument(
-        "--idle-timeout",
-        type=float,
-        default=Settings.read_idle_timeout,
-        help="close connections silent for this many seconds (default 15)",
-    )
-    p.add_argument(
-        "--max-frame-size",
-        type=int,
-        default=Settings.max_frame_size,
-        help="largest frame body in bytes (default 1 MiB)",
-    )
-    p.add_argument(
-        "--max-message-length",
-        type=int,
-        default=Settings.max_message_length,
-        help="longest chat message in characters (default 4096)",
-    )
-    p.add_argument(
-        "--max-group-size",
-        type=int,
-        default=Settings.max_group_size,
-        help="most members of a group (default 500)",
-    )
-    p.add_argument(
-        "--rate-limit",
-        type=float,
-        default=Settings.rate_limit,
-        help="requests per second per connection, 0 = off (default 50)",
-    )
-    p.add_argument(
-        "--rate-burst",
-        type=int,
-        default=Settings.rate_burst,
-        help="burst above the rate (default 200)",
-    )
-    p.add_argument(
-        "--workers",
-        type=int,
-        default=Settings.worker_threads,
-        help="worker threads for POOL handlers (default 16)",
-    )
-    p.add_argument(
-        "--admin-token",
-        default=None,
-        help="token required by /status/* (default: loopback clients only)",
-    )
+    add_settings_options(p, SERVER)
     p.add_argument("--no-uvloop", action="store_true", help="use the default asyncio loop")
-    p.add_argument(
-        "--cluster", action="store_true", help="cluster mode: Redis registry and PostgreSQL storage"
-    )
-    p.add_argument("--redis", default=None, help="Redis URL (cluster mode)")
-    p.add_argument("--pg", default=None, help="PostgreSQL DSN (cluster mode)")
-    p.add_argument("--node-id", type=int, default=None, help="this node's id, 0-1023 (cluster)")
-    p.add_argument(
-        "--advertise",
-        default=None,
-        help="HOST:PORT clients should use to reach this node (cluster)",
-    )
-    p.add_argument(
-        "--redis-prefix",
-        default=Settings.redis_prefix,
-        help="prefix of the cluster's Redis keys (cluster; default bitchat:)",
-    )
-    p.add_argument(
-        "--node-ttl",
-        type=float,
-        default=Settings.node_ttl,
-        help="seconds a dead node stays registered (cluster; default 5)",
-    )
     p.set_defaults(func=run)
 
 
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    return Settings(
-        data_dir=args.data_dir,
-        auto_register=not args.no_auto_register,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        read_idle_timeout=args.idle_timeout,
-        max_frame_size=args.max_frame_size,
-        max_message_length=args.max_message_length,
-        max_group_size=args.max_group_size,
-        rate_limit=args.rate_limit,
-        rate_burst=args.rate_burst,
-        worker_threads=args.workers,
-        admin_token=args.admin_token,
-        node_id=args.node_id or 0,
-        redis_prefix=args.redis_prefix,
-        node_ttl=args.node_ttl,
-    )
-
-
-def build_server(args: argparse.Namespace) -> Server:
-    settings = settings_from_args(args)
-    if args.cluster:
+def build_server(settings: Settings) -> Server:
+    """The server ``settings`` describe: standalone or a cluster node (``mode``)."""
+    if settings.mode == "cluster":
         from bitchat.cluster.node import build_cluster_server
 
         server: Server = build_cluster_server(
-            args.host,
-            args.port,
+            settings.host,
+            settings.port,
             settings,
-            redis_url=args.redis,
-            pg_dsn=args.pg,
-            node_id=args.node_id,
-            advertise=args.advertise,
+            redis_url=settings.redis_url,
+            pg_dsn=settings.pg_dsn,
+            node_id=settings.node_id,
+            advertise=settings.advertise,
         )
         return server
     from bitchat.im.app import build_standalone_server
 
-    return build_standalone_server(args.host, args.port, settings)
+    return build_standalone_server(settings.host, settings.port, settings)
 
 
 async def serve(server: Server) -> None:
@@ -175,10 +77,20 @@ async def serve(server: Server) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        loaded = settings_from_args(args)
+    except ConfigError as exc:
+        log.error("invalid settings: %s", exc)
+        return 2
+    if args.print_config:
+        print_config(loaded, SERVER)
+        return 0
+    if args.config:
+        log.info("settings from %s", args.config)
     if not args.no_uvloop:
         install_uvloop()
     try:
-        server = build_server(args)
+        server = build_server(loaded.settings)
         asyncio.run(serve(server))
     except (OSError, BitchatError) as exc:
         log.error("cannot start the server: %s", exc)

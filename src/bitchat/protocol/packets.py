@@ -23,7 +23,7 @@ import typing
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, TypeVar, dataclass_transform
 
-from bitchat.errors import ProtocolError, UsageError, codes
+from bitchat.errors import BitchatError, ProtocolError, UsageError, codes
 from bitchat.protocol.serializers import SERIALIZERS
 
 _Check = Callable[[Any], Any]
@@ -35,8 +35,8 @@ USER_TYPES_START = 1000
 MAX_TYPE = 0xFFFF
 
 
-class _Invalid(Exception):
-    pass
+class _Invalid(BitchatError):
+    """A field value that fails validation; decode turns it into a ProtocolError."""
 
 
 INT_MIN = -(1 << 63)
