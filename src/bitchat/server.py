@@ -17,10 +17,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import resource
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
+from bitchat.admission import ConnectionSlots, WriteBudget, release_memory
 from bitchat.connection import TcpConnection
 from bitchat.dispatch import Dispatcher, marked_handlers
 from bitchat.errors import UsageError
@@ -92,6 +94,15 @@ class Server:
         self.on_session_open: list[SessionHook] = []
         self.on_session_close: list[SessionHook] = []
         self.executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self.slots: ConnectionSlots[Any] = ConnectionSlots(
+            self.settings.max_connections, self.settings.max_connections_per_address
+        )
+        self.unsent: WriteBudget[Any] = WriteBudget(self.settings.max_unsent_bytes)
+        """Unsent bytes of every connection's link (see :mod:`bitchat.admission`)."""
+        self._slot_of: dict[Any, str] = {}  # transport -> remote address holding a slot
+        self._refused = 0
+        self._refused_logged_at = -1e9
+        self._sweeper: asyncio.Task[None] | None = None
         self._server: asyncio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped: asyncio.Event | None = None
@@ -185,6 +196,7 @@ class Server:
         self._stopping = False
         self._stopped = asyncio.Event()
         self._no_sessions = asyncio.Event()
+        self.slots.total = self._connection_cap()
         self._no_sessions.set()
         self.executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=self.settings.worker_threads, thread_name_prefix="bitchat-worker"
@@ -213,6 +225,8 @@ class Server:
             self.executor.shutdown(wait=False, cancel_futures=True)
             raise
         self._started = True
+        if self.unsent.limit:
+            self._sweeper = self._loop.create_task(self._sweep_unsent())
         host, port = self.address
         log.info(
             "bitchat %s started on %s:%d (mode: %s, tls: %s, loop: %s)",
@@ -244,6 +258,9 @@ class Server:
         self._stopping = True
         assert self._server is not None
         self._server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for hook in self.on_stopping:
             try:
                 await hook(self)
@@ -285,6 +302,95 @@ class Server:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+    # -- admission: connection slots, the budget for unsent bytes ---------------------------
+
+    _FD_RESERVE = 64
+    """Open files kept for everything but connections (stores, logs, Redis, PostgreSQL)."""
+
+    def _connection_cap(self) -> int:
+        cap = self.settings.max_connections
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft - self._FD_RESERVE < cap:
+            cap = max(1, soft - self._FD_RESERVE)
+            log.info(
+                "at most %d connections: the open-file limit is %d (max_connections %d)",
+                cap,
+                soft,
+                self.settings.max_connections,
+            )
+        return cap
+
+    def _admit(self, transport: asyncio.Transport, address: str) -> bool:
+        """Give an accepted connection a slot; False (and it is dropped) if none."""
+        why = self.slots.acquire(address, self._evict_one)
+        if why is not None:
+            self._refused += 1
+            now = self.loop.time()
+            if now - self._refused_logged_at >= 10.0:  # one line per 10 s, whatever the flood
+                log.warning(
+                    "refusing connections: %s (%d refused since the last such line)",
+                    why,
+                    self._refused,
+                )
+                self._refused, self._refused_logged_at = 0, now
+            self.metrics.error("connection_refused")
+            transport.abort()
+            return False
+        self._slot_of[transport] = address
+        return True
+
+    def release_slot(self, transport: asyncio.BaseTransport) -> None:
+        """A connection closed: its slot is free (called by whichever protocol has it)."""
+        address = self._slot_of.pop(transport, None)
+        if address is not None:
+            self.slots.release(address)
+
+    def _evict_one(self) -> bool:
+        # At the cap, the oldest connection that has not logged in makes room: a peer
+        # that never logs in holds a slot only until someone needs it.
+        if not self.dispatcher.login_gated:
+            return False
+        for session in self.sessions.values():  # oldest first
+            if session.login_at is None and session.user_id is None and not session.closed:
+                log.info(
+                    "dropping connection %s (%s) to make room: not logged in",
+                    session.id,
+                    session.remote,
+                )
+                session.abort()
+                return True
+        return False
+
+    def unsent_changed(self, link: Any, size: int) -> None:
+        """A link's unsent bytes are now ``size``; shed the worst when over budget."""
+        if self.unsent.update(link, size):
+            self._shed()
+
+    def _shed(self) -> None:
+        victims = self.unsent.over()
+        total = self.unsent.total
+        for link in victims:
+            self.unsent.remove(link)
+            link.abort()
+        if victims:
+            log.warning(
+                "over the budget of %d unsent bytes (%d): dropped the %d connection(s) "
+                "holding the most; what they missed waits in the store",
+                self.unsent.limit,
+                total,
+                len(victims),
+            )
+            # Their buffers are freed when the aborts complete; then give the pages back.
+            self.loop.call_soon(self.loop.call_soon, release_memory)
+
+    async def _sweep_unsent(self) -> None:
+        # A transport's buffer drains without telling us (until the low-water mark):
+        # refresh the sizes recorded, so the budget does not count bytes already gone.
+        while True:
+            await asyncio.sleep(1.0)
+            for link in list(self.unsent.sizes):
+                self.unsent.update(link, link.write_buffer_size())
 
     # -- sessions -------------------------------------------------------------------------
 

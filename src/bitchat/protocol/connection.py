@@ -150,6 +150,7 @@ class Connection:
         "bytes_out",
         "clock",
         "error",
+        "frame_started",
         "frames_received",
         "known_types",
         "last_received",
@@ -191,6 +192,9 @@ class Connection:
         self.bytes_in = 0
         self.bytes_out = 0
         self.frames_received = 0
+        self.frame_started: float | None = None
+        """Clock reading when the frame now partly received began (None: none is),
+        for the adapter's deadline to complete a frame."""
         self.last_received = clock()
         """Clock reading of the last input (for the adapter's idle timeout)."""
         self.max_pending = max(1, max_pending_requests)
@@ -263,6 +267,11 @@ class Connection:
         self.last_received = self.clock()
         frames, error = self._decoder.receive(data)
         self.frames_received += len(frames)
+        if self._decoder.buffered:
+            if frames or self.frame_started is None:
+                self.frame_started = self.last_received
+        else:
+            self.frame_started = None
         if self._pos < len(self._frames):
             self._frames = self._frames[self._pos :] + frames  # events left unread
         else:

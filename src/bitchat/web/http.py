@@ -147,6 +147,7 @@ class HttpConnection(asyncio.Protocol):
         return None  # the transport closes itself
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.server.release_slot(self.transport)
         self._finish()
 
     def pause_writing(self) -> None:
