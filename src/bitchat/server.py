@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import logging
+import os
 import resource
 import ssl
 from collections.abc import Awaitable, Callable
@@ -103,6 +105,10 @@ class Server:
         self._refused = 0
         self._refused_logged_at = -1e9
         self._sweeper: asyncio.Task[None] | None = None
+        self._reserve_fd: int | None = None
+        self._out_of_files = 0
+        self._out_of_files_logged_at = -1e9
+        self._prev_exception_handler: Any = None
         self._server: asyncio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped: asyncio.Event | None = None
@@ -197,6 +203,7 @@ class Server:
         self._stopped = asyncio.Event()
         self._no_sessions = asyncio.Event()
         self.slots.total = self._connection_cap()
+        self._watch_accept_errors()
         self._no_sessions.set()
         self.executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=self.settings.worker_threads, thread_name_prefix="bitchat-worker"
@@ -292,6 +299,7 @@ class Server:
             log.warning("web connections still open after the shutdown grace")
         if self.executor is not None:
             self.executor.shutdown(wait=False, cancel_futures=True)
+        self._unwatch_accept_errors()
         log.info("bitchat %s stopped", self.kind)
         assert self._stopped is not None
         self._stopped.set()
@@ -320,6 +328,64 @@ class Server:
                 self.settings.max_connections,
             )
         return cap
+
+    def _watch_accept_errors(self) -> None:
+        # Out of file descriptors, asyncio's accept loop reports every failed accept
+        # (thousands a second, each with a traceback: a log flood that can block the
+        # process on its own stderr). uvloop (libuv) drops such connections itself.
+        # Here: one line per 10 s, and each pending connection is accepted with a
+        # reserved descriptor and closed, so the peer is told at once.
+        loop = self.loop
+        self._prev_exception_handler = loop.get_exception_handler()
+        loop.set_exception_handler(self._exception_handler)
+        try:
+            self._reserve_fd = os.open(os.devnull, os.O_RDONLY)
+        except OSError:
+            self._reserve_fd = None
+
+    def _unwatch_accept_errors(self) -> None:
+        if self._loop is not None and self._loop.get_exception_handler() == self._exception_handler:
+            self._loop.set_exception_handler(self._prev_exception_handler)
+        if self._reserve_fd is not None:
+            os.close(self._reserve_fd)
+            self._reserve_fd = None
+
+    def _exception_handler(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if not (
+            isinstance(exc, OSError)
+            and exc.errno in (errno.EMFILE, errno.ENFILE)
+            and "accept" in str(context.get("message", ""))
+        ):
+            if self._prev_exception_handler is not None:
+                self._prev_exception_handler(loop, context)
+            else:
+                loop.default_exception_handler(context)
+            return
+        self._out_of_files += 1
+        now = loop.time()
+        if now - self._out_of_files_logged_at >= 10.0:
+            log.error(
+                "out of file descriptors: refusing new connections (%d refused since the "
+                "last such line; the open-file limit is %d)",
+                self._out_of_files,
+                resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+            )
+            self._out_of_files, self._out_of_files_logged_at = 0, now
+        listener = getattr(context.get("socket"), "_sock", None)
+        if listener is None or self._reserve_fd is None:
+            return
+        os.close(self._reserve_fd)
+        try:
+            conn, _ = listener.accept()
+            conn.close()
+        except OSError:
+            pass
+        finally:
+            try:
+                self._reserve_fd = os.open(os.devnull, os.O_RDONLY)
+            except OSError:
+                self._reserve_fd = None
 
     def _admit(self, transport: asyncio.Transport, address: str) -> bool:
         """Give an accepted connection a slot; False (and it is dropped) if none."""
