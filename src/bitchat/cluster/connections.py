@@ -97,9 +97,6 @@ FORWARD_QUEUE_MAX = 100_000
 """Messages waiting to be forwarded while Redis is down; beyond, new ones are not
 queued (they are pending in the store, so they come at the recipient's next sync)."""
 
-ResyncHook = Callable[["Session"], None]
-PresenceHook = Callable[[int, str, bool], None]
-
 
 def _message_row(m: Message) -> list[Any]:
     return [m.id, m.kind, m.sender_id, m.sender_name, m.to, m.text, m.ts, m.client_msg_id]
@@ -118,10 +115,6 @@ class RedisConnectionCenter(ConnectionCenter):
         self.registry = NodeRegistry(self.redis, settings, node_id)
         self.load: Callable[[], int] = lambda: 0
         """Connections on this node (the server sets it); published as its load."""
-        self.on_resync: ResyncHook | None = None
-        """Called for each local session whose pushes may have been lost in transit."""
-        self.on_presence: PresenceHook | None = None
-        """Called for presence changes published by other nodes."""
         self.on_evicted: Callable[[], None] | None = None
         """Called if another instance took this node id over (this node must stop)."""
         self.forwarded = 0
@@ -301,7 +294,8 @@ class RedisConnectionCenter(ConnectionCenter):
     # -- presence across nodes --------------------------------------------------------------
 
     def publish_presence(self, user_id: int, name: str, online: bool) -> None:
-        """Tell the other nodes' watchers (best effort: a lost one is only a late list)."""
+        """Tell the other nodes' watchers (best effort: a lost one is only a late list);
+        they hear it through their own :attr:`on_presence`."""
         if self._closing:
             return
         payload = msgpack.packb([self.node_id, user_id, name, online])

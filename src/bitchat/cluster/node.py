@@ -23,19 +23,13 @@ from bitchat.cluster.connections import RedisConnectionCenter
 from bitchat.cluster.pg import PgDatabase, PgMessageCenter, PgUserCenter
 from bitchat.errors import UsageError
 from bitchat.im.app import install_web
-from bitchat.im.centers import Message, User
-from bitchat.im.delivery import SYNCING
-from bitchat.im.ids import MAX_NODE, IdGenerator
-from bitchat.im.packets import Login, LoginOk
+from bitchat.im.ids import MAX_NODE
 from bitchat.im.passwords import hasher_for
-from bitchat.im.service import IMService, push_message_each
+from bitchat.im.service import IMService
 from bitchat.server import Server
-from bitchat.session import Session
 from bitchat.settings import Settings
 
 log = logging.getLogger("bitchat.cluster.node")
-
-_TOKEN = "bitchat.token"
 
 
 class ClusterServer(Server):
@@ -81,68 +75,6 @@ class ClusterServer(Server):
 
     def _evicted(self) -> None:
         self.loop.create_task(self.stop())
-
-
-class ClusterIMService(IMService):
-    """The IM service with cluster-wide presence and re-sync after Redis outages."""
-
-    center: RedisConnectionCenter
-
-    def __init__(
-        self,
-        server: Server,
-        users: PgUserCenter,
-        messages: PgMessageCenter,
-        connections: RedisConnectionCenter,
-    ) -> None:
-        super().__init__(server, users, messages, connections)
-        self.center = connections
-        connections.on_resync = self._resync
-        connections.on_presence = self._remote_presence
-
-    async def _start(self, server: Server) -> None:
-        # The node id first: a duplicate is refused before anything else is touched.
-        # (If a step fails, the server runs the shutdown hooks: every center closes.)
-        await self.center.start()
-        await self.users.start()
-        await self.messages.start()
-        last = await self.messages.last_id(self.settings.node_id)
-        self.ids = IdGenerator(self.settings.node_id, last)
-
-    async def on_login(self, session: Session, p: Login) -> LoginOk:
-        before = session.user_id
-        was_syncing = SYNCING in session.data
-        try:
-            return await super().on_login(session, p)
-        except BaseException:
-            # A backend failed half-way (Redis or PostgreSQL down): the session
-            # must not stay logged in, nor keep its pushes held back.
-            if session.user_id is not None and session.user_id != before:
-                await self.center.detach(session)
-                session.user_id = session.user_name = None
-                session.data.pop(_TOKEN, None)
-            held = None if was_syncing else session.data.pop(SYNCING, None)
-            if held and session.user_id is not None:
-                push_message_each(held, session)
-            raise
-
-    def _presence(self, user: User, online: bool) -> None:
-        super()._presence(user, online)
-        self.center.publish_presence(user.id, user.name, online)
-
-    def _remote_presence(self, user_id: int, name: str, online: bool) -> None:
-        IMService._presence(self, User(user_id, name), online)
-
-    def _resync(self, session: Session) -> None:
-        """Push the session's pending messages again (they may have been lost in transit)."""
-        user_id = session.user_id
-        if user_id is None or session.closed or session.data.get(SYNCING) is not None:
-            return
-        held: list[Message] = []
-        session.data[SYNCING] = held
-        task = self.server.loop.create_task(self._sync(session, user_id, held))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -192,7 +124,8 @@ def build_cluster_server(
     db = PgDatabase(pg_dsn, settings, application_name=f"bitchat-node-{node_id}")
     users = PgUserCenter(db, hasher_for(settings))
     messages = PgMessageCenter(db, batch_max=settings.store_batch_max)
-    im = ClusterIMService(server, users, messages, center)
+    # The node id first: a duplicate is refused before anything else is touched.
+    im = IMService(server, users, messages, center, start_order=(center, users, messages))
     server.data["im"] = im
     server.data["cluster"] = center
     install_web(server, im)
