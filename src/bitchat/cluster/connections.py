@@ -114,9 +114,11 @@ class RedisConnectionCenter(ConnectionCenter):
         self.redis = connect_redis(redis_url, settings)
         self.registry = NodeRegistry(self.redis, settings, node_id)
         self.load: Callable[[], int] = lambda: 0
-        """Connections on this node (the server sets it); published as its load."""
+        """Connections on this node (set by :func:`~bitchat.cluster.node.join_cluster`);
+        published as its load."""
         self.on_evicted: Callable[[], None] | None = None
-        """Called if another instance took this node id over (this node must stop)."""
+        """Called if another instance took this node id over (this node must stop:
+        :func:`~bitchat.cluster.node.join_cluster` stops the server)."""
         self.forwarded = 0
         self.received = 0
         self._locate = self.redis.register_script(_LOCATE)
