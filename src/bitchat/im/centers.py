@@ -72,6 +72,15 @@ class Message:
         }
 
 
+def conversation(kind: str, a: int, b: int) -> str:
+    """The key of a conversation, as the message stores keep it: a p2p pair
+    (unordered) or a group (``b``)."""
+    if kind == "group":
+        return f"g:{b}"
+    lo, hi = (a, b) if a < b else (b, a)
+    return f"p:{lo}:{hi}"
+
+
 StoreCallback = Callable[[tuple[Message, bool] | None, BaseException | None], None]
 """``then(result, error)`` of :meth:`MessageCenter.store_then`: exactly one is None."""
 
