@@ -165,3 +165,11 @@ def test_the_readme_example_builds_a_standalone_server() -> None:
     exec(match.group(1).replace(run, "server = build_server(settings)"), namespace)
     server = namespace["server"]
     assert (server.host, server.port, server.mode) == ("127.0.0.1", 8864, "standalone")
+
+
+def test_the_readme_quotes_the_message_of_a_missing_redis_url() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### The chat server in your own program", 1)[1].split("\n## ")[0]
+    with pytest.raises(UsageError) as err:
+        build_server(Settings(mode="cluster"))
+    assert f"`{err.value}`" in " ".join(section.split())
