@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from bitchat.im.app import build_standalone_server
+from bitchat.app import build_server
 from bitchat.settings import Settings
 from test_server import self_signed
 
@@ -38,13 +38,15 @@ async def run_client(port: int, *extra: str, script: str) -> tuple[int, str, str
 async def test_client_over_tls(tmp_path: Path) -> None:
     cert, key = self_signed(tmp_path)
     settings = Settings(
+        host="127.0.0.1",
+        port=0,
         data_dir=str(tmp_path / "data"),
         tls_cert=cert,
         tls_key=key,
         password_hash_time_cost=1,
         password_hash_memory_kib=8,
     )
-    server = build_standalone_server("127.0.0.1", 0, settings)
+    server = build_server(settings)
     async with server:
         port = server.address[1]
         code, out, err = await run_client(port, "--tls-ca", cert, script="-lo houyi 123456\n-lu\n")

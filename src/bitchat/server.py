@@ -89,6 +89,10 @@ class Server:
         """Components installed on this server (e.g. ``data["im"]``)."""
         self.sessions: dict[int, Session] = {}
         self.on_startup: list[Hook] = []
+        """Run before the port opens (a hook that raises fails the start)."""
+        self.on_started: list[Hook] = []
+        """Run once the port listens (a cluster node announces itself here); a hook
+        that raises stops the server and fails the start."""
         self.on_stopping: list[Hook] = []
         """Run when a stop begins, once the port stopped accepting and before the
         connections drain (a cluster node leaves the registry here)."""
@@ -191,6 +195,12 @@ class Server:
             # A stop() that came meanwhile goes on now (see stop()).
             starting, self._starting = self._starting, None
             starting.set_result(None)
+        try:
+            for hook in self.on_started:
+                await hook(self)
+        except BaseException:
+            await self.stop()
+            raise
 
     async def _start(self) -> None:
         tls = None

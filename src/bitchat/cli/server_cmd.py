@@ -33,22 +33,9 @@ def add_parser(sub: Any) -> None:
 
 def build_server(settings: Settings) -> Server:
     """The server ``settings`` describe: standalone or a cluster node (``mode``)."""
-    if settings.mode == "cluster":
-        from bitchat.cluster.node import build_cluster_server
+    from bitchat.app import build_server as build
 
-        server: Server = build_cluster_server(
-            settings.host,
-            settings.port,
-            settings,
-            redis_url=settings.redis_url,
-            pg_dsn=settings.pg_dsn,
-            node_id=settings.node_id,
-            advertise=settings.advertise,
-        )
-        return server
-    from bitchat.im.app import build_standalone_server
-
-    return build_standalone_server(settings.host, settings.port, settings)
+    return build(settings)
 
 
 async def serve(server: Server) -> None:

@@ -97,9 +97,6 @@ FORWARD_QUEUE_MAX = 100_000
 """Messages waiting to be forwarded while Redis is down; beyond, new ones are not
 queued (they are pending in the store, so they come at the recipient's next sync)."""
 
-ResyncHook = Callable[["Session"], None]
-PresenceHook = Callable[[int, str, bool], None]
-
 
 def _message_row(m: Message) -> list[Any]:
     return [m.id, m.kind, m.sender_id, m.sender_name, m.to, m.text, m.ts, m.client_msg_id]
@@ -117,13 +114,11 @@ class RedisConnectionCenter(ConnectionCenter):
         self.redis = connect_redis(redis_url, settings)
         self.registry = NodeRegistry(self.redis, settings, node_id)
         self.load: Callable[[], int] = lambda: 0
-        """Connections on this node (the server sets it); published as its load."""
-        self.on_resync: ResyncHook | None = None
-        """Called for each local session whose pushes may have been lost in transit."""
-        self.on_presence: PresenceHook | None = None
-        """Called for presence changes published by other nodes."""
+        """Connections on this node (set by :func:`~bitchat.cluster.node.join_cluster`);
+        published as its load."""
         self.on_evicted: Callable[[], None] | None = None
-        """Called if another instance took this node id over (this node must stop)."""
+        """Called if another instance took this node id over (this node must stop:
+        :func:`~bitchat.cluster.node.join_cluster` stops the server)."""
         self.forwarded = 0
         self.received = 0
         self._locate = self.redis.register_script(_LOCATE)
@@ -301,7 +296,8 @@ class RedisConnectionCenter(ConnectionCenter):
     # -- presence across nodes --------------------------------------------------------------
 
     def publish_presence(self, user_id: int, name: str, online: bool) -> None:
-        """Tell the other nodes' watchers (best effort: a lost one is only a late list)."""
+        """Tell the other nodes' watchers (best effort: a lost one is only a late list);
+        they hear it through their own :attr:`on_presence`."""
         if self._closing:
             return
         payload = msgpack.packb([self.node_id, user_id, name, online])

@@ -72,8 +72,22 @@ class Message:
         }
 
 
+def conversation(kind: str, a: int, b: int) -> str:
+    """The key of a conversation, as the message stores keep it: a p2p pair
+    (unordered) or a group (``b``)."""
+    if kind == "group":
+        return f"g:{b}"
+    lo, hi = (a, b) if a < b else (b, a)
+    return f"p:{lo}:{hi}"
+
+
 StoreCallback = Callable[[tuple[Message, bool] | None, BaseException | None], None]
 """``then(result, error)`` of :meth:`MessageCenter.store_then`: exactly one is None."""
+
+PresenceHook = Callable[[int, str, bool], None]
+"""``on_presence(user_id, name, online)`` of :class:`ConnectionCenter`."""
+ResyncHook = Callable[["Session"], None]
+"""``on_resync(session)`` of :class:`ConnectionCenter`."""
 
 
 class UserCenter(abc.ABC):
@@ -223,11 +237,26 @@ class MessageCenter(abc.ABC):
 
 
 class ConnectionCenter(abc.ABC):
-    """Where users are online, and the delivery of pushes to them."""
+    """Where users are online, and the delivery of pushes to them.
+
+    A center that spans several nodes also carries presence between them and may
+    lose pushes in transit; the IM service subscribes to both with the two hooks
+    below. The in-memory center (one node) calls neither, and publishes nothing.
+    """
+
+    on_presence: PresenceHook | None = None
+    """Set by the IM service: called for a presence change published by another node."""
+    on_resync: ResyncHook | None = None
+    """Set by the IM service: called for each local session whose pushes may have been
+    lost in transit (their messages are still pending in the store)."""
 
     async def start(self) -> None: ...  # noqa: B027 (optional hook)
 
     async def close(self) -> None: ...  # noqa: B027 (optional hook)
+
+    def publish_presence(self, user_id: int, name: str, online: bool) -> None:  # noqa: B027
+        """Tell the other nodes that the user came online or went offline anywhere
+        (best effort); this node's watchers are told by the IM service itself."""
 
     @abc.abstractmethod
     async def attach(self, user_id: int, session: Session) -> None:

@@ -1,7 +1,10 @@
 """The IM service: login, users, one-to-one and group chat, history, acks.
 
 It installs its handlers on a :class:`~bitchat.Server` and works against the
-three center interfaces only, so standalone and cluster share every line.
+three center interfaces only, so standalone and cluster share every line: what a
+cluster adds (presence from other nodes, a re-sync after pushes were lost in
+transit) comes through the connection center's hooks, and the composition root
+(:func:`bitchat.app.build_server`) picks the centers and the order they start in.
 
 Delivery: a message gets its id when its request is handled (so a
 connection's messages keep their order), is stored for every recipient
@@ -70,8 +73,16 @@ def _valid_name(name: str, max_len: int) -> str:
     return name
 
 
+Center = UserCenter | MessageCenter | ConnectionCenter
+
+
 class IMService:
-    """The IM handlers over one set of centers."""
+    """The IM handlers over one set of centers.
+
+    ``start_order`` is the order the centers start in (default: users, messages,
+    connections); they close in the order connections, messages, users, once the
+    service's own tasks are done.
+    """
 
     def __init__(
         self,
@@ -79,16 +90,21 @@ class IMService:
         users: UserCenter,
         messages: MessageCenter,
         connections: ConnectionCenter,
+        *,
+        start_order: Sequence[Center] | None = None,
     ) -> None:
         self.server = server
         self.settings = server.settings
         self.users = users
         self.messages = messages
         self.connections = connections
+        self.start_order: tuple[Center, ...] = tuple(start_order or (users, messages, connections))
         self.ids = IdGenerator(self.settings.node_id)
         self.watchers: set[Session] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._syncs: set[asyncio.Task[None]] = set()
+        connections.on_presence = self._tell_watchers
+        connections.on_resync = self._resync
         self._install()
 
     # -- wiring ---------------------------------------------------------------------------
@@ -116,9 +132,9 @@ class IMService:
         s.on_session_close.append(self._session_closed)
 
     async def _start(self, server: Server) -> None:
-        await self.users.start()
-        await self.messages.start()
-        await self.connections.start()
+        # If a step fails, the server runs the shutdown hooks: every center closes.
+        for center in self.start_order:
+            await center.start()
         last = await self.messages.last_id(self.settings.node_id)
         self.ids = IdGenerator(self.settings.node_id, last)
 
@@ -155,6 +171,23 @@ class IMService:
             )
 
     async def on_login(self, session: Session, p: Login) -> LoginOk:
+        before = session.user_id
+        was_syncing = SYNCING in session.data
+        try:
+            return await self._login(session, p)
+        except BaseException:
+            # A backend failed half-way (Redis or PostgreSQL down), or the connection
+            # closed: the session must not stay logged in, nor keep its pushes held back.
+            if session.user_id is not None and session.user_id != before:
+                await self.connections.detach(session)
+                session.user_id = session.user_name = None
+                session.data.pop(_TOKEN, None)
+            held = None if was_syncing else session.data.pop(SYNCING, None)
+            if held and session.user_id is not None:
+                push_message_each(held, session)
+            raise
+
+    async def _login(self, session: Session, p: Login) -> LoginOk:
         if p.token:
             found = await self.users.check_token(p.token)
             if found is None:
@@ -257,12 +290,30 @@ class IMService:
         return Ok()
 
     def _presence(self, user: User, online: bool) -> None:
+        """The user came online or went offline (on this node): tell every watcher."""
+        self._tell_watchers(user.id, user.name, online)
+        self.connections.publish_presence(user.id, user.name, online)
+
+    def _tell_watchers(self, user_id: int, name: str, online: bool) -> None:
+        """Push a presence change to this node's watchers (the center's ``on_presence``)."""
         if not self.watchers:
             return
-        packet = Presence(user.id, user.name, online)
+        packet = Presence(user_id, name, online)
         for s in list(self.watchers):
-            if s.user_id != user.id:
+            if s.user_id != user_id:
                 s.push(packet)
+
+    def _resync(self, session: Session) -> None:
+        """Push the session's pending messages again (the center's ``on_resync``: they
+        may have been lost in transit)."""
+        user_id = session.user_id
+        if user_id is None or session.closed or session.data.get(SYNCING) is not None:
+            return
+        held: list[Message] = []
+        session.data[SYNCING] = held
+        task = self.server.loop.create_task(self._sync(session, user_id, held))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def on_list_online(self, session: Session, p: ListOnline) -> OnlineUsers:
         if p.watch:

@@ -27,7 +27,15 @@ from typing import TYPE_CHECKING, Any
 import aiosqlite
 
 from bitchat.errors import RequestError, ServiceUnavailable, codes
-from bitchat.im.centers import Group, Message, MessageCenter, StoreCallback, User, UserCenter
+from bitchat.im.centers import (
+    Group,
+    Message,
+    MessageCenter,
+    StoreCallback,
+    User,
+    UserCenter,
+    conversation,
+)
 from bitchat.im.ids import MAX_NODE, SEQ_BITS
 from bitchat.im.passwords import hash_password, new_token, token_digest
 
@@ -87,14 +95,6 @@ MIGRATIONS: list[str] = [
 
 _WAL_AUTOCHECKPOINT = 10_000
 """WAL pages after which a commit checkpoints (SQLite's default: 1,000): see _connect_writer."""
-
-
-def conversation(kind: str, a: int, b: int) -> str:
-    """The key of a conversation: a p2p pair (unordered) or a group."""
-    if kind == "group":
-        return f"g:{b}"
-    lo, hi = (a, b) if a < b else (b, a)
-    return f"p:{lo}:{hi}"
 
 
 async def open_db(path: str, synchronous: str = "FULL") -> aiosqlite.Connection:
