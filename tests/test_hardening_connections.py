@@ -301,3 +301,96 @@ async def test_readers_that_read_nothing_cannot_take_the_memory(
         if proc.returncode is None:
             proc.terminate()
             await asyncio.wait_for(proc.wait(), 4 * WAIT)
+
+
+# -- out of file descriptors ------------------------------------------------------------------
+
+_FD_HOG = """
+import os, resource, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+hog = [os.open(os.devnull, os.O_RDONLY) for _ in range(90)]  # what else a process holds
+from bitchat.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc, rlimits")
+@pytest.mark.parametrize("loop_flag", [[], ["--no-uvloop"]], ids=["uvloop", "asyncio"])
+async def test_running_out_of_file_descriptors_is_survived(
+    tmp_path: Path, loop_flag: list[str]
+) -> None:
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        _FD_HOG,
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(tmp_path / "data"),
+        *loop_flag,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env=subprocess_env(),
+    )
+    assert proc.stderr is not None
+    lines: list[bytes] = []
+    flood: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        while b"started on" not in (
+            line := await asyncio.wait_for(proc.stderr.readline(), 4 * WAIT)
+        ):
+            lines.append(line)
+
+        async def read_log() -> None:
+            assert proc.stderr is not None
+            while line := await proc.stderr.readline():
+                lines.append(line)
+
+        logger = asyncio.create_task(read_log())
+        import psutil
+
+        cpu_before = sum(psutil.Process(proc.pid).cpu_times()[:2])
+        for _ in range(100):  # far more than the ~30 descriptors left
+            flood.append(await asyncio.open_connection("127.0.0.1", port))
+        # The server drops what it cannot take: some of the flood sees its end at once.
+        ends = [asyncio.ensure_future(r.read()) for r, _ in flood]
+        done, _ = await asyncio.wait(ends, timeout=4 * WAIT, return_when=asyncio.FIRST_COMPLETED)
+        assert done, "no connection of the flood was closed"
+        cpu = sum(psutil.Process(proc.pid).cpu_times()[:2]) - cpu_before
+        assert cpu < 2.0, f"{cpu:.2f}s of CPU: a busy loop"
+        for _, w in flood:
+            w.close()
+        for end in ends:
+            end.cancel()
+        flood.clear()
+        # Served again once descriptors are free (the client retries as a real one does).
+        reply = b""
+        deadline = time.monotonic() + 4 * WAIT
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.1)  # a client's retry pace
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(HEADER.pack(0xBC, 1, 1, 0, PING, 1, 2) + b"{}")
+            try:
+                reply = await asyncio.wait_for(r.readexactly(16), 1.0)
+            except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
+                reply = b""
+            w.close()
+            if reply:
+                break
+        assert reply[4:6] == b"\x00\x02"  # a Pong
+        proc.terminate()
+        await asyncio.wait_for(proc.wait(), 4 * WAIT)
+        await asyncio.wait_for(logger, WAIT)  # the whole log, the stop included
+        errors = [ln for ln in lines if b"ERROR" in ln or b"Traceback" in ln]
+        assert len(errors) <= 1, b"".join(errors[:5]).decode()
+    finally:
+        for _, w in flood:
+            w.close()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

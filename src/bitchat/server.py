@@ -111,6 +111,7 @@ class Server:
         self._sweeper: asyncio.Task[None] | None = None
         self._reserve_fd: int | None = None
         self._out_of_files = 0
+        self._ran_out_of_files = False
         self._out_of_files_logged_at = -1e9
         self._prev_exception_handler: Any = None
         self._server: asyncio.Server | None = None
@@ -354,14 +355,28 @@ class Server:
             self._reserve_fd = None
 
     def _unwatch_accept_errors(self) -> None:
-        if self._loop is not None and self._loop.get_exception_handler() == self._exception_handler:
-            self._loop.set_exception_handler(self._prev_exception_handler)
+        # After descriptors ran out, asyncio still holds a retry of the accept loop per
+        # refused connection; they fail on the closed socket after the stop, and stay
+        # quiet only while this handler is in place.
+        loop = self._loop
+        if (
+            loop is not None
+            and not self._ran_out_of_files
+            and loop.get_exception_handler() == self._exception_handler
+        ):
+            loop.set_exception_handler(self._prev_exception_handler)
         if self._reserve_fd is not None:
             os.close(self._reserve_fd)
             self._reserve_fd = None
 
     def _exception_handler(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
+        if (
+            self._ran_out_of_files
+            and isinstance(exc, ValueError)
+            and "_start_serving" in repr(context.get("handle"))
+        ):
+            return  # a retry of the accept loop, run after the server closed (see above)
         if not (
             isinstance(exc, OSError)
             and exc.errno in (errno.EMFILE, errno.ENFILE)
@@ -373,6 +388,7 @@ class Server:
                 loop.default_exception_handler(context)
             return
         self._out_of_files += 1
+        self._ran_out_of_files = True
         now = loop.time()
         if now - self._out_of_files_logged_at >= 10.0:
             log.error(

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import logging
+import resource
 import signal
 from typing import Any
 
@@ -63,6 +65,18 @@ async def serve(server: Server) -> None:
     await server.serve_forever()
 
 
+def raise_open_file_limit() -> None:
+    """Lift the soft open-file limit to the hard one: every connection is a
+    descriptor, and the common default of 1,024 is a low ceiling for a chat server
+    (``max_connections`` stays below whatever limit there is)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         loaded = settings_from_args(args)
@@ -76,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         log.info("settings from %s", args.config)
     if not args.no_uvloop:
         install_uvloop()
+    raise_open_file_limit()
     try:
         server = build_server(loaded.settings)
         asyncio.run(serve(server))
