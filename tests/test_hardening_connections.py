@@ -42,6 +42,28 @@ async def closed_within(peer: RawPeer, seconds: float) -> float:
     return time.monotonic() - start
 
 
+async def start_server(
+    python_args: list[str], port: int, tmp_path: Path, *options: str
+) -> asyncio.subprocess.Process:
+    """``bitchat server`` in a process of its own (its memory and descriptors alone)."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        *python_args,
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(tmp_path / "data"),
+        *options,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        env=subprocess_env(),
+    )
+
+
 # -- pure bookkeeping ------------------------------------------------------------------------
 
 
@@ -194,17 +216,10 @@ async def test_readers_that_read_nothing_cannot_take_the_memory(
     # per-connection limit of 8 MiB, 60 sleepers would hold 480 MiB but for the budget.
     port = free_port()
     budget = int(os.environ.get("BITCHAT_TEST_UNSENT_BUDGET", 48 << 20))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bitchat",
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--data-dir",
-        str(tmp_path / "data"),
+    proc = await start_server(
+        ["-m", "bitchat"],
+        port,
+        tmp_path,
         "--max-unsent-bytes",
         str(budget),
         "--write-hard-limit",
@@ -215,10 +230,6 @@ async def test_readers_that_read_nothing_cannot_take_the_memory(
         "1",
         "--password-hash-memory-kib",
         "8",
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        env=subprocess_env(),
     )
     assert proc.stderr is not None
     try:
@@ -320,23 +331,7 @@ async def test_running_out_of_file_descriptors_is_survived(
     tmp_path: Path, loop_flag: list[str]
 ) -> None:
     port = free_port()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-c",
-        _FD_HOG,
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--data-dir",
-        str(tmp_path / "data"),
-        *loop_flag,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        env=subprocess_env(),
-    )
+    proc = await start_server(["-c", _FD_HOG], port, tmp_path, *loop_flag)
     assert proc.stderr is not None
     lines: list[bytes] = []
     flood: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
