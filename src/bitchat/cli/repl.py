@@ -11,7 +11,10 @@ they happen. Two front ends feed it lines:
   terminal), with the same output and no prompt, so the client can be scripted.
 
 Commands are run one at a time, in order; each prints one answer, and a
-failure is one line naming its cause (``Login failed cause: ...``). While the
+failure is one line naming its cause (``Login failed cause: ...``). Every line
+goes out through :func:`~bitchat.cli.sanitize.visible`: a name, a message or an
+error from the server never writes a control character to the terminal (it is
+shown as an escape such as ``\x1b``), and never starts a line of its own. While the
 client is not connected, a command fails at once rather than waiting for the
 connection; :attr:`Repl.failures` counts failed commands (``bitchat client``
 exits with status 1 after a script in which any failed).
@@ -28,6 +31,7 @@ import unicodedata
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
+from bitchat.cli.sanitize import visible
 from bitchat.client import State
 from bitchat.errors import (
     BitchatError,
@@ -95,8 +99,11 @@ def table(
     """Lines of a table: a header, a rule under each column, the rows.
 
     Columns are as wide as their widest cell and two spaces apart; the columns
-    whose index is in ``right`` are aligned to the right (numbers).
+    whose index is in ``right`` are aligned to the right (numbers). Cells are
+    measured as they will be printed, control characters escaped.
     """
+    headers = [visible(h) for h in headers]
+    rows = [[visible(c) for c in r] for r in rows]
     widths = [max([_width(h)] + [_width(r[i]) for r in rows]) for i, h in enumerate(headers)]
 
     def line(cells: Sequence[str]) -> str:
@@ -113,12 +120,14 @@ class Repl:
     """Runs commands against an :class:`IMClient` and prints what happens.
 
     ``out`` prints one line (``print`` by default); the connection's status
-    changes and incoming messages go through it too.
+    changes and incoming messages go through it too. It is only ever given
+    lines made visible (:func:`~bitchat.cli.sanitize.visible`): no control
+    character, no line break inside.
     """
 
     def __init__(self, im: IMClient, out: Output | None = None, via: str | None = None) -> None:
         self.im = im
-        self.out: Output = out or print
+        self._write: Output = out or print
         self.via = via  # "router HOST:PORT" when a cluster router picks the server
         self.failures = 0
         """Commands that failed (a refusal, a lost connection, a bad command line)."""
@@ -145,6 +154,10 @@ class Repl:
         im.on_message(self.show_message)
         im.on_relogin(self._relogged_in)
         im.client.on_state.append(self._state_changed)
+
+    def out(self, line: str) -> None:
+        """Print one line; what came from the server in it is shown, not obeyed."""
+        self._write(visible(line))
 
     # -- events ---------------------------------------------------------------------------
 
@@ -240,7 +253,8 @@ class Repl:
             self.out("bye bye!")
             return False
         if line in ("help", "-h", "--help", "?"):
-            self.out(USAGE)
+            for text in USAGE.split("\n"):
+                self.out(text)
             return True
         parts = line.split()
         entry = self._commands.get(parts[0])
