@@ -312,6 +312,36 @@ async def test_reconnects_after_a_server_restart(servers: Any, clients: Any) -> 
     assert State.DISCONNECTED in states.seen
 
 
+async def test_a_request_right_after_a_local_abort_waits_for_the_reconnect(
+    servers: Any, clients: Any
+) -> None:
+    """The connection is known lost (aborted here, as the idle check does) before the
+    client's loop has seen it end: a request waits for the next connection."""
+    server = await servers()
+    client = clients(server.address[1])
+    states = States(client)
+    await client.connect(timeout=WAIT)
+    assert client._proto is not None and client._proto.transport is not None
+    client._proto.transport.abort()
+    assert await client.request(Add(2, 2)) == Sum(4)
+    assert states.seen.count(State.CONNECTED) == 2
+    client._proto.transport.abort()  # a one-way send waits the same way
+    await client.send(Ignore())
+    assert states.seen.count(State.CONNECTED) == 3
+
+
+async def test_without_reconnect_a_request_after_a_loss_fails_at_once(
+    servers: Any, clients: Any
+) -> None:
+    server = await servers()
+    client = clients(server.address[1], reconnect=False, request_timeout=60 * WAIT)
+    await client.connect(timeout=WAIT)
+    assert client._proto is not None and client._proto.transport is not None
+    client._proto.transport.abort()
+    with pytest.raises(ConnectionClosed):
+        await asyncio.wait_for(client.request(Add(1, 1)), WAIT)
+
+
 async def test_connects_to_a_server_not_up_yet(servers: Any, clients: Any) -> None:
     port = free_port()
     client = clients(port)

@@ -325,41 +325,71 @@ class Client:
             raise ConnectionClosed("not connected")
         proto.core.send_request(_PING, expect=False)  # its Pong is not awaited
 
-    def _core(self) -> Connection:
+    def _usable(self) -> bool:
         proto = self._proto
-        if proto is None or proto.transport is None or proto.transport.is_closing():
+        t = proto.transport if proto is not None else None
+        return t is not None and not t.is_closing()
+
+    def _core(self) -> Connection:
+        if not self._usable():
             raise ConnectionClosed("not connected")
-        return proto.core
+        assert self._proto is not None
+        return self._proto.core
 
     async def _wait_ready(self, timeout: float) -> None:
-        if self._ready.is_set() or _in_hook.get():
-            if self._proto is None:
+        """Return once a connection is up and set up (its hooks ran), waiting up to
+        ``timeout`` for a reconnect; raise at once when none will come."""
+        if _in_hook.get():  # a hook's own request: the connection is being set up
+            if not self._usable():
                 raise ConnectionClosed("not connected")
             return
-        if self._runner is None:
-            raise ConnectionClosed("the client is not connected; call connect() first")
-        if self._runner.done():  # lost, and not reconnecting
-            raise ConnectionClosed("the connection was lost")
-        try:
-            await asyncio.wait_for(self._ready.wait(), timeout)
-        except TimeoutError:
-            raise RequestTimeout(f"not connected within {timeout:.1f}s") from None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        ready = self._ready
+        while True:
+            if ready.is_set():
+                if self._usable():
+                    return
+                # Lost just now (a local abort, the server's close being read): _run
+                # has not seen it yet. Wait for the next connection rather than fail.
+                ready.clear()
+            runner = self._runner
+            if runner is None:
+                raise ConnectionClosed("the client is not connected; call connect() first")
+            if runner.done():  # lost, and not reconnecting (or a final error)
+                raise self._no_connection()
+            left = deadline - loop.time()
+            if left <= 0:
+                raise RequestTimeout(f"not connected within {timeout:.1f}s")
+            waiter = loop.create_task(ready.wait())
+            try:
+                await asyncio.wait((waiter, runner), timeout=left, return_when="FIRST_COMPLETED")
+            finally:
+                waiter.cancel()
+
+    def _no_connection(self) -> ConnectionClosed:
+        """Why no connection will come: the final error, or the loss without reconnect."""
+        return ConnectionClosed("the connection was lost")
 
     async def request(
         self, packet: Packet, timeout: float | None = None, pool: bool | None = None
     ) -> Packet:
         """Send ``packet`` and return the server's response packet.
 
-        Raises :class:`RequestError` when the server answers with an Error,
+        While the connection is being re-made (it dropped, and ``reconnect`` is
+        on), the request waits for it, within the same ``timeout``. Raises
+        :class:`RequestError` when the server answers with an Error,
         :class:`RequestTimeout` after ``timeout`` seconds, and
-        :class:`ConnectionClosed` if the connection drops meanwhile.
+        :class:`ConnectionClosed` if the connection drops after the request was
+        sent (it is not resent: only the caller knows whether that is safe) or
+        when no connection will come (not connected, closed, no reconnect).
         """
         timeout = self.settings.request_timeout if timeout is None else timeout
         loop = self._loop
         if loop is None:
             raise ConnectionClosed("the client is not connected; call connect() first")
         deadline = loop.time() + timeout
-        await self._wait_ready(timeout)
+        await self._wait_ready(timeout)  # a connection being re-made is waited for
         core = self._core()
         rid = core.send_request(packet, pool=packet.POOL if pool is None else pool)
         fut: asyncio.Future[Packet] = loop.create_future()
