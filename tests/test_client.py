@@ -25,6 +25,7 @@ from bitchat import (
     State,
     UsageError,
 )
+from bitchat.protocol.frame import FLAG_RESPONSE, encode_frame
 from conftest import WAIT
 
 
@@ -260,7 +261,13 @@ async def test_client_drops_a_server_that_went_silent(clients: Any) -> None:
 
     async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         accepted.put_nowait(writer)
-        await reader.read()  # reads everything, answers nothing
+        # Answers the opening Ping (so the client counts itself connected), then
+        # reads everything and answers nothing.
+        header = await reader.readexactly(14)
+        body = await reader.readexactly(int.from_bytes(header[10:14], "big"))
+        rid = int.from_bytes(header[6:10], "big")
+        writer.write(encode_frame(header[2], FLAG_RESPONSE, Pong.TYPE, rid, body))
+        await reader.read()
 
     mute_server = await asyncio.start_server(mute, "127.0.0.1", 0)
     writers: list[asyncio.StreamWriter] = []

@@ -38,6 +38,7 @@ from bitchat.errors import (
     ConnectionClosed,
     RequestError,
     RequestTimeout,
+    TLSError,
     UsageError,
     codes,
 )
@@ -75,9 +76,18 @@ class _Usage(UsageError):
     """A command line that does not fit its command: print its usage."""
 
 
+# What to do about a TLS failure, in the terms of bitchat client's options.
+_TLS_HINTS = {
+    TLSError.SERVER_SPEAKS_TLS: ": use --tls",
+    TLSError.SERVER_SPEAKS_PLAIN: ": connect without --tls",
+}
+
+
 def _cause(exc: BaseException) -> str:
     if isinstance(exc, RequestError):
         return exc.message or exc.code
+    if isinstance(exc, TLSError):
+        return exc.message + _TLS_HINTS.get(exc.reason, "")
     return str(exc) or type(exc).__name__
 
 
@@ -202,6 +212,13 @@ class Repl:
             self._status = None
             if self.im.user is not None:
                 self._hold()  # until "Logged in again" (or the connection drops)
+        elif state is State.CLOSED:
+            error = self.im.client.last_error
+            if isinstance(error, TLSError):  # the client gave up: say why, once
+                self._release()
+                self._up = False
+                self._status = f"Cannot connect to {self._where()}: {_cause(error)}; not retrying"
+                self.out(self._status)
         elif state is State.DISCONNECTED:
             self._release()
             if self._up:
@@ -288,6 +305,9 @@ class Repl:
                 await asyncio.wait_for(self._attempted.wait(), client.settings.connect_timeout)
             if client.connected:
                 return
+        error = client.last_error
+        if client.state is State.CLOSED and isinstance(error, TLSError):
+            raise TLSError(error.reason, error.message)  # final: no "retrying" here
         where = f"a server through the {self.via}" if self.via else self._where()
         raise ConnectionClosed(f"not connected to {where} (retrying in the background)")
 
