@@ -527,6 +527,10 @@ class IMService:
         limit = self.settings.max_group_name_length
         if not 1 <= len(name) <= limit:
             raise RequestError(codes.INVALID_PACKET, f"a group name has 1 to {limit} characters")
+        # The rules of _valid_name, but a space inside a group name is fine ("moon base");
+        # str.isprintable() lets only the ASCII space through of the spaces.
+        if not name.isprintable():
+            raise RequestError(codes.INVALID_PACKET, "a group name has no control characters")
         await self._check_group_count(session.user_id, 0)
         g = await self.users.create_group(session.user_id, name)
         return GroupInfo(g.id, g.name, g.owner_id, g.members)
