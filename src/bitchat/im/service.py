@@ -100,7 +100,9 @@ class IMService:
         self.connections = connections
         self.start_order: tuple[Center, ...] = tuple(start_order or (users, messages, connections))
         self.ids = IdGenerator(self.settings.node_id)
-        self.watchers: set[Session] = set()
+        self.watchers: dict[Session, int] = {}
+        """Sessions that asked for Presence pushes, with the user each asked as: a
+        watch ends at logout, and a login as another user does not inherit it."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._syncs: set[asyncio.Task[None]] = set()
         connections.on_presence = self._tell_watchers
@@ -149,7 +151,7 @@ class IMService:
         await self.users.close()
 
     def _session_closed(self, session: Session) -> None:
-        self.watchers.discard(session)
+        self.watchers.pop(session, None)
         if session.user_id is not None:
             task = self.server.loop.create_task(self._logged_out(session))
             self._tasks.add(task)
@@ -206,6 +208,7 @@ class IMService:
         if session.closed:
             raise RequestError(codes.LOGIN_FAILED, "the connection closed during login")
         if session.user_id is not None and session.user_id != user.id:
+            self.watchers.pop(session, None)
             await self._logged_out(session)
         pending = await self.messages.count_pending(user.id)
         first = not await self.connections.is_online(user.id)
@@ -281,6 +284,7 @@ class IMService:
             log.exception("detaching a session of user %d failed", user_id)
 
     async def on_logout(self, session: Session, p: Logout) -> Ok:
+        self.watchers.pop(session, None)
         token = session.data.pop(_TOKEN, None)
         if token:
             await self.users.revoke_token(token)
@@ -299,8 +303,10 @@ class IMService:
         if not self.watchers:
             return
         packet = Presence(user_id, name, online)
-        for s in list(self.watchers):
-            if s.user_id != user_id:
+        for s, watcher in list(self.watchers.items()):
+            if s.user_id != watcher:  # no longer the user who asked: the watch is over
+                del self.watchers[s]
+            elif watcher != user_id:
                 s.push(packet)
 
     def _resync(self, session: Session) -> None:
@@ -316,8 +322,8 @@ class IMService:
         task.add_done_callback(self._tasks.discard)
 
     async def on_list_online(self, session: Session, p: ListOnline) -> OnlineUsers:
-        if p.watch:
-            self.watchers.add(session)
+        if p.watch and session.user_id is not None:
+            self.watchers[session] = session.user_id
         ids = await self.connections.online_users()
         users = await self.users.get_users(ids)
         return OnlineUsers([{"id": u, "name": users[u].name} for u in ids if u in users])
