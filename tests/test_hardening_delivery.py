@@ -1,5 +1,5 @@
 """Who gets pushes, through a real standalone server on loopback: a Presence watch
-ends with its login."""
+ends with its login, and a retried send reaches the recipients again."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from bitchat import Ping
 from bitchat.im import packets as p
 from bitchat.im.client import IMClient
 from conftest import WAIT
-from im_helpers import Clients, clients_of, im_server
+from im_helpers import Clients, Inbox, clients_of, im_server
 
 
 class Watch:
@@ -77,3 +77,42 @@ async def test_a_watch_ends_at_logout_and_is_not_inherited(tmp_path: Path) -> No
         await _presence_reached(witness, clients, "fifth")
         await seen.wait("fifth", True)
         assert len(server.data["im"].watchers) == 2  # steady and bob, nobody else
+
+
+async def test_a_retried_send_is_delivered_again(tmp_path: Path) -> None:
+    async with im_server(tmp_path) as server, clients_of(server) as clients:
+        sender = await clients.login("sender")
+        recipient = await clients.login("recipient")
+        assert recipient.user is not None
+        inbox = Inbox(recipient)
+        raw = await clients.login("recipient", auto_ack=False)  # sees every push, no dedup
+        pushed: list[int] = []
+        arrived = asyncio.Event()
+
+        def on_push(m: p.ChatMessage) -> None:
+            pushed.append(m.msg_id)
+            arrived.set()
+
+        raw.client.on(p.ChatMessage, on_push)
+        first = await sender.send_p2p(recipient.user.id, "once", client_msg_id="cid-1")
+        await asyncio.wait_for(arrived.wait(), WAIT)
+        arrived.clear()
+        again = await sender.send_p2p(recipient.user.id, "once", client_msg_id="cid-1")
+        assert again.duplicate and again.msg_id == first.msg_id
+        # The stored message is pushed again to the recipient's connections...
+        await asyncio.wait_for(arrived.wait(), WAIT)
+        assert pushed == [first.msg_id, first.msg_id]
+        # ...and a client that dedups by msg_id shows it once.
+        await inbox.wait_for(1)
+        assert await recipient.client.request(Ping()) is not None
+        assert inbox.texts == ["once"]
+
+        # The same client_msg_id towards someone else is no retry: nothing reaches them.
+        other = await clients.login("other")
+        assert other.user is not None
+        stranger = Inbox(other)
+        third = await sender.send_p2p(other.user.id, "once", client_msg_id="cid-1")
+        assert third.duplicate and third.msg_id == first.msg_id
+        assert await other.client.request(Ping()) is not None  # after any push to it
+        assert stranger.messages == []
+        assert pushed == [first.msg_id, first.msg_id]

@@ -9,8 +9,12 @@ transit) comes through the connection center's hooks, and the composition root
 Delivery: a message gets its id when its request is handled (so a
 connection's messages keep their order), is stored for every recipient
 before the sender's :class:`SendAck`, then pushed to every connection of the
-recipients (and the sender's other devices). A recipient's :class:`Ack` clears
-it; what is not acked is pushed again at the next login, in id order.
+recipients (and the sender's other devices); in a cluster the ack also waits
+until the message has left for the other nodes. A retry of a stored message
+(same ``client_msg_id``) is pushed again, since its first try may have died with
+its node. A recipient's :class:`Ack` clears it; what is not acked is pushed
+again at the next login, in id order, or when the connection center says pushes
+may have been lost (``on_resync``).
 """
 
 from __future__ import annotations
@@ -452,7 +456,7 @@ class IMService:
         out = Deferred() if answer is None else answer
         # A partial rather than a closure: fewer objects per message for the collector.
         self.messages.store_then(
-            msg, pending, functools.partial(self._stored, out, session.id, recipients)
+            msg, pending, functools.partial(self._stored, out, session.id, msg, recipients)
         )
         return out
 
@@ -460,11 +464,13 @@ class IMService:
         self,
         out: Deferred | asyncio.Future[SendAck],
         session_id: int,
+        sent: Message,
         recipients: Sequence[int],
         result: tuple[Message, bool] | None,
         error: BaseException | None,
     ) -> None:
-        """A message was committed (or failed): push it, then answer the sender."""
+        """A message was committed (or failed): push it, then answer the sender once
+        it has left for the other nodes (a node dying after the ack loses nothing)."""
         if out.done():
             return
         if result is None:
@@ -474,6 +480,11 @@ class IMService:
         try:
             if not duplicate:
                 self.server.metrics.message_stored(msg.kind)
+            # A duplicate is a retry: its first try may have been acked by a node that
+            # died before forwarding it, so the stored message goes out again (clients
+            # drop what they have by msg_id); unless the retry names another
+            # conversation, which is no retry of it.
+            if not duplicate or (msg.kind, msg.to) == (sent.kind, sent.to):
                 # The recipients, and the sender's other devices.
                 sender = msg.sender_id
                 targets = recipients if sender in recipients else [*recipients, sender]
@@ -482,7 +493,7 @@ class IMService:
         except Exception as exc:
             out.set_exception(exc)
             return
-        out.set_result(ack)
+        self.connections.after_forward(functools.partial(_answer, out, ack))
 
     def on_ack(self, session: Session, p: Ack) -> Any:
         if not p.msg_ids:
@@ -572,6 +583,11 @@ class IMService:
                 for u in ids
             ],
         )
+
+
+def _answer(out: Deferred | asyncio.Future[SendAck], ack: SendAck) -> None:
+    if not out.done():  # a future is cancelled when its sender went away
+        out.set_result(ack)
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:
