@@ -480,9 +480,9 @@ class IMService:
         try:
             if not duplicate:
                 self.server.metrics.message_stored(msg.kind)
-            # A duplicate is a retry: its first try may have been acked by a node that
-            # died before forwarding it, so the stored message goes out again (clients
-            # drop what they have by msg_id); unless the retry names another
+            # A duplicate is a retry: its first try may have been stored by a node that
+            # died before it answered or forwarded, so the stored message goes out again
+            # (clients drop what they have by msg_id); unless the retry names another
             # conversation, which is no retry of it.
             if not duplicate or (msg.kind, msg.to) == (sent.kind, sent.to):
                 # The recipients, and the sender's other devices.
