@@ -281,3 +281,10 @@ class ConnectionCenter(abc.ABC):
     def deliver(self, message: Message, user_ids: Iterable[int], exclude_session: int = 0) -> None:
         """Push ``message`` to every connection of ``user_ids`` wherever it is,
         except the session ``exclude_session`` (the sender's own)."""
+
+    def after_forward(self, callback: Callable[[], None]) -> None:
+        """``callback()`` once what :meth:`deliver` was given so far has left for the
+        other nodes, or at once if that cannot be quick (the sender's ack waits for
+        it, so a node that dies after an ack has handed the message on). One node
+        forwards nothing: at once."""
+        callback()

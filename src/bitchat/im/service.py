@@ -9,8 +9,12 @@ transit) comes through the connection center's hooks, and the composition root
 Delivery: a message gets its id when its request is handled (so a
 connection's messages keep their order), is stored for every recipient
 before the sender's :class:`SendAck`, then pushed to every connection of the
-recipients (and the sender's other devices). A recipient's :class:`Ack` clears
-it; what is not acked is pushed again at the next login, in id order.
+recipients (and the sender's other devices); in a cluster the ack also waits
+until the message has left for the other nodes. A retry of a stored message
+(same ``client_msg_id``) is pushed again, since its first try may have died with
+its node. A recipient's :class:`Ack` clears it; what is not acked is pushed
+again at the next login, in id order, or when the connection center says pushes
+may have been lost (``on_resync``).
 """
 
 from __future__ import annotations
@@ -100,7 +104,9 @@ class IMService:
         self.connections = connections
         self.start_order: tuple[Center, ...] = tuple(start_order or (users, messages, connections))
         self.ids = IdGenerator(self.settings.node_id)
-        self.watchers: set[Session] = set()
+        self.watchers: dict[Session, int] = {}
+        """Sessions that asked for Presence pushes, with the user each asked as: a
+        watch ends at logout, and a login as another user does not inherit it."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._syncs: set[asyncio.Task[None]] = set()
         connections.on_presence = self._tell_watchers
@@ -149,7 +155,7 @@ class IMService:
         await self.users.close()
 
     def _session_closed(self, session: Session) -> None:
-        self.watchers.discard(session)
+        self.watchers.pop(session, None)
         if session.user_id is not None:
             task = self.server.loop.create_task(self._logged_out(session))
             self._tasks.add(task)
@@ -206,6 +212,7 @@ class IMService:
         if session.closed:
             raise RequestError(codes.LOGIN_FAILED, "the connection closed during login")
         if session.user_id is not None and session.user_id != user.id:
+            self.watchers.pop(session, None)
             await self._logged_out(session)
         pending = await self.messages.count_pending(user.id)
         first = not await self.connections.is_online(user.id)
@@ -281,6 +288,7 @@ class IMService:
             log.exception("detaching a session of user %d failed", user_id)
 
     async def on_logout(self, session: Session, p: Logout) -> Ok:
+        self.watchers.pop(session, None)
         token = session.data.pop(_TOKEN, None)
         if token:
             await self.users.revoke_token(token)
@@ -299,8 +307,10 @@ class IMService:
         if not self.watchers:
             return
         packet = Presence(user_id, name, online)
-        for s in list(self.watchers):
-            if s.user_id != user_id:
+        for s, watcher in list(self.watchers.items()):
+            if s.user_id != watcher:  # no longer the user who asked: the watch is over
+                del self.watchers[s]
+            elif watcher != user_id:
                 s.push(packet)
 
     def _resync(self, session: Session) -> None:
@@ -316,8 +326,8 @@ class IMService:
         task.add_done_callback(self._tasks.discard)
 
     async def on_list_online(self, session: Session, p: ListOnline) -> OnlineUsers:
-        if p.watch:
-            self.watchers.add(session)
+        if p.watch and session.user_id is not None:
+            self.watchers[session] = session.user_id
         ids = await self.connections.online_users()
         users = await self.users.get_users(ids)
         return OnlineUsers([{"id": u, "name": users[u].name} for u in ids if u in users])
@@ -446,7 +456,7 @@ class IMService:
         out = Deferred() if answer is None else answer
         # A partial rather than a closure: fewer objects per message for the collector.
         self.messages.store_then(
-            msg, pending, functools.partial(self._stored, out, session.id, recipients)
+            msg, pending, functools.partial(self._stored, out, session.id, msg, recipients)
         )
         return out
 
@@ -454,11 +464,13 @@ class IMService:
         self,
         out: Deferred | asyncio.Future[SendAck],
         session_id: int,
+        sent: Message,
         recipients: Sequence[int],
         result: tuple[Message, bool] | None,
         error: BaseException | None,
     ) -> None:
-        """A message was committed (or failed): push it, then answer the sender."""
+        """A message was committed (or failed): push it, then answer the sender once
+        it has left for the other nodes (a node dying after the ack loses nothing)."""
         if out.done():
             return
         if result is None:
@@ -468,6 +480,11 @@ class IMService:
         try:
             if not duplicate:
                 self.server.metrics.message_stored(msg.kind)
+            # A duplicate is a retry: its first try may have been stored by a node that
+            # died before it answered or forwarded, so the stored message goes out again
+            # (clients drop what they have by msg_id); unless the retry names another
+            # conversation, which is no retry of it.
+            if not duplicate or (msg.kind, msg.to) == (sent.kind, sent.to):
                 # The recipients, and the sender's other devices.
                 sender = msg.sender_id
                 targets = recipients if sender in recipients else [*recipients, sender]
@@ -476,7 +493,7 @@ class IMService:
         except Exception as exc:
             out.set_exception(exc)
             return
-        out.set_result(ack)
+        self.connections.after_forward(functools.partial(_answer, out, ack))
 
     def on_ack(self, session: Session, p: Ack) -> Any:
         if not p.msg_ids:
@@ -570,6 +587,11 @@ class IMService:
                 for u in ids
             ],
         )
+
+
+def _answer(out: Deferred | asyncio.Future[SendAck], ack: SendAck) -> None:
+    if not out.done():  # a future is cancelled when its sender went away
+        out.set_result(ack)
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:
