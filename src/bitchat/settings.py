@@ -221,6 +221,13 @@ class Settings:
     backend_timeout: float = setting(5.0, gt=0, unit="s", commands=_SR)
     """Longest one Redis or PostgreSQL call may take before the request fails with
     ``unavailable``."""
+    forward_queue_max: int = setting(100_000, ge=1, commands=_S)
+    """Messages a node keeps waiting to be forwarded to other nodes while Redis is
+    down; beyond, new ones are not queued (they are in the store, so they come at
+    the recipient's next sync)."""
+    ack_hold_max: int = setting(1024, ge=0, commands=_S)
+    """A SendAck waits for its message's forward to other nodes only while fewer
+    than this many forwards are queued (0: never waits); past it, it goes at once."""
 
     # HTTP / WebSocket on the same port.
     max_http_header_size: int = setting(16 * 1024, ge=1, unit="bytes", commands=_S)

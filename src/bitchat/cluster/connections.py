@@ -97,12 +97,6 @@ return out
 
 _LOCATE_CHUNK = 1000  # users per script call: Lua's unpack() has a stack limit
 FORWARD_BATCH = 512
-FORWARD_QUEUE_MAX = 100_000
-"""Messages waiting to be forwarded while Redis is down; beyond, new ones are not
-queued (they are pending in the store, so they come at the recipient's next sync)."""
-ACK_HOLD_MAX = 2 * FORWARD_BATCH
-"""Acks wait for their message's forward only while the queue is shorter than this
-(a backlog would make them slow; the store and the re-syncs still cover them)."""
 
 
 def _message_row(m: Message) -> list[Any]:
@@ -297,7 +291,7 @@ class RedisConnectionCenter(ConnectionCenter):
         )
         if self._closing:
             return
-        if len(self._forward) >= FORWARD_QUEUE_MAX:
+        if len(self._forward) >= self.settings.forward_queue_max:
             log.warning(
                 "forward queue full: message %d left to the recipients' next sync", message.id
             )
@@ -310,8 +304,13 @@ class RedisConnectionCenter(ConnectionCenter):
     def after_forward(self, callback: Callable[[], None]) -> None:
         """``callback()`` once what was delivered so far has been published to the
         other nodes (or could not be: Redis down). At once if nothing is queued, if
-        Redis is down, or behind a backlog of over :data:`ACK_HOLD_MAX` messages."""
-        if not self._forward or not self.health.up or len(self._forward) > ACK_HOLD_MAX:
+        Redis is down, or behind a backlog of over ``ack_hold_max`` messages (a
+        backlog would make acks slow; the store and the re-syncs still cover them)."""
+        if (
+            not self._forward
+            or not self.health.up
+            or len(self._forward) > self.settings.ack_hold_max
+        ):
             callback()
             return
         self._after_forward.append((self._queued, callback))
