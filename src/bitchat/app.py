@@ -7,6 +7,10 @@ backends a server has, as uvicorn's ``Config`` picks its protocol classes::
     cluster         PgUserCenter       PgMessageCenter       RedisConnectionCenter
                     (one PgDatabase shared by both)          (+ the node registry)
 
+    settings.mode   login throttle
+    standalone      MemoryLoginThrottle (counts in this process)
+    cluster         RedisLoginThrottle  (counts shared by the nodes)
+
 The rest is the same in both modes: one :class:`~bitchat.im.service.IMService`
 holds every handler, and the web front end (the chat page, WebSocket,
 ``/status``, ``/metrics``) shares the port. A cluster node differs only in its
@@ -31,6 +35,7 @@ from bitchat.im.memory import MemoryConnectionCenter
 from bitchat.im.passwords import hasher_for
 from bitchat.im.service import IMService
 from bitchat.im.sqlite import SqliteMessageCenter, SqliteUserCenter
+from bitchat.im.throttle import MemoryLoginThrottle
 from bitchat.server import Server
 from bitchat.settings import Settings
 from bitchat.web import install as install_web
@@ -54,9 +59,14 @@ def build_server(settings: Settings) -> Server:
     else:
         im = IMService(
             server,
-            SqliteUserCenter(settings.db_path, hasher_for(settings)),
+            SqliteUserCenter(
+                settings.db_path,
+                hasher_for(settings),
+                hash_concurrency=settings.password_hash_concurrency,
+            ),
             SqliteMessageCenter(settings.db_path, batch_max=settings.store_batch_max),
             MemoryConnectionCenter(),
+            throttle=MemoryLoginThrottle(settings),
         )
     server.data["im"] = im
     install_web(server, im)
@@ -69,16 +79,27 @@ def _cluster_service(server: Server) -> IMService:
     from bitchat.cluster.connections import RedisConnectionCenter
     from bitchat.cluster.node import join_cluster
     from bitchat.cluster.pg import PgDatabase, PgMessageCenter, PgUserCenter
+    from bitchat.cluster.throttle import RedisLoginThrottle
 
     settings = server.settings
     assert settings.redis_url and settings.pg_dsn  # check_settings said so
     node_id = settings.node_id
     connections = RedisConnectionCenter(settings.redis_url, settings, node_id)
     db = PgDatabase(settings.pg_dsn, settings, application_name=f"bitchat-node-{node_id}")
-    users = PgUserCenter(db, hasher_for(settings))
+    users = PgUserCenter(
+        db, hasher_for(settings), hash_concurrency=settings.password_hash_concurrency
+    )
     messages = PgMessageCenter(db, batch_max=settings.store_batch_max)
+    throttle = RedisLoginThrottle(settings.redis_url, settings)
     # The node id first: a duplicate is refused before anything else is touched.
-    im = IMService(server, users, messages, connections, start_order=(connections, users, messages))
+    im = IMService(
+        server,
+        users,
+        messages,
+        connections,
+        start_order=(connections, users, messages),
+        throttle=throttle,
+    )
     advertise = parse_address(settings.advertise) if settings.advertise else None
     join_cluster(server, connections, advertise)
     server.data["cluster"] = connections

@@ -62,6 +62,7 @@ class codes:
     MESSAGE_TOO_LONG = "message_too_long"
     GROUP_FULL = "group_full"
     RATE_LIMITED = "rate_limited"
+    LOGIN_THROTTLED = "login_throttled"  # too many failed logins: the message says how long
     NO_SERVER = "no_server"
 
 

@@ -151,6 +151,9 @@ class Settings:
     """Folder of the standalone SQLite database."""
     auto_register: bool = setting(True, commands=_S)
     """Logging in with an unknown name registers it (as in the seed's quick start)."""
+    open_registration: bool = setting(True, commands=_S)
+    """Anyone may sign up. When false, Register is ``forbidden`` (sign-ups are closed)
+    and logging in never registers, whatever ``auto_register`` says."""
     max_message_length: int = setting(4096, ge=1, commands=_S)
     """Longest chat message text, in characters."""
     max_name_length: int = setting(32, ge=1, commands=_S)
@@ -180,6 +183,33 @@ class Settings:
     password_hash_memory_kib: int = setting(19 * 1024, ge=8, unit="KiB", commands=_S)
     """argon2id memory per password hash, in KiB. Lower only in tests: the hash is
     slow on purpose, so a leaked database is slow to crack."""
+    password_hash_concurrency: int = setting(0, ge=0, commands=_S)
+    """Password hashes computed at once, each taking ``password_hash_memory_kib``;
+    more logins wait their turn. 0 = the number of cores."""
+    login_free_attempts: int = setting(5, ge=1, commands=_S)
+    """Failed password logins to one account before each further attempt must wait
+    (a delay, never a lock-out: after it the right password works)."""
+    login_address_free_attempts: int = setting(20, ge=1, commands=_S)
+    """Failed password logins from one remote address (an IPv6 /64) before its
+    attempts must wait; attempts under way count until they succeed."""
+    login_address_concurrency: int = setting(4, ge=1, commands=_S)
+    """Password logins from one address checked at once by a server; more wait their
+    turn (so a burst of right ones is never throttled, and one address cannot fill
+    the hashing queue). At most ``login_address_free_attempts``."""
+    login_delay: float = setting(1.0, ge=0, unit="s", commands=_S)
+    """The first wait after the free attempts; it doubles with each further
+    failure. 0 = no login throttling."""
+    login_max_delay: float = setting(30.0, ge=0, unit="s", commands=_S)
+    """Longest wait one account imposes: what attackers elsewhere can delay its
+    owner by."""
+    login_address_max_delay: float = setting(300.0, ge=0, unit="s", commands=_S)
+    """Longest wait one address imposes on its own attempts (at least
+    ``login_max_delay``, so one address cannot keep an account busy)."""
+    login_failure_window: float = setting(900.0, gt=0, unit="s", commands=_S)
+    """Failures are forgotten this long after the last one (per account, per address)."""
+    login_throttle_max_entries: int = setting(100_000, ge=1, commands=_S)
+    """Accounts and addresses a standalone server remembers failures of (the oldest
+    are forgotten first); a cluster keeps them in Redis, each expiring on its own."""
     node_id: int = setting(0, ge=0, le=1023, commands=_S)
     """This server's node id, part of every message id; in cluster mode it must be
     given, unique per node."""
@@ -294,6 +324,8 @@ _ORDERED = (
     ("write_low_water", "write_high_water"),
     ("write_high_water", "write_hard_limit"),
     ("reconnect_initial_delay", "reconnect_max_delay"),
+    ("login_max_delay", "login_address_max_delay"),
+    ("login_address_concurrency", "login_address_free_attempts"),
 )
 """Pairs of fields where the first may not exceed the second."""
 _TLS_KEY_ONLY = ("tls_key", "tls_cert")

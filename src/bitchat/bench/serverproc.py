@@ -193,6 +193,7 @@ def seed_users(db_path: str, users: Sequence[UserSpec], password: str) -> None:
 
 
 async def _seed(db_path: str, users: Sequence[UserSpec], password: str) -> None:
+    from bitchat.im.names import name_keys
     from bitchat.im.passwords import hash_password, new_token, token_digest
     from bitchat.im.sqlite import SqliteUserCenter
 
@@ -205,8 +206,9 @@ async def _seed(db_path: str, users: Sequence[UserSpec], password: str) -> None:
         db = center.db
         await db.execute("BEGIN IMMEDIATE")
         await db.executemany(
-            "INSERT INTO users (name, password_hash, created_at) VALUES (?, ?, ?)",
-            [(u.name, digest, now) for u in users],
+            "INSERT INTO users (name, name_key, name_shape, password_hash, created_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            [(u.name, *name_keys(u.name), digest, now) for u in users],
         )
         found = await db.execute_fetchall("SELECT name, id FROM users")
         ids: dict[str, int] = {str(r[0]): int(r[1]) for r in found}

@@ -55,6 +55,7 @@ HISTORY_PAGE = 20
 USAGE = """\
 Usage: <cmd> [options]
   -lo userName password      log in (an unknown name is registered)
+  -reg userName password     sign up (where sign-ups are open)
   -lu                        list online users
   -pc userId message         send a one-to-one message (the rest of the line)
   -gc groupId message        send a group message
@@ -151,6 +152,7 @@ class Repl:
         # command -> (what it does, its failure's name: "<name> failed cause: ...")
         self._commands: dict[str, tuple[Command, str]] = {
             "-lo": (self.login, "Login"),
+            "-reg": (self.register, "Register"),
             "-lu": (self.list_users, "List online user"),
             "-pc": (self.p2p_chat, "Send p2p message"),
             "-gc": (self.group_chat, "Send group message"),
@@ -330,6 +332,13 @@ class Repl:
             self.out("Login success")
         finally:
             self._release()
+
+    async def register(self, parts: list[str], line: str) -> None:
+        if len(parts) != 3:
+            raise _Usage("-reg userName password")
+        await self._connected()
+        user = await self.im.register(parts[1], parts[2])
+        self.out(f"Registered {user.name}({user.id}); log in with -lo")
 
     async def list_users(self, parts: list[str], line: str) -> None:
         await self._connected()

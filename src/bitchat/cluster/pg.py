@@ -35,7 +35,8 @@ from bitchat.cluster.health import Backoff, Counter, Health
 from bitchat.errors import RequestError, ServiceUnavailable, codes
 from bitchat.im.centers import Group, Message, MessageCenter, User, UserCenter, conversation
 from bitchat.im.ids import MAX_NODE, SEQ_BITS
-from bitchat.im.passwords import hash_password, new_token, token_digest
+from bitchat.im.names import dedupe_keys, name_key, name_keys, taken
+from bitchat.im.passwords import Passwords, new_token, token_digest
 from bitchat.settings import Settings
 
 if TYPE_CHECKING:
@@ -45,7 +46,35 @@ log = logging.getLogger("bitchat.cluster.pg")
 
 T = TypeVar("T")
 
-MIGRATIONS: list[str] = [
+
+async def _add_name_keys(con: asyncpg.Connection) -> None:
+    """Every user's name_key and name_shape (bitchat.im.names), each UNIQUE. Existing
+    users that collide all stay: the later ones' keys get a suffix (dedupe_keys)."""
+    await con.execute("ALTER TABLE users ADD COLUMN name_key TEXT, ADD COLUMN name_shape TEXT")
+    rows = [
+        (int(r["id"]), str(r["name"]))
+        for r in await con.fetch("SELECT id, name FROM users ORDER BY id")
+    ]
+    keys = dedupe_keys(rows)
+    await con.execute(
+        "UPDATE users u SET name_key = k.key, name_shape = k.shape "
+        "FROM unnest($1::bigint[], $2::text[], $3::text[]) AS k(id, key, shape) "
+        "WHERE u.id = k.id",
+        [user_id for user_id, _, _ in keys],
+        [key for _, key, _ in keys],
+        [shape for _, _, shape in keys],
+    )
+    await con.execute(
+        "ALTER TABLE users ALTER COLUMN name_key SET NOT NULL, ALTER COLUMN name_shape SET NOT NULL"
+    )
+    await con.execute("CREATE UNIQUE INDEX users_key_unique ON users(name_key)")
+    await con.execute("CREATE UNIQUE INDEX users_shape_unique ON users(name_shape)")
+
+
+Migration = str | Callable[[asyncpg.Connection], Awaitable[None]]
+"""A script, or a step in Python (given the connection, in the migration's transaction)."""
+
+MIGRATIONS: list[Migration] = [
     # 1: users, tokens, groups, messages, pending deliveries.
     f"""
     CREATE TABLE users (
@@ -94,6 +123,8 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (user_id, msg_id)
     );
     """,
+    # 2: look-alike names are refused (keys of the case fold and the skeleton).
+    _add_name_keys,
 ]
 
 _MIGRATION_LOCK = 0x62697463  # "bitc": the advisory lock every node migrates under
@@ -187,7 +218,10 @@ class PgDatabase:
                 current = 0
                 await con.execute("INSERT INTO schema_version VALUES (0)")
             for version, script in enumerate(MIGRATIONS[current:], start=current + 1):
-                await con.execute(script)
+                if isinstance(script, str):
+                    await con.execute(script)
+                else:
+                    await script(con)
                 await con.execute("UPDATE schema_version SET version = $1", version)
                 log.info("PostgreSQL schema migrated to version %d", version)
 
@@ -289,9 +323,11 @@ class PgUserCenter(UserCenter):
     after its commit; this node's own changes at once.
     """
 
-    def __init__(self, db: PgDatabase, hasher: PasswordHasher | None = None) -> None:
+    def __init__(
+        self, db: PgDatabase, hasher: PasswordHasher | None = None, *, hash_concurrency: int = 0
+    ) -> None:
         self.db = db
-        self.hasher = hasher
+        self.passwords = Passwords(hasher, hash_concurrency)
         self._names: dict[int, str] = {}
         self._members: dict[int, list[int]] = {}
         self._generation: dict[int, int] = {}
@@ -311,6 +347,7 @@ class PgUserCenter(UserCenter):
             self._relisten_later()
 
     async def close(self) -> None:
+        self.passwords.close()
         if not self._open:
             return
         self._open = False
@@ -407,15 +444,18 @@ class PgUserCenter(UserCenter):
         return await self.db.run(doing, q, retry=False)
 
     async def register(self, name: str, password: str) -> User:
-        digest = await hash_password(password, self.hasher)
+        key, shape = name_keys(name)
+        digest = await self.passwords.hash(password)
 
         async def q(con: asyncpg.Connection) -> int | None:
             try:
                 return int(
                     await con.fetchval(
-                        "INSERT INTO users (name, password_hash, created_at) VALUES ($1, $2, $3) "
-                        "RETURNING id",
+                        "INSERT INTO users (name, name_key, name_shape, password_hash, "
+                        "created_at) VALUES ($1, $2, $3, $4, $5) RETURNING id",
                         name,
+                        key,
+                        shape,
                         digest,
                         time.time(),
                     )
@@ -425,19 +465,24 @@ class PgUserCenter(UserCenter):
 
         user_id = await self.db.run("registering a user", q, retry=False)
         if user_id is None:
-            raise RequestError(codes.NAME_TAKEN, f"the name {name!r} is taken")
+            raise taken(name)
         self._names[user_id] = name
         return User(user_id, name)
 
-    async def credentials(self, name: str) -> tuple[int, str] | None:
+    async def credentials(self, name: str) -> tuple[int, str, str] | None:
+        # The exact name first: a user whose key a migration suffixed keeps its name.
         rows = await self._fetch(
-            "logging in", "SELECT id, password_hash FROM users WHERE name = $1", name
+            "logging in",
+            "SELECT id, name, password_hash FROM users WHERE name = $1 OR name_key = $2 "
+            "ORDER BY name = $1 DESC LIMIT 1",
+            name,
+            name_key(name),
         )
         if not rows:
             return None
-        user_id, stored = rows[0]["id"], rows[0]["password_hash"]
-        self._names[user_id] = name
-        return user_id, stored
+        r = rows[0]
+        self._names[r["id"]] = r["name"]
+        return r["id"], r["name"], r["password_hash"]
 
     async def issue_token(self, user_id: int, ttl: float) -> str:
         token = new_token()

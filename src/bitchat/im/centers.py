@@ -16,11 +16,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from bitchat.errors import RequestError, codes
-from bitchat.im.passwords import hash_password, verify_password
+from bitchat.im.names import taken
+from bitchat.im.passwords import Passwords
 
 if TYPE_CHECKING:
-    from argon2 import PasswordHasher
-
     from bitchat.session import Session
 
 
@@ -101,35 +100,42 @@ class UserCenter(abc.ABC):
 
     @abc.abstractmethod
     async def register(self, name: str, password: str) -> User:
-        """Create a user; RequestError ``name_taken`` if the name exists."""
+        """Create a user; RequestError ``name_taken`` if the name exists or looks like
+        one that does (:mod:`bitchat.im.names`: its keys are unique)."""
 
-    hasher: PasswordHasher | None = None
-    """The argon2 parameters passwords are hashed with (None: the defaults)."""
+    passwords: Passwords = Passwords()
+    """Hashes and checks passwords (its pool starts with the first hash)."""
 
     @abc.abstractmethod
-    async def credentials(self, name: str) -> tuple[int, str] | None:
-        """The id and stored password hash of the user called ``name``, if any."""
+    async def credentials(self, name: str) -> tuple[int, str, str] | None:
+        """The id, name and stored password hash of the user called ``name``, or else
+        of the one whose :func:`~bitchat.im.names.name_key` it has (``HOUYI`` is
+        ``houyi``), if any."""
 
     async def authenticate(self, name: str, password: str, auto_register: bool) -> User:
         """The user for these credentials (registering an unknown name when
-        ``auto_register``); RequestError ``login_failed`` otherwise."""
+        ``auto_register``); RequestError ``login_failed`` otherwise, or ``name_taken``
+        for a new name too like an existing one."""
         found = await self.credentials(name)
         if found is None:
             if not auto_register:
                 # As slow as a wrong password: timing does not tell which names exist.
-                await hash_password(password, self.hasher)
+                await self.passwords.hash(password)
                 raise RequestError(codes.LOGIN_FAILED, "unknown user or wrong password")
             try:
                 return await self.register(name, password)
             except RequestError as exc:
                 if exc.code != codes.NAME_TAKEN:
                     raise
-                # Registered meanwhile by another login (maybe on another node).
-                return await self.authenticate(name, password, False)
-        user_id, stored = found
-        if not await verify_password(stored, password, self.hasher):
+            # Registered meanwhile by another login (maybe on another node), or the
+            # name looks like one that exists.
+            found = await self.credentials(name)
+            if found is None:
+                raise taken(name) from None
+        user_id, stored_name, stored = found
+        if not await self.passwords.verify(stored, password):
             raise RequestError(codes.LOGIN_FAILED, "unknown user or wrong password")
-        return User(user_id, name)
+        return User(user_id, stored_name)
 
     @abc.abstractmethod
     async def issue_token(self, user_id: int, ttl: float) -> str:

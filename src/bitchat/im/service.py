@@ -31,6 +31,7 @@ from bitchat.errors import RequestError, codes
 from bitchat.im.centers import ConnectionCenter, Message, MessageCenter, User, UserCenter
 from bitchat.im.delivery import SYNCING, push_message
 from bitchat.im.ids import IdGenerator
+from bitchat.im.names import name_key, normalize_name
 from bitchat.im.packets import (
     GROUP,
     P2P,
@@ -58,6 +59,7 @@ from bitchat.im.packets import (
     SendP2P,
     UserInfo,
 )
+from bitchat.im.throttle import LoginThrottle, MemoryLoginThrottle, remote_address, throttled
 from bitchat.server import Server
 from bitchat.session import Session
 
@@ -69,12 +71,8 @@ _TOKEN = "bitchat.token"
 
 
 def _valid_name(name: str, max_len: int) -> str:
-    name = name.strip()
-    if not 1 <= len(name) <= max_len:
-        raise RequestError(codes.INVALID_PACKET, f"a name has 1 to {max_len} characters")
-    if any(not ch.isprintable() or ch.isspace() for ch in name):
-        raise RequestError(codes.INVALID_PACKET, "a name has no spaces or control characters")
-    return name
+    """The name in its stored form (NFKC, nothing invisible): bitchat.im.names."""
+    return normalize_name(name, max_len)
 
 
 Center = UserCenter | MessageCenter | ConnectionCenter
@@ -85,7 +83,8 @@ class IMService:
 
     ``start_order`` is the order the centers start in (default: users, messages,
     connections); they close in the order connections, messages, users, once the
-    service's own tasks are done.
+    service's own tasks are done. ``throttle`` slows password guessing (default:
+    counts in this process).
     """
 
     def __init__(
@@ -96,9 +95,11 @@ class IMService:
         connections: ConnectionCenter,
         *,
         start_order: Sequence[Center] | None = None,
+        throttle: LoginThrottle | None = None,
     ) -> None:
         self.server = server
         self.settings = server.settings
+        self.throttle = throttle or MemoryLoginThrottle(self.settings)
         self.users = users
         self.messages = messages
         self.connections = connections
@@ -153,6 +154,7 @@ class IMService:
         await self.connections.close()
         await self.messages.close()
         await self.users.close()
+        await self.throttle.close()
 
     def _session_closed(self, session: Session) -> None:
         self.watchers.pop(session, None)
@@ -164,6 +166,8 @@ class IMService:
     # -- sessions -------------------------------------------------------------------------
 
     async def on_register(self, session: Session, p: Register) -> UserInfo:
+        if not self.settings.open_registration:
+            raise RequestError(codes.FORBIDDEN, "sign-ups are closed on this server")
         name = _valid_name(p.name, self.settings.max_name_length)
         self._check_password(p.password)
         user = await self.users.register(name, p.password)
@@ -204,7 +208,7 @@ class IMService:
             name = _valid_name(p.name, self.settings.max_name_length)
             self._check_password(p.password)
             try:
-                user = await self.users.authenticate(name, p.password, self.settings.auto_register)
+                user = await self._authenticate(session, name, p.password)
             except RequestError:
                 self.server.metrics.login_failures.inc()
                 raise
@@ -240,6 +244,32 @@ class IMService:
         if first:
             self._presence(user, True)
         return LoginOk(user.id, user.name, token, pending)
+
+    async def _authenticate(self, session: Session, name: str, password: str) -> User:
+        """A password login, through the throttle: an attempt that comes too early is
+        refused unchecked; a wrong password counts against the account and the address."""
+        account, address = name_key(name), remote_address(session.remote)
+        s = self.settings
+        async with self.throttle.turn(address):
+            wait = await self.throttle.attempt(account, address)
+            if wait > 0:
+                raise throttled(wait)
+            try:
+                user = await self.users.authenticate(
+                    name, password, s.auto_register and s.open_registration
+                )
+            except RequestError as exc:
+                if exc.code != codes.LOGIN_FAILED:  # a name too like another, a store down
+                    await self._forgive(account, address)
+                raise
+            await self._forgive(account, address)
+        return user
+
+    async def _forgive(self, account: str, address: str) -> None:
+        try:
+            await self.throttle.forgive(account, address)
+        except RequestError as exc:  # the throttle's store is down: the attempt stays counted
+            log.warning("cannot update the login throttle: %s", exc.message)
 
     async def _sync(self, session: Session, user_id: int, held: list[Message]) -> None:
         """Push the user's pending messages in id order, then those held meanwhile."""

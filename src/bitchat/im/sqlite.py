@@ -21,7 +21,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import aiosqlite
@@ -37,14 +37,38 @@ from bitchat.im.centers import (
     conversation,
 )
 from bitchat.im.ids import MAX_NODE, SEQ_BITS
-from bitchat.im.passwords import hash_password, new_token, token_digest
+from bitchat.im.names import dedupe_keys, name_key, name_keys, taken
+from bitchat.im.passwords import Passwords, new_token, token_digest
 
 if TYPE_CHECKING:
     from argon2 import PasswordHasher
 
 log = logging.getLogger("bitchat.sqlite")
 
-MIGRATIONS: list[str] = [
+
+async def _add_name_keys(db: aiosqlite.Connection) -> None:
+    """Every user's name_key and name_shape (bitchat.im.names), each UNIQUE. Existing
+    users that collide all stay: the later ones' keys get a suffix (dedupe_keys)."""
+    await db.execute("ALTER TABLE users ADD COLUMN name_key TEXT")
+    await db.execute("ALTER TABLE users ADD COLUMN name_shape TEXT")
+    rows = [
+        (int(r[0]), str(r[1]))
+        for r in await db.execute_fetchall("SELECT id, name FROM users ORDER BY id")
+    ]
+    await db.executemany(
+        "UPDATE users SET name_key = ?, name_shape = ? WHERE id = ?",
+        [(key, shape, user_id) for user_id, key, shape in dedupe_keys(rows)],
+    )
+    # Nullable (SQLite adds no NOT NULL column to a filled table); every insert sets them.
+    await db.execute("CREATE UNIQUE INDEX users_key_unique ON users(name_key)")
+    await db.execute("CREATE UNIQUE INDEX users_shape_unique ON users(name_shape)")
+
+
+Migration = str | Callable[[aiosqlite.Connection], Awaitable[None]]
+"""A script of statements, or a step in Python (given the connection, in the
+migration's transaction)."""
+
+MIGRATIONS: list[Migration] = [
     # 1: users, tokens, groups, messages, pending deliveries.
     """
     CREATE TABLE users (
@@ -91,6 +115,8 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (user_id, msg_id)
     ) WITHOUT ROWID;
     """,
+    # 2: look-alike names are refused (keys of the case fold and the skeleton).
+    _add_name_keys,
 ]
 
 _WAL_AUTOCHECKPOINT = 10_000
@@ -130,9 +156,12 @@ async def _migrate(db: aiosqlite.Connection) -> None:
         if not rows:
             await db.execute("INSERT INTO schema_version VALUES (0)")
         for version, script in enumerate(MIGRATIONS[current:], start=current + 1):
-            for statement in script.split(";"):
-                if statement.strip():
-                    await db.execute(statement)
+            if isinstance(script, str):
+                for statement in script.split(";"):
+                    if statement.strip():
+                        await db.execute(statement)
+            else:
+                await script(db)
             await db.execute("UPDATE schema_version SET version = ?", (version,))
             log.info("database migrated to schema version %d", version)
         await db.execute("COMMIT")
@@ -142,9 +171,14 @@ async def _migrate(db: aiosqlite.Connection) -> None:
 
 
 class SqliteUserCenter(UserCenter):
-    def __init__(self, path: str, hasher: PasswordHasher | None = None) -> None:
+    """Users, tokens and groups in SQLite. Passwords are hashed with ``hasher`` (default:
+    the production cost), ``hash_concurrency`` at once (0: one per core)."""
+
+    def __init__(
+        self, path: str, hasher: PasswordHasher | None = None, *, hash_concurrency: int = 0
+    ) -> None:
         self.path = path
-        self.hasher = hasher
+        self.passwords = Passwords(hasher, hash_concurrency)
         self._db: aiosqlite.Connection | None = None
         # This process is the only writer, so these caches are complete and current.
         self._names: dict[int, str] = {}
@@ -173,6 +207,7 @@ class SqliteUserCenter(UserCenter):
         return self._members.get(group_id)
 
     async def close(self) -> None:
+        self.passwords.close()
         if self._db is not None:
             await self._db.close()
             self._db = None
@@ -190,15 +225,17 @@ class SqliteUserCenter(UserCenter):
             raise ServiceUnavailable(f"user database error: {exc}") from exc
 
     async def register(self, name: str, password: str) -> User:
-        digest = await hash_password(password, self.hasher)
+        key, shape = name_keys(name)
+        digest = await self.passwords.hash(password)
         try:
             async with self._lock:
                 cur = await self.db.execute(
-                    "INSERT INTO users (name, password_hash, created_at) VALUES (?, ?, ?)",
-                    (name, digest, time.time()),
+                    "INSERT INTO users (name, name_key, name_shape, password_hash, created_at) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (name, key, shape, digest, time.time()),
                 )
         except sqlite3.IntegrityError:
-            raise RequestError(codes.NAME_TAKEN, f"the name {name!r} is taken") from None
+            raise taken(name) from None
         except sqlite3.Error as exc:
             raise ServiceUnavailable(f"user database error: {exc}") from exc
         user_id = cur.lastrowid
@@ -206,13 +243,18 @@ class SqliteUserCenter(UserCenter):
         self._names[user_id] = name
         return User(user_id, name)
 
-    async def credentials(self, name: str) -> tuple[int, str] | None:
-        rows = await self._rows("SELECT id, password_hash FROM users WHERE name = ?", (name,))
+    async def credentials(self, name: str) -> tuple[int, str, str] | None:
+        # The exact name first: a user whose key a migration suffixed keeps its name.
+        rows = await self._rows(
+            "SELECT id, name, password_hash FROM users WHERE name = ? OR name_key = ? "
+            "ORDER BY name = ? DESC LIMIT 1",
+            (name, name_key(name), name),
+        )
         if not rows:
             return None
-        user_id, stored = rows[0]
-        self._names[user_id] = name
-        return user_id, stored
+        user_id, stored_name, stored = rows[0]
+        self._names[user_id] = stored_name
+        return user_id, stored_name, stored
 
     async def issue_token(self, user_id: int, ttl: float) -> str:
         token = new_token()
