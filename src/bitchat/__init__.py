@@ -17,7 +17,7 @@ from bitchat.errors import (
     UsageError,
     codes,
 )
-from bitchat.protocol.packets import Error, Packet, Ping, Pong, Registry, registry
+from bitchat.protocol.packets import Error, Limit, Packet, Ping, Pong, Registry, registry
 from bitchat.server import Server
 from bitchat.session import Session
 from bitchat.settings import Settings
@@ -31,6 +31,7 @@ __all__ = [
     "ConnectionClosed",
     "Deferred",
     "Error",
+    "Limit",
     "Packet",
     "Ping",
     "Pong",
