@@ -13,6 +13,7 @@ import pytest
 
 from bitchat import RequestError, Server, codes
 from bitchat.cluster.node import build_cluster_server
+from bitchat.im.sqlite import SqliteMessageCenter
 from cluster_support import (  # noqa: F401 (fixtures)
     REDIS_URL,
     cluster_settings,
@@ -150,6 +151,43 @@ async def test_an_ack_over_max_ack_ids_is_refused_and_the_client_splits_its_own(
         await asyncio.wait_for(asyncio.gather(*(f for _, f in acked)), WAIT)
         assert sum(n for n, _ in acked) == 10 and max(n for n, _ in acked) == 3
         assert await store.count_pending(1) == 0
+
+
+async def test_an_ack_flood_does_not_hold_up_other_senders(
+    tmp_path: Path, raw_connect: Any
+) -> None:
+    # Acks of the most ids allowed, pipelined: 240 transactions' worth of them.
+    async with (
+        im_server(tmp_path, max_ack_ids=1024, store_batch_max_acks=256) as server,
+        clients_of(server) as c,
+    ):
+        store: SqliteMessageCenter = server.data["im"].messages
+        batches: list[tuple[int, int]] = []  # (messages, acked ids) of each transaction
+        write = store._write_batch
+
+        def spy(db: Any, stores: Any, acks: list[int]) -> Any:
+            batches.append((len(stores), len(acks) // 2))
+            return write(db, stores, acks)
+
+        store._write_batch = spy  # type: ignore[method-assign]
+        await c.login("houyi")
+        gris = await c.login("gris")
+        mallory = await logged_in_peer(raw_connect, port_of(server), "mallory")
+        floods = 60
+        for rid in range(10, 10 + floods):
+            ids = list(range(rid * 2000, rid * 2000 + 1024))
+            mallory.send_frame(ACK, {"msg_ids": ids}, rid=rid)
+        assert await answer(mallory, 10) == (100, {})  # the flood is being written
+        sent = len(batches)
+        ack = await gris.send_p2p(1, "not held up")
+        mine = next(i for i, (n, _) in enumerate(batches) if i >= sent and n)
+        for rid in range(11, 10 + floods):
+            assert await answer(mallory, rid) == (100, {})
+        assert ack.msg_id
+        assert max(a for _, a in batches) <= 256
+        assert sum(a for _, a in batches) >= floods * 1024
+        # The message went into a transaction of its own time, not after the flood.
+        assert any(a for _, a in batches[mine + 1 :]), batches
 
 
 async def test_one_senders_nul_fails_no_one_else_standalone(

@@ -191,7 +191,9 @@ def build_cluster_server(
     server = ClusterServer(host, port, settings, center, address)
     db = PgDatabase(pg_dsn, settings, application_name=f"bitchat-node-{node_id}")
     users = PgUserCenter(db, hasher_for(settings))
-    messages = PgMessageCenter(db, batch_max=settings.store_batch_max)
+    messages = PgMessageCenter(
+        db, batch_max=settings.store_batch_max, ack_batch_max=settings.store_batch_max_acks
+    )
     im = ClusterIMService(server, users, messages, center)
     server.data["im"] = im
     server.data["cluster"] = center

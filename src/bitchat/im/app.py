@@ -28,7 +28,11 @@ def build_standalone_server(
     im = IMService(
         server,
         SqliteUserCenter(settings.db_path, hasher_for(settings)),
-        SqliteMessageCenter(settings.db_path, batch_max=settings.store_batch_max),
+        SqliteMessageCenter(
+            settings.db_path,
+            batch_max=settings.store_batch_max,
+            ack_batch_max=settings.store_batch_max_acks,
+        ),
         MemoryConnectionCenter(),
     )
     server.data["im"] = im
