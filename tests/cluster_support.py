@@ -436,7 +436,9 @@ class ProcessCluster:
         *,
         wait: bool = True,
         extra: list[str] | None = None,
+        redis_url: str | None = None,
     ) -> Proc:
+        """Start node ``node_id``; ``redis_url`` overrides the cluster's (a proxy to cut)."""
         port = port or free_port()
         proc = Proc(
             f"node {node_id}",
@@ -444,7 +446,7 @@ class ProcessCluster:
                 "server",
                 "--cluster",
                 "--redis",
-                self.redis_url,
+                redis_url or self.redis_url,
                 "--redis-prefix",
                 self.prefix,
                 "--pg",

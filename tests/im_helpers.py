@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bitchat import Server, Settings
-from bitchat.im.app import build_standalone_server
+from bitchat.app import build_server
 from bitchat.im.client import IMClient
 from bitchat.im.packets import ChatMessage
 from conftest import WAIT
@@ -47,7 +47,7 @@ def im_settings(data_dir: Path | str, **changes: Any) -> Settings:
 @contextlib.asynccontextmanager
 async def im_server(data_dir: Path | str, port: int = 0, **changes: Any) -> AsyncIterator[Server]:
     """A running standalone IM server; ``changes`` are Settings fields."""
-    server = build_standalone_server("127.0.0.1", port, im_settings(data_dir, **changes))
+    server = build_server(im_settings(data_dir, host="127.0.0.1", port=port, **changes))
     async with server:
         yield server
 

@@ -34,6 +34,7 @@ def test_all_is_pinned() -> None:
         "Session",
         "Settings",
         "State",
+        "TLSError",
         "UsageError",
         "__version__",
         "codes",
@@ -94,6 +95,7 @@ def test_the_exception_tree() -> None:
     assert issubclass(e.ServiceUnavailable, e.RequestError)
     assert issubclass(e.RequestTimeout, TimeoutError)
     assert issubclass(e.ConnectionClosed, ConnectionError)
+    assert issubclass(e.TLSError, e.ConnectionClosed)
     assert not issubclass(e.ProtocolError, e.RequestError)
     assert e.ServiceUnavailable().code == e.codes.UNAVAILABLE
     err = e.RequestError("nope", "not now")

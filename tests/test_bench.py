@@ -149,7 +149,7 @@ def test_password_logins_work_too() -> None:
 DROPPING_SERVER = textwrap.dedent(
     """
     import asyncio, sys
-    from bitchat.im.app import build_standalone_server
+    from bitchat.app import build_server
     from bitchat.im.memory import MemoryConnectionCenter
     from bitchat.settings import Settings
 
@@ -167,9 +167,9 @@ DROPPING_SERVER = textwrap.dedent(
             super().deliver(message, user_ids, exclude_session)
 
     async def main(data_dir):
-        settings = Settings(data_dir=data_dir, rate_limit=0, password_hash_time_cost=1,
-                            password_hash_memory_kib=1024)
-        server = build_standalone_server("127.0.0.1", 0, settings)
+        settings = Settings(host="127.0.0.1", port=0, data_dir=data_dir, rate_limit=0,
+                            password_hash_time_cost=1, password_hash_memory_kib=1024)
+        server = build_server(settings)
         server.data["im"].connections = DroppingCenter()
         await server.start()
         print(server.address[1], flush=True)  # the test waits for this line

@@ -28,7 +28,7 @@ def free_port() -> int:
 async def test_bitchat_server_starts_answers_and_stops(
     tmp_path: Path, loop_flag: list[str]
 ) -> None:
-    pytest.importorskip("bitchat.im.app")
+    pytest.importorskip("bitchat.app")
     port = free_port()
     data_dir = tmp_path / "data"
     proc = await asyncio.create_subprocess_exec(

@@ -25,6 +25,7 @@ from bitchat import (
     State,
     UsageError,
 )
+from bitchat.protocol.frame import FLAG_RESPONSE, encode_frame
 from conftest import WAIT
 
 
@@ -260,7 +261,13 @@ async def test_client_drops_a_server_that_went_silent(clients: Any) -> None:
 
     async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         accepted.put_nowait(writer)
-        await reader.read()  # reads everything, answers nothing
+        # Answers the opening Ping (so the client counts itself connected), then
+        # reads everything and answers nothing.
+        header = await reader.readexactly(14)
+        body = await reader.readexactly(int.from_bytes(header[10:14], "big"))
+        rid = int.from_bytes(header[6:10], "big")
+        writer.write(encode_frame(header[2], FLAG_RESPONSE, Pong.TYPE, rid, body))
+        await reader.read()
 
     mute_server = await asyncio.start_server(mute, "127.0.0.1", 0)
     writers: list[asyncio.StreamWriter] = []
@@ -310,6 +317,36 @@ async def test_reconnects_after_a_server_restart(servers: Any, clients: Any) -> 
     assert states.seen[:2] == [State.CONNECTING, State.CONNECTED]
     assert states.seen[-1] is State.CONNECTED
     assert State.DISCONNECTED in states.seen
+
+
+async def test_a_request_right_after_a_local_abort_waits_for_the_reconnect(
+    servers: Any, clients: Any
+) -> None:
+    """The connection is known lost (aborted here, as the idle check does) before the
+    client's loop has seen it end: a request waits for the next connection."""
+    server = await servers()
+    client = clients(server.address[1])
+    states = States(client)
+    await client.connect(timeout=WAIT)
+    assert client._proto is not None and client._proto.transport is not None
+    client._proto.transport.abort()
+    assert await client.request(Add(2, 2)) == Sum(4)
+    assert states.seen.count(State.CONNECTED) == 2
+    client._proto.transport.abort()  # a one-way send waits the same way
+    await client.send(Ignore())
+    assert states.seen.count(State.CONNECTED) == 3
+
+
+async def test_without_reconnect_a_request_after_a_loss_fails_at_once(
+    servers: Any, clients: Any
+) -> None:
+    server = await servers()
+    client = clients(server.address[1], reconnect=False, request_timeout=60 * WAIT)
+    await client.connect(timeout=WAIT)
+    assert client._proto is not None and client._proto.transport is not None
+    client._proto.transport.abort()
+    with pytest.raises(ConnectionClosed):
+        await asyncio.wait_for(client.request(Add(1, 1)), WAIT)
 
 
 async def test_connects_to_a_server_not_up_yet(servers: Any, clients: Any) -> None:

@@ -16,9 +16,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from bitchat import RequestError, Server, codes
+from bitchat.app import build_server
 from bitchat.cluster.connections import RedisConnectionCenter
 from bitchat.cluster.discovery import router_resolver, where_to
-from bitchat.cluster.node import ClusterServer, build_cluster_server
 from bitchat.cluster.registry import Keys, NodeIdInUse, NodeInfo, live_nodes
 from bitchat.cluster.router import Router, build_router
 from bitchat.im.client import IMClient
@@ -39,7 +39,7 @@ from cluster_support import (  # noqa: F401 (fixtures)
     terminate_backends,
 )
 
-MakeNode = Callable[..., Awaitable[ClusterServer]]
+MakeNode = Callable[..., Awaitable[Server]]
 MakeClient = Callable[..., Awaitable[IMClient]]
 
 
@@ -49,11 +49,18 @@ async def make_node(redis_prefix: str, pg_dsn: str) -> AsyncIterator[MakeNode]:
 
     async def make(
         node_id: int, *, redis_url: str = REDIS_URL, dsn: str | None = None, **changes: Any
-    ) -> ClusterServer:
-        settings = cluster_settings(redis_prefix=redis_prefix, **changes)
-        server = build_cluster_server(
-            "127.0.0.1", 0, settings, redis_url=redis_url, pg_dsn=dsn or pg_dsn, node_id=node_id
+    ) -> Server:
+        settings = cluster_settings(
+            host="127.0.0.1",
+            port=0,
+            mode="cluster",
+            redis_url=redis_url,
+            pg_dsn=dsn or pg_dsn,
+            node_id=node_id,
+            redis_prefix=redis_prefix,
+            **changes,
         )
+        server = build_server(settings)
         await server.start()
         servers.append(server)
         return server

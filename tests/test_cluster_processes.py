@@ -162,8 +162,12 @@ async def test_message_to_a_user_on_a_dead_node_comes_at_next_login(
     ack = await alice.send_p2p(bob.user.id, "while you were gone")
     assert not ack.duplicate
     await bob.close()
-    again = await connect(clients, "bob", port=cluster.port_of(1))
-    got = await Inbox(again).wait("while you were gone")
+    again = IMClient("127.0.0.1", cluster.port_of(1), cluster_settings())
+    clients.append(again)
+    inbox = Inbox(again)  # before the login: its sync may come in the LoginOk's read
+    await again.connect(WAIT)
+    await again.login("bob", "pw")
+    got = await inbox.wait("while you were gone")
     assert got.msg_id == ack.msg_id
 
 

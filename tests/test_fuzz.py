@@ -31,8 +31,8 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
 from bitchat import Packet, Settings
+from bitchat.app import build_server
 from bitchat.errors import ProtocolError, codes
-from bitchat.im.app import build_standalone_server
 from bitchat.im.packets import (
     ChatMessage,
     CreateGroup,
@@ -73,7 +73,7 @@ SMALL_LIMITS: dict[str, Any] = {
 CLASSES = sorted((c for c in registry if c.__module__.startswith("bitchat.")), key=lambda c: c.TYPE)
 HANDLED = [
     route.cls
-    for route in build_standalone_server("127.0.0.1", 0, Settings()).dispatcher.routes.values()
+    for route in build_server(Settings(host="127.0.0.1", port=0)).dispatcher.routes.values()
 ]
 """The requests the server handles (the other types are refused before any handler)."""
 
@@ -253,7 +253,8 @@ class Fuzzed:
 
     def __init__(self, data_dir: Path) -> None:
         self.loop = asyncio.new_event_loop()
-        self.server = build_standalone_server("127.0.0.1", 0, im_settings(data_dir, **SMALL_LIMITS))
+        settings = im_settings(data_dir, host="127.0.0.1", port=0, **SMALL_LIMITS)
+        self.server = build_server(settings)
         self.errors = Errors()
         self.thread = threading.Thread(target=self._run, name="fuzzed-server", daemon=True)
         self.peers: dict[str, Peer] = {}

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from bitchat import RequestError, Server, codes
-from bitchat.cluster.node import build_cluster_server
+from bitchat.app import build_server
 from bitchat.im.sqlite import SqliteMessageCenter
 from cluster_support import (  # noqa: F401 (fixtures)
     REDIS_URL,
@@ -201,11 +201,16 @@ async def test_one_senders_nul_fails_no_one_else_in_a_cluster(
     redis_prefix: str, pg_dsn: str, raw_connect: Any
 ) -> None:
     # PostgreSQL cannot store U+0000: it was a failed batch for everyone in it.
-    settings = cluster_settings(redis_prefix=redis_prefix)
-    node = build_cluster_server(
-        "127.0.0.1", 0, settings, redis_url=REDIS_URL, pg_dsn=pg_dsn, node_id=1
+    settings = cluster_settings(
+        host="127.0.0.1",
+        port=0,
+        mode="cluster",
+        redis_url=REDIS_URL,
+        pg_dsn=pg_dsn,
+        node_id=1,
+        redis_prefix=redis_prefix,
     )
-    async with node:
+    async with build_server(settings) as node:
         await _nul_among_honest_sends(node, raw_connect)
 
 

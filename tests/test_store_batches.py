@@ -13,9 +13,9 @@ from typing import Any
 
 from bitchat import RequestError, codes
 from bitchat.cluster.pg import PgDatabase, PgMessageCenter
-from bitchat.im.centers import Message, MessageCenter
+from bitchat.im.centers import AckJob, Message, MessageCenter, take_acks
 from bitchat.im.ids import IdGenerator
-from bitchat.im.sqlite import AckJob, SqliteMessageCenter, take_acks
+from bitchat.im.sqlite import SqliteMessageCenter
 from cluster_support import cluster_settings, pg_dsn_fixture  # noqa: F401 (fixtures)
 from conftest import WAIT
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from bitchat import Server
-from bitchat.im.app import build_standalone_server
+from bitchat.app import build_server
 from bitchat.im.client import IMClient
 from web_helpers import WAIT, WAIT_MS, artifact, chromium, running_server
 
@@ -326,7 +326,7 @@ async def test_page_survives_a_server_restart_and_sends_what_was_typed_meanwhile
 
     # The same server comes back on the same port and data: the page signs in again
     # with its token and the message goes out once.
-    again = build_standalone_server("127.0.0.1", port, server.settings)
+    again = build_server(server.settings.replace(port=port))
     async with again, IMClient("127.0.0.1", port) as leo:
         await expect(body).to_have_attribute("data-reconnects", "1")
         await expect(kate.page.locator(".msg.mine.sent")).to_have_count(1)

@@ -196,10 +196,10 @@ async def test_status_refuses_a_non_loopback_client_over_the_network(tmp_path: P
     addr = _outside_address()
     if addr is None:
         pytest.skip("this machine has no non-loopback IPv4 address")
-    from bitchat.im.app import build_standalone_server
+    from bitchat.app import build_server
     from web_helpers import web_settings
 
-    server = build_standalone_server(addr, 0, web_settings(tmp_path))
+    server = build_server(web_settings(tmp_path, host=addr, port=0))
     async with server:
         base = f"http://{addr}:{server.address[1]}"
         async with httpx.AsyncClient(base_url=base, timeout=WAIT) as http:

@@ -20,7 +20,7 @@ import orjson
 import pytest
 
 from bitchat import Server, Settings
-from bitchat.im.app import build_standalone_server
+from bitchat.app import build_server
 
 WAIT = 5.0 * float(os.environ.get("BITCHAT_TEST_TIMEOUT_FACTOR", "1"))
 """Seconds any test waits for an event before failing."""
@@ -62,7 +62,7 @@ def web_settings(tmp_path: Path, **changes: Any) -> Settings:
 @contextlib.asynccontextmanager
 async def running_server(tmp_path: Path, **changes: Any) -> AsyncIterator[Server]:
     """A started standalone server (web frontend included) on 127.0.0.1, port 0."""
-    server = build_standalone_server("127.0.0.1", 0, web_settings(tmp_path, **changes))
+    server = build_server(web_settings(tmp_path, host="127.0.0.1", port=0, **changes))
     async with server:
         yield server
 

@@ -14,6 +14,7 @@ from bitchat.errors import (
     RequestError,
     RequestTimeout,
     ServiceUnavailable,
+    TLSError,
     UsageError,
     codes,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "Session",
     "Settings",
     "State",
+    "TLSError",
     "UsageError",
     "__version__",
     "codes",

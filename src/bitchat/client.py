@@ -12,7 +12,15 @@ A Ping goes out every ``heartbeat_interval``; a connection silent for
 ``read_idle_timeout`` is dropped; a dropped connection (or a server not up yet)
 is retried with exponential backoff and full jitter (the seed's HealthyChecker).
 Hooks in ``on_connected`` run after every (re)connection before other requests
-go out, so a higher layer can log in again first.
+go out, so a higher layer can log in again first; a request made while the
+connection is being re-made waits for it, within its timeout.
+
+A connection counts as made once the server has answered the opening Ping.
+What no retry can mend stops the reconnecting with a :class:`~bitchat.TLSError`
+naming the cause: a refused certificate, a plain client at a TLS port (the
+server answers with a TLS record, or closes without a word and a TLS handshake
+then succeeds), a TLS client at a plain port (the handshake fails and a plain
+Ping is then answered).
 """
 
 from __future__ import annotations
@@ -28,11 +36,19 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, cast
 
-from bitchat.errors import ConnectionClosed, ProtocolError, RequestError, RequestTimeout, UsageError
+from bitchat.errors import (
+    ConnectionClosed,
+    ProtocolError,
+    RequestError,
+    RequestTimeout,
+    TLSError,
+    UsageError,
+)
 from bitchat.protocol.connection import Connection, ProtocolFailure, Push, Response, Role
-from bitchat.protocol.frame import FLAG_ERROR, Frame
+from bitchat.protocol.frame import FLAG_ERROR, MAGIC, Frame, encode_frame
 from bitchat.protocol.packets import Error, Packet, Ping, Registry, decode_body
 from bitchat.protocol.packets import registry as default_registry
+from bitchat.protocol.serializers import MSGPACK, SERIALIZERS
 from bitchat.protocol.serializers import get as get_serializer
 from bitchat.settings import Settings
 
@@ -44,6 +60,8 @@ ConnectedHook = Callable[["Client"], Awaitable[None]]
 PushCallback = Callable[[Packet], Any]
 
 _PING = Ping()
+_EMPTY_MSGPACK = SERIALIZERS[MSGPACK].dumps({})
+_TLS_RECORD = (0x15, 0x16)  # a TLS alert or handshake record, where 0xBC starts a frame
 _in_hook: contextvars.ContextVar[bool] = contextvars.ContextVar("bitchat_in_hook", default=False)
 
 
@@ -62,13 +80,25 @@ class _Protocol(asyncio.Protocol):
         self.core = core
         core.on_output = self.flush  # requests leave at once: a client does not batch
         self.transport: asyncio.Transport | None = None
-        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self.lost: asyncio.Future[None] = loop.create_future()
+        self.answered: asyncio.Future[bool] = loop.create_future()
+        """True at the server's first bytes; False if it closed before any."""
+        self.tls_record = False  # the first bytes were a TLS record, on a plain connection
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # A cast, not an isinstance check: uvloop's transports do not subclass asyncio's.
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        if not self.answered.done():
+            if data[0] in _TLS_RECORD and self.client.ssl is None:
+                self.tls_record = True
+                self.answered.set_result(False)
+                assert self.transport is not None
+                self.transport.abort()
+                return
+            self.answered.set_result(True)
         core = self.core
         core.receive_data(data)
         client = self.client
@@ -90,6 +120,8 @@ class _Protocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.core.forget_all()
+        if not self.answered.done():
+            self.answered.set_result(False)
         if not self.lost.done():
             self.lost.set_result(None)
 
@@ -149,9 +181,10 @@ class Client:
         """Connect, run the ``on_connected`` hooks, and keep the connection up.
 
         With ``reconnect`` the first attempt is retried until ``timeout``
-        (``None``: forever); without it, a failure raises at once.
+        (``None``: forever); without it, a failure raises at once. A
+        :class:`~bitchat.TLSError` raises at once either way.
         """
-        if self._runner is not None:
+        if self._runner is not None and not self._runner.done():
             raise UsageError("the client is already connected or connecting")
         self._loop = asyncio.get_running_loop()
         self._closing = False
@@ -196,23 +229,65 @@ class Client:
                 log.exception("state callback failed")
 
     async def _open(self) -> _Protocol:
+        """A connection the server has answered on, within ``connect_timeout``."""
         if self.resolve is not None:
             self.host, self.port = await self.resolve()
         loop = self._loop
         assert loop is not None
+        timeout = self.settings.connect_timeout
+        deadline = loop.time() + timeout
         core = Connection(Role.CLIENT, max_frame_size=self.settings.max_frame_size, clock=loop.time)
         core.serializer = self.serializer
         core.on_stray = self._stray
-        _, proto = await asyncio.wait_for(
-            loop.create_connection(
-                lambda: _Protocol(self, core),
-                self.host,
-                self.port,
-                ssl=self.ssl,
-            ),
-            self.settings.connect_timeout,
-        )
-        return proto
+        try:
+            _, proto = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: _Protocol(self, core),
+                    self.host,
+                    self.port,
+                    ssl=self.ssl,
+                ),
+                timeout,
+            )
+        except ssl.SSLCertVerificationError as exc:
+            why = exc.verify_message or exc.reason or str(exc)
+            raise TLSError(TLSError.CERTIFICATE, f"certificate verify failed: {why}") from exc
+        except (ssl.SSLError, ConnectionError) as exc:
+            # Refused is a server not up; a handshake cut off may be a plain port.
+            if (
+                self.ssl is not None
+                and not isinstance(exc, ConnectionRefusedError)
+                and await _speaks_bitchat(self.host, self.port, timeout)
+            ):
+                raise TLSError(
+                    TLSError.SERVER_SPEAKS_PLAIN, "the server does not speak TLS"
+                ) from exc
+            raise
+        assert proto.transport is not None
+        # A Ping at once: the server opens a session at a peer's first bytes (it
+        # tells bitchat from HTTP by them), so it can push to us from now on; its
+        # Pong says a bitchat server is there.
+        if self.ssl is None:
+            core.send_frame(_opening_ping(core.next_request_id()))
+        else:
+            core.send_request(_PING, expect=False)
+        try:
+            answered = await asyncio.wait_for(proto.answered, max(deadline - loop.time(), 0.0))
+        except TimeoutError:
+            answered = None
+        except BaseException:  # cancelled: closed meanwhile
+            proto.transport.abort()
+            raise
+        if answered:
+            return proto
+        proto.transport.abort()
+        if self.ssl is None and (
+            proto.tls_record or await _speaks_tls(self.host, self.port, timeout)
+        ):
+            raise TLSError(TLSError.SERVER_SPEAKS_TLS, "the server speaks TLS")
+        if answered is None:
+            raise TimeoutError(f"no answer from the server within {timeout:.1f}s")
+        raise ConnectionClosed("the server closed the connection without a word")
 
     async def _run(self) -> None:
         delay = self.settings.reconnect_initial_delay
@@ -220,6 +295,9 @@ class Client:
             self._set_state(State.CONNECTING)
             try:
                 proto = await self._open()
+            except TLSError as exc:
+                self._give_up(exc)
+                return
             except (OSError, TimeoutError, RequestError) as exc:
                 self.last_error = exc
                 if not self.reconnect and self._first is not None and not self._first.done():
@@ -242,9 +320,6 @@ class Client:
             connected_at = self._loop.time()
             heartbeat = self._loop.create_task(self._heartbeat(proto))
             try:
-                # A Ping at once: the server opens a session at a peer's first bytes (it
-                # tells bitchat from HTTP by them), so it can push to us from now on.
-                self._ping(proto)
                 await self._after_connect()
                 if self._first is not None and not self._first.done():
                     self._first.set_result(None)
@@ -287,6 +362,15 @@ class Client:
                 await asyncio.sleep(wait)
                 delay = min(delay * 2, self.settings.reconnect_max_delay)
 
+    def _give_up(self, exc: TLSError) -> None:
+        """Stop for good: ``connect()`` and every request raise ``exc`` from now on."""
+        log.warning("not connecting to %s:%d again: %s", self.host, self.port, exc)
+        self.last_error = exc
+        if self._first is not None and not self._first.done():
+            self._first.set_exception(exc)
+        self._fail_pending(exc)
+        self._set_state(State.CLOSED)
+
     async def _after_connect(self) -> None:
         self.last_error = None
         self._set_state(State.CONNECTED)
@@ -325,41 +409,74 @@ class Client:
             raise ConnectionClosed("not connected")
         proto.core.send_request(_PING, expect=False)  # its Pong is not awaited
 
-    def _core(self) -> Connection:
+    def _usable(self) -> bool:
         proto = self._proto
-        if proto is None or proto.transport is None or proto.transport.is_closing():
+        t = proto.transport if proto is not None else None
+        return t is not None and not t.is_closing()
+
+    def _core(self) -> Connection:
+        if not self._usable():
             raise ConnectionClosed("not connected")
-        return proto.core
+        assert self._proto is not None
+        return self._proto.core
 
     async def _wait_ready(self, timeout: float) -> None:
-        if self._ready.is_set() or _in_hook.get():
-            if self._proto is None:
+        """Return once a connection is up and set up (its hooks ran), waiting up to
+        ``timeout`` for a reconnect; raise at once when none will come."""
+        if _in_hook.get():  # a hook's own request: the connection is being set up
+            if not self._usable():
                 raise ConnectionClosed("not connected")
             return
-        if self._runner is None:
-            raise ConnectionClosed("the client is not connected; call connect() first")
-        if self._runner.done():  # lost, and not reconnecting
-            raise ConnectionClosed("the connection was lost")
-        try:
-            await asyncio.wait_for(self._ready.wait(), timeout)
-        except TimeoutError:
-            raise RequestTimeout(f"not connected within {timeout:.1f}s") from None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        ready = self._ready
+        while True:
+            if ready.is_set():
+                if self._usable():
+                    return
+                # Lost just now (a local abort, the server's close being read): _run
+                # has not seen it yet. Wait for the next connection rather than fail.
+                ready.clear()
+            runner = self._runner
+            if runner is None:
+                raise ConnectionClosed("the client is not connected; call connect() first")
+            if runner.done():  # lost, and not reconnecting (or a final error)
+                raise self._no_connection()
+            left = deadline - loop.time()
+            if left <= 0:
+                raise RequestTimeout(f"not connected within {timeout:.1f}s")
+            waiter = loop.create_task(ready.wait())
+            try:
+                await asyncio.wait((waiter, runner), timeout=left, return_when="FIRST_COMPLETED")
+            finally:
+                waiter.cancel()
+
+    def _no_connection(self) -> ConnectionClosed:
+        """Why no connection will come: the final error, or the loss without reconnect."""
+        error = self.last_error
+        if isinstance(error, TLSError):
+            return TLSError(error.reason, error.message)  # a fresh one: its own traceback
+        return ConnectionClosed("the connection was lost")
 
     async def request(
         self, packet: Packet, timeout: float | None = None, pool: bool | None = None
     ) -> Packet:
         """Send ``packet`` and return the server's response packet.
 
-        Raises :class:`RequestError` when the server answers with an Error,
+        While the connection is being re-made (it dropped, and ``reconnect`` is
+        on), the request waits for it, within the same ``timeout``. Raises
+        :class:`RequestError` when the server answers with an Error,
         :class:`RequestTimeout` after ``timeout`` seconds, and
-        :class:`ConnectionClosed` if the connection drops meanwhile.
+        :class:`ConnectionClosed` if the connection drops after the request was
+        sent (it is not resent: only the caller knows whether that is safe) or
+        when no connection will come (not connected, closed, no reconnect).
         """
         timeout = self.settings.request_timeout if timeout is None else timeout
         loop = self._loop
         if loop is None:
             raise ConnectionClosed("the client is not connected; call connect() first")
         deadline = loop.time() + timeout
-        await self._wait_ready(timeout)
+        await self._wait_ready(timeout)  # a connection being re-made is waited for
         core = self._core()
         rid = core.send_request(packet, pool=packet.POOL if pool is None else pool)
         fut: asyncio.Future[Packet] = loop.create_future()
@@ -474,6 +591,47 @@ class Client:
         self._callback_tasks.discard(task)
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error("push callback failed", exc_info=(type(exc), exc, exc.__traceback__))
+
+
+def _opening_ping(request_id: int) -> bytes:
+    """The opening Ping of a plain connection, in MessagePack whatever the client's
+    serializer: a TLS server reads a record of type 0xBC and closes at once, where
+    a JSON frame's third byte (1) makes an SSLv2-compatible one wait for 15 KiB.
+    (The server answers it in MessagePack; the client's next frame sets the
+    serializer of its pushes again.)"""
+    return encode_frame(MSGPACK, 0, Ping.TYPE, request_id, _EMPTY_MSGPACK)
+
+
+async def _speaks_tls(host: str, port: int, timeout: float) -> bool:
+    """Whether a TLS handshake with ``host:port`` succeeds (nothing is verified or
+    sent: this only tells a TLS port from a dead one)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    try:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=ctx, ssl_handshake_timeout=timeout), timeout
+        )
+    except (OSError, TimeoutError):
+        return False
+    writer.transport.abort()
+    return True
+
+
+async def _speaks_bitchat(host: str, port: int, timeout: float) -> bool:
+    """Whether ``host:port`` answers a plain Ping with a frame."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except (OSError, TimeoutError):
+        return False
+    try:
+        writer.write(_opening_ping(1))
+        first = await asyncio.wait_for(reader.read(1), timeout)
+    except (OSError, TimeoutError):
+        return False
+    finally:
+        writer.transport.abort()
+    return first == bytes([MAGIC])
 
 
 class PushStream:

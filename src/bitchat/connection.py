@@ -36,6 +36,7 @@ class TcpConnection(asyncio.Protocol):
         self.session: Session | None = None
         self.remote = "?"
         self._sniff_timer: asyncio.TimerHandle | None = None
+        self._reported = False  # the server's write budget holds a size for this link
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -44,6 +45,8 @@ class TcpConnection(asyncio.Protocol):
         t = self.transport = cast(asyncio.Transport, transport)
         peer = t.get_extra_info("peername")
         self.remote = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        if not self.server._admit(t, peer[0] if isinstance(peer, tuple) else str(peer)):
+            return
         s = self.server.settings
         t.set_write_buffer_limits(high=s.write_high_water, low=s.write_low_water)
         self._sniff_timer = self.server.loop.call_later(
@@ -76,6 +79,9 @@ class TcpConnection(asyncio.Protocol):
         transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport is not None:
+            self.server.release_slot(self.transport)
+        self.server.unsent.remove(self)
         if self._sniff_timer is not None:
             self._sniff_timer.cancel()
             self._sniff_timer = None
@@ -89,6 +95,10 @@ class TcpConnection(asyncio.Protocol):
     def resume_writing(self) -> None:
         if self.session is not None:
             self.session.resume_writing()
+        if self.transport is not None and self._reported:
+            size = self.transport.get_write_buffer_size()
+            self._reported = size > 0
+            self.server.unsent_changed(self, size)
 
     # -- Link ---------------------------------------------------------------------------------
 
@@ -99,15 +109,18 @@ class TcpConnection(asyncio.Protocol):
         if not data:
             return
         transport.write(data)
-        limit = self.server.settings.write_hard_limit
-        if transport.get_write_buffer_size() > limit:
+        size = transport.get_write_buffer_size()
+        if size > self.server.settings.write_hard_limit:
             log.warning(
                 "disconnecting %s (connection %s): over %d bytes unread",
                 self.remote,
                 session.id,
-                limit,
+                self.server.settings.write_hard_limit,
             )
             transport.abort()
+        elif size or self._reported:  # the common case, all taken by the kernel: no work
+            self._reported = size > 0
+            self.server.unsent_changed(self, size)
 
     def write_buffer_size(self) -> int:
         """Bytes written and not yet taken by the kernel."""

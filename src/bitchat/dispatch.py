@@ -118,6 +118,8 @@ class Dispatcher:
     def __init__(self, registry: Registry, metrics: Metrics | None = None) -> None:
         self.registry = registry
         self.routes: dict[int, Route] = {}
+        self.login_gated = False
+        """True once a handler requires login: connections then have a login deadline."""
         self.metrics = metrics
         self.executor: concurrent.futures.Executor | None = None
         """The worker pool for POOL requests (the server sets it while it runs)."""
@@ -146,6 +148,7 @@ class Dispatcher:
         self.routes[cls.TYPE] = Route(
             cls, func, is_coroutine, login_required, cls.__name__, poolable
         )
+        self.login_gated = self.login_gated or login_required
 
     def handler(self, cls: type[Packet], *, login_required: bool = False) -> Callable[[H], H]:
         def decorate(func: H) -> H:

@@ -13,7 +13,10 @@
      │    └── ServiceUnavailable  a backing store is down; retry later
      ├── RequestTimeout         no response in time (also a ``TimeoutError``)
      ├── ConnectionClosed       the connection went away before the answer came
-     │                          (also a ``ConnectionError``)
+     │    │                     (also a ``ConnectionError``)
+     │    └── TLSError          TLS cannot be agreed with the server (its
+     │                          certificate is refused, or one side speaks TLS
+     │                          and the other does not); the client stops retrying
      ├── bitchat.cluster.registry.NodeIdInUse
      │                          another live node of the cluster has this node id
      └── bitchat.bench.loadgen.BenchRequestError
@@ -115,3 +118,27 @@ class RequestTimeout(BitchatError, TimeoutError):
 
 class ConnectionClosed(BitchatError, ConnectionError):
     """The connection closed (or was never open) while an answer was awaited."""
+
+
+class TLSError(ConnectionClosed):
+    """TLS cannot be agreed with the server, so connecting again cannot help.
+
+    ``reason`` says which way, and ``str()`` names the cause:
+
+    - ``CERTIFICATE``: the server's certificate was refused
+      (``certificate verify failed: self-signed certificate``);
+    - ``SERVER_SPEAKS_TLS``: a client without TLS reached a TLS port;
+    - ``SERVER_SPEAKS_PLAIN``: a TLS client reached a port without TLS.
+
+    The client raises it from ``connect()`` (or, when it happens on a reconnect,
+    from every request), and stops reconnecting.
+    """
+
+    CERTIFICATE = "certificate"
+    SERVER_SPEAKS_TLS = "server_speaks_tls"
+    SERVER_SPEAKS_PLAIN = "server_speaks_plain"
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message

@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import logging
+import os
+import resource
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
+from bitchat.admission import ConnectionSlots, WriteBudget, release_memory
 from bitchat.connection import TcpConnection
 from bitchat.dispatch import Dispatcher, marked_handlers
 from bitchat.errors import UsageError
@@ -87,6 +91,10 @@ class Server:
         """Components installed on this server (e.g. ``data["im"]``)."""
         self.sessions: dict[int, Session] = {}
         self.on_startup: list[Hook] = []
+        """Run before the port opens (a hook that raises fails the start)."""
+        self.on_started: list[Hook] = []
+        """Run once the port listens (a cluster node announces itself here); a hook
+        that raises stops the server and fails the start."""
         self.on_stopping: list[Hook] = []
         """Run when a stop begins, once the port stopped accepting and before the
         connections drain (a cluster node leaves the registry here)."""
@@ -94,6 +102,20 @@ class Server:
         self.on_session_open: list[SessionHook] = []
         self.on_session_close: list[SessionHook] = []
         self.executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self.slots: ConnectionSlots[Any] = ConnectionSlots(
+            self.settings.max_connections, self.settings.max_connections_per_address
+        )
+        self.unsent: WriteBudget[Any] = WriteBudget(self.settings.max_unsent_bytes)
+        """Unsent bytes of every connection's link (see :mod:`bitchat.admission`)."""
+        self._slot_of: dict[Any, str] = {}  # transport -> remote address holding a slot
+        self._refused = 0
+        self._refused_logged_at = -1e9
+        self._sweeper: asyncio.Task[None] | None = None
+        self._reserve_fd: int | None = None
+        self._out_of_files = 0
+        self._ran_out_of_files = False
+        self._out_of_files_logged_at = -1e9
+        self._prev_exception_handler: Any = None
         self._server: asyncio.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped: asyncio.Event | None = None
@@ -176,6 +198,12 @@ class Server:
             # A stop() that came meanwhile goes on now (see stop()).
             starting, self._starting = self._starting, None
             starting.set_result(None)
+        try:
+            for hook in self.on_started:
+                await hook(self)
+        except BaseException:
+            await self.stop()
+            raise
 
     async def _start(self) -> None:
         tls = None
@@ -187,6 +215,8 @@ class Server:
         self._stopping = False
         self._stopped = asyncio.Event()
         self._no_sessions = asyncio.Event()
+        self.slots.total = self._connection_cap()
+        self._watch_accept_errors()
         self._no_sessions.set()
         self.executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=self.settings.worker_threads, thread_name_prefix="bitchat-worker"
@@ -218,6 +248,8 @@ class Server:
             self.executor.shutdown(wait=False, cancel_futures=True)
             raise
         self._started = True
+        if self.unsent.limit:
+            self._sweeper = self._loop.create_task(self._sweep_unsent())
         host, port = self.address
         log.info(
             "bitchat %s started on %s:%d (mode: %s, tls: %s, loop: %s)",
@@ -249,6 +281,9 @@ class Server:
         self._stopping = True
         assert self._server is not None
         self._server.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for hook in self.on_stopping:
             try:
                 await hook(self)
@@ -280,6 +315,7 @@ class Server:
             log.warning("web connections still open after the shutdown grace")
         if self.executor is not None:
             self.executor.shutdown(wait=False, cancel_futures=True)
+        self._unwatch_accept_errors()
         log.info("bitchat %s stopped", self.kind)
         assert self._stopped is not None
         self._stopped.set()
@@ -290,6 +326,168 @@ class Server:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+    # -- admission: connection slots, the budget for unsent bytes ---------------------------
+
+    _FD_RESERVE = 64
+    """Open files kept for everything but connections (stores, logs, Redis, PostgreSQL)."""
+
+    def _connection_cap(self) -> int:
+        cap = self.settings.max_connections
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft - self._FD_RESERVE < cap:
+            cap = max(1, soft - self._FD_RESERVE)
+            log.info(
+                "at most %d connections: the open-file limit is %d (max_connections %d)",
+                cap,
+                soft,
+                self.settings.max_connections,
+            )
+        return cap
+
+    def _watch_accept_errors(self) -> None:
+        # Out of file descriptors, asyncio's accept loop reports every failed accept
+        # (thousands a second, each with a traceback: a log flood that can block the
+        # process on its own stderr). uvloop (libuv) drops such connections itself.
+        # Here: one line per 10 s, and each pending connection is accepted with a
+        # reserved descriptor and closed, so the peer is told at once.
+        loop = self.loop
+        self._prev_exception_handler = loop.get_exception_handler()
+        loop.set_exception_handler(self._exception_handler)
+        try:
+            self._reserve_fd = os.open(os.devnull, os.O_RDONLY)
+        except OSError:
+            self._reserve_fd = None
+
+    def _unwatch_accept_errors(self) -> None:
+        # After descriptors ran out, asyncio still holds a retry of the accept loop per
+        # refused connection; they fail on the closed socket after the stop, and stay
+        # quiet only while this handler is in place.
+        loop = self._loop
+        if (
+            loop is not None
+            and not self._ran_out_of_files
+            and loop.get_exception_handler() == self._exception_handler
+        ):
+            loop.set_exception_handler(self._prev_exception_handler)
+        if self._reserve_fd is not None:
+            os.close(self._reserve_fd)
+            self._reserve_fd = None
+
+    def _exception_handler(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if (
+            self._ran_out_of_files
+            and isinstance(exc, ValueError)
+            and "_start_serving" in repr(context.get("handle"))
+        ):
+            return  # a retry of the accept loop, run after the server closed (see above)
+        if not (
+            isinstance(exc, OSError)
+            and exc.errno in (errno.EMFILE, errno.ENFILE)
+            and "accept" in str(context.get("message", ""))
+        ):
+            if self._prev_exception_handler is not None:
+                self._prev_exception_handler(loop, context)
+            else:
+                loop.default_exception_handler(context)
+            return
+        self._out_of_files += 1
+        self._ran_out_of_files = True
+        now = loop.time()
+        if now - self._out_of_files_logged_at >= 10.0:
+            log.error(
+                "out of file descriptors: refusing new connections (%d refused since the "
+                "last such line; the open-file limit is %d)",
+                self._out_of_files,
+                resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+            )
+            self._out_of_files, self._out_of_files_logged_at = 0, now
+        listener = getattr(context.get("socket"), "_sock", None)
+        if listener is None or self._reserve_fd is None:
+            return
+        os.close(self._reserve_fd)
+        try:
+            conn, _ = listener.accept()
+            conn.close()
+        except OSError:
+            pass
+        finally:
+            try:
+                self._reserve_fd = os.open(os.devnull, os.O_RDONLY)
+            except OSError:
+                self._reserve_fd = None
+
+    def _admit(self, transport: asyncio.Transport, address: str) -> bool:
+        """Give an accepted connection a slot; False (and it is dropped) if none."""
+        why = self.slots.acquire(address, self._evict_one)
+        if why is not None:
+            self._refused += 1
+            now = self.loop.time()
+            if now - self._refused_logged_at >= 10.0:  # one line per 10 s, whatever the flood
+                log.warning(
+                    "refusing connections: %s (%d refused since the last such line)",
+                    why,
+                    self._refused,
+                )
+                self._refused, self._refused_logged_at = 0, now
+            self.metrics.error("connection_refused")
+            transport.abort()
+            return False
+        self._slot_of[transport] = address
+        return True
+
+    def release_slot(self, transport: asyncio.BaseTransport) -> None:
+        """A connection closed: its slot is free (called by whichever protocol has it)."""
+        address = self._slot_of.pop(transport, None)
+        if address is not None:
+            self.slots.release(address)
+
+    def _evict_one(self) -> bool:
+        # At the cap, the oldest connection that has not logged in makes room: a peer
+        # that never logs in holds a slot only until someone needs it.
+        if not self.dispatcher.login_gated:
+            return False
+        for session in self.sessions.values():  # oldest first
+            if session.login_at is None and session.user_id is None and not session.closed:
+                log.info(
+                    "dropping connection %s (%s) to make room: not logged in",
+                    session.id,
+                    session.remote,
+                )
+                session.abort()
+                return True
+        return False
+
+    def unsent_changed(self, link: Any, size: int) -> None:
+        """A link's unsent bytes are now ``size``; shed the worst when over budget."""
+        if self.unsent.update(link, size):
+            self._shed()
+
+    def _shed(self) -> None:
+        victims = self.unsent.over()
+        total = self.unsent.total
+        for link in victims:
+            self.unsent.remove(link)
+            link.abort()
+        if victims:
+            log.warning(
+                "over the budget of %d unsent bytes (%d): dropped the %d connection(s) "
+                "holding the most; what they missed waits in the store",
+                self.unsent.limit,
+                total,
+                len(victims),
+            )
+            # Their buffers are freed when the aborts complete; then give the pages back.
+            self.loop.call_soon(self.loop.call_soon, release_memory)
+
+    async def _sweep_unsent(self) -> None:
+        # A transport's buffer drains without telling us (until the low-water mark):
+        # refresh the sizes recorded, so the budget does not count bytes already gone.
+        while True:
+            await asyncio.sleep(1.0)
+            for link in list(self.unsent.sizes):
+                self.unsent.update(link, link.write_buffer_size())
 
     # -- sessions -------------------------------------------------------------------------
 

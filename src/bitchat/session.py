@@ -90,7 +90,11 @@ class Session:
         core.on_error = server.metrics.error
         self._dispatch = dispatcher.dispatch
         self._flush_scheduled = False
-        self._idle_timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._frame_timeout = s.frame_timeout > 0
+        self._login_deadline: float | None = None
+        self._stalled_since: float | None = None  # the peer stopped reading (high water)
         self._writable: asyncio.Event | None = None  # made by drain(), set when writing resumes
         # The dispatcher's per-connection state: requests waiting for an earlier
         # coroutine handler (arrival order), and the tasks running for this peer.
@@ -120,12 +124,18 @@ class Session:
     def opened(self) -> None:
         """The link is ready: register with the server and start the idle timer."""
         self.server._session_opened(self)
-        self._arm_idle()
+        s = self.server.settings
+        if s.login_timeout > 0 and self.server.dispatcher.login_gated:
+            self._login_deadline = self._loop.time() + s.login_timeout
+        self._arm()
 
     def data_received(self, data: bytes) -> None:
         """Bytes from the peer."""
         if not self.closed:
-            self.core.receive_data(data)
+            core = self.core
+            core.receive_data(data)
+            if core.frame_started is not None and self._frame_timeout:
+                self._frame_begun(core.frame_started)
             self.run_events()
 
     def run_events(self) -> None:
@@ -142,8 +152,14 @@ class Session:
 
     def pause_writing(self) -> None:
         self.core.pause_writing()
+        if self._stalled_since is None:
+            self._stalled_since = self._loop.time()
+            if self._timer is not None:
+                self._timer.cancel()
+            self._arm()
 
     def resume_writing(self) -> None:
+        self._stalled_since = None
         self.core.resume_writing()
         if self._writable is not None:
             self._writable.set()
@@ -153,8 +169,8 @@ class Session:
         if self.closed:
             return
         self.closed = True
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
         if self._writable is not None:
             self._writable.set()
         self.queue.clear()
@@ -163,32 +179,81 @@ class Session:
         self.core.discard_output()
         self.server._session_closed(self)
 
-    # -- idle timeout (the seed's IdleStateChecker) -------------------------------------------
+    # -- deadlines: idle (the seed's IdleStateChecker), frame, login, write stall ------------
 
-    def _arm_idle(self) -> None:
-        timeout = self.server.settings.read_idle_timeout
-        if timeout > 0:
-            self._idle_timer = self._loop.call_at(
-                self.core.last_received + timeout, self._check_idle
-            )
+    def _arm(self) -> None:
+        at = self._next_deadline()
+        self._timer_at = at
+        self._timer = None if at is None else self._loop.call_at(at, self._check_deadlines)
 
-    def _check_idle(self) -> None:
+    def _frame_begun(self, started: float) -> None:
+        # Deadlines only move later, except this one: arm it if it comes first.
+        at = started + self.server.settings.frame_timeout
+        if self._timer_at is None or at < self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = at
+            self._timer = self._loop.call_at(at, self._check_deadlines)
+
+    def _next_deadline(self) -> float | None:
+        s = self.server.settings
+        core = self.core
+        deadlines = []
+        if s.read_idle_timeout > 0:
+            deadlines.append(core.last_received + s.read_idle_timeout)
+        if s.frame_timeout > 0 and core.frame_started is not None:
+            deadlines.append(core.frame_started + s.frame_timeout)
+        if self._login_deadline is not None and self.login_at is None:
+            deadlines.append(self._login_deadline)
+        if s.write_stall_timeout > 0 and self._stalled_since is not None:
+            deadlines.append(self._stalled_since + s.write_stall_timeout)
+        return min(deadlines) if deadlines else None
+
+    def _check_deadlines(self) -> None:
         if self.closed:
             return
-        timeout = self.server.settings.read_idle_timeout
-        if self.core.idle_for() >= timeout:
-            log.info(
-                "closing idle connection %s (%s): nothing read for %.1fs",
-                self.id,
+        s = self.server.settings
+        core = self.core
+        now = self._loop.time()
+        why = None
+        if s.read_idle_timeout > 0 and now - core.last_received >= s.read_idle_timeout:
+            why = f"nothing read for {s.read_idle_timeout:.1f}s"
+        elif (
+            s.frame_timeout > 0
+            and core.frame_started is not None
+            and now - core.frame_started >= s.frame_timeout
+        ):
+            why = f"a frame not complete after {s.frame_timeout:.1f}s"
+        elif (
+            self._login_deadline is not None
+            and self.login_at is None
+            and now >= self._login_deadline
+        ):
+            why = f"not logged in after {s.login_timeout:.1f}s"
+        elif (
+            s.write_stall_timeout > 0
+            and self._stalled_since is not None
+            and now - self._stalled_since >= s.write_stall_timeout
+        ):
+            # A slow consumer: what it did not get stays in the store for its next sync.
+            log.warning(
+                "disconnecting %s (connection %s): its unread data stayed over %d bytes for %.1fs",
                 self.remote,
-                timeout,
+                self.id,
+                s.write_high_water,
+                s.write_stall_timeout,
             )
-            self.close()
-            # close() waits for unsent bytes to leave; a peer that reads nothing either
-            # would keep the connection (and its buffer) forever: abort after one more.
-            self._idle_timer = self._loop.call_later(timeout, self.abort)
-        else:
-            self._arm_idle()
+            self.abort()
+            return
+        if why is None:
+            self._arm()
+            return
+        log.info("closing connection %s (%s): %s", self.id, self.remote, why)
+        self.close()
+        # close() waits for unsent bytes to leave; a peer that reads nothing either
+        # would keep the connection (and its buffer) forever: abort after one more.
+        grace = s.read_idle_timeout if s.read_idle_timeout > 0 else 5.0
+        self._timer = self._loop.call_later(grace, self.abort)
 
     def _fatal(self, exc: ProtocolError) -> None:
         self.core.fail(exc)

@@ -104,11 +104,30 @@ class Settings:
     """Above this many unsent bytes a connection stops reading its peer's requests."""
     write_low_water: int = setting(64 * 1024, ge=0, unit="bytes", commands=_SR)
     """Below this, reading resumes (at most ``write_high_water``)."""
-    write_hard_limit: int = setting(8 * 1024 * 1024, ge=1, unit="bytes", commands=_SR)
+    write_hard_limit: int = setting(1024 * 1024, ge=1, unit="bytes", commands=_SR)
     """A peer that lets more than this pile up unread is disconnected (at least
-    ``write_high_water``)."""
+    ``write_high_water``); what it missed stays in the store for its next sync."""
+    max_unsent_bytes: int = setting(256 * 1024 * 1024, ge=0, unit="bytes", commands=_SR)
+    """Budget for unsent bytes across all connections (0: none). Over it, the
+    connections with the most unsent bytes are dropped until a quarter is free."""
+    write_stall_timeout: float = setting(30.0, ge=0, unit="s", commands=_SR)
+    """A peer that keeps more than ``write_high_water`` unread for this long is
+    disconnected as a slow consumer (0: never)."""
     max_pending_requests: int = setting(256, ge=1, commands=_SR)
-    """Requests queued on one connection before it stops reading (bounds memory)."""
+    """Requests of one connection handed to handlers and not yet answered before it
+    stops reading (bounds memory); reading resumes at half."""
+    frame_timeout: float = setting(10.0, ge=0, unit="s", commands=_SR)
+    """A frame must arrive whole within this long of its first byte (0: no
+    deadline); a peer that trickles bytes is closed."""
+    login_timeout: float = setting(10.0, ge=0, unit="s", commands=_SR)
+    """On a server with login-gated handlers (the IM server), a connection that has
+    not logged in this long after its first byte is closed (0: no deadline)."""
+    max_connections: int = setting(10000, ge=1, commands=_SR)
+    """Most connections open at once (packet, HTTP and WebSocket together; also
+    kept below the open-file limit). At the cap a new connection makes room by
+    dropping the oldest one not logged in, or is refused."""
+    max_connections_per_address: int = setting(256, ge=1, commands=_SR)
+    """Most connections open at once from one remote address; one more is refused."""
 
     # Client.
     request_timeout: float = setting(10.0, gt=0, unit="s", commands=_C)
@@ -219,6 +238,13 @@ class Settings:
     backend_timeout: float = setting(5.0, gt=0, unit="s", commands=_SR)
     """Longest one Redis or PostgreSQL call may take before the request fails with
     ``unavailable``."""
+    forward_queue_max: int = setting(100_000, ge=1, commands=_S)
+    """Messages a node keeps waiting to be forwarded to other nodes while Redis is
+    down; beyond, new ones are not queued (they are in the store, so they come at
+    the recipient's next sync)."""
+    ack_hold_max: int = setting(1024, ge=0, commands=_S)
+    """A SendAck waits for its message's forward to other nodes only while fewer
+    than this many forwards are queued (0: never waits); past it, it goes at once."""
 
     # HTTP / WebSocket on the same port.
     max_http_header_size: int = setting(16 * 1024, ge=1, unit="bytes", commands=_S)

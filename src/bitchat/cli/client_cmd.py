@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from bitchat.cli.options import add_settings_options, print_config, settings_from_args
+from bitchat.cli.sanitize import visible_lines
 from bitchat.client import Resolver
 from bitchat.errors import ConfigError
 from bitchat.settings import CLIENT, Settings
@@ -82,10 +83,12 @@ def parse_address(text: str) -> tuple[str, int]:
 
 class _CurrentStderr:
     """Writes to whatever ``sys.stderr`` is now: under the prompt, prompt_toolkit's
-    ``patch_stdout`` replaces it, so log lines go above the prompt too."""
+    ``patch_stdout`` replaces it, so log lines go above the prompt too. Control
+    characters are escaped, line breaks kept (:func:`visible_lines`)."""
 
     def write(self, text: str) -> int:
-        return sys.stderr.write(text)
+        # A log record may quote the server (an error message): shown, not obeyed.
+        return sys.stderr.write(visible_lines(text))
 
     def flush(self) -> None:
         sys.stderr.flush()

@@ -11,7 +11,10 @@ they happen. Two front ends feed it lines:
   terminal), with the same output and no prompt, so the client can be scripted.
 
 Commands are run one at a time, in order; each prints one answer, and a
-failure is one line naming its cause (``Login failed cause: ...``). While the
+failure is one line naming its cause (``Login failed cause: ...``). Every line
+goes out through :func:`~bitchat.cli.sanitize.visible`: a name, a message or an
+error from the server never writes a control character to the terminal (it is
+shown as an escape such as ``\x1b``), and never starts a line of its own. While the
 client is not connected, a command fails at once rather than waiting for the
 connection; :attr:`Repl.failures` counts failed commands (``bitchat client``
 exits with status 1 after a script in which any failed).
@@ -28,12 +31,14 @@ import unicodedata
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
+from bitchat.cli.sanitize import visible
 from bitchat.client import State
 from bitchat.errors import (
     BitchatError,
     ConnectionClosed,
     RequestError,
     RequestTimeout,
+    TLSError,
     UsageError,
     codes,
 )
@@ -71,9 +76,18 @@ class _Usage(UsageError):
     """A command line that does not fit its command: print its usage."""
 
 
+# What to do about a TLS failure, in the terms of bitchat client's options.
+_TLS_HINTS = {
+    TLSError.SERVER_SPEAKS_TLS: ": use --tls",
+    TLSError.SERVER_SPEAKS_PLAIN: ": connect without --tls",
+}
+
+
 def _cause(exc: BaseException) -> str:
     if isinstance(exc, RequestError):
         return exc.message or exc.code
+    if isinstance(exc, TLSError):
+        return exc.message + _TLS_HINTS.get(exc.reason, "")
     return str(exc) or type(exc).__name__
 
 
@@ -95,8 +109,11 @@ def table(
     """Lines of a table: a header, a rule under each column, the rows.
 
     Columns are as wide as their widest cell and two spaces apart; the columns
-    whose index is in ``right`` are aligned to the right (numbers).
+    whose index is in ``right`` are aligned to the right (numbers). Cells are
+    measured as they will be printed, control characters escaped.
     """
+    headers = [visible(h) for h in headers]
+    rows = [[visible(c) for c in r] for r in rows]
     widths = [max([_width(h)] + [_width(r[i]) for r in rows]) for i, h in enumerate(headers)]
 
     def line(cells: Sequence[str]) -> str:
@@ -113,12 +130,14 @@ class Repl:
     """Runs commands against an :class:`IMClient` and prints what happens.
 
     ``out`` prints one line (``print`` by default); the connection's status
-    changes and incoming messages go through it too.
+    changes and incoming messages go through it too. It is only ever given
+    lines made visible (:func:`~bitchat.cli.sanitize.visible`): no control
+    character, no line break inside.
     """
 
     def __init__(self, im: IMClient, out: Output | None = None, via: str | None = None) -> None:
         self.im = im
-        self.out: Output = out or print
+        self._write: Output = out or print
         self.via = via  # "router HOST:PORT" when a cluster router picks the server
         self.failures = 0
         """Commands that failed (a refusal, a lost connection, a bad command line)."""
@@ -145,6 +164,10 @@ class Repl:
         im.on_message(self.show_message)
         im.on_relogin(self._relogged_in)
         im.client.on_state.append(self._state_changed)
+
+    def out(self, line: str) -> None:
+        """Print one line; what came from the server in it is shown, not obeyed."""
+        self._write(visible(line))
 
     # -- events ---------------------------------------------------------------------------
 
@@ -189,6 +212,13 @@ class Repl:
             self._status = None
             if self.im.user is not None:
                 self._hold()  # until "Logged in again" (or the connection drops)
+        elif state is State.CLOSED:
+            error = self.im.client.last_error
+            if isinstance(error, TLSError):  # the client gave up: say why, once
+                self._release()
+                self._up = False
+                self._status = f"Cannot connect to {self._where()}: {_cause(error)}; not retrying"
+                self.out(self._status)
         elif state is State.DISCONNECTED:
             self._release()
             if self._up:
@@ -240,7 +270,8 @@ class Repl:
             self.out("bye bye!")
             return False
         if line in ("help", "-h", "--help", "?"):
-            self.out(USAGE)
+            for text in USAGE.split("\n"):
+                self.out(text)
             return True
         parts = line.split()
         entry = self._commands.get(parts[0])
@@ -274,6 +305,9 @@ class Repl:
                 await asyncio.wait_for(self._attempted.wait(), client.settings.connect_timeout)
             if client.connected:
                 return
+        error = client.last_error
+        if client.state is State.CLOSED and isinstance(error, TLSError):
+            raise TLSError(error.reason, error.message)  # final: no "retrying" here
         where = f"a server through the {self.via}" if self.via else self._where()
         raise ConnectionClosed(f"not connected to {where} (retrying in the background)")
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import logging
+import resource
 import signal
 from typing import Any
 
@@ -33,22 +35,9 @@ def add_parser(sub: Any) -> None:
 
 def build_server(settings: Settings) -> Server:
     """The server ``settings`` describe: standalone or a cluster node (``mode``)."""
-    if settings.mode == "cluster":
-        from bitchat.cluster.node import build_cluster_server
+    from bitchat.app import build_server as build
 
-        server: Server = build_cluster_server(
-            settings.host,
-            settings.port,
-            settings,
-            redis_url=settings.redis_url,
-            pg_dsn=settings.pg_dsn,
-            node_id=settings.node_id,
-            advertise=settings.advertise,
-        )
-        return server
-    from bitchat.im.app import build_standalone_server
-
-    return build_standalone_server(settings.host, settings.port, settings)
+    return build(settings)
 
 
 async def serve(server: Server) -> None:
@@ -76,6 +65,18 @@ async def serve(server: Server) -> None:
     await server.serve_forever()
 
 
+def raise_open_file_limit() -> None:
+    """Lift the soft open-file limit to the hard one: every connection is a
+    descriptor, and the common default of 1,024 is a low ceiling for a chat server
+    (``max_connections`` stays below whatever limit there is)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         loaded = settings_from_args(args)
@@ -89,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         log.info("settings from %s", args.config)
     if not args.no_uvloop:
         install_uvloop()
+    raise_open_file_limit()
     try:
         server = build_server(loaded.settings)
         asyncio.run(serve(server))

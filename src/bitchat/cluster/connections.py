@@ -11,14 +11,18 @@ Delivery: :meth:`deliver` pushes to this node's sessions at once, then queues
 the message for forwarding; one forwarder task takes the queue in order,
 finds which other nodes hold the recipients, and publishes each message once
 per node on that node's ``P inbox:{node}`` channel. The receiving node pushes
-it to its own sessions of those users.
+it to its own sessions of those users. The sender's ack waits for that publish
+(:meth:`after_forward`), unless Redis is down or the queue is long: a node killed
+right after an ack has already handed the message on.
 
 Why pub/sub and not streams: the store (PostgreSQL) is the source of truth and
 the forward only saves the recipient a wait, so it need not be durable. A
 message lost in transit is still pending in the store and comes at the
 recipient's next sync; and every node re-syncs its sessions from the store
 whenever its subscription comes back after an outage, which covers what a
-stream's replay would. Pub/sub keeps nothing in Redis, needs no trimming or
+stream's replay would; and whenever another node drops out of the registry
+(killed, cut off, or stopped), since what it stored last may never have been
+forwarded. Pub/sub keeps nothing in Redis, needs no trimming or
 consumer groups, and a dead node leaves no backlog behind.
 
 While Redis is down the node refuses logins and online lists with ``unavailable``
@@ -93,12 +97,6 @@ return out
 
 _LOCATE_CHUNK = 1000  # users per script call: Lua's unpack() has a stack limit
 FORWARD_BATCH = 512
-FORWARD_QUEUE_MAX = 100_000
-"""Messages waiting to be forwarded while Redis is down; beyond, new ones are not
-queued (they are pending in the store, so they come at the recipient's next sync)."""
-
-ResyncHook = Callable[["Session"], None]
-PresenceHook = Callable[[int, str, bool], None]
 
 
 def _message_row(m: Message) -> list[Any]:
@@ -117,13 +115,11 @@ class RedisConnectionCenter(ConnectionCenter):
         self.redis = connect_redis(redis_url, settings)
         self.registry = NodeRegistry(self.redis, settings, node_id)
         self.load: Callable[[], int] = lambda: 0
-        """Connections on this node (the server sets it); published as its load."""
-        self.on_resync: ResyncHook | None = None
-        """Called for each local session whose pushes may have been lost in transit."""
-        self.on_presence: PresenceHook | None = None
-        """Called for presence changes published by other nodes."""
+        """Connections on this node (set by :func:`~bitchat.cluster.node.join_cluster`);
+        published as its load."""
         self.on_evicted: Callable[[], None] | None = None
-        """Called if another instance took this node id over (this node must stop)."""
+        """Called if another instance took this node id over (this node must stop:
+        :func:`~bitchat.cluster.node.join_cluster` stops the server)."""
         self.forwarded = 0
         self.received = 0
         self._locate = self.redis.register_script(_LOCATE)
@@ -140,6 +136,11 @@ class RedisConnectionCenter(ConnectionCenter):
         self._publishing: set[asyncio.Task[None]] = set()
         self._forward_idle = asyncio.Event()
         self._forward_idle.set()
+        # Callbacks of after_forward, by how many messages must have left first.
+        self._queued = 0  # messages ever put in the forward queue
+        self._left_queue = 0  # of those, forwarded (or given up on)
+        self._after_forward: collections.deque[tuple[int, Callable[[], None]]] = collections.deque()
+        self._peers: dict[int, str] | None = None  # other live nodes: id -> instance
         self._subscribed = asyncio.Event()
         self._closing = False
         self._left = False
@@ -212,6 +213,7 @@ class RedisConnectionCenter(ConnectionCenter):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks = []
+        self._release(self._queued)
         with contextlib.suppress(*REDIS_ERRORS):
             await self.redis.aclose()
 
@@ -289,19 +291,45 @@ class RedisConnectionCenter(ConnectionCenter):
         )
         if self._closing:
             return
-        if len(self._forward) >= FORWARD_QUEUE_MAX:
+        if len(self._forward) >= self.settings.forward_queue_max:
             log.warning(
                 "forward queue full: message %d left to the recipients' next sync", message.id
             )
             return
         self._forward.append((message, targets))
+        self._queued += 1
         self._forward_idle.clear()
         self._forward_wake.set()
+
+    def after_forward(self, callback: Callable[[], None]) -> None:
+        """``callback()`` once what was delivered so far has been published to the
+        other nodes (or could not be: Redis down). At once if nothing is queued, if
+        Redis is down, or behind a backlog of over ``ack_hold_max`` messages (a
+        backlog would make acks slow; the store and the re-syncs still cover them)."""
+        if (
+            not self._forward
+            or not self.health.up
+            or len(self._forward) > self.settings.ack_hold_max
+        ):
+            callback()
+            return
+        self._after_forward.append((self._queued, callback))
+
+    def _release(self, upto: int) -> None:
+        """Run the after_forward callbacks waiting for at most ``upto`` messages."""
+        waiting = self._after_forward
+        while waiting and waiting[0][0] <= upto:
+            _, callback = waiting.popleft()
+            try:
+                callback()
+            except Exception:
+                log.exception("an after_forward callback failed")
 
     # -- presence across nodes --------------------------------------------------------------
 
     def publish_presence(self, user_id: int, name: str, online: bool) -> None:
-        """Tell the other nodes' watchers (best effort: a lost one is only a late list)."""
+        """Tell the other nodes' watchers (best effort: a lost one is only a late list);
+        they hear it through their own :attr:`on_presence`."""
         if self._closing:
             return
         payload = msgpack.packb([self.node_id, user_id, name, online])
@@ -399,7 +427,7 @@ class RedisConnectionCenter(ConnectionCenter):
             if self._left:
                 return
             try:
-                result = await self.registry.beat(self.load(), len(self._by_user))
+                result, peers = await self.registry.beat(self.load(), len(self._by_user))
             except REDIS_ERRORS as exc:
                 self._failed(exc, "refreshing the node's registration")
                 return
@@ -422,6 +450,24 @@ class RedisConnectionCenter(ConnectionCenter):
             self._rewrite_all = True
             self._write_wake.set()
         self._ok()
+        self._seen_peers(peers)
+
+    def _seen_peers(self, peers: dict[int, str]) -> None:
+        """The other live nodes as of this heartbeat: if one has gone since the last
+        (or came back as a new instance), re-sync the local users from the store."""
+        before, self._peers = self._peers, peers
+        if before is None:
+            return
+        gone = sorted(n for n, instance in before.items() if peers.get(n) != instance)
+        if gone:
+            log.warning(
+                "node %d: node(s) %s left the registry; re-sending pending messages "
+                "to the %d users online here",
+                self.node_id,
+                ", ".join(map(str, gone)),
+                len(self._by_user),
+            )
+            self._resync_all()
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -442,11 +488,15 @@ class RedisConnectionCenter(ConnectionCenter):
                     await self._forward_batch(batch)
                 except ServiceUnavailable:
                     # Keep the batch; retry when Redis answers (the heartbeat probes it).
+                    # The acks waiting for it go now: an ack means stored, not forwarded.
+                    self._release(self._queued)
                     await asyncio.sleep(backoff.delay())
                     continue
                 backoff.reset()
                 for _ in range(n):
                     self._forward.popleft()
+                self._left_queue += n
+                self._release(self._left_queue)
             self._forward_idle.set()
 
     async def _forward_batch(self, batch: list[tuple[Message, tuple[int, ...]]]) -> None:

@@ -38,10 +38,19 @@ import asyncpg
 
 from bitchat.cluster.health import Backoff, Counter, Health
 from bitchat.errors import RequestError, ServiceUnavailable, codes
-from bitchat.im.centers import Group, Message, MessageCenter, User, UserCenter
+from bitchat.im.centers import (
+    AckJob,
+    Group,
+    Message,
+    MessageCenter,
+    User,
+    UserCenter,
+    conversation,
+    refused,
+    take_acks,
+)
 from bitchat.im.ids import MAX_NODE, SEQ_BITS
 from bitchat.im.passwords import hash_password, new_token, token_digest
-from bitchat.im.sqlite import AckJob, conversation, refused, take_acks
 from bitchat.settings import Settings
 
 if TYPE_CHECKING:

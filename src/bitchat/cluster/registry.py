@@ -11,6 +11,11 @@ Keys (``P`` is ``Settings.redis_prefix``, ``bitchat:`` by default)::
     P inbox:{id}      channel messages forwarded to node {id} (pub/sub)
     P presence        channel users coming online / going offline (pub/sub)
 
+Every heartbeat also reads which other nodes are alive (id and instance): a node
+that drops out, killed or stopped, is seen by the others within ``node_ttl`` plus
+one heartbeat, and they re-send their online users' pending messages (what the
+dead node stored may never have been forwarded).
+
 A node *claims* its id at start: the claim fails while another instance holds
 it and that instance is still heartbeating, so two live nodes never share an
 id (message ids embed it). A node killed with ``kill -9`` stops refreshing its
@@ -152,12 +157,13 @@ return {1}
 """
 )
 
-# Same keys and arguments. Returns 1 (refreshed), 0 (was gone: registered again,
-# the caller must rewrite its online users) or -1 (another instance has the id).
+# Same keys and arguments. Returns {1} (refreshed), {0} (was gone: registered
+# again, the caller must rewrite its online users) or {-1} (another instance has
+# the id); after a 1 or 0, the other live nodes as id, instance, id, instance...
 _BEAT = (
     """
 local owner = redis.call('HGET', KEYS[1], 'instance')
-if owner and owner ~= ARGV[1] then return -1 end
+if owner and owner ~= ARGV[1] then return {-1} end
 redis.call('HSET', KEYS[1], unpack(ARGV, 5))
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
@@ -165,8 +171,18 @@ redis.call('SADD', KEYS[3], ARGV[3])
 """
     + _prune(4)
     + """
-if owner then return 1 end
-return 0
+local out = {0}
+if owner then out[1] = 1 end
+for _, n in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+  if n ~= ARGV[3] then
+    local inst = redis.call('HGET', ARGV[4] .. 'node:' .. n, 'instance')
+    if inst then
+      out[#out + 1] = n
+      out[#out + 1] = inst
+    end
+  end
+end
+return out
 """
 )
 
@@ -296,9 +312,12 @@ class NodeRegistry:
             await asyncio.sleep(self.interval / 2)
         raise NodeIdInUse(f"node id {self.node_id} stayed registered by another instance")
 
-    async def beat(self, conns: int, users: int) -> int:
-        """Refresh the registration: 1 refreshed, 0 re-created, -1 taken by another."""
-        return int(await self._beat(keys=self._keys(), args=self._args(conns, users)))
+    async def beat(self, conns: int, users: int) -> tuple[int, dict[int, str]]:
+        """Refresh the registration: 1 refreshed, 0 re-created, -1 taken by another;
+        with the other live nodes (id -> instance; empty after -1)."""
+        raw = await self._beat(keys=self._keys(), args=self._args(conns, users))
+        peers = {int(_s(raw[i])): _s(raw[i + 1]) for i in range(1, len(raw) - 1, 2)}
+        return int(raw[0]), peers
 
     async def release(self) -> bool:
         """Leave the registry at once (a clean stop): the router stops sending clients.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import collections
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -72,8 +73,74 @@ class Message:
         }
 
 
+def conversation(kind: str, a: int, b: int) -> str:
+    """The key of a conversation, as the message stores keep it: a p2p pair
+    (unordered) or a group (``b``)."""
+    if kind == "group":
+        return f"g:{b}"
+    lo, hi = (a, b) if a < b else (b, a)
+    return f"p:{lo}:{hi}"
+
+
+# The batching both SQL message stores share (see im/sqlite.py's docstring).
+
+
+class AckJob:
+    """One ack call waiting to be written: ``ids[pos:]`` of ``user_id`` are left."""
+
+    __slots__ = ("ids", "pos", "user_id", "waiter")
+
+    def __init__(self, user_id: int, ids: Sequence[int], waiter: asyncio.Future[None]) -> None:
+        self.user_id = user_id
+        self.ids = ids
+        self.pos = 0
+        self.waiter = waiter
+
+
+def take_acks(
+    jobs: collections.deque[AckJob], most: int
+) -> tuple[list[int], list[asyncio.Future[None]], AckJob | None]:
+    """Up to ``most`` acked ids from the oldest jobs, for one transaction.
+
+    Returns the ``(user_id, msg_id)`` pairs laid end to end, the waiters of the
+    jobs taken whole (removed from ``jobs``), and the job taken in part, if any
+    (still first in ``jobs``, its ``pos`` moved on).
+    """
+    flat: list[int] = []
+    done: list[asyncio.Future[None]] = []
+    room = most
+    while jobs:
+        job = jobs[0]
+        left = len(job.ids) - job.pos
+        take = min(left, room)
+        if take:
+            pairs = [job.user_id] * (2 * take)
+            pairs[1::2] = job.ids[job.pos : job.pos + take]
+            flat += pairs
+            room -= take
+        if take < left:
+            job.pos += take
+            return flat, done, job
+        jobs.popleft()
+        done.append(job.waiter)
+        if not room:
+            break
+    return flat, done, None
+
+
+def refused(exc: BaseException) -> RequestError:
+    """What the sender of a message the store could not keep gets (the others of
+    its batch are stored)."""
+    return RequestError(codes.INVALID_PACKET, f"the store cannot keep this message: {exc}")
+
+
 StoreCallback = Callable[[tuple[Message, bool] | None, BaseException | None], None]
 """``then(result, error)`` of :meth:`MessageCenter.store_then`: exactly one is None."""
+
+PresenceHook = Callable[[int, str, bool], None]
+"""``on_presence(user_id, name, online)`` of :class:`ConnectionCenter`."""
+ResyncHook = Callable[["Session"], None]
+"""``on_resync(session)`` of :class:`ConnectionCenter`."""
 
 
 class UserCenter(abc.ABC):
@@ -223,11 +290,26 @@ class MessageCenter(abc.ABC):
 
 
 class ConnectionCenter(abc.ABC):
-    """Where users are online, and the delivery of pushes to them."""
+    """Where users are online, and the delivery of pushes to them.
+
+    A center that spans several nodes also carries presence between them and may
+    lose pushes in transit; the IM service subscribes to both with the two hooks
+    below. The in-memory center (one node) calls neither, and publishes nothing.
+    """
+
+    on_presence: PresenceHook | None = None
+    """Set by the IM service: called for a presence change published by another node."""
+    on_resync: ResyncHook | None = None
+    """Set by the IM service: called for each local session whose pushes may have been
+    lost in transit (their messages are still pending in the store)."""
 
     async def start(self) -> None: ...  # noqa: B027 (optional hook)
 
     async def close(self) -> None: ...  # noqa: B027 (optional hook)
+
+    def publish_presence(self, user_id: int, name: str, online: bool) -> None:  # noqa: B027
+        """Tell the other nodes that the user came online or went offline anywhere
+        (best effort); this node's watchers are told by the IM service itself."""
 
     @abc.abstractmethod
     async def attach(self, user_id: int, session: Session) -> None:
@@ -252,3 +334,10 @@ class ConnectionCenter(abc.ABC):
     def deliver(self, message: Message, user_ids: Iterable[int], exclude_session: int = 0) -> None:
         """Push ``message`` to every connection of ``user_ids`` wherever it is,
         except the session ``exclude_session`` (the sender's own)."""
+
+    def after_forward(self, callback: Callable[[], None]) -> None:
+        """``callback()`` once what :meth:`deliver` was given so far has left for the
+        other nodes, or at once if that cannot be quick (the sender's ack waits for
+        it, so a node that dies after an ack has handed the message on). One node
+        forwards nothing: at once."""
+        callback()

@@ -26,7 +26,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from bitchat.client import Client, Resolver
+from bitchat.client import Client, Resolver, State
 from bitchat.errors import ConnectionClosed, RequestError, RequestTimeout, UsageError
 from bitchat.im.centers import User
 from bitchat.im.packets import (
@@ -193,7 +193,13 @@ class IMClient:
         retries: int = 3,
         timeout: float | None = None,
     ) -> SendAck:
-        """Send a one-to-one message (``-pc id message``); returns once it is stored."""
+        """Send a one-to-one message (``-pc id message``); returns once it is stored.
+
+        A connection lost meanwhile is waited for and the message resent with the
+        same ``client_msg_id`` (stored once), up to ``retries`` times within
+        ``timeout`` (default ``request_timeout``); then the error is raised:
+        :class:`RequestTimeout` or :class:`ConnectionClosed`.
+        """
         return await self._send(
             SendP2P(to, text, client_msg_id or new_client_msg_id()), retries, timeout
         )
@@ -211,17 +217,34 @@ class IMClient:
         )
 
     async def _send(self, packet: Packet, retries: int, timeout: float | None) -> SendAck:
+        """Send until stored: a connection lost before the answer came is waited out
+        (the client reconnects and logs in again) and the same packet resent, at
+        most ``retries`` times, all within ``timeout`` (``request_timeout``)."""
+        client = self.client
+        timeout = client.settings.request_timeout if timeout is None else timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         attempt = 0
         while True:
             try:
-                ack = await self.client.request(packet, timeout)
-                assert isinstance(ack, SendAck)
-                return ack
-            except (ConnectionClosed, RequestTimeout):
-                # The same client_msg_id makes the retry harmless if it was stored.
+                ack = await client.request(packet, max(deadline - loop.time(), 0.0))
+            except ConnectionClosed:
+                # The same client_msg_id makes the resend harmless if it was stored. The
+                # next request waits for the reconnect: resends are spaced by it.
                 attempt += 1
-                if attempt > retries or self.client.state.value == "closed":
+                if attempt > retries or client.state is State.CLOSED:
                     raise
+                if loop.time() >= deadline:
+                    raise self._not_stored(packet, timeout) from None
+                continue
+            except RequestTimeout:
+                raise self._not_stored(packet, timeout) from None
+            assert isinstance(ack, SendAck)
+            return ack
+
+    def _not_stored(self, packet: Packet, timeout: float) -> RequestTimeout:
+        why = "no answer" if self.client.connected else "not connected"
+        return RequestTimeout(f"{type(packet).__name__} not stored within {timeout:.1f}s ({why})")
 
     async def create_group(self, name: str) -> GroupInfo:
         g = await self.client.request(CreateGroup(name))

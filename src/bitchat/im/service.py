@@ -1,13 +1,20 @@
 """The IM service: login, users, one-to-one and group chat, history, acks.
 
 It installs its handlers on a :class:`~bitchat.Server` and works against the
-three center interfaces only, so standalone and cluster share every line.
+three center interfaces only, so standalone and cluster share every line: what a
+cluster adds (presence from other nodes, a re-sync after pushes were lost in
+transit) comes through the connection center's hooks, and the composition root
+(:func:`bitchat.app.build_server`) picks the centers and the order they start in.
 
 Delivery: a message gets its id when its request is handled (so a
 connection's messages keep their order), is stored for every recipient
 before the sender's :class:`SendAck`, then pushed to every connection of the
-recipients (and the sender's other devices). A recipient's :class:`Ack` clears
-it; what is not acked is pushed again at the next login, in id order.
+recipients (and the sender's other devices); in a cluster the ack also waits
+until the message has left for the other nodes. A retry of a stored message
+(same ``client_msg_id``) is pushed again, since its first try may have died with
+its node. A recipient's :class:`Ack` clears it; what is not acked is pushed
+again at the next login, in id order, or when the connection center says pushes
+may have been lost (``on_resync``).
 """
 
 from __future__ import annotations
@@ -70,8 +77,16 @@ def _valid_name(name: str, max_len: int) -> str:
     return name
 
 
+Center = UserCenter | MessageCenter | ConnectionCenter
+
+
 class IMService:
-    """The IM handlers over one set of centers."""
+    """The IM handlers over one set of centers.
+
+    ``start_order`` is the order the centers start in (default: users, messages,
+    connections); they close in the order connections, messages, users, once the
+    service's own tasks are done.
+    """
 
     def __init__(
         self,
@@ -79,16 +94,23 @@ class IMService:
         users: UserCenter,
         messages: MessageCenter,
         connections: ConnectionCenter,
+        *,
+        start_order: Sequence[Center] | None = None,
     ) -> None:
         self.server = server
         self.settings = server.settings
         self.users = users
         self.messages = messages
         self.connections = connections
+        self.start_order: tuple[Center, ...] = tuple(start_order or (users, messages, connections))
         self.ids = IdGenerator(self.settings.node_id)
-        self.watchers: set[Session] = set()
+        self.watchers: dict[Session, int] = {}
+        """Sessions that asked for Presence pushes, with the user each asked as: a
+        watch ends at logout, and a login as another user does not inherit it."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._syncs: set[asyncio.Task[None]] = set()
+        connections.on_presence = self._tell_watchers
+        connections.on_resync = self._resync
         self._install()
 
     # -- wiring ---------------------------------------------------------------------------
@@ -116,9 +138,9 @@ class IMService:
         s.on_session_close.append(self._session_closed)
 
     async def _start(self, server: Server) -> None:
-        await self.users.start()
-        await self.messages.start()
-        await self.connections.start()
+        # If a step fails, the server runs the shutdown hooks: every center closes.
+        for center in self.start_order:
+            await center.start()
         last = await self.messages.last_id(self.settings.node_id)
         self.ids = IdGenerator(self.settings.node_id, last)
 
@@ -133,7 +155,7 @@ class IMService:
         await self.users.close()
 
     def _session_closed(self, session: Session) -> None:
-        self.watchers.discard(session)
+        self.watchers.pop(session, None)
         if session.user_id is not None:
             task = self.server.loop.create_task(self._logged_out(session))
             self._tasks.add(task)
@@ -155,6 +177,23 @@ class IMService:
             )
 
     async def on_login(self, session: Session, p: Login) -> LoginOk:
+        before = session.user_id
+        was_syncing = SYNCING in session.data
+        try:
+            return await self._login(session, p)
+        except BaseException:
+            # A backend failed half-way (Redis or PostgreSQL down), or the connection
+            # closed: the session must not stay logged in, nor keep its pushes held back.
+            if session.user_id is not None and session.user_id != before:
+                await self.connections.detach(session)
+                session.user_id = session.user_name = None
+                session.data.pop(_TOKEN, None)
+            held = None if was_syncing else session.data.pop(SYNCING, None)
+            if held and session.user_id is not None:
+                push_message_each(held, session)
+            raise
+
+    async def _login(self, session: Session, p: Login) -> LoginOk:
         if p.token:
             found = await self.users.check_token(p.token)
             if found is None:
@@ -173,6 +212,7 @@ class IMService:
         if session.closed:
             raise RequestError(codes.LOGIN_FAILED, "the connection closed during login")
         if session.user_id is not None and session.user_id != user.id:
+            self.watchers.pop(session, None)
             await self._logged_out(session)
         pending = await self.messages.count_pending(user.id)
         first = not await self.connections.is_online(user.id)
@@ -248,6 +288,7 @@ class IMService:
             log.exception("detaching a session of user %d failed", user_id)
 
     async def on_logout(self, session: Session, p: Logout) -> Ok:
+        self.watchers.pop(session, None)
         token = session.data.pop(_TOKEN, None)
         if token:
             await self.users.revoke_token(token)
@@ -257,16 +298,36 @@ class IMService:
         return Ok()
 
     def _presence(self, user: User, online: bool) -> None:
+        """The user came online or went offline (on this node): tell every watcher."""
+        self._tell_watchers(user.id, user.name, online)
+        self.connections.publish_presence(user.id, user.name, online)
+
+    def _tell_watchers(self, user_id: int, name: str, online: bool) -> None:
+        """Push a presence change to this node's watchers (the center's ``on_presence``)."""
         if not self.watchers:
             return
-        packet = Presence(user.id, user.name, online)
-        for s in list(self.watchers):
-            if s.user_id != user.id:
+        packet = Presence(user_id, name, online)
+        for s, watcher in list(self.watchers.items()):
+            if s.user_id != watcher:  # no longer the user who asked: the watch is over
+                del self.watchers[s]
+            elif watcher != user_id:
                 s.push(packet)
 
+    def _resync(self, session: Session) -> None:
+        """Push the session's pending messages again (the center's ``on_resync``: they
+        may have been lost in transit)."""
+        user_id = session.user_id
+        if user_id is None or session.closed or session.data.get(SYNCING) is not None:
+            return
+        held: list[Message] = []
+        session.data[SYNCING] = held
+        task = self.server.loop.create_task(self._sync(session, user_id, held))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def on_list_online(self, session: Session, p: ListOnline) -> OnlineUsers:
-        if p.watch:
-            self.watchers.add(session)
+        if p.watch and session.user_id is not None:
+            self.watchers[session] = session.user_id
         ids = await self.connections.online_users()
         users = await self.users.get_users(ids)
         return OnlineUsers([{"id": u, "name": users[u].name} for u in ids if u in users])
@@ -395,7 +456,7 @@ class IMService:
         out = Deferred() if answer is None else answer
         # A partial rather than a closure: fewer objects per message for the collector.
         self.messages.store_then(
-            msg, pending, functools.partial(self._stored, out, session.id, recipients)
+            msg, pending, functools.partial(self._stored, out, session.id, msg, recipients)
         )
         return out
 
@@ -403,11 +464,13 @@ class IMService:
         self,
         out: Deferred | asyncio.Future[SendAck],
         session_id: int,
+        sent: Message,
         recipients: Sequence[int],
         result: tuple[Message, bool] | None,
         error: BaseException | None,
     ) -> None:
-        """A message was committed (or failed): push it, then answer the sender."""
+        """A message was committed (or failed): push it, then answer the sender once
+        it has left for the other nodes (a node dying after the ack loses nothing)."""
         if out.done():
             return
         if result is None:
@@ -417,6 +480,11 @@ class IMService:
         try:
             if not duplicate:
                 self.server.metrics.message_stored(msg.kind)
+            # A duplicate is a retry: its first try may have been stored by a node that
+            # died before it answered or forwarded, so the stored message goes out again
+            # (clients drop what they have by msg_id); unless the retry names another
+            # conversation, which is no retry of it.
+            if not duplicate or (msg.kind, msg.to) == (sent.kind, sent.to):
                 # The recipients, and the sender's other devices.
                 sender = msg.sender_id
                 targets = recipients if sender in recipients else [*recipients, sender]
@@ -425,7 +493,7 @@ class IMService:
         except Exception as exc:
             out.set_exception(exc)
             return
-        out.set_result(ack)
+        self.connections.after_forward(functools.partial(_answer, out, ack))
 
     def on_ack(self, session: Session, p: Ack) -> Any:
         if not p.msg_ids:
@@ -476,6 +544,10 @@ class IMService:
         limit = self.settings.max_group_name_length
         if not 1 <= len(name) <= limit:
             raise RequestError(codes.INVALID_PACKET, f"a group name has 1 to {limit} characters")
+        # The rules of _valid_name, but a space inside a group name is fine ("moon base");
+        # str.isprintable() lets only the ASCII space through of the spaces.
+        if not name.isprintable():
+            raise RequestError(codes.INVALID_PACKET, "a group name has no control characters")
         await self._check_group_count(session.user_id, 0)
         g = await self.users.create_group(session.user_id, name)
         return GroupInfo(g.id, g.name, g.owner_id, g.members)
@@ -515,6 +587,11 @@ class IMService:
                 for u in ids
             ],
         )
+
+
+def _answer(out: Deferred | asyncio.Future[SendAck], ack: SendAck) -> None:
+    if not out.done():  # a future is cancelled when its sender went away
+        out.set_result(ack)
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:

@@ -8,12 +8,12 @@ next one, so an ack to the sender still means the message is on disk, without
 one fsync per message. (aiosqlite hands each statement to its thread and back;
 a whole batch in one hand-off is what made the store keep up with the loop.)
 
-Both SQL backends batch the same way (:class:`AckJob`, :func:`take_acks`): a
-transaction holds at most ``batch_max`` messages and ``ack_batch_max`` acked
-ids, and acks wait in a queue of their own, so a flood of acks spreads over
-many transactions rather than holding up the messages of one; and when a
-batch statement fails for one row's data, its rows are written again one by
-one (a savepoint each), so only that row fails.
+Both SQL backends batch the same way (``AckJob`` and ``take_acks`` in
+:mod:`bitchat.im.centers`): a transaction holds at most ``batch_max`` messages
+and ``ack_batch_max`` acked ids, and acks wait in a queue of their own, so a
+flood of acks spreads over many transactions rather than holding up the
+messages of one; and when a batch statement fails for one row's data, its rows
+are written again one by one (a savepoint each), so only that row fails.
 """
 
 from __future__ import annotations
@@ -35,7 +35,18 @@ from typing import TYPE_CHECKING, Any
 import aiosqlite
 
 from bitchat.errors import RequestError, ServiceUnavailable, codes
-from bitchat.im.centers import Group, Message, MessageCenter, StoreCallback, User, UserCenter
+from bitchat.im.centers import (
+    AckJob,
+    Group,
+    Message,
+    MessageCenter,
+    StoreCallback,
+    User,
+    UserCenter,
+    conversation,
+    refused,
+    take_acks,
+)
 from bitchat.im.ids import MAX_NODE, SEQ_BITS
 from bitchat.im.passwords import hash_password, new_token, token_digest
 
@@ -95,14 +106,6 @@ MIGRATIONS: list[str] = [
 
 _WAL_AUTOCHECKPOINT = 10_000
 """WAL pages after which a commit checkpoints (SQLite's default: 1,000): see _connect_writer."""
-
-
-def conversation(kind: str, a: int, b: int) -> str:
-    """The key of a conversation: a p2p pair (unordered) or a group."""
-    if kind == "group":
-        return f"g:{b}"
-    lo, hi = (a, b) if a < b else (b, a)
-    return f"p:{lo}:{hi}"
 
 
 async def open_db(path: str, synchronous: str = "FULL") -> aiosqlite.Connection:
@@ -400,55 +403,6 @@ def _write_rows(db: sqlite3.Connection, sql: str, width: int, flat: list[Any], c
         changed += cur.rowcount
         pos += take
     return changed
-
-
-class AckJob:
-    """One ack call waiting to be written: ``ids[pos:]`` of ``user_id`` are left."""
-
-    __slots__ = ("ids", "pos", "user_id", "waiter")
-
-    def __init__(self, user_id: int, ids: Sequence[int], waiter: asyncio.Future[None]) -> None:
-        self.user_id = user_id
-        self.ids = ids
-        self.pos = 0
-        self.waiter = waiter
-
-
-def take_acks(
-    jobs: collections.deque[AckJob], most: int
-) -> tuple[list[int], list[asyncio.Future[None]], AckJob | None]:
-    """Up to ``most`` acked ids from the oldest jobs, for one transaction.
-
-    Returns the ``(user_id, msg_id)`` pairs laid end to end, the waiters of the
-    jobs taken whole (removed from ``jobs``), and the job taken in part, if any
-    (still first in ``jobs``, its ``pos`` moved on).
-    """
-    flat: list[int] = []
-    done: list[asyncio.Future[None]] = []
-    room = most
-    while jobs:
-        job = jobs[0]
-        left = len(job.ids) - job.pos
-        take = min(left, room)
-        if take:
-            pairs = [job.user_id] * (2 * take)
-            pairs[1::2] = job.ids[job.pos : job.pos + take]
-            flat += pairs
-            room -= take
-        if take < left:
-            job.pos += take
-            return flat, done, job
-        jobs.popleft()
-        done.append(job.waiter)
-        if not room:
-            break
-    return flat, done, None
-
-
-def refused(exc: BaseException) -> RequestError:
-    """What the sender of a message the store could not keep gets (the others of
-    its batch are stored)."""
-    return RequestError(codes.INVALID_PACKET, f"the store cannot keep this message: {exc}")
 
 
 _ROW_ERRORS: tuple[type[BaseException], ...] = (

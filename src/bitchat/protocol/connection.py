@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Callable, Container, Mapping
+from collections.abc import Callable, Container, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -137,14 +137,14 @@ class Connection:
         "_decoder",
         "_failed",
         "_failure",
-        "_frames",
+        "_it",
         "_next_id",
         "_out",
         "_out_size",
         "_paused",
-        "_pos",
         "_rate",
         "_resume_at",
+        "_server",
         "_tokens",
         "_tokens_at",
         "_told",
@@ -152,6 +152,7 @@ class Connection:
         "bytes_out",
         "clock",
         "error",
+        "frame_started",
         "frames_received",
         "known_types",
         "last_received",
@@ -197,6 +198,9 @@ class Connection:
         self.bytes_in = 0
         self.bytes_out = 0
         self.frames_received = 0
+        self.frame_started: float | None = None
+        """Clock reading when the frame now partly received began (None: none is),
+        for the adapter's deadline to complete a frame."""
         self.last_received = clock()
         """Clock reading of the last input (for the adapter's idle timeout)."""
         self.max_pending = max(1, max_pending_requests)
@@ -214,8 +218,8 @@ class Connection:
         self.error: ProtocolError | None = None
         """The fatal error, once there was one."""
         self._failure: ProtocolFailure | None = None
-        self._frames: list[Frame] = []
-        self._pos = 0
+        self._it: Iterator[Frame] = iter(())
+        self._server = server
         self._told = False
         self._awaiting: set[int] = set()
         self._next_id = 0
@@ -269,11 +273,13 @@ class Connection:
         self.last_received = self.clock()
         frames, error = self._decoder.receive(data)
         self.frames_received += len(frames)
-        if self._pos < len(self._frames):
-            self._frames = self._frames[self._pos :] + frames  # events left unread
+        if self._decoder.buffered:
+            if frames or self.frame_started is None:
+                self.frame_started = self.last_received
         else:
-            self._frames = frames
-        self._pos = 0
+            self.frame_started = None
+        rest = list(self._it)  # events not asked for yet (rare): they come first
+        self._it = iter(rest + frames if rest else frames)
         if error is not None:
             self._failed = True
             self.error = error
@@ -287,17 +293,12 @@ class Connection:
         order the frames came in, as long as the application handles each event
         before asking for the next.
         """
-        frames = self._frames
-        n = len(frames)
-        if self.role is Role.SERVER:
-            while self._pos < n:
-                f = frames[self._pos]
-                self._pos += 1
-                ser = f.serializer
+        if self._server:
+            for f in self._it:
+                ser, flags, t, _, _ = f
                 self.serializer = ser
-                if f.flags & _RESP:
+                if flags & _RESP:
                     continue  # the server makes no requests: stray answers are dropped
-                t = f.type
                 if t == PING:
                     self._answer_ping(f)
                     continue
@@ -309,15 +310,13 @@ class Connection:
                 if t not in self.routes:
                     self._unroutable(f)
                     continue
-                self.unfinished += 1
-                if self.unfinished >= self.max_pending and Pause.REQUESTS not in self._paused:
+                n = self.unfinished = self.unfinished + 1
+                if n >= self.max_pending and Pause.REQUESTS not in self._paused:
                     self._pause(Pause.REQUESTS)
                 return f  # type: ignore[return-value]  # a Request: the decoder made it so
         else:
             awaiting = self._awaiting
-            while self._pos < n:
-                f = frames[self._pos]
-                self._pos += 1
+            for f in self._it:
                 if f.flags & _RESP:
                     rid = f.request_id
                     if rid in awaiting:
@@ -355,7 +354,7 @@ class Connection:
         """
         self._failed = True
         self.error = error
-        self._frames, self._pos, self._failure = [], 0, None  # nothing more runs
+        self._it, self._failure = iter(()), None  # nothing more runs
         if not self._told and self.role is Role.SERVER:
             self._told = True
             self._error(error.code, error.message, 0, JSON)

@@ -9,9 +9,9 @@
                                   becomes a WsConnection (wsproto): a Session like a TCP one
       anything else ............. closed
 
-:func:`install` sets ``server.web`` to a :class:`WebFrontend`; the standalone and
-cluster builders call it (through ``bitchat.im.app.install_web``). No HTTP or
-WebSocket bytes are parsed here by hand: h11 and wsproto do all of it.
+:func:`install` sets ``server.web`` to a :class:`WebFrontend`; the composition root
+(:func:`bitchat.app.build_server`) calls it in both modes. No HTTP or WebSocket
+bytes are parsed here by hand: h11 and wsproto do all of it.
 """
 
 from __future__ import annotations

@@ -9,7 +9,10 @@ Bad input never escapes: a request h11 cannot parse gets 400 (431 when its head
 is over ``Settings.max_http_header_size``) and a close; an unknown path 404; a
 method other than GET/HEAD 405; a body (none of our routes takes one) over
 64 KiB 413. A peer that sends no complete request within ``Settings.http_timeout``
-is dropped, and one that does not read its answers stops being read.
+is dropped (the time runs from the start of the request, however slowly its bytes
+come), and one that does not read its answers stops being read. An answer to
+``HEAD`` never has a body, errors included, and nothing a peer sends is logged
+with a traceback: one INFO line per bad request.
 """
 
 from __future__ import annotations
@@ -63,6 +66,8 @@ _REASONS = {
     426: b"Upgrade Required",
     431: b"Request Header Fields Too Large",
     500: b"Internal Server Error",
+    501: b"Not Implemented",
+    505: b"HTTP Version Not Supported",
 }
 
 Headers = list[tuple[bytes, bytes]]
@@ -147,6 +152,7 @@ class HttpConnection(asyncio.Protocol):
         return None  # the transport closes itself
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.server.release_slot(self.transport)
         self._finish()
 
     def pause_writing(self) -> None:
@@ -206,12 +212,12 @@ class HttpConnection(asyncio.Protocol):
 
     def _handle(self, request: h11.Request) -> None:
         if request.http_version not in (b"1.0", b"1.1"):
-            self._fail(505, f"HTTP/{request.http_version.decode()} is not spoken here")
+            self._fail(505, f"HTTP/{request.http_version.decode()} is not spoken here", request)
             return
         try:
             path = urlsplit(request.target.decode("ascii")).path
         except (UnicodeDecodeError, ValueError):
-            self._fail(400, "bad request target")
+            self._fail(400, "bad request target", request)
             return
         if path == "/ws" and _header_has(request, b"upgrade", b"websocket"):
             self._upgrade(request)
@@ -346,8 +352,10 @@ class HttpConnection(asyncio.Protocol):
             if reply.body and not head and reply.status != 304:
                 out += conn.send(h11.Data(data=reply.body)) or b""
             out += conn.send(h11.EndOfMessage()) or b""
-        except h11.LocalProtocolError:
-            log.exception("could not send an HTTP response")
+        except h11.LocalProtocolError as exc:
+            # A state h11 refuses (it should not happen): one line, never a traceback a
+            # peer could have the log fill up with.
+            log.warning("could not send an HTTP %d response: %s", reply.status, exc)
             self.abort()
             return
         if out:
@@ -357,11 +365,15 @@ class HttpConnection(asyncio.Protocol):
         if close or self.conn.our_state is h11.MUST_CLOSE:  # the peer asked to close
             self.close()
 
-    def _fail(self, code: int, message: str) -> None:
+    def _fail(self, code: int, message: str, request: h11.Request | None = None) -> None:
+        """Answer ``code`` and close; ``request`` (default: the one being read, if
+        any) decides whether the answer may have a body (not to a HEAD)."""
         log.info("bad HTTP request from %s: %s (%d)", self.remote, message, code)
         if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             self._send(
-                _text(code, f"{_REASONS.get(code, b'Error').decode()}: {message}"), None, close=True
+                _text(code, f"{_REASONS.get(code, b'Error').decode()}: {message}"),
+                request or self._request,
+                close=True,
             )
         else:
             self.abort()

@@ -78,6 +78,7 @@ class WsConnection(asyncio.Protocol):
         self._close_code = CLOSE_NORMAL
         self._close_reason = ""
         self._close_timer: asyncio.TimerHandle | None = None
+        self._reported = False  # the server's write budget holds a size for this link
 
     def start(self, handshake: bytes, trailing: bytes) -> None:
         """Send the 101 answer, register the session and read what followed the request."""
@@ -98,8 +99,10 @@ class WsConnection(asyncio.Protocol):
         except LocalProtocolError:
             return  # after the close handshake: nothing more is read
         # Any input counts for the idle timeout, WebSocket control frames included.
-        core.last_received = core.clock()
+        now = core.last_received = core.clock()
+        whole = False
         for event in ws.events():
+            whole = True
             if isinstance(event, BytesMessage):
                 if ws.state is ConnectionState.OPEN and not self._message_part(
                     bytes(event.data), event.message_finished
@@ -115,6 +118,14 @@ class WsConnection(asyncio.Protocol):
             elif isinstance(event, TextMessage):
                 self._fail(CLOSE_UNSUPPORTED_DATA, "bitchat speaks binary messages only")
                 return
+        # Bytes that completed no WebSocket frame start the deadline to complete one
+        # (wsproto holds them, so the core cannot see them).
+        if not whole and core.frame_started is None:
+            core.frame_started = now
+            if self.server.settings.frame_timeout > 0:
+                session._frame_begun(now)
+        elif whole and not core.buffered:
+            core.frame_started = None
 
     def eof_received(self) -> bool | None:
         return None  # the transport closes; connection_lost follows
@@ -123,6 +134,8 @@ class WsConnection(asyncio.Protocol):
         if self._close_timer is not None:
             self._close_timer.cancel()
             self._close_timer = None
+        self.server.release_slot(self.transport)
+        self.server.unsent.remove(self)
         self.session.connection_lost()
 
     def pause_writing(self) -> None:
@@ -130,6 +143,10 @@ class WsConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.session.resume_writing()
+        if self._reported:
+            size = self.transport.get_write_buffer_size()
+            self._reported = size > 0
+            self.server.unsent_changed(self, size)
 
     # -- messages -----------------------------------------------------------------------------
 
@@ -198,15 +215,18 @@ class WsConnection(asyncio.Protocol):
         # The core counted the frames; add the WebSocket framing.
         self.session.core.bytes_out += len(out) - sum(map(len, frames))
         self.transport.write(out)
-        limit = self.server.settings.write_hard_limit
-        if self.transport.get_write_buffer_size() > limit:
+        size = self.transport.get_write_buffer_size()
+        if size > self.server.settings.write_hard_limit:
             log.warning(
                 "disconnecting %s (connection %s): over %d bytes unread",
                 self.remote,
                 self.session.id,
-                limit,
+                self.server.settings.write_hard_limit,
             )
             self.transport.abort()
+        elif size or self._reported:
+            self._reported = size > 0
+            self.server.unsent_changed(self, size)
 
     def _send_control(self, event: Ping | Pong | CloseConnection) -> None:
         try:

@@ -1,0 +1,116 @@
+"""The IM service's seams with its connection center, seen on a standalone server.
+
+What a cluster adds (presence from other nodes, a re-sync of pushes lost in
+transit, a login undone when a backend fails half-way) goes through the
+:class:`~bitchat.im.ConnectionCenter` interface, so one IMService serves both
+modes; here the in-memory center stands in for Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bitchat import RequestError, Server, ServiceUnavailable, Session, codes
+from bitchat.im.memory import MemoryConnectionCenter
+from bitchat.im.packets import Presence
+from bitchat.im.service import IMService
+from conftest import WAIT
+from im_helpers import Inbox, clients_of, im_server
+
+
+def im_of(server: Server) -> IMService:
+    im = server.data["im"]
+    assert type(im) is IMService
+    return im
+
+
+def session_of(server: Server, user_id: int) -> Session:
+    (session,) = [s for s in server.sessions.values() if s.user_id == user_id]
+    return session
+
+
+async def test_the_service_subscribes_to_its_connection_center(tmp_path: Path) -> None:
+    async with im_server(tmp_path) as server, clients_of(server) as clients:
+        center = im_of(server).connections
+        assert isinstance(center, MemoryConnectionCenter)
+        assert center.on_presence is not None and center.on_resync is not None
+        houyi = await clients.login("houyi")
+        seen: asyncio.Queue[Presence] = asyncio.Queue()
+        houyi.on_presence(seen.put_nowait)
+        await houyi.online_users(watch=True)
+        # A presence change from "another node" reaches this node's watchers.
+        center.on_presence(99, "zed", True)
+        p = await asyncio.wait_for(seen.get(), WAIT)
+        assert (p.user_id, p.name, p.online) == (99, "zed", True)
+
+
+async def test_the_memory_center_publishes_presence_to_no_one(tmp_path: Path) -> None:
+    async with im_server(tmp_path) as server, clients_of(server) as clients:
+        center = im_of(server).connections
+        published: list[tuple[int, str, bool]] = []
+        real = center.publish_presence
+
+        def publish(user_id: int, name: str, online: bool) -> None:
+            published.append((user_id, name, online))
+            real(user_id, name, online)  # a no-op in memory
+
+        center.publish_presence = publish  # type: ignore[method-assign]
+        gris = await clients.login("gris")
+        assert gris.user is not None
+        gris_id = gris.user.id
+        await gris.logout()
+        assert published == [(gris_id, "gris", True), (gris_id, "gris", False)]
+
+
+async def test_a_resync_pushes_the_pending_messages_again(tmp_path: Path) -> None:
+    async with im_server(tmp_path) as server, clients_of(server) as clients:
+        # No acks, and no deduplication by the client: the second push is seen.
+        houyi = await clients.login("houyi", auto_ack=False, dedupe_window=0)
+        gris = await clients.login("gris")
+        assert houyi.user is not None
+        inbox = Inbox(houyi)
+        await gris.send_p2p(houyi.user.id, "not acked")
+        await inbox.wait_for(1)
+        center = im_of(server).connections
+        assert center.on_resync is not None
+        center.on_resync(session_of(server, houyi.user.id))
+        got = await inbox.wait_for(2)
+        assert [m.text for m in got] == ["not acked", "not acked"]
+        assert got[0].msg_id == got[1].msg_id
+
+
+async def test_a_login_that_fails_half_way_leaves_the_session_logged_out(
+    tmp_path: Path,
+) -> None:
+    """The connection center fails after the session took the user's id: the login
+    is undone (not logged in, no pushes held back), and the next one works."""
+    async with im_server(tmp_path) as server, clients_of(server) as clients:
+        center = im_of(server).connections
+        real = center.attach
+        calls = 0
+
+        async def attach(user_id: int, session: Session) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise ServiceUnavailable("the connection center is down")
+            return await real(user_id, session)
+
+        center.attach = attach  # type: ignore[method-assign]
+        houyi = await clients.connect()
+        with pytest.raises(RequestError) as err:
+            await houyi.login("houyi", "secret")
+        assert err.value.code == codes.UNAVAILABLE
+        (session,) = server.sessions.values()
+        assert session.user_id is None and session.user_name is None
+        assert not session.data  # no token, no sync holding pushes back
+        with pytest.raises(RequestError) as err:
+            await houyi.online_users()
+        assert err.value.code == codes.UNAUTHENTICATED
+        ok = await houyi.login("houyi", "secret")
+        assert session.user_id == ok.user_id
+        assert [u.name for u in await houyi.online_users()] == ["houyi"]
