@@ -18,7 +18,7 @@ from bitchat.errors import (
     UsageError,
     codes,
 )
-from bitchat.protocol.packets import Error, Packet, Ping, Pong, Registry, registry
+from bitchat.protocol.packets import Error, Limit, Packet, Ping, Pong, Registry, registry
 from bitchat.server import Server
 from bitchat.session import Session
 from bitchat.settings import Settings
@@ -32,6 +32,7 @@ __all__ = [
     "ConnectionClosed",
     "Deferred",
     "Error",
+    "Limit",
     "Packet",
     "Ping",
     "Pong",

@@ -64,7 +64,11 @@ def build_server(settings: Settings) -> Server:
                 hasher_for(settings),
                 hash_concurrency=settings.password_hash_concurrency,
             ),
-            SqliteMessageCenter(settings.db_path, batch_max=settings.store_batch_max),
+            SqliteMessageCenter(
+                settings.db_path,
+                batch_max=settings.store_batch_max,
+                ack_batch_max=settings.store_batch_max_acks,
+            ),
             MemoryConnectionCenter(),
             throttle=MemoryLoginThrottle(settings),
         )
@@ -89,7 +93,9 @@ def _cluster_service(server: Server) -> IMService:
     users = PgUserCenter(
         db, hasher_for(settings), hash_concurrency=settings.password_hash_concurrency
     )
-    messages = PgMessageCenter(db, batch_max=settings.store_batch_max)
+    messages = PgMessageCenter(
+        db, batch_max=settings.store_batch_max, ack_batch_max=settings.store_batch_max_acks
+    )
     throttle = RedisLoginThrottle(settings.redis_url, settings)
     # The node id first: a duplicate is refused before anything else is touched.
     im = IMService(

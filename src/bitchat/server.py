@@ -29,7 +29,7 @@ from bitchat.connection import TcpConnection
 from bitchat.dispatch import Dispatcher, marked_handlers
 from bitchat.errors import UsageError
 from bitchat.metrics import Metrics
-from bitchat.protocol.packets import Packet, Registry
+from bitchat.protocol.packets import Limits, Packet, Registry
 from bitchat.protocol.packets import registry as default_registry
 from bitchat.session import Session
 from bitchat.settings import Settings
@@ -83,6 +83,8 @@ class Server:
         self.registry = registry or default_registry
         self.metrics = Metrics()
         self.dispatcher = Dispatcher(self.registry, self.metrics)
+        self.limits = Limits(self.settings)
+        """The length limits requests are decoded with (rebuilt from the settings at start)."""
         self.mode = mode
         self.web: WebHandler | None = None
         self.data: dict[str, Any] = {}
@@ -221,6 +223,9 @@ class Server:
         )
         self.dispatcher.executor = self.executor
         try:
+            # Every handled type's decoder now: a Limit that names no setting fails here.
+            self.limits = Limits(self.settings)
+            self.limits.prepare(route.cls for route in self.dispatcher.routes.values())
             for hook in self.on_startup:
                 await hook(self)
             idle = self.settings.read_idle_timeout

@@ -81,6 +81,7 @@ class Session:
             max_pending_requests=s.max_pending_requests,
             routes=dispatcher.routes,
             known_types=server.registry,
+            limits=server.limits,
         )
         core.on_output = self._output_queued
         # The push path of every delivered message: straight to the core's queue.

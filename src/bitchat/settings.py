@@ -84,6 +84,13 @@ class Settings:
     # Wire protocol.
     max_frame_size: int = setting(1 << 20, ge=1, le=0xFFFF_FFFF, unit="bytes", commands=_ALL)
     """Largest frame body accepted, in bytes (the length header is checked first)."""
+    max_string_length: int = setting(64 * 1024, ge=0, commands=_SR)
+    """Longest string in a request's field that has no limit of its own (each string
+    inside a list or map too), in characters; bytes count bytes. Longer:
+    ``invalid_packet``."""
+    max_list_length: int = setting(1024, ge=0, commands=_SR)
+    """Most items in a request's list (or map) field that has no limit of its own.
+    More: ``invalid_packet``."""
 
     # Connections (both sides).
     read_idle_timeout: float = setting(
@@ -162,6 +169,13 @@ class Settings:
     """Longest password, in characters."""
     max_group_name_length: int = setting(64, ge=1, commands=_S)
     """Longest group name, in characters."""
+    max_client_msg_id_length: int = setting(64, ge=1, commands=_S)
+    """Longest client message id (the sender's id that makes a retried send harmless),
+    in characters."""
+    max_token_length: int = setting(128, ge=1, commands=_S)
+    """Longest login token a client may present, in characters (issued ones have 43)."""
+    max_ack_ids: int = setting(1024, ge=1, commands=_S)
+    """Most message ids in one Ack (the client splits longer ones)."""
     max_group_size: int = setting(500, ge=1, commands=_S)
     """Most members of a group; one more join fails with ``group_full``."""
     max_groups_per_user: int = setting(1000, ge=0, commands=_S)
@@ -176,6 +190,9 @@ class Settings:
     """Offline messages pushed per batch at login."""
     store_batch_max: int = setting(512, ge=1, commands=_S)
     """Most messages committed to the store in one transaction (group commit)."""
+    store_batch_max_acks: int = setting(4096, ge=1, commands=_S)
+    """Most acked message ids committed in one store transaction; more wait for the
+    next one, so no flood of acks holds up the messages batched with them."""
     token_ttl: float = setting(7 * 24 * 3600.0, gt=0, unit="s", commands=_S)
     """Seconds a login token stays valid for reconnects."""
     password_hash_time_cost: int = setting(2, ge=1, commands=_S)

@@ -7,7 +7,11 @@ migrate once). :class:`PgUserCenter` and :class:`PgMessageCenter` use it.
 The message center commits in batches like the SQLite one (group commit): the
 stores and acks queued while one transaction is written go into the next, and
 a store resolves only after its transaction committed, so the sender's ack
-still means durable. One writer keeps the batches in call order.
+still means durable. One writer keeps the batches in call order. As in SQLite,
+a transaction takes at most ``ack_batch_max`` acked ids (the rest wait for the
+next ones, the messages do not), and a batch that fails for one row's data
+(PostgreSQL refuses U+0000 in text, say) is written again row by row, each in
+a savepoint, so only that row fails.
 
 Errors of asyncpg (and of the socket under it) never leave this module: a
 server that is down, restarting or has dropped the connection becomes
@@ -21,6 +25,7 @@ recovery.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
@@ -33,7 +38,17 @@ import asyncpg
 
 from bitchat.cluster.health import Backoff, Counter, Health
 from bitchat.errors import RequestError, ServiceUnavailable, codes
-from bitchat.im.centers import Group, Message, MessageCenter, User, UserCenter, conversation
+from bitchat.im.centers import (
+    AckJob,
+    Group,
+    Message,
+    MessageCenter,
+    User,
+    UserCenter,
+    conversation,
+    refused,
+    take_acks,
+)
 from bitchat.im.ids import MAX_NODE, SEQ_BITS
 from bitchat.im.names import dedupe_keys, name_key, name_keys, taken
 from bitchat.im.passwords import Passwords, new_token, token_digest
@@ -143,6 +158,15 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.InternalClientError,
 )
 _DRIVER: tuple[type[BaseException], ...] = (*_TRANSIENT, asyncpg.PostgresError)
+# One row's data, not the connection: a value asyncpg cannot encode (its DataError is
+# an InterfaceError and a ValueError) or PostgreSQL refuses (class 22 and 23).
+_ROW_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+    ValueError,
+    TypeError,
+    OverflowError,
+)
 _CLOSING: tuple[type[BaseException], ...] = (TimeoutError, *_DRIVER)
 
 
@@ -237,7 +261,9 @@ class PgDatabase:
         async with pool.acquire(timeout=self.settings.backend_timeout) as con:
             try:
                 yield con
-            except _TRANSIENT:
+            except _TRANSIENT as exc:
+                if isinstance(exc, ValueError):
+                    raise  # a value asyncpg could not encode: the connection is fine
                 # A broken connection must not go back to the pool, and its siblings
                 # were probably cut too (a restart, pg_terminate_backend): renew them all.
                 con.terminate()
@@ -257,6 +283,9 @@ class PgDatabase:
             try:
                 async with self.connection() as con:
                     result = await fn(con)
+            except ValueError as exc:  # asyncpg's DataError: a value it cannot encode
+                log.error("PostgreSQL refused %s: %s", doing, exc)
+                raise ServiceUnavailable(f"the database refused a value: {exc}") from exc
             except _TRANSIENT as exc:
                 if attempt + 1 < attempts and self.health.up:
                     log.info(
@@ -673,6 +702,7 @@ _INSERT_MESSAGES = (
 )
 
 _Store = tuple[Message, Sequence[int], "asyncio.Future[tuple[Message, bool]]"]
+_Outcome = tuple[Message, bool] | BaseException
 
 
 def _message(row: asyncpg.Record) -> Message:
@@ -691,12 +721,12 @@ def _message(row: asyncpg.Record) -> Message:
 class PgMessageCenter(MessageCenter):
     """Messages and pending deliveries in PostgreSQL, written in batches."""
 
-    def __init__(self, db: PgDatabase, batch_max: int = 512) -> None:
+    def __init__(self, db: PgDatabase, batch_max: int = 512, ack_batch_max: int = 4096) -> None:
         self.db = db
         self.batch_max = batch_max
+        self.ack_batch_max = max(1, ack_batch_max)
         self._stores: list[_Store] = []
-        self._acks: list[tuple[int, int]] = []
-        self._ack_waiters: list[asyncio.Future[None]] = []
+        self._acks: collections.deque[AckJob] = collections.deque()
         self._writer: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._closing = False
@@ -738,8 +768,7 @@ class PgMessageCenter(MessageCenter):
         if self._closing or self._wake is None:
             fut.set_exception(ServiceUnavailable("the message store is closed"))
             return fut
-        self._acks.extend((user_id, m) for m in msg_ids)
-        self._ack_waiters.append(fut)
+        self._acks.append(AckJob(user_id, msg_ids, fut))
         self._wake.set()
         return fut
 
@@ -751,84 +780,121 @@ class PgMessageCenter(MessageCenter):
             while self._stores or self._acks:
                 stores = self._stores[: self.batch_max]
                 del self._stores[: self.batch_max]
-                acks, self._acks = self._acks, []
-                waiters, self._ack_waiters = self._ack_waiters, []
+                acks, waiters, partial = take_acks(self._acks, self.ack_batch_max)
                 try:
-                    results = await self.db.run(
-                        f"storing {len(stores)} messages and {len(acks)} acks",
+                    outcomes, ack_error = await self.db.run(
+                        f"storing {len(stores)} messages and {len(acks) // 2} acks",
                         functools.partial(self._write, stores=stores, acks=acks),
                     )
                 except ServiceUnavailable as exc:
-                    for _, _, fut in stores:
-                        if not fut.done():
-                            fut.set_exception(exc)
-                    for w in waiters:
-                        if not w.done():
-                            w.set_exception(exc)
-                    continue
+                    outcomes, ack_error = [exc] * len(stores), exc
                 except Exception as exc:  # a bug: fail the batch, keep the writer alive
                     log.exception("writing a batch of messages failed")
                     err = ServiceUnavailable(f"the message store failed: {exc}")
-                    for _, _, fut in stores:
-                        if not fut.done():
-                            fut.set_exception(err)
-                    for w in waiters:
-                        if not w.done():
-                            w.set_exception(err)
-                    continue
-                for (_, _, fut), result in zip(stores, results, strict=True):
+                    outcomes, ack_error = [err] * len(stores), err
+                if ack_error is not None and partial is not None:
+                    self._acks.popleft()  # its rest is dropped: its waiter fails now
+                    waiters.append(partial.waiter)
+                for (_, _, fut), outcome in zip(stores, outcomes, strict=True):
                     if not fut.done():
-                        fut.set_result(result)
+                        if isinstance(outcome, BaseException):
+                            fut.set_exception(outcome)
+                        else:
+                            fut.set_result(outcome)
                 for w in waiters:
                     if not w.done():
-                        w.set_result(None)
+                        if ack_error is None:
+                            w.set_result(None)
+                        else:
+                            w.set_exception(ack_error)
             if self._closing and not self._stores and not self._acks:
                 return
 
     async def _write(
-        self, con: asyncpg.Connection, stores: list[_Store], acks: list[tuple[int, int]]
-    ) -> list[tuple[Message, bool]]:
-        """One transaction; idempotent, so a retry after a lost commit reply is safe."""
-        results: list[tuple[Message, bool]] = [(m, False) for m, _, _ in stores]
+        self, con: asyncpg.Connection, stores: list[_Store], acks: list[int]
+    ) -> tuple[list[_Outcome], BaseException | None]:
+        """One batch: each store's outcome, and the acks' error (None: written).
+
+        Idempotent, so a retry after a lost commit reply is safe. ``acks`` are
+        ``(user_id, msg_id)`` pairs laid end to end.
+        """
+        try:
+            async with con.transaction():
+                results: list[_Outcome] = list(await self._insert(con, stores)) if stores else []
+                if acks:
+                    await self._delete_acks(con, acks)
+            return results, None
+        except _ROW_ERRORS as exc:
+            log.warning(
+                "a batch of %d messages and %d acks failed (%s); writing its rows one by one",
+                len(stores),
+                len(acks) // 2,
+                exc,
+            )
+        # The batch again, each row in a savepoint of its own: a bad row fails alone.
+        outcomes: list[_Outcome] = []
+        ack_error: BaseException | None = None
         async with con.transaction():
-            if stores:
-                msgs = [m for m, _, _ in stores]
-                rows = await con.fetch(
-                    _INSERT_MESSAGES,
-                    [m.id for m in msgs],
-                    [m.kind for m in msgs],
-                    [conversation(m.kind, m.sender_id, m.to) for m in msgs],
-                    [m.sender_id for m in msgs],
-                    [m.sender_name for m in msgs],
-                    [m.to for m in msgs],
-                    [m.text for m in msgs],
-                    [m.ts for m in msgs],
-                    [m.client_msg_id for m in msgs],
-                )
-                inserted = {r[0] for r in rows}
-                if len(inserted) != len(msgs):
-                    await self._resolve_duplicates(con, msgs, inserted, results)
-                pending = [
-                    (u, m.id)
-                    for (m, recipients, _), (_, dup) in zip(stores, results, strict=True)
-                    if not dup
-                    for u in recipients
-                ]
-                if pending:
-                    await con.execute(
-                        "INSERT INTO pending SELECT * FROM unnest($1::bigint[], $2::bigint[]) "
-                        "ON CONFLICT DO NOTHING",
-                        [u for u, _ in pending],
-                        [m for _, m in pending],
-                    )
+            for store in stores:
+                try:
+                    async with con.transaction():
+                        outcomes += await self._insert(con, [store])
+                except _ROW_ERRORS as exc:
+                    m = store[0]
+                    log.warning("message %d of user %d refused: %s", m.id, m.sender_id, exc)
+                    outcomes.append(refused(exc))
             if acks:
-                await con.execute(
-                    "DELETE FROM pending p USING unnest($1::bigint[], $2::bigint[]) AS a(u, m) "
-                    "WHERE p.user_id = a.u AND p.msg_id = a.m",
-                    [u for u, _ in acks],
-                    [m for _, m in acks],
-                )
+                try:
+                    async with con.transaction():
+                        await self._delete_acks(con, acks)
+                except _ROW_ERRORS as exc:
+                    ack_error = ServiceUnavailable(f"the acks could not be stored: {exc}")
+        return outcomes, ack_error
+
+    async def _insert(
+        self, con: asyncpg.Connection, stores: list[_Store]
+    ) -> list[tuple[Message, bool]]:
+        """Insert messages and their pending rows (in the caller's transaction)."""
+        results: list[tuple[Message, bool]] = [(m, False) for m, _, _ in stores]
+        msgs = [m for m, _, _ in stores]
+        rows = await con.fetch(
+            _INSERT_MESSAGES,
+            [m.id for m in msgs],
+            [m.kind for m in msgs],
+            [conversation(m.kind, m.sender_id, m.to) for m in msgs],
+            [m.sender_id for m in msgs],
+            [m.sender_name for m in msgs],
+            [m.to for m in msgs],
+            [m.text for m in msgs],
+            [m.ts for m in msgs],
+            [m.client_msg_id for m in msgs],
+        )
+        inserted = {r[0] for r in rows}
+        if len(inserted) != len(msgs):
+            await self._resolve_duplicates(con, msgs, inserted, results)
+        pending = [
+            (u, m.id)
+            for (m, recipients, _), (_, dup) in zip(stores, results, strict=True)
+            if not dup
+            for u in recipients
+        ]
+        if pending:
+            await con.execute(
+                "INSERT INTO pending SELECT * FROM unnest($1::bigint[], $2::bigint[]) "
+                "ON CONFLICT DO NOTHING",
+                [u for u, _ in pending],
+                [m for _, m in pending],
+            )
         return results
+
+    @staticmethod
+    async def _delete_acks(con: asyncpg.Connection, acks: list[int]) -> None:
+        await con.execute(
+            "DELETE FROM pending p USING unnest($1::bigint[], $2::bigint[]) AS a(u, m) "
+            "WHERE p.user_id = a.u AND p.msg_id = a.m",
+            acks[0::2],
+            acks[1::2],
+        )
 
     @staticmethod
     async def _resolve_duplicates(

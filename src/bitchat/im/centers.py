@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import collections
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -78,6 +79,58 @@ def conversation(kind: str, a: int, b: int) -> str:
         return f"g:{b}"
     lo, hi = (a, b) if a < b else (b, a)
     return f"p:{lo}:{hi}"
+
+
+# The batching both SQL message stores share (see im/sqlite.py's docstring).
+
+
+class AckJob:
+    """One ack call waiting to be written: ``ids[pos:]`` of ``user_id`` are left."""
+
+    __slots__ = ("ids", "pos", "user_id", "waiter")
+
+    def __init__(self, user_id: int, ids: Sequence[int], waiter: asyncio.Future[None]) -> None:
+        self.user_id = user_id
+        self.ids = ids
+        self.pos = 0
+        self.waiter = waiter
+
+
+def take_acks(
+    jobs: collections.deque[AckJob], most: int
+) -> tuple[list[int], list[asyncio.Future[None]], AckJob | None]:
+    """Up to ``most`` acked ids from the oldest jobs, for one transaction.
+
+    Returns the ``(user_id, msg_id)`` pairs laid end to end, the waiters of the
+    jobs taken whole (removed from ``jobs``), and the job taken in part, if any
+    (still first in ``jobs``, its ``pos`` moved on).
+    """
+    flat: list[int] = []
+    done: list[asyncio.Future[None]] = []
+    room = most
+    while jobs:
+        job = jobs[0]
+        left = len(job.ids) - job.pos
+        take = min(left, room)
+        if take:
+            pairs = [job.user_id] * (2 * take)
+            pairs[1::2] = job.ids[job.pos : job.pos + take]
+            flat += pairs
+            room -= take
+        if take < left:
+            job.pos += take
+            return flat, done, job
+        jobs.popleft()
+        done.append(job.waiter)
+        if not room:
+            break
+    return flat, done, None
+
+
+def refused(exc: BaseException) -> RequestError:
+    """What the sender of a message the store could not keep gets (the others of
+    its batch are stored)."""
+    return RequestError(codes.INVALID_PACKET, f"the store cannot keep this message: {exc}")
 
 
 StoreCallback = Callable[[tuple[Message, bool] | None, BaseException | None], None]

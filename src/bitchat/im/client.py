@@ -329,8 +329,10 @@ class IMClient:
     def _flush_acks(self) -> None:
         self._ack_scheduled = False
         ids, self._to_ack = self._to_ack, []
+        step = self.client.settings.max_ack_ids  # the server refuses longer Acks
         with contextlib.suppress(ConnectionClosed):  # unacked ones come again at next login
-            self.client.send_nowait(Ack(ids))
+            for start in range(0, len(ids), step):
+                self.client.send_nowait(Ack(ids[start : start + step]))
 
     def ack(self, msg_ids: list[int]) -> None:
         """Ack by hand (with ``auto_ack=False``)."""

@@ -3,16 +3,28 @@
 Requests and their answers; ``ChatMessage`` and ``Presence`` are server pushes.
 User, group and message ids are integers; message ids are 64-bit snowflakes
 (time-ordered, node id inside). Timestamps are Unix milliseconds.
+
+Every string and list field is bounded by a setting (see
+:class:`~bitchat.protocol.packets.Limit`), which the server enforces when it
+decodes a request; the answers it sends stay within the same settings.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from bitchat.protocol.packets import Packet
+from bitchat.errors import codes
+from bitchat.protocol.packets import Limit, Packet
 
 P2P = "p2p"
 GROUP = "group"
+
+Name = Annotated[str, Limit("max_name_length")]
+Password = Annotated[str, Limit("max_password_length")]
+Token = Annotated[str, Limit("max_token_length")]
+Text = Annotated[str, Limit("max_message_length", codes.MESSAGE_TOO_LONG)]
+ClientMsgId = Annotated[str, Limit("max_client_msg_id_length")]
+GroupName = Annotated[str, Limit("max_group_name_length")]
 
 
 class Ok(Packet, type=100):
@@ -20,29 +32,29 @@ class Ok(Packet, type=100):
 
 
 class Register(Packet, type=101):
-    name: str
-    password: str
+    name: Name
+    password: Password
 
 
 class UserInfo(Packet, type=102):
     """Answer to Register: the new user."""
 
     user_id: int
-    name: str
+    name: Name
 
 
 class Login(Packet, type=103):
     """Log in with a password, or with the token of an earlier login."""
 
-    name: str = ""
-    password: str = ""
-    token: str = ""
+    name: Name = ""
+    password: Password = ""
+    token: Token = ""
 
 
 class LoginOk(Packet, type=104):
     user_id: int
-    name: str
-    token: str
+    name: Name
+    token: Token
     pending: int = 0
     """Offline messages that will be pushed right after this answer."""
 
@@ -63,15 +75,15 @@ class OnlineUsers(Packet, type=107):
 
 class SendP2P(Packet, type=110):
     to: int
-    text: str
-    client_msg_id: str = ""
+    text: Text
+    client_msg_id: ClientMsgId = ""
     """The sender's id for this message: a retry with the same id is not stored twice."""
 
 
 class SendGroup(Packet, type=111):
     group_id: int
-    text: str
-    client_msg_id: str = ""
+    text: Text
+    client_msg_id: ClientMsgId = ""
 
 
 class SendAck(Packet, type=112):
@@ -79,7 +91,7 @@ class SendAck(Packet, type=112):
 
     msg_id: int
     ts: int
-    client_msg_id: str = ""
+    client_msg_id: ClientMsgId = ""
     duplicate: bool = False
 
 
@@ -89,26 +101,26 @@ class ChatMessage(Packet, type=113):
     msg_id: int
     kind: str
     sender_id: int
-    sender_name: str
+    sender_name: Name
     to: int
-    text: str
+    text: Text
     ts: int
-    client_msg_id: str = ""
+    client_msg_id: ClientMsgId = ""
 
 
 class Ack(Packet, type=114):
     """The recipient has the messages: they are not delivered again."""
 
-    msg_ids: list[int]
+    msg_ids: Annotated[list[int], Limit("max_ack_ids")]
 
 
 class CreateGroup(Packet, type=120):
-    name: str
+    name: GroupName
 
 
 class GroupInfo(Packet, type=121):
     group_id: int
-    name: str
+    name: GroupName
     owner_id: int
     members: int
 
@@ -126,7 +138,7 @@ class MyGroups(Packet, type=124):
 
 
 class GroupList(Packet, type=125):
-    groups: list[dict[str, Any]]
+    groups: Annotated[list[dict[str, Any]], Limit("max_groups_per_user")]
     """Each ``{"id", "name", "owner_id", "members"}``."""
 
 
@@ -136,7 +148,7 @@ class GroupMembers(Packet, type=126):
 
 class MemberList(Packet, type=127):
     group_id: int
-    members: list[dict[str, Any]]
+    members: Annotated[list[dict[str, Any]], Limit("max_group_size")]
     """Each ``{"id", "name", "online"}``."""
 
 
@@ -151,7 +163,7 @@ class History(Packet, type=130):
 
 
 class HistoryPage(Packet, type=131):
-    messages: list[dict[str, Any]]
+    messages: Annotated[list[dict[str, Any]], Limit("history_max_page")]
     """ChatMessage bodies, newest first."""
     more: bool
     """Older messages exist: ask again with ``before`` = the last id of this page."""
@@ -165,5 +177,5 @@ class Presence(Packet, type=140):
     """Push: a user came online or went offline."""
 
     user_id: int
-    name: str
+    name: Name
     online: bool

@@ -7,11 +7,19 @@ every store and ack queued while a transaction is being written goes into the
 next one, so an ack to the sender still means the message is on disk, without
 one fsync per message. (aiosqlite hands each statement to its thread and back;
 a whole batch in one hand-off is what made the store keep up with the loop.)
+
+Both SQL backends batch the same way (``AckJob`` and ``take_acks`` in
+:mod:`bitchat.im.centers`): a transaction holds at most ``batch_max`` messages
+and ``ack_batch_max`` acked ids, and acks wait in a queue of their own, so a
+flood of acks spreads over many transactions rather than holding up the
+messages of one; and when a batch statement fails for one row's data, its rows
+are written again one by one (a savepoint each), so only that row fails.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import functools
@@ -28,6 +36,7 @@ import aiosqlite
 
 from bitchat.errors import RequestError, ServiceUnavailable, codes
 from bitchat.im.centers import (
+    AckJob,
     Group,
     Message,
     MessageCenter,
@@ -35,6 +44,8 @@ from bitchat.im.centers import (
     User,
     UserCenter,
     conversation,
+    refused,
+    take_acks,
 )
 from bitchat.im.ids import MAX_NODE, SEQ_BITS
 from bitchat.im.names import dedupe_keys, name_key, name_keys, taken
@@ -436,8 +447,21 @@ def _write_rows(db: sqlite3.Connection, sql: str, width: int, flat: list[Any], c
     return changed
 
 
+_ROW_ERRORS: tuple[type[BaseException], ...] = (
+    sqlite3.DataError,
+    sqlite3.IntegrityError,
+    sqlite3.InterfaceError,
+    sqlite3.ProgrammingError,  # a value of a type SQLite does not bind
+    OverflowError,  # an integer over 64 bits
+    ValueError,  # a string that does not encode (a lone surrogate)
+    TypeError,
+)
+"""Errors of one row's data (not of the database): the batch is written again row by row."""
+
 _Store = tuple[Message, Sequence[int], "asyncio.Future[tuple[Message, bool]] | StoreCallback"]
-_Batch = tuple[list[_Store], list[tuple[int, int]], list["asyncio.Future[None]"]]
+_Outcome = tuple[Message, bool] | BaseException
+"""A store's result: ``(message, duplicate)``, or the error it alone gets."""
+_Batch = tuple[list[_Store], list[AckJob]]
 
 
 class SqliteMessageCenter(MessageCenter):
@@ -451,9 +475,16 @@ class SqliteMessageCenter(MessageCenter):
     loop between two batches.
     """
 
-    def __init__(self, path: str, batch_max: int = 512, synchronous: str = "FULL") -> None:
+    def __init__(
+        self,
+        path: str,
+        batch_max: int = 512,
+        synchronous: str = "FULL",
+        ack_batch_max: int = 4096,
+    ) -> None:
         self.path = path
         self.batch_max = batch_max
+        self.ack_batch_max = max(1, ack_batch_max)
         self.synchronous = synchronous
         self._loop: asyncio.AbstractEventLoop | None = None
         # Reads go through their own connection: with WAL they see only committed
@@ -461,8 +492,7 @@ class SqliteMessageCenter(MessageCenter):
         self._rdb: aiosqlite.Connection | None = None
         # Queued during this loop iteration; handed to the writer by _hand_over.
         self._stores: list[_Store] = []
-        self._acks: list[tuple[int, int]] = []
-        self._ack_waiters: list[asyncio.Future[None]] = []
+        self._acks: list[AckJob] = []
         self._handing_over = False
         self._queue: queue.SimpleQueue[_Batch | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -562,8 +592,7 @@ class SqliteMessageCenter(MessageCenter):
         if self._closing or self._thread is None:
             fut.set_exception(ServiceUnavailable("the message store is closed"))
             return fut
-        self._acks.extend((user_id, m) for m in msg_ids)
-        self._ack_waiters.append(fut)
+        self._acks.append(AckJob(user_id, msg_ids, fut))
         if not self._handing_over:
             self._handing_over = True
             self._loop.call_soon(self._hand_over)  # type: ignore[union-attr]
@@ -572,15 +601,15 @@ class SqliteMessageCenter(MessageCenter):
     def _hand_over(self) -> None:
         """Queue this iteration's stores and acks for the writer thread (on the loop)."""
         self._handing_over = False
-        stores, acks, waiters = self._stores, self._acks, self._ack_waiters
-        if not stores and not acks and not waiters:
+        stores, acks = self._stores, self._acks
+        if not stores and not acks:
             return
-        self._stores, self._acks, self._ack_waiters = [], [], []
+        self._stores, self._acks = [], []
         step = self.batch_max
         put = self._queue.put
-        put((stores[:step], acks, waiters))
+        put((stores[:step], acks))
         for start in range(step, len(stores), step):
-            put((stores[start : start + step], [], []))
+            put((stores[start : start + step], []))
 
     def _run(self, ready: concurrent.futures.Future[None]) -> None:
         """The writer thread: commit what is queued, batch after batch, until None."""
@@ -591,17 +620,31 @@ class SqliteMessageCenter(MessageCenter):
             return
         ready.set_result(None)
         get, get_nowait = self._queue.get, self._queue.get_nowait
+        # Acks wait here, oldest first: each batch takes at most ack_batch_max ids, and
+        # every message queued meanwhile, so no ack flood holds a message back.
+        backlog: collections.deque[AckJob] = collections.deque()
         carry: _Batch | None = None
         stopping = False
         try:
-            while not stopping:
-                first = carry if carry is not None else get()
-                carry = None
+            while True:
+                first: _Batch | None
+                if carry is not None:
+                    first, carry = carry, None
+                elif stopping:
+                    first = ([], [])
+                elif backlog:
+                    try:
+                        first = get_nowait()
+                    except queue.Empty:
+                        first = ([], [])
+                else:
+                    first = get()
                 if first is None:
-                    break
-                stores, acks, waiters = first
+                    stopping, first = True, ([], [])
+                stores, jobs = first
+                backlog.extend(jobs)
                 # Group commit: everything that queued up meanwhile, up to batch_max.
-                while len(stores) < self.batch_max:
+                while not stopping and len(stores) < self.batch_max:
                     try:
                         more = get_nowait()
                     except queue.Empty:
@@ -613,20 +656,48 @@ class SqliteMessageCenter(MessageCenter):
                         carry = more
                         break
                     stores = stores + more[0]
-                    acks = acks + more[1]
-                    waiters = waiters + more[2]
-                results: list[tuple[Message, bool]] | None = None
-                error: BaseException | None = None
-                try:
-                    results = self._write_batch(db, stores, acks)
-                except Exception as exc:
-                    log.error("writing %d messages failed: %s", len(stores), exc)
-                    error = ServiceUnavailable(f"the message store failed: {exc}")
-                self._call(self._finish, stores, waiters, results, error)
+                    backlog.extend(more[1])
+                acks, waiters, partial = take_acks(backlog, self.ack_batch_max)
+                if stores or acks or waiters:
+                    outcomes, ack_error = self._write(db, stores, acks)
+                    if ack_error is not None and partial is not None:
+                        backlog.popleft()  # its rest is dropped: its waiter fails now
+                        waiters.append(partial.waiter)
+                    self._call(self._finish, stores, outcomes, waiters, ack_error)
+                if stopping and carry is None and not backlog:
+                    break
         finally:
             with contextlib.suppress(sqlite3.Error):
                 db.close()
             self._call(self._thread_done)
+
+    def _write(
+        self, db: sqlite3.Connection, stores: list[_Store], acks: list[int]
+    ) -> tuple[list[_Outcome], BaseException | None]:
+        """Write one batch: each store's outcome, and the acks' error (None: written)."""
+        try:
+            return list(self._write_batch(db, stores, acks)), None
+        except _ROW_ERRORS as exc:
+            log.warning(
+                "a batch of %d messages and %d acks failed (%s); writing its rows one by one",
+                len(stores),
+                len(acks) // 2,
+                exc,
+            )
+        except Exception as exc:
+            return self._failed(stores, exc)
+        try:
+            return self._write_each(db, stores, acks)
+        except Exception as exc:
+            return self._failed(stores, exc)
+
+    @staticmethod
+    def _failed(
+        stores: list[_Store], exc: BaseException
+    ) -> tuple[list[_Outcome], BaseException | None]:
+        log.error("writing %d messages failed: %s", len(stores), exc)
+        error = ServiceUnavailable(f"the message store failed: {exc}")
+        return [error] * len(stores), error
 
     def _call(self, fn: Callable[..., None], *args: Any) -> None:
         loop = self._loop
@@ -641,73 +712,113 @@ class SqliteMessageCenter(MessageCenter):
     @staticmethod
     def _finish(
         stores: list[_Store],
+        outcomes: list[_Outcome],
         waiters: list[asyncio.Future[None]],
-        results: list[tuple[Message, bool]] | None,
-        error: BaseException | None,
+        ack_error: BaseException | None,
     ) -> None:
         """Resolve one committed (or failed) batch, in queueing order (on the loop)."""
-        if results is None:
-            results = [None] * len(stores)  # type: ignore[list-item]
-        for (_, _, then), result in zip(stores, results, strict=True):
+        for (_, _, then), outcome in zip(stores, outcomes, strict=True):
+            failed = isinstance(outcome, BaseException)
             if isinstance(then, asyncio.Future):
                 if not then.done():
-                    if error is None:
-                        then.set_result(result)
+                    if failed:
+                        then.set_exception(outcome)  # type: ignore[arg-type]
                     else:
-                        then.set_exception(error)
+                        then.set_result(outcome)  # type: ignore[arg-type]
                 continue
             try:
-                then(result, error)
+                if failed:
+                    then(None, outcome)  # type: ignore[arg-type]
+                else:
+                    then(outcome, None)  # type: ignore[arg-type]
             except Exception:
                 log.exception("a callback of a stored message failed")
         for w in waiters:
             if not w.done():
-                if error is None:
+                if ack_error is None:
                     w.set_result(None)
                 else:
-                    w.set_exception(error)
+                    w.set_exception(ack_error)
 
     def _write_batch(
-        self,
-        db: sqlite3.Connection,
-        stores: list[_Store],
-        acks: list[tuple[int, int]],
+        self, db: sqlite3.Connection, stores: list[_Store], acks: list[int]
     ) -> list[tuple[Message, bool]]:
-        """One group-commit transaction, on the writer thread (touches no future)."""
-        results: list[tuple[Message, bool]] = [(m, False) for m, _, _ in stores]
+        """One group-commit transaction, on the writer thread (touches no future).
+
+        ``acks`` are ``(user_id, msg_id)`` pairs laid end to end.
+        """
         db.execute("BEGIN IMMEDIATE")
         try:
-            if stores:
-                flat: list[Any] = []
-                for m, _, _ in stores:
-                    flat += (
-                        m.id,
-                        m.kind,
-                        conversation(m.kind, m.sender_id, m.to),
-                        m.sender_id,
-                        m.sender_name,
-                        m.to,
-                        m.text,
-                        m.ts,
-                        m.client_msg_id,
-                    )
-                inserted = _write_rows(db, _INSERT_MESSAGES, 9, flat, _MESSAGE_ROWS)
-                if inserted != len(stores):
-                    self._resolve_duplicates(db, stores, results)
-                pending: list[int] = []
-                for (m, recipients, _), (_, dup) in zip(stores, results, strict=True):
-                    if not dup:
-                        for u in recipients:
-                            pending += (u, m.id)
-                if pending:
-                    _write_rows(db, _INSERT_PENDING, 2, pending, _PAIR_ROWS)
+            results = self._insert(db, stores) if stores else []
             if acks:
-                _write_rows(db, _DELETE_PENDING, 2, [v for pair in acks for v in pair], _PAIR_ROWS)
+                _write_rows(db, _DELETE_PENDING, 2, acks, _PAIR_ROWS)
             db.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
             raise
+        return results
+
+    def _write_each(
+        self, db: sqlite3.Connection, stores: list[_Store], acks: list[int]
+    ) -> tuple[list[_Outcome], BaseException | None]:
+        """The batch again in one transaction, each row in a savepoint of its own: a
+        row whose data the database refuses fails alone."""
+        outcomes: list[_Outcome] = []
+        ack_error: BaseException | None = None
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for store in stores:
+                db.execute("SAVEPOINT one_row")
+                try:
+                    outcomes += self._insert(db, [store])
+                except _ROW_ERRORS as exc:
+                    db.execute("ROLLBACK TO one_row")
+                    m = store[0]
+                    log.warning("message %d of user %d refused: %s", m.id, m.sender_id, exc)
+                    outcomes.append(refused(exc))
+                db.execute("RELEASE one_row")
+            if acks:
+                db.execute("SAVEPOINT acks")
+                try:
+                    _write_rows(db, _DELETE_PENDING, 2, acks, _PAIR_ROWS)
+                except _ROW_ERRORS as exc:
+                    db.execute("ROLLBACK TO acks")
+                    ack_error = ServiceUnavailable(f"the acks could not be stored: {exc}")
+                db.execute("RELEASE acks")
+            db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise
+        return outcomes, ack_error
+
+    def _insert(self, db: sqlite3.Connection, stores: list[_Store]) -> list[tuple[Message, bool]]:
+        """Insert messages and their pending rows (in the caller's transaction)."""
+        results: list[tuple[Message, bool]] = [(m, False) for m, _, _ in stores]
+        flat: list[Any] = []
+        for m, _, _ in stores:
+            flat += (
+                m.id,
+                m.kind,
+                conversation(m.kind, m.sender_id, m.to),
+                m.sender_id,
+                m.sender_name,
+                m.to,
+                m.text,
+                m.ts,
+                m.client_msg_id,
+            )
+        inserted = _write_rows(db, _INSERT_MESSAGES, 9, flat, _MESSAGE_ROWS)
+        if inserted != len(stores):
+            self._resolve_duplicates(db, stores, results)
+        pending: list[int] = []
+        for (m, recipients, _), (_, dup) in zip(stores, results, strict=True):
+            if not dup:
+                for u in recipients:
+                    pending += (u, m.id)
+        if pending:
+            _write_rows(db, _INSERT_PENDING, 2, pending, _PAIR_ROWS)
         return results
 
     @staticmethod

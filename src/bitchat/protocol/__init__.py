@@ -17,6 +17,8 @@ from bitchat.protocol.frame import (
 )
 from bitchat.protocol.packets import (
     Error,
+    Limit,
+    Limits,
     Packet,
     Ping,
     Pong,
@@ -40,6 +42,8 @@ __all__ = [
     "Error",
     "Frame",
     "FrameDecoder",
+    "Limit",
+    "Limits",
     "Packet",
     "Ping",
     "Pong",

@@ -21,7 +21,9 @@ The rules it owns, for both ends (the server's sessions over TCP and WebSocket,
   ``unknown_type`` or ``no_handler``; requests handed out and not yet
   :meth:`~Connection.complete`\\ d are bounded by ``max_pending_requests``
   (reading pauses at the bound and resumes at half); :meth:`~Connection.admit`
-  applies the login gate before a body is parsed, then parses it;
+  applies the login gate before a body is parsed, then parses it with the
+  length limits of its :class:`~bitchat.protocol.packets.Limits` (a string or
+  list over its limit, or a NUL in a string, is refused before any handler);
 - client side: request ids are issued here, and a response is handed out only
   for a request still awaited (late answers to timed-out requests are dropped).
 
@@ -54,7 +56,7 @@ from bitchat.protocol.frame import (
     FrameDecoder,
     encode_frame,
 )
-from bitchat.protocol.packets import Packet, Ping, Pong, decode_body
+from bitchat.protocol.packets import Limits, Packet, Ping, Pong, decode_body
 from bitchat.protocol.serializers import JSON, SERIALIZER_IDS, SERIALIZERS
 
 PING = Ping.TYPE
@@ -154,6 +156,7 @@ class Connection:
         "frames_received",
         "known_types",
         "last_received",
+        "limits",
         "max_pending",
         "on_error",
         "on_output",
@@ -176,6 +179,7 @@ class Connection:
         max_pending_requests: int = 256,
         routes: Mapping[int, Rule] | None = None,
         known_types: Container[int] = (),
+        limits: Limits | None = None,
     ) -> None:
         self.role = role
         server = role is Role.SERVER
@@ -187,6 +191,8 @@ class Connection:
         """Server side: the handled packet types (the dispatcher's table)."""
         self.known_types = known_types
         """Server side: registered types, to tell ``no_handler`` from ``unknown_type``."""
+        self.limits = limits
+        """Server side: the length limits requests are decoded with (None: types only)."""
         self.serializer = JSON
         """The serializer of the peer's last frame: pushes go out in it."""
         self.bytes_in = 0
@@ -401,7 +407,9 @@ class Connection:
             self.complete_error(request, codes.UNAUTHENTICATED, "log in first")
             return None
         try:
-            return decode_body(rule.cls, request.serializer, request.body, request.request_id)
+            return decode_body(
+                rule.cls, request.serializer, request.body, request.request_id, self.limits
+            )
         except ProtocolError as exc:
             self.complete_error(request, exc.code, exc.message)
             return None

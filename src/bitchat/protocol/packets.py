@@ -12,6 +12,20 @@ Fields may be ``int`` (signed 64-bit: what both serializers and the stores carry
 field against its annotation and raises :class:`~bitchat.errors.ProtocolError`
 (non-fatal: the request fails, the connection stays) on a missing or mistyped
 field. Unknown keys are ignored, so old peers can talk to newer ones.
+
+Every string and list has a length limit named by a setting. A field declares
+its own with :class:`Limit`::
+
+    class Tag(Packet, type=1001):
+        name: Annotated[str, Limit("max_name_length")]
+        labels: Annotated[list[str], Limit("max_labels")]  # a key of Settings.extra
+
+and the rest get ``max_string_length`` (a ``str`` or ``bytes``, and each item
+or key inside a list or map) or ``max_list_length`` (a list or map). A server
+decodes its peers' requests with :class:`Limits` built from its own settings,
+which also refuses U+0000 (NUL) in every string; ``Packet.from_dict`` and
+:func:`decode_body` without limits check types only. ``Any`` is not looked
+into: the frame size bounds it.
 """
 
 from __future__ import annotations
@@ -20,7 +34,7 @@ import contextlib
 import dataclasses
 import types
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, ClassVar, TypeVar, dataclass_transform
 
 from bitchat.errors import BitchatError, ProtocolError, UsageError, codes
@@ -37,6 +51,10 @@ MAX_TYPE = 0xFFFF
 
 class _Invalid(BitchatError):
     """A field value that fails validation; decode turns it into a ProtocolError."""
+
+    def __init__(self, what: str, code: str = codes.INVALID_PACKET) -> None:
+        super().__init__(what)
+        self.code = code
 
 
 INT_MIN = -(1 << 63)
@@ -135,6 +153,162 @@ def _checker(tp: Any) -> _Check:
     raise UsageError(f"unsupported field type {tp!r}")
 
 
+# Length limits.
+
+MAX_STRING = "max_string_length"
+"""The setting that bounds a string (or bytes) field without a :class:`Limit` of its own."""
+MAX_LIST = "max_list_length"
+"""The setting that bounds a list (or map) field without a :class:`Limit` of its own."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Limit:
+    """A field's length limit, named by a setting: ``Annotated[str, Limit("max_name_length")]``.
+
+    The bound is that setting's value where the packet is decoded (see
+    :class:`Limits`): characters of a ``str``, bytes of ``bytes``, items of a
+    list or map. A longer value fails the request with ``code``.
+    """
+
+    setting: str
+    code: str = codes.INVALID_PACKET
+
+
+def _split_limit(tp: Any) -> tuple[Any, Limit | None]:
+    """``(type, Limit)`` of a possibly ``Annotated`` annotation."""
+    if typing.get_origin(tp) is typing.Annotated:
+        found = [m for m in tp.__metadata__ if isinstance(m, Limit)]
+        if len(found) > 1:
+            raise UsageError(f"more than one Limit on {tp!r}")
+        return tp.__origin__, (found[0] if found else None)
+    return tp, None
+
+
+def _check_limit_placement(tp: Any, where: str) -> None:
+    """Refuse a Limit on a type it cannot bound, where the packet is declared."""
+    tp, limit = _split_limit(tp)
+    origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):
+        for arg in typing.get_args(tp):
+            if limit is not None and arg is not type(None):
+                _check_limit_placement(typing.Annotated[arg, limit], where)
+            else:
+                _check_limit_placement(arg, where)
+        return
+    if limit is not None and tp not in (str, bytes) and origin not in (list, dict):
+        raise UsageError(f"{where}: a Limit bounds str, bytes, list or dict, not {tp!r}")
+    for arg in typing.get_args(tp):
+        _check_limit_placement(arg, where)
+
+
+def _check_str_limits(v: str, limit: int, limited_by: str, code: str) -> None:
+    """Raise for a string over ``limit`` characters, or with a NUL in it."""
+    if len(v) > limit:
+        raise _Invalid(f"at most {limit} characters ({limited_by}), not {len(v)}", code)
+    if "\x00" in v:
+        raise _Invalid("a string without U+0000 (NUL)")
+
+
+def _bad_str(cls: type, name: str, v: Any, limit: int, limited_by: str, code: str) -> ProtocolError:
+    """The error of a str field that failed its inline check (called only then)."""
+    try:
+        if type(v) is not str:
+            raise _Invalid("a string")
+        _check_str_limits(v, limit, limited_by, code)
+    except _Invalid as exc:
+        return _bad_field(cls, name, exc)
+    raise AssertionError("the inline check and _bad_str disagree")
+
+
+def _bad_bytes(cls: type, name: str, v: Any, limit: int, limited_by: str) -> ProtocolError:
+    if type(v) is not bytes:
+        return _bad_field(cls, name, "bytes")
+    return _bad_field(cls, name, f"at most {limit} bytes ({limited_by}), not {len(v)}")
+
+
+def _limited_checker(tp: Any, limits: Limits, limit: Limit | None = None) -> _Check:
+    """A validating converter for one annotation that also enforces length limits."""
+    tp, own = _split_limit(tp)
+    limit = own or limit
+    if tp is str or tp is bytes:
+        setting = limit.setting if limit is not None else MAX_STRING
+        n = limits.value(setting)
+        code = limit.code if limit is not None else codes.INVALID_PACKET
+        if tp is bytes:
+
+            def check_bytes(v: Any) -> Any:
+                if type(v) is not bytes:
+                    raise _Invalid("bytes")
+                if len(v) > n:
+                    raise _Invalid(f"at most {n} bytes ({setting}), not {len(v)}", code)
+                return v
+
+            return check_bytes
+
+        def check_str(v: Any) -> Any:
+            if type(v) is not str:
+                raise _Invalid("a string")
+            if len(v) > n or "\x00" in v:
+                _check_str_limits(v, n, setting, code)
+            return v
+
+        return check_str
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (types.UnionType, typing.Union):
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) != 1 or len(args) != 2:
+            raise UsageError(f"unsupported union field type {tp!r}: only X | None")
+        check_inner = _limited_checker(inner[0], limits, limit)
+
+        def check_optional(v: Any) -> Any:
+            return None if v is None else check_inner(v)
+
+        return check_optional
+    if origin is list or origin is dict:
+        setting = limit.setting if limit is not None else MAX_LIST
+        n = limits.value(setting)
+        code = limit.code if limit is not None else codes.INVALID_PACKET
+        if origin is list:
+            check_item = _limited_checker(args[0], limits) if args else _check_any
+
+            def check_list(v: Any) -> Any:
+                if type(v) is not list:
+                    raise _Invalid("a list")
+                if len(v) > n:
+                    raise _Invalid(f"a list of at most {n} items ({setting}), not {len(v)}", code)
+                try:
+                    return [check_item(x) for x in v]
+                except _Invalid as exc:
+                    raise _Invalid(f"a list whose items are each {exc}", exc.code) from None
+
+            return check_list
+        if args and args[0] is not str:
+            raise UsageError(f"unsupported dict key type in {tp!r}: keys must be str")
+        check_key = _limited_checker(str, limits)
+        check_value = _limited_checker(args[1], limits) if args else _check_any
+
+        def check_dict(v: Any) -> Any:
+            if type(v) is not dict:
+                raise _Invalid("a map")
+            if len(v) > n:
+                raise _Invalid(f"a map of at most {n} items ({setting}), not {len(v)}", code)
+            out = {}
+            for k, x in v.items():
+                try:
+                    k = check_key(k)
+                except _Invalid as exc:
+                    raise _Invalid(f"a map whose keys are each {exc}", exc.code) from None
+                try:
+                    out[k] = check_value(x)
+                except _Invalid as exc:
+                    raise _Invalid(f"a map whose values are each {exc}", exc.code) from None
+            return out
+
+        return check_dict
+    return _checker(tp)
+
+
 # Generated codecs. Every body on the wire passes through ``from_dict`` or
 # ``to_dict``; one function per class, with the field names and the checks of
 # simple types written out, does in one call what the generic loop does in a
@@ -158,9 +332,8 @@ _INLINE: dict[Any, tuple[str, str]] = {
 
 
 def _bad_field(cls: type, name: str, what: object) -> ProtocolError:
-    return ProtocolError(
-        codes.INVALID_PACKET, f"{cls.__name__}: field {name!r} must be {what}", fatal=False
-    )
+    code = what.code if isinstance(what, _Invalid) else codes.INVALID_PACKET
+    return ProtocolError(code, f"{cls.__name__}: field {name!r} must be {what}", fatal=False)
 
 
 def _missing_field(cls: type, name: str) -> ProtocolError:
@@ -185,7 +358,7 @@ def _inherits_generated(cls: type, name: str) -> bool:
 
 def _compile(name: str, lines: list[str], env: dict[str, Any]) -> Callable[..., Any]:
     namespace: dict[str, Any] = {}
-    exec("\n".join(lines), env, namespace)  # the source holds only field names
+    exec("\n".join(lines), env, namespace)  # the source holds field names and limits
     func: Callable[..., Any] = namespace[name]
     setattr(func, _GENERATED, True)
     return func
@@ -199,16 +372,24 @@ def _compile_to_dict(cls: type[Packet]) -> Callable[[Packet], dict[str, Any]]:
     return func
 
 
-def _compile_from_dict(cls: type[Packet], hints: dict[str, Any]) -> Callable[..., Any]:
+def _compile_from_dict(
+    cls: type[Packet], hints: dict[str, Any], limits: Limits | None = None
+) -> Callable[..., Any]:
+    """``cls.from_dict``; with ``limits`` (and ``hints`` with their ``Annotated``
+    extras), a decoder that also enforces the fields' length limits with those values."""
     env: dict[str, Any] = {
         "_MISSING": _MISSING,
         "_Invalid": _Invalid,
         "_bad": _bad_field,
+        "_bad_str": _bad_str,
+        "_bad_bytes": _bad_bytes,
         "_missing": _missing_field,
         "_not_a_map": _not_a_map,
     }
+    if limits is not None:
+        env["cls"] = cls  # a decoder of this class alone, called with the data only
     lines = [
-        "def from_dict(cls, data):",
+        "def from_dict(data):" if limits is not None else "def from_dict(cls, data):",
         "    if type(data) is not dict:",
         "        raise _not_a_map(cls)",
         "    get = data.get",
@@ -229,9 +410,32 @@ def _compile_from_dict(cls: type[Packet], hints: dict[str, Any]) -> Callable[...
         else:
             lines.append(f"        raise _missing(cls, {name!r})")
             pad = "    "
-        tp = hints[name]
+        tp, limit = _split_limit(hints[name])
         inline = _INLINE.get(tp)
-        if inline is not None:
+        if limits is not None and (tp is str or tp is bytes):
+            # Written out: a comparison per check (SendP2P's text and client_msg_id).
+            setting = limit.setting if limit is not None else MAX_STRING
+            code = limit.code if limit is not None else codes.INVALID_PACKET
+            n = limits.value(setting)
+            if tp is str:
+                lines += [
+                    f"{pad}if type({v}) is not str or len({v}) > {n} or '\\x00' in {v}:",
+                    f"{pad}    raise _bad_str(cls, {name!r}, {v}, {n}, {setting!r}, {code!r})",
+                ]
+            else:
+                lines += [
+                    f"{pad}if type({v}) is not bytes or len({v}) > {n}:",
+                    f"{pad}    raise _bad_bytes(cls, {name!r}, {v}, {n}, {setting!r})",
+                ]
+        elif limits is not None and inline is None and tp is not Any and tp is not object:
+            env[f"_c{i}"] = _limited_checker(hints[name], limits)
+            lines += [
+                f"{pad}try:",
+                f"{pad}    {v} = _c{i}({v})",
+                f"{pad}except _Invalid as exc:",
+                f"{pad}    raise _bad(cls, {name!r}, exc) from None",
+            ]
+        elif inline is not None:
             cond, what = inline
             lines += [
                 f"{pad}if {cond.format(v=v)}:",
@@ -301,6 +505,9 @@ class Packet:
     @classmethod
     def _build_spec(cls) -> tuple[tuple[str, _Check, bool], ...]:
         hints = typing.get_type_hints(cls)
+        for name, tp in typing.get_type_hints(cls, include_extras=True).items():
+            if name in cls._fields:
+                _check_limit_placement(tp, f"{cls.__name__}.{name}")
         spec = []
         for f in dataclasses.fields(cls):  # type: ignore[arg-type]
             required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
@@ -383,8 +590,83 @@ class Registry:
 registry = Registry()
 
 
-def decode_body(cls: type[P], serializer: int, body: bytes, request_id: int = 0) -> P:
-    """Deserialize and validate ``body`` as a ``cls`` packet.
+class Limits:
+    """Decoders that enforce the length limits packets declare, with one side's values.
+
+    ``source`` holds the values: a :class:`~bitchat.Settings` (the attribute of a
+    limit's name, else that key of its ``extra`` table) or a mapping. Each class
+    gets its decoder at its first use, or from :meth:`prepare`, with the values
+    read then and written into it as constants: a limit costs one comparison.
+    Its decoders also refuse U+0000 (NUL) in any string: PostgreSQL cannot store
+    it, so it is refused on the way in, the same in every mode.
+    """
+
+    def __init__(self, source: Any) -> None:
+        self.source = source
+        self._decoders: dict[type[Packet], Callable[[Any], Packet]] = {}
+
+    def value(self, name: str) -> int:
+        """The bound a limit named ``name`` stands for."""
+        source = self.source
+        if isinstance(source, Mapping):
+            found = source.get(name, _MISSING)
+        else:
+            found = getattr(source, name, _MISSING)
+            if found is _MISSING:
+                extra = getattr(source, "extra", None)
+                found = extra.get(name, _MISSING) if isinstance(extra, Mapping) else _MISSING
+        if found is _MISSING:
+            raise UsageError(f"no setting {name!r} for a packet field's Limit")
+        if type(found) is not int or found < 0:
+            raise UsageError(f"the limit {name!r} must be an integer >= 0, not {found!r}")
+        return found
+
+    def from_dict(self, cls: type[P]) -> Callable[[Any], P]:
+        """``cls.from_dict`` with the limits enforced."""
+        try:
+            return self._decoders[cls]  # type: ignore[return-value]
+        except KeyError:
+            decoder = self._decoders[cls] = self._compile(cls)
+            return decoder  # type: ignore[return-value]
+
+    def prepare(self, classes: Iterable[type[Packet]]) -> None:
+        """Build the decoders of ``classes`` now: a Limit that names no setting is a
+        :class:`UsageError` here (a server's start), not at a peer's first request."""
+        for cls in classes:
+            self.from_dict(cls)
+
+    def _compile(self, cls: type[Packet]) -> Callable[[Any], Packet]:
+        hints = typing.get_type_hints(cls, include_extras=True)
+        if cls._spec is None:
+            cls._build_spec()  # annotations that did not resolve at declaration
+        func = cls.__dict__.get("from_dict", cls.from_dict)
+        func = getattr(func, "__func__", func)
+        if getattr(func, _GENERATED, False) or func is Packet.__dict__["from_dict"].__func__:
+            return _compile_from_dict(cls, hints, self)
+        # A class with a from_dict of its own: its fields are checked once it is built.
+        fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+        checks = [(f.name, _limited_checker(hints[f.name], self)) for f in fields]
+
+        def decode(data: Any) -> Packet:
+            packet = cls.from_dict(data)
+            for name, check in checks:
+                try:
+                    check(getattr(packet, name))
+                except _Invalid as exc:
+                    raise _bad_field(cls, name, exc) from None
+            return packet
+
+        return decode
+
+    def decode_body(self, cls: type[P], serializer: int, body: bytes, request_id: int = 0) -> P:
+        """:func:`decode_body` with the limits enforced."""
+        return decode_body(cls, serializer, body, request_id, self)
+
+
+def decode_body(
+    cls: type[P], serializer: int, body: bytes, request_id: int = 0, limits: Limits | None = None
+) -> P:
+    """Deserialize and validate ``body`` as a ``cls`` packet (with ``limits``, if given).
 
     Raises a non-fatal :class:`ProtocolError` carrying ``request_id``.
     """
@@ -394,8 +676,10 @@ def decode_body(cls: type[P], serializer: int, body: bytes, request_id: int = 0)
         raise ProtocolError(
             codes.BAD_BODY, f"body does not deserialize: {exc}", fatal=False, request_id=request_id
         ) from None
+    # Outside the try: a Limit naming no setting is the program's error, not the peer's.
+    decode = cls.from_dict if limits is None else limits.from_dict(cls)
     try:
-        return cls.from_dict(data)
+        return decode(data)
     except ProtocolError as exc:
         exc.request_id = request_id
         raise

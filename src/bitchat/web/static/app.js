@@ -24,6 +24,7 @@ const REQUEST_TIMEOUT_MS = 10000;
 const HISTORY_PAGE = 50;
 const GROUPING_MS = 5 * 60 * 1000;
 const ACK_DELAY_MS = 25;
+const ACK_MAX_IDS = 512; // ids per Ack: within the server's max_ack_ids (1024 by default)
 
 const utf8in = new TextDecoder();
 const utf8out = new TextEncoder();
@@ -465,7 +466,9 @@ async function flushAcks() {
   state.toAck = [];
   if (!ids.length || !state.link?.live) return; // unacked messages come again at the next login
   try {
-    await state.link.request(T.ACK, { msg_ids: ids });
+    for (let i = 0; i < ids.length; i += ACK_MAX_IDS) {
+      await state.link.request(T.ACK, { msg_ids: ids.slice(i, i + ACK_MAX_IDS) });
+    }
     state.acked += ids.length;
     document.body.dataset.acked = String(state.acked);
   } catch (err) {
