@@ -5,7 +5,9 @@ its CPU and memory are its own in ``/proc``. It is the standalone server with
 SQLite in a temporary folder on disk (``synchronous=FULL``: an ack means the
 message is on disk) and everything at its defaults except the per-connection
 rate limit, which is off (``--rate-limit 0``): the bench's clients send
-hundreds of requests per second each, far over the default 50/s.
+hundreds of requests per second each, far over the default 50/s; and the caps
+on connections, which the bench's thousands of loopback connections from one
+address would meet (``--max-connections-per-address``, ``--max-connections``).
 
 Users of a self-started server are written into its database before it starts
 (one argon2 hash shared by all, and a login token each), so hundreds or
@@ -154,6 +156,10 @@ def start_server(
         data_dir,
         "--rate-limit",
         "0",
+        "--max-connections-per-address",
+        "1000000",
+        "--max-connections",
+        "1000000",
     ]
     if not use_uvloop:
         argv.append("--no-uvloop")
