@@ -259,7 +259,7 @@ async def test_page_reconnects_by_itself_after_a_drop(server: Server, browser: B
         closed: asyncio.Queue[Any] = asyncio.Queue()
         server.on_session_close.append(closed.put_nowait)
         (ws,) = [s for s in server.sessions.values() if s.transport_name == "ws"]
-        ws._abort()
+        ws.abort()
         assert (await asyncio.wait_for(closed.get(), WAIT)) is ws
 
         # It comes back on its own, logged in with its token, and gets what was sent meanwhile.
