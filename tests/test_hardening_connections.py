@@ -389,3 +389,42 @@ async def test_running_out_of_file_descriptors_is_survived(
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_the_cli_waits_past_the_login_deadline_without_a_word(tmp_path: Path) -> None:
+    # `bitchat client` connects at start and a person types -lo when ready: the login
+    # deadline cuts the idle connection, the client connects again quietly.
+    async with im_server(tmp_path, login_timeout=0.3) as server:
+        opened: asyncio.Queue[Any] = asyncio.Queue()
+        closed: asyncio.Queue[Any] = asyncio.Queue()
+        server.on_session_open.append(opened.put_nowait)
+        server.on_session_close.append(closed.put_nowait)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bitchat",
+            "client",
+            "--port",
+            str(port_of(server)),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=subprocess_env(),
+        )
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            first = await asyncio.wait_for(opened.get(), 4 * WAIT)
+            assert await asyncio.wait_for(closed.get(), 4 * WAIT) is first  # the deadline
+            await asyncio.wait_for(opened.get(), 4 * WAIT)  # and back, by itself
+            proc.stdin.write(b"-lo houyi secret\n-lu\n")
+            await proc.stdin.drain()
+            proc.stdin.close()
+            out = (await asyncio.wait_for(proc.stdout.read(), 4 * WAIT)).decode()
+            await asyncio.wait_for(proc.wait(), 4 * WAIT)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        assert "Login success" in out and "houyi(1)" in out, out
+        assert "Connection lost" not in out and "Reconnected" not in out, out
+        assert out.count("Connected to") == 1, out

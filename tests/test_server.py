@@ -369,6 +369,14 @@ async def test_idle_connection_is_closed(make_app: Any, raw_connect: Any) -> Non
     peer = await raw_connect(app.server.address[1])
     assert await peer.request(1, rid=1) == (1, RESPONSE, 2, 1, {})
     started = asyncio.get_running_loop().time()
+    # The server says why, then closes.
+    assert await peer.read_frame() == (
+        1,
+        RESPONSE | ERR,
+        3,
+        0,
+        {"code": "idle_timeout", "message": "closing the connection: nothing read for 0.3s"},
+    )
     assert await peer.read_to_eof() == b""
     assert asyncio.get_running_loop().time() - started >= 0.25
     session = await asyncio.wait_for(app.closed.get(), WAIT)

@@ -154,6 +154,9 @@ class Client:
         self.reconnect = reconnect
         self.resolve = resolve
         self.state = State.DISCONNECTED
+        self.close_reason: RequestError | None = None
+        """The reason the server gave for closing the current connection (an Error
+        push, e.g. ``login_timeout``), or None."""
         self.last_error: BaseException | None = None
         """Why the last connection attempt failed, or the connection ended (set before
         the ``DISCONNECTED`` state callbacks run; None while connected)."""
@@ -323,8 +326,13 @@ class Client:
                 await self._after_connect()
                 if self._first is not None and not self._first.done():
                     self._first.set_result(None)
+                self.close_reason = None
                 await proto.lost
-                self.last_error = ConnectionClosed("the connection was lost")
+                self.last_error = ConnectionClosed(
+                    "the connection was lost"
+                    if self.close_reason is None
+                    else f"the server closed the connection: {self.close_reason.message}"
+                )
             except Exception as exc:  # from an on_connected hook, or the connection dropped
                 self.last_error = exc
                 first = self._first is not None and not self._first.done()
@@ -535,7 +543,14 @@ class Client:
         return stream
 
     def _stray(self, frame: Frame) -> None:
-        """A response nobody awaits: a heartbeat's Pong, or a late answer."""
+        """A response nobody awaits: a heartbeat's Pong, a late answer, or an Error
+        with no request id, which the server sends to say why it closes."""
+        if frame.type == Error.TYPE and frame.request_id == 0 and frame.flags & FLAG_ERROR:
+            try:
+                err = decode_body(Error, frame.serializer, frame.body)
+            except ProtocolError:
+                return
+            self.close_reason = RequestError(err.code, err.message)
 
     def _event_received(self, event: Response | Push) -> None:
         if type(event) is Response:

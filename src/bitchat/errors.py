@@ -64,6 +64,10 @@ class codes:
     RATE_LIMITED = "rate_limited"
     LOGIN_THROTTLED = "login_throttled"  # too many failed logins: the message says how long
     NO_SERVER = "no_server"
+    # Why the server closes a connection (an Error push, request id 0, just before).
+    IDLE_TIMEOUT = "idle_timeout"
+    FRAME_TIMEOUT = "frame_timeout"
+    LOGIN_TIMEOUT = "login_timeout"
 
 
 class BitchatError(Exception):

@@ -24,7 +24,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
-from bitchat.errors import ProtocolError
+from bitchat.errors import ProtocolError, codes
 from bitchat.protocol.connection import Connection, Pause, ProtocolFailure, Role
 from bitchat.protocol.packets import Packet
 
@@ -216,20 +216,21 @@ class Session:
         core = self.core
         now = self._loop.time()
         why = None
+        code = ""
         if s.read_idle_timeout > 0 and now - core.last_received >= s.read_idle_timeout:
-            why = f"nothing read for {s.read_idle_timeout:.1f}s"
+            code, why = codes.IDLE_TIMEOUT, f"nothing read for {s.read_idle_timeout:.1f}s"
         elif (
             s.frame_timeout > 0
             and core.frame_started is not None
             and now - core.frame_started >= s.frame_timeout
         ):
-            why = f"a frame not complete after {s.frame_timeout:.1f}s"
+            code, why = codes.FRAME_TIMEOUT, f"a frame not complete after {s.frame_timeout:.1f}s"
         elif (
             self._login_deadline is not None
             and self.login_at is None
             and now >= self._login_deadline
         ):
-            why = f"not logged in after {s.login_timeout:.1f}s"
+            code, why = codes.LOGIN_TIMEOUT, f"not logged in after {s.login_timeout:.1f}s"
         elif (
             s.write_stall_timeout > 0
             and self._stalled_since is not None
@@ -249,6 +250,7 @@ class Session:
             self._arm()
             return
         log.info("closing connection %s (%s): %s", self.id, self.remote, why)
+        self.send_error(code, f"closing the connection: {why}")  # the peer learns why
         self.close()
         # close() waits for unsent bytes to leave; a peer that reads nothing either
         # would keep the connection (and its buffer) forever: abort after one more.

@@ -143,6 +143,7 @@ class Repl:
         self.failures = 0
         """Commands that failed (a refusal, a lost connection, a bad command line)."""
         self._connected_once = False  # "Connected" the first time, then "Reconnected"
+        self._quiet = False  # a drop not worth telling: the next "Connected" is not said
         self._up = False
         self._status: str | None = None  # the status line printed for the current outage
         self._held: list[str] | None = None  # messages that wait for a login line
@@ -209,7 +210,11 @@ class Repl:
             return
         self._attempted.set()
         if state is State.CONNECTED:
-            self.out(f"{'Reconnected' if self._connected_once else 'Connected'} to {self._where()}")
+            if not self._quiet:
+                self.out(
+                    f"{'Reconnected' if self._connected_once else 'Connected'} to {self._where()}"
+                )
+            self._quiet = False
             self._connected_once = self._up = True
             self._status = None
             if self.im.user is not None:
@@ -223,6 +228,17 @@ class Repl:
                 self.out(self._status)
         elif state is State.DISCONNECTED:
             self._release()
+            reason = self.im.client.close_reason
+            if (
+                self._up
+                and self.im.user is None
+                and reason is not None
+                and reason.code in (codes.LOGIN_TIMEOUT, codes.IDLE_TIMEOUT)
+            ):
+                # Not logged in, the server let an idle connection go: nothing is lost,
+                # the client connects again at once; no need to tell the user.
+                self._quiet = True
+                return
             if self._up:
                 self._up = False
                 self._status = "Connection lost; reconnecting..."
