@@ -26,8 +26,8 @@ async def test_group_lifecycle(tmp_path: Path) -> None:
             {"id": g.group_id, "name": "moon", "owner_id": 1, "members": 2}
         ]
         assert await houyi.group_members(g.group_id) == [
-            {"id": 1, "name": "houyi", "online": True},
-            {"id": 2, "name": "gris", "online": True},
+            {"id": 1, "name": "houyi", "online": True, "last_seen": None},
+            {"id": 2, "name": "gris", "online": True, "last_seen": None},
         ]
 
         chang = await clients.login("chang-e")

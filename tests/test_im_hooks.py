@@ -43,7 +43,7 @@ async def test_the_service_subscribes_to_its_connection_center(tmp_path: Path) -
         houyi.on_presence(seen.put_nowait)
         await houyi.online_users(watch=True)
         # A presence change from "another node" reaches this node's watchers.
-        center.on_presence(99, "zed", True)
+        center.on_presence(99, "zed", True, 0)
         p = await asyncio.wait_for(seen.get(), WAIT)
         assert (p.user_id, p.name, p.online) == (99, "zed", True)
 
@@ -54,9 +54,9 @@ async def test_the_memory_center_publishes_presence_to_no_one(tmp_path: Path) ->
         published: list[tuple[int, str, bool]] = []
         real = center.publish_presence
 
-        def publish(user_id: int, name: str, online: bool) -> None:
+        def publish(user_id: int, name: str, online: bool, last_seen: int = 0) -> None:
             published.append((user_id, name, online))
-            real(user_id, name, online)  # a no-op in memory
+            real(user_id, name, online, last_seen)  # a no-op in memory
 
         center.publish_presence = publish  # type: ignore[method-assign]
         gris = await clients.login("gris")

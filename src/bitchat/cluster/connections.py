@@ -327,12 +327,12 @@ class RedisConnectionCenter(ConnectionCenter):
 
     # -- presence across nodes --------------------------------------------------------------
 
-    def publish_presence(self, user_id: int, name: str, online: bool) -> None:
+    def publish_presence(self, user_id: int, name: str, online: bool, last_seen: int = 0) -> None:
         """Tell the other nodes' watchers (best effort: a lost one is only a late list);
         they hear it through their own :attr:`on_presence`."""
         if self._closing:
             return
-        payload = msgpack.packb([self.node_id, user_id, name, online])
+        payload = msgpack.packb([self.node_id, user_id, name, online, last_seen])
 
         async def publish() -> None:
             try:
@@ -567,9 +567,9 @@ class RedisConnectionCenter(ConnectionCenter):
             log.warning("dropping an undecodable message on %s", channel)
             return
         if channel == self.keys.presence:
-            node, user_id, name, online = data
+            node, user_id, name, online, *rest = data  # a node before last seen sends 4
             if node != self.node_id and self.on_presence is not None:
-                self.on_presence(user_id, name, online)
+                self.on_presence(user_id, name, online, int(rest[0]) if rest else 0)
             return
         for row, users in data:
             message = Message(*row)

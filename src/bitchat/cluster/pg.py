@@ -140,6 +140,11 @@ MIGRATIONS: list[Migration] = [
     """,
     # 2: look-alike names are refused (keys of the case fold and the skeleton).
     _add_name_keys,
+    # 3: when each user was last seen (Unix ms, none yet), and whether others may know.
+    """
+    ALTER TABLE users ADD COLUMN last_seen BIGINT,
+        ADD COLUMN show_last_seen BOOLEAN NOT NULL DEFAULT TRUE;
+    """,
 ]
 
 _MIGRATION_LOCK = 0x62697463  # "bitc": the advisory lock every node migrates under
@@ -561,6 +566,44 @@ class PgUserCenter(UserCenter):
                 self._names[r["id"]] = r["name"]
                 found[r["id"]] = User(r["id"], r["name"])
         return found
+
+    async def touch_last_seen(self, user_ids: Sequence[int], ts: int) -> None:
+        if user_ids:
+            # GREATEST: nodes that saw the user go at about the same time agree.
+            await self._fetch(
+                "writing last seen",
+                "UPDATE users SET last_seen = GREATEST(COALESCE(last_seen, 0), $2) "
+                "WHERE id = ANY($1::bigint[])",
+                list(user_ids),
+                ts,
+            )
+
+    async def last_seen(self, user_ids: Iterable[int], viewer: int) -> dict[int, int]:
+        ids = list(set(user_ids))
+        if not ids:
+            return {}
+        rows = await self._fetch(
+            "reading last seen",
+            "SELECT id, last_seen FROM users WHERE id = ANY($1::bigint[]) "
+            "AND last_seen IS NOT NULL AND (show_last_seen OR id = $2)",
+            ids,
+            viewer,
+        )
+        return {r["id"]: r["last_seen"] for r in rows}
+
+    async def set_show_last_seen(self, user_id: int, on: bool) -> None:
+        await self._fetch(
+            "writing a privacy setting",
+            "UPDATE users SET show_last_seen = $2 WHERE id = $1",
+            user_id,
+            on,
+        )
+
+    async def show_last_seen(self, user_id: int) -> bool:
+        rows = await self._fetch(
+            "reading a privacy setting", "SELECT show_last_seen FROM users WHERE id = $1", user_id
+        )
+        return bool(rows[0]["show_last_seen"]) if rows else True
 
     async def create_group(self, owner_id: int, name: str) -> Group:
         now = time.time()

@@ -136,8 +136,9 @@ def refused(exc: BaseException) -> RequestError:
 StoreCallback = Callable[[tuple[Message, bool] | None, BaseException | None], None]
 """``then(result, error)`` of :meth:`MessageCenter.store_then`: exactly one is None."""
 
-PresenceHook = Callable[[int, str, bool], None]
-"""``on_presence(user_id, name, online)`` of :class:`ConnectionCenter`."""
+PresenceHook = Callable[[int, str, bool, int], None]
+"""``on_presence(user_id, name, online, last_seen)`` of :class:`ConnectionCenter`
+(``last_seen``: Unix ms of an offline user who shows it, else 0)."""
 ResyncHook = Callable[["Session"], None]
 """``on_resync(session)`` of :class:`ConnectionCenter`."""
 
@@ -214,6 +215,26 @@ class UserCenter(abc.ABC):
     def known_members(self, group_id: int) -> list[int] | None:
         """A group's member ids if cached and current (no I/O); None means "ask"."""
         return None
+
+    # Last seen: when a user's last connection closed (or they logged in), and whether
+    # others may know it. Written only when the user went offline everywhere.
+
+    @abc.abstractmethod
+    async def touch_last_seen(self, user_ids: Sequence[int], ts: int) -> None:
+        """The users were seen at ``ts`` (Unix ms); a later time is never replaced by
+        an earlier one (two nodes may both see a user go)."""
+
+    @abc.abstractmethod
+    async def last_seen(self, user_ids: Iterable[int], viewer: int) -> dict[int, int]:
+        """When each user was last seen, as ``viewer`` may know it: users who hide it
+        (but the viewer themself) and users never seen are left out."""
+
+    @abc.abstractmethod
+    async def set_show_last_seen(self, user_id: int, on: bool) -> None:
+        """Whether others may see when the user was last seen (default: yes)."""
+
+    @abc.abstractmethod
+    async def show_last_seen(self, user_id: int) -> bool: ...
 
     @abc.abstractmethod
     async def create_group(self, owner_id: int, name: str) -> Group:
@@ -313,9 +334,12 @@ class ConnectionCenter(abc.ABC):
 
     async def close(self) -> None: ...  # noqa: B027 (optional hook)
 
-    def publish_presence(self, user_id: int, name: str, online: bool) -> None:  # noqa: B027
+    def publish_presence(  # noqa: B027
+        self, user_id: int, name: str, online: bool, last_seen: int = 0
+    ) -> None:
         """Tell the other nodes that the user came online or went offline anywhere
-        (best effort); this node's watchers are told by the IM service itself."""
+        (best effort), with when they were last seen if they show it (else 0); this
+        node's watchers are told by the IM service itself."""
 
     @abc.abstractmethod
     async def attach(self, user_id: int, session: Session) -> None:

@@ -52,6 +52,7 @@ from bitchat.im.packets import (
     SendAck,
     SendGroup,
     SendP2P,
+    SetPrivacy,
     UserInfo,
 )
 from bitchat.protocol.packets import Packet
@@ -264,7 +265,13 @@ class IMClient:
         assert isinstance(resp, GroupList)
         return resp.groups
 
+    async def set_show_last_seen(self, on: bool) -> None:
+        """Whether others see when this user was last seen (member lists, Presence)."""
+        await self.client.request(SetPrivacy(on))
+
     async def group_members(self, group_id: int) -> list[dict[str, Any]]:
+        """Each ``{"id", "name", "online", "last_seen"}``; ``last_seen`` is Unix ms for
+        an offline member who shows it, else None."""
         resp = await self.client.request(GroupMembers(group_id))
         assert isinstance(resp, MemberList)
         return resp.members
@@ -286,6 +293,8 @@ class IMClient:
         self._callbacks.append(callback)
 
     def on_presence(self, callback: Callable[[Presence], Any]) -> None:
+        """Call ``callback(Presence)`` for each presence push (``online_users(watch=True)``
+        asks for them); a user going offline comes with ``last_seen`` (0: hidden)."""
         self.client.on(Presence, callback)
 
     async def messages(self) -> AsyncIterator[ChatMessage]:

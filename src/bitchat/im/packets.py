@@ -57,6 +57,8 @@ class LoginOk(Packet, type=104):
     token: Token
     pending: int = 0
     """Offline messages that will be pushed right after this answer."""
+    show_last_seen: bool = True
+    """The user's privacy setting (:class:`SetPrivacy`)."""
 
 
 class Logout(Packet, type=105):
@@ -149,7 +151,8 @@ class GroupMembers(Packet, type=126):
 class MemberList(Packet, type=127):
     group_id: int
     members: Annotated[list[dict[str, Any]], Limit("max_group_size")]
-    """Each ``{"id", "name", "online"}``."""
+    """Each ``{"id", "name", "online", "last_seen"}``: ``last_seen`` is Unix ms for an
+    offline member who shows it, else null."""
 
 
 class History(Packet, type=130):
@@ -179,3 +182,12 @@ class Presence(Packet, type=140):
     user_id: int
     name: Name
     online: bool
+    last_seen: int = 0
+    """When ``online`` is false: Unix ms the user was last seen, 0 if they hide it."""
+
+
+class SetPrivacy(Packet, type=144):
+    """Change the user's privacy settings; answered by :class:`Ok`."""
+
+    show_last_seen: bool = True
+    """Whether others see when the user was last seen (member lists, Presence)."""

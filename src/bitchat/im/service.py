@@ -57,6 +57,7 @@ from bitchat.im.packets import (
     SendAck,
     SendGroup,
     SendP2P,
+    SetPrivacy,
     UserInfo,
 )
 from bitchat.im.throttle import LoginThrottle, MemoryLoginThrottle, remote_address, throttled
@@ -132,6 +133,7 @@ class IMService:
             (MyGroups, self.on_my_groups),
             (GroupMembers, self.on_group_members),
             (History, self.on_history),
+            (SetPrivacy, self.on_set_privacy),
         ):
             s.add_handler(cls, func, login_required=True, poolable=False)
         s.on_startup.append(self._start)
@@ -219,6 +221,9 @@ class IMService:
             self.watchers.pop(session, None)
             await self._logged_out(session)
         pending = await self.messages.count_pending(user.id)
+        # Seen now: should the node die, the user was last seen at least at this login.
+        await self.users.touch_last_seen([user.id], _now_ms())
+        show_last_seen = await self.users.show_last_seen(user.id)
         first = not await self.connections.is_online(user.id)
         # From here on, live messages for the user are held until the offline ones
         # are out (see _sync), so the session sees everything in id order.
@@ -243,7 +248,7 @@ class IMService:
         task.add_done_callback(self._syncs.discard)
         if first:
             self._presence(user, True)
-        return LoginOk(user.id, user.name, token, pending)
+        return LoginOk(user.id, user.name, token, pending, show_last_seen)
 
     async def _authenticate(self, session: Session, name: str, password: str) -> User:
         """A password login, through the throttle: an attempt that comes too early is
@@ -312,10 +317,21 @@ class IMService:
         try:
             await self.connections.detach(session)
             if not await self.connections.is_online(user_id):
+                # The last connection anywhere closed: only now is the user last seen.
                 name = session.user_name or ""
-                self._presence(User(user_id, name), False)
+                self._presence(User(user_id, name), False, await self._seen_now(user_id))
         except Exception:
             log.exception("detaching a session of user %d failed", user_id)
+
+    async def _seen_now(self, user_id: int) -> int:
+        """Store that the user was last seen now; the time if others may know it, else 0."""
+        now = _now_ms()
+        try:
+            await self.users.touch_last_seen([user_id], now)
+            return now if await self.users.show_last_seen(user_id) else 0
+        except RequestError as exc:  # a store down: presence still goes out
+            log.warning("cannot write when user %d was last seen: %s", user_id, exc.message)
+            return 0
 
     async def on_logout(self, session: Session, p: Logout) -> Ok:
         self.watchers.pop(session, None)
@@ -327,16 +343,16 @@ class IMService:
         session.user_name = None
         return Ok()
 
-    def _presence(self, user: User, online: bool) -> None:
+    def _presence(self, user: User, online: bool, last_seen: int = 0) -> None:
         """The user came online or went offline (on this node): tell every watcher."""
-        self._tell_watchers(user.id, user.name, online)
-        self.connections.publish_presence(user.id, user.name, online)
+        self._tell_watchers(user.id, user.name, online, last_seen)
+        self.connections.publish_presence(user.id, user.name, online, last_seen)
 
-    def _tell_watchers(self, user_id: int, name: str, online: bool) -> None:
+    def _tell_watchers(self, user_id: int, name: str, online: bool, last_seen: int = 0) -> None:
         """Push a presence change to this node's watchers (the center's ``on_presence``)."""
         if not self.watchers:
             return
-        packet = Presence(user_id, name, online)
+        packet = Presence(user_id, name, online, 0 if online else last_seen)
         for s, watcher in list(self.watchers.items()):
             if s.user_id != watcher:  # no longer the user who asked: the watch is over
                 del self.watchers[s]
@@ -361,6 +377,11 @@ class IMService:
         ids = await self.connections.online_users()
         users = await self.users.get_users(ids)
         return OnlineUsers([{"id": u, "name": users[u].name} for u in ids if u in users])
+
+    async def on_set_privacy(self, session: Session, p: SetPrivacy) -> Ok:
+        assert session.user_id is not None
+        await self.users.set_show_last_seen(session.user_id, p.show_last_seen)
+        return Ok()
 
     # -- messages ---------------------------------------------------------------------------
 
@@ -610,13 +631,24 @@ class IMService:
         ids = await self.users.group_members(p.group_id)
         users = await self.users.get_users(ids)
         online = set(await self.connections.online_users())
+        assert session.user_id is not None
+        seen = await self.users.last_seen([u for u in ids if u not in online], session.user_id)
         return MemberList(
             p.group_id,
             [
-                {"id": u, "name": users[u].name if u in users else "", "online": u in online}
+                {
+                    "id": u,
+                    "name": users[u].name if u in users else "",
+                    "online": u in online,
+                    "last_seen": seen.get(u),
+                }
                 for u in ids
             ],
         )
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def _answer(out: Deferred | asyncio.Future[SendAck], ack: SendAck) -> None:

@@ -128,6 +128,11 @@ MIGRATIONS: list[Migration] = [
     """,
     # 2: look-alike names are refused (keys of the case fold and the skeleton).
     _add_name_keys,
+    # 3: when each user was last seen (Unix ms, none yet), and whether others may know.
+    """
+    ALTER TABLE users ADD COLUMN last_seen INTEGER;
+    ALTER TABLE users ADD COLUMN show_last_seen INTEGER NOT NULL DEFAULT 1;
+    """,
 ]
 
 _WAL_AUTOCHECKPOINT = 10_000
@@ -302,6 +307,39 @@ class SqliteUserCenter(UserCenter):
                 self._names[uid] = name
                 found[uid] = User(uid, name)
         return found
+
+    async def touch_last_seen(self, user_ids: Sequence[int], ts: int) -> None:
+        async with self._lock:
+            for start in range(0, len(user_ids), 500):
+                chunk = list(user_ids[start : start + 500])
+                marks = ",".join("?" * len(chunk))
+                await self._rows(
+                    "UPDATE users SET last_seen = max(coalesce(last_seen, 0), ?) "
+                    f"WHERE id IN ({marks})",
+                    [ts, *chunk],
+                )
+
+    async def last_seen(self, user_ids: Iterable[int], viewer: int) -> dict[int, int]:
+        ids = list(set(user_ids))
+        seen: dict[int, int] = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for uid, ts in await self._rows(
+                f"SELECT id, last_seen FROM users WHERE id IN ({marks}) "
+                "AND last_seen IS NOT NULL AND (show_last_seen OR id = ?)",
+                [*chunk, viewer],
+            ):
+                seen[uid] = ts
+        return seen
+
+    async def set_show_last_seen(self, user_id: int, on: bool) -> None:
+        async with self._lock:
+            await self._rows("UPDATE users SET show_last_seen = ? WHERE id = ?", (int(on), user_id))
+
+    async def show_last_seen(self, user_id: int) -> bool:
+        rows = await self._rows("SELECT show_last_seen FROM users WHERE id = ?", (user_id,))
+        return bool(rows[0][0]) if rows else True
 
     async def create_group(self, owner_id: int, name: str) -> Group:
         now = time.time()

@@ -10,7 +10,7 @@ const T = Object.freeze({
   SEND_P2P: 110, SEND_GROUP: 111, SEND_ACK: 112, CHAT: 113, ACK: 114,
   CREATE_GROUP: 120, GROUP_INFO: 121, JOIN_GROUP: 122, LEAVE_GROUP: 123, MY_GROUPS: 124,
   GROUP_LIST: 125, GROUP_MEMBERS: 126, MEMBER_LIST: 127, HISTORY: 130, HISTORY_PAGE: 131,
-  PRESENCE: 140,
+  PRESENCE: 140, SET_PRIVACY: 144,
 });
 const MAGIC = 0xbc;
 const VERSION = 1;
@@ -212,7 +212,7 @@ const state = {
   link: null,
   retries: 0,
   retryTimer: null,
-  users: new Map(),      // id -> {id, name, online}
+  users: new Map(),      // id -> {id, name, online, lastSeen}
   groups: new Map(),     // id -> {id, name, owner_id, members}
   convs: new Map(),      // 'u:<id>' | 'g:<id>' -> conversation
   active: null,
@@ -260,12 +260,20 @@ function convTitle(conv) {
   return state.users.get(conv.id)?.name ?? conv.fallbackName ?? `User ${conv.id}`;
 }
 
-function rememberUser(id, name, online) {
+// lastSeen: Unix ms of an offline user who shows it; 0 or null: hidden (forget what we knew).
+function rememberUser(id, name, online, lastSeen) {
   if (id === state.me?.id) return;
-  const user = state.users.get(id) ?? { id, name, online: false };
+  const user = state.users.get(id) ?? { id, name, online: false, lastSeen: null };
   if (name) user.name = name;
   if (online !== undefined) user.online = online;
+  if (lastSeen !== undefined) user.lastSeen = lastSeen || null;
   state.users.set(id, user);
+}
+
+// "Online", "last seen 5 min ago", or "Offline" when the user hides it (or was never seen).
+function statusText(user) {
+  if (user?.online) return 'Online';
+  return user?.lastSeen ? `last seen ${sinceText(user.lastSeen)}` : 'Offline';
 }
 
 function order(a, b) {
@@ -315,6 +323,7 @@ async function connect(credentials) {
     await link.open();
     const ok = await link.request(T.LOGIN, credentials);
     state.me = { id: ok.user_id, name: ok.name };
+    $('show-last-seen').checked = ok.show_last_seen !== false;
     state.token = ok.token;
     sessionStorage.setItem('bitchat.session', JSON.stringify({ token: ok.token, me: state.me }));
     document.body.dataset.pending = String(ok.pending);
@@ -428,7 +437,7 @@ function signedOut(message) {
 function onPush(type, body) {
   if (type === T.CHAT) onChat(body);
   else if (type === T.PRESENCE) {
-    rememberUser(body.user_id, body.name, body.online);
+    rememberUser(body.user_id, body.name, body.online, body.online ? undefined : body.last_seen);
     render();
   }
 }
@@ -565,6 +574,7 @@ async function refreshMembers(conv) {
   try {
     const list = await state.link.request(T.GROUP_MEMBERS, { group_id: conv.id });
     conv.memberIds = new Set(list.members.map((m) => m.id));
+    for (const m of list.members) rememberUser(m.id, m.name, m.online, m.online ? undefined : m.last_seen);
     const g = state.groups.get(conv.id);
     if (g) g.members = list.members.length;
     render();
@@ -622,6 +632,15 @@ function dayLabel(ts) {
   return dayFormat.format(d);
 }
 
+function sinceText(ts) {
+  const minutes = Math.floor((Date.now() - ts) / 60000);
+  if (minutes < 1) return 'just now';
+  if (minutes < 60) return `${minutes} min ago`;
+  if (minutes < 12 * 60) return `${Math.floor(minutes / 60)} h ago`;
+  const label = dayLabel(ts);
+  return `${label === 'Today' || label === 'Yesterday' ? label.toLowerCase() : shortDay.format(new Date(ts))} at ${timeFormat.format(new Date(ts))}`;
+}
+
 function shortTime(ts) {
   const d = new Date(ts);
   return d.toDateString() === new Date().toDateString() ? timeFormat.format(d) : shortDay.format(d);
@@ -651,7 +670,7 @@ function convRow(conv, { online } = {}) {
     const g = state.groups.get(conv.id);
     preview = g ? `Group ${g.id} · ${g.members} member${g.members === 1 ? '' : 's'}` : `Group ${conv.id}`;
   } else {
-    preview = online ? 'Online' : 'Offline';
+    preview = statusText(state.users.get(conv.id));
   }
   bottom.append(el('span', 'conv-preview', preview));
   if (conv.unread) {
@@ -711,7 +730,7 @@ function renderConversation(opts) {
       ? `Group ${g.id} · ${g.members} member${g.members === 1 ? '' : 's'} · others join with number ${g.id}`
       : `Group ${conv.id}`;
   } else {
-    $('chat-sub').textContent = state.users.get(conv.id)?.online ? 'Online' : 'Offline';
+    $('chat-sub').textContent = statusText(state.users.get(conv.id));
   }
   $('members').hidden = !isGroup;
   $('leave').hidden = !isGroup;
@@ -870,6 +889,20 @@ function wire() {
     signedOut(null);
   });
 
+  $('show-last-seen').addEventListener('change', async (event) => {
+    const box = event.target;
+    box.disabled = true;
+    try {
+      await state.link.request(T.SET_PRIVACY, { show_last_seen: box.checked });
+      toast(box.checked ? 'Others see when you were last online' : 'Your last seen is hidden');
+    } catch (err) {
+      box.checked = !box.checked;
+      toast(err.message);
+    } finally {
+      box.disabled = false;
+    }
+  });
+
   $('composer').addEventListener('submit', (event) => {
     event.preventDefault();
     const input = $('composer-input');
@@ -923,8 +956,14 @@ function wire() {
       const ul = el('ul', 'member-list');
       for (const m of members) {
         const li = el('li');
-        li.append(avatar(m.name, m.id, { online: m.online }),
-          el('span', '', m.id === state.me.id ? `${m.name} (you)` : m.name));
+        const who = el('div', 'member-text');
+        who.append(el('span', '', m.id === state.me.id ? `${m.name} (you)` : m.name));
+        if (!m.online && m.last_seen) {
+          const since = el('span', 'member-seen', `last seen ${sinceText(m.last_seen)}`);
+          since.dataset.testid = 'last-seen';
+          who.append(since);
+        }
+        li.append(avatar(m.name, m.id, { online: m.online }), who);
         ul.append(li);
       }
       await ask({ title: `${convTitle(conv)} · ${members.length} members`, content: ul, ok: 'Close' });
