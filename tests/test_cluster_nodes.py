@@ -22,7 +22,7 @@ from bitchat.cluster.discovery import router_resolver, where_to
 from bitchat.cluster.registry import Keys, NodeIdInUse, NodeInfo, live_nodes
 from bitchat.cluster.router import Router, build_router
 from bitchat.im.client import IMClient
-from bitchat.im.packets import Presence
+from bitchat.im.packets import Presence, TypingEvent
 from cluster_support import (  # noqa: F401 (fixtures)
     REDIS_URL,
     WAIT,
@@ -352,3 +352,31 @@ async def test_a_node_survives_postgres_outages(
         assert "refused" not in [m.text for m in inbox.got]
     finally:
         await proxy.close()
+
+
+async def test_typing_crosses_nodes(make_node: MakeNode, make_client: MakeClient) -> None:
+    n1, n2 = await make_node(1), await make_node(2)
+    alice = await make_client(n1, "alice")
+    bob = await make_client(n2, "bob")
+    carol = await make_client(n2, "carol")
+    assert alice.user is not None and bob.user is not None
+    seen: dict[IMClient, asyncio.Queue[TypingEvent]] = {}
+    for im in (alice, bob, carol):
+        seen[im] = asyncio.Queue()
+        im.on_typing(seen[im].put_nowait)
+
+    await alice.typing(to=bob.user.id)  # node 1 -> node 2
+    e = await asyncio.wait_for(seen[bob].get(), WAIT)
+    assert (e.user_id, e.name, e.to, e.typing) == (alice.user.id, "alice", bob.user.id, True)
+    assert e.expires_in == n1.settings.typing_timeout
+
+    g = await alice.create_group("team")
+    await bob.join_group(g.group_id)
+    await carol.join_group(g.group_id)
+    await bob.typing(group_id=g.group_id)  # node 2 -> node 1, and to carol on node 2
+    for im in (alice, carol):
+        e = await asyncio.wait_for(seen[im].get(), WAIT)
+        assert (e.user_id, e.group_id, e.typing) == (bob.user.id, g.group_id, True)
+    await bob.close()  # the stop of a disconnect crosses too
+    e = await asyncio.wait_for(seen[alice].get(), WAIT)
+    assert (e.user_id, e.group_id, e.typing) == (bob.user.id, g.group_id, False)

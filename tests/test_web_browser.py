@@ -19,6 +19,7 @@ import pytest
 from bitchat import Server
 from bitchat.app import build_server
 from bitchat.im.client import IMClient
+from bitchat.im.packets import TypingEvent
 from web_helpers import WAIT, WAIT_MS, artifact, chromium, running_server
 
 pytest.importorskip("playwright")
@@ -338,3 +339,50 @@ async def test_page_survives_a_server_restart_and_sends_what_was_typed_meanwhile
         assert ok.pending == 1
         # Chromium logs each refused reconnect attempt itself.
         await kate.close(expected_errors=("ERR_CONNECTION_REFUSED",))
+
+
+async def test_typing_shows_both_ways_and_clears(tmp_path: Path, browser: Browser) -> None:
+    async with running_server(tmp_path, typing_timeout=1.0) as server:
+        port = server.address[1]
+        async with IMClient("127.0.0.1", port) as carol:
+            await carol.login("carol", "carol-pw")
+            assert carol.user is not None
+            typings: asyncio.Queue[TypingEvent] = asyncio.Queue()
+            carol.on_typing(typings.put_nowait)
+
+            dave = await PageUser.open(browser, server)
+            await dave.sign_in("dave", "dave-pw")
+            dave_id = int(await dave.page.locator("body").get_attribute("data-user-id") or 0)
+            await dave.open_chat("carol")
+            indicator = dave.page.get_by_test_id("typing")
+
+            # The page's user types: carol hears it once (throttled), and the stop when cleared.
+            box = dave.page.get_by_label("Message")
+            await box.press_sequentially("hel")
+            e = await asyncio.wait_for(typings.get(), WAIT)
+            assert (e.user_id, e.name, e.to, e.typing) == (dave_id, "dave", carol.user.id, True)
+            assert e.expires_in == 1.0
+            await box.fill("")
+            await box.dispatch_event("input")
+            e = await asyncio.wait_for(typings.get(), WAIT)
+            assert (e.user_id, e.typing) == (dave_id, False)
+
+            # carol types: the page shows it, and clears it on her stop.
+            await carol.typing(to=dave_id)
+            await expect(indicator).to_have_text("carol is typing…")
+            await carol.typing(to=dave_id, typing=False)
+            await expect(indicator).to_be_hidden()
+            # ... on her message (the server relays the next start at once after it) ...
+            await carol.send_p2p(dave_id, "first")
+            await carol.typing(to=dave_id)
+            await expect(indicator).to_have_text("carol is typing…")
+            await carol.send_p2p(dave_id, "here it is")
+            await expect(dave.message("here it is")).to_have_count(1)
+            await expect(indicator).to_be_hidden()
+            # ... and by itself once its expires_in (1 s here) is over.
+            await carol.typing(to=dave_id)
+            await expect(indicator).to_be_visible()
+            await expect(indicator).to_be_hidden()
+            assert typings.empty()
+            await dave.page.screenshot(path=str(artifact("chat-typing.png")))
+            await dave.close()

@@ -188,6 +188,13 @@ class Settings:
     """Most messages in one history page, whatever the request asks."""
     offline_batch: int = setting(500, ge=1, commands=_S)
     """Offline messages pushed per batch at login."""
+    typing_timeout: float = setting(5.0, gt=0, unit="s", commands=_S)
+    """How long a "typing" lasts unless repeated: recipients get it as ``expires_in``
+    and clear it themselves; the server forgets it then too (typing is never stored)."""
+    typing_interval: float = setting(1.0, ge=0, unit="s", commands=_S)
+    """Least time between two "typing" events one connection relays into one
+    conversation; sooner ones are dropped silently (the stop of one still on always
+    goes through)."""
     store_batch_max: int = setting(512, ge=1, commands=_S)
     """Most messages committed to the store in one transaction (group commit)."""
     store_batch_max_acks: int = setting(4096, ge=1, commands=_S)

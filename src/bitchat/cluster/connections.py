@@ -25,6 +25,11 @@ stream's replay would; and whenever another node drops out of the registry
 forwarded. Pub/sub keeps nothing in Redis, needs no trimming or
 consumer groups, and a dead node leaves no backlog behind.
 
+Typing events cross nodes on one cluster-wide ``P typing`` channel, each with its
+recipients, and each node pushes to those it holds: no lookup of where the
+recipients are, since typing is rate-limited per conversation and worth less than
+the round trip; never stored, and one lost in transit is simply lost.
+
 While Redis is down the node refuses logins and online lists with ``unavailable``
 (it cannot tell the cluster where the user is), keeps serving its connected
 users, and forwards what was queued once Redis is back.
@@ -53,6 +58,7 @@ from bitchat.cluster.registry import (
 from bitchat.errors import ServiceUnavailable
 from bitchat.im.centers import ConnectionCenter, Message
 from bitchat.im.delivery import push_message
+from bitchat.im.packets import TypingEvent
 from bitchat.settings import Settings
 
 if TYPE_CHECKING:
@@ -141,6 +147,8 @@ class RedisConnectionCenter(ConnectionCenter):
         self._left_queue = 0  # of those, forwarded (or given up on)
         self._after_forward: collections.deque[tuple[int, Callable[[], None]]] = collections.deque()
         self._peers: dict[int, str] | None = None  # other live nodes: id -> instance
+        self._typing_out: list[bytes] = []
+        self._typing_task: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
         self._closing = False
         self._left = False
@@ -344,6 +352,60 @@ class RedisConnectionCenter(ConnectionCenter):
         self._publishing.add(task)
         task.add_done_callback(self._publishing.discard)
 
+    # -- typing across nodes ----------------------------------------------------------------
+
+    def deliver_typing(self, event: TypingEvent, user_ids: Sequence[int]) -> None:
+        by_user = self._by_user
+        for u in user_ids:
+            for s in by_user.get(u, ()):
+                s.push(event)
+        if self._closing or len(self._typing_out) >= self.settings.forward_queue_max:
+            return  # best effort: dropped
+        self._typing_out.append(
+            msgpack.packb(
+                [
+                    self.node_id,
+                    event.user_id,
+                    event.name,
+                    event.to,
+                    event.group_id,
+                    event.typing,
+                    event.expires_in,
+                    list(user_ids),
+                ]
+            )
+        )
+        if self._typing_task is None:
+            task = asyncio.get_running_loop().create_task(self._publish_typing())
+            self._typing_task = task
+            self._publishing.add(task)
+            task.add_done_callback(self._publishing.discard)
+
+    async def _publish_typing(self) -> None:
+        """Publish what is queued, in one pipeline per round, until nothing is left."""
+        try:
+            while self._typing_out:
+                batch, self._typing_out = self._typing_out, []
+                try:
+                    async with self.redis.pipeline(transaction=False) as pipe:
+                        for payload in batch:
+                            pipe.publish(self.keys.typing, payload)
+                        await pipe.execute()
+                except REDIS_ERRORS as exc:
+                    self._failed(exc, "publishing typing events")  # lost: best effort
+        finally:
+            self._typing_task = None
+
+    def _typing_received(self, data: list[Any]) -> None:
+        node, user_id, name, to, group_id, typing, expires_in, users = data
+        if node == self.node_id:
+            return
+        event = TypingEvent(user_id, name, to, group_id, typing, expires_in)
+        by_user = self._by_user
+        for u in users:
+            for s in by_user.get(u, ()):
+                s.push(event)
+
     # -- health -----------------------------------------------------------------------------
 
     def _failed(self, exc: BaseException, doing: str) -> None:
@@ -532,7 +594,7 @@ class RedisConnectionCenter(ConnectionCenter):
             pubsub: PubSub | None = None
             try:
                 pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-                await pubsub.subscribe(inbox, self.keys.presence)
+                await pubsub.subscribe(inbox, self.keys.presence, self.keys.typing)
                 if not first:
                     log.warning(
                         "node %d subscribed again to its inbox; re-sending pending "
@@ -565,6 +627,12 @@ class RedisConnectionCenter(ConnectionCenter):
             data = msgpack.unpackb(msg["data"], raw=False)
         except Exception:
             log.warning("dropping an undecodable message on %s", channel)
+            return
+        if channel == self.keys.typing:
+            try:
+                self._typing_received(data)
+            except (TypeError, ValueError):
+                log.warning("dropping a malformed typing event")
             return
         if channel == self.keys.presence:
             node, user_id, name, online, *rest = data  # a node before last seen sends 4

@@ -76,6 +76,10 @@ class Keys:
     def presence(self) -> str:
         return f"{self.prefix}presence"
 
+    @property
+    def typing(self) -> str:
+        return f"{self.prefix}typing"
+
 
 @dataclass(frozen=True, slots=True)
 class NodeInfo:

@@ -21,6 +21,7 @@ from bitchat.im.names import taken
 from bitchat.im.passwords import Passwords
 
 if TYPE_CHECKING:
+    from bitchat.im.packets import TypingEvent
     from bitchat.session import Session
 
 
@@ -364,6 +365,11 @@ class ConnectionCenter(abc.ABC):
     def deliver(self, message: Message, user_ids: Iterable[int], exclude_session: int = 0) -> None:
         """Push ``message`` to every connection of ``user_ids`` wherever it is,
         except the session ``exclude_session`` (the sender's own)."""
+
+    @abc.abstractmethod
+    def deliver_typing(self, event: TypingEvent, user_ids: Sequence[int]) -> None:
+        """Push ``event`` to every connection of ``user_ids`` wherever it is, at once and
+        best effort: never stored, never held back, and one lost in transit is lost."""
 
     def after_forward(self, callback: Callable[[], None]) -> None:
         """``callback()`` once what :meth:`deliver` was given so far has left for the

@@ -53,6 +53,8 @@ from bitchat.im.packets import (
     SendGroup,
     SendP2P,
     SetPrivacy,
+    Typing,
+    TypingEvent,
     UserInfo,
 )
 from bitchat.protocol.packets import Packet
@@ -247,6 +249,18 @@ class IMClient:
         why = "no answer" if self.client.connected else "not connected"
         return RequestTimeout(f"{type(packet).__name__} not stored within {timeout:.1f}s ({why})")
 
+    async def typing(self, to: int = 0, group_id: int = 0, typing: bool = True) -> None:
+        """Tell the other side of a conversation (user ``to`` or ``group_id``) that you
+        are typing, or stopped (``typing=False``): one-way and best effort.
+
+        A "typing" lasts the server's ``typing_timeout`` (about 5 s): repeat it every
+        few seconds while the user types. A message sent there also means stopped.
+        A refusal (no such user, not a member) comes back as an Error push, not raised.
+        """
+        if bool(to) == bool(group_id):
+            raise UsageError("typing() takes either to or group_id")
+        await self.client.send(Typing(to, group_id, typing))
+
     async def create_group(self, name: str) -> GroupInfo:
         g = await self.client.request(CreateGroup(name))
         assert isinstance(g, GroupInfo)
@@ -296,6 +310,12 @@ class IMClient:
         """Call ``callback(Presence)`` for each presence push (``online_users(watch=True)``
         asks for them); a user going offline comes with ``last_seen`` (0: hidden)."""
         self.client.on(Presence, callback)
+
+    def on_typing(self, callback: Callable[[TypingEvent], Any]) -> None:
+        """Call ``callback(TypingEvent)`` when someone starts or stops typing to you or
+        in one of your groups. A ``typing=True`` is over after its ``expires_in``
+        seconds unless repeated, or when a message from that user arrives there."""
+        self.client.on(TypingEvent, callback)
 
     async def messages(self) -> AsyncIterator[ChatMessage]:
         """Iterate over incoming messages until the client closes."""

@@ -9,6 +9,7 @@ from bitchat.im.centers import ConnectionCenter, Message
 from bitchat.im.delivery import push_message
 
 if TYPE_CHECKING:
+    from bitchat.im.packets import TypingEvent
     from bitchat.session import Session
 
 
@@ -49,3 +50,9 @@ class MemoryConnectionCenter(ConnectionCenter):
             message,
             [s for u in user_ids for s in by_user.get(u, ()) if s.id != exclude_session],
         )
+
+    def deliver_typing(self, event: TypingEvent, user_ids: Sequence[int]) -> None:
+        by_user = self._by_user
+        for u in user_ids:
+            for s in by_user.get(u, ()):
+                s.push(event)

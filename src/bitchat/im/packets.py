@@ -1,6 +1,6 @@
 """The built-in IM packets (types 100-999).
 
-Requests and their answers; ``ChatMessage`` and ``Presence`` are server pushes.
+Requests and their answers; ``ChatMessage``, ``Presence`` and ``TypingEvent`` are server pushes.
 User, group and message ids are integers; message ids are 64-bit snowflakes
 (time-ordered, node id inside). Timestamps are Unix milliseconds.
 
@@ -191,3 +191,35 @@ class SetPrivacy(Packet, type=144):
 
     show_last_seen: bool = True
     """Whether others see when the user was last seen (member lists, Presence)."""
+
+
+class Typing(Packet, type=142):
+    """The sender is typing in a conversation (``typing``), or stopped: ``to`` (a user)
+    or ``group_id``. Never stored; best effort.
+
+    Sent one-way (the usual), nothing comes back unless it is refused (an Error
+    with request id 0: ``not_found``, ``not_member``, ``invalid_packet``); sent as a
+    request, it is answered with :class:`Ok`. Repeats faster than the server's
+    ``typing_interval`` are dropped silently. Repeat ``typing=True`` every few
+    seconds while the user types: each one lasts ``typing_timeout`` seconds.
+    """
+
+    to: int = 0
+    group_id: int = 0
+    typing: bool = True
+
+
+class TypingEvent(Packet, type=143):
+    """Push: ``user_id`` is typing (``typing``), or stopped, in a conversation of yours:
+    one-to-one (``to`` is you, the conversation is with ``user_id``) or the group
+    ``group_id`` (``to`` is 0). A ``typing=True`` lasts ``expires_in`` seconds unless
+    repeated; a stop comes at once when the typer stops, logs out or disconnects,
+    and a message from the typer in that conversation also means stopped.
+    """
+
+    user_id: int
+    name: Name
+    to: int = 0
+    group_id: int = 0
+    typing: bool = True
+    expires_in: float = 0.0

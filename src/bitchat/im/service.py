@@ -1,4 +1,4 @@
-"""The IM service: login, users, one-to-one and group chat, history, acks.
+"""The IM service: login, users, one-to-one and group chat, history, acks, typing.
 
 It installs its handlers on a :class:`~bitchat.Server` and works against the
 three center interfaces only, so standalone and cluster share every line: what a
@@ -15,6 +15,8 @@ until the message has left for the other nodes. A retry of a stored message
 its node. A recipient's :class:`Ack` clears it; what is not acked is pushed
 again at the next login, in id order, or when the connection center says pushes
 may have been lost (``on_resync``).
+
+Typing is relayed, never stored: :mod:`bitchat.im.typing_relay`.
 """
 
 from __future__ import annotations
@@ -58,9 +60,11 @@ from bitchat.im.packets import (
     SendGroup,
     SendP2P,
     SetPrivacy,
+    Typing,
     UserInfo,
 )
 from bitchat.im.throttle import LoginThrottle, MemoryLoginThrottle, remote_address, throttled
+from bitchat.im.typing_relay import TYPING_KEY, TypingRelay
 from bitchat.server import Server
 from bitchat.session import Session
 
@@ -111,6 +115,7 @@ class IMService:
         watch ends at logout, and a login as another user does not inherit it."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._syncs: set[asyncio.Task[None]] = set()
+        self.typing = TypingRelay(self.settings, users, connections)
         connections.on_presence = self._tell_watchers
         connections.on_resync = self._resync
         self._install()
@@ -134,6 +139,7 @@ class IMService:
             (GroupMembers, self.on_group_members),
             (History, self.on_history),
             (SetPrivacy, self.on_set_privacy),
+            (Typing, self.typing.on_typing),
         ):
             s.add_handler(cls, func, login_required=True, poolable=False)
         s.on_startup.append(self._start)
@@ -314,6 +320,7 @@ class IMService:
         user_id = session.user_id
         if user_id is None:
             return
+        self.typing.stop_all(session)
         try:
             await self.connections.detach(session)
             if not await self.connections.is_online(user_id):
@@ -399,6 +406,8 @@ class IMService:
         if not text or len(text) > self.settings.max_message_length:
             self._check_text(text)  # raises
         assert session.user_id is not None
+        if TYPING_KEY in session.data:  # a message means stopped typing
+            self.typing.message_sent(session, p.to, 0)
         # As _new_message does, written out: this is every one-to-one message's path.
         msg = Message(
             0, P2P, session.user_id, session.user_name or "", p.to, text, 0, p.client_msg_id
@@ -441,6 +450,8 @@ class IMService:
 
     def on_send_group(self, session: Session, p: SendGroup) -> Any:
         self._check_text(p.text)
+        if TYPING_KEY in session.data:
+            self.typing.message_sent(session, 0, p.group_id)
         msg = self._new_message(session, GROUP, p.group_id, p.text, p.client_msg_id)
         chain = session.data.get(_CHAIN)
         if chain is None or chain.done():

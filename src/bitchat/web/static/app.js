@@ -10,7 +10,7 @@ const T = Object.freeze({
   SEND_P2P: 110, SEND_GROUP: 111, SEND_ACK: 112, CHAT: 113, ACK: 114,
   CREATE_GROUP: 120, GROUP_INFO: 121, JOIN_GROUP: 122, LEAVE_GROUP: 123, MY_GROUPS: 124,
   GROUP_LIST: 125, GROUP_MEMBERS: 126, MEMBER_LIST: 127, HISTORY: 130, HISTORY_PAGE: 131,
-  PRESENCE: 140, SET_PRIVACY: 144,
+  PRESENCE: 140, TYPING: 142, TYPING_EVENT: 143, SET_PRIVACY: 144,
 });
 const MAGIC = 0xbc;
 const VERSION = 1;
@@ -25,6 +25,7 @@ const HISTORY_PAGE = 50;
 const GROUPING_MS = 5 * 60 * 1000;
 const ACK_DELAY_MS = 25;
 const ACK_MAX_IDS = 512; // ids per Ack: within the server's max_ack_ids (1024 by default)
+const TYPING_EVERY_MS = 2500; // repeat "typing" while typing: within the server's typing_timeout
 
 const utf8in = new TextDecoder();
 const utf8out = new TextEncoder();
@@ -242,6 +243,8 @@ function newConversation(key) {
     key, kind: kind === 'g' ? 'group' : 'p2p', id: Number(id),
     messages: [], byId: new Map(), byClient: new Map(),
     unread: 0, loaded: false, loading: false, more: false, last: null,
+    typers: new Map(), // user id -> {name, timer}: who is typing here now
+    typingSent: 0,     // when this page last said "typing" here (0: it is not typing)
   };
 }
 
@@ -436,6 +439,7 @@ function signedOut(message) {
 
 function onPush(type, body) {
   if (type === T.CHAT) onChat(body);
+  else if (type === T.TYPING_EVENT) onTyping(body);
   else if (type === T.PRESENCE) {
     rememberUser(body.user_id, body.name, body.online, body.online ? undefined : body.last_seen);
     render();
@@ -454,6 +458,7 @@ function onChat(m) {
   }
   const conv = conversation(key);
   if (!mine && m.kind === 'p2p') conv.fallbackName = m.sender_name;
+  clearTyper(conv, m.sender_id); // a message from them means they stopped typing
   const fresh = addMessage(conv, { ...m, status: 'sent' });
   if (!mine) queueAck(m.msg_id);
   if (fresh && !mine && (state.active !== key || document.hidden)) conv.unread += 1;
@@ -462,6 +467,54 @@ function onChat(m) {
     refreshMembers(conv); // someone joined since the list was read
   }
   render();
+}
+
+// Someone is typing here, or stopped; a "typing" ends by itself after its expires_in.
+function onTyping(e) {
+  if (e.user_id === state.me?.id) return;
+  const conv = conversation(e.group_id ? `g:${e.group_id}` : `u:${e.user_id}`);
+  clearTyper(conv, e.user_id);
+  if (e.typing) {
+    const timer = setTimeout(() => { clearTyper(conv, e.user_id); render(); }, e.expires_in * 1000);
+    conv.typers.set(e.user_id, { name: e.name, timer });
+  }
+  render();
+}
+
+function clearTyper(conv, userId) {
+  const typer = conv.typers.get(userId);
+  if (typer) {
+    clearTimeout(typer.timer);
+    conv.typers.delete(userId);
+  }
+}
+
+function typingText(conv) {
+  const names = [...conv.typers.values()].map((t) => t.name);
+  if (names.length === 0) return '';
+  if (names.length === 1) return `${names[0]} is typing…`;
+  if (names.length === 2) return `${names[0]} and ${names[1]} are typing…`;
+  return 'Several people are typing…';
+}
+
+// Tells the conversation that this user types (at most every TYPING_EVERY_MS) or stopped.
+// One-way and best effort: nothing waits for it, a refusal is only logged.
+function sendTyping(conv, typing) {
+  if (!conv || !state.link?.live) return;
+  if (typing) {
+    if (Date.now() - conv.typingSent < TYPING_EVERY_MS) return;
+    conv.typingSent = Date.now();
+  } else {
+    if (!conv.typingSent) return;
+    conv.typingSent = 0;
+  }
+  const target = conv.kind === 'group' ? { group_id: conv.id } : { to: conv.id };
+  state.link.send(T.TYPING, { ...target, typing });
+}
+
+function composerTyped() {
+  const conv = state.active && state.convs.get(state.active);
+  sendTyping(conv, $('composer-input').value.trim() !== '');
 }
 
 // Acks go in batches: a burst of offline messages costs a few requests, not one each.
@@ -502,6 +555,7 @@ async function sendText(conv, text) {
     sender_name: state.me.name, to: conv.id, text, ts: Date.now(), status: 'pending',
   };
   addMessage(conv, msg);
+  conv.typingSent = 0; // the server takes a message as the end of typing
   const body = conv.kind === 'group'
     ? { group_id: conv.id, text, client_msg_id: cid }
     : { to: conv.id, text, client_msg_id: cid };
@@ -558,6 +612,8 @@ async function loadHistory(conv, older) {
 }
 
 function openConversation(key) {
+  const before = state.active && state.convs.get(state.active);
+  if (before && before.key !== key) sendTyping(before, false);
   const conv = conversation(key);
   state.active = key;
   conv.unread = 0;
@@ -735,6 +791,9 @@ function renderConversation(opts) {
   $('members').hidden = !isGroup;
   $('leave').hidden = !isGroup;
   $('load-older').hidden = !conv.more;
+  const typing = typingText(conv);
+  $('typing').hidden = !typing;
+  $('typing').textContent = typing;
 
   const box = $('messages');
   const nearBottom = box.scrollHeight - box.scrollTop - box.clientHeight < 80;
@@ -919,7 +978,7 @@ function wire() {
       $('composer').requestSubmit();
     }
   });
-  $('composer-input').addEventListener('input', fitComposer);
+  $('composer-input').addEventListener('input', () => { fitComposer(); composerTyped(); });
 
   $('messages').addEventListener('scroll', () => {
     const conv = state.active && state.convs.get(state.active);
@@ -930,6 +989,7 @@ function wire() {
     if (conv) loadHistory(conv, true);
   });
   $('back').addEventListener('click', () => {
+    sendTyping(state.active && state.convs.get(state.active), false);
     state.active = null;
     $('app').classList.remove('in-chat');
     render();
