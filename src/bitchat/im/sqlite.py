@@ -887,49 +887,19 @@ class SqliteMessageCenter(MessageCenter):
         transaction, so a rolled-back row gives its seq back)."""
         results: list[tuple[Message, bool]] = [(m, False) for m, _, _ in stores]
         fresh, repeats = first_of_each(stores)
-        retried = [stores[i][0] for i in fresh if stores[i][0].client_msg_id]
-        if retried:
-            keys: list[Any] = []
-            for m in retried:
-                keys += (m.sender_id, m.client_msg_id)
-            originals = {
-                (o.sender_id, o.client_msg_id): o
-                for o in map(_message, _read_rows(db, _FIND_RETRIES, 2, keys, _PAIR_ROWS))
-            }
-            if originals:
-                kept = []
-                for i in fresh:
-                    m = stores[i][0]
-                    o = originals.get((m.sender_id, m.client_msg_id)) if m.client_msg_id else None
-                    if o is None:
-                        kept.append(i)
-                    else:
-                        results[i] = (o, True)  # a retry keeps the seq it was stored with
-                fresh = kept
-        msgs = [stores[i][0] for i in fresh]
-        convs = [conversation(m.kind, m.sender_id, m.to) for m in msgs]
-        if msgs:
-            counts = conversation_counts(convs)
-            flat_counts: list[Any] = []
-            for c, n in counts.items():
-                flat_counts += (c, n)
-            last = dict(_read_rows(db, _BUMP_CONVERSATIONS, 2, flat_counts, _PAIR_ROWS))
-            number(msgs, convs, counts, last)
-            flat: list[Any] = []
-            for m, conv in zip(msgs, convs, strict=True):
-                flat += (
-                    m.id,
-                    m.kind,
-                    conv,
-                    m.sender_id,
-                    m.sender_name,
-                    m.to,
-                    m.text,
-                    m.ts,
-                    m.client_msg_id,
-                    m.seq,
-                )
-            _write_rows(db, _INSERT_MESSAGES, 10, flat, _MESSAGE_ROWS)
+        # Optimistic: a retry of a stored message is rare, so the batch is numbered and
+        # inserted as it is; the dedup index refuses a retry, and only then are the
+        # originals looked up and the batch numbered again without them.
+        db.execute("SAVEPOINT fresh")
+        try:
+            try:
+                self._number_and_insert(db, [stores[i][0] for i in fresh])
+            except sqlite3.IntegrityError:
+                db.execute("ROLLBACK TO fresh")
+                fresh = self._drop_retries(db, stores, results, fresh)
+                self._number_and_insert(db, [stores[i][0] for i in fresh])
+        finally:
+            db.execute("RELEASE fresh")
         for i, first in repeats.items():
             results[i] = (results[first][0], True)
         pending: list[int] = []
@@ -940,6 +910,64 @@ class SqliteMessageCenter(MessageCenter):
         if pending:
             _write_rows(db, _INSERT_PENDING, 2, pending, _PAIR_ROWS)
         return results
+
+    @staticmethod
+    def _drop_retries(
+        db: sqlite3.Connection,
+        stores: list[_Store],
+        results: list[tuple[Message, bool]],
+        fresh: list[int],
+    ) -> list[int]:
+        """The indexes of ``fresh`` that are not retries of a stored message; a retry's
+        result becomes the original (it keeps the seq it was stored with)."""
+        keys: list[Any] = []
+        for i in fresh:
+            m = stores[i][0]
+            if m.client_msg_id:
+                keys += (m.sender_id, m.client_msg_id)
+        if not keys:
+            return fresh
+        originals = {
+            (o.sender_id, o.client_msg_id): o
+            for o in map(_message, _read_rows(db, _FIND_RETRIES, 2, keys, _PAIR_ROWS))
+        }
+        kept = []
+        for i in fresh:
+            m = stores[i][0]
+            o = originals.get((m.sender_id, m.client_msg_id)) if m.client_msg_id else None
+            if o is None:
+                kept.append(i)
+            else:
+                results[i] = (o, True)
+        return kept
+
+    @staticmethod
+    def _number_and_insert(db: sqlite3.Connection, msgs: list[Message]) -> None:
+        """Give ``msgs`` the next seqs of their conversations and insert them."""
+        if not msgs:
+            return
+        convs = [conversation(m.kind, m.sender_id, m.to) for m in msgs]
+        counts = conversation_counts(convs)
+        flat_counts: list[Any] = []
+        for c, n in counts.items():
+            flat_counts += (c, n)
+        last = dict(_read_rows(db, _BUMP_CONVERSATIONS, 2, flat_counts, _PAIR_ROWS))
+        number(msgs, convs, counts, last)
+        flat: list[Any] = []
+        for m, conv in zip(msgs, convs, strict=True):
+            flat += (
+                m.id,
+                m.kind,
+                conv,
+                m.sender_id,
+                m.sender_name,
+                m.to,
+                m.text,
+                m.ts,
+                m.client_msg_id,
+                m.seq,
+            )
+        _write_rows(db, _INSERT_MESSAGES, 10, flat, _MESSAGE_ROWS)
 
     # -- reads --------------------------------------------------------------------------------
 
