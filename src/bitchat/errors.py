@@ -26,7 +26,9 @@ Classes named with a module live there, next to the code that raises them.
 Every exception class of the package is in this tree (a test walks the modules),
 private ones too: ``bitchat.protocol.packets._Invalid`` (a field value that fails
 validation, always turned into a ``ProtocolError``) under ``BitchatError``, and
-``bitchat.cli.repl._Usage`` (a mistyped REPL command) under ``UsageError``.
+``bitchat.cli.repl._Usage`` (a mistyped REPL command) under ``UsageError``, and
+``bitchat.cluster.pg._Stored`` (rows a batch numbered were stored already: its
+transaction is rolled back and tried again) under ``BitchatError``.
 
 Error codes carried by Error packets are stable strings, listed in ``codes``.
 """

@@ -106,7 +106,8 @@ FORWARD_BATCH = 512
 
 
 def _message_row(m: Message) -> list[Any]:
-    return [m.id, m.kind, m.sender_id, m.sender_name, m.to, m.text, m.ts, m.client_msg_id]
+    # seq last: a node before it sends 8 values, and Message's seq defaults to 0.
+    return [m.id, m.kind, m.sender_id, m.sender_name, m.to, m.text, m.ts, m.client_msg_id, m.seq]
 
 
 class RedisConnectionCenter(ConnectionCenter):

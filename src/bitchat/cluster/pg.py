@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import asyncpg
 
 from bitchat.cluster.health import Backoff, Counter, Health
-from bitchat.errors import RequestError, ServiceUnavailable, codes
+from bitchat.errors import BitchatError, RequestError, ServiceUnavailable, codes
 from bitchat.im.centers import (
     AckJob,
     Group,
@@ -46,6 +46,9 @@ from bitchat.im.centers import (
     User,
     UserCenter,
     conversation,
+    conversation_counts,
+    first_of_each,
+    number,
     refused,
     take_acks,
 )
@@ -144,6 +147,20 @@ MIGRATIONS: list[Migration] = [
     """
     ALTER TABLE users ADD COLUMN last_seen BIGINT,
         ADD COLUMN show_last_seen BOOLEAN NOT NULL DEFAULT TRUE;
+    """,
+    # 4: conversations, each with a gapless sequence of its messages (the stored ones
+    # numbered in id order).
+    """
+    CREATE TABLE conversations (
+        conv TEXT PRIMARY KEY,
+        last_seq BIGINT NOT NULL
+    );
+    ALTER TABLE messages ADD COLUMN seq BIGINT NOT NULL DEFAULT 0;
+    UPDATE messages m SET seq = r.n FROM (
+        SELECT id, ROW_NUMBER() OVER (PARTITION BY conv ORDER BY id) AS n FROM messages
+    ) AS r WHERE r.id = m.id;
+    CREATE UNIQUE INDEX messages_seq ON messages(conv, seq);
+    INSERT INTO conversations SELECT conv, max(seq) FROM messages GROUP BY conv;
     """,
 ]
 
@@ -735,14 +752,37 @@ class PgUserCenter(UserCenter):
 
 # -- messages -----------------------------------------------------------------------------------
 
-_MSG_COLUMNS = "id, kind, sender_id, sender_name, to_id, text, ts, client_msg_id"
+_MSG_COLUMNS = "id, kind, sender_id, sender_name, to_id, text, ts, client_msg_id, seq"
 
 _INSERT_MESSAGES = (
     "INSERT INTO messages (id, kind, conv, sender_id, sender_name, to_id, text, ts, "
-    "client_msg_id) SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[], "
-    "$5::text[], $6::bigint[], $7::text[], $8::bigint[], $9::text[]) "
-    "ON CONFLICT DO NOTHING RETURNING id"
+    "client_msg_id, seq) SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], "
+    "$4::bigint[], $5::text[], $6::bigint[], $7::text[], $8::bigint[], $9::text[], "
+    "$10::bigint[]) ON CONFLICT DO NOTHING RETURNING id"
 )
+# One row lock per conversation, taken in key order, held to the commit: nodes
+# writing one conversation at once number its messages one after the other.
+_BUMP_CONVERSATIONS = (
+    "INSERT INTO conversations (conv, last_seq) SELECT * FROM unnest($1::text[], $2::bigint[]) "
+    "ON CONFLICT (conv) DO UPDATE SET last_seq = conversations.last_seq + excluded.last_seq "
+    "RETURNING conv, last_seq"
+)
+_FIND_STORED = (
+    f"SELECT {_MSG_COLUMNS} FROM messages WHERE id = ANY($1::bigint[]) UNION ALL "
+    f"SELECT {', '.join('m.' + c.strip() for c in _MSG_COLUMNS.split(','))} "
+    "FROM messages m JOIN unnest($2::bigint[], $3::text[]) AS d(s, c) "
+    "ON m.sender_id = d.s AND m.client_msg_id = d.c"
+)
+_TRIES = 3
+"""Transactions a batch may take when rows it numbered turn out to be stored already."""
+
+
+class _Stored(BitchatError):
+    """Rows of the batch were stored already (a retry, or a lost commit reply): the
+    numbers it took must be given back, so the transaction is rolled back."""
+
+
+_ROW_OR_STORED: tuple[type[BaseException], ...] = (*_ROW_ERRORS, _Stored)
 
 _Store = tuple[Message, Sequence[int], "asyncio.Future[tuple[Message, bool]]"]
 _Outcome = tuple[Message, bool] | BaseException
@@ -758,6 +798,7 @@ def _message(row: asyncpg.Record) -> Message:
         row["text"],
         row["ts"],
         row["client_msg_id"],
+        row["seq"],
     )
 
 
@@ -861,28 +902,35 @@ class PgMessageCenter(MessageCenter):
         Idempotent, so a retry after a lost commit reply is safe. ``acks`` are
         ``(user_id, msg_id)`` pairs laid end to end.
         """
-        try:
-            async with con.transaction():
-                results: list[_Outcome] = list(await self._insert(con, stores)) if stores else []
-                if acks:
-                    await self._delete_acks(con, acks)
-            return results, None
-        except _ROW_ERRORS as exc:
-            log.warning(
-                "a batch of %d messages and %d acks failed (%s); writing its rows one by one",
-                len(stores),
-                len(acks) // 2,
-                exc,
-            )
-        # The batch again, each row in a savepoint of its own: a bad row fails alone.
+        for attempt in range(_TRIES):
+            try:
+                async with con.transaction():
+                    results: list[_Outcome] = (
+                        list(await self._insert(con, stores, check=attempt > 0)) if stores else []
+                    )
+                    if acks:
+                        await self._delete_acks(con, acks)
+                return results, None
+            except _Stored:
+                continue
+            except _ROW_ERRORS as exc:
+                log.warning(
+                    "a batch of %d messages and %d acks failed (%s); writing its rows one by one",
+                    len(stores),
+                    len(acks) // 2,
+                    exc,
+                )
+                break
+        # The batch again, each row in a savepoint of its own: a bad row fails alone
+        # (and gives back the seq it took).
         outcomes: list[_Outcome] = []
         ack_error: BaseException | None = None
         async with con.transaction():
             for store in stores:
                 try:
                     async with con.transaction():
-                        outcomes += await self._insert(con, [store])
-                except _ROW_ERRORS as exc:
+                        outcomes += await self._insert(con, [store], check=True)
+                except _ROW_OR_STORED as exc:
                     m = store[0]
                     log.warning("message %d of user %d refused: %s", m.id, m.sender_id, exc)
                     outcomes.append(refused(exc))
@@ -895,26 +943,42 @@ class PgMessageCenter(MessageCenter):
         return outcomes, ack_error
 
     async def _insert(
-        self, con: asyncpg.Connection, stores: list[_Store]
+        self, con: asyncpg.Connection, stores: list[_Store], *, check: bool
     ) -> list[tuple[Message, bool]]:
-        """Insert messages and their pending rows (in the caller's transaction)."""
+        """Number and insert messages and their pending rows (in the caller's
+        transaction). Without ``check`` no row is expected to be stored already
+        (the usual): one that is raises :class:`_Stored`, and the caller tries
+        again with ``check``, which looks them up first."""
         results: list[tuple[Message, bool]] = [(m, False) for m, _, _ in stores]
-        msgs = [m for m, _, _ in stores]
-        rows = await con.fetch(
-            _INSERT_MESSAGES,
-            [m.id for m in msgs],
-            [m.kind for m in msgs],
-            [conversation(m.kind, m.sender_id, m.to) for m in msgs],
-            [m.sender_id for m in msgs],
-            [m.sender_name for m in msgs],
-            [m.to for m in msgs],
-            [m.text for m in msgs],
-            [m.ts for m in msgs],
-            [m.client_msg_id for m in msgs],
-        )
-        inserted = {r[0] for r in rows}
-        if len(inserted) != len(msgs):
-            await self._resolve_duplicates(con, msgs, inserted, results)
+        fresh, repeats = first_of_each(stores)
+        if check:
+            fresh = await self._find_stored(con, stores, fresh, results)
+        msgs = [stores[i][0] for i in fresh]
+        if msgs:
+            convs = [conversation(m.kind, m.sender_id, m.to) for m in msgs]
+            counts = conversation_counts(convs)
+            last = {
+                r[0]: r[1]
+                for r in await con.fetch(_BUMP_CONVERSATIONS, list(counts), list(counts.values()))
+            }
+            number(msgs, convs, counts, last)
+            rows = await con.fetch(
+                _INSERT_MESSAGES,
+                [m.id for m in msgs],
+                [m.kind for m in msgs],
+                convs,
+                [m.sender_id for m in msgs],
+                [m.sender_name for m in msgs],
+                [m.to for m in msgs],
+                [m.text for m in msgs],
+                [m.ts for m in msgs],
+                [m.client_msg_id for m in msgs],
+                [m.seq for m in msgs],
+            )
+            if len(rows) != len(msgs):
+                raise _Stored(f"{len(msgs) - len(rows)} of {len(msgs)} messages")
+        for i, first in repeats.items():
+            results[i] = (results[first][0], True)
         pending = [
             (u, m.id)
             for (m, recipients, _), (_, dup) in zip(stores, results, strict=True)
@@ -940,33 +1004,45 @@ class PgMessageCenter(MessageCenter):
         )
 
     @staticmethod
-    async def _resolve_duplicates(
+    async def _find_stored(
         con: asyncpg.Connection,
-        msgs: list[Message],
-        inserted: set[int],
+        stores: list[_Store],
+        fresh: list[int],
         results: list[tuple[Message, bool]],
-    ) -> None:
-        """Rows not inserted: a client's retry (same client_msg_id), or this very
-        message, stored by an attempt whose commit reply was lost."""
-        skipped = [(i, m) for i, m in enumerate(msgs) if m.id not in inserted]
-        with_cid = [(i, m) for i, m in skipped if m.client_msg_id]
-        originals: dict[tuple[int, str], Message] = {}
-        if with_cid:
-            for r in await con.fetch(
-                f"SELECT {', '.join('m.' + c.strip() for c in _MSG_COLUMNS.split(','))} "
-                "FROM messages m JOIN unnest($1::bigint[], $2::text[]) AS d(s, c) "
-                "ON m.sender_id = d.s AND m.client_msg_id = d.c",
-                [m.sender_id for _, m in with_cid],
-                [m.client_msg_id for _, m in with_cid],
-            ):
-                original = _message(r)
-                originals[(original.sender_id, original.client_msg_id)] = original
-        for i, m in skipped:
-            found = originals.get((m.sender_id, m.client_msg_id)) if m.client_msg_id else None
-            if found is not None and found.id != m.id:
-                results[i] = (found, True)
-            # else: our own row from a lost commit reply (or an id collision that
-            # the node-id claim rules out): it is stored, and not a duplicate.
+    ) -> list[int]:
+        """Of ``fresh``, those not stored yet. The others: a client's retry (same
+        client_msg_id: the original, a duplicate), or this very message, stored by
+        an attempt whose commit reply was lost (it keeps the seq it was stored with)."""
+        msgs = [stores[i][0] for i in fresh]
+        with_cid = [m for m in msgs if m.client_msg_id]
+        found = await con.fetch(
+            _FIND_STORED,
+            [m.id for m in msgs],
+            [m.sender_id for m in with_cid],
+            [m.client_msg_id for m in with_cid],
+        )
+        if not found:
+            return fresh
+        by_id: dict[int, Message] = {}
+        by_cid: dict[tuple[int, str], Message] = {}
+        for r in found:
+            stored = _message(r)
+            by_id[stored.id] = stored
+            if stored.client_msg_id:
+                by_cid[(stored.sender_id, stored.client_msg_id)] = stored
+        kept: list[int] = []
+        for i in fresh:
+            m = stores[i][0]
+            own = by_id.get(m.id)
+            if own is not None:
+                m.seq = own.seq
+                continue
+            o = by_cid.get((m.sender_id, m.client_msg_id)) if m.client_msg_id else None
+            if o is None:
+                kept.append(i)
+            else:
+                results[i] = (o, True)
+        return kept
 
     # -- reads --------------------------------------------------------------------------------
 
@@ -995,22 +1071,33 @@ class PgMessageCenter(MessageCenter):
         return int(rows[0][0])
 
     async def history(
-        self, user_id: int, peer_id: int, group_id: int, before: int, limit: int
+        self,
+        user_id: int,
+        peer_id: int,
+        group_id: int,
+        before: int,
+        limit: int,
+        before_seq: int = 0,
+        after_seq: int = 0,
     ) -> list[Message]:
         conv = (
             conversation("group", user_id, group_id)
             if group_id
             else conversation("p2p", user_id, peer_id)
         )
-        before = before or (1 << 63) - 1
-        rows = await self._fetch(
-            "reading history",
-            f"SELECT {_MSG_COLUMNS} FROM messages WHERE conv = $1 AND id < $2 "
-            "ORDER BY id DESC LIMIT $3",
-            conv,
-            before,
-            limit,
-        )
+        if after_seq:
+            sql = f"SELECT {_MSG_COLUMNS} FROM messages WHERE conv = $1 AND seq > $2 "
+            sql += "ORDER BY seq LIMIT $3"
+            args: tuple[Any, ...] = (conv, after_seq, limit)
+        elif before_seq:
+            sql = f"SELECT {_MSG_COLUMNS} FROM messages WHERE conv = $1 AND seq < $2 "
+            sql += "AND id < $3 ORDER BY seq DESC LIMIT $4"
+            args = (conv, before_seq, before or (1 << 63) - 1, limit)
+        else:
+            sql = f"SELECT {_MSG_COLUMNS} FROM messages WHERE conv = $1 AND id < $2 "
+            sql += "ORDER BY id DESC LIMIT $3"
+            args = (conv, before or (1 << 63) - 1, limit)
+        rows = await self._fetch("reading history", sql, *args)
         return [_message(r) for r in rows]
 
     async def last_id(self, node_id: int) -> int:

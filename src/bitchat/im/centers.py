@@ -59,6 +59,9 @@ class Message:
     text: str
     ts: int
     client_msg_id: str = ""
+    seq: int = 0
+    """The message's place in its conversation: 1, 2, 3... with no gap (given by the
+    store, in commit order, when it stores the message)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -70,6 +73,7 @@ class Message:
             "text": self.text,
             "ts": self.ts,
             "client_msg_id": self.client_msg_id,
+            "seq": self.seq,
         }
 
 
@@ -83,6 +87,45 @@ def conversation(kind: str, a: int, b: int) -> str:
 
 
 # The batching both SQL message stores share (see im/sqlite.py's docstring).
+
+
+def first_of_each(
+    stores: Sequence[tuple[Message, Any, Any]],
+) -> tuple[list[int], dict[int, int]]:
+    """Split a batch: the positions of the messages to insert, and each later
+    repeat of a (sender, client_msg_id) in the batch -> the position of its first."""
+    fresh: list[int] = []
+    repeats: dict[int, int] = {}
+    seen: dict[tuple[int, str], int] = {}
+    for i, (m, _, _) in enumerate(stores):
+        if m.client_msg_id:
+            key = (m.sender_id, m.client_msg_id)
+            first = seen.get(key)
+            if first is not None:
+                repeats[i] = first
+                continue
+            seen[key] = i
+        fresh.append(i)
+    return fresh, repeats
+
+
+def conversation_counts(convs: Iterable[str]) -> dict[str, int]:
+    """How many new messages each conversation gets, in key order: the order every
+    writer takes the conversations' row locks in (no deadlock between nodes)."""
+    counts = collections.Counter(convs)
+    return {c: counts[c] for c in sorted(counts)}
+
+
+def number(
+    msgs: Sequence[Message], convs: Sequence[str], counts: dict[str, int], last: dict[str, int]
+) -> None:
+    """Give the new messages of each conversation its next seqs, in id order: the
+    conversation's ``counts[c]`` numbers up to ``last[c]`` (its counter, moved on)."""
+    nxt = {c: last[c] - n + 1 for c, n in counts.items()}
+    for i in sorted(range(len(msgs)), key=lambda i: msgs[i].id):
+        c = convs[i]
+        msgs[i].seq = nxt[c]
+        nxt[c] += 1
 
 
 class AckJob:
@@ -307,10 +350,19 @@ class MessageCenter(abc.ABC):
 
     @abc.abstractmethod
     async def history(
-        self, user_id: int, peer_id: int, group_id: int, before: int, limit: int
+        self,
+        user_id: int,
+        peer_id: int,
+        group_id: int,
+        before: int,
+        limit: int,
+        before_seq: int = 0,
+        after_seq: int = 0,
     ) -> list[Message]:
         """A conversation, newest first: p2p between ``user_id`` and ``peer_id``,
-        or the group ``group_id``; only ids < ``before`` unless it is 0."""
+        or the group ``group_id``; only ids < ``before`` unless it is 0, and only
+        seqs < ``before_seq`` unless it is 0. With ``after_seq``, the messages with
+        a larger seq instead, oldest first."""
 
     @abc.abstractmethod
     async def last_id(self, node_id: int) -> int:

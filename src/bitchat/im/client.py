@@ -291,12 +291,22 @@ class IMClient:
         return resp.members
 
     async def history(
-        self, peer_id: int = 0, group_id: int = 0, before: int = 0, limit: int = 50
+        self,
+        peer_id: int = 0,
+        group_id: int = 0,
+        before: int = 0,
+        limit: int = 50,
+        *,
+        before_seq: int = 0,
+        after_seq: int = 0,
     ) -> HistoryPage:
-        """A page of a conversation, newest first; page on with ``before=last id``."""
+        """A page of a conversation, newest first; page on with ``before=last id`` or
+        ``before_seq=last seq``. With ``after_seq``, the messages after it, oldest first."""
         if bool(peer_id) == bool(group_id):
             raise UsageError("history() takes either peer_id or group_id")
-        resp = await self.client.request(History(peer_id, group_id, before, limit))
+        resp = await self.client.request(
+            History(peer_id, group_id, before, limit, before_seq, after_seq)
+        )
         assert isinstance(resp, HistoryPage)
         return resp
 

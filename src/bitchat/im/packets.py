@@ -95,6 +95,8 @@ class SendAck(Packet, type=112):
     ts: int
     client_msg_id: ClientMsgId = ""
     duplicate: bool = False
+    seq: int = 0
+    """Its place in its conversation (1, 2, 3..., no gap); a duplicate has the original's."""
 
 
 class ChatMessage(Packet, type=113):
@@ -108,6 +110,9 @@ class ChatMessage(Packet, type=113):
     text: Text
     ts: int
     client_msg_id: ClientMsgId = ""
+    seq: int = 0
+    """Its place in its conversation (the pair of users, or the group): 1, 2, 3...
+    with no gap, in the order the conversation's messages were stored."""
 
 
 class Ack(Packet, type=114):
@@ -163,13 +168,21 @@ class History(Packet, type=130):
     before: int = 0
     """Only messages with a smaller id; 0 = from the newest."""
     limit: int = 50
+    before_seq: int = 0
+    """Only messages with a smaller seq, newest (largest seq) first; 0 = no bound. Page
+    back with the smallest seq of the last page."""
+    after_seq: int = 0
+    """Catching up instead: the messages with a larger seq, oldest first (``before``
+    and ``before_seq`` are ignored); 0 = unset. Ask again from the largest seq while
+    ``more``."""
 
 
 class HistoryPage(Packet, type=131):
     messages: Annotated[list[dict[str, Any]], Limit("history_max_page")]
-    """ChatMessage bodies, newest first."""
+    """ChatMessage bodies, newest first (oldest first for ``after_seq``)."""
     more: bool
-    """Older messages exist: ask again with ``before`` = the last id of this page."""
+    """More messages exist past this page: ask again with ``before`` = its last id (or
+    ``before_seq`` / ``after_seq`` = its last seq)."""
 
     def chat_messages(self) -> list[ChatMessage]:
         """The page as typed messages, newest first."""

@@ -551,7 +551,7 @@ class IMService:
                 sender = msg.sender_id
                 targets = recipients if sender in recipients else [*recipients, sender]
                 self.connections.deliver(msg, targets, exclude_session=session_id)
-            ack = SendAck(msg.id, msg.ts, msg.client_msg_id, duplicate)
+            ack = SendAck(msg.id, msg.ts, msg.client_msg_id, duplicate, msg.seq)
         except Exception as exc:
             out.set_exception(exc)
             return
@@ -594,7 +594,13 @@ class IMService:
         limit = max(1, min(p.limit, self.settings.history_max_page))
         # One more than the page: whether older messages exist, without a second query.
         msgs = await self.messages.history(
-            session.user_id, p.peer_id, p.group_id, p.before, limit + 1
+            session.user_id,
+            p.peer_id,
+            p.group_id,
+            p.before,
+            limit + 1,
+            max(0, p.before_seq),
+            max(0, p.after_seq),
         )
         return HistoryPage([m.to_dict() for m in msgs[:limit]], len(msgs) > limit)
 

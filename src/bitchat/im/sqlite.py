@@ -44,6 +44,9 @@ from bitchat.im.centers import (
     User,
     UserCenter,
     conversation,
+    conversation_counts,
+    first_of_each,
+    number,
     refused,
     take_acks,
 )
@@ -132,6 +135,20 @@ MIGRATIONS: list[Migration] = [
     """
     ALTER TABLE users ADD COLUMN last_seen INTEGER;
     ALTER TABLE users ADD COLUMN show_last_seen INTEGER NOT NULL DEFAULT 1;
+    """,
+    # 4: conversations, each with a gapless sequence of its messages (the stored ones
+    # numbered in id order).
+    """
+    CREATE TABLE conversations (
+        conv TEXT PRIMARY KEY,
+        last_seq INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    ALTER TABLE messages ADD COLUMN seq INTEGER NOT NULL DEFAULT 0;
+    UPDATE messages SET seq = r.n FROM (
+        SELECT id, ROW_NUMBER() OVER (PARTITION BY conv ORDER BY id) AS n FROM messages
+    ) AS r WHERE r.id = messages.id;
+    CREATE UNIQUE INDEX messages_seq ON messages(conv, seq);
+    INSERT INTO conversations SELECT conv, max(seq) FROM messages GROUP BY conv;
     """,
 ]
 
@@ -431,20 +448,33 @@ class SqliteUserCenter(UserCenter):
         return members
 
 
-_MSG_COLUMNS = "id, kind, sender_id, sender_name, to_id, text, ts, client_msg_id"
+_MSG_COLUMNS = "id, kind, sender_id, sender_name, to_id, text, ts, client_msg_id, seq"
 
 
 def _message(row: Sequence[Any]) -> Message:
     return Message(*row)
 
 
-_MESSAGE_ROWS = 100
-"""Message rows per INSERT statement (9 variables each: under SQLite's oldest limit of 999)."""
+_MESSAGE_ROWS = 96
+"""Message rows per INSERT statement (10 variables each: under SQLite's oldest limit of 999)."""
 _PAIR_ROWS = 400
 """(user, message) pairs per statement."""
+# Plain INSERT: retries are found before (a numbered row is never skipped silently).
 _INSERT_MESSAGES = (
-    "INSERT OR IGNORE INTO messages (id, kind, conv, sender_id, sender_name, to_id, text, ts, "
-    "client_msg_id) SELECT * FROM (VALUES {rows}) WHERE column1 IS NOT NULL"
+    "INSERT INTO messages (id, kind, conv, sender_id, sender_name, to_id, text, ts, "
+    "client_msg_id, seq) SELECT * FROM (VALUES {rows}) WHERE column1 IS NOT NULL"
+)
+_BUMP_CONVERSATIONS = (
+    "INSERT INTO conversations (conv, last_seq) SELECT * FROM (VALUES {rows}) "
+    "WHERE column1 IS NOT NULL "
+    "ON CONFLICT (conv) DO UPDATE SET last_seq = last_seq + excluded.last_seq "
+    "RETURNING conv, last_seq"
+)
+# A join from the keys (not a row-value IN, which scans the whole index).
+_FIND_RETRIES = (
+    f"SELECT {', '.join('m.' + c.strip() for c in _MSG_COLUMNS.split(','))} "
+    "FROM (VALUES {rows}) AS d CROSS JOIN messages m "
+    "ON m.sender_id = d.column1 AND m.client_msg_id = d.column2 AND m.client_msg_id != ''"
 )
 _INSERT_PENDING = (
     "INSERT OR IGNORE INTO pending SELECT * FROM (VALUES {rows}) WHERE column1 IS NOT NULL"
@@ -483,6 +513,27 @@ def _write_rows(db: sqlite3.Connection, sql: str, width: int, flat: list[Any], c
         changed += cur.rowcount
         pos += take
     return changed
+
+
+def _read_rows(
+    db: sqlite3.Connection, sql: str, width: int, flat: list[Any], chunk: int
+) -> list[Any]:
+    """As :func:`_write_rows`, for a statement that returns rows: all of them."""
+    out: list[Any] = []
+    n = len(flat) // width
+    pos = 0
+    while pos < n:
+        left = n - pos
+        size = chunk
+        while size > 8 and size // 4 >= left:
+            size //= 4
+        take = min(size, left)
+        params = flat[pos * width : (pos + take) * width]
+        if take < size:
+            params += [None] * ((size - take) * width)
+        out += db.execute(_statement(sql, width, size), params).fetchall()
+        pos += take
+    return out
 
 
 _ROW_ERRORS: tuple[type[BaseException], ...] = (
@@ -832,24 +883,25 @@ class SqliteMessageCenter(MessageCenter):
         return outcomes, ack_error
 
     def _insert(self, db: sqlite3.Connection, stores: list[_Store]) -> list[tuple[Message, bool]]:
-        """Insert messages and their pending rows (in the caller's transaction)."""
+        """Number and insert messages and their pending rows (in the caller's
+        transaction, so a rolled-back row gives its seq back)."""
         results: list[tuple[Message, bool]] = [(m, False) for m, _, _ in stores]
-        flat: list[Any] = []
-        for m, _, _ in stores:
-            flat += (
-                m.id,
-                m.kind,
-                conversation(m.kind, m.sender_id, m.to),
-                m.sender_id,
-                m.sender_name,
-                m.to,
-                m.text,
-                m.ts,
-                m.client_msg_id,
-            )
-        inserted = _write_rows(db, _INSERT_MESSAGES, 9, flat, _MESSAGE_ROWS)
-        if inserted != len(stores):
-            self._resolve_duplicates(db, stores, results)
+        fresh, repeats = first_of_each(stores)
+        # Optimistic: a retry of a stored message is rare, so the batch is numbered and
+        # inserted as it is; the dedup index refuses a retry, and only then are the
+        # originals looked up and the batch numbered again without them.
+        db.execute("SAVEPOINT fresh")
+        try:
+            try:
+                self._number_and_insert(db, [stores[i][0] for i in fresh])
+            except sqlite3.IntegrityError:
+                db.execute("ROLLBACK TO fresh")
+                fresh = self._drop_retries(db, stores, results, fresh)
+                self._number_and_insert(db, [stores[i][0] for i in fresh])
+        finally:
+            db.execute("RELEASE fresh")
+        for i, first in repeats.items():
+            results[i] = (results[first][0], True)
         pending: list[int] = []
         for (m, recipients, _), (_, dup) in zip(stores, results, strict=True):
             if not dup:
@@ -860,29 +912,62 @@ class SqliteMessageCenter(MessageCenter):
         return results
 
     @staticmethod
-    def _resolve_duplicates(
+    def _drop_retries(
         db: sqlite3.Connection,
-        stores: list[tuple[Message, Sequence[int], Any]],
+        stores: list[_Store],
         results: list[tuple[Message, bool]],
-    ) -> None:
-        """Some inserts were ignored: a retried client_msg_id. Find the originals."""
-        ids = [m.id for m, _, _ in stores]
-        stored: set[int] = set()
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            stored.update(
-                r[0] for r in db.execute(f"SELECT id FROM messages WHERE id IN ({marks})", chunk)
+        fresh: list[int],
+    ) -> list[int]:
+        """The indexes of ``fresh`` that are not retries of a stored message; a retry's
+        result becomes the original (it keeps the seq it was stored with)."""
+        keys: list[Any] = []
+        for i in fresh:
+            m = stores[i][0]
+            if m.client_msg_id:
+                keys += (m.sender_id, m.client_msg_id)
+        if not keys:
+            return fresh
+        originals = {
+            (o.sender_id, o.client_msg_id): o
+            for o in map(_message, _read_rows(db, _FIND_RETRIES, 2, keys, _PAIR_ROWS))
+        }
+        kept = []
+        for i in fresh:
+            m = stores[i][0]
+            o = originals.get((m.sender_id, m.client_msg_id)) if m.client_msg_id else None
+            if o is None:
+                kept.append(i)
+            else:
+                results[i] = (o, True)
+        return kept
+
+    @staticmethod
+    def _number_and_insert(db: sqlite3.Connection, msgs: list[Message]) -> None:
+        """Give ``msgs`` the next seqs of their conversations and insert them."""
+        if not msgs:
+            return
+        convs = [conversation(m.kind, m.sender_id, m.to) for m in msgs]
+        counts = conversation_counts(convs)
+        flat_counts: list[Any] = []
+        for c, n in counts.items():
+            flat_counts += (c, n)
+        last = dict(_read_rows(db, _BUMP_CONVERSATIONS, 2, flat_counts, _PAIR_ROWS))
+        number(msgs, convs, counts, last)
+        flat: list[Any] = []
+        for m, conv in zip(msgs, convs, strict=True):
+            flat += (
+                m.id,
+                m.kind,
+                conv,
+                m.sender_id,
+                m.sender_name,
+                m.to,
+                m.text,
+                m.ts,
+                m.client_msg_id,
+                m.seq,
             )
-        for i, (m, _, _) in enumerate(stores):
-            if m.id in stored:
-                continue
-            row = db.execute(
-                f"SELECT {_MSG_COLUMNS} FROM messages WHERE sender_id = ? AND client_msg_id = ?",
-                (m.sender_id, m.client_msg_id),
-            ).fetchone()
-            if row is not None:
-                results[i] = (_message(row), True)
+        _write_rows(db, _INSERT_MESSAGES, 10, flat, _MESSAGE_ROWS)
 
     # -- reads --------------------------------------------------------------------------------
 
@@ -908,19 +993,38 @@ class SqliteMessageCenter(MessageCenter):
         return int(rows[0][0])
 
     async def history(
-        self, user_id: int, peer_id: int, group_id: int, before: int, limit: int
+        self,
+        user_id: int,
+        peer_id: int,
+        group_id: int,
+        before: int,
+        limit: int,
+        before_seq: int = 0,
+        after_seq: int = 0,
     ) -> list[Message]:
         conv = (
             conversation("group", user_id, group_id)
             if group_id
             else conversation("p2p", user_id, peer_id)
         )
-        before = before or (1 << 63) - 1
-        rows = await self._rows(
-            f"SELECT {_MSG_COLUMNS} FROM messages WHERE conv = ? AND id < ? "
-            "ORDER BY id DESC LIMIT ?",
-            (conv, before, limit),
-        )
+        if after_seq:
+            rows = await self._rows(
+                f"SELECT {_MSG_COLUMNS} FROM messages WHERE conv = ? AND seq > ? "
+                "ORDER BY seq LIMIT ?",
+                (conv, after_seq, limit),
+            )
+        elif before_seq:
+            rows = await self._rows(
+                f"SELECT {_MSG_COLUMNS} FROM messages WHERE conv = ? AND seq < ? AND id < ? "
+                "ORDER BY seq DESC LIMIT ?",
+                (conv, before_seq, before or (1 << 63) - 1, limit),
+            )
+        else:
+            rows = await self._rows(
+                f"SELECT {_MSG_COLUMNS} FROM messages WHERE conv = ? AND id < ? "
+                "ORDER BY id DESC LIMIT ?",
+                (conv, before or (1 << 63) - 1, limit),
+            )
         return [_message(r) for r in rows]
 
     async def last_id(self, node_id: int) -> int:
