@@ -29,7 +29,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import aiosqlite
@@ -498,6 +498,13 @@ def _write_rows(db: sqlite3.Connection, sql: str, width: int, flat: list[Any], c
     every step, and taking it back waits for a busy event loop).
     """
     changed = 0
+    for statement, params in _chunked(sql, width, flat, chunk):
+        changed += db.execute(statement, params).rowcount
+    return changed
+
+
+def _chunked(sql: str, width: int, flat: list[Any], chunk: int) -> Iterator[tuple[str, list[Any]]]:
+    """The statements and parameters :func:`_write_rows` and :func:`_read_rows` run."""
     n = len(flat) // width
     pos = 0
     while pos < n:
@@ -509,10 +516,8 @@ def _write_rows(db: sqlite3.Connection, sql: str, width: int, flat: list[Any], c
         params = flat[pos * width : (pos + take) * width]
         if take < size:
             params += [None] * ((size - take) * width)
-        cur = db.execute(_statement(sql, width, size), params)
-        changed += cur.rowcount
+        yield _statement(sql, width, size), params
         pos += take
-    return changed
 
 
 def _read_rows(
@@ -520,19 +525,8 @@ def _read_rows(
 ) -> list[Any]:
     """As :func:`_write_rows`, for a statement that returns rows: all of them."""
     out: list[Any] = []
-    n = len(flat) // width
-    pos = 0
-    while pos < n:
-        left = n - pos
-        size = chunk
-        while size > 8 and size // 4 >= left:
-            size //= 4
-        take = min(size, left)
-        params = flat[pos * width : (pos + take) * width]
-        if take < size:
-            params += [None] * ((size - take) * width)
-        out += db.execute(_statement(sql, width, size), params).fetchall()
-        pos += take
+    for statement, params in _chunked(sql, width, flat, chunk):
+        out += db.execute(statement, params).fetchall()
     return out
 
 
