@@ -292,6 +292,8 @@ async def test_readers_that_read_nothing_cannot_take_the_memory(
             if len([ln for ln in stderr_lines if b"over the budget" in ln or b"unread" in ln]):
                 break
             await asyncio.sleep(0.05)
+        shed = [ln for ln in stderr_lines if b"over the budget" in ln or b"unread" in ln]
+        assert shed, b"".join(stderr_lines[-10:]).decode()
         grown_mib = (peak - base) / 1024
         assert grown_mib < budget / (1 << 20) + 64, f"RSS grew {grown_mib:.0f} MiB"
         for s in sleepers:
@@ -428,3 +430,32 @@ async def test_the_cli_waits_past_the_login_deadline_without_a_word(tmp_path: Pa
         assert "Login success" in out and "houyi(1)" in out, out
         assert "Connection lost" not in out and "Reconnected" not in out, out
         assert out.count("Connected to") == 1, out
+
+
+async def test_a_burst_at_the_cap_evicts_one_stranger_per_newcomer(
+    tmp_path: Path, raw_connect: Any
+) -> None:
+    async with im_server(tmp_path, max_connections=4, login_timeout=60.0) as server:
+        port = port_of(server)
+        strangers = []
+        for i in range(4):
+            peer = await raw_connect(port, local_addr=(f"127.0.0.{10 + i}", 0))
+            assert (await peer.request(PING, rid=1))[2] == 2
+            strangers.append(peer)
+        # Three newcomers at once (connected while the loop is held, so the server
+        # accepts them in one pass): each takes the slot of another, oldest first.
+        socks = [
+            socket.create_connection(("127.0.0.1", port), source_address=(f"127.0.0.{20 + i}", 0))
+            for i in range(3)
+        ]
+        burst = [RawPeer(*await asyncio.open_connection(sock=s)) for s in socks]
+        for peer in burst:
+            peer.send_frame(PING, rid=1)
+        for peer in burst:
+            assert (await peer.read_frame())[2] == 2
+        for peer in strangers[:3]:
+            assert await closed_within(peer, WAIT) < WAIT
+        assert (await strangers[3].request(PING, rid=2))[2] == 2
+        assert server.slots.count == 4 and len(server.sessions) == 4
+        for peer in burst:
+            await peer.close()

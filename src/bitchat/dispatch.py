@@ -212,6 +212,12 @@ class Dispatcher:
         started = time.perf_counter()
         try:
             result = await route.func(session, packet)
+        except asyncio.CancelledError:
+            # Cancelled (the server stops, or the handler was): the request is still
+            # completed, so the connection's count of unfinished ones stays true.
+            if not session.closed:
+                session.core.complete_error(request, codes.UNAVAILABLE, "the request was cancelled")
+            raise
         except Exception as exc:
             self.fail(session, route, request, exc)
             return

@@ -449,12 +449,18 @@ class Server:
         if not self.dispatcher.login_gated:
             return False
         for session in self.sessions.values():  # oldest first
-            if session.login_at is None and session.user_id is None and not session.closed:
+            if (
+                session.login_at is None
+                and session.user_id is None
+                and not session.closed
+                and not session.evicted  # its close is under way: its slot is counted
+            ):
                 log.info(
                     "dropping connection %s (%s) to make room: not logged in",
                     session.id,
                     session.remote,
                 )
+                session.evicted = True
                 session.abort()
                 return True
         return False
@@ -491,19 +497,24 @@ class Server:
 
     # -- sessions -------------------------------------------------------------------------
 
-    def _session_opened(self, session: Session) -> None:
+    def _session_opened(self, session: Session) -> bool:
+        """Register a session; False when it is refused (the server is stopping)."""
         if self._stopping:
             # Accepted just before the port closed, first bytes after: refused at once
             # (the peer reconnects elsewhere) rather than served while everything closes.
             session.closed = True
             session.abort()
-            return
+            return False
         self.sessions[session.id] = session
         if self._no_sessions is not None:
             self._no_sessions.clear()
         self.metrics.connection_opened(session.transport_name)
         for hook in self.on_session_open:
-            hook(session)
+            try:  # a failing hook must not escape the transport's data_received
+                hook(session)
+            except Exception:
+                log.exception("session open hook failed")
+        return True
 
     def _session_closed(self, session: Session) -> None:
         if self.sessions.pop(session.id, None) is None:

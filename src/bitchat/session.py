@@ -69,6 +69,8 @@ class Session:
         self.data: dict[str, Any] = {}
         """Per-connection state of your own (and of the installed services)."""
         self.closed = False
+        self.evicted = False
+        """Dropped to make room at the connection cap (its close is under way)."""
         loop = self._loop = server.loop
         s = server.settings
         dispatcher = server.dispatcher
@@ -123,7 +125,8 @@ class Session:
 
     def opened(self) -> None:
         """The link is ready: register with the server and start the idle timer."""
-        self.server._session_opened(self)
+        if not self.server._session_opened(self):
+            return
         s = self.server.settings
         if s.login_timeout > 0 and self.server.dispatcher.login_gated:
             self._login_deadline = self._loop.time() + s.login_timeout
