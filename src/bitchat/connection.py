@@ -36,6 +36,7 @@ class TcpConnection(asyncio.Protocol):
         self.session: Session | None = None
         self.remote = "?"
         self._sniff_timer: asyncio.TimerHandle | None = None
+        self._sniffed = False  # the first bytes came: a session, the web side, or refused
         self._reported = False  # the server's write budget holds a size for this link
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
@@ -49,19 +50,23 @@ class TcpConnection(asyncio.Protocol):
             return
         s = self.server.settings
         t.set_write_buffer_limits(high=s.write_high_water, low=s.write_low_water)
-        self._sniff_timer = self.server.loop.call_later(
-            max(s.read_idle_timeout, 0.001) if s.read_idle_timeout > 0 else 3600, t.abort
-        )
+        # Silent before its first byte: held no longer than any deadline it would
+        # meet once it spoke (idle, then login, then a frame's).
+        deadlines = [d for d in (s.read_idle_timeout, s.login_timeout, s.frame_timeout) if d > 0]
+        if deadlines:
+            self._sniff_timer = self.server.loop.call_later(min(deadlines), t.abort)
 
     def data_received(self, data: bytes) -> None:
         session = self.session
         if session is not None:
             session.data_received(data)
             return
-        if self._sniff_timer is None:
+        if self._sniffed:
             return  # handed over or refused already
-        self._sniff_timer.cancel()
-        self._sniff_timer = None
+        self._sniffed = True
+        if self._sniff_timer is not None:
+            self._sniff_timer.cancel()
+            self._sniff_timer = None
         transport = self.transport
         assert transport is not None
         if data[0] == MAGIC:

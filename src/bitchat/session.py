@@ -257,7 +257,7 @@ class Session:
         self.close()
         # close() waits for unsent bytes to leave; a peer that reads nothing either
         # would keep the connection (and its buffer) forever: abort after one more.
-        grace = s.read_idle_timeout if s.read_idle_timeout > 0 else 5.0
+        grace = s.read_idle_timeout if s.read_idle_timeout > 0 else s.shutdown_grace
         self._timer = self._loop.call_later(grace, self.abort)
 
     def _fatal(self, exc: ProtocolError) -> None:
