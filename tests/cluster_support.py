@@ -84,6 +84,41 @@ def cluster_settings(**changes: Any) -> Settings:
     return base.replace(**changes)
 
 
+@contextlib.asynccontextmanager
+async def node_maker(
+    redis_prefix: str, pg_dsn: str
+) -> AsyncIterator[Callable[..., Awaitable[Any]]]:
+    """``make(node_id, *, redis_url=..., dsn=..., **settings)``: an in-process cluster
+    node on loopback, started through the composition root; all stopped after."""
+    from bitchat.app import build_server
+
+    servers: list[Any] = []
+
+    async def make(
+        node_id: int, *, redis_url: str = REDIS_URL, dsn: str | None = None, **changes: Any
+    ) -> Any:
+        settings = cluster_settings(
+            host="127.0.0.1",
+            port=0,
+            mode="cluster",
+            redis_url=redis_url,
+            pg_dsn=dsn or pg_dsn,
+            node_id=node_id,
+            redis_prefix=redis_prefix,
+            **changes,
+        )
+        server = build_server(settings)
+        await server.start()
+        servers.append(server)
+        return server
+
+    try:
+        yield make
+    finally:
+        for server in reversed(servers):
+            await asyncio.wait_for(server.stop(), 4 * WAIT)
+
+
 async def eventually(
     check: Callable[[], Awaitable[bool]], timeout: float = WAIT, what: str = "condition"
 ) -> None:

@@ -16,7 +16,6 @@ import pytest
 import redis.asyncio as aioredis
 
 from bitchat import RequestError, Server, codes
-from bitchat.app import build_server
 from bitchat.cluster.connections import RedisConnectionCenter
 from bitchat.cluster.discovery import router_resolver, where_to
 from bitchat.cluster.registry import Keys, NodeIdInUse, NodeInfo, live_nodes
@@ -31,6 +30,7 @@ from cluster_support import (  # noqa: F401 (fixtures)
     TcpProxy,
     cluster_settings,
     eventually,
+    node_maker,
     own_redis_fixture,
     pg_dsn_fixture,
     pg_host_port,
@@ -45,29 +45,8 @@ MakeClient = Callable[..., Awaitable[IMClient]]
 
 @pytest.fixture
 async def make_node(redis_prefix: str, pg_dsn: str) -> AsyncIterator[MakeNode]:
-    servers: list[Server] = []
-
-    async def make(
-        node_id: int, *, redis_url: str = REDIS_URL, dsn: str | None = None, **changes: Any
-    ) -> Server:
-        settings = cluster_settings(
-            host="127.0.0.1",
-            port=0,
-            mode="cluster",
-            redis_url=redis_url,
-            pg_dsn=dsn or pg_dsn,
-            node_id=node_id,
-            redis_prefix=redis_prefix,
-            **changes,
-        )
-        server = build_server(settings)
-        await server.start()
-        servers.append(server)
-        return server
-
-    yield make
-    for server in reversed(servers):
-        await server.stop()
+    async with node_maker(redis_prefix, pg_dsn) as make:
+        yield make
 
 
 @pytest.fixture

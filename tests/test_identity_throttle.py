@@ -21,16 +21,16 @@ import pytest
 import redis.asyncio as aioredis
 
 from bitchat import Server, Settings, codes
-from bitchat.app import build_server
 from bitchat.im.packets import Login, LoginOk
 from bitchat.im.throttle import MemoryLoginThrottle, Rule, remote_address
 from cluster_support import (  # noqa: F401 (fixtures)
     REDIS_URL,
     cluster_settings,
+    node_maker,
     pg_dsn_fixture,
     redis_prefix_fixture,
 )
-from conftest import WAIT, RawPeer
+from conftest import RawPeer
 from im_helpers import im_server, port_of
 
 # Short timers: three free attempts, then 0.1 s doubling; an account waits at most
@@ -297,26 +297,8 @@ async def test_a_burst_of_right_passwords_from_one_address_is_not_throttled(
 
 @pytest.fixture
 async def two_nodes(redis_prefix: str, pg_dsn: str) -> AsyncIterator[list[Server]]:
-    servers = []
-    try:
-        for node_id in (1, 2):
-            settings = cluster_settings(
-                host="127.0.0.1",
-                port=0,
-                mode="cluster",
-                redis_url=REDIS_URL,
-                pg_dsn=pg_dsn,
-                node_id=node_id,
-                redis_prefix=redis_prefix,
-                **THROTTLE,
-            )
-            server = build_server(settings)
-            await server.start()
-            servers.append(server)
-        yield servers
-    finally:
-        for server in servers:
-            await asyncio.wait_for(server.stop(), WAIT)
+    async with node_maker(redis_prefix, pg_dsn) as make:
+        yield [await make(1, **THROTTLE), await make(2, **THROTTLE)]
 
 
 async def test_a_cluster_shares_the_counts(

@@ -15,7 +15,6 @@ import asyncpg
 import pytest
 
 from bitchat import RequestError, Server
-from bitchat.app import build_server
 from bitchat.cluster import pg
 from bitchat.cluster.pg import PgDatabase, PgMessageCenter
 from bitchat.im import sqlite as store
@@ -25,6 +24,7 @@ from bitchat.im.sqlite import SqliteMessageCenter
 from cluster_support import (  # noqa: F401 (fixtures)
     REDIS_URL,
     cluster_settings,
+    node_maker,
     pg_dsn_fixture,
     redis_prefix_fixture,
 )
@@ -127,26 +127,8 @@ MakeNode = Callable[..., Awaitable[Server]]
 
 @pytest.fixture
 async def make_node(redis_prefix: str, pg_dsn: str) -> AsyncIterator[MakeNode]:
-    servers: list[Server] = []
-
-    async def make(node_id: int) -> Server:
-        settings = cluster_settings(
-            host="127.0.0.1",
-            port=0,
-            mode="cluster",
-            redis_url=REDIS_URL,
-            pg_dsn=pg_dsn,
-            node_id=node_id,
-            redis_prefix=redis_prefix,
-        )
-        server = build_server(settings)
-        await server.start()
-        servers.append(server)
-        return server
-
-    yield make
-    for server in reversed(servers):
-        await server.stop()
+    async with node_maker(redis_prefix, pg_dsn) as make:
+        yield make
 
 
 async def test_two_nodes_number_one_group_without_gaps(make_node: MakeNode) -> None:

@@ -16,7 +16,6 @@ import asyncpg
 import pytest
 
 from bitchat import Server
-from bitchat.app import build_server
 from bitchat.cluster import pg
 from bitchat.cluster.pg import PgDatabase, PgMessageCenter, PgUserCenter
 from bitchat.im import sqlite as store
@@ -29,6 +28,7 @@ from cluster_support import (  # noqa: F401 (fixtures)
     REDIS_URL,
     cluster_settings,
     eventually,
+    node_maker,
     pg_dsn_fixture,
     redis_prefix_fixture,
 )
@@ -161,26 +161,8 @@ MakeNode = Callable[[int], Awaitable[Server]]
 
 @pytest.fixture
 async def nodes(redis_prefix: str, pg_dsn: str) -> AsyncIterator[MakeNode]:
-    servers: list[Server] = []
-
-    async def make(node_id: int) -> Server:
-        settings = cluster_settings(
-            host="127.0.0.1",
-            port=0,
-            mode="cluster",
-            redis_url=REDIS_URL,
-            pg_dsn=pg_dsn,
-            node_id=node_id,
-            redis_prefix=redis_prefix,
-        )
-        server = build_server(settings)
-        await server.start()
-        servers.append(server)
-        return server
-
-    yield make
-    for server in reversed(servers):
-        await server.stop()
+    async with node_maker(redis_prefix, pg_dsn) as make:
+        yield make
 
 
 async def test_a_user_online_on_another_node_is_not_last_seen(
