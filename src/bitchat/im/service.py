@@ -512,13 +512,18 @@ class IMService:
         now_ms = int(time.time() * 1000)
         msg.id = self.ids.next(now_ms)
         msg.ts = now_ms
-        # Pending for every recipient but the sender (whose other devices get it live).
+        # Pending for every recipient but the sender (whose other devices get it live);
+        # pushed to the recipients and the sender's other devices. One scan of the list.
         sender = msg.sender_id
-        pending = [u for u in recipients if u != sender] if sender in recipients else recipients
+        if sender in recipients:
+            pending: Sequence[int] = [u for u in recipients if u != sender]
+            targets = recipients
+        else:
+            pending, targets = recipients, [*recipients, sender]
         out = Deferred() if answer is None else answer
         # A partial rather than a closure: fewer objects per message for the collector.
         self.messages.store_then(
-            msg, pending, functools.partial(self._stored, out, session.id, msg, recipients)
+            msg, pending, functools.partial(self._stored, out, session.id, msg, targets)
         )
         return out
 
@@ -527,7 +532,7 @@ class IMService:
         out: Deferred | asyncio.Future[SendAck],
         session_id: int,
         sent: Message,
-        recipients: Sequence[int],
+        targets: Sequence[int],
         result: tuple[Message, bool] | None,
         error: BaseException | None,
     ) -> None:
@@ -547,9 +552,6 @@ class IMService:
             # (clients drop what they have by msg_id); unless the retry names another
             # conversation, which is no retry of it.
             if not duplicate or (msg.kind, msg.to) == (sent.kind, sent.to):
-                # The recipients, and the sender's other devices.
-                sender = msg.sender_id
-                targets = recipients if sender in recipients else [*recipients, sender]
                 self.connections.deliver(msg, targets, exclude_session=session_id)
             ack = SendAck(msg.id, msg.ts, msg.client_msg_id, duplicate, msg.seq)
         except Exception as exc:

@@ -44,6 +44,7 @@ import enum
 import time
 from collections.abc import Callable, Container, Iterator, Mapping
 from dataclasses import dataclass
+from operator import length_hint
 from typing import Protocol
 
 from bitchat.errors import ProtocolError, codes
@@ -278,8 +279,10 @@ class Connection:
                 self.frame_started = self.last_received
         else:
             self.frame_started = None
-        rest = list(self._it)  # events not asked for yet (rare): they come first
-        self._it = iter(rest + frames if rest else frames)
+        if length_hint(self._it):  # events not asked for yet (rare): they come first
+            self._it = iter([*self._it, *frames])
+        else:
+            self._it = iter(frames)
         if error is not None:
             self._failed = True
             self.error = error
