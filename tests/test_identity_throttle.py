@@ -30,7 +30,7 @@ from cluster_support import (  # noqa: F401 (fixtures)
     pg_dsn_fixture,
     redis_prefix_fixture,
 )
-from conftest import RawPeer
+from conftest import WAIT, RawPeer
 from im_helpers import im_server, port_of
 
 # Short timers: three free attempts, then 0.1 s doubling; an account waits at most
@@ -158,6 +158,7 @@ class Tally:
         self.checked = 0  # login_failed: the password was checked
         self.throttled = 0
         self.waits: list[float] = []
+        self.throttling = asyncio.Event()  # the first throttled answer came
 
     def add(self, body: dict[str, Any]) -> None:
         if body.get("code") == codes.LOGIN_FAILED:
@@ -165,6 +166,7 @@ class Tally:
         elif body.get("code") == codes.LOGIN_THROTTLED:
             self.throttled += 1
             self.waits.append(retry_after(body["message"]))
+            self.throttling.set()
         else:
             raise AssertionError(f"unexpected answer {body}")
 
@@ -245,7 +247,7 @@ async def test_guessing_from_one_address_is_slowed_and_the_owner_gets_in(
         attackers = await peers_from(raw_connect, port, "127.0.0.1", connections)
         tally = Tally()
         running = asyncio.create_task(attack(attackers, tally, ATTACK_SECONDS))
-        await asyncio.sleep(0.8)  # the attack is well under way (its own clock)
+        await asyncio.wait_for(tally.throttling.wait(), WAIT)  # the attack is throttled
         owner = await raw_connect(port, local_addr=("127.0.0.2", 0))
         took = await owner_logs_in(owner, THROTTLE["login_max_delay"])
         await running
@@ -313,7 +315,7 @@ async def test_a_cluster_shares_the_counts(
     ]
     tally = Tally()
     running = asyncio.create_task(attack(attackers, tally, ATTACK_SECONDS))
-    await asyncio.sleep(0.8)
+    await asyncio.wait_for(tally.throttling.wait(), WAIT)  # the attack is throttled
     owner = await raw_connect(b, local_addr=("127.0.0.2", 0))
     await owner_logs_in(owner, THROTTLE["login_max_delay"])
     await running
