@@ -174,6 +174,16 @@ class Settings:
     in characters."""
     max_token_length: int = setting(128, ge=1, commands=_S)
     """Longest login token a client may present, in characters (issued ones have 43)."""
+    max_device_length: int = setting(64, ge=8, commands=_S)
+    """Longest device id a Login may name, in characters."""
+    max_devices_per_user: int = setting(32, ge=1, commands=_S)
+    """Devices the server keeps cursors for, per user; a login from one more forgets
+    the one seen longest ago (it then starts again at the user's read position)."""
+    conversations_max_page: int = setting(200, ge=1, commands=_S)
+    """Most conversations in one GetConversations page, whatever the request asks."""
+    ack_window: int = setting(4096, ge=1, commands=_S)
+    """Pushed messages a connection may leave unacked and still ack: the server
+    remembers this many per connection (older ones come again at the next login)."""
     max_ack_ids: int = setting(1024, ge=1, commands=_S)
     """Most message ids in one Ack (the client splits longer ones)."""
     max_group_size: int = setting(500, ge=1, commands=_S)

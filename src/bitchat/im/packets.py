@@ -25,6 +25,7 @@ Token = Annotated[str, Limit("max_token_length")]
 Text = Annotated[str, Limit("max_message_length", codes.MESSAGE_TOO_LONG)]
 ClientMsgId = Annotated[str, Limit("max_client_msg_id_length")]
 GroupName = Annotated[str, Limit("max_group_name_length")]
+Device = Annotated[str, Limit("max_device_length")]
 
 
 class Ok(Packet, type=100):
@@ -49,6 +50,10 @@ class Login(Packet, type=103):
     name: Name = ""
     password: Password = ""
     token: Token = ""
+    device: Device = ""
+    """The client's stable id for this device (letters, digits, ``-_.:``): what it
+    missed is kept for it until it acks. Empty: the token's device, or for a
+    password login a new one the server names (:attr:`LoginOk.device`); keep it."""
 
 
 class LoginOk(Packet, type=104):
@@ -56,9 +61,12 @@ class LoginOk(Packet, type=104):
     name: Name
     token: Token
     pending: int = 0
-    """Offline messages that will be pushed right after this answer."""
+    """Messages this device missed, pushed right after this answer (in id order)."""
     show_last_seen: bool = True
     """The user's privacy setting (:class:`SetPrivacy`)."""
+    device: Device = ""
+    """The device this session is (the one asked for, or the one the server named);
+    the token is this device's."""
 
 
 class Logout(Packet, type=105):
@@ -116,7 +124,9 @@ class ChatMessage(Packet, type=113):
 
 
 class Ack(Packet, type=114):
-    """The recipient has the messages: they are not delivered again."""
+    """This device has the messages: in each of their conversations its cursor moves
+    to the largest acked seq, and nothing up to there is pushed to it again (only
+    messages pushed on this connection count)."""
 
     msg_ids: Annotated[list[int], Limit("max_ack_ids")]
 
@@ -236,3 +246,81 @@ class TypingEvent(Packet, type=143):
     group_id: int = 0
     typing: bool = True
     expires_in: float = 0.0
+
+
+class GetConversations(Packet, type=160):
+    """A page of the user's conversations, most recent activity first."""
+
+    limit: int = 50
+    """At most this many (the server caps it at ``conversations_max_page``)."""
+    before: int = 0
+    """Only conversations whose ``activity`` is smaller: the last one of the page
+    before; 0 = from the most recent."""
+
+
+class ConversationList(Packet, type=161):
+    conversations: Annotated[list[dict[str, Any]], Limit("conversations_max_page")]
+    """Each ``{"kind": "p2p"|"group", "peer_id", "group_id", "name", "last_seq",
+    "read_seq", "unread", "peer_read_seq", "peer_delivered_seq", "activity",
+    "last_message"}``: ``peer_id`` (p2p) or ``group_id`` (group, else 0); ``name``
+    is the peer's or the group's; ``unread`` = ``last_seq - read_seq``;
+    ``peer_read_seq`` / ``peer_delivered_seq`` (p2p, else 0): how far the peer has
+    read / has on some device; ``activity``: the id of the last message (or of the
+    join, for a group without messages), the paging key; ``last_message``: a
+    ChatMessage body or null."""
+    more: bool
+    """More conversations exist: ask again with ``before`` = the last ``activity``."""
+
+
+class MarkRead(Packet, type=162):
+    """The user has read a conversation up to ``seq`` (0 = its latest message), on
+    any device: answered with :class:`ReadState`, which the user's other devices get
+    as a push; the sender(s) get a :class:`Receipt`. A read position never moves
+    back."""
+
+    peer_id: int = 0
+    group_id: int = 0
+    seq: int = 0
+
+
+class ReadState(Packet, type=163):
+    """The answer to :class:`MarkRead`, and a push to the user's other devices: the
+    user's read position in a conversation moved (``unread`` is what is left)."""
+
+    peer_id: int = 0
+    group_id: int = 0
+    read_seq: int = 0
+    unread: int = 0
+
+
+class Receipt(Packet, type=164):
+    """Push to a sender: ``user_id`` has your messages up to ``seq`` on a device
+    (``kind`` "delivered") or has read them (``kind`` "read"); one-to-one (the
+    conversation with ``user_id``, ``group_id`` 0) or in ``group_id``. Receipts only
+    move forward; best effort (the conversation list and :class:`GetReceipts` have
+    the stored state). Groups get "read" receipts only."""
+
+    kind: str
+    user_id: int
+    name: Name
+    seq: int
+    group_id: int = 0
+
+
+class GetReceipts(Packet, type=165):
+    """How many members of a group have message ``seq`` on a device, and have read
+    it; with ``who``, also which ones (the sender is never counted)."""
+
+    group_id: int
+    seq: int
+    who: bool = False
+
+
+class Receipts(Packet, type=166):
+    group_id: int
+    seq: int
+    delivered: int
+    read: int
+    readers: Annotated[list[dict[str, Any]], Limit("max_group_size")]
+    """Empty unless ``who``: then each ``{"id", "name", "read"}`` of the members who have the
+    message, ``read`` true for those who read it; ordered by id."""
