@@ -142,7 +142,7 @@ async def test_two_browser_users_chat_one_to_one_and_in_a_group(
     await expect(alice.message("Sounds good, see you there")).to_have_count(1)
 
     # A group: Alice creates it, Bob joins with its number, both talk.
-    await ask_dialog(alice.page, "+ New", "Weekend trip", "Create")
+    await ask_dialog(alice.page, "+ Group", "Weekend trip", "Create")
     await expect(alice.page.locator("#chat-name")).to_have_text("Weekend trip")
     sub = await alice.page.locator("#chat-sub").text_content()
     assert sub is not None
