@@ -448,7 +448,9 @@ function mergeConversation(c) {
   if (!group) rememberUser(c.peer_id, c.name);
   touch(conv, c.activity);
   conv.lastSeq = Math.max(conv.lastSeq, c.last_seq || 0);
-  conv.readSeq = Math.max(conv.readSeq, c.read_seq || 0);
+  // The server's read position, not a larger one of ours: a MarkRead lost with the connection
+  // must not hide what is still unread there (opening the conversation reads it again).
+  conv.readSeq = c.read_seq || 0;
   conv.peerReadSeq = Math.max(conv.peerReadSeq, c.peer_read_seq || 0);
   conv.peerDeliveredSeq = Math.max(conv.peerDeliveredSeq, c.peer_delivered_seq || 0, conv.peerReadSeq);
   const last = c.last_message;
