@@ -22,6 +22,7 @@ from bitchat.im.passwords import Passwords
 
 if TYPE_CHECKING:
     from bitchat.im.packets import TypingEvent
+    from bitchat.protocol.packets import Packet
     from bitchat.session import Session
 
 
@@ -62,6 +63,9 @@ class Message:
     seq: int = 0
     """The message's place in its conversation: 1, 2, 3... with no gap (given by the
     store, in commit order, when it stores the message)."""
+    device: int = 0
+    """The id of the sender's device it came from (never pushed back to it); not on
+    the wire."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -74,6 +78,41 @@ class Message:
             "ts": self.ts,
             "client_msg_id": self.client_msg_id,
             "seq": self.seq,
+        }
+
+
+@dataclass(slots=True)
+class Conversation:
+    """One entry of a user's conversation list (see ConversationList)."""
+
+    kind: str
+    peer_id: int
+    group_id: int
+    name: str
+    last_seq: int
+    read_seq: int
+    peer_read_seq: int
+    peer_delivered_seq: int
+    activity: int
+    last_message: Message | None
+
+    @property
+    def unread(self) -> int:
+        return max(0, self.last_seq - self.read_seq)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "peer_id": self.peer_id,
+            "group_id": self.group_id,
+            "name": self.name,
+            "last_seq": self.last_seq,
+            "read_seq": self.read_seq,
+            "unread": self.unread,
+            "peer_read_seq": self.peer_read_seq,
+            "peer_delivered_seq": self.peer_delivered_seq,
+            "activity": self.activity,
+            "last_message": None if self.last_message is None else self.last_message.to_dict(),
         }
 
 
@@ -236,12 +275,25 @@ class UserCenter(abc.ABC):
         return User(user_id, stored_name)
 
     @abc.abstractmethod
-    async def issue_token(self, user_id: int, ttl: float) -> str:
-        """A new login token for reconnects."""
+    async def issue_token(self, user_id: int, ttl: float, device_id: int = 0) -> str:
+        """A new login token for reconnects of this device."""
 
     @abc.abstractmethod
-    async def check_token(self, token: str) -> User | None:
-        """The user a live token belongs to."""
+    async def check_token(self, token: str) -> tuple[User, int] | None:
+        """The user a live token belongs to, and its device (0: a token from before
+        devices, which gets a new one)."""
+
+    @abc.abstractmethod
+    async def device(self, user_id: int, name: str, max_devices: int) -> tuple[int, bool]:
+        """The id of the user's device called ``name``, and whether it is new (then
+        registered here; its cursors are the message center's
+        :meth:`~MessageCenter.start_device`). Marks it seen. With ``max_devices``
+        devices already, the one seen longest ago is forgotten, cursors and tokens
+        with it."""
+
+    @abc.abstractmethod
+    async def device_name(self, user_id: int, device_id: int) -> str | None:
+        """The name of the user's device, if it still exists."""
 
     @abc.abstractmethod
     async def revoke_token(self, token: str) -> None: ...
@@ -304,7 +356,13 @@ class UserCenter(abc.ABC):
 
 
 class MessageCenter(abc.ABC):
-    """Durable messages, each recipient's undelivered ones, and history."""
+    """Durable messages, each device's cursors, read positions, and history.
+
+    What a device has not got is not a row per message: it is every message past
+    its cursor in each of the user's conversations (one row per device and
+    conversation, moved by acks). Read positions are one per user and
+    conversation; sending moves the sender's to the message sent.
+    """
 
     async def start(self) -> None: ...  # noqa: B027 (optional hook)
 
@@ -338,15 +396,43 @@ class MessageCenter(abc.ABC):
         asyncio.ensure_future(self.store(message, recipients)).add_done_callback(done)
 
     @abc.abstractmethod
-    def ack(self, user_id: int, msg_ids: Sequence[int]) -> Awaitable[None]:
-        """The user has these messages: they are no longer pending."""
+    def ack(
+        self, user_id: int, device_id: int, cursors: Sequence[tuple[str, int]]
+    ) -> Awaitable[None]:
+        """The device has each conversation ``conv`` up to ``seq``: its cursors move
+        there (never back)."""
 
     @abc.abstractmethod
-    async def pending(self, user_id: int, after_id: int, limit: int) -> list[Message]:
-        """Undelivered messages of the user with id > ``after_id``, ascending."""
+    async def pending(
+        self, user_id: int, device_id: int, after_id: int, limit: int
+    ) -> list[Message]:
+        """Messages past the device's cursors with id > ``after_id``, ascending by id
+        (not those the device sent itself)."""
 
     @abc.abstractmethod
-    async def count_pending(self, user_id: int) -> int: ...
+    async def count_pending(self, user_id: int, device_id: int) -> int: ...
+
+    @abc.abstractmethod
+    async def start_device(self, user_id: int, device_id: int) -> None:
+        """A new device: its cursor in each of the user's conversations is the user's
+        read position there."""
+
+    @abc.abstractmethod
+    async def conversations(self, user_id: int, before: int, limit: int) -> list[Conversation]:
+        """The user's conversations by activity, newest first; only those with
+        activity < ``before`` unless it is 0."""
+
+    @abc.abstractmethod
+    async def mark_read(self, user_id: int, conv: str, seq: int) -> tuple[int, int, list[int]]:
+        """Move the user's read position in ``conv`` to ``seq`` (0: its last message;
+        never back, never past the last). Returns the read position, the last seq,
+        and the other users who sent messages in the newly read range (at most
+        ``max_group_size``; those to tell)."""
+
+    @abc.abstractmethod
+    async def receipts(self, group_id: int, seq: int) -> list[tuple[int, bool]]:
+        """Members of the group who have message ``seq`` on a device, each with
+        whether they read it, ascending by id; the message's sender left out."""
 
     @abc.abstractmethod
     async def history(
@@ -418,10 +504,18 @@ class ConnectionCenter(abc.ABC):
         """Push ``message`` to every connection of ``user_ids`` wherever it is,
         except the session ``exclude_session`` (the sender's own)."""
 
-    @abc.abstractmethod
     def deliver_typing(self, event: TypingEvent, user_ids: Sequence[int]) -> None:
         """Push ``event`` to every connection of ``user_ids`` wherever it is, at once and
         best effort: never stored, never held back, and one lost in transit is lost."""
+        self.deliver_event(event, user_ids)
+
+    @abc.abstractmethod
+    def deliver_event(
+        self, packet: Packet, user_ids: Sequence[int], exclude_session: int = 0
+    ) -> None:
+        """Push ``packet`` (an IM push: typing, a receipt, a read state) to every
+        connection of ``user_ids`` wherever it is but the local session
+        ``exclude_session``; at once and best effort, as :meth:`deliver_typing`."""
 
     def after_forward(self, callback: Callable[[], None]) -> None:
         """``callback()`` once what :meth:`deliver` was given so far has left for the
