@@ -133,10 +133,19 @@ async def test_reload_keeps_the_servers_sidebar_and_its_unread_counts(
             # Reading is stored too: open sam's, reload, only the others are left.
             await open_row(ruth, "sam")
             await expect(badge(ruth, "sam")).to_have_count(0)
+            await expect(row(ruth, "sam")).to_have_attribute("data-read-seq", "2")  # stored
             await ruth.page.reload()
             await expect(ruth.page.locator("body")).to_have_attribute("data-state", "online")
             await expect_chats(ruth, [("tess", 1), ("Book club", 1), ("sam", 0)])
             await ruth.page.screenshot(path=str(artifact("chat-sync-sidebar.png")))
+
+            # Signing out and in with the password: this browser is still the same device.
+            await ruth.page.get_by_role("button", name="Sign out").click()
+            await expect(body).to_have_attribute("data-state", "login")
+            await ruth.sign_in("ruth", "ruth-pw")
+            await expect(body).to_have_attribute("data-device", device)
+            await expect(body).to_have_attribute("data-pending", "0")
+            await expect_chats(ruth, [("tess", 1), ("Book club", 1), ("sam", 0)])
         await ruth.close()
 
 
@@ -247,10 +256,17 @@ async def test_ticks_go_from_stored_to_delivered_to_read(tmp_path: Path, browser
             await mark_read(yuri, group_id=group_id)
             await expect(in_group).to_have_attribute("data-tick", "read")
 
+            # One more to yuri, which he gets but does not read.
+            await open_row(xena, "yuri")
+            await xena.say("one more thing")
+            await asyncio.wait_for(inbox.get(), WAIT)
+            await expect(xena.message("one more thing")).to_have_attribute("data-tick", "delivered")
+
             # The stored state after a reload: the list (p2p) and GetReceipts (group).
             await xena.page.reload()
             await expect(xena.page.locator("body")).to_have_attribute("data-state", "online")
             await open_row(xena, "yuri")
+            await expect(xena.message("one more thing")).to_have_attribute("data-tick", "delivered")
             await expect(xena.message("great, see you")).to_have_attribute("data-tick", "read")
             await expect(xena.message("are you there?")).to_have_attribute("data-tick", "read")
             await open_row(xena, "Hikers")

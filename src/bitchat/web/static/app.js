@@ -254,7 +254,7 @@ function newConversation(key) {
     lastSeq: 0,        // the largest seq known here (messages are numbered 1, 2, 3... per conversation)
     readSeq: 0,        // how far this user has read, on any device
     synced: false,     // readSeq is the server's (from its list, a ReadState or an own message)
-    readWanted: 0,     // the seq a MarkRead is queued for (0: none)
+    readWanted: 0,     // the seq a MarkRead is queued or on its way for (0: none)
     readTimer: null,
     peerReadSeq: 0,      // p2p: how far the peer has read my messages
     peerDeliveredSeq: 0, // p2p: how far the peer has my messages on some device
@@ -288,9 +288,10 @@ function touch(conv, msgId) {
   if (id > conv.activity) conv.activity = id;
 }
 
-// What is left to read, from the seqs when the server's read position is known here.
+// What is left to read, from the seqs when the server's read position is known here (a
+// MarkRead on its way counts as done).
 function recount(conv) {
-  if (conv.synced) conv.unread = Math.max(0, conv.lastSeq - conv.readSeq);
+  if (conv.synced) conv.unread = Math.max(0, conv.lastSeq - Math.max(conv.readSeq, conv.readWanted));
 }
 
 // lastSeen: Unix ms of an offline user who shows it; 0 or null: hidden (forget what we knew).
@@ -498,6 +499,10 @@ async function reconnect() {
 }
 
 window.addEventListener('online', () => { if (state.me && !state.link?.live) reconnect(); });
+// A reload or a closed tab right after opening a conversation still marks it read.
+window.addEventListener('pagehide', () => {
+  for (const conv of state.convs.values()) if (conv.readTimer) flushRead(conv);
+});
 
 function setConnected(on) {
   document.body.dataset.state = on ? 'online' : 'reconnecting';
@@ -585,26 +590,32 @@ function arrived(conv, m, mine) {
 }
 
 // The conversation is read up to its last message, here and (via the server) on every device.
-// Batched: a burst of messages on screen costs one MarkRead.
+// The badge goes at once; readSeq moves when the server answers. Batched: a burst of messages
+// on screen costs one MarkRead.
 function markRead(conv) {
   const seq = conv.lastSeq;
-  if (!conv.unread && (!seq || seq <= conv.readSeq)) return;
+  if (!conv.unread && (!seq || seq <= Math.max(conv.readSeq, conv.readWanted))) return;
   conv.unread = 0;
-  if (seq > conv.readSeq) conv.readSeq = seq;
-  conv.readWanted = Math.max(conv.readWanted, seq || 0);
+  conv.readWanted = Math.max(conv.readWanted, seq);
   if (!conv.readTimer) conv.readTimer = setTimeout(() => flushRead(conv), READ_DELAY_MS);
 }
 
 async function flushRead(conv) {
+  clearTimeout(conv.readTimer);
   conv.readTimer = null;
   const seq = conv.readWanted;
-  conv.readWanted = 0;
-  if (!state.link?.live) return; // the next login's list shows it unread: opening it reads it again
   const target = conv.kind === 'group' ? { group_id: conv.id } : { peer_id: conv.id };
   try {
+    if (!state.link?.live) throw new RequestFailed('closed', 'not connected');
     onReadState(await state.link.request(T.MARK_READ, { ...target, seq }));
   } catch (err) {
     if (err.code !== 'closed') console.warn('bitchat: could not mark as read:', err);
+    // Not read on the server: the badge comes back, and the next login's list says so too.
+    if (!conv.readTimer && conv.readWanted === seq) {
+      conv.readWanted = 0;
+      recount(conv);
+      render();
+    }
   }
 }
 
@@ -615,6 +626,7 @@ function onReadState(r) {
   if (!conv) return;
   conv.readSeq = Math.max(conv.readSeq, r.read_seq || 0);
   conv.lastSeq = Math.max(conv.lastSeq, (r.read_seq || 0) + (r.unread || 0));
+  if (conv.readWanted <= conv.readSeq) conv.readWanted = 0; // what this page asked is done
   conv.synced = true;
   recount(conv);
   if (conv.unread && viewing(conv)) markRead(conv);
@@ -941,6 +953,7 @@ function convRow(conv, { online } = {}) {
   }
   bottom.append(el('span', 'conv-preview', preview));
   button.dataset.unread = String(conv.unread);
+  button.dataset.readSeq = String(conv.readSeq); // the server's: tests wait on it
   if (conv.unread) {
     const badge = el('span', 'badge', String(conv.unread));
     badge.dataset.testid = 'unread';
