@@ -197,6 +197,21 @@ async def test_reading_in_one_tab_clears_the_badge_in_another(
             await expect(badge(tab_a, "Chess")).to_have_count(0)
             await expect(tab_a.page).to_have_title("bitchat")
             await tab_b.page.screenshot(path=str(artifact("chat-sync-two-tabs.png")))
+
+            # A second tab of the same browser is the same device, and still a session of
+            # its own: what it sends shows live in the first tab too.
+            page_c = await tab_a.page.context.new_page()
+            page_c.set_default_timeout(WAIT_MS)
+            tab_c = PageUser(page_c, tab_a.base)
+            await page_c.goto(tab_c.base)
+            await tab_c.sign_in("vera", "vera-pw")
+            await expect(page_c.locator("body")).to_have_attribute("data-device", device_a)
+            await open_row(tab_c, "walt")
+            await tab_c.say("from the third tab")
+            await expect(tab_a.message("from the third tab")).to_have_count(1)
+            await expect(row(tab_b, "walt")).to_contain_text("You: from the third tab")
+            await expect(row(tab_b, "walt")).to_have_attribute("data-unread", "0")
+            assert tab_c.errors == []
         await tab_a.close()
         await tab_b.close()
 
