@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import sqlite3
+import threading
 import tomllib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -214,6 +215,26 @@ async def test_the_device_is_kept_per_server_and_user(tmp_path: Path) -> None:
             await broken.execute("-lo houyi 123456")
             assert broken.im.device not in ("", first)
         assert json.loads(path.read_text()) == {f"{where} houyi": broken.im.device}
+
+
+def test_clients_logging_in_at_once_keep_every_device(tmp_path: Path) -> None:
+    """Sixteen clients write the file at the same moment: none loses another's id."""
+    path = tmp_path / "bitchat" / "devices.json"
+    start = threading.Barrier(16)
+
+    def login(i: int) -> None:
+        store = DeviceStore(path, "127.0.0.1:8864")
+        start.wait(WAIT)
+        store.put(f"user{i}", f"device-{i}")
+
+    threads = [threading.Thread(target=login, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT)
+    assert json.loads(path.read_text()) == {
+        f"127.0.0.1:8864 user{i}": f"device-{i}" for i in range(16)
+    }
 
 
 def test_the_config_folder() -> None:

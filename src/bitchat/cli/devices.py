@@ -10,8 +10,9 @@ login, one per server and user, in ``devices.json`` in the user's config folder
 
 Through a router, the router's address names the server (its nodes share one
 store). The file is written whole to a temporary file and renamed over the old
-one, readable by the user alone; a file that cannot be read or parsed counts as
-empty (the next login writes it again).
+one, readable by the user alone, under a lock (``devices.json.lock``) so two
+clients logging in at once both keep theirs; a file that cannot be read or
+parsed counts as empty (the next login writes it again).
 """
 
 from __future__ import annotations
@@ -22,8 +23,13 @@ import os
 import re
 import tempfile
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no lock, the rename still keeps it whole
+    fcntl = None  # type: ignore[assignment]
 
 FILE_NAME = "devices.json"
 
@@ -70,12 +76,27 @@ class DeviceStore:
 
     def put(self, user: str, device: str) -> None:
         """Keep ``device`` for ``user``; raises OSError when the folder is not writable."""
-        data = self._read()
         key = self._key(user)
-        if data.get(key) == device:
+        if self._read().get(key) == device:
             return
-        data[key] = device
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with self._locked():
+            data = self._read()  # again: another client may have written meanwhile
+            data[key] = device
+            self._write(data)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        lock = self.path.with_name(self.path.name + ".lock")
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing it releases the lock
+
+    def _write(self, data: dict[str, str]) -> None:
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".devices-", suffix=".tmp")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
