@@ -89,7 +89,8 @@ def new_client_msg_id() -> str:
 
 
 class IMClient:
-    """An IM user's connection: login, online list, chat, groups, history."""
+    """An IM user's connection: login, online list, chat, groups, history, the
+    conversation list, read positions and receipts."""
 
     def __init__(
         self,
