@@ -638,8 +638,8 @@ _PENDING = (
     f"SELECT {', '.join('m.' + c.strip() for c in _MSG_COLUMNS.split(','))} "
     f"FROM ({_USER_CONVS}) AS x "
     "LEFT JOIN cursors k ON k.user_id = :u AND k.conv = x.conv AND k.device = :d "
-    "JOIN messages m ON m.conv = x.conv AND m.seq > coalesce(k.seq, x.start_seq) "
-    "WHERE x.last_seq > coalesce(k.seq, x.start_seq) AND m.id > :after "
+    "JOIN messages m ON m.conv = x.conv AND m.seq > max(x.start_seq, coalesce(k.seq, 0)) "
+    "WHERE x.last_seq > max(x.start_seq, coalesce(k.seq, 0)) AND m.id > :after "
     "AND NOT (m.sender_id = :u AND m.device = :d) "
 )
 
@@ -1174,7 +1174,7 @@ class SqliteMessageCenter(MessageCenter):
             "LEFT JOIN groups g ON x.grp != 0 AND g.id = x.grp "
             "LEFT JOIN messages m ON m.conv = x.conv AND m.seq = x.last_seq "
             "WHERE (:before = 0 OR x.activity < :before) "
-            "ORDER BY x.activity DESC LIMIT :limit",
+            "ORDER BY x.activity DESC, x.conv LIMIT :limit",
             {"u": user_id, "before": before, "limit": limit},
         )
         out = []
@@ -1251,7 +1251,7 @@ class SqliteMessageCenter(MessageCenter):
         conv = conversation("group", 0, group_id)
         rows = await self._rows(
             "SELECT gm.user_id, gm.read_seq >= :s FROM group_members gm "
-            "WHERE gm.group_id = :g AND gm.user_id != coalesce("
+            "WHERE gm.group_id = :g AND gm.start_seq < :s AND gm.user_id != coalesce("
             "(SELECT sender_id FROM messages WHERE conv = :c AND seq = :s), 0) "
             "AND (gm.read_seq >= :s OR EXISTS (SELECT 1 FROM cursors k "
             "WHERE k.user_id = gm.user_id AND k.conv = :c AND k.seq >= :s)) "
