@@ -20,7 +20,7 @@ from bitchat import Server
 from bitchat.app import build_server
 from bitchat.im.client import IMClient
 from bitchat.im.delivery import DEVICE
-from bitchat.im.packets import MarkRead, TypingEvent
+from bitchat.im.packets import TypingEvent
 from web_helpers import WAIT, WAIT_MS, artifact, chromium, running_server
 
 pytest.importorskip("playwright")
@@ -292,7 +292,7 @@ async def test_history_pages_back_through_a_long_conversation(
         for n in range(1, 61):
             await ivy.send_p2p(jack_me.user_id, f"note {n:02d}")
         # Read in the terminal: the page (a new device) is pushed none of them.
-        await jack.client.request(MarkRead(peer_id=ivy.user.id if ivy.user else 0))
+        await jack.mark_read(peer_id=ivy.user.id if ivy.user else 0)
 
         page_jack = await PageUser.open(browser, server)
         await page_jack.sign_in("jack", "jack-pw")

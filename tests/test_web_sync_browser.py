@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 
 from bitchat.im.client import IMClient
-from bitchat.im.packets import MarkRead, ReadState
 from test_web_browser import PageUser, ask_dialog
 from web_helpers import WAIT, WAIT_MS, artifact, chromium, running_server
 
@@ -68,12 +67,6 @@ async def expect_chats(user: PageUser, expected: list[tuple[str, int]]) -> None:
             await expect(badge(user, title)).to_have_text(str(unread))
         else:
             await expect(badge(user, title)).to_have_count(0)
-
-
-async def mark_read(client: IMClient, *, peer_id: int = 0, group_id: int = 0) -> ReadState:
-    state = await client.client.request(MarkRead(peer_id=peer_id, group_id=group_id))
-    assert isinstance(state, ReadState)
-    return state
 
 
 async def test_reload_keeps_the_servers_sidebar_and_its_unread_counts(
@@ -244,7 +237,7 @@ async def test_ticks_go_from_stored_to_delivered_to_read(tmp_path: Path, browser
             await expect(sent.get_by_test_id("tick")).to_have_text("✓✓")
 
             # He reads it: "read".
-            state = await mark_read(yuri, peer_id=xena_id)
+            state = await yuri.mark_read(peer_id=xena_id)
             assert (state.read_seq, state.unread) == (got.seq, 0)
             await expect(sent).to_have_attribute("data-tick", "read")
             await expect(sent.get_by_test_id("tick")).to_have_attribute("title", "Read")
@@ -255,7 +248,7 @@ async def test_ticks_go_from_stored_to_delivered_to_read(tmp_path: Path, browser
             await asyncio.wait_for(inbox.get(), WAIT)
             await expect(second).to_have_attribute("data-tick", "delivered")
             await expect(sent).to_have_attribute("data-tick", "read")
-            await mark_read(yuri, peer_id=xena_id)
+            await yuri.mark_read(peer_id=xena_id)
             await expect(second).to_have_attribute("data-tick", "read")
 
             # A group: "read" once a member has read it.
@@ -268,7 +261,7 @@ async def test_ticks_go_from_stored_to_delivered_to_read(tmp_path: Path, browser
             in_group = xena.message("saturday?")
             await expect(in_group).to_have_attribute("data-tick", "sent")
             await asyncio.wait_for(inbox.get(), WAIT)
-            await mark_read(yuri, group_id=group_id)
+            await yuri.mark_read(group_id=group_id)
             await expect(in_group).to_have_attribute("data-tick", "read")
 
             # One more to yuri, which he gets but does not read.
