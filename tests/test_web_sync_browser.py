@@ -209,6 +209,9 @@ async def test_reading_in_one_tab_clears_the_badge_in_another(
         await tab_b.close()
 
 
+HIKERS = '<img src="/x" onerror="window.pwned=1">Hikers'
+
+
 async def test_ticks_go_from_stored_to_delivered_to_read(tmp_path: Path, browser: Browser) -> None:
     async with running_server(tmp_path) as server:
         port = server.address[1]
@@ -251,8 +254,8 @@ async def test_ticks_go_from_stored_to_delivered_to_read(tmp_path: Path, browser
             await yuri.mark_read(peer_id=xena_id)
             await expect(second).to_have_attribute("data-tick", "read")
 
-            # A group: "read" once a member has read it.
-            await ask_dialog(xena.page, "+ Group", "Hikers", "Create")
+            # A group: "read" once a member has read it. Its name is markup, shown as text.
+            await ask_dialog(xena.page, "+ Group", HIKERS, "Create")
             sub = await xena.page.locator("#chat-sub").text_content()
             assert sub is not None
             group_id = int(sub.split(" ")[1])
@@ -277,7 +280,10 @@ async def test_ticks_go_from_stored_to_delivered_to_read(tmp_path: Path, browser
             await expect(xena.message("one more thing")).to_have_attribute("data-tick", "delivered")
             await expect(xena.message("great, see you")).to_have_attribute("data-tick", "read")
             await expect(xena.message("are you there?")).to_have_attribute("data-tick", "read")
-            await open_row(xena, "Hikers")
+            await expect(row(xena, HIKERS)).to_have_count(1)  # the list's name, as text
+            assert await xena.page.locator("#chats img, #chat-name img").count() == 0
+            await open_row(xena, HIKERS)
             await expect(xena.message("saturday?")).to_have_attribute("data-tick", "read")
+            assert await xena.page.evaluate("window.pwned") is None
             await xena.page.screenshot(path=str(artifact("chat-sync-ticks.png")))
         await xena.close()
