@@ -416,7 +416,7 @@ _SEE_DEVICE = (
 )
 START_CURSORS = (
     "INSERT INTO cursors (user_id, conv, device, seq) "
-    "SELECT $1, conv, $2, CASE WHEN lo = $1 THEN lo_read ELSE hi_read END "
+    "SELECT $1::bigint, conv, $2::bigint, CASE WHEN lo = $1 THEN lo_read ELSE hi_read END "
     "FROM conversations WHERE lo = $1 OR hi = $1 "
     "UNION ALL SELECT $1, 'g:' || group_id, $2, read_seq FROM group_members WHERE user_id = $1 "
     "ON CONFLICT DO NOTHING"
