@@ -229,6 +229,7 @@ async def test_conversations_order_paging_and_unread(centers: Centers) -> None:
     # (after it) is unread.
     assert (by_name["busy"].last_seq, by_name["busy"].unread) == (1, 1)
     assert by_name["quiet"].last_message is None and by_name["quiet"].last_seq == 0
+    assert by_name["quiet"].group_id == quiet.id
     carol_conv = by_name["carol"]
     assert (carol_conv.peer_id, carol_conv.group_id, carol_conv.unread) == (carol.id, 0, 1)
     bob_conv = by_name["bob"]
