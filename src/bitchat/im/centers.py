@@ -66,6 +66,15 @@ class Message:
     device: int = 0
     """The id of the sender's device it came from (never pushed back to it); not on
     the wire."""
+    conv: str = ""
+    """Its conversation's key (:func:`conversation`), once known; not on the wire."""
+
+    @property
+    def conversation_key(self) -> str:
+        conv = self.conv
+        if not conv:
+            conv = self.conv = conversation(self.kind, self.sender_id, self.to)
+        return conv
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -168,46 +177,91 @@ def number(
 
 
 class AckJob:
-    """One ack call waiting to be written: ``ids[pos:]`` of ``user_id`` are left."""
+    """One ack call waiting to be written: ``cursors[pos:]`` of the device are left."""
 
-    __slots__ = ("ids", "pos", "user_id", "waiter")
+    __slots__ = ("cursors", "device_id", "pos", "user_id", "waiter")
 
-    def __init__(self, user_id: int, ids: Sequence[int], waiter: asyncio.Future[None]) -> None:
+    def __init__(
+        self,
+        user_id: int,
+        device_id: int,
+        cursors: Sequence[tuple[str, int]],
+        waiter: asyncio.Future[None],
+    ) -> None:
         self.user_id = user_id
-        self.ids = ids
+        self.device_id = device_id
+        self.cursors = cursors
         self.pos = 0
         self.waiter = waiter
 
 
 def take_acks(
     jobs: collections.deque[AckJob], most: int
-) -> tuple[list[int], list[asyncio.Future[None]], AckJob | None]:
-    """Up to ``most`` acked ids from the oldest jobs, for one transaction.
+) -> tuple[list[Any], list[asyncio.Future[None]], AckJob | None]:
+    """Up to ``most`` cursor moves from the oldest jobs, for one transaction.
 
-    Returns the ``(user_id, msg_id)`` pairs laid end to end, the waiters of the
-    jobs taken whole (removed from ``jobs``), and the job taken in part, if any
-    (still first in ``jobs``, its ``pos`` moved on).
+    Returns the ``(user_id, conv, device_id, seq)`` rows laid end to end, one per
+    cursor (the largest seq of the jobs taken), the waiters of the jobs taken whole
+    (removed from ``jobs``), and the job taken in part, if any (still first in
+    ``jobs``, its ``pos`` moved on).
     """
-    flat: list[int] = []
+    moves: dict[tuple[int, str, int], int] = {}
     done: list[asyncio.Future[None]] = []
     room = most
+    partial: AckJob | None = None
     while jobs:
         job = jobs[0]
-        left = len(job.ids) - job.pos
+        left = len(job.cursors) - job.pos
         take = min(left, room)
-        if take:
-            pairs = [job.user_id] * (2 * take)
-            pairs[1::2] = job.ids[job.pos : job.pos + take]
-            flat += pairs
-            room -= take
+        for conv, seq in job.cursors[job.pos : job.pos + take]:
+            key = (job.user_id, conv, job.device_id)
+            if moves.get(key, -1) < seq:
+                moves[key] = seq
+        room -= take
         if take < left:
             job.pos += take
-            return flat, done, job
+            partial = job
+            break
         jobs.popleft()
         done.append(job.waiter)
         if not room:
             break
-    return flat, done, None
+    flat: list[Any] = []
+    for (user_id, conv, device_id), seq in moves.items():
+        flat += (user_id, conv, device_id, seq)
+    return flat, done, partial
+
+
+def p2p_pair(conv: str) -> tuple[int, int] | None:
+    """The two users of a one-to-one conversation key, or None for a group's."""
+    if not conv.startswith("p:"):
+        return None
+    _, lo, hi = conv.split(":")
+    return int(lo), int(hi)
+
+
+def read_offsets(
+    msgs: Sequence[Message], convs: Sequence[str]
+) -> dict[str, tuple[int | None, int | None, int, int, int]]:
+    """Per conversation of a batch: ``(lo, hi, last_id, lo_off, hi_off)``, the p2p pair
+    (None for a group), the largest new id, and the 1-based places (in id order, as
+    :func:`number` gives seqs) of the last message the pair's lower and higher user
+    sent, 0 if none: the senders' read positions move to their own messages."""
+    out: dict[str, list[Any]] = {}
+    for i in sorted(range(len(msgs)), key=lambda i: msgs[i].id):
+        m, c = msgs[i], convs[i]
+        entry = out.get(c)
+        if entry is None:
+            pair = p2p_pair(c)
+            entry = out[c] = [pair[0] if pair else None, pair[1] if pair else None, 0, 0, 0, 0]
+        entry[5] += 1
+        entry[2] = m.id
+        if entry[0] is not None:
+            if m.sender_id == entry[0]:
+                entry[3] = entry[5]
+            if m.sender_id == entry[1]:
+                entry[4] = entry[5]
+    return {c: (e[0], e[1], e[2], e[3], e[4]) for c, e in out.items()}
 
 
 def refused(exc: BaseException) -> RequestError:
