@@ -39,6 +39,7 @@ import asyncpg
 from bitchat.cluster.health import Backoff, Counter, Health
 from bitchat.errors import BitchatError, RequestError, ServiceUnavailable, codes
 from bitchat.im.centers import (
+    AckJob,
     Conversation,
     Group,
     Message,
@@ -49,9 +50,12 @@ from bitchat.im.centers import (
     conversation_counts,
     first_of_each,
     number,
+    p2p_pair,
+    read_offsets,
     refused,
+    take_acks,
 )
-from bitchat.im.ids import EPOCH_MS, MAX_NODE, NODE_BITS, SEQ_BITS
+from bitchat.im.ids import EPOCH_MS, MAX_NODE, NODE_BITS, SEQ_BITS, id_at
 from bitchat.im.names import dedupe_keys, name_key, name_keys, taken
 from bitchat.im.passwords import Passwords, new_token, token_digest
 from bitchat.settings import Settings
@@ -195,7 +199,7 @@ MIGRATIONS: list[Migration] = [
     UPDATE group_members gm SET read_seq = c.last_seq
         FROM conversations c WHERE c.conv = 'g:' || gm.group_id;
     UPDATE group_members SET joined_id =
-        GREATEST(0, (joined_at * 1000)::bigint - {EPOCH_MS}) << {NODE_BITS + SEQ_BITS};
+        GREATEST(0, floor(joined_at * 1000)::bigint - {EPOCH_MS}) << {NODE_BITS + SEQ_BITS};
     ALTER TABLE messages ADD COLUMN device BIGINT NOT NULL DEFAULT 0;
     CREATE TABLE cursors (
         user_id BIGINT NOT NULL,
@@ -426,7 +430,7 @@ START_CURSORS = (
 
 def _join_id(ts: float) -> int:
     """A join's place among message ids (its time, as an id of that millisecond)."""
-    return max(0, int(ts * 1000) - EPOCH_MS) << (NODE_BITS + SEQ_BITS)
+    return id_at(int(ts * 1000))
 
 
 MEMBERS_CHANNEL = "bitchat_members"
@@ -904,7 +908,7 @@ class PgUserCenter(UserCenter):
 
 # -- messages -----------------------------------------------------------------------------------
 
-_MSG_COLUMNS = "id, kind, sender_id, sender_name, to_id, text, ts, client_msg_id, seq, device"
+_MSG_COLUMNS = "id, kind, sender_id, sender_name, to_id, text, ts, client_msg_id, seq, device, conv"
 _M_COLUMNS = ", ".join("m." + c.strip() for c in _MSG_COLUMNS.split(","))
 
 _INSERT_MESSAGES = (
@@ -1031,67 +1035,8 @@ def _message(row: asyncpg.Record, prefix: str = "") -> Message:
         row[prefix + "client_msg_id"],
         row[prefix + "seq"],
         row[prefix + "device"],
+        row[prefix + "conv"],
     )
-
-
-def _pair(conv: str) -> tuple[int | None, int | None]:
-    """The two users of a p2p conversation key (``p:lo:hi``); a group's has none."""
-    if not conv.startswith("p:"):
-        return None, None
-    _, lo, hi = conv.split(":")
-    return int(lo), int(hi)
-
-
-class _CursorJob:
-    """One ack call waiting to be written: ``cursors[pos:]`` of the device are left."""
-
-    __slots__ = ("cursors", "device_id", "pos", "user_id", "waiter")
-
-    def __init__(
-        self,
-        user_id: int,
-        device_id: int,
-        cursors: Sequence[tuple[str, int]],
-        waiter: asyncio.Future[None],
-    ) -> None:
-        self.user_id = user_id
-        self.device_id = device_id
-        self.cursors = cursors
-        self.pos = 0
-        self.waiter = waiter
-
-
-_CursorKey = tuple[int, str, int]
-"""(user_id, conv, device)"""
-
-
-def _take_cursors(
-    jobs: collections.deque[_CursorJob], most: int
-) -> tuple[dict[_CursorKey, int], list[asyncio.Future[None]], _CursorJob | None]:
-    """Up to ``most`` cursor moves from the oldest jobs, for one transaction (as
-    :func:`~bitchat.im.centers.take_acks`): the largest seq per cursor, the waiters
-    of the jobs taken whole (removed from ``jobs``), and the job taken in part, if
-    any (still first in ``jobs``, its ``pos`` moved on)."""
-    moves: dict[_CursorKey, int] = {}
-    done: list[asyncio.Future[None]] = []
-    room = most
-    while jobs:
-        job = jobs[0]
-        left = len(job.cursors) - job.pos
-        take = min(left, room)
-        for conv, seq in job.cursors[job.pos : job.pos + take]:
-            key = (job.user_id, conv, job.device_id)
-            if seq > moves.get(key, 0):
-                moves[key] = seq
-        room -= take
-        if take < left:
-            job.pos += take
-            return moves, done, job
-        jobs.popleft()
-        done.append(job.waiter)
-        if not room:
-            break
-    return moves, done, None
 
 
 class PgMessageCenter(MessageCenter):
@@ -1107,7 +1052,7 @@ class PgMessageCenter(MessageCenter):
         self.batch_max = batch_max
         self.ack_batch_max = max(1, ack_batch_max)
         self._stores: list[_Store] = []
-        self._acks: collections.deque[_CursorJob] = collections.deque()
+        self._acks: collections.deque[AckJob] = collections.deque()
         self._writer: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
         self._closing = False
@@ -1153,7 +1098,7 @@ class PgMessageCenter(MessageCenter):
         if self._closing or self._wake is None:
             fut.set_exception(ServiceUnavailable("the message store is closed"))
             return fut
-        self._acks.append(_CursorJob(user_id, device_id, cursors, fut))
+        self._acks.append(AckJob(user_id, device_id, cursors, fut))
         self._wake.set()
         return fut
 
@@ -1165,10 +1110,10 @@ class PgMessageCenter(MessageCenter):
             while self._stores or self._acks:
                 stores = self._stores[: self.batch_max]
                 del self._stores[: self.batch_max]
-                moves, waiters, partial = _take_cursors(self._acks, self.ack_batch_max)
+                moves, waiters, partial = take_acks(self._acks, self.ack_batch_max)
                 try:
                     outcomes, ack_error = await self.db.run(
-                        f"storing {len(stores)} messages and {len(moves)} cursors",
+                        f"storing {len(stores)} messages and {len(moves) // 4} cursors",
                         functools.partial(self._write, stores=stores, moves=moves),
                     )
                 except ServiceUnavailable as exc:
@@ -1196,11 +1141,12 @@ class PgMessageCenter(MessageCenter):
                 return
 
     async def _write(
-        self, con: asyncpg.Connection, stores: list[_Store], moves: dict[_CursorKey, int]
+        self, con: asyncpg.Connection, stores: list[_Store], moves: list[Any]
     ) -> tuple[list[_Outcome], BaseException | None]:
         """One batch: each store's outcome, and the cursor moves' error (None: written).
 
-        Idempotent, so a retry after a lost commit reply is safe.
+        Idempotent, so a retry after a lost commit reply is safe. ``moves`` are
+        ``(user_id, conv, device_id, seq)`` rows laid end to end, one per cursor.
         """
         for attempt in range(_TRIES):
             try:
@@ -1218,7 +1164,7 @@ class PgMessageCenter(MessageCenter):
                     "a batch of %d messages and %d cursors failed (%s); "
                     "writing its rows one by one",
                     len(stores),
-                    len(moves),
+                    len(moves) // 4,
                     exc,
                 )
                 break
@@ -1256,24 +1202,9 @@ class PgMessageCenter(MessageCenter):
             fresh = await self._find_stored(con, stores, fresh, results)
         msgs = [stores[i][0] for i in fresh]
         if msgs:
-            convs = [conversation(m.kind, m.sender_id, m.to) for m in msgs]
+            convs = [m.conversation_key for m in msgs]
             counts = conversation_counts(convs)
-            # Where each side's last message falls among the conversation's new ones,
-            # in id order (the order number() gives their seqs in).
-            place: dict[str, int] = {}
-            last_id: dict[str, int] = {}
-            lo_at: dict[str, int] = {}
-            hi_at: dict[str, int] = {}
-            pairs = {c: _pair(c) for c in counts}
-            for i in sorted(range(len(msgs)), key=lambda i: msgs[i].id):
-                c, m = convs[i], msgs[i]
-                n = place[c] = place.get(c, 0) + 1
-                last_id[c] = m.id
-                lo, hi = pairs[c]
-                if m.sender_id == lo:
-                    lo_at[c] = n
-                if m.sender_id == hi:
-                    hi_at[c] = n
+            reads = read_offsets(msgs, convs)
             keys = list(counts)
             last = {
                 r[0]: r[1]
@@ -1281,11 +1212,7 @@ class PgMessageCenter(MessageCenter):
                     _BUMP_CONVERSATIONS,
                     keys,
                     list(counts.values()),
-                    [pairs[c][0] for c in keys],
-                    [pairs[c][1] for c in keys],
-                    [last_id[c] for c in keys],
-                    [lo_at.get(c, 0) for c in keys],
-                    [hi_at.get(c, 0) for c in keys],
+                    *([reads[c][k] for c in keys] for k in range(5)),
                 )
             }
             number(msgs, convs, counts, last)
@@ -1322,14 +1249,15 @@ class PgMessageCenter(MessageCenter):
         return results
 
     @staticmethod
-    async def _move_cursors(con: asyncpg.Connection, moves: dict[_CursorKey, int]) -> None:
-        keys = sorted(moves)  # one order on every node: no deadlock between them
+    async def _move_cursors(con: asyncpg.Connection, moves: list[Any]) -> None:
+        # One order on every node: two nodes moving the same cursors never deadlock.
+        rows = sorted(zip(moves[0::4], moves[1::4], moves[2::4], moves[3::4], strict=True))
         await con.execute(
             _MOVE_CURSORS,
-            [u for u, _, _ in keys],
-            [c for _, c, _ in keys],
-            [d for _, _, d in keys],
-            [moves[k] for k in keys],
+            [r[0] for r in rows],
+            [r[1] for r in rows],
+            [r[2] for r in rows],
+            [r[3] for r in rows],
         )
 
     @staticmethod
@@ -1385,7 +1313,8 @@ class PgMessageCenter(MessageCenter):
 
     async def mark_read(self, user_id: int, conv: str, seq: int) -> tuple[int, int, list[int]]:
         most = self.db.settings.max_group_size
-        lo, hi = _pair(conv)
+        pair = p2p_pair(conv)
+        lo, hi = pair if pair is not None else (None, None)
 
         async def q(con: asyncpg.Connection) -> tuple[int, int, list[int]]:
             async with con.transaction():
