@@ -8,10 +8,17 @@ The message center commits in batches like the SQLite one (group commit): the
 stores and acks queued while one transaction is written go into the next, and
 a store resolves only after its transaction committed, so the sender's ack
 still means durable. One writer keeps the batches in call order. As in SQLite,
-a transaction takes at most ``ack_batch_max`` acked ids (the rest wait for the
-next ones, the messages do not), and a batch that fails for one row's data
+a transaction takes at most ``ack_batch_max`` cursor moves (the rest wait for
+the next ones, the messages do not), and a batch that fails for one row's data
 (PostgreSQL refuses U+0000 in text, say) is written again row by row, each in
 a savepoint, so only that row fails.
+
+Who gets a message is not written with it: each device has a cursor per
+conversation (``cursors``), and what it misses is every message past them in
+the user's conversations (the p2p pairs in ``conversations.lo``/``hi``, the
+groups in ``group_members``). Row locks are taken in one order on every node
+(conversations by key, then members; cursors by key), so nodes writing the
+same conversations or cursors wait for each other but never deadlock.
 
 Errors of asyncpg (and of the socket under it) never leave this module: a
 server that is down, restarting or has dropped the connection becomes
