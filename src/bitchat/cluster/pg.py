@@ -947,11 +947,11 @@ _READ_OWN_GROUP_MESSAGES = (
     "FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS r(g, u, seq) "
     "WHERE gm.group_id = r.g AND gm.user_id = r.u"
 )
-# Cursors only move forward, and only for devices that still exist.
+# Cursors only move forward. (A device forgotten while one of its sessions is still
+# connected keeps cursors for that session's pushes; nothing else reads them.)
 _MOVE_CURSORS = (
     "INSERT INTO cursors (user_id, conv, device, seq) "
-    "SELECT a.u, a.c, a.d, a.s FROM unnest($1::bigint[], $2::text[], $3::bigint[], "
-    "$4::bigint[]) AS a(u, c, d, s) WHERE EXISTS (SELECT 1 FROM devices WHERE id = a.d) "
+    "SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[]) "
     "ON CONFLICT (user_id, conv, device) DO UPDATE SET seq = GREATEST(cursors.seq, excluded.seq)"
 )
 # Where a device of user $1 is in each conversation of the user that has messages past
