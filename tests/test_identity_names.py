@@ -190,7 +190,8 @@ async def check_upgraded(users: SqliteUserCenter | PgUserCenter, messages: objec
     assert (await users.authenticate("HOUYI", "pw", False)).id == 1
     history = await messages.history(1, 3, 0, 0, 10)  # type: ignore[attr-defined]
     assert [m.text for m in history] == ["it is me"]
-    assert await messages.count_pending(1) == 1  # type: ignore[attr-defined]
+    await messages.start_device(1, 100)  # type: ignore[attr-defined]
+    assert await messages.count_pending(1, 100) == 1  # type: ignore[attr-defined]
     # Collisions are refused from now on; other names are not.
     for name in ("houy\u0456", "HouYi", "gr\u0456s"):
         with pytest.raises(RequestError) as info:

@@ -222,7 +222,12 @@ V3_SEQS = {10: 1, 30: 2, 50: 3, 20: 1, 40: 2, 60: 1}
 async def check_upgraded_v3(messages: MessageCenter, rows: list[Any], convs: list[Any]) -> None:
     assert {int(r[0]): int(r[1]) for r in rows} == V3_SEQS
     assert sorted((str(c), int(n)) for c, n in convs) == [("g:7", 2), ("p:1:2", 3), ("p:1:3", 1)]
-    assert [await messages.count_pending(u) for u in (1, 2, 3)] == [2, 1, 1]
+    # Pending rows became read positions: a new device of each user gets every message
+    # from the first one pending (the user's own too: they are from another device).
+    # User 3 is in no group here, so its pending group message has no conversation.
+    for u in (1, 2, 3):
+        await messages.start_device(u, 100 + u)
+    assert [await messages.count_pending(u, 100 + u) for u in (1, 2, 3)] == [4, 1, 0]
     assert [m.seq for m in await messages.history(2, 1, 0, 0, 10)] == [3, 2, 1]
     assert [m.text for m in await messages.history(1, 0, 7, 0, 10, before_seq=2)] == ["g1"]
     new = [
@@ -254,7 +259,7 @@ async def test_sqlite_upgrades_a_version_3_database(tmp_path: Path) -> None:
         rows = await messages.db.execute_fetchall("SELECT id, seq FROM messages")
         convs = await messages.db.execute_fetchall("SELECT conv, last_seq FROM conversations")
         [(version,)] = await messages.db.execute_fetchall("SELECT version FROM schema_version")
-        assert version == len(store.MIGRATIONS) == 4
+        assert version == len(store.MIGRATIONS) == 5
         await check_upgraded_v3(messages, list(rows), list(convs))
     finally:
         await messages.close()
@@ -279,7 +284,7 @@ async def test_postgresql_upgrades_a_version_3_database(pg_dsn: str) -> None:
         con = await asyncpg.connect(pg_dsn)
         try:
             assert await con.fetchval("SELECT version FROM schema_version") == len(pg.MIGRATIONS)
-            assert len(pg.MIGRATIONS) == 4
+            assert len(pg.MIGRATIONS) == 5
             rows = list(await con.fetch("SELECT id, seq FROM messages"))
             convs = list(await con.fetch("SELECT conv, last_seq FROM conversations"))
         finally:
