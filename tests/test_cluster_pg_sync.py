@@ -496,3 +496,63 @@ async def test_upgrade_turns_pending_rows_into_read_positions(pg_dsn: str) -> No
         assert alice is not None and bob is not None
         (m,) = await _send(messages, _p2p(alice, bob, "after"))
         assert m.seq == 6
+
+
+async def test_two_nodes_writing_one_conversation_keep_read_positions(pg_dsn: str) -> None:
+    async with _centers(pg_dsn) as (users, one), _centers(pg_dsn) as (_, two):
+        alice, bob, carol = [await users.register(n, "pw") for n in ("alice", "bob", "carol")]
+        g = await users.create_group(alice.id, "g")
+        await users.join_group(g.id, bob.id, 10)
+        await users.join_group(g.id, carol.id, 10)
+        bobs = [await _new_device(users, bob, f"b{i}") for i in range(4)]
+        ab = conversation("p2p", alice.id, bob.id)
+        gc = conversation("group", 0, g.id)
+        node_a, node_b = IdGenerator(11), IdGenerator(12)
+
+        async def sends(messages: PgMessageCenter, gen: IdGenerator, me: User, peer: User) -> None:
+            for round_ in range(10):
+                batch = []
+                for i in range(8):
+                    text = f"{me.name}-{round_}-{i}"
+                    mid = gen.next()
+                    batch.append(Message(mid, "p2p", me.id, me.name, peer.id, text, 1))
+                    if i % 3 == 0:
+                        batch.append(Message(gen.next(), "group", me.id, me.name, g.id, text, 1))
+                await _send(messages, *batch)
+
+        async def acks(messages: PgMessageCenter, order: list[int]) -> None:
+            # Both nodes move the same cursors, in opposite orders, many times.
+            for seq in range(1, 41):
+                await messages.ack(bob.id, bobs[0], [(gc, seq), (ab, seq)][:: order[seq % 2]])
+                await messages.ack(bob.id, bobs[1], [(ab, seq), (gc, seq)][:: order[seq % 2]])
+
+        await asyncio.wait_for(
+            asyncio.gather(
+                sends(one, node_a, alice, bob),
+                sends(two, node_b, bob, alice),
+                acks(one, [1, -1]),
+                acks(two, [-1, 1]),
+            ),
+            60,
+        )
+        history = await one.history(alice.id, bob.id, 0, 0, 1000)
+        assert sorted(m.seq for m in history) == list(range(1, 161))
+        last_of = {u.id: max(m.seq for m in history if m.sender_id == u.id) for u in (alice, bob)}
+        group = await one.history(alice.id, 0, g.id, 0, 1000)
+        last_in_group = {
+            u.id: max(m.seq for m in group if m.sender_id == u.id) for u in (alice, bob)
+        }
+        for me, peer in ((alice, bob), (bob, alice)):
+            convs = {(c.peer_id, c.group_id): c for c in await two.conversations(me.id, 0, 10)}
+            p2p = convs[(peer.id, 0)]
+            assert (p2p.read_seq, p2p.peer_read_seq) == (last_of[me.id], last_of[peer.id])
+            assert convs[(0, g.id)].read_seq == last_in_group[me.id]
+        async with users.db.connection() as con:
+            cursors = await con.fetch(
+                "SELECT device, conv, seq FROM cursors WHERE user_id = $1 AND device = ANY($2)",
+                bob.id,
+                bobs[:2],
+            )
+        assert sorted(tuple(r) for r in cursors) == sorted(
+            (d, c, 40) for d in bobs[:2] for c in (ab, gc)
+        )
