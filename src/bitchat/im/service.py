@@ -221,6 +221,7 @@ class IMService:
                 await self.connections.detach(session)
                 session.user_id = session.user_name = None
                 session.data.pop(_TOKEN, None)
+                session.data.pop(DEVICE, None)
             held = None if was_syncing else session.data.pop(SYNCING, None)
             if held and session.user_id is not None:
                 push_message_each(held, session)
