@@ -200,7 +200,10 @@ CONVERSATIONS = (
 P2P_READ = (
     "SELECT CASE WHEN lo = :u THEN lo_read ELSE hi_read END FROM conversations WHERE conv = :c"
 )
-_TARGET = "CASE WHEN CAST(:seq AS BIGINT) <= 0 THEN last_seq ELSE LEAST(CAST(:seq AS BIGINT), last_seq) END"
+_TARGET = (
+    "CASE WHEN CAST(:seq AS BIGINT) <= 0 THEN last_seq "
+    "ELSE LEAST(CAST(:seq AS BIGINT), last_seq) END"
+)
 P2P_MARK_READ = (
     "UPDATE conversations SET "
     f"lo_read = CASE WHEN lo = :u THEN GREATEST(lo_read, {_TARGET}) ELSE lo_read END, "
