@@ -45,6 +45,7 @@ import asyncpg
 
 from bitchat.cluster.health import Backoff, Counter, Health
 from bitchat.errors import BitchatError, RequestError, ServiceUnavailable, codes
+from bitchat.im import sql
 from bitchat.im.centers import (
     AckJob,
     Conversation,
@@ -425,14 +426,6 @@ _SEE_DEVICE = (
     "UPDATE devices SET last_seen = GREATEST(last_seen, $3) WHERE user_id = $1 AND name = $2 "
     "RETURNING id"
 )
-START_CURSORS = (
-    "INSERT INTO cursors (user_id, conv, device, seq) "
-    "SELECT $1::bigint, conv, $2::bigint, CASE WHEN lo = $1 THEN lo_read ELSE hi_read END "
-    "FROM conversations WHERE lo = $1 OR hi = $1 "
-    "UNION ALL SELECT $1, 'g:' || group_id, $2, read_seq FROM group_members WHERE user_id = $1 "
-    "ON CONFLICT DO NOTHING"
-)
-"""A new device's cursors: the user's read position in each of their conversations."""
 
 
 def _join_id(ts: float) -> int:
@@ -697,7 +690,7 @@ class PgUserCenter(UserCenter):
                 )
                 # Its cursors in the same transaction: a device that exists has them,
                 # even if the caller never hears of this commit and asks again.
-                await con.execute(START_CURSORS, user_id, device_id)
+                await con.execute(*_pg(sql.START_DEVICE, u=user_id, d=device_id))
                 return device_id, True
 
         return await self.db.run("registering a device", q)
@@ -915,8 +908,8 @@ class PgUserCenter(UserCenter):
 
 # -- messages -----------------------------------------------------------------------------------
 
-_MSG_COLUMNS = "id, kind, sender_id, sender_name, to_id, text, ts, client_msg_id, seq, device, conv"
-_M_COLUMNS = ", ".join("m." + c.strip() for c in _MSG_COLUMNS.split(","))
+_MSG_COLUMNS = ", ".join(sql.MSG_COLUMNS)
+_M_COLUMNS = ", ".join("m." + c for c in sql.MSG_COLUMNS)
 
 _INSERT_MESSAGES = (
     "INSERT INTO messages (id, kind, conv, sender_id, sender_name, to_id, text, ts, "
@@ -954,61 +947,6 @@ _MOVE_CURSORS = (
     "SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[]) "
     "ON CONFLICT (user_id, conv, device) DO UPDATE SET seq = GREATEST(cursors.seq, excluded.seq)"
 )
-# Where a device of user $1 is in each conversation of the user that has messages past
-# it: its cursor, else 0 (p2p) or the join (a group joined after the device came).
-_DEVICE_CONVS = (
-    "SELECT c.conv, COALESCE(k.seq, 0) AS after FROM conversations c "
-    "LEFT JOIN cursors k ON k.user_id = $1 AND k.conv = c.conv AND k.device = $2 "
-    "WHERE (c.lo = $1 OR c.hi = $1) AND c.last_seq > COALESCE(k.seq, 0) "
-    "UNION ALL "
-    "SELECT c.conv, GREATEST(gm.start_seq, COALESCE(k.seq, 0)) FROM group_members gm "
-    "JOIN conversations c ON c.conv = 'g:' || gm.group_id "
-    "LEFT JOIN cursors k ON k.user_id = $1 AND k.conv = c.conv AND k.device = $2 "
-    "WHERE gm.user_id = $1 AND c.last_seq > GREATEST(gm.start_seq, COALESCE(k.seq, 0))"
-)
-_PAST_CURSORS = (
-    f"WITH v AS ({_DEVICE_CONVS}) SELECT {{what}} FROM v "
-    "JOIN messages m ON m.conv = v.conv AND m.seq > v.after "
-    "WHERE NOT (m.sender_id = $1 AND m.device = $2)"
-)
-_PENDING = _PAST_CURSORS.format(what=_M_COLUMNS) + " AND m.id > $3 ORDER BY m.id LIMIT $4"
-_COUNT_PENDING = _PAST_CURSORS.format(what="count(*)")
-_LAST_COLUMNS = ", ".join(f"m.{c.strip()} AS m_{c.strip()}" for c in _MSG_COLUMNS.split(","))
-_CONVERSATIONS = (
-    "WITH v AS ("
-    "SELECT 'p2p' AS kind, CASE WHEN c.lo = $1 THEN c.hi ELSE c.lo END AS peer_id, "
-    "0::bigint AS group_id, c.conv, c.last_seq, "
-    "CASE WHEN c.lo = $1 THEN c.lo_read ELSE c.hi_read END AS read_seq, "
-    "CASE WHEN c.lo = $1 THEN c.hi_read ELSE c.lo_read END AS peer_read_seq, "
-    "c.last_id, c.last_id AS activity "
-    "FROM conversations c WHERE (c.lo = $1 OR c.hi = $1) AND ($2::bigint = 0 OR c.last_id < $2) "
-    "UNION ALL "
-    "SELECT 'group', 0, gm.group_id, 'g:' || gm.group_id, COALESCE(c.last_seq, 0), "
-    "gm.read_seq, 0, COALESCE(c.last_id, 0), GREATEST(COALESCE(c.last_id, 0), gm.joined_id) "
-    "FROM group_members gm LEFT JOIN conversations c ON c.conv = 'g:' || gm.group_id "
-    "WHERE gm.user_id = $1 "
-    "AND ($2::bigint = 0 OR GREATEST(COALESCE(c.last_id, 0), gm.joined_id) < $2) "
-    "ORDER BY activity DESC, conv LIMIT $3) "
-    "SELECT v.kind, v.peer_id, v.group_id, v.last_seq, v.read_seq, v.peer_read_seq, "
-    "v.activity, COALESCE(u.name, g.name, '') AS name, "
-    "CASE WHEN v.kind = 'p2p' THEN GREATEST(v.peer_read_seq, COALESCE((SELECT max(k.seq) "
-    "FROM cursors k WHERE k.user_id = v.peer_id AND k.conv = v.conv), 0)) ELSE 0 END "
-    f"AS peer_delivered_seq, {_LAST_COLUMNS} FROM v "
-    "LEFT JOIN users u ON v.kind = 'p2p' AND u.id = v.peer_id "
-    "LEFT JOIN groups g ON v.kind = 'group' AND g.id = v.group_id "
-    "LEFT JOIN messages m ON m.id = v.last_id "
-    "ORDER BY v.activity DESC, v.conv"
-)
-# Members (but the message's sender) who have message $2 of the group on a device
-# (a cursor at it or past it), or have read it; none who joined after it.
-_RECEIPTS = (
-    "SELECT gm.user_id, gm.read_seq >= $2 AS read FROM group_members gm "
-    "WHERE gm.group_id = $1 AND gm.start_seq < $2 "
-    "AND gm.user_id IS DISTINCT FROM (SELECT sender_id FROM messages WHERE conv = $3 AND seq = $2) "
-    "AND (gm.read_seq >= $2 OR EXISTS (SELECT 1 FROM cursors k "
-    "WHERE k.user_id = gm.user_id AND k.conv = $3 AND k.seq >= $2)) "
-    "ORDER BY gm.user_id"
-)
 _FIND_STORED = (
     f"SELECT {_MSG_COLUMNS} FROM messages WHERE id = ANY($1::bigint[]) UNION ALL "
     f"SELECT {_M_COLUMNS} "
@@ -1030,20 +968,10 @@ _Store = tuple[Message, Sequence[int], "asyncio.Future[tuple[Message, bool]]"]
 _Outcome = tuple[Message, bool] | BaseException
 
 
-def _message(row: asyncpg.Record, prefix: str = "") -> Message:
-    return Message(
-        row[prefix + "id"],
-        row[prefix + "kind"],
-        row[prefix + "sender_id"],
-        row[prefix + "sender_name"],
-        row[prefix + "to_id"],
-        row[prefix + "text"],
-        row[prefix + "ts"],
-        row[prefix + "client_msg_id"],
-        row[prefix + "seq"],
-        row[prefix + "device"],
-        row[prefix + "conv"],
-    )
+def _pg(query: str, **params: Any) -> tuple[Any, ...]:
+    """A query of :mod:`bitchat.im.sql` and its arguments, as asyncpg takes them."""
+    text, args = sql.render(query, sql.Dialect.POSTGRES, params)
+    return (text, *args)
 
 
 class PgMessageCenter(MessageCenter):
@@ -1290,7 +1218,7 @@ class PgMessageCenter(MessageCenter):
         by_id: dict[int, Message] = {}
         by_cid: dict[tuple[int, str], Message] = {}
         for r in found:
-            stored = _message(r)
+            stored = sql.message(r)
             by_id[stored.id] = stored
             if stored.client_msg_id:
                 by_cid[(stored.sender_id, stored.client_msg_id)] = stored
@@ -1311,80 +1239,62 @@ class PgMessageCenter(MessageCenter):
     # -- devices, read positions --------------------------------------------------------------
 
     async def start_device(self, user_id: int, device_id: int) -> None:
-        # PgUserCenter.device already did this in the transaction that registered the
-        # device; again, it changes nothing (no cursor is moved).
-        async def q(con: asyncpg.Connection) -> None:
-            await con.execute(START_CURSORS, user_id, device_id)
-
-        await self.db.run("starting a device's cursors", q)
+        # PgUserCenter.device did this in the transaction that registered the device;
+        # again, it changes nothing (no cursor is moved).
+        await self._fetch("starting a device's cursors", sql.START_DEVICE, u=user_id, d=device_id)
 
     async def mark_read(self, user_id: int, conv: str, seq: int) -> tuple[int, int, list[int]]:
         most = self.db.settings.max_group_size
         pair = p2p_pair(conv)
-        lo, hi = pair if pair is not None else (None, None)
+        if pair is not None and user_id not in pair:
+            return 0, 0, []
 
         async def q(con: asyncpg.Connection) -> tuple[int, int, list[int]]:
+            # The row locked from the read to the commit: of two marks at once, the
+            # second sees what the first moved (no range is reported twice).
             async with con.transaction():
-                if lo is None:
-                    row = await con.fetchrow(
-                        "SELECT gm.read_seq, COALESCE(c.last_seq, 0) AS last_seq "
-                        "FROM group_members gm LEFT JOIN conversations c ON c.conv = $3 "
-                        "WHERE gm.group_id = $1 AND gm.user_id = $2 FOR UPDATE OF gm",
-                        int(conv[2:]),
-                        user_id,
-                        conv,
-                    )
-                    if row is None:
+                if pair is not None:
+                    old = await con.fetchval(*_pg(sql.P2P_READ + " FOR UPDATE", u=user_id, c=conv))
+                    if old is None:
                         return 0, 0, []
-                    old, end = int(row["read_seq"]), int(row["last_seq"])
+                    row = await con.fetchrow(*_pg(sql.P2P_MARK_READ, u=user_id, c=conv, seq=seq))
+                    read_seq, last_seq = int(row[0]), int(row[1])
                 else:
-                    row = await con.fetchrow(
-                        "SELECT lo_read, hi_read, last_seq FROM conversations "
-                        "WHERE conv = $1 FOR UPDATE",
-                        conv,
+                    group_id = int(conv[2:])
+                    old = await con.fetchval(
+                        *_pg(sql.GROUP_READ + " FOR UPDATE", u=user_id, g=group_id)
                     )
-                    if row is None or user_id not in (lo, hi):
+                    if old is None:
                         return 0, 0, []
-                    old = int(row["lo_read" if user_id == lo else "hi_read"])
-                    end = int(row["last_seq"])
-                new = max(old, min(end, seq) if seq > 0 else end)
-                if new == old:
-                    return old, end, []
-                if lo is None:
-                    await con.execute(
-                        "UPDATE group_members SET read_seq = $3 "
-                        "WHERE group_id = $1 AND user_id = $2",
-                        int(conv[2:]),
-                        user_id,
-                        new,
+                    last_seq = int(await con.fetchval(*_pg(sql.LAST_SEQ, c=conv)) or 0)
+                    read_seq = int(
+                        await con.fetchval(
+                            *_pg(sql.GROUP_MARK_READ, u=user_id, g=group_id, seq=seq, last=last_seq)
+                        )
                     )
-                else:
-                    await con.execute(
-                        "UPDATE conversations SET "
-                        "lo_read = CASE WHEN lo = $2 THEN $3 ELSE lo_read END, "
-                        "hi_read = CASE WHEN hi = $2 THEN $3 ELSE hi_read END WHERE conv = $1",
-                        conv,
-                        user_id,
-                        new,
-                    )
+                if read_seq <= old:
+                    return read_seq, last_seq, []
                 senders = await con.fetch(
-                    "SELECT DISTINCT sender_id FROM messages WHERE conv = $1 AND seq > $2 "
-                    "AND seq <= $3 AND sender_id <> $4 ORDER BY sender_id LIMIT $5",
-                    conv,
-                    old,
-                    new,
-                    user_id,
-                    most,
+                    *_pg(
+                        sql.SENDERS_BETWEEN + " ORDER BY sender_id LIMIT :most",
+                        c=conv,
+                        after=int(old),
+                        upto=read_seq,
+                        u=user_id,
+                        most=most,
+                    )
                 )
-                return new, end, [int(r[0]) for r in senders]
+                return read_seq, last_seq, [int(r[0]) for r in senders]
 
         return await self.db.run("marking a conversation read", q)
 
     # -- reads --------------------------------------------------------------------------------
 
-    async def _fetch(self, doing: str, sql: str, *args: Any) -> list[asyncpg.Record]:
+    async def _fetch(self, doing: str, query: str, **params: Any) -> list[asyncpg.Record]:
+        statement = _pg(query, **params)
+
         async def q(con: asyncpg.Connection) -> list[asyncpg.Record]:
-            return list(await con.fetch(sql, *args))
+            return list(await con.fetch(*statement))
 
         return await self.db.run(doing, q)
 
@@ -1392,40 +1302,30 @@ class PgMessageCenter(MessageCenter):
         self, user_id: int, device_id: int, after_id: int, limit: int
     ) -> list[Message]:
         rows = await self._fetch(
-            "reading offline messages", _PENDING, user_id, device_id, after_id, limit
+            "reading offline messages",
+            sql.PENDING,
+            u=user_id,
+            d=device_id,
+            after=after_id,
+            limit=limit,
         )
-        return [_message(r) for r in rows]
+        return [sql.message(r) for r in rows]
 
     async def count_pending(self, user_id: int, device_id: int) -> int:
-        rows = await self._fetch("counting offline messages", _COUNT_PENDING, user_id, device_id)
+        rows = await self._fetch(
+            "counting offline messages", sql.COUNT_PENDING, u=user_id, d=device_id
+        )
         return int(rows[0][0])
 
     async def conversations(self, user_id: int, before: int, limit: int) -> list[Conversation]:
-        rows = await self._fetch("reading conversations", _CONVERSATIONS, user_id, before, limit)
-        return [
-            Conversation(
-                r["kind"],
-                int(r["peer_id"]),
-                int(r["group_id"]),
-                r["name"],
-                int(r["last_seq"]),
-                int(r["read_seq"]),
-                int(r["peer_read_seq"]),
-                int(r["peer_delivered_seq"]),
-                int(r["activity"]),
-                None if r["m_id"] is None else _message(r, "m_"),
-            )
-            for r in rows
-        ]
+        rows = await self._fetch(
+            "reading conversations", sql.CONVERSATIONS, u=user_id, before=before, limit=limit
+        )
+        return [sql.conversation_row(r) for r in rows]
 
     async def receipts(self, group_id: int, seq: int) -> list[tuple[int, bool]]:
-        rows = await self._fetch(
-            "reading receipts",
-            _RECEIPTS,
-            group_id,
-            seq,
-            conversation("group", 0, group_id),
-        )
+        conv = conversation("group", 0, group_id)
+        rows = await self._fetch("reading receipts", sql.RECEIPTS, g=group_id, c=conv, s=seq)
         return [(int(r[0]), bool(r[1])) for r in rows]
 
     async def history(
@@ -1443,26 +1343,26 @@ class PgMessageCenter(MessageCenter):
             if group_id
             else conversation("p2p", user_id, peer_id)
         )
+        below = before or (1 << 63) - 1
+        doing = "reading history"
         if after_seq:
-            sql = f"SELECT {_MSG_COLUMNS} FROM messages WHERE conv = $1 AND seq > $2 "
-            sql += "ORDER BY seq LIMIT $3"
-            args: tuple[Any, ...] = (conv, after_seq, limit)
+            rows = await self._fetch(
+                doing, sql.HISTORY_AFTER_SEQ, c=conv, seq=after_seq, limit=limit
+            )
         elif before_seq:
-            sql = f"SELECT {_MSG_COLUMNS} FROM messages WHERE conv = $1 AND seq < $2 "
-            sql += "AND id < $3 ORDER BY seq DESC LIMIT $4"
-            args = (conv, before_seq, before or (1 << 63) - 1, limit)
+            rows = await self._fetch(
+                doing, sql.HISTORY_BEFORE_SEQ, c=conv, seq=before_seq, before=below, limit=limit
+            )
         else:
-            sql = f"SELECT {_MSG_COLUMNS} FROM messages WHERE conv = $1 AND id < $2 "
-            sql += "ORDER BY id DESC LIMIT $3"
-            args = (conv, before or (1 << 63) - 1, limit)
-        rows = await self._fetch("reading history", sql, *args)
-        return [_message(r) for r in rows]
+            rows = await self._fetch(doing, sql.HISTORY_BY_ID, c=conv, before=below, limit=limit)
+        return [sql.message(r) for r in rows]
 
     async def last_id(self, node_id: int) -> int:
         rows = await self._fetch(
             "reading the node's last message id",
-            f"SELECT id FROM messages WHERE ((id >> {SEQ_BITS}) & {MAX_NODE}) = $1 "
-            "ORDER BY id DESC LIMIT 1",
-            node_id,
+            sql.LAST_ID,
+            shift=SEQ_BITS,
+            mask=MAX_NODE,
+            node=node_id,
         )
         return int(rows[0][0]) if rows else 0
