@@ -13,7 +13,6 @@ import asyncpg
 import pytest
 
 from bitchat.cluster.pg import MIGRATIONS, PgDatabase, PgMessageCenter, PgUserCenter
-from bitchat.im import sql
 from bitchat.im.centers import Message, User, conversation
 from bitchat.im.ids import IdGenerator
 from bitchat.im.passwords import hasher_for, new_token, token_digest
@@ -364,20 +363,6 @@ async def test_devices_registered_at_once_keep_the_cap(centers: Centers) -> None
         assert await con.fetchval("SELECT count(*) FROM devices WHERE user_id = $1", alice.id) <= 3
         names = await con.fetch("SELECT name FROM devices WHERE user_id = $1", alice.id)
     assert len({r[0] for r in names}) == len(names)
-
-
-async def test_the_schema_is_the_one_both_stores_share(centers: Centers) -> None:
-    users, _ = centers
-    async with users.db.connection() as con:
-        rows = await con.fetch(
-            "SELECT table_name, column_name FROM information_schema.columns "
-            "WHERE table_schema = 'public' ORDER BY table_name, ordinal_position"
-        )
-    tables: dict[str, tuple[str, ...]] = {}
-    for r in rows:
-        tables[r[0]] = (*tables.get(r[0], ()), r[1])
-    assert tables == sql.SCHEMA
-    assert len(MIGRATIONS) == sql.SCHEMA_VERSION
 
 
 # -- the upgrade from version 4 --------------------------------------------------------------
