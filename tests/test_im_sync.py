@@ -95,6 +95,17 @@ class Deployment:
             await asyncio.wait_for(server.stop(), 4 * WAIT)
 
 
+@pytest.fixture(autouse=True)
+def _cluster_services(request: pytest.FixtureRequest) -> None:
+    """The cluster's PostgreSQL database and Redis prefix, for the cluster cases (taken
+    here: an async fixture cannot be asked for from inside a running test)."""
+    if request.node.callspec.params.get("mode") == "cluster":
+        request.node.services = (
+            request.getfixturevalue("pg_dsn"),
+            request.getfixturevalue("redis_prefix"),
+        )
+
+
 @contextlib.asynccontextmanager
 async def deployment(
     request: pytest.FixtureRequest, tmp_path: Path, **changes: Any
@@ -108,8 +119,7 @@ async def deployment(
         d = Deployment(make)
         await d.start(1)
     else:
-        pg_dsn = request.getfixturevalue("pg_dsn")
-        redis_prefix = request.getfixturevalue("redis_prefix")
+        pg_dsn, redis_prefix = request.node.services
 
         def make(i: int) -> Server:
             settings = cluster_settings(
