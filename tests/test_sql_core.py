@@ -10,6 +10,7 @@ import asyncpg
 
 from bitchat.cluster.pg import PgDatabase
 from bitchat.im import sql
+from bitchat.im.ids import join_id, timestamp_ms
 from bitchat.im.sqlite import open_db
 from cluster_support import cluster_settings, pg_dsn_fixture  # noqa: F401 (fixture)
 from test_identity_names import PG_V1, write_sqlite_v1
@@ -83,3 +84,10 @@ async def test_postgresql_has_the_shared_schema_upgraded(pg_dsn: str) -> None:
 
 async def test_postgresql_has_the_shared_schema_fresh(pg_dsn: str) -> None:
     assert await _pg_tables(pg_dsn) == sql.SCHEMA
+
+
+def test_groups_joined_in_one_millisecond_do_not_tie_in_the_list() -> None:
+    now = 1_780_000_000.5  # exact in binary, as is the step below
+    a, b = join_id(now, 7), join_id(now, 8)
+    assert a != b and timestamp_ms(a) == timestamp_ms(b) == 1_780_000_000_500
+    assert join_id(now + 0.25, 7) > max(a, b)  # a later join is later activity

@@ -63,7 +63,7 @@ from bitchat.im.centers import (
     refused,
     take_acks,
 )
-from bitchat.im.ids import EPOCH_MS, MAX_NODE, NODE_BITS, SEQ_BITS, id_at
+from bitchat.im.ids import EPOCH_MS, MAX_NODE, NODE_BITS, SEQ_BITS, join_id
 from bitchat.im.names import dedupe_keys, name_key, name_keys, taken
 from bitchat.im.passwords import Passwords, new_token, token_digest
 from bitchat.settings import Settings
@@ -428,11 +428,6 @@ _SEE_DEVICE = (
 )
 
 
-def _join_id(ts: float) -> int:
-    """A join's place among message ids (its time, as an id of that millisecond)."""
-    return id_at(int(ts * 1000))
-
-
 MEMBERS_CHANNEL = "bitchat_members"
 """PostgreSQL NOTIFY channel: the payload is a group id whose membership changed."""
 _NOTIFY_MEMBERS = "SELECT pg_notify($1, $2)"
@@ -779,7 +774,7 @@ class PgUserCenter(UserCenter):
                     group_id,
                     owner_id,
                     now,
-                    _join_id(now),
+                    join_id(now, group_id),
                 )
                 return group_id
 
@@ -820,7 +815,7 @@ class PgUserCenter(UserCenter):
                         group_id,
                         user_id,
                         now,
-                        _join_id(now),
+                        join_id(now, group_id),
                     )
                     await con.execute(_NOTIFY_MEMBERS, MEMBERS_CHANNEL, str(group_id))
                     members += 1

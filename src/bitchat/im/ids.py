@@ -53,3 +53,10 @@ def id_at(unix_ms: int) -> int:
     """The smallest id of that millisecond: where something that is not a message (a
     group join) sorts among messages."""
     return max(0, unix_ms - EPOCH_MS) << (NODE_BITS + SEQ_BITS)
+
+
+def join_id(ts: float, group_id: int) -> int:
+    """A group join's place among message ids: its millisecond, with the group id in the
+    low bits, so two groups a user joined at once do not tie in the conversation list
+    (a page boundary on a tie would skip one)."""
+    return id_at(int(ts * 1000)) | (group_id & ((1 << (NODE_BITS + SEQ_BITS)) - 1))

@@ -54,7 +54,7 @@ from bitchat.im.centers import (
     refused,
     take_acks,
 )
-from bitchat.im.ids import EPOCH_MS, MAX_NODE, SEQ_BITS, id_at
+from bitchat.im.ids import EPOCH_MS, MAX_NODE, SEQ_BITS, join_id
 from bitchat.im.names import dedupe_keys, name_key, name_keys, taken
 from bitchat.im.passwords import Passwords, new_token, token_digest
 
@@ -481,7 +481,7 @@ class SqliteUserCenter(UserCenter):
                 await self.db.execute(
                     "INSERT INTO group_members (group_id, user_id, joined_at, joined_id) "
                     "VALUES (?, ?, ?, ?)",
-                    (group_id, owner_id, now, _join_id(now)),
+                    (group_id, owner_id, now, join_id(now, group_id)),
                 )
                 await self.db.execute("COMMIT")
             except sqlite3.Error as exc:
@@ -513,7 +513,7 @@ class SqliteUserCenter(UserCenter):
                 "(group_id, user_id, joined_at, joined_id, read_seq, start_seq) "
                 "SELECT ?, ?, ?, ?, s, s FROM (SELECT coalesce("
                 "(SELECT last_seq FROM conversations WHERE conv = ?), 0) AS s)",
-                (group_id, user_id, now, _join_id(now), conversation("group", 0, group_id)),
+                (group_id, user_id, now, join_id(now, group_id), f"g:{group_id}"),
             )
             self._members[group_id] = sorted([*members, user_id])
         return Group(group.id, group.name, group.owner_id, len(members) + 1)
@@ -567,12 +567,6 @@ class SqliteUserCenter(UserCenter):
         if members or await self.get_group(group_id) is not None:
             self._members[group_id] = members
         return members
-
-
-def _join_id(ts: float) -> int:
-    """A join's place among message ids (time-ordered): a group's activity before its
-    first message."""
-    return id_at(int(ts * 1000))
 
 
 _MESSAGE_ROWS = 90
