@@ -223,7 +223,9 @@ async def _seed(db_path: str, users: Sequence[UserSpec], password: str) -> None:
             u.user_id = int(ids[u.name])
             u.token = new_token()
             rows.append((token_digest(u.token), u.user_id, now + TOKEN_TTL))
-        await db.executemany("INSERT INTO tokens VALUES (?, ?, ?)", rows)
+        await db.executemany(
+            "INSERT INTO tokens (digest, user_id, expires_at) VALUES (?, ?, ?)", rows
+        )
         await db.execute("COMMIT")
     finally:
         with contextlib.suppress(Exception):
