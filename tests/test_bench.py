@@ -151,6 +151,8 @@ def test_sync_every_device_catches_up_on_every_message(tmp_path: Path) -> None:
     assert x["pending_total"] == r.delivered  # each LoginOk said what was coming
     assert (r.lost, r.duplicated, r.reordered, x["unexpected"]) == (0, 0, 0, 0)
     assert (x["pending_wrong"], x["device_wrong"], x["login_failures"]) == (0, 0, 0)
+    # Logged in once more, the devices are pushed nothing: their acks moved their cursors.
+    assert (x["devices_again"], x["pending_after_ack"], x["pushed_after_ack"]) == (8, 0, 0)
     assert r.server_cpu_us_per_msg is not None and r.latency_ms["max"] is not None
     path = tmp_path / "sync.json"
     write_json(r, str(path))

@@ -227,6 +227,13 @@ def summary_table(r: BenchResult) -> Table:
             ("messages out of msg_id order", r.reordered),
             ("messages to a wrong user", int(r.extra.get("unexpected", 0))),
             ("LoginOk.pending wrong", int(r.extra.get("pending_wrong", 0))),
+            (
+                "acked messages that came again",
+                max(
+                    int(r.extra.get("pending_after_ack", 0)),
+                    int(r.extra.get("pushed_after_ack", 0)),
+                ),
+            ),
             ("LoginOk.device wrong", int(r.extra.get("device_wrong", 0))),
             ("sends refused", r.send_errors),
             ("sends unanswered", int(r.extra.get("messages_unacked", 0))),

@@ -14,7 +14,8 @@ device has every message of its user (the catch-up), the deliveries (device,
 message) per second, and the server's CPU per delivery over the catch-up.
 Checked on every device: each message addressed to its user arrived, none
 twice, none not addressed to it, in msg_id order, and ``LoginOk.pending`` was
-the number that had to arrive.
+the number that had to arrive; then every device logs in once more, and
+nothing it acked may come again (``pending`` 0, no push).
 
 The worker side is :mod:`bitchat.bench.syncload`.
 """
@@ -271,6 +272,14 @@ def run_sync(
 
         caught = workers.gather("caught_up", cfg.timeout + 60, show, handle.alive)
         after = _sample(handle)
+        workers.broadcast("again")
+        again = workers.gather(
+            "again",
+            60 + n_devices * (0.2 if cfg.login == "password" or slow else 0.05),
+            lambda: progress("log in again", sum(workers.progress), n_devices, ""),
+            handle.alive,
+        )
+        progress("log in again", n_devices, n_devices, "nothing acked may come again")
     finally:
         workers.stop()
 
@@ -333,8 +342,12 @@ def run_sync(
             "login_error_codes": login_errors,
             "login_latency_ms": percentiles_ms(sorted(login_us)),
             "failed_pings": sum(c["failed_pings"] for c in caught),
+            "devices_again": sum(a["logged_in"] for a in again),
+            "pending_after_ack": sum(a["pending"] for a in again),
+            "pushed_after_ack": sum(a["pushed"] for a in again),
         }
     )
+    result.disconnects += sum(a["disconnects"] for a in again)
     _server_cost(result, before, after, check.deliveries)
     if check.lost:
         result.problems.append(
@@ -356,6 +369,18 @@ def run_sync(
     if check.device_wrong:
         result.problems.append(
             f"DEVICE: {check.device_wrong} login(s) answered with another device id"
+        )
+    repushed = max(result.extra["pending_after_ack"], result.extra["pushed_after_ack"])
+    if repushed:
+        result.problems.append(
+            f"REPUSHED: after the catch-up, the devices logged in again and were told of "
+            f"{result.extra['pending_after_ack']} and pushed {result.extra['pushed_after_ack']} "
+            "message(s) they had acked"
+        )
+    if result.extra["devices_again"] != check.devices:
+        result.problems.append(
+            f"ERRORS: {check.devices - result.extra['devices_again']} device(s) could not "
+            "log in again"
         )
     result.problems.extend(check.examples)
     if login_errors:

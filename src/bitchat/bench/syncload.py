@@ -21,7 +21,10 @@ bench process over the worker's pipe:
    acks as it goes. Once every device has all it should (or at the deadline),
    each makes one ping round trip, so the server has read every ack
    -> ``caught_up`` (what each device was pushed, for the bench process to check).
-5. ``close``.
+5. ``again``: every device closes and logs in once more, as the same device:
+   what it acked must not come again -> ``again`` ``{"pending", "pushed"}``
+   (the LoginOk.pending counts, and the pushes seen before a ping round trip).
+6. ``close``.
 """
 
 from __future__ import annotations
@@ -221,6 +224,28 @@ async def run_sync(w: Worker) -> None:
             "protocol_errors": w.protocol_errors,
             "cpu_s": w.cpu_s() - cpu0,
             "notes": w.notes,
+        },
+    )
+
+    # 5. Once more: what every device acked is not pushed to it again.
+    await w.chan.recv("again")
+    await close_all(w, conns)
+    for dev in devices:
+        dev.missing = set()
+        dev.received = array.array("Q")
+        dev.pending = -1
+    before_disconnects = w.disconnects
+    conns = await open_devices(w, devices, plan.login)
+    await asyncio.gather(
+        *(c.request(Ping.TYPE, {}) for c in conns if not c.lost), return_exceptions=True
+    )
+    w.chan.send(
+        "again",
+        {
+            "logged_in": len(conns),
+            "pending": sum(max(0, d.pending) for d in devices),
+            "pushed": sum(len(d.received) for d in devices),
+            "disconnects": w.disconnects - before_disconnects,
         },
     )
     await w.chan.recv("close")
