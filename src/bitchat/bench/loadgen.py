@@ -490,6 +490,7 @@ class Worker:
                     latencies.append((_now() - started) // 1000)
                 if keep:
                     opened.append(conn)
+                    self.conns.append(conn)  # heartbeats from now: the rest may take long
                 else:
                     conn.close()
                 if report and time.monotonic() - last_report >= _PROGRESS_EVERY:
@@ -497,7 +498,6 @@ class Worker:
                     self.chan.send("progress", len(opened))
 
         await asyncio.gather(*(one(u) for u in users))
-        self.conns.extend(opened)
         return opened
 
     async def heartbeat(self) -> None:

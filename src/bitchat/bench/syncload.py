@@ -85,6 +85,7 @@ async def open_devices(
             if latencies is not None:
                 latencies.append((now - started) // 1000)
             opened.append(conn)
+            w.conns.append(conn)  # heartbeats from now: the rest may take long
             if catching_up and not dev.missing and not dev.done_ns:
                 w.device_done(dev, now)
             if time.monotonic() - last_report >= _PROGRESS_EVERY:
@@ -92,7 +93,6 @@ async def open_devices(
                 w.chan.send("progress", w.delivered if catching_up else len(opened))
 
     await asyncio.gather(*(one(d) for d in devices))
-    w.conns.extend(opened)
     return opened
 
 
