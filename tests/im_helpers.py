@@ -99,6 +99,9 @@ class Clients:
         return im
 
     async def login(self, name: str, password: str = "secret", **kw: Any) -> IMClient:
+        # One device per user unless a test names another: logging in again is the same
+        # device coming back (a new device would start at the read position).
+        kw.setdefault("device", f"dev-{name}")
         im = await self.connect(**kw)
         await im.login(name, password)
         return im
@@ -133,3 +136,9 @@ def subprocess_env() -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+async def pending_of(im: Any, user_id: int, device: str) -> int:
+    """How many messages the store keeps for the user's device (by its name)."""
+    device_id, _ = await im.users.device(user_id, device, im.settings.max_devices_per_user)
+    return int(await im.messages.count_pending(user_id, device_id))

@@ -190,7 +190,10 @@ async def check_upgraded(users: SqliteUserCenter | PgUserCenter, messages: objec
     assert (await users.authenticate("HOUYI", "pw", False)).id == 1
     history = await messages.history(1, 3, 0, 0, 10)  # type: ignore[attr-defined]
     assert [m.text for m in history] == ["it is me"]
-    assert await messages.count_pending(1) == 1  # type: ignore[attr-defined]
+    # The pending delivery is kept: a new device of the user gets it.
+    await messages.start_device(1, 101)  # type: ignore[attr-defined]
+    pending = await messages.pending(1, 101, 0, 10)  # type: ignore[attr-defined]
+    assert [m.id for m in pending] == [OLD_MESSAGES[0][0]]
     # Collisions are refused from now on; other names are not.
     for name in ("houy\u0456", "HouYi", "gr\u0456s"):
         with pytest.raises(RequestError) as info:

@@ -217,12 +217,22 @@ V3_MESSAGES = [  # id, kind, conv, sender, sender name, to, text, ts: not in id 
 ]
 V3_PENDING = [(2, 50), (1, 10), (1, 60), (3, 40)]
 V3_SEQS = {10: 1, 30: 2, 50: 3, 20: 1, 40: 2, 60: 1}
+V3_USERS = [(1, "a"), (2, "b"), (3, "c")]
+V3_MEMBERS = [(7, 1), (7, 2), (7, 3)]  # group 7, owned by user 1
+# After the upgrade, a new device of each user gets every message from the first one
+# that was pending for the user in each conversation (its own ones after it too).
+V3_CAUGHT_UP = {1: [10, 30, 50, 60], 2: [50], 3: [40]}
 
 
 async def check_upgraded_v3(messages: MessageCenter, rows: list[Any], convs: list[Any]) -> None:
     assert {int(r[0]): int(r[1]) for r in rows} == V3_SEQS
     assert sorted((str(c), int(n)) for c, n in convs) == [("g:7", 2), ("p:1:2", 3), ("p:1:3", 1)]
-    assert [await messages.count_pending(u) for u in (1, 2, 3)] == [2, 1, 1]
+    for user, expected in V3_CAUGHT_UP.items():
+        device = 100 + user
+        await messages.start_device(user, device)
+        assert [m.id for m in await messages.pending(user, device, 0, 10)] == expected
+        assert await messages.count_pending(user, device) == len(expected)
+        assert set(expected) >= {m for u, m in V3_PENDING if u == user}
     assert [m.seq for m in await messages.history(2, 1, 0, 0, 10)] == [3, 2, 1]
     assert [m.text for m in await messages.history(1, 0, 7, 0, 10, before_seq=2)] == ["g1"]
     new = [
@@ -245,6 +255,13 @@ async def test_sqlite_upgrades_a_version_3_database(tmp_path: Path) -> None:
             V3_MESSAGES,
         )
         db.executemany("INSERT INTO pending VALUES (?, ?)", V3_PENDING)
+        db.executemany(
+            "INSERT INTO users (id, name, name_key, name_shape, password_hash, created_at) "
+            "VALUES (?, ?, ?, ?, 'x', 0)",
+            [(i, n, n, n) for i, n in V3_USERS],
+        )
+        db.execute("INSERT INTO groups VALUES (7, 'moon', 1, 0)")
+        db.executemany("INSERT INTO group_members VALUES (?, ?, 0)", V3_MEMBERS)
         db.commit()
     finally:
         db.close()
@@ -254,7 +271,7 @@ async def test_sqlite_upgrades_a_version_3_database(tmp_path: Path) -> None:
         rows = await messages.db.execute_fetchall("SELECT id, seq FROM messages")
         convs = await messages.db.execute_fetchall("SELECT conv, last_seq FROM conversations")
         [(version,)] = await messages.db.execute_fetchall("SELECT version FROM schema_version")
-        assert version == len(store.MIGRATIONS) == 4
+        assert version == len(store.MIGRATIONS) == 5
         await check_upgraded_v3(messages, list(rows), list(convs))
     finally:
         await messages.close()
@@ -271,6 +288,13 @@ async def test_postgresql_upgrades_a_version_3_database(pg_dsn: str) -> None:
             V3_MESSAGES,
         )
         await con.executemany("INSERT INTO pending VALUES ($1, $2)", V3_PENDING)
+        await con.executemany(
+            "INSERT INTO users (id, name, name_key, name_shape, password_hash, created_at) "
+            "VALUES ($1, $2, $2, $2, 'x', 0)",
+            V3_USERS,
+        )
+        await con.execute("INSERT INTO groups VALUES (7, 'moon', 1, 0)")
+        await con.executemany("INSERT INTO group_members VALUES ($1, $2, 0)", V3_MEMBERS)
     finally:
         await con.close()
     messages = PgMessageCenter(PgDatabase(pg_dsn, cluster_settings()))
@@ -279,7 +303,7 @@ async def test_postgresql_upgrades_a_version_3_database(pg_dsn: str) -> None:
         con = await asyncpg.connect(pg_dsn)
         try:
             assert await con.fetchval("SELECT version FROM schema_version") == len(pg.MIGRATIONS)
-            assert len(pg.MIGRATIONS) == 4
+            assert len(pg.MIGRATIONS) == 5
             rows = list(await con.fetch("SELECT id, seq FROM messages"))
             convs = list(await con.fetch("SELECT conv, last_seq FROM conversations"))
         finally:

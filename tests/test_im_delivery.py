@@ -12,7 +12,7 @@ from typing import Literal
 
 from bitchat.im.packets import Ack, LoginOk, SendP2P
 from conftest import WAIT
-from im_helpers import Inbox, clients_of, im_server, port_of
+from im_helpers import Inbox, clients_of, im_server, pending_of, port_of
 
 
 async def test_offline_messages_arrive_in_order_at_login(tmp_path: Path) -> None:
@@ -65,7 +65,7 @@ async def test_unacked_messages_are_delivered_again(tmp_path: Path) -> None:
         await inbox.wait_for(2)
         await houyi.close()
 
-        again = await clients.connect(auto_ack=False)
+        again = await clients.connect(auto_ack=False, device="dev-houyi")
         inbox2 = Inbox(again)
         ok = await again.login("houyi", "secret")
         assert ok.pending == 2
@@ -74,7 +74,7 @@ async def test_unacked_messages_are_delivered_again(tmp_path: Path) -> None:
         # An ack (here awaited) clears them for good.
         await again.client.request(Ack([m.msg_id for m in got]))
         await again.close()
-        third = await clients.connect()
+        third = await clients.connect(device="dev-houyi")
         assert (await third.login("houyi", "secret")).pending == 0
 
 
@@ -89,8 +89,8 @@ async def test_auto_ack_clears_pending(tmp_path: Path) -> None:
         # queued it; an empty ack through the store resolves after its commit.
         await houyi.online_users()
         im = server.data["im"]
-        await asyncio.wait_for(im.messages.ack(0, []), WAIT)
-        assert await im.messages.count_pending(1) == 0
+        await asyncio.wait_for(im.messages.ack(0, 0, []), WAIT)
+        assert await pending_of(im, 1, "dev-houyi") == 0
 
 
 async def test_messages_survive_a_server_restart(tmp_path: Path) -> None:

@@ -84,8 +84,8 @@ async def test_users_tokens_and_groups(tmp_path: Path) -> None:
         assert gris.id == 2
 
         # Only a digest of the token is stored.
-        token = await users.issue_token(houyi.id, 60)
-        assert await users.check_token(token) == houyi
+        token = await users.issue_token(houyi.id, 60, 3)
+        assert await users.check_token(token) == (houyi, 3)
         rows = await users.db.execute_fetchall("SELECT digest FROM tokens")
         assert token not in {r[0] for r in rows}
         await users.revoke_token(token)
@@ -120,8 +120,10 @@ async def test_users_tokens_and_groups(tmp_path: Path) -> None:
         await again.close()
 
 
-def _msg(ids: IdGenerator, sender: int, to: int, text: str, cmid: str = "") -> Message:
-    return Message(ids.next(), "p2p", sender, f"u{sender}", to, text, 0, cmid)
+def _msg(
+    ids: IdGenerator, sender: int, to: int, text: str, cmid: str = "", device: int = 0
+) -> Message:
+    return Message(ids.next(), "p2p", sender, f"u{sender}", to, text, 0, cmid, device=device)
 
 
 async def test_group_commit_batches_and_durability(tmp_path: Path) -> None:
@@ -146,7 +148,7 @@ async def test_group_commit_batches_and_durability(tmp_path: Path) -> None:
         # Resolved means committed: another connection sees every row.
         with sqlite3.connect(path) as other:
             assert other.execute("SELECT count(*) FROM messages").fetchone()[0] == 100
-            assert other.execute("SELECT count(*) FROM pending").fetchone()[0] == 100
+            assert other.execute("SELECT last_seq FROM conversations").fetchall() == [(100,)]
     finally:
         await messages.close()
 
@@ -168,15 +170,27 @@ async def test_dedup_pending_acks_history_and_last_id(tmp_path: Path) -> None:
         )
         assert a[0].id == b[0].id and (a[1], b[1]) == (False, True)
         for i in range(5):
-            await messages.store(_msg(ids, 1, 2, f"r{i}"), [2])
+            await messages.store(_msg(ids, 1, 2, f"r{i}", device=7), [2])
 
-        assert await messages.count_pending(1) == 2
-        pending = await messages.pending(1, 0, 10)
+        # Device 7 of user 1 misses 2's messages, not those it sent itself.
+        assert await messages.count_pending(1, 7) == 2
+        pending = await messages.pending(1, 7, 0, 10)
         assert [m.text for m in pending] == ["hello", "x"]
-        assert [m.text for m in await messages.pending(1, pending[0].id, 10)] == ["x"]
-        await messages.ack(1, [pending[0].id])
-        await messages.ack(2, [pending[1].id])  # not 2's message: changes nothing
-        assert [m.text for m in await messages.pending(1, 0, 10)] == ["x"]
+        assert [(m.seq, m.conv) for m in pending] == [(1, "p:1:2"), (2, "p:1:2")]
+        assert [m.text for m in await messages.pending(1, 7, pending[0].id, 10)] == ["x"]
+        await messages.ack(1, 7, [("p:1:2", pending[0].seq)])
+        await messages.ack(2, 7, [("p:1:2", 7)])  # another user's cursor: changes nothing
+        assert [m.text for m in await messages.pending(1, 7, 0, 10)] == ["x"]
+        # A cursor never moves back.
+        await messages.ack(1, 7, [("p:1:2", 0)])
+        assert await messages.count_pending(1, 7) == 1
+        # Another device of user 1 misses everything, its own user's messages too.
+        assert await messages.count_pending(1, 8) == 7
+        # Sending moved each sender's read position to their own message.
+        (conv,) = await messages.conversations(1, 0, 10)
+        assert (conv.peer_id, conv.last_seq, conv.read_seq, conv.unread) == (2, 7, 7, 0)
+        assert conv.peer_read_seq == 2 and conv.peer_delivered_seq == 7
+        assert conv.last_message is not None and conv.last_message.text == "r4"
 
         page = await messages.history(1, 2, 0, 0, 4)
         assert [m.text for m in page] == ["r4", "r3", "r2", "r1"]

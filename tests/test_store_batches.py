@@ -86,7 +86,7 @@ async def _one_bad_row(store: MessageCenter) -> None:
         assert "cannot keep this message" in exc.message
     assert by_text["good 0"] == (good[0], False) and by_text["good 1"] == (good[1], False)
     assert called == [((good[2], False), None)]
-    pending = await store.pending(2, 0, 100)
+    pending = await store.pending(2, 1, 0, 100)
     assert [m.text for m in pending] == ["good 0", "good 1", "good 2"]
     # The store goes on as before (a retried good message is still deduplicated).
     again = await store.store(_msg(ids, "good 0", cid="c0"), [2])
@@ -108,31 +108,44 @@ async def test_postgresql_writes_a_bounded_number_of_acks_per_transaction(pg_dsn
 async def _bounded_acks(store: MessageCenter) -> None:
     ids = IdGenerator(1)
     stored = [await store.store(_msg(ids, f"m{i}"), [2]) for i in range(25)]
-    msg_ids = [m.id for m, _ in stored]
+    assert [m.seq for m, _ in stored] == list(range(1, 26))
     # A big ack, then a message, in one loop iteration: the message is committed
     # with the first tenth of the ack, not after all of it.
-    acked = store.ack(2, msg_ids + list(range(1, 76)))  # 100 ids: 10 transactions
-    sent = store.store(_msg(ids, "urgent"), [3])
+    cursors = [("p:1:2", m.seq) for m, _ in stored] + [(f"p:2:{9000 + i}", 1) for i in range(75)]
+    acked = store.ack(2, 1, cursors)  # 100 cursor moves: 10 transactions
+    sent = store.store(_msg(ids, "urgent", to=3), [3])
     ack_done_when_sent: list[bool] = []
     sent.add_done_callback(lambda f: ack_done_when_sent.append(acked.done()))
-    small = store.ack(3, [])  # an empty ack resolves in its turn too
+    small = store.ack(3, 1, [])  # an empty ack resolves in its turn too
     await asyncio.wait_for(asyncio.gather(acked, sent, small), WAIT)
     assert ack_done_when_sent == [False]
-    assert await store.count_pending(2) == 0
-    assert [m.text for m in await store.pending(3, 0, 10)] == ["urgent"]
+    assert await store.count_pending(2, 1) == 0
+    assert await store.count_pending(2, 2) == 25  # another device of the same user
+    assert [m.text for m in await store.pending(3, 1, 0, 10)] == ["urgent"]
 
 
 def _job(user: int, n: int) -> AckJob:
-    return AckJob(user, list(range(n)), asyncio.get_running_loop().create_future())
+    cursors = [(f"c{i}", i + 1) for i in range(n)]
+    return AckJob(user, 9, cursors, asyncio.get_running_loop().create_future())
 
 
 async def test_take_acks_splits_jobs_across_transactions() -> None:
     a, b, c = _job(1, 3), _job(2, 5), _job(3, 0)
     jobs = collections.deque([a, b, c])
     flat, done, partial = take_acks(jobs, 4)
-    assert flat == [1, 0, 1, 1, 1, 2, 2, 0] and done == [a.waiter] and partial is b
+    rows = [(1, "c0", 9, 1), (1, "c1", 9, 2), (1, "c2", 9, 3), (2, "c0", 9, 1)]
+    assert flat == [v for r in rows for v in r] and done == [a.waiter] and partial is b
     assert list(jobs) == [b, c] and b.pos == 1
     flat, done, partial = take_acks(jobs, 4)
-    assert flat == [2, 1, 2, 2, 2, 3, 2, 4] and done == [b.waiter] and partial is None
+    rows = [(2, f"c{i}", 9, i + 1) for i in range(1, 5)]
+    assert flat == [v for r in rows for v in r] and done == [b.waiter] and partial is None
     flat, done, partial = take_acks(jobs, 4)  # the empty job resolves when it is first
     assert flat == [] and done == [c.waiter] and not jobs
+
+
+async def test_take_acks_keeps_one_row_per_cursor() -> None:
+    loop = asyncio.get_running_loop()
+    a = AckJob(1, 9, [("c", 5), ("c", 3)], loop.create_future())
+    b = AckJob(1, 9, [("c", 7)], loop.create_future())
+    flat, done, _ = take_acks(collections.deque([a, b]), 10)
+    assert flat == [1, "c", 9, 7] and done == [a.waiter, b.waiter]

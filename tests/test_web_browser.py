@@ -19,6 +19,7 @@ import pytest
 from bitchat import Server
 from bitchat.app import build_server
 from bitchat.im.client import IMClient
+from bitchat.im.delivery import DEVICE
 from bitchat.im.packets import TypingEvent
 from web_helpers import WAIT, WAIT_MS, artifact, chromium, running_server
 
@@ -208,7 +209,8 @@ async def test_offline_message_shows_at_login_and_the_pages_ack_clears_it(
         ack = await erin.send_p2p(frank_id, "You missed this while you were out")
         # A 64-bit snowflake: past what a JavaScript number holds exactly.
         assert ack.msg_id > 2**53
-        assert await im.messages.count_pending(frank_id) == 1
+        (talk,) = await im.messages.conversations(frank_id, 0, 10)
+        assert talk.unread == 1
 
         frank = await PageUser.open(browser, server)
         await frank.sign_in("frank", "frank-pw")
@@ -218,7 +220,10 @@ async def test_offline_message_shows_at_login_and_the_pages_ack_clears_it(
         await expect(frank.page.locator("#toast")).to_contain_text("arrived while you were away")
         # The page acked it (the server answered its Ack request) with the exact 64-bit id.
         await expect(body).to_have_attribute("data-acked", "1")
-        assert await im.messages.count_pending(frank_id) == 0
+        page_device = next(
+            s.data[DEVICE] for s in server.sessions.values() if s.user_id == frank_id
+        )
+        assert await im.messages.count_pending(frank_id, page_device.device_id) == 0
         await frank.open_chat("erin")
         shown = frank.message("You missed this while you were out")
         await expect(shown).to_have_attribute("data-msg-id", str(ack.msg_id))
@@ -234,10 +239,11 @@ async def test_offline_message_shows_at_login_and_the_pages_ack_clears_it(
         await frank.page.screenshot(path=str(artifact("chat-offline-message.png")))
         await frank.close()
 
-        # Signing in again: nothing is redelivered, the message is in the history only.
+        # Signing in from another browser is a new device: it starts at frank's read
+        # position, and the message was never marked read.
         again = await PageUser.open(browser, server)
         await again.sign_in("frank", "frank-pw")
-        await expect(again.page.locator("body")).to_have_attribute("data-pending", "0")
+        await expect(again.page.locator("body")).to_have_attribute("data-pending", "1")
         await again.page.get_by_role("button", name="+ Message").click()
         dialog = again.page.locator("#dialog")
         await dialog.locator("input").fill(str(erin.user.id if erin.user else 0))

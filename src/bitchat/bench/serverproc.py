@@ -218,13 +218,20 @@ async def _seed(db_path: str, users: Sequence[UserSpec], password: str) -> None:
         )
         found = await db.execute_fetchall("SELECT name, id FROM users")
         ids: dict[str, int] = {str(r[0]): int(r[1]) for r in found}
+        # One device each, its token bound to it: a token login is that device.
+        await db.executemany(
+            "INSERT INTO devices (user_id, name, created_at, last_seen) VALUES (?, 'bench', ?, ?)",
+            [(ids[u.name], now, now) for u in users],
+        )
+        devices = await db.execute_fetchall("SELECT user_id, id FROM devices")
+        device_of: dict[int, int] = {int(r[0]): int(r[1]) for r in devices}
         rows = []
         for u in users:
             u.user_id = int(ids[u.name])
             u.token = new_token()
-            rows.append((token_digest(u.token), u.user_id, now + TOKEN_TTL))
+            rows.append((token_digest(u.token), u.user_id, now + TOKEN_TTL, device_of[u.user_id]))
         await db.executemany(
-            "INSERT INTO tokens (digest, user_id, expires_at) VALUES (?, ?, ?)", rows
+            "INSERT INTO tokens (digest, user_id, expires_at, device_id) VALUES (?, ?, ?, ?)", rows
         )
         await db.execute("COMMIT")
     finally:

@@ -22,6 +22,7 @@ from bitchat.im.passwords import Passwords
 
 if TYPE_CHECKING:
     from bitchat.im.packets import TypingEvent
+    from bitchat.protocol.packets import Packet
     from bitchat.session import Session
 
 
@@ -62,6 +63,18 @@ class Message:
     seq: int = 0
     """The message's place in its conversation: 1, 2, 3... with no gap (given by the
     store, in commit order, when it stores the message)."""
+    device: int = 0
+    """The id of the sender's device it came from (never pushed back to it); not on
+    the wire."""
+    conv: str = ""
+    """Its conversation's key (:func:`conversation`), once known; not on the wire."""
+
+    @property
+    def conversation_key(self) -> str:
+        conv = self.conv
+        if not conv:
+            conv = self.conv = conversation(self.kind, self.sender_id, self.to)
+        return conv
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -74,6 +87,41 @@ class Message:
             "ts": self.ts,
             "client_msg_id": self.client_msg_id,
             "seq": self.seq,
+        }
+
+
+@dataclass(slots=True)
+class Conversation:
+    """One entry of a user's conversation list (see ConversationList)."""
+
+    kind: str
+    peer_id: int
+    group_id: int
+    name: str
+    last_seq: int
+    read_seq: int
+    peer_read_seq: int
+    peer_delivered_seq: int
+    activity: int
+    last_message: Message | None
+
+    @property
+    def unread(self) -> int:
+        return max(0, self.last_seq - self.read_seq)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "peer_id": self.peer_id,
+            "group_id": self.group_id,
+            "name": self.name,
+            "last_seq": self.last_seq,
+            "read_seq": self.read_seq,
+            "unread": self.unread,
+            "peer_read_seq": self.peer_read_seq,
+            "peer_delivered_seq": self.peer_delivered_seq,
+            "activity": self.activity,
+            "last_message": None if self.last_message is None else self.last_message.to_dict(),
         }
 
 
@@ -129,46 +177,91 @@ def number(
 
 
 class AckJob:
-    """One ack call waiting to be written: ``ids[pos:]`` of ``user_id`` are left."""
+    """One ack call waiting to be written: ``cursors[pos:]`` of the device are left."""
 
-    __slots__ = ("ids", "pos", "user_id", "waiter")
+    __slots__ = ("cursors", "device_id", "pos", "user_id", "waiter")
 
-    def __init__(self, user_id: int, ids: Sequence[int], waiter: asyncio.Future[None]) -> None:
+    def __init__(
+        self,
+        user_id: int,
+        device_id: int,
+        cursors: Sequence[tuple[str, int]],
+        waiter: asyncio.Future[None],
+    ) -> None:
         self.user_id = user_id
-        self.ids = ids
+        self.device_id = device_id
+        self.cursors = cursors
         self.pos = 0
         self.waiter = waiter
 
 
 def take_acks(
     jobs: collections.deque[AckJob], most: int
-) -> tuple[list[int], list[asyncio.Future[None]], AckJob | None]:
-    """Up to ``most`` acked ids from the oldest jobs, for one transaction.
+) -> tuple[list[Any], list[asyncio.Future[None]], AckJob | None]:
+    """Up to ``most`` cursor moves from the oldest jobs, for one transaction.
 
-    Returns the ``(user_id, msg_id)`` pairs laid end to end, the waiters of the
-    jobs taken whole (removed from ``jobs``), and the job taken in part, if any
-    (still first in ``jobs``, its ``pos`` moved on).
+    Returns the ``(user_id, conv, device_id, seq)`` rows laid end to end, one per
+    cursor (the largest seq of the jobs taken), the waiters of the jobs taken whole
+    (removed from ``jobs``), and the job taken in part, if any (still first in
+    ``jobs``, its ``pos`` moved on).
     """
-    flat: list[int] = []
+    moves: dict[tuple[int, str, int], int] = {}
     done: list[asyncio.Future[None]] = []
     room = most
+    partial: AckJob | None = None
     while jobs:
         job = jobs[0]
-        left = len(job.ids) - job.pos
+        left = len(job.cursors) - job.pos
         take = min(left, room)
-        if take:
-            pairs = [job.user_id] * (2 * take)
-            pairs[1::2] = job.ids[job.pos : job.pos + take]
-            flat += pairs
-            room -= take
+        for conv, seq in job.cursors[job.pos : job.pos + take]:
+            key = (job.user_id, conv, job.device_id)
+            if moves.get(key, -1) < seq:
+                moves[key] = seq
+        room -= take
         if take < left:
             job.pos += take
-            return flat, done, job
+            partial = job
+            break
         jobs.popleft()
         done.append(job.waiter)
         if not room:
             break
-    return flat, done, None
+    flat: list[Any] = []
+    for (user_id, conv, device_id), seq in moves.items():
+        flat += (user_id, conv, device_id, seq)
+    return flat, done, partial
+
+
+def p2p_pair(conv: str) -> tuple[int, int] | None:
+    """The two users of a one-to-one conversation key, or None for a group's."""
+    if not conv.startswith("p:"):
+        return None
+    _, lo, hi = conv.split(":")
+    return int(lo), int(hi)
+
+
+def read_offsets(
+    msgs: Sequence[Message], convs: Sequence[str]
+) -> dict[str, tuple[int | None, int | None, int, int, int]]:
+    """Per conversation of a batch: ``(lo, hi, last_id, lo_off, hi_off)``, the p2p pair
+    (None for a group), the largest new id, and the 1-based places (in id order, as
+    :func:`number` gives seqs) of the last message the pair's lower and higher user
+    sent, 0 if none: the senders' read positions move to their own messages."""
+    out: dict[str, list[Any]] = {}
+    for i in sorted(range(len(msgs)), key=lambda i: msgs[i].id):
+        m, c = msgs[i], convs[i]
+        entry = out.get(c)
+        if entry is None:
+            pair = p2p_pair(c)
+            entry = out[c] = [pair[0] if pair else None, pair[1] if pair else None, 0, 0, 0, 0]
+        entry[5] += 1
+        entry[2] = m.id
+        if entry[0] is not None:
+            if m.sender_id == entry[0]:
+                entry[3] = entry[5]
+            if m.sender_id == entry[1]:
+                entry[4] = entry[5]
+    return {c: (e[0], e[1], e[2], e[3], e[4]) for c, e in out.items()}
 
 
 def refused(exc: BaseException) -> RequestError:
@@ -236,12 +329,25 @@ class UserCenter(abc.ABC):
         return User(user_id, stored_name)
 
     @abc.abstractmethod
-    async def issue_token(self, user_id: int, ttl: float) -> str:
-        """A new login token for reconnects."""
+    async def issue_token(self, user_id: int, ttl: float, device_id: int = 0) -> str:
+        """A new login token for reconnects of this device."""
 
     @abc.abstractmethod
-    async def check_token(self, token: str) -> User | None:
-        """The user a live token belongs to."""
+    async def check_token(self, token: str) -> tuple[User, int] | None:
+        """The user a live token belongs to, and its device (0: a token from before
+        devices, which gets a new one)."""
+
+    @abc.abstractmethod
+    async def device(self, user_id: int, name: str, max_devices: int) -> tuple[int, bool]:
+        """The id of the user's device called ``name``, and whether it is new (then
+        registered here; its cursors are the message center's
+        :meth:`~MessageCenter.start_device`). Marks it seen. With ``max_devices``
+        devices already, the one seen longest ago is forgotten, cursors and tokens
+        with it."""
+
+    @abc.abstractmethod
+    async def device_name(self, user_id: int, device_id: int) -> str | None:
+        """The name of the user's device, if it still exists."""
 
     @abc.abstractmethod
     async def revoke_token(self, token: str) -> None: ...
@@ -304,7 +410,13 @@ class UserCenter(abc.ABC):
 
 
 class MessageCenter(abc.ABC):
-    """Durable messages, each recipient's undelivered ones, and history."""
+    """Durable messages, each device's cursors, read positions, and history.
+
+    What a device has not got is not a row per message: it is every message past
+    its cursor in each of the user's conversations (one row per device and
+    conversation, moved by acks). Read positions are one per user and
+    conversation; sending moves the sender's to the message sent.
+    """
 
     async def start(self) -> None: ...  # noqa: B027 (optional hook)
 
@@ -338,15 +450,43 @@ class MessageCenter(abc.ABC):
         asyncio.ensure_future(self.store(message, recipients)).add_done_callback(done)
 
     @abc.abstractmethod
-    def ack(self, user_id: int, msg_ids: Sequence[int]) -> Awaitable[None]:
-        """The user has these messages: they are no longer pending."""
+    def ack(
+        self, user_id: int, device_id: int, cursors: Sequence[tuple[str, int]]
+    ) -> Awaitable[None]:
+        """The device has each conversation ``conv`` up to ``seq``: its cursors move
+        there (never back)."""
 
     @abc.abstractmethod
-    async def pending(self, user_id: int, after_id: int, limit: int) -> list[Message]:
-        """Undelivered messages of the user with id > ``after_id``, ascending."""
+    async def pending(
+        self, user_id: int, device_id: int, after_id: int, limit: int
+    ) -> list[Message]:
+        """Messages past the device's cursors with id > ``after_id``, ascending by id
+        (not those the device sent itself)."""
 
     @abc.abstractmethod
-    async def count_pending(self, user_id: int) -> int: ...
+    async def count_pending(self, user_id: int, device_id: int) -> int: ...
+
+    @abc.abstractmethod
+    async def start_device(self, user_id: int, device_id: int) -> None:
+        """A new device: its cursor in each of the user's conversations is the user's
+        read position there."""
+
+    @abc.abstractmethod
+    async def conversations(self, user_id: int, before: int, limit: int) -> list[Conversation]:
+        """The user's conversations by activity, newest first; only those with
+        activity < ``before`` unless it is 0."""
+
+    @abc.abstractmethod
+    async def mark_read(self, user_id: int, conv: str, seq: int) -> tuple[int, int, list[int]]:
+        """Move the user's read position in ``conv`` to ``seq`` (0: its last message;
+        never back, never past the last). Returns the read position, the last seq,
+        and the other users who sent messages in the newly read range (at most
+        ``max_group_size``; those to tell)."""
+
+    @abc.abstractmethod
+    async def receipts(self, group_id: int, seq: int) -> list[tuple[int, bool]]:
+        """Members of the group who have message ``seq`` on a device, each with
+        whether they read it, ascending by id; the message's sender left out."""
 
     @abc.abstractmethod
     async def history(
@@ -418,10 +558,18 @@ class ConnectionCenter(abc.ABC):
         """Push ``message`` to every connection of ``user_ids`` wherever it is,
         except the session ``exclude_session`` (the sender's own)."""
 
-    @abc.abstractmethod
     def deliver_typing(self, event: TypingEvent, user_ids: Sequence[int]) -> None:
         """Push ``event`` to every connection of ``user_ids`` wherever it is, at once and
         best effort: never stored, never held back, and one lost in transit is lost."""
+        self.deliver_event(event, user_ids)
+
+    @abc.abstractmethod
+    def deliver_event(
+        self, packet: Packet, user_ids: Sequence[int], exclude_session: int = 0
+    ) -> None:
+        """Push ``packet`` (an IM push: typing, a receipt, a read state) to every
+        connection of ``user_ids`` wherever it is but the local session
+        ``exclude_session``; at once and best effort, as :meth:`deliver_typing`."""
 
     def after_forward(self, callback: Callable[[], None]) -> None:
         """``callback()`` once what :meth:`deliver` was given so far has left for the

@@ -89,6 +89,7 @@ class IMClient:
         auto_ack: bool = True,
         dedupe_window: int = 10_000,
         client: Client | None = None,
+        device: str = "",
         **kw: Any,
     ) -> None:
         self.client = client or Client(
@@ -97,6 +98,8 @@ class IMClient:
         self.auto_ack = auto_ack
         self.user: User | None = None
         self.token: str | None = None
+        self.device = device
+        """This device's id: sent at every login; the server's name for it if empty."""
         self._password: tuple[str, str] | None = None
         self._callbacks: list[MessageCallback] = []
         self._queues: list[asyncio.Queue[ChatMessage]] = []
@@ -138,13 +141,15 @@ class IMClient:
         try:
             if self.token:
                 try:
-                    ok = await self._login(Login(token=self.token))
+                    ok = await self._login(Login(token=self.token, device=self.device))
                 except RequestError as exc:
                     if self._password is None:
                         raise
                     log.info("token refused (%s); logging in with the password", exc.code)
             if ok is None and self._password is not None:
-                ok = await self._login(Login(self._password[0], self._password[1]))
+                ok = await self._login(
+                    Login(self._password[0], self._password[1], device=self.device)
+                )
         except RequestError as exc:
             # A warning: the on_relogin callbacks report it (the CLI prints one line).
             log.warning("logging in again after the reconnect failed: %s", exc)
@@ -160,6 +165,7 @@ class IMClient:
         assert isinstance(ok, LoginOk)
         self.user = User(ok.user_id, ok.name)
         self.token = ok.token
+        self.device = ok.device or self.device
         return ok
 
     # -- the seed's Funcs ---------------------------------------------------------------------
@@ -171,7 +177,7 @@ class IMClient:
 
     async def login(self, name: str = "", password: str = "", *, token: str = "") -> LoginOk:
         """Log in (``-lo name password``); raises RequestError ``login_failed``."""
-        ok = await self._login(Login(name, password, token))
+        ok = await self._login(Login(name, password, token, self.device))
         if name:
             self._password = (name, password)
         return ok

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from bitchat.im.centers import Message
@@ -16,6 +16,72 @@ if TYPE_CHECKING:
 _CHAT = ChatMessage.TYPE
 SYNCING = "bitchat.syncing"
 """Session data key: a list of messages held back while offline messages are pushed."""
+DEVICE = "bitchat.device"
+"""Session data key: the :class:`DeviceState` of a logged-in session."""
+
+
+class DeviceState:
+    """What the server knows of a logged-in device's connection: which pushed messages
+    it may still ack (msg id -> conversation and seq, the newest ``window``), and how
+    far it has each conversation with no gap (``seqs``; its own messages count). An
+    ack moves the device's cursor no further than that, so a push lost in transit
+    between nodes is never skipped: a gap still open at an ack calls ``on_gap`` (the
+    service pushes what the device misses)."""
+
+    __slots__ = (
+        "ahead",
+        "device_id",
+        "name",
+        "on_gap",
+        "receipted",
+        "seqs",
+        "unacked",
+        "window",
+    )
+
+    def __init__(
+        self, device_id: int, name: str, window: int, on_gap: Callable[[Session], None]
+    ) -> None:
+        self.device_id = device_id
+        self.name = name
+        self.window = window
+        self.on_gap = on_gap
+        self.unacked: dict[int, tuple[str, int]] = {}
+        self.seqs: dict[str, int] = {}
+        self.ahead: dict[str, set[int]] = {}
+        """Seqs seen past a gap (the commit of its own message may come after a push)."""
+        self.receipted: dict[str, int] = {}
+        """The last "delivered" receipt this connection sent per conversation."""
+
+    def note(self, conv: str, seq: int) -> None:
+        """The connection has message ``seq`` of ``conv`` (pushed, or its own)."""
+        last = self.seqs.get(conv)
+        if last is None or seq == last + 1:
+            self.seqs[conv] = seq
+            if self.ahead:
+                ahead = self.ahead.get(conv)
+                if ahead:
+                    while seq + 1 in ahead:
+                        seq += 1
+                        ahead.discard(seq)
+                    self.seqs[conv] = seq
+                    if not ahead:
+                        del self.ahead[conv]
+        elif seq > last + 1:
+            self.ahead.setdefault(conv, set()).add(seq)
+
+    def pushed(self, message: Message) -> None:
+        conv = message.conv or message.conversation_key
+        self.note(conv, message.seq)
+        unacked = self.unacked
+        unacked[message.id] = (conv, message.seq)
+        if len(unacked) > self.window:
+            del unacked[next(iter(unacked))]  # the oldest: it comes again next login
+
+    def reset(self) -> None:
+        """Before pushing again what the device misses: it is all found again."""
+        self.seqs.clear()
+        self.ahead.clear()
 
 
 def encode_message(message: Message, serializer: int) -> bytes:
@@ -33,12 +99,16 @@ def push_message(message: Message, sessions: Iterable[Session]) -> int:
     for session in sessions:
         if session.closed:
             continue
-        held = session.data.get(SYNCING)
+        data = session.data
+        held = data.get(SYNCING)
         if held is not None:
             # Offline messages are still going out: keep this one for after them.
             held.append(message)
             n += 1
             continue
+        device = data.get(DEVICE)
+        if device is not None:
+            device.pushed(message)
         ser = session.core.serializer
         if ser == first_ser:
             frame = first

@@ -47,3 +47,9 @@ def timestamp_ms(msg_id: int) -> int:
 
 def node_of(msg_id: int) -> int:
     return (msg_id >> SEQ_BITS) & MAX_NODE
+
+
+def id_at(unix_ms: int) -> int:
+    """The smallest id of that millisecond: where something that is not a message (a
+    group join) sorts among messages."""
+    return max(0, unix_ms - EPOCH_MS) << (NODE_BITS + SEQ_BITS)

@@ -9,7 +9,7 @@ from bitchat.im.centers import ConnectionCenter, Message
 from bitchat.im.delivery import push_message
 
 if TYPE_CHECKING:
-    from bitchat.im.packets import TypingEvent
+    from bitchat.protocol.packets import Packet
     from bitchat.session import Session
 
 
@@ -51,8 +51,11 @@ class MemoryConnectionCenter(ConnectionCenter):
             [s for u in user_ids for s in by_user.get(u, ()) if s.id != exclude_session],
         )
 
-    def deliver_typing(self, event: TypingEvent, user_ids: Sequence[int]) -> None:
+    def deliver_event(
+        self, packet: Packet, user_ids: Sequence[int], exclude_session: int = 0
+    ) -> None:
         by_user = self._by_user
         for u in user_ids:
             for s in by_user.get(u, ()):
-                s.push(event)
+                if s.id != exclude_session:
+                    s.push(packet)

@@ -24,21 +24,34 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import re
+import secrets
 import time
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from bitchat.dispatch import Deferred
 from bitchat.errors import RequestError, codes
-from bitchat.im.centers import ConnectionCenter, Message, MessageCenter, User, UserCenter
-from bitchat.im.delivery import SYNCING, push_message
+from bitchat.im.centers import (
+    ConnectionCenter,
+    Message,
+    MessageCenter,
+    User,
+    UserCenter,
+    conversation,
+    p2p_pair,
+)
+from bitchat.im.delivery import DEVICE, SYNCING, DeviceState, push_message
 from bitchat.im.ids import IdGenerator
 from bitchat.im.names import name_key, normalize_name
 from bitchat.im.packets import (
     GROUP,
     P2P,
     Ack,
+    ConversationList,
     CreateGroup,
+    GetConversations,
+    GetReceipts,
     GroupInfo,
     GroupList,
     GroupMembers,
@@ -50,11 +63,15 @@ from bitchat.im.packets import (
     Login,
     LoginOk,
     Logout,
+    MarkRead,
     MemberList,
     MyGroups,
     Ok,
     OnlineUsers,
     Presence,
+    ReadState,
+    Receipt,
+    Receipts,
     Register,
     SendAck,
     SendGroup,
@@ -73,6 +90,7 @@ log = logging.getLogger("bitchat.im")
 _OK = Ok()  # no fields: one instance answers every Ack
 _CHAIN = "bitchat.send_chain"
 _TOKEN = "bitchat.token"
+_DEVICE_NAME = re.compile(r"[A-Za-z0-9._:-]+")
 
 
 def _valid_name(name: str, max_len: int) -> str:
@@ -139,6 +157,9 @@ class IMService:
             (GroupMembers, self.on_group_members),
             (History, self.on_history),
             (SetPrivacy, self.on_set_privacy),
+            (GetConversations, self.on_get_conversations),
+            (MarkRead, self.on_mark_read),
+            (GetReceipts, self.on_get_receipts),
             (Typing, self.typing.on_typing),
         ):
             s.add_handler(cls, func, login_required=True, poolable=False)
@@ -200,18 +221,22 @@ class IMService:
                 await self.connections.detach(session)
                 session.user_id = session.user_name = None
                 session.data.pop(_TOKEN, None)
+                session.data.pop(DEVICE, None)
             held = None if was_syncing else session.data.pop(SYNCING, None)
             if held and session.user_id is not None:
                 push_message_each(held, session)
             raise
 
     async def _login(self, session: Session, p: Login) -> LoginOk:
+        if p.device:
+            self._check_device(p.device)
+        token_device = 0
         if p.token:
             found = await self.users.check_token(p.token)
             if found is None:
                 self.server.metrics.login_failures.inc()
                 raise RequestError(codes.LOGIN_FAILED, "the token is unknown or expired")
-            user, token = found, p.token
+            (user, token_device), token = found, p.token
         else:
             name = _valid_name(p.name, self.settings.max_name_length)
             self._check_password(p.password)
@@ -220,13 +245,17 @@ class IMService:
             except RequestError:
                 self.server.metrics.login_failures.inc()
                 raise
-            token = await self.users.issue_token(user.id, self.settings.token_ttl)
+            token = ""
+        device_id, device = await self._device(user, p.device, token_device)
+        if not token or device_id != token_device:
+            # A password login, or a token from before devices: a token of this device.
+            token = await self.users.issue_token(user.id, self.settings.token_ttl, device_id)
         if session.closed:
             raise RequestError(codes.LOGIN_FAILED, "the connection closed during login")
         if session.user_id is not None and session.user_id != user.id:
             self.watchers.pop(session, None)
             await self._logged_out(session)
-        pending = await self.messages.count_pending(user.id)
+        pending = await self.messages.count_pending(user.id, device_id)
         # Seen now: should the node die, the user was last seen at least at this login.
         await self.users.touch_last_seen([user.id], _now_ms())
         show_last_seen = await self.users.show_last_seen(user.id)
@@ -235,6 +264,9 @@ class IMService:
         # are out (see _sync), so the session sees everything in id order.
         held: list[Message] = []
         session.data[SYNCING] = held
+        session.data[DEVICE] = DeviceState(
+            device_id, device, self.settings.ack_window, self._resync_gap
+        )
         session.user_id = user.id
         session.user_name = user.name
         session.login_at = time.time()
@@ -247,14 +279,35 @@ class IMService:
             raise RequestError(codes.LOGIN_FAILED, "the connection closed during login")
         self.server.metrics.logins.inc()
         # Offline messages go out after the LoginOk answer, in id order.
-        task = self.server.loop.create_task(self._sync(session, user.id, held))
+        task = self.server.loop.create_task(self._sync(session, user.id, device_id, held))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         self._syncs.add(task)
         task.add_done_callback(self._syncs.discard)
         if first:
             self._presence(user, True)
-        return LoginOk(user.id, user.name, token, pending, show_last_seen)
+        return LoginOk(user.id, user.name, token, pending, show_last_seen, device)
+
+    def _check_device(self, name: str) -> None:
+        limit = self.settings.max_device_length
+        if len(name) > limit or not _DEVICE_NAME.fullmatch(name):
+            raise RequestError(
+                codes.INVALID_PACKET,
+                f"a device id has 1 to {limit} letters, digits, '.', '_', ':' or '-'",
+            )
+
+    async def _device(self, user: User, asked: str, token_device: int) -> tuple[int, str]:
+        """The session's device: the token's, else the one asked for, else a new one
+        named here. A device new to the server starts at the user's read positions."""
+        name = ""
+        if token_device:
+            name = await self.users.device_name(user.id, token_device) or ""
+        if not name:
+            name = asked or "d-" + secrets.token_urlsafe(9)
+        device_id, new = await self.users.device(user.id, name, self.settings.max_devices_per_user)
+        if new:
+            await self.messages.start_device(user.id, device_id)
+        return device_id, name
 
     async def _authenticate(self, session: Session, name: str, password: str) -> User:
         """A password login, through the throttle: an attempt that comes too early is
@@ -282,8 +335,10 @@ class IMService:
         except RequestError as exc:  # the throttle's store is down: the attempt stays counted
             log.warning("cannot update the login throttle: %s", exc.message)
 
-    async def _sync(self, session: Session, user_id: int, held: list[Message]) -> None:
-        """Push the user's pending messages in id order, then those held meanwhile."""
+    async def _sync(
+        self, session: Session, user_id: int, device_id: int, held: list[Message]
+    ) -> None:
+        """Push what the device misses in id order, then the messages held meanwhile."""
         sent: set[int] = set()
         after = 0
         limit = self.settings.offline_batch
@@ -297,7 +352,7 @@ class IMService:
 
         try:
             while current():
-                batch = await self.messages.pending(user_id, after, limit)
+                batch = await self.messages.pending(user_id, device_id, after, limit)
                 if not current():
                     return
                 if batch:
@@ -367,16 +422,29 @@ class IMService:
                 s.push(packet)
 
     def _resync(self, session: Session) -> None:
-        """Push the session's pending messages again (the center's ``on_resync``: they
+        """Push what the session's device misses again (the center's ``on_resync``: pushes
         may have been lost in transit)."""
         user_id = session.user_id
-        if user_id is None or session.closed or session.data.get(SYNCING) is not None:
+        device = session.data.get(DEVICE)
+        if (
+            user_id is None
+            or device is None
+            or session.closed
+            or session.data.get(SYNCING) is not None
+        ):
             return
         held: list[Message] = []
         session.data[SYNCING] = held
-        task = self.server.loop.create_task(self._sync(session, user_id, held))
+        # What it has with no gap is found again from the pushes of this sync.
+        device.reset()
+        task = self.server.loop.create_task(self._sync(session, user_id, device.device_id, held))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _resync_gap(self, session: Session) -> None:
+        """A push skipped a seq of its conversation (lost between nodes): push again."""
+        log.info("session %d missed a message in transit; pushing again", session.id)
+        self.server.loop.call_soon(self._resync, session)
 
     async def on_list_online(self, session: Session, p: ListOnline) -> OnlineUsers:
         if p.watch and session.user_id is not None:
@@ -512,6 +580,9 @@ class IMService:
         now_ms = int(time.time() * 1000)
         msg.id = self.ids.next(now_ms)
         msg.ts = now_ms
+        device = session.data.get(DEVICE)
+        if device is not None:
+            msg.device = device.device_id
         # Pending for every recipient but the sender (whose other devices get it live);
         # pushed to the recipients and the sender's other devices. One scan of the list.
         sender = msg.sender_id
@@ -523,7 +594,7 @@ class IMService:
         out = Deferred() if answer is None else answer
         # A partial rather than a closure: fewer objects per message for the collector.
         self.messages.store_then(
-            msg, pending, functools.partial(self._stored, out, session.id, msg, targets)
+            msg, pending, functools.partial(self._stored, out, session.id, device, msg, targets)
         )
         return out
 
@@ -531,6 +602,7 @@ class IMService:
         self,
         out: Deferred | asyncio.Future[SendAck],
         session_id: int,
+        device: DeviceState | None,
         sent: Message,
         targets: Sequence[int],
         result: tuple[Message, bool] | None,
@@ -544,6 +616,8 @@ class IMService:
             out.set_exception(error or RuntimeError("no result"))
             return
         msg, duplicate = result
+        if device is not None:
+            device.note(msg.conversation_key, msg.seq)  # the sending device has its own
         try:
             if not duplicate:
                 self.server.metrics.message_stored(msg.kind)
@@ -560,10 +634,28 @@ class IMService:
         self.connections.after_forward(functools.partial(_answer, out, ack))
 
     def on_ack(self, session: Session, p: Ack) -> Any:
-        if not p.msg_ids:
-            return Ok()
+        device: DeviceState | None = session.data.get(DEVICE)
+        if not p.msg_ids or device is None:
+            return _OK
         assert session.user_id is not None
+        # Each conversation's cursor moves to the largest seq acked, but never past a
+        # gap in what this connection was pushed.
+        moves: dict[str, int] = {}
+        unacked, seqs = device.unacked, device.seqs
+        for msg_id in p.msg_ids:
+            entry = unacked.pop(msg_id, None)
+            if entry is not None:
+                conv, seq = entry
+                seq = min(seq, seqs.get(conv, seq))
+                if moves.get(conv, 0) < seq:
+                    moves[conv] = seq
+        if device.ahead and any(c in device.ahead for c in moves):
+            device.on_gap(session)  # a push is missing: this connection gets it again
+        if not moves:
+            return _OK
         answer = Deferred()
+        cursors = list(moves.items())
+        user_id, name = session.user_id, session.user_name or ""
 
         def acked(f: asyncio.Future[None]) -> None:
             if f.cancelled():
@@ -572,12 +664,73 @@ class IMService:
                 answer.set_exception(exc)
             else:
                 answer.set_result(_OK)
+                self._delivered(device, user_id, name, cursors)
 
-        aw = self.messages.ack(session.user_id, p.msg_ids)
+        aw = self.messages.ack(user_id, device.device_id, cursors)
         (aw if isinstance(aw, asyncio.Future) else asyncio.ensure_future(aw)).add_done_callback(
             acked
         )
         return answer
+
+    def _delivered(
+        self, device: DeviceState, user_id: int, name: str, cursors: list[tuple[str, int]]
+    ) -> None:
+        """Tell one-to-one peers their messages reached a device of the user."""
+        receipted = device.receipted
+        for conv, seq in cursors:
+            pair = p2p_pair(conv)
+            if pair is None or receipted.get(conv, 0) >= seq:
+                continue
+            receipted[conv] = seq
+            peer = pair[1] if pair[0] == user_id else pair[0]
+            if peer != user_id:
+                self.connections.deliver_event(Receipt("delivered", user_id, name, seq), [peer])
+
+    async def _conversation_of(self, session: Session, peer_id: int, group_id: int) -> str:
+        """The key of the session user's conversation named by a request."""
+        assert session.user_id is not None
+        if bool(peer_id) == bool(group_id):
+            raise RequestError(codes.INVALID_PACKET, "name either peer_id or group_id")
+        if group_id:
+            members = await self.users.group_members(group_id)
+            if session.user_id not in members and await self.users.get_group(group_id) is None:
+                raise RequestError(codes.NOT_FOUND, f"no group {group_id}")
+            self._check_member(members, session, group_id)
+            return conversation("group", session.user_id, group_id)
+        if self.users.known_user(peer_id) is None and await self.users.get_user(peer_id) is None:
+            raise RequestError(codes.NOT_FOUND, f"no user {peer_id}")
+        return conversation("p2p", session.user_id, peer_id)
+
+    async def on_get_conversations(self, session: Session, p: GetConversations) -> ConversationList:
+        assert session.user_id is not None
+        limit = max(1, min(p.limit, self.settings.conversations_max_page))
+        convs = await self.messages.conversations(session.user_id, max(0, p.before), limit + 1)
+        return ConversationList([c.to_dict() for c in convs[:limit]], len(convs) > limit)
+
+    async def on_mark_read(self, session: Session, p: MarkRead) -> ReadState:
+        assert session.user_id is not None
+        user_id, name = session.user_id, session.user_name or ""
+        conv = await self._conversation_of(session, p.peer_id, p.group_id)
+        read_seq, last_seq, senders = await self.messages.mark_read(user_id, conv, max(0, p.seq))
+        state = ReadState(p.peer_id, p.group_id, read_seq, max(0, last_seq - read_seq))
+        # The user's other devices clear their count; the senders learn it was read.
+        self.connections.deliver_event(state, [user_id], exclude_session=session.id)
+        if senders:
+            self.connections.deliver_event(
+                Receipt("read", user_id, name, read_seq, p.group_id), senders
+            )
+        return state
+
+    async def on_get_receipts(self, session: Session, p: GetReceipts) -> Receipts:
+        await self._conversation_of(session, 0, p.group_id)
+        have = await self.messages.receipts(p.group_id, p.seq)
+        readers: list[dict[str, Any]] = []
+        if p.who:
+            users = await self.users.get_users(u for u, _ in have)
+            readers = [
+                {"id": u, "name": users[u].name if u in users else "", "read": r} for u, r in have
+            ]
+        return Receipts(p.group_id, p.seq, len(have), sum(1 for _, r in have if r), readers)
 
     async def on_history(self, session: Session, p: History) -> HistoryPage:
         assert session.user_id is not None

@@ -37,6 +37,7 @@ import aiosqlite
 from bitchat.errors import RequestError, ServiceUnavailable, codes
 from bitchat.im.centers import (
     AckJob,
+    Conversation,
     Group,
     Message,
     MessageCenter,
@@ -47,10 +48,12 @@ from bitchat.im.centers import (
     conversation_counts,
     first_of_each,
     number,
+    p2p_pair,
+    read_offsets,
     refused,
     take_acks,
 )
-from bitchat.im.ids import MAX_NODE, SEQ_BITS
+from bitchat.im.ids import EPOCH_MS, MAX_NODE, SEQ_BITS, id_at
 from bitchat.im.names import dedupe_keys, name_key, name_keys, taken
 from bitchat.im.passwords import Passwords, new_token, token_digest
 
@@ -76,6 +79,64 @@ async def _add_name_keys(db: aiosqlite.Connection) -> None:
     # Nullable (SQLite adds no NOT NULL column to a filled table); every insert sets them.
     await db.execute("CREATE UNIQUE INDEX users_key_unique ON users(name_key)")
     await db.execute("CREATE UNIQUE INDEX users_shape_unique ON users(name_shape)")
+
+
+async def _devices_and_cursors(db: aiosqlite.Connection) -> None:
+    """Version 5: devices, a cursor per device and conversation, read positions; the
+    pending rows become read positions (just before each user's first pending message
+    of a conversation), so the first device to log in gets every one of them."""
+    for statement in (
+        "CREATE TABLE devices ("
+        " id INTEGER PRIMARY KEY AUTOINCREMENT,"
+        " user_id INTEGER NOT NULL REFERENCES users(id),"
+        " name TEXT NOT NULL, created_at REAL NOT NULL, last_seen REAL NOT NULL,"
+        " UNIQUE (user_id, name))",
+        "ALTER TABLE tokens ADD COLUMN device_id INTEGER",
+        "ALTER TABLE messages ADD COLUMN device INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE conversations ADD COLUMN lo INTEGER",
+        "ALTER TABLE conversations ADD COLUMN hi INTEGER",
+        "ALTER TABLE conversations ADD COLUMN last_id INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE conversations ADD COLUMN lo_read INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE conversations ADD COLUMN hi_read INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE group_members ADD COLUMN read_seq INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE group_members ADD COLUMN start_seq INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE group_members ADD COLUMN joined_id INTEGER NOT NULL DEFAULT 0",
+        "CREATE TABLE cursors ("
+        " user_id INTEGER NOT NULL, conv TEXT NOT NULL, device INTEGER NOT NULL,"
+        " seq INTEGER NOT NULL, PRIMARY KEY (user_id, conv, device)) WITHOUT ROWID",
+        "UPDATE conversations SET last_id = "
+        "(SELECT max(id) FROM messages m WHERE m.conv = conversations.conv)",
+    ):
+        await db.execute(statement)
+    rows = await db.execute_fetchall("SELECT conv FROM conversations WHERE conv LIKE 'p:%'")
+    pairs = []
+    for (conv,) in rows:
+        _, lo, hi = str(conv).split(":")
+        pairs.append((int(lo), int(hi), conv))
+    await db.executemany("UPDATE conversations SET lo = ?, hi = ? WHERE conv = ?", pairs)
+    first_pending = (
+        "(SELECT min(m.seq) - 1 FROM pending p JOIN messages m ON m.id = p.msg_id "
+        "WHERE p.user_id = {user} AND m.conv = {conv})"
+    )
+    for side in ("lo", "hi"):
+        await db.execute(
+            f"UPDATE conversations SET {side}_read = coalesce("
+            + first_pending.format(user=f"conversations.{side}", conv="conversations.conv")
+            + ", last_seq) WHERE lo IS NOT NULL"
+        )
+    group_conv = "'g:' || group_members.group_id"
+    await db.execute(
+        "UPDATE group_members SET read_seq = coalesce("
+        + first_pending.format(user="group_members.user_id", conv=group_conv)
+        + f", (SELECT last_seq FROM conversations c WHERE c.conv = {group_conv}), 0), "
+        f"joined_id = max(0, CAST(joined_at * 1000 AS INTEGER) - {EPOCH_MS}) << 22"
+    )
+    for statement in (
+        "CREATE INDEX conversations_lo ON conversations(lo) WHERE lo IS NOT NULL",
+        "CREATE INDEX conversations_hi ON conversations(hi) WHERE hi IS NOT NULL",
+        "DROP TABLE pending",
+    ):
+        await db.execute(statement)
 
 
 Migration = str | Callable[[aiosqlite.Connection], Awaitable[None]]
@@ -150,7 +211,10 @@ MIGRATIONS: list[Migration] = [
     CREATE UNIQUE INDEX messages_seq ON messages(conv, seq);
     INSERT INTO conversations SELECT conv, max(seq) FROM messages GROUP BY conv;
     """,
+    # 5: devices and their cursors; read positions (pending rows become them).
+    _devices_and_cursors,
 ]
+
 
 _WAL_AUTOCHECKPOINT = 10_000
 """WAL pages after which a commit checkpoints (SQLite's default: 1,000): see _connect_writer."""
@@ -289,23 +353,67 @@ class SqliteUserCenter(UserCenter):
         self._names[user_id] = stored_name
         return user_id, stored_name, stored
 
-    async def issue_token(self, user_id: int, ttl: float) -> str:
+    async def issue_token(self, user_id: int, ttl: float, device_id: int = 0) -> str:
         token = new_token()
         now = time.time()
         async with self._lock:
             await self._rows("DELETE FROM tokens WHERE expires_at < ?", (now,))
             await self._rows(
-                "INSERT INTO tokens VALUES (?, ?, ?)", (token_digest(token), user_id, now + ttl)
+                "INSERT INTO tokens (digest, user_id, expires_at, device_id) VALUES (?, ?, ?, ?)",
+                (token_digest(token), user_id, now + ttl, device_id or None),
             )
         return token
 
-    async def check_token(self, token: str) -> User | None:
+    async def check_token(self, token: str) -> tuple[User, int] | None:
         rows = await self._rows(
-            "SELECT u.id, u.name FROM tokens t JOIN users u ON u.id = t.user_id "
-            "WHERE t.digest = ? AND t.expires_at > ?",
+            "SELECT u.id, u.name, coalesce(t.device_id, 0) FROM tokens t "
+            "JOIN users u ON u.id = t.user_id WHERE t.digest = ? AND t.expires_at > ?",
             (token_digest(token), time.time()),
         )
-        return User(rows[0][0], rows[0][1]) if rows else None
+        return (User(rows[0][0], rows[0][1]), int(rows[0][2])) if rows else None
+
+    async def device(self, user_id: int, name: str, max_devices: int) -> tuple[int, bool]:
+        now = time.time()
+        async with self._lock:
+            rows = await self._rows(
+                "UPDATE devices SET last_seen = ? WHERE user_id = ? AND name = ? RETURNING id",
+                (now, user_id, name),
+            )
+            if rows:
+                return int(rows[0][0]), False
+            try:
+                await self.db.execute("BEGIN IMMEDIATE")
+                # At the cap: the device seen longest ago goes, with its cursors and tokens.
+                old = list(
+                    await self.db.execute_fetchall(
+                        "SELECT id FROM devices WHERE user_id = ? ORDER BY last_seen DESC, id DESC "
+                        "LIMIT -1 OFFSET ?",
+                        (user_id, max(0, max_devices - 1)),
+                    )
+                )
+                for (gone,) in old:
+                    await self.db.execute(
+                        "DELETE FROM cursors WHERE user_id = ? AND device = ?", (user_id, gone)
+                    )
+                    await self.db.execute("DELETE FROM tokens WHERE device_id = ?", (gone,))
+                    await self.db.execute("DELETE FROM devices WHERE id = ?", (gone,))
+                cur = await self.db.execute(
+                    "INSERT INTO devices (user_id, name, created_at, last_seen) "
+                    "VALUES (?, ?, ?, ?)",
+                    (user_id, name, now, now),
+                )
+                await self.db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                await self._rollback()
+                raise ServiceUnavailable(f"user database error: {exc}") from exc
+            assert cur.lastrowid is not None
+            return cur.lastrowid, True
+
+    async def device_name(self, user_id: int, device_id: int) -> str | None:
+        rows = await self._rows(
+            "SELECT name FROM devices WHERE id = ? AND user_id = ?", (device_id, user_id)
+        )
+        return str(rows[0][0]) if rows else None
 
     async def revoke_token(self, token: str) -> None:
         async with self._lock:
@@ -370,7 +478,9 @@ class SqliteUserCenter(UserCenter):
                 group_id = cur.lastrowid
                 assert group_id is not None
                 await self.db.execute(
-                    "INSERT INTO group_members VALUES (?, ?, ?)", (group_id, owner_id, now)
+                    "INSERT INTO group_members (group_id, user_id, joined_at, joined_id) "
+                    "VALUES (?, ?, ?, ?)",
+                    (group_id, owner_id, now, _join_id(now)),
                 )
                 await self.db.execute("COMMIT")
             except sqlite3.Error as exc:
@@ -395,8 +505,14 @@ class SqliteUserCenter(UserCenter):
                 raise RequestError(
                     codes.GROUP_FULL, f"group {group_id} has reached {max_size} members"
                 )
+            # A member starts at the group's last message: what came before is history.
+            now = time.time()
             await self._rows(
-                "INSERT INTO group_members VALUES (?, ?, ?)", (group_id, user_id, time.time())
+                "INSERT INTO group_members "
+                "(group_id, user_id, joined_at, joined_id, read_seq, start_seq) "
+                "SELECT ?, ?, ?, ?, s, s FROM (SELECT coalesce("
+                "(SELECT last_seq FROM conversations WHERE conv = ?), 0) AS s)",
+                (group_id, user_id, now, _join_id(now), conversation("group", 0, group_id)),
             )
             self._members[group_id] = sorted([*members, user_id])
         return Group(group.id, group.name, group.owner_id, len(members) + 1)
@@ -409,6 +525,10 @@ class SqliteUserCenter(UserCenter):
                 cur = await self.db.execute(
                     "DELETE FROM group_members WHERE group_id = ? AND user_id = ?",
                     (group_id, user_id),
+                )
+                await self.db.execute(
+                    "DELETE FROM cursors WHERE user_id = ? AND conv = ?",
+                    (user_id, conversation("group", 0, group_id)),
                 )
             except sqlite3.Error as exc:
                 raise ServiceUnavailable(f"user database error: {exc}") from exc
@@ -448,27 +568,47 @@ class SqliteUserCenter(UserCenter):
         return members
 
 
-_MSG_COLUMNS = "id, kind, sender_id, sender_name, to_id, text, ts, client_msg_id, seq"
+def _join_id(ts: float) -> int:
+    """A join's place among message ids (time-ordered): a group's activity before its
+    first message."""
+    return id_at(int(ts * 1000))
+
+
+_MSG_COLUMNS = "id, kind, sender_id, sender_name, to_id, text, ts, client_msg_id, seq, device, conv"
 
 
 def _message(row: Sequence[Any]) -> Message:
     return Message(*row)
 
 
-_MESSAGE_ROWS = 96
-"""Message rows per INSERT statement (10 variables each: under SQLite's oldest limit of 999)."""
+_MESSAGE_ROWS = 90
+"""Message rows per INSERT statement (11 variables each: under SQLite's oldest limit of 999)."""
 _PAIR_ROWS = 400
-"""(user, message) pairs per statement."""
+"""Rows of two values per statement."""
+_CONV_ROWS = 128
+"""Conversation rows (7 values) per statement."""
+_CURSOR_ROWS = 200
+"""Cursor rows (4 values) per statement."""
 # Plain INSERT: retries are found before (a numbered row is never skipped silently).
 _INSERT_MESSAGES = (
     "INSERT INTO messages (id, kind, conv, sender_id, sender_name, to_id, text, ts, "
-    "client_msg_id, seq) SELECT * FROM (VALUES {rows}) WHERE column1 IS NOT NULL"
+    "client_msg_id, seq, device) SELECT * FROM (VALUES {rows}) WHERE column1 IS NOT NULL"
 )
+# One row per conversation of a batch: its counter moves on by the batch's count, and a
+# sender's read position to their own last message (SET sees the row as it was).
 _BUMP_CONVERSATIONS = (
-    "INSERT INTO conversations (conv, last_seq) SELECT * FROM (VALUES {rows}) "
-    "WHERE column1 IS NOT NULL "
-    "ON CONFLICT (conv) DO UPDATE SET last_seq = last_seq + excluded.last_seq "
+    "INSERT INTO conversations (conv, last_seq, lo, hi, last_id, lo_read, hi_read) "
+    "SELECT * FROM (VALUES {rows}) WHERE column1 IS NOT NULL "
+    "ON CONFLICT (conv) DO UPDATE SET last_seq = last_seq + excluded.last_seq, "
+    "last_id = max(last_id, excluded.last_id), "
+    "lo_read = CASE WHEN excluded.lo_read > 0 THEN last_seq + excluded.lo_read ELSE lo_read END, "
+    "hi_read = CASE WHEN excluded.hi_read > 0 THEN last_seq + excluded.hi_read ELSE hi_read END "
     "RETURNING conv, last_seq"
+)
+_READ_OWN_GROUP = (
+    "UPDATE group_members SET read_seq = max(read_seq, v.column3) "
+    "FROM (SELECT * FROM (VALUES {rows}) WHERE column1 IS NOT NULL) AS v "
+    "WHERE group_members.group_id = v.column1 AND group_members.user_id = v.column2"
 )
 # A join from the keys (not a row-value IN, which scans the whole index).
 _FIND_RETRIES = (
@@ -476,10 +616,32 @@ _FIND_RETRIES = (
     "FROM (VALUES {rows}) AS d CROSS JOIN messages m "
     "ON m.sender_id = d.column1 AND m.client_msg_id = d.column2 AND m.client_msg_id != ''"
 )
-_INSERT_PENDING = (
-    "INSERT OR IGNORE INTO pending SELECT * FROM (VALUES {rows}) WHERE column1 IS NOT NULL"
+_MOVE_CURSORS = (
+    "INSERT INTO cursors (user_id, conv, device, seq) "
+    "SELECT * FROM (VALUES {rows}) WHERE column1 IS NOT NULL "
+    "ON CONFLICT (user_id, conv, device) DO UPDATE SET seq = max(seq, excluded.seq)"
 )
-_DELETE_PENDING = "DELETE FROM pending WHERE (user_id, msg_id) IN (SELECT * FROM (VALUES {rows}))"
+# The user's conversations with their read position and where a device without a
+# cursor there starts (0: a p2p conversation newer than the device; a group: the join).
+_USER_CONVS = (
+    "SELECT c.conv, c.last_seq, CASE WHEN c.lo = :u THEN c.lo_read ELSE c.hi_read END AS read_seq, "
+    "0 AS start_seq, CASE WHEN c.lo = :u THEN c.hi ELSE c.lo END AS peer, 0 AS grp, "
+    "c.last_id AS activity, CASE WHEN c.lo = :u THEN c.hi_read ELSE c.lo_read END AS peer_read "
+    "FROM conversations c WHERE c.lo = :u OR c.hi = :u "
+    "UNION ALL "
+    "SELECT 'g:' || gm.group_id, coalesce(c.last_seq, 0), gm.read_seq, gm.start_seq, 0, "
+    "gm.group_id, max(coalesce(c.last_id, 0), gm.joined_id), 0 "
+    "FROM group_members gm LEFT JOIN conversations c ON c.conv = 'g:' || gm.group_id "
+    "WHERE gm.user_id = :u"
+)
+_PENDING = (
+    f"SELECT {', '.join('m.' + c.strip() for c in _MSG_COLUMNS.split(','))} "
+    f"FROM ({_USER_CONVS}) AS x "
+    "LEFT JOIN cursors k ON k.user_id = :u AND k.conv = x.conv AND k.device = :d "
+    "JOIN messages m ON m.conv = x.conv AND m.seq > coalesce(k.seq, x.start_seq) "
+    "WHERE x.last_seq > coalesce(k.seq, x.start_seq) AND m.id > :after "
+    "AND NOT (m.sender_id = :u AND m.device = :d) "
+)
 
 
 @functools.cache
@@ -670,12 +832,14 @@ class SqliteMessageCenter(MessageCenter):
             # After every request this iteration read: one hand-over for all of them.
             self._loop.call_soon(self._hand_over)  # type: ignore[union-attr]
 
-    def ack(self, user_id: int, msg_ids: Sequence[int]) -> asyncio.Future[None]:
+    def ack(
+        self, user_id: int, device_id: int, cursors: Sequence[tuple[str, int]]
+    ) -> asyncio.Future[None]:
         fut: asyncio.Future[None] = (self._loop or asyncio.get_running_loop()).create_future()
         if self._closing or self._thread is None:
             fut.set_exception(ServiceUnavailable("the message store is closed"))
             return fut
-        self._acks.append(AckJob(user_id, msg_ids, fut))
+        self._acks.append(AckJob(user_id, device_id, cursors, fut))
         if not self._handing_over:
             self._handing_over = True
             self._loop.call_soon(self._hand_over)  # type: ignore[union-attr]
@@ -764,7 +928,7 @@ class SqliteMessageCenter(MessageCenter):
             log.warning(
                 "a batch of %d messages and %d acks failed (%s); writing its rows one by one",
                 len(stores),
-                len(acks) // 2,
+                len(acks) // 4,
                 exc,
             )
         except Exception as exc:
@@ -828,13 +992,13 @@ class SqliteMessageCenter(MessageCenter):
     ) -> list[tuple[Message, bool]]:
         """One group-commit transaction, on the writer thread (touches no future).
 
-        ``acks`` are ``(user_id, msg_id)`` pairs laid end to end.
+        ``acks`` are ``(user_id, conv, device_id, seq)`` cursor rows laid end to end.
         """
         db.execute("BEGIN IMMEDIATE")
         try:
             results = self._insert(db, stores) if stores else []
             if acks:
-                _write_rows(db, _DELETE_PENDING, 2, acks, _PAIR_ROWS)
+                _write_rows(db, _MOVE_CURSORS, 4, acks, _CURSOR_ROWS)
             db.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
@@ -864,7 +1028,7 @@ class SqliteMessageCenter(MessageCenter):
             if acks:
                 db.execute("SAVEPOINT acks")
                 try:
-                    _write_rows(db, _DELETE_PENDING, 2, acks, _PAIR_ROWS)
+                    _write_rows(db, _MOVE_CURSORS, 4, acks, _CURSOR_ROWS)
                 except _ROW_ERRORS as exc:
                     db.execute("ROLLBACK TO acks")
                     ack_error = ServiceUnavailable(f"the acks could not be stored: {exc}")
@@ -877,8 +1041,8 @@ class SqliteMessageCenter(MessageCenter):
         return outcomes, ack_error
 
     def _insert(self, db: sqlite3.Connection, stores: list[_Store]) -> list[tuple[Message, bool]]:
-        """Number and insert messages and their pending rows (in the caller's
-        transaction, so a rolled-back row gives its seq back)."""
+        """Number and insert messages (in the caller's transaction, so a rolled-back row
+        gives its seq back)."""
         results: list[tuple[Message, bool]] = [(m, False) for m, _, _ in stores]
         fresh, repeats = first_of_each(stores)
         # Optimistic: a retry of a stored message is rare, so the batch is numbered and
@@ -896,13 +1060,6 @@ class SqliteMessageCenter(MessageCenter):
             db.execute("RELEASE fresh")
         for i, first in repeats.items():
             results[i] = (results[first][0], True)
-        pending: list[int] = []
-        for (m, recipients, _), (_, dup) in zip(stores, results, strict=True):
-            if not dup:
-                for u in recipients:
-                    pending += (u, m.id)
-        if pending:
-            _write_rows(db, _INSERT_PENDING, 2, pending, _PAIR_ROWS)
         return results
 
     @staticmethod
@@ -940,14 +1097,17 @@ class SqliteMessageCenter(MessageCenter):
         """Give ``msgs`` the next seqs of their conversations and insert them."""
         if not msgs:
             return
-        convs = [conversation(m.kind, m.sender_id, m.to) for m in msgs]
+        convs = [m.conversation_key for m in msgs]
         counts = conversation_counts(convs)
+        reads = read_offsets(msgs, convs)
         flat_counts: list[Any] = []
         for c, n in counts.items():
-            flat_counts += (c, n)
-        last = dict(_read_rows(db, _BUMP_CONVERSATIONS, 2, flat_counts, _PAIR_ROWS))
+            lo, hi, last_id, lo_off, hi_off = reads[c]
+            flat_counts += (c, n, lo, hi, last_id, lo_off, hi_off)
+        last = dict(_read_rows(db, _BUMP_CONVERSATIONS, 7, flat_counts, _CONV_ROWS))
         number(msgs, convs, counts, last)
         flat: list[Any] = []
+        own: dict[tuple[int, int], int] = {}
         for m, conv in zip(msgs, convs, strict=True):
             flat += (
                 m.id,
@@ -960,12 +1120,20 @@ class SqliteMessageCenter(MessageCenter):
                 m.ts,
                 m.client_msg_id,
                 m.seq,
+                m.device,
             )
-        _write_rows(db, _INSERT_MESSAGES, 10, flat, _MESSAGE_ROWS)
+            if m.kind == "group" and own.get((m.to, m.sender_id), 0) < m.seq:
+                own[m.to, m.sender_id] = m.seq
+        _write_rows(db, _INSERT_MESSAGES, 11, flat, _MESSAGE_ROWS)
+        if own:
+            rows: list[Any] = []
+            for (group_id, sender), seq in own.items():
+                rows += (group_id, sender, seq)
+            _write_rows(db, _READ_OWN_GROUP, 3, rows, _PAIR_ROWS // 2)
 
     # -- reads --------------------------------------------------------------------------------
 
-    async def _rows(self, sql: str, params: Sequence[Any]) -> list[Any]:
+    async def _rows(self, sql: str, params: Sequence[Any] | dict[str, Any]) -> list[Any]:
         if self._rdb is None:
             raise ServiceUnavailable("the message database is not open")
         try:
@@ -973,18 +1141,124 @@ class SqliteMessageCenter(MessageCenter):
         except sqlite3.Error as exc:
             raise ServiceUnavailable(f"message database error: {exc}") from exc
 
-    async def pending(self, user_id: int, after_id: int, limit: int) -> list[Message]:
+    async def pending(
+        self, user_id: int, device_id: int, after_id: int, limit: int
+    ) -> list[Message]:
         rows = await self._rows(
-            f"SELECT {', '.join('m.' + c.strip() for c in _MSG_COLUMNS.split(','))} "
-            "FROM pending p JOIN messages m ON m.id = p.msg_id "
-            "WHERE p.user_id = ? AND p.msg_id > ? ORDER BY p.msg_id LIMIT ?",
-            (user_id, after_id, limit),
+            _PENDING + "ORDER BY m.id LIMIT :limit",
+            {"u": user_id, "d": device_id, "after": after_id, "limit": limit},
         )
         return [_message(r) for r in rows]
 
-    async def count_pending(self, user_id: int) -> int:
-        rows = await self._rows("SELECT count(*) FROM pending WHERE user_id = ?", (user_id,))
+    async def count_pending(self, user_id: int, device_id: int) -> int:
+        rows = await self._rows(
+            f"SELECT count(*) FROM ({_PENDING})", {"u": user_id, "d": device_id, "after": 0}
+        )
         return int(rows[0][0])
+
+    async def start_device(self, user_id: int, device_id: int) -> None:
+        await self._rows(
+            "INSERT OR IGNORE INTO cursors (user_id, conv, device, seq) "
+            f"SELECT :u, x.conv, :d, x.read_seq FROM ({_USER_CONVS}) AS x",
+            {"u": user_id, "d": device_id},
+        )
+
+    async def conversations(self, user_id: int, before: int, limit: int) -> list[Conversation]:
+        cols = ", ".join("m." + c.strip() for c in _MSG_COLUMNS.split(","))
+        rows = await self._rows(
+            "SELECT x.conv, x.last_seq, x.read_seq, x.peer, x.grp, x.activity, x.peer_read, "
+            "(SELECT max(k.seq) FROM cursors k WHERE k.user_id = x.peer AND k.conv = x.conv), "
+            f"coalesce(u.name, g.name, ''), {cols} "
+            f"FROM ({_USER_CONVS}) AS x "
+            "LEFT JOIN users u ON x.peer != 0 AND u.id = x.peer "
+            "LEFT JOIN groups g ON x.grp != 0 AND g.id = x.grp "
+            "LEFT JOIN messages m ON m.conv = x.conv AND m.seq = x.last_seq "
+            "WHERE (:before = 0 OR x.activity < :before) "
+            "ORDER BY x.activity DESC LIMIT :limit",
+            {"u": user_id, "before": before, "limit": limit},
+        )
+        out = []
+        for r in rows:
+            _, last_seq, read_seq, peer, grp, activity, peer_read, peer_cur, name = r[:9]
+            p2p = grp == 0
+            out.append(
+                Conversation(
+                    "p2p" if p2p else "group",
+                    peer,
+                    grp,
+                    name,
+                    last_seq,
+                    read_seq,
+                    peer_read if p2p else 0,
+                    max(peer_read, peer_cur or 0) if p2p else 0,
+                    activity,
+                    _message(r[9:]) if r[9] is not None else None,
+                )
+            )
+        return out
+
+    async def mark_read(self, user_id: int, conv: str, seq: int) -> tuple[int, int, list[int]]:
+        target = "CASE WHEN :seq <= 0 THEN last_seq ELSE min(:seq, last_seq) END"
+        pair = p2p_pair(conv)
+        if pair is not None:
+            found = await self._rows(
+                "SELECT CASE WHEN lo = :u THEN lo_read ELSE hi_read END FROM conversations "
+                "WHERE conv = :c",
+                {"u": user_id, "c": conv},
+            )
+            if not found:
+                return 0, 0, []
+            rows = await self._rows(
+                "UPDATE conversations SET "
+                f"lo_read = CASE WHEN lo = :u THEN max(lo_read, {target}) ELSE lo_read END, "
+                f"hi_read = CASE WHEN hi = :u THEN max(hi_read, {target}) ELSE hi_read END "
+                "WHERE conv = :c "
+                "RETURNING CASE WHEN lo = :u THEN lo_read ELSE hi_read END, last_seq",
+                {"u": user_id, "c": conv, "seq": seq},
+            )
+        else:
+            group_id = int(conv[2:])
+            found = await self._rows(
+                "SELECT read_seq FROM group_members WHERE group_id = ? AND user_id = ?",
+                (group_id, user_id),
+            )
+            if not found:
+                return 0, 0, []
+            last = await self._rows("SELECT last_seq FROM conversations WHERE conv = ?", (conv,))
+            last_seq = int(last[0][0]) if last else 0
+            target = "CASE WHEN :seq <= 0 THEN :last ELSE min(:seq, :last) END"
+            rows = await self._rows(
+                f"UPDATE group_members SET read_seq = max(read_seq, {target}) "
+                "WHERE group_id = :g AND user_id = :u RETURNING read_seq, :last",
+                {"u": user_id, "g": group_id, "seq": seq, "last": last_seq},
+            )
+        if not rows:
+            return 0, 0, []
+        old, (read_seq, last_seq) = int(found[0][0]), (int(rows[0][0]), int(rows[0][1]))
+        senders: list[int] = []
+        if read_seq > old:
+            senders = [
+                int(r[0])
+                for r in await self._rows(
+                    "SELECT DISTINCT sender_id FROM messages WHERE conv = ? AND seq > ? "
+                    "AND seq <= ? AND sender_id != ?",
+                    (conv, old, read_seq, user_id),
+                )
+            ]
+        return read_seq, last_seq, senders
+
+    async def receipts(self, group_id: int, seq: int) -> list[tuple[int, bool]]:
+        conv = conversation("group", 0, group_id)
+        rows = await self._rows(
+            "SELECT gm.user_id, gm.read_seq >= :s FROM group_members gm "
+            "WHERE gm.group_id = :g AND gm.user_id != coalesce("
+            "(SELECT sender_id FROM messages WHERE conv = :c AND seq = :s), 0) "
+            "AND (gm.read_seq >= :s OR EXISTS (SELECT 1 FROM cursors k "
+            "WHERE k.user_id = gm.user_id AND k.conv = :c AND k.seq >= :s)) "
+            "ORDER BY gm.user_id",
+            {"g": group_id, "c": conv, "s": seq},
+        )
+        return [(int(u), bool(r)) for u, r in rows]
 
     async def history(
         self,
