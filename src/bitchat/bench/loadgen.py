@@ -130,6 +130,8 @@ class Conn(asyncio.Protocol):
         """Closed by the bench on purpose: not a dropped connection."""
         self.gone: asyncio.Future[None] | None = None
         """Done once the connection is closed (made with the connection)."""
+        self.final_ack: asyncio.Future[Any] | None = None
+        """sync: the answer to the device's last Ack (sent as a request)."""
         self.waiters: dict[int, asyncio.Future[Any]] = {}
         self.last_write = 0
         # sending
@@ -214,7 +216,16 @@ class Conn(asyncio.Protocol):
                 self.received(d["sender_id"], int(parts[0]), int(parts[1]), now)
         for i in range(0, len(acks), MAX_ACK_IDS):
             chunk = acks[i : i + MAX_ACK_IDS] if len(acks) > MAX_ACK_IDS else acks
-            core.send_frame(encode_frame(w.ser, 0, _ACK, 0, w.dumps({"msg_ids": chunk})))
+            body = w.dumps({"msg_ids": chunk})
+            dev = self.device
+            last = i + MAX_ACK_IDS >= len(acks)
+            if dev is not None and dev.done_ns and self.final_ack is None and last:
+                # The device's last ack asks for an answer: once it comes, the server
+                # has stored this connection's acks (before it, as they are in order).
+                rid = core.send_request_body(_ACK, body)
+                self.final_ack = self.waiters[rid] = asyncio.get_running_loop().create_future()
+            else:
+                core.send_frame(encode_frame(w.ser, 0, _ACK, 0, body))
         if core.pending_output and not self.lost:
             assert self.transport is not None
             self.transport.write(core.data_to_send())

@@ -341,7 +341,7 @@ def run_sync(
             "login_failures": sum(login_errors.values()),
             "login_error_codes": login_errors,
             "login_latency_ms": percentiles_ms(sorted(login_us)),
-            "failed_pings": sum(c["failed_pings"] for c in caught),
+            "settle_failures": sum(c["settle_failures"] for c in caught),
             "devices_again": sum(a["logged_in"] for a in again),
             "pending_after_ack": sum(a["pending"] for a in again),
             "pushed_after_ack": sum(a["pushed"] for a in again),
@@ -393,5 +393,10 @@ def run_sync(
         result.problems.append(f"ERRORS: {result.send_errors} send(s) refused: {errors}")
     if unanswered:
         result.problems.append(f"UNACKED: {unanswered} send(s) got no answer within --timeout")
+    if result.extra["settle_failures"]:
+        result.problems.append(
+            f"ACKS: {result.extra['settle_failures']} device(s) got no answer to their "
+            "last ack (or ping) after the catch-up"
+        )
     if result.disconnects:
         result.problems.append(f"DISCONNECTS: {result.disconnects} connection(s) dropped")
