@@ -135,7 +135,10 @@ async def run_sync(w: Worker) -> None:
     devices = [
         DeviceState(u, device_name(plan.run_id, d)) for u in plan.users for d in range(plan.devices)
     ]
-    conns = await open_devices(w, devices, "password")
+    # First devices first: on a running server, a user's first login registers it.
+    first = device_name(plan.run_id, 0)
+    conns = await open_devices(w, [d for d in devices if d.name == first], "password")
+    conns += await open_devices(w, [d for d in devices if d.name != first], "password")
     if len(conns) != len(devices):
         raise RuntimeError(
             f"only {len(conns)} of {len(devices)} devices could log in: " + "; ".join(w.notes[:3])
