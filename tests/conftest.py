@@ -41,6 +41,14 @@ def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Callable[
     return {"asyncio": asyncio.new_event_loop}
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _own_config_folder(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """``bitchat client`` keeps device ids in the user's config folder: the suite's
+    clients (in process and child processes, which inherit the environment) keep
+    theirs in a folder of the test run, never in the real one."""
+    os.environ["XDG_CONFIG_HOME"] = str(tmp_path_factory.mktemp("config-home"))
+
+
 # -- settings and registries ------------------------------------------------------------------
 
 

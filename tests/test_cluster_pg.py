@@ -9,7 +9,7 @@ import pytest
 
 from bitchat import RequestError, ServiceUnavailable, codes
 from bitchat.cluster.pg import MIGRATIONS, PgDatabase, PgMessageCenter, PgUserCenter
-from bitchat.im.centers import Message
+from bitchat.im.centers import Message, conversation
 from bitchat.im.ids import IdGenerator, node_of
 from bitchat.im.passwords import hasher_for
 from cluster_support import (
@@ -77,7 +77,13 @@ async def test_users_tokens_and_groups(centers) -> None:
     assert bob.id != alice.id and users.known_user(bob.id) == bob
 
     token = await users.issue_token(alice.id, 60)
-    assert await users.check_token(token) == alice
+    assert await users.check_token(token) == (alice, 0)  # a token without a device
+    phone, new = await users.device(alice.id, "phone", 4)
+    assert new and await users.device(alice.id, "phone", 4) == (phone, False)
+    assert await users.device_name(alice.id, phone) == "phone"
+    assert await users.device_name(bob.id, phone) is None  # not bob's
+    on_phone = await users.issue_token(alice.id, 60, phone)
+    assert await users.check_token(on_phone) == (alice, phone)
     await users.revoke_token(token)
     assert await users.check_token(token) is None
     expired = await users.issue_token(alice.id, -1)
@@ -162,23 +168,27 @@ async def test_concurrent_joins_keep_the_group_size(centers) -> None:
 
 
 async def test_store_pending_ack_history(centers) -> None:
-    _, messages = centers
+    users, messages = centers
+    alice = await users.register("alice", "pw")
+    bob = await users.register("bob", "pw")
+    phone, _ = await users.device(bob.id, "phone", 4)
     ids = IdGenerator(7)
-    sent = [_msg(ids, 1, 2, f"m{i}", cid=f"c{i}") for i in range(20)]
+    sent = [_msg(ids, alice.id, bob.id, f"m{i}", cid=f"c{i}") for i in range(20)]
     # Stores are plain calls resolved by group commit, in call order.
-    results = await asyncio.gather(*(messages.store(m, [2]) for m in sent))
+    results = await asyncio.gather(*(messages.store(m, [bob.id]) for m in sent))
     assert [r[0].id for r in results] == [m.id for m in sent]
+    assert [r[0].seq for r in results] == list(range(1, 21))
     assert not any(dup for _, dup in results)
-    assert await messages.count_pending(2) == 20
-    page = await messages.pending(2, 0, 8)
+    assert await messages.count_pending(bob.id, phone) == 20
+    page = await messages.pending(bob.id, phone, 0, 8)
     assert [m.text for m in page] == [f"m{i}" for i in range(8)]
-    rest = await messages.pending(2, page[-1].id, 100)
+    rest = await messages.pending(bob.id, phone, page[-1].id, 100)
     assert [m.text for m in rest] == [f"m{i}" for i in range(8, 20)]
-    await messages.ack(2, [m.id for m in sent[:15]])
-    assert await messages.count_pending(2) == 5
-    hist = await messages.history(2, 1, 0, 0, 5)
+    await messages.ack(bob.id, phone, [(conversation("p2p", alice.id, bob.id), 15)])
+    assert await messages.count_pending(bob.id, phone) == 5
+    hist = await messages.history(bob.id, alice.id, 0, 0, 5)
     assert [m.text for m in hist] == ["m19", "m18", "m17", "m16", "m15"]
-    older = await messages.history(1, 2, 0, hist[-1].id, 100)
+    older = await messages.history(alice.id, bob.id, 0, hist[-1].id, 100)
     assert older[0].text == "m14" and len(older) == 15
     assert await messages.last_id(7) == sent[-1].id
     assert await messages.last_id(8) == 0
@@ -196,7 +206,7 @@ async def test_retry_with_same_client_id_is_not_stored_twice(centers) -> None:
     assert r2[1] is True and r2[0].id == first.id
     r3 = await messages.store(_msg(ids, 1, 2, "hello", cid="same"), [2])
     assert r3[1] is True and r3[0].id == first.id
-    assert await messages.count_pending(2) == 1
+    assert len(await messages.history(1, 2, 0, 0, 10)) == 1
     # The same message again (its first commit reply was lost): stored, not a duplicate.
     again = await messages.store(first, [2])
     assert again == (first, False)
@@ -220,7 +230,7 @@ async def test_a_dropped_connection_is_retried(pg_dsn: str) -> None:
         assert await users.authenticate("alice", "pw", False) == alice
         assert await terminate_backends(pg_dsn, "bitchat-victim") >= 1
         _, dup = await messages.store(_msg(IdGenerator(1), alice.id, 5, "hi"), [5])
-        assert not dup and await messages.count_pending(5) == 1
+        assert not dup and len(await messages.history(5, alice.id, 0, 0, 10)) == 1
         assert db.health.up
     finally:
         await messages.close()
@@ -237,17 +247,19 @@ async def test_postgres_down_refuses_work_then_recovers(pg_dsn: str) -> None:
     await messages.start()
     try:
         alice = await users.register("alice", "pw")
+        bob = await users.register("bob", "pw")
+        laptop, _ = await users.device(bob.id, "laptop", 4)
         await proxy.cut()
         with pytest.raises(ServiceUnavailable) as err:
-            await messages.store(_msg(IdGenerator(1), alice.id, 5, "lost?"), [5])
+            await messages.store(_msg(IdGenerator(1), alice.id, bob.id, "lost?"), [bob.id])
         assert err.value.code == codes.UNAVAILABLE
         assert not db.health.up
         with pytest.raises(ServiceUnavailable):
             await users.check_token("whatever")
         await proxy.restore()
         await db.health.wait(True, WAIT)  # the background probe reconnects
-        await messages.store(_msg(IdGenerator(1), alice.id, 5, "after"), [5])
-        assert [m.text for m in await messages.pending(5, 0, 10)] == ["after"]
+        await messages.store(_msg(IdGenerator(1), alice.id, bob.id, "after"), [bob.id])
+        assert [m.text for m in await messages.pending(bob.id, laptop, 0, 10)] == ["after"]
     finally:
         await messages.close()
         await users.close()

@@ -20,6 +20,7 @@ from wsproto.frame_protocol import FrameProtocol
 
 from bitchat import Server, Session
 from bitchat.im.client import IMClient
+from im_helpers import pending_of
 from web_helpers import (
     ACK,
     CHAT,
@@ -95,7 +96,7 @@ async def test_ping_login_and_chat_with_a_tcp_client(server: Server) -> None:
         # The ack clears it: nothing is pending for the WebSocket user any more.
         await ws.send(frame(ACK, {"msg_ids": [body["msg_id"]]}, rid=9))
         assert (await recv(ws))[:3] == (RESPONSE, 100, 9)
-        assert await server.data["im"].messages.count_pending(ok["user_id"]) == 0
+        assert await pending_of(server.data["im"], ok["user_id"], ok["device"]) == 0
 
         # WebSocket -> TCP.
         _, type_, _, sent = await request(ws, SEND_P2P, {"to": me.user_id, "text": "and back"}, 10)

@@ -138,6 +138,11 @@ class Settings:
     """First wait before reconnecting; doubles per failure, with full jitter."""
     reconnect_max_delay: float = setting(10.0, gt=0, unit="s", commands=_C)
     """Longest wait between two reconnect attempts (at least ``reconnect_initial_delay``)."""
+    device: str | None = setting(None, commands=_C, metavar="NAME")
+    """The client's device id, sent at login (letters, digits, ``-_.:``): the server
+    keeps what each device has got. Unset: the one kept for the server and user in
+    ``$XDG_CONFIG_HOME/bitchat/devices.json`` (``~/.config``), else the one the
+    server names at the first login, which is then kept there."""
 
     # Server process.
     host: str = setting("0.0.0.0", commands=_SR)

@@ -8,6 +8,11 @@ every disconnect). ``--host``/``--port`` name the server to connect to; the
 client's settings (timeouts, heartbeat, reconnect delays) come from its options,
 the ``BITCHAT_<NAME>`` environment variables and ``--config``, as the server's do.
 
+The device id it logs in with is ``--device`` (a setting: also ``BITCHAT_DEVICE``
+and the config file's ``device``); without it, the one kept for the server and
+user in ``devices.json`` of the user's config folder (:mod:`bitchat.cli.devices`),
+else the one the server names at the first login, kept there for the next run.
+
 The client says what happens to its connection in status lines of its own
 (``Connection lost; reconnecting...``), so the library's log records below
 ERROR are not shown unless ``--log-level debug``.
@@ -24,11 +29,12 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from bitchat.cli.devices import DEVICE_ID, FILE_NAME, DeviceStore, config_dir
 from bitchat.cli.options import add_settings_options, print_config, settings_from_args
 from bitchat.cli.sanitize import visible_lines
 from bitchat.client import Resolver
 from bitchat.errors import ConfigError
-from bitchat.settings import CLIENT, Settings
+from bitchat.settings import CLIENT, Settings, show
 
 
 def add_parser(sub: Any) -> None:
@@ -94,6 +100,14 @@ class _CurrentStderr:
         sys.stderr.flush()
 
 
+def server_name(args: argparse.Namespace) -> str:
+    """The server the device ids are kept for: the router's address names a cluster."""
+    if args.router:
+        return f"router {args.router}"
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    return f"{host}:{args.port}"
+
+
 def _quiet_logging(level: str) -> None:
     # The client prints connection changes as status lines; the library's warnings
     # (a router with no server, a failed reconnect) would repeat them, timestamped.
@@ -132,6 +146,8 @@ async def main(
         im,
         out=lambda line: print(line, flush=True),
         via=f"router {args.router}" if args.router else None,
+        device=settings.device,
+        devices=DeviceStore(config_dir() / FILE_NAME, server_name(args)),
     )
     # Connect in the background: the prompt is usable at once; a command waits
     # for an attempt under way, and fails at once while the server is unreachable.
@@ -162,6 +178,14 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print_config(loaded, CLIENT)
         return 0
+    device = loaded.settings.device
+    if device is not None and not DEVICE_ID.fullmatch(device):
+        where = loaded.origins.get("device", "device")
+        print(
+            f"bitchat client: {where}: expected letters, digits and -_.: only, got {show(device)}",
+            file=sys.stderr,
+        )
+        return 2
     try:
         tls_context(args)
     except (OSError, ssl.SSLError) as exc:

@@ -29,7 +29,7 @@ import sys
 import threading
 import unicodedata
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from bitchat.cli.sanitize import visible
 from bitchat.client import State
@@ -42,15 +42,19 @@ from bitchat.errors import (
     UsageError,
     codes,
 )
-from bitchat.im.packets import GROUP, ChatMessage, LoginOk
+from bitchat.im.packets import GROUP, P2P, ChatMessage, LoginOk, Receipt
 
 if TYPE_CHECKING:
     from prompt_toolkit import PromptSession
 
+    from bitchat.cli.devices import DeviceStore
     from bitchat.im.client import IMClient
 
 PROMPT = "bitchat> "
 HISTORY_PAGE = 20
+CONVERSATION_PAGE = 20
+LAST_MESSAGE_WIDTH = 40
+"""Columns of a conversation's last message in ``-cl`` (a longer one is cut, ``...``)."""
 
 USAGE = """\
 Usage: <cmd> [options]
@@ -66,6 +70,9 @@ Usage: <cmd> [options]
   -gm groupId                list a group's members
   -hi userId [beforeId]      history with a user, 20 messages, oldest first
   -hi -g groupId [beforeId]  history of a group
+  -cl [before]               list my conversations: unread count, last message
+  -read userId [seq]         mark the conversation with a user read (up to seq)
+  -read -g groupId [seq]     mark a group read (default: up to its last message)
   help                       show this
   bye                        quit"""
 
@@ -104,6 +111,20 @@ def _width(text: str) -> int:
     return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
 
 
+def _clip(text: str, width: int = LAST_MESSAGE_WIDTH) -> str:
+    """``text`` as printed (escaped), cut to ``width`` columns with ``...`` if longer."""
+    text = visible(text)
+    if _width(text) <= width:
+        return text
+    out, used = [], 0
+    for c in text:
+        used += _width(c)
+        if used > width - 3:
+            break
+        out.append(c)
+    return "".join(out) + "..."
+
+
 def table(
     headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()
 ) -> list[str]:
@@ -136,10 +157,23 @@ class Repl:
     character, no line break inside.
     """
 
-    def __init__(self, im: IMClient, out: Output | None = None, via: str | None = None) -> None:
+    def __init__(
+        self,
+        im: IMClient,
+        out: Output | None = None,
+        via: str | None = None,
+        *,
+        device: str | None = None,
+        devices: DeviceStore | None = None,
+    ) -> None:
         self.im = im
         self._write: Output = out or print
         self.via = via  # "router HOST:PORT" when a cluster router picks the server
+        # The device id to log in with (--device); else the one ``devices`` keeps for
+        # the user, else the server names one and ``devices`` keeps it.
+        self.device = device
+        self.devices = devices
+        self._group_names: dict[int, str] = {}  # for receipt lines: [group 1] moon
         self.failures = 0
         """Commands that failed (a refusal, a lost connection, a bad command line)."""
         self._connected_once = False  # "Connected" the first time, then "Reconnected"
@@ -163,8 +197,11 @@ class Repl:
             "-gl": (self.group_list, "List groups"),
             "-gm": (self.group_members, "List members"),
             "-hi": (self.history, "History"),
+            "-cl": (self.conversation_list, "List conversations"),
+            "-read": (self.mark_read, "Mark read"),
         }
         im.on_message(self.show_message)
+        im.on_receipt(self.show_receipt)
         im.on_relogin(self._relogged_in)
         im.client.on_state.append(self._state_changed)
 
@@ -183,10 +220,38 @@ class Repl:
             text = f"{m.sender_name}({m.sender_id}) -> {m.to}: {m.text}"
         else:
             text = f"{m.sender_name}({m.sender_id}): {m.text}"
+        self._show(text)
+
+    def _show(self, text: str) -> None:
+        """Print a line about something that came in, after a login line under way."""
         if self._held is not None:
             self._held.append(text)
         else:
             self.out(text)
+
+    async def show_receipt(self, r: Receipt) -> None:
+        """A "read" receipt is one line: ``houyi(1) read your messages up to 17``, in a
+        group ``... in [group 1] moon up to 17``; "delivered" ones are not shown."""
+        if r.kind != "read":
+            return
+        who = f"{r.name}({r.user_id}) read your messages"
+        if not r.group_id:
+            self._show(f"{who} up to {r.seq}")
+            return
+        name = await self._group_name(r.group_id)
+        where = f"[group {r.group_id}]" + (f" {name}" if name else "")
+        self._show(f"{who} in {where} up to {r.seq}")
+
+    async def _group_name(self, group_id: int) -> str:
+        """The group's name, asked of the server the first time ("" if it cannot say)."""
+        if group_id not in self._group_names:
+            with contextlib.suppress(BitchatError, OSError):
+                self._remember_groups(await self.im.my_groups())
+        return self._group_names.get(group_id, "")
+
+    def _remember_groups(self, groups: Sequence[dict[str, Any]]) -> None:
+        for g in groups:
+            self._group_names[g["id"]] = g["name"]
 
     def _hold(self) -> None:
         """Hold incoming messages back until :meth:`_release`: the server pushes the
@@ -273,6 +338,7 @@ class Repl:
         if ok is not None:
             more = f", {ok.pending} missed message(s)" if ok.pending else ""
             self.out(f"Logged in again as {ok.name}({ok.user_id}){more}")
+            self._keep_device(ok)
         elif error is not None:
             self.out(f"Login failed cause: {_cause(error)}")
         self._release()
@@ -339,15 +405,29 @@ class Repl:
         if len(parts) != 3:
             raise _Usage("-lo userName password")
         await self._connected()
+        name = parts[1]
+        kept = self.devices.get(name) if self.devices is not None else ""
+        device = self.device or kept  # "": the server names a new one
         self._hold()
         try:
-            await self.im.login(parts[1], parts[2])
+            ok = await self.im.login(name, parts[2], device=device)
         except (BitchatError, OSError) as exc:
             self._fail(f"Login failed cause: {_cause(exc)}")
         else:
             self.out("Login success")
+            self._keep_device(ok)
         finally:
             self._release()
+
+    def _keep_device(self, ok: LoginOk) -> None:
+        """Keep the session's device for the next run, unless ``--device`` names it."""
+        if self.device or self.devices is None or not ok.device:
+            return
+        try:
+            self.devices.put(ok.name, ok.device)
+        except OSError as exc:
+            # Not a failed login: this run goes on; the next one is a new device.
+            self.out(f"Cannot keep the device id in {self.devices.path}: {_cause(exc)}")
 
     async def register(self, parts: list[str], line: str) -> None:
         if len(parts) != 3:
@@ -386,6 +466,7 @@ class Repl:
             raise _Usage("-gcreate groupName")
         await self._connected()
         g = await self.im.create_group(name)
+        self._group_names[g.group_id] = g.name
         self.out(f"Group created: {g.name}({g.group_id})")
 
     @staticmethod
@@ -399,6 +480,7 @@ class Repl:
         group_id = self._group_id(parts, "-gjoin groupId")
         await self._connected()
         g = await self.im.join_group(group_id)
+        self._group_names[g.group_id] = g.name
         self.out(f"Joined group {g.name}({g.group_id}), {g.members} member(s)")
 
     async def group_leave(self, parts: list[str], line: str) -> None:
@@ -412,6 +494,7 @@ class Repl:
             raise _Usage("-gl")
         await self._connected()
         groups = await self.im.my_groups()
+        self._remember_groups(groups)
         if not groups:
             self.out("No groups")
             return
@@ -457,6 +540,49 @@ class Repl:
         if page.more:
             flag = "-g " if group else ""
             self.out(f"(older: -hi {flag}{target} {messages[-1].msg_id})")
+
+    async def conversation_list(self, parts: list[str], line: str) -> None:
+        before = _int(parts[1]) if len(parts) == 2 else 0
+        if len(parts) > 2 or before is None:
+            raise _Usage("-cl [before]")
+        await self._connected()
+        page = await self.im.conversations(CONVERSATION_PAGE, before)
+        if not page.conversations:
+            self.out("No conversations")
+            return
+        rows = []
+        for c in page.conversations:
+            if c["kind"] == P2P:
+                who = f"{c['name']}({c['peer_id']})"
+            else:
+                self._group_names[c["group_id"]] = c["name"]
+                who = f"[group {c['group_id']}] {c['name']}"
+            m = c.get("last_message")
+            last = _clip(f"{m['sender_name']}({m['sender_id']}): {m['text']}") if m else ""
+            rows.append([who, str(c["unread"]), last])
+        for text in table(["conversation", "unread", "last message"], rows, right=[1]):
+            self.out(text)
+        if page.more:
+            self.out(f"(more: -cl {page.conversations[-1]['activity']})")
+
+    async def mark_read(self, parts: list[str], line: str) -> None:
+        args = parts[1:]
+        group = bool(args) and args[0] == "-g"
+        if group:
+            args = args[1:]
+        ids = [_int(a) for a in args]
+        if not 1 <= len(ids) <= 2 or any(i is None for i in ids):
+            raise _Usage("-read userId [seq]  or  -read -g groupId [seq]")
+        target = ids[0] or 0
+        seq = (ids[1] or 0) if len(ids) == 2 else 0
+        await self._connected()
+        if group:
+            state = await self.im.mark_read(group_id=target, seq=seq)
+            where = f"in group {target}"
+        else:
+            state = await self.im.mark_read(peer_id=target, seq=seq)
+            where = f"with user {target}"
+        self.out(f"Read up to {state.read_seq} {where}, {state.unread} unread")
 
     # -- front ends -----------------------------------------------------------------------
 

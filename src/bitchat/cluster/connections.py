@@ -25,9 +25,10 @@ stream's replay would; and whenever another node drops out of the registry
 forwarded. Pub/sub keeps nothing in Redis, needs no trimming or
 consumer groups, and a dead node leaves no backlog behind.
 
-Typing events cross nodes on one cluster-wide ``P typing`` channel, each with its
+Events (typing, read states, receipts: any IM push but a message) cross nodes on
+one cluster-wide ``P typing`` channel, each as its packet type and body with its
 recipients, and each node pushes to those it holds: no lookup of where the
-recipients are, since typing is rate-limited per conversation and worth less than
+recipients are, since events are small, rate-limited or rare and worth less than
 the round trip; never stored, and one lost in transit is simply lost.
 
 While Redis is down the node refuses logins and online lists with ``unavailable``
@@ -55,10 +56,11 @@ from bitchat.cluster.registry import (
     connect_redis,
     safe_url,
 )
-from bitchat.errors import ServiceUnavailable
+from bitchat.errors import BitchatError, ServiceUnavailable
 from bitchat.im.centers import ConnectionCenter, Message
 from bitchat.im.delivery import push_message
 from bitchat.im.packets import TypingEvent
+from bitchat.protocol.packets import Packet, registry
 from bitchat.settings import Settings
 
 if TYPE_CHECKING:
@@ -148,8 +150,8 @@ class RedisConnectionCenter(ConnectionCenter):
         self._left_queue = 0  # of those, forwarded (or given up on)
         self._after_forward: collections.deque[tuple[int, Callable[[], None]]] = collections.deque()
         self._peers: dict[int, str] | None = None  # other live nodes: id -> instance
-        self._typing_out: list[bytes] = []
-        self._typing_task: asyncio.Task[None] | None = None
+        self._events_out: list[bytes] = []
+        self._events_task: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
         self._closing = False
         self._left = False
@@ -353,59 +355,61 @@ class RedisConnectionCenter(ConnectionCenter):
         self._publishing.add(task)
         task.add_done_callback(self._publishing.discard)
 
-    # -- typing across nodes ----------------------------------------------------------------
+    # -- pushes of events across nodes -------------------------------------------------------
 
-    def deliver_typing(self, event: TypingEvent, user_ids: Sequence[int]) -> None:
+    def deliver_event(
+        self, packet: Packet, user_ids: Sequence[int], exclude_session: int = 0
+    ) -> None:
         by_user = self._by_user
         for u in user_ids:
             for s in by_user.get(u, ()):
-                s.push(event)
-        if self._closing or len(self._typing_out) >= self.settings.forward_queue_max:
+                if s.id != exclude_session:
+                    s.push(packet)
+        if self._closing or len(self._events_out) >= self.settings.forward_queue_max:
             return  # best effort: dropped
-        self._typing_out.append(
-            msgpack.packb(
-                [
-                    self.node_id,
-                    event.user_id,
-                    event.name,
-                    event.to,
-                    event.group_id,
-                    event.typing,
-                    event.expires_in,
-                    list(user_ids),
-                ]
-            )
+        # The excluded session is one of this node's: the others push to all they hold.
+        self._events_out.append(
+            msgpack.packb([self.node_id, packet.TYPE, packet.to_dict(), list(user_ids)])
         )
-        if self._typing_task is None:
-            task = asyncio.get_running_loop().create_task(self._publish_typing())
-            self._typing_task = task
+        if self._events_task is None:
+            task = asyncio.get_running_loop().create_task(self._publish_events())
+            self._events_task = task
             self._publishing.add(task)
             task.add_done_callback(self._publishing.discard)
 
-    async def _publish_typing(self) -> None:
+    async def _publish_events(self) -> None:
         """Publish what is queued, in one pipeline per round, until nothing is left."""
         try:
-            while self._typing_out:
-                batch, self._typing_out = self._typing_out, []
+            while self._events_out:
+                batch, self._events_out = self._events_out, []
                 try:
                     async with self.redis.pipeline(transaction=False) as pipe:
                         for payload in batch:
                             pipe.publish(self.keys.typing, payload)
                         await pipe.execute()
                 except REDIS_ERRORS as exc:
-                    self._failed(exc, "publishing typing events")  # lost: best effort
+                    self._failed(exc, "publishing events")  # lost: best effort
         finally:
-            self._typing_task = None
+            self._events_task = None
 
-    def _typing_received(self, data: list[Any]) -> None:
-        node, user_id, name, to, group_id, typing, expires_in, users = data
+    def _event_received(self, data: list[Any]) -> None:
+        if len(data) == 8:
+            # A node from before events carries typing only, field by field.
+            node, user_id, name, to, group_id, typing, expires_in, users = data
+            packet: Packet = TypingEvent(user_id, name, to, group_id, typing, expires_in)
+        else:
+            node, type_, body, users = data
+            cls = registry.get(type_)
+            if cls is None:
+                log.warning("dropping an event of unknown packet type %r", type_)
+                return
+            packet = cls.from_dict(body)
         if node == self.node_id:
             return
-        event = TypingEvent(user_id, name, to, group_id, typing, expires_in)
         by_user = self._by_user
         for u in users:
             for s in by_user.get(u, ()):
-                s.push(event)
+                s.push(packet)
 
     # -- health -----------------------------------------------------------------------------
 
@@ -631,9 +635,9 @@ class RedisConnectionCenter(ConnectionCenter):
             return
         if channel == self.keys.typing:
             try:
-                self._typing_received(data)
-            except (TypeError, ValueError):
-                log.warning("dropping a malformed typing event")
+                self._event_received(data)
+            except (TypeError, ValueError, BitchatError):
+                log.warning("dropping a malformed event")
             return
         if channel == self.keys.presence:
             node, user_id, name, online, *rest = data  # a node before last seen sends 4

@@ -10,9 +10,15 @@
 
 Incoming messages are acked automatically (in one Ack per loop iteration) and
 deduplicated, so a message redelivered after a reconnect is seen once. After a
-reconnect the client logs in again with its token, and the server pushes what
-was missed. Sends carry a client message id and are retried with it when the
-connection drops, so a retry is never stored twice.
+reconnect the client logs in again with its token and its device, and the
+server pushes what this device missed. Sends carry a client message id and are
+retried with it when the connection drops, so a retry is never stored twice.
+
+A device is the client's stable id on the server (``IMClient(device=...)`` or
+``login(..., device=...)``): the server keeps, per device, how far it has each
+conversation. Without one, the server names a new device at a password login;
+:attr:`IMClient.device` holds it after the login: keep it and pass it next time,
+or every run is a new device that starts at the user's read position.
 """
 
 from __future__ import annotations
@@ -32,7 +38,10 @@ from bitchat.im.centers import User
 from bitchat.im.packets import (
     Ack,
     ChatMessage,
+    ConversationList,
     CreateGroup,
+    GetConversations,
+    GetReceipts,
     GroupInfo,
     GroupList,
     GroupMembers,
@@ -44,10 +53,14 @@ from bitchat.im.packets import (
     Login,
     LoginOk,
     Logout,
+    MarkRead,
     MemberList,
     MyGroups,
     OnlineUsers,
     Presence,
+    ReadState,
+    Receipt,
+    Receipts,
     Register,
     SendAck,
     SendGroup,
@@ -76,7 +89,8 @@ def new_client_msg_id() -> str:
 
 
 class IMClient:
-    """An IM user's connection: login, online list, chat, groups, history."""
+    """An IM user's connection: login, online list, chat, groups, history, the
+    conversation list, read positions and receipts."""
 
     def __init__(
         self,
@@ -99,7 +113,8 @@ class IMClient:
         self.user: User | None = None
         self.token: str | None = None
         self.device = device
-        """This device's id: sent at every login; the server's name for it if empty."""
+        """This client's device id, sent at every login; after a login, the one the
+        server says this session is (:attr:`LoginOk.device`)."""
         self._password: tuple[str, str] | None = None
         self._callbacks: list[MessageCallback] = []
         self._queues: list[asyncio.Queue[ChatMessage]] = []
@@ -147,9 +162,8 @@ class IMClient:
                         raise
                     log.info("token refused (%s); logging in with the password", exc.code)
             if ok is None and self._password is not None:
-                ok = await self._login(
-                    Login(self._password[0], self._password[1], device=self.device)
-                )
+                name, password = self._password
+                ok = await self._login(Login(name, password, device=self.device))
         except RequestError as exc:
             # A warning: the on_relogin callbacks report it (the CLI prints one line).
             log.warning("logging in again after the reconnect failed: %s", exc)
@@ -165,7 +179,8 @@ class IMClient:
         assert isinstance(ok, LoginOk)
         self.user = User(ok.user_id, ok.name)
         self.token = ok.token
-        self.device = ok.device or self.device
+        if ok.device:  # an older server names none: keep ours
+            self.device = ok.device
         return ok
 
     # -- the seed's Funcs ---------------------------------------------------------------------
@@ -175,8 +190,17 @@ class IMClient:
         assert isinstance(info, UserInfo)
         return User(info.user_id, info.name)
 
-    async def login(self, name: str = "", password: str = "", *, token: str = "") -> LoginOk:
-        """Log in (``-lo name password``); raises RequestError ``login_failed``."""
+    async def login(
+        self, name: str = "", password: str = "", *, token: str = "", device: str | None = None
+    ) -> LoginOk:
+        """Log in (``-lo name password``); raises RequestError ``login_failed``.
+
+        ``device`` (default: :attr:`device`) is this client's device id; empty, the
+        server names one (a password login) or takes the token's. Either way
+        :attr:`device` is then the session's device, used at every login after a
+        reconnect."""
+        if device is not None:
+            self.device = device
         ok = await self._login(Login(name, password, token, self.device))
         if name:
             self._password = (name, password)
@@ -316,6 +340,49 @@ class IMClient:
         assert isinstance(resp, HistoryPage)
         return resp
 
+    # -- conversations, read state, receipts --------------------------------------------------
+
+    async def conversations(self, limit: int = 50, before: int = 0) -> ConversationList:
+        """A page of this user's conversations, most recent activity first (the server
+        caps ``limit`` at its ``conversations_max_page``); page on with ``before`` =
+        the last one's ``activity`` while ``more``. Each is a dict: ``kind``,
+        ``peer_id`` / ``group_id``, ``name``, ``last_seq``, ``read_seq``, ``unread``,
+        ``peer_read_seq``, ``peer_delivered_seq``, ``activity``, ``last_message``."""
+        resp = await self.client.request(GetConversations(limit, before))
+        assert isinstance(resp, ConversationList)
+        return resp
+
+    async def all_conversations(self, page: int = 50) -> AsyncIterator[dict[str, Any]]:
+        """Every conversation, most recent first, asked for ``page`` at a time."""
+        before = 0
+        while True:
+            resp = await self.conversations(page, before)
+            for c in resp.conversations:
+                yield c
+            if not resp.more or not resp.conversations:
+                return
+            before = resp.conversations[-1]["activity"]
+
+    async def mark_read(self, peer_id: int = 0, group_id: int = 0, seq: int = 0) -> ReadState:
+        """The user has read the conversation with ``peer_id`` (or the group
+        ``group_id``) up to ``seq`` (0: its latest message). Never moves back: the
+        answer has the read position now and what is left unread. The user's other
+        sessions get it as a push (:meth:`on_read_state`), the senders a
+        :class:`Receipt`. Nothing marks read unless asked."""
+        if bool(peer_id) == bool(group_id):
+            raise UsageError("mark_read() takes either peer_id or group_id")
+        resp = await self.client.request(MarkRead(peer_id, group_id, seq))
+        assert isinstance(resp, ReadState)
+        return resp
+
+    async def receipts(self, group_id: int, seq: int, who: bool = False) -> Receipts:
+        """How many members of the group have message ``seq`` on a device
+        (``delivered``) and have read it (``read``), its sender not counted; with
+        ``who``, ``readers`` lists each ``{"id", "name", "read"}``."""
+        resp = await self.client.request(GetReceipts(group_id, seq, who))
+        assert isinstance(resp, Receipts)
+        return resp
+
     # -- incoming -----------------------------------------------------------------------------
 
     def on_message(self, callback: MessageCallback) -> None:
@@ -333,6 +400,19 @@ class IMClient:
         seconds unless repeated, or when a message from that user arrives there."""
         self.client.on(TypingEvent, callback)
 
+    def on_receipt(self, callback: Callable[[Receipt], Any]) -> None:
+        """Call ``callback(Receipt)`` when someone has your messages on a device
+        (``kind`` "delivered", one-to-one only) or has read them (``kind`` "read"),
+        up to ``seq``: one-to-one (``group_id`` 0; the conversation with
+        ``user_id``) or in ``group_id``. Best effort; :meth:`conversations` and
+        :meth:`receipts` have the stored state."""
+        self.client.on(Receipt, callback)
+
+    def on_read_state(self, callback: Callable[[ReadState], Any]) -> None:
+        """Call ``callback(ReadState)`` when another session of this user marked a
+        conversation read (this session's own :meth:`mark_read` returns it)."""
+        self.client.on(ReadState, callback)
+
     async def messages(self) -> AsyncIterator[ChatMessage]:
         """Iterate over incoming messages until the client closes."""
         q: asyncio.Queue[ChatMessage] = asyncio.Queue()
@@ -347,8 +427,9 @@ class IMClient:
             self._queues.remove(q)
 
     def _on_chat(self, m: ChatMessage) -> None:
-        own = self.user is not None and m.sender_id == self.user.id
-        if self.auto_ack and not own:
+        # Own messages too: one sent from another device comes here to be acked, or
+        # the server pushes it again at this device's next login.
+        if self.auto_ack:
             self._ack_later(m.msg_id)
         if m.msg_id in self._seen:
             return

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import aiosqlite
 
 from bitchat.errors import RequestError, ServiceUnavailable, codes
+from bitchat.im import sql
 from bitchat.im.centers import (
     AckJob,
     Conversation,
@@ -574,13 +575,6 @@ def _join_id(ts: float) -> int:
     return id_at(int(ts * 1000))
 
 
-_MSG_COLUMNS = "id, kind, sender_id, sender_name, to_id, text, ts, client_msg_id, seq, device, conv"
-
-
-def _message(row: Sequence[Any]) -> Message:
-    return Message(*row)
-
-
 _MESSAGE_ROWS = 90
 """Message rows per INSERT statement (11 variables each: under SQLite's oldest limit of 999)."""
 _PAIR_ROWS = 400
@@ -612,7 +606,7 @@ _READ_OWN_GROUP = (
 )
 # A join from the keys (not a row-value IN, which scans the whole index).
 _FIND_RETRIES = (
-    f"SELECT {', '.join('m.' + c.strip() for c in _MSG_COLUMNS.split(','))} "
+    f"SELECT {', '.join('m.' + c for c in sql.MSG_COLUMNS)} "
     "FROM (VALUES {rows}) AS d CROSS JOIN messages m "
     "ON m.sender_id = d.column1 AND m.client_msg_id = d.column2 AND m.client_msg_id != ''"
 )
@@ -620,27 +614,6 @@ _MOVE_CURSORS = (
     "INSERT INTO cursors (user_id, conv, device, seq) "
     "SELECT * FROM (VALUES {rows}) WHERE column1 IS NOT NULL "
     "ON CONFLICT (user_id, conv, device) DO UPDATE SET seq = max(seq, excluded.seq)"
-)
-# The user's conversations with their read position and where a device without a
-# cursor there starts (0: a p2p conversation newer than the device; a group: the join).
-_USER_CONVS = (
-    "SELECT c.conv, c.last_seq, CASE WHEN c.lo = :u THEN c.lo_read ELSE c.hi_read END AS read_seq, "
-    "0 AS start_seq, CASE WHEN c.lo = :u THEN c.hi ELSE c.lo END AS peer, 0 AS grp, "
-    "c.last_id AS activity, CASE WHEN c.lo = :u THEN c.hi_read ELSE c.lo_read END AS peer_read "
-    "FROM conversations c WHERE c.lo = :u OR c.hi = :u "
-    "UNION ALL "
-    "SELECT 'g:' || gm.group_id, coalesce(c.last_seq, 0), gm.read_seq, gm.start_seq, 0, "
-    "gm.group_id, max(coalesce(c.last_id, 0), gm.joined_id), 0 "
-    "FROM group_members gm LEFT JOIN conversations c ON c.conv = 'g:' || gm.group_id "
-    "WHERE gm.user_id = :u"
-)
-_PENDING = (
-    f"SELECT {', '.join('m.' + c.strip() for c in _MSG_COLUMNS.split(','))} "
-    f"FROM ({_USER_CONVS}) AS x "
-    "LEFT JOIN cursors k ON k.user_id = :u AND k.conv = x.conv AND k.device = :d "
-    "JOIN messages m ON m.conv = x.conv AND m.seq > coalesce(k.seq, x.start_seq) "
-    "WHERE x.last_seq > coalesce(k.seq, x.start_seq) AND m.id > :after "
-    "AND NOT (m.sender_id = :u AND m.device = :d) "
 )
 
 
@@ -1080,7 +1053,7 @@ class SqliteMessageCenter(MessageCenter):
             return fresh
         originals = {
             (o.sender_id, o.client_msg_id): o
-            for o in map(_message, _read_rows(db, _FIND_RETRIES, 2, keys, _PAIR_ROWS))
+            for o in map(sql.message, _read_rows(db, _FIND_RETRIES, 2, keys, _PAIR_ROWS))
         }
         kept = []
         for i in fresh:
@@ -1141,123 +1114,57 @@ class SqliteMessageCenter(MessageCenter):
         except sqlite3.Error as exc:
             raise ServiceUnavailable(f"message database error: {exc}") from exc
 
+    async def _query(self, sql_text: str, **params: Any) -> list[Any]:
+        return await self._rows(*sql.render(sql_text, sql.Dialect.SQLITE, params))
+
     async def pending(
         self, user_id: int, device_id: int, after_id: int, limit: int
     ) -> list[Message]:
-        rows = await self._rows(
-            _PENDING + "ORDER BY m.id LIMIT :limit",
-            {"u": user_id, "d": device_id, "after": after_id, "limit": limit},
-        )
-        return [_message(r) for r in rows]
+        rows = await self._query(sql.PENDING, u=user_id, d=device_id, after=after_id, limit=limit)
+        return [sql.message(r) for r in rows]
 
     async def count_pending(self, user_id: int, device_id: int) -> int:
-        rows = await self._rows(
-            f"SELECT count(*) FROM ({_PENDING})", {"u": user_id, "d": device_id, "after": 0}
-        )
+        rows = await self._query(sql.COUNT_PENDING, u=user_id, d=device_id)
         return int(rows[0][0])
 
     async def start_device(self, user_id: int, device_id: int) -> None:
-        await self._rows(
-            "INSERT OR IGNORE INTO cursors (user_id, conv, device, seq) "
-            f"SELECT :u, x.conv, :d, x.read_seq FROM ({_USER_CONVS}) AS x",
-            {"u": user_id, "d": device_id},
-        )
+        await self._query(sql.START_DEVICE, u=user_id, d=device_id)
 
     async def conversations(self, user_id: int, before: int, limit: int) -> list[Conversation]:
-        cols = ", ".join("m." + c.strip() for c in _MSG_COLUMNS.split(","))
-        rows = await self._rows(
-            "SELECT x.conv, x.last_seq, x.read_seq, x.peer, x.grp, x.activity, x.peer_read, "
-            "(SELECT max(k.seq) FROM cursors k WHERE k.user_id = x.peer AND k.conv = x.conv), "
-            f"coalesce(u.name, g.name, ''), {cols} "
-            f"FROM ({_USER_CONVS}) AS x "
-            "LEFT JOIN users u ON x.peer != 0 AND u.id = x.peer "
-            "LEFT JOIN groups g ON x.grp != 0 AND g.id = x.grp "
-            "LEFT JOIN messages m ON m.conv = x.conv AND m.seq = x.last_seq "
-            "WHERE (:before = 0 OR x.activity < :before) "
-            "ORDER BY x.activity DESC LIMIT :limit",
-            {"u": user_id, "before": before, "limit": limit},
-        )
-        out = []
-        for r in rows:
-            _, last_seq, read_seq, peer, grp, activity, peer_read, peer_cur, name = r[:9]
-            p2p = grp == 0
-            out.append(
-                Conversation(
-                    "p2p" if p2p else "group",
-                    peer,
-                    grp,
-                    name,
-                    last_seq,
-                    read_seq,
-                    peer_read if p2p else 0,
-                    max(peer_read, peer_cur or 0) if p2p else 0,
-                    activity,
-                    _message(r[9:]) if r[9] is not None else None,
-                )
-            )
-        return out
+        rows = await self._query(sql.CONVERSATIONS, u=user_id, before=before, limit=limit)
+        return [sql.conversation_row(r) for r in rows]
 
     async def mark_read(self, user_id: int, conv: str, seq: int) -> tuple[int, int, list[int]]:
-        target = "CASE WHEN :seq <= 0 THEN last_seq ELSE min(:seq, last_seq) END"
-        pair = p2p_pair(conv)
-        if pair is not None:
-            found = await self._rows(
-                "SELECT CASE WHEN lo = :u THEN lo_read ELSE hi_read END FROM conversations "
-                "WHERE conv = :c",
-                {"u": user_id, "c": conv},
-            )
+        if p2p_pair(conv) is not None:
+            found = await self._query(sql.P2P_READ, u=user_id, c=conv)
             if not found:
                 return 0, 0, []
-            rows = await self._rows(
-                "UPDATE conversations SET "
-                f"lo_read = CASE WHEN lo = :u THEN max(lo_read, {target}) ELSE lo_read END, "
-                f"hi_read = CASE WHEN hi = :u THEN max(hi_read, {target}) ELSE hi_read END "
-                "WHERE conv = :c "
-                "RETURNING CASE WHEN lo = :u THEN lo_read ELSE hi_read END, last_seq",
-                {"u": user_id, "c": conv, "seq": seq},
-            )
+            rows = await self._query(sql.P2P_MARK_READ, u=user_id, c=conv, seq=seq)
         else:
             group_id = int(conv[2:])
-            found = await self._rows(
-                "SELECT read_seq FROM group_members WHERE group_id = ? AND user_id = ?",
-                (group_id, user_id),
-            )
+            found = await self._query(sql.GROUP_READ, u=user_id, g=group_id)
             if not found:
                 return 0, 0, []
-            last = await self._rows("SELECT last_seq FROM conversations WHERE conv = ?", (conv,))
+            last = await self._query(sql.LAST_SEQ, c=conv)
             last_seq = int(last[0][0]) if last else 0
-            target = "CASE WHEN :seq <= 0 THEN :last ELSE min(:seq, :last) END"
-            rows = await self._rows(
-                f"UPDATE group_members SET read_seq = max(read_seq, {target}) "
-                "WHERE group_id = :g AND user_id = :u RETURNING read_seq, :last",
-                {"u": user_id, "g": group_id, "seq": seq, "last": last_seq},
+            moved = await self._query(
+                sql.GROUP_MARK_READ, u=user_id, g=group_id, seq=seq, last=last_seq
             )
+            rows = [(moved[0][0], last_seq)] if moved else []
         if not rows:
             return 0, 0, []
         old, (read_seq, last_seq) = int(found[0][0]), (int(rows[0][0]), int(rows[0][1]))
         senders: list[int] = []
         if read_seq > old:
-            senders = [
-                int(r[0])
-                for r in await self._rows(
-                    "SELECT DISTINCT sender_id FROM messages WHERE conv = ? AND seq > ? "
-                    "AND seq <= ? AND sender_id != ?",
-                    (conv, old, read_seq, user_id),
-                )
-            ]
+            found_senders = await self._query(
+                sql.SENDERS_BETWEEN, c=conv, after=old, upto=read_seq, u=user_id
+            )
+            senders = [int(r[0]) for r in found_senders]
         return read_seq, last_seq, senders
 
     async def receipts(self, group_id: int, seq: int) -> list[tuple[int, bool]]:
         conv = conversation("group", 0, group_id)
-        rows = await self._rows(
-            "SELECT gm.user_id, gm.read_seq >= :s FROM group_members gm "
-            "WHERE gm.group_id = :g AND gm.user_id != coalesce("
-            "(SELECT sender_id FROM messages WHERE conv = :c AND seq = :s), 0) "
-            "AND (gm.read_seq >= :s OR EXISTS (SELECT 1 FROM cursors k "
-            "WHERE k.user_id = gm.user_id AND k.conv = :c AND k.seq >= :s)) "
-            "ORDER BY gm.user_id",
-            {"g": group_id, "c": conv, "s": seq},
-        )
+        rows = await self._query(sql.RECEIPTS, g=group_id, c=conv, s=seq)
         return [(int(u), bool(r)) for u, r in rows]
 
     async def history(
@@ -1275,30 +1182,18 @@ class SqliteMessageCenter(MessageCenter):
             if group_id
             else conversation("p2p", user_id, peer_id)
         )
+        below = before or (1 << 63) - 1
         if after_seq:
-            rows = await self._rows(
-                f"SELECT {_MSG_COLUMNS} FROM messages WHERE conv = ? AND seq > ? "
-                "ORDER BY seq LIMIT ?",
-                (conv, after_seq, limit),
-            )
+            rows = await self._query(sql.HISTORY_AFTER_SEQ, c=conv, seq=after_seq, limit=limit)
         elif before_seq:
-            rows = await self._rows(
-                f"SELECT {_MSG_COLUMNS} FROM messages WHERE conv = ? AND seq < ? AND id < ? "
-                "ORDER BY seq DESC LIMIT ?",
-                (conv, before_seq, before or (1 << 63) - 1, limit),
+            rows = await self._query(
+                sql.HISTORY_BEFORE_SEQ, c=conv, seq=before_seq, before=below, limit=limit
             )
         else:
-            rows = await self._rows(
-                f"SELECT {_MSG_COLUMNS} FROM messages WHERE conv = ? AND id < ? "
-                "ORDER BY id DESC LIMIT ?",
-                (conv, before or (1 << 63) - 1, limit),
-            )
-        return [_message(r) for r in rows]
+            rows = await self._query(sql.HISTORY_BY_ID, c=conv, before=below, limit=limit)
+        return [sql.message(r) for r in rows]
 
     async def last_id(self, node_id: int) -> int:
         # Ids of one node share bits 12-21; scan the newest few and pick this node's.
-        rows = await self._rows(
-            "SELECT id FROM messages WHERE ((id >> ?) & ?) = ? ORDER BY id DESC LIMIT 1",
-            (SEQ_BITS, MAX_NODE, node_id),
-        )
+        rows = await self._query(sql.LAST_ID, shift=SEQ_BITS, mask=MAX_NODE, node=node_id)
         return int(rows[0][0]) if rows else 0

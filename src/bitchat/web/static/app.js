@@ -11,6 +11,8 @@ const T = Object.freeze({
   CREATE_GROUP: 120, GROUP_INFO: 121, JOIN_GROUP: 122, LEAVE_GROUP: 123, MY_GROUPS: 124,
   GROUP_LIST: 125, GROUP_MEMBERS: 126, MEMBER_LIST: 127, HISTORY: 130, HISTORY_PAGE: 131,
   PRESENCE: 140, TYPING: 142, TYPING_EVENT: 143, SET_PRIVACY: 144,
+  GET_CONVERSATIONS: 160, CONVERSATION_LIST: 161, MARK_READ: 162, READ_STATE: 163, RECEIPT: 164,
+  GET_RECEIPTS: 165, RECEIPTS: 166,
 });
 const MAGIC = 0xbc;
 const VERSION = 1;
@@ -26,6 +28,10 @@ const GROUPING_MS = 5 * 60 * 1000;
 const ACK_DELAY_MS = 25;
 const ACK_MAX_IDS = 512; // ids per Ack: within the server's max_ack_ids (1024 by default)
 const TYPING_EVERY_MS = 2500; // repeat "typing" while typing: within the server's typing_timeout
+const CONVERSATIONS_PAGE = 50;
+const CONVERSATIONS_MAX_PAGES = 400; // a bound on the sidebar's paging, whatever the server says
+const READ_DELAY_MS = 50;            // MarkRead waits this long, so a burst of messages costs one
+const DEVICE_KEY = 'bitchat.device'; // localStorage: this browser's device id, named by the server
 
 const utf8in = new TextDecoder();
 const utf8out = new TextEncoder();
@@ -243,6 +249,16 @@ function newConversation(key) {
     key, kind: kind === 'g' ? 'group' : 'p2p', id: Number(id),
     messages: [], byId: new Map(), byClient: new Map(),
     unread: 0, loaded: false, loading: false, more: false, last: null,
+    name: null,        // the peer's or group's name in the server's conversation list
+    activity: 0n,      // the server's ordering key: the id of the last message (or of the join)
+    lastSeq: 0,        // the largest seq known here (messages are numbered 1, 2, 3... per conversation)
+    readSeq: 0,        // how far this user has read, on any device
+    synced: false,     // readSeq is the server's (from its list, a ReadState or an own message)
+    readWanted: 0,     // the seq a MarkRead is queued or on its way for (0: none)
+    readTimer: null,
+    peerReadSeq: 0,      // p2p: how far the peer has read my messages
+    peerDeliveredSeq: 0, // p2p: how far the peer has my messages on some device
+    groupReadSeq: 0,     // group: the largest seq of mine some member has read
     typers: new Map(), // user id -> {name, timer}: who is typing here now
     typingSent: 0,     // when this page last said "typing" here (0: it is not typing)
   };
@@ -259,8 +275,23 @@ function conversation(key) {
 }
 
 function convTitle(conv) {
-  if (conv.kind === 'group') return state.groups.get(conv.id)?.name ?? `Group ${conv.id}`;
-  return state.users.get(conv.id)?.name ?? conv.fallbackName ?? `User ${conv.id}`;
+  if (conv.kind === 'group') return state.groups.get(conv.id)?.name ?? conv.name ?? `Group ${conv.id}`;
+  return state.users.get(conv.id)?.name ?? conv.fallbackName ?? conv.name ?? `User ${conv.id}`;
+}
+
+const viewing = (conv) => state.active === conv.key && !document.hidden;
+
+// A message id (or the server's activity key) moved the conversation: it goes up the sidebar.
+function touch(conv, msgId) {
+  if (msgId == null) return;
+  const id = idNum(msgId);
+  if (id > conv.activity) conv.activity = id;
+}
+
+// What is left to read, from the seqs when the server's read position is known here (a
+// MarkRead on its way counts as done).
+function recount(conv) {
+  if (conv.synced) conv.unread = Math.max(0, conv.lastSeq - Math.max(conv.readSeq, conv.readWanted));
 }
 
 // lastSeen: Unix ms of an offline user who shows it; 0 or null: hidden (forget what we knew).
@@ -299,7 +330,7 @@ function addMessage(conv, msg) {
   if (msg.client_msg_id && conv.byClient.has(msg.client_msg_id)) {
     const mine = conv.byClient.get(msg.client_msg_id);
     if (mine.msg_id == null && msg.msg_id != null) {
-      Object.assign(mine, { msg_id: msg.msg_id, ts: msg.ts, status: 'sent' });
+      Object.assign(mine, { msg_id: msg.msg_id, ts: msg.ts, seq: msg.seq, status: 'sent' });
       conv.byId.set(idKey(msg.msg_id), mine);
       conv.messages.sort(order);
     }
@@ -319,12 +350,25 @@ function wsUrl() {
   return `${location.protocol === 'https:' ? 'wss' : 'ws'}://${location.host}/ws`;
 }
 
+// This browser's device id (the server named it at the first sign-in), or '' for none yet.
+function savedDevice() {
+  try { return localStorage.getItem(DEVICE_KEY) || ''; } catch { return ''; }
+}
+
+function keepDevice(device) {
+  if (!device) return;
+  try { localStorage.setItem(DEVICE_KEY, device); } catch { /* storage off: a new device each time */ }
+}
+
 async function connect(credentials) {
   const link = new Link(wsUrl(), { onPush, onClose: onLinkClosed });
   state.link = link;
   try {
     await link.open();
-    const ok = await link.request(T.LOGIN, credentials);
+    // The device goes with every login: the server keeps what this browser has and has read.
+    const ok = await link.request(T.LOGIN, { ...credentials, device: savedDevice() });
+    keepDevice(ok.device);
+    document.body.dataset.device = ok.device ?? '';
     state.me = { id: ok.user_id, name: ok.name };
     $('show-last-seen').checked = ok.show_last_seen !== false;
     state.token = ok.token;
@@ -346,9 +390,14 @@ async function connect(credentials) {
 }
 
 async function afterLogin(link) {
-  const [online, groups] = await Promise.all([
+  const [online, groups, convs] = await Promise.all([
     link.request(T.LIST_ONLINE, { watch: true }),
     link.request(T.MY_GROUPS, {}),
+    loadConversations(link).catch((err) => {
+      if (err.code === 'closed' || err.code === 'timeout') throw err;
+      console.warn('bitchat: no conversation list from this server:', err);
+      return [];
+    }),
   ]);
   for (const user of state.users.values()) user.online = false;
   for (const u of online.users) rememberUser(u.id, u.name, true);
@@ -357,13 +406,60 @@ async function afterLogin(link) {
     state.groups.set(g.id, g);
     conversation(`g:${g.id}`);
   }
+  // Groups left meanwhile (in another tab, say) leave the sidebar.
+  for (const conv of [...state.convs.values()]) {
+    if (conv.kind === 'group' && !state.groups.has(conv.id) && conv.key !== state.active) {
+      state.convs.delete(conv.key);
+    }
+  }
+  for (const c of convs) mergeConversation(c);
+  document.body.dataset.conversations = String(convs.length);
   setConnected(true);
   state.retries = 0;
   // Sends cut off by a drop go again with the same client id: the server stores them once.
   for (const cid of state.outbox.keys()) deliver(cid);
   const active = state.active && state.convs.get(state.active);
-  if (active) loadHistory(active, false);
+  if (active) {
+    loadHistory(active, false);
+    if (viewing(active)) markRead(active);
+  }
   render();
+}
+
+// Every page of the user's conversations, most recent first (the sidebar is the server's list).
+async function loadConversations(link) {
+  const all = [];
+  let before = 0;
+  for (let n = 0; n < CONVERSATIONS_MAX_PAGES; n += 1) {
+    const page = await link.request(T.GET_CONVERSATIONS, { limit: CONVERSATIONS_PAGE, before });
+    all.push(...page.conversations);
+    if (!page.more || page.conversations.length === 0) break;
+    const last = idNum(page.conversations.at(-1).activity);
+    if (before && last >= idNum(before)) break; // no progress: stop rather than loop
+    before = last;
+  }
+  return all;
+}
+
+// One conversation of the server's list into the page's state; the server's read position wins.
+function mergeConversation(c) {
+  const group = c.kind === 'group';
+  const conv = conversation(group ? `g:${c.group_id}` : `u:${c.peer_id}`);
+  conv.name = c.name || conv.name;
+  if (!group) rememberUser(c.peer_id, c.name);
+  touch(conv, c.activity);
+  conv.lastSeq = Math.max(conv.lastSeq, c.last_seq || 0);
+  // The server's read position, not a larger one of ours: a MarkRead lost with the connection
+  // must not hide what is still unread there (opening the conversation reads it again).
+  conv.readSeq = c.read_seq || 0;
+  conv.peerReadSeq = Math.max(conv.peerReadSeq, c.peer_read_seq || 0);
+  conv.peerDeliveredSeq = Math.max(conv.peerDeliveredSeq, c.peer_delivered_seq || 0, conv.peerReadSeq);
+  const last = c.last_message;
+  if (last && (!conv.last || conv.last.msg_id == null || idNum(last.msg_id) >= idNum(conv.last.msg_id))) {
+    conv.last = { ...last, status: 'sent' };
+  }
+  conv.synced = true;
+  recount(conv);
 }
 
 function onLinkClosed(link) {
@@ -403,6 +499,10 @@ async function reconnect() {
 }
 
 window.addEventListener('online', () => { if (state.me && !state.link?.live) reconnect(); });
+// A reload or a closed tab right after opening a conversation still marks it read.
+window.addEventListener('pagehide', () => {
+  for (const conv of state.convs.values()) if (conv.readTimer) flushRead(conv);
+});
 
 function setConnected(on) {
   document.body.dataset.state = on ? 'online' : 'reconnecting';
@@ -440,6 +540,8 @@ function signedOut(message) {
 function onPush(type, body) {
   if (type === T.CHAT) onChat(body);
   else if (type === T.TYPING_EVENT) onTyping(body);
+  else if (type === T.READ_STATE) onReadState(body);
+  else if (type === T.RECEIPT) onReceipt(body);
   else if (type === T.PRESENCE) {
     rememberUser(body.user_id, body.name, body.online, body.online ? undefined : body.last_seen);
     render();
@@ -460,14 +562,111 @@ function onChat(m) {
   if (!mine && m.kind === 'p2p') conv.fallbackName = m.sender_name;
   clearTyper(conv, m.sender_id); // a message from them means they stopped typing
   const fresh = addMessage(conv, { ...m, status: 'sent' });
-  if (!mine) queueAck(m.msg_id);
-  if (fresh && !mine && (state.active !== key || document.hidden)) conv.unread += 1;
+  queueAck(m.msg_id); // own messages from my other devices too: this device has them now
+  if (fresh) arrived(conv, m, mine);
   if (m.kind === 'group' && !state.groups.has(m.to)) refreshGroups();
   else if (m.kind === 'group' && conv.memberIds && !conv.memberIds.has(m.sender_id)) {
     refreshMembers(conv); // someone joined since the list was read
   }
   render();
 }
+
+// A new message in a conversation: it moves up the sidebar and counts as unread unless it is
+// mine (sending reads the conversation, on any device) or on screen (then it is read at once).
+function arrived(conv, m, mine) {
+  touch(conv, m.msg_id);
+  const seq = m.seq || 0;
+  if (seq > conv.lastSeq) conv.lastSeq = seq;
+  if (mine) {
+    if (seq > conv.readSeq) conv.readSeq = seq;
+    recount(conv);
+  } else if (viewing(conv)) {
+    markRead(conv);
+  } else if (seq && conv.synced) {
+    recount(conv);
+  } else {
+    conv.unread += 1;
+  }
+}
+
+// The conversation is read up to its last message, here and (via the server) on every device.
+// The badge goes at once; readSeq moves when the server answers. Batched: a burst of messages
+// on screen costs one MarkRead.
+function markRead(conv) {
+  const seq = conv.lastSeq;
+  if (!conv.unread && (!seq || seq <= Math.max(conv.readSeq, conv.readWanted))) return;
+  conv.unread = 0;
+  conv.readWanted = Math.max(conv.readWanted, seq);
+  if (!conv.readTimer) conv.readTimer = setTimeout(() => flushRead(conv), READ_DELAY_MS);
+}
+
+async function flushRead(conv) {
+  clearTimeout(conv.readTimer);
+  conv.readTimer = null;
+  const seq = conv.readWanted;
+  const target = conv.kind === 'group' ? { group_id: conv.id } : { peer_id: conv.id };
+  try {
+    if (!state.link?.live) throw new RequestFailed('closed', 'not connected');
+    onReadState(await state.link.request(T.MARK_READ, { ...target, seq }));
+  } catch (err) {
+    if (err.code !== 'closed') console.warn('bitchat: could not mark as read:', err);
+    // Not read on the server: the badge comes back, and the next login's list says so too.
+    if (!conv.readTimer && conv.readWanted === seq) {
+      conv.readWanted = 0;
+      recount(conv);
+      render();
+    }
+  }
+}
+
+// The user's read position moved (the answer to a MarkRead, or a push from another device):
+// the badge shows what is left.
+function onReadState(r) {
+  const conv = state.convs.get(r.group_id ? `g:${r.group_id}` : `u:${r.peer_id}`);
+  if (!conv) return;
+  conv.readSeq = Math.max(conv.readSeq, r.read_seq || 0);
+  conv.lastSeq = Math.max(conv.lastSeq, (r.read_seq || 0) + (r.unread || 0));
+  if (conv.readWanted <= conv.readSeq) conv.readWanted = 0; // what this page asked is done
+  conv.synced = true;
+  recount(conv);
+  if (conv.unread && viewing(conv)) markRead(conv);
+  render();
+}
+
+// Someone has my messages up to seq on a device ("delivered"), or has read them ("read").
+function onReceipt(r) {
+  const seq = r.seq || 0;
+  if (r.group_id) {
+    const conv = state.convs.get(`g:${r.group_id}`);
+    if (conv && r.kind === 'read') conv.groupReadSeq = Math.max(conv.groupReadSeq, seq);
+  } else {
+    const conv = state.convs.get(`u:${r.user_id}`);
+    if (!conv) return;
+    if (r.kind === 'read') conv.peerReadSeq = Math.max(conv.peerReadSeq, seq);
+    if (r.kind === 'read' || r.kind === 'delivered') {
+      conv.peerDeliveredSeq = Math.max(conv.peerDeliveredSeq, seq);
+    }
+  }
+  render();
+}
+
+// How far a message of mine got: 'pending', 'failed', 'sent' (stored), 'delivered', 'read'.
+function tick(conv, m) {
+  if (m.status === 'pending' || m.status === 'failed') return m.status;
+  const seq = m.seq || 0;
+  if (!seq) return 'sent';
+  if (conv.kind === 'group') return conv.groupReadSeq >= seq ? 'read' : 'sent';
+  if (conv.peerReadSeq >= seq) return 'read';
+  return conv.peerDeliveredSeq >= seq ? 'delivered' : 'sent';
+}
+
+const TICKS = {
+  pending: ['🕓', 'Sending…'],
+  failed: ['Not sent: tap to retry', 'Not sent'],
+  sent: ['✓', 'Stored on the server'],
+  delivered: ['✓✓', 'Delivered'],
+  read: ['✓✓', 'Read'],
+};
 
 // Someone is typing here, or stopped; a "typing" ends by itself after its expires_in.
 function onTyping(e) {
@@ -573,10 +772,11 @@ async function deliver(cid) {
     const ack = await state.link.request(item.type, item.body);
     state.outbox.delete(cid);
     if (msg && msg.msg_id == null) {
-      Object.assign(msg, { msg_id: ack.msg_id, ts: ack.ts, status: 'sent' });
+      Object.assign(msg, { msg_id: ack.msg_id, ts: ack.ts, seq: ack.seq, status: 'sent' });
       conv.byId.set(idKey(ack.msg_id), msg);
       conv.messages.sort(order);
     }
+    arrived(conv, ack, true);
   } catch (err) {
     if (err.code === 'closed' || err.code === 'timeout') return; // sent again after reconnecting
     state.outbox.delete(cid);
@@ -600,9 +800,15 @@ async function loadHistory(conv, older) {
     for (const m of page.messages) {
       if (conv.kind === 'p2p' && m.sender_id !== state.me.id) conv.fallbackName = m.sender_name;
       addMessage(conv, { ...m, status: 'sent' });
+      if ((m.seq || 0) > conv.lastSeq) conv.lastSeq = m.seq;
     }
     if (older || !conv.loaded) conv.more = page.more;
     conv.loaded = true;
+    if (!older) {
+      recount(conv);
+      if (viewing(conv)) markRead(conv);
+      if (conv.kind === 'group') groupReceipts(conv);
+    }
     render(older ? { keepFromBottom: fromBottom } : { toBottom: true });
   } catch (err) {
     if (err.code !== 'closed') toast(`Could not load the history: ${err.message}`);
@@ -616,12 +822,29 @@ function openConversation(key) {
   if (before && before.key !== key) sendTyping(before, false);
   const conv = conversation(key);
   state.active = key;
-  conv.unread = 0;
+  markRead(conv);
   $('app').classList.add('in-chat');
   render({ toBottom: true });
   if (!conv.loaded) loadHistory(conv, false);
+  else if (conv.kind === 'group') groupReceipts(conv);
   if (conv.kind === 'group') refreshMembers(conv);
   $('composer-input').focus();
+}
+
+// Whether some member has read my latest message in a group (the ticks of the ones before it
+// follow: a read position covers everything up to it). Best effort; Receipt pushes do the rest.
+async function groupReceipts(conv) {
+  const mine = conv.messages.findLast((m) => m.sender_id === state.me.id && m.seq);
+  if (!mine || mine.seq <= conv.groupReadSeq || !state.link?.live) return;
+  try {
+    const r = await state.link.request(T.GET_RECEIPTS, { group_id: conv.id, seq: mine.seq });
+    if (r.read > 0 && r.seq > conv.groupReadSeq) {
+      conv.groupReadSeq = r.seq;
+      render();
+    }
+  } catch (err) {
+    if (err.code !== 'closed') console.warn('bitchat: no receipts:', err);
+  }
 }
 
 // A group's member list (and so its count) as the server has it now.
@@ -729,6 +952,8 @@ function convRow(conv, { online } = {}) {
     preview = statusText(state.users.get(conv.id));
   }
   bottom.append(el('span', 'conv-preview', preview));
+  button.dataset.unread = String(conv.unread);
+  button.dataset.readSeq = String(conv.readSeq); // the server's: tests wait on it
   if (conv.unread) {
     const badge = el('span', 'badge', String(conv.unread));
     badge.dataset.testid = 'unread';
@@ -741,7 +966,11 @@ function convRow(conv, { online } = {}) {
   return li;
 }
 
-const recency = (c) => (c.last ? c.last.ts : 0);
+// The server's order: by activity (the last message, or the join), newest first; then by name.
+function byActivity(a, b) {
+  return (a.activity < b.activity ? 1 : a.activity > b.activity ? -1 : 0) ||
+    convTitle(a).localeCompare(convTitle(b));
+}
 
 function renderSidebar() {
   const me = state.me;
@@ -749,24 +978,22 @@ function renderSidebar() {
   $('me-name').title = `You are user ${me.id}: others message you with this number`;
   $('me-avatar').replaceWith(Object.assign(avatar(me.name, me.id), { id: 'me-avatar' }));
 
-  // People: everyone online, and everyone I have a conversation with.
-  const people = new Map();
-  for (const u of state.users.values()) {
-    // Someone merely online is listed, not kept: they leave the list when they go.
-    if (u.online) people.set(`u:${u.id}`, state.convs.get(`u:${u.id}`) ?? newConversation(`u:${u.id}`));
-  }
-  for (const c of state.convs.values()) if (c.kind === 'p2p' && c.id !== me.id) people.set(c.key, c);
-  const rows = [...people.values()].sort((a, b) =>
-    recency(b) - recency(a) ||
-    Number(!!state.users.get(b.id)?.online) - Number(!!state.users.get(a.id)?.online) ||
-    convTitle(a).localeCompare(convTitle(b)));
-  $('people').replaceChildren(...rows.map((c) => convRow(c, { online: !!state.users.get(c.id)?.online })));
-  $('people-empty').hidden = rows.length > 0;
+  // Chats: the server's conversation list (and any opened here since), most recent first.
+  const chats = [...state.convs.values()]
+    .filter((c) => c.kind === 'group' || c.id !== me.id)
+    .sort(byActivity);
+  $('chats').replaceChildren(...chats.map((c) => convRow(c, {
+    online: c.kind === 'group' ? undefined : !!state.users.get(c.id)?.online,
+  })));
+  $('chats-empty').hidden = chats.length > 0;
 
-  const groups = [...state.convs.values()].filter((c) => c.kind === 'group')
-    .sort((a, b) => recency(b) - recency(a) || convTitle(a).localeCompare(convTitle(b)));
-  $('groups').replaceChildren(...groups.map((c) => convRow(c)));
-  $('groups-empty').hidden = groups.length > 0;
+  // Online: everyone else online with no conversation yet; they leave the list when they go.
+  const people = [...state.users.values()]
+    .filter((u) => u.online && !state.convs.has(`u:${u.id}`))
+    .map((u) => newConversation(`u:${u.id}`))
+    .sort((a, b) => convTitle(a).localeCompare(convTitle(b)));
+  $('people').replaceChildren(...people.map((c) => convRow(c, { online: true })));
+  $('people-empty').hidden = people.length > 0;
 }
 
 function renderConversation(opts) {
@@ -825,8 +1052,14 @@ function renderConversation(opts) {
     const meta = el('div', 'meta');
     meta.append(el('time', '', timeFormat.format(new Date(m.ts))));
     if (mine) {
-      const mark = m.status === 'pending' ? '🕓' : m.status === 'failed' ? 'Not sent: tap to retry' : '✓';
-      meta.append(el('span', 'status', mark));
+      const reach = tick(conv, m);
+      const [mark, label] = TICKS[reach];
+      const status = el('span', `status ${reach}`, mark);
+      status.title = label;
+      status.setAttribute('aria-label', label);
+      status.dataset.testid = 'tick';
+      row.dataset.tick = reach;
+      meta.append(status);
     }
     if (m.status === 'failed') {
       bubble.title = m.error || 'not sent';
@@ -1046,7 +1279,7 @@ function wire() {
   });
   document.addEventListener('visibilitychange', () => {
     const conv = state.active && state.convs.get(state.active);
-    if (!document.hidden && conv && conv.unread) { conv.unread = 0; render(); }
+    if (!document.hidden && conv) { markRead(conv); render(); }
   });
 }
 

@@ -1,0 +1,252 @@
+"""The SQL both message stores share: the schema, the queries, the row mapping.
+
+SQLite (:mod:`bitchat.im.sqlite`) and PostgreSQL (:mod:`bitchat.cluster.pg`)
+keep the same tables (:data:`SCHEMA`, checked against each database by the
+tests) and ask them the same questions. A query is written once here, in the
+SQL both understand, with ``:name`` parameters and ``GREATEST``/``LEAST``;
+:func:`render` turns it into each driver's form (SQLite's own ``:name`` and
+scalar ``max``/``min``; asyncpg's ``$1, $2...``). What differs stays in the
+stores: how a batch is sent (SQLite rows of ``VALUES``, PostgreSQL arrays
+through ``unnest``), each driver's errors, and the migrations already released
+in each dialect. The batching itself (numbering, dedup, read offsets, cursor
+moves) is in :mod:`bitchat.im.centers`.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from bitchat.im.centers import Conversation, Message
+
+
+class Dialect(enum.Enum):
+    SQLITE = "sqlite"
+    POSTGRES = "postgres"
+
+
+SCHEMA: dict[str, tuple[str, ...]] = {
+    "schema_version": ("version",),
+    "users": (
+        "id",
+        "name",
+        "password_hash",
+        "created_at",
+        "name_key",
+        "name_shape",
+        "last_seen",
+        "show_last_seen",
+    ),
+    "tokens": ("digest", "user_id", "expires_at", "device_id"),
+    "devices": ("id", "user_id", "name", "created_at", "last_seen"),
+    "groups": ("id", "name", "owner_id", "created_at"),
+    "group_members": (
+        "group_id",
+        "user_id",
+        "joined_at",
+        "read_seq",
+        "start_seq",
+        "joined_id",
+    ),
+    "messages": (
+        "id",
+        "kind",
+        "conv",
+        "sender_id",
+        "sender_name",
+        "to_id",
+        "text",
+        "ts",
+        "client_msg_id",
+        "seq",
+        "device",
+    ),
+    "conversations": ("conv", "last_seq", "lo", "hi", "last_id", "lo_read", "hi_read"),
+    "cursors": ("user_id", "conv", "device", "seq"),
+}
+"""Every table of schema version 5 and its columns, in both stores."""
+
+SCHEMA_VERSION = 5
+
+_PARAM = re.compile(r"(?<![:\w]):([a-z_]+)")
+
+
+@functools.cache
+def _render(sql: str, dialect: Dialect) -> tuple[str, tuple[str, ...]]:
+    if dialect is Dialect.SQLITE:
+        return sql.replace("GREATEST(", "max(").replace("LEAST(", "min("), ()
+    names: list[str] = []
+
+    def number(m: re.Match[str]) -> str:
+        name = m.group(1)
+        if name not in names:
+            names.append(name)
+        return f"${names.index(name) + 1}"
+
+    return _PARAM.sub(number, sql), tuple(names)
+
+
+def render(sql: str, dialect: Dialect, params: Mapping[str, Any]) -> tuple[str, Any]:
+    """The statement and its arguments for ``dialect``'s driver: a mapping for
+    SQLite, a list in ``$n`` order for asyncpg."""
+    text, names = _render(sql, dialect)
+    if dialect is Dialect.SQLITE:
+        return text, params
+    return text, [params[n] for n in names]
+
+
+# -- row mapping ----------------------------------------------------------------------------
+
+MSG_COLUMNS = (
+    "id",
+    "kind",
+    "sender_id",
+    "sender_name",
+    "to_id",
+    "text",
+    "ts",
+    "client_msg_id",
+    "seq",
+    "device",
+    "conv",
+)
+"""A message row, in the order of :class:`~bitchat.im.centers.Message`'s fields."""
+_M = ", ".join("m." + c for c in MSG_COLUMNS)
+
+
+def message(row: Sequence[Any]) -> Message:
+    """A message from the columns of :data:`MSG_COLUMNS` (a tuple or a record)."""
+    return Message(*row[: len(MSG_COLUMNS)])
+
+
+def conversation_row(row: Sequence[Any]) -> Conversation:
+    """A conversation from a row of :data:`CONVERSATIONS`."""
+    kind, peer, group_id, name, last_seq, read_seq, peer_read, peer_delivered, activity = row[:9]
+    last = row[9:]
+    return Conversation(
+        kind,
+        peer,
+        group_id,
+        name,
+        last_seq,
+        read_seq,
+        peer_read,
+        peer_delivered,
+        activity,
+        message(last) if last[0] is not None else None,
+    )
+
+
+# -- queries --------------------------------------------------------------------------------
+
+# The conversations of user :u: each with its last seq, the user's read position, where
+# a device without a cursor there starts (0 for a pair; a group: the user's join), the
+# peer (0 for a group) or the group (0 for a pair), the activity (the last message's id,
+# or a group's join), and the peer's read position (0 for a group).
+USER_CONVS = (
+    "SELECT c.conv AS conv, c.last_seq AS last_seq, "
+    "CASE WHEN c.lo = :u THEN c.lo_read ELSE c.hi_read END AS read_seq, "
+    "0 AS start_seq, CASE WHEN c.lo = :u THEN c.hi ELSE c.lo END AS peer, 0 AS grp, "
+    "c.last_id AS activity, "
+    "CASE WHEN c.lo = :u THEN c.hi_read ELSE c.lo_read END AS peer_read "
+    "FROM conversations c WHERE c.lo = :u OR c.hi = :u "
+    "UNION ALL "
+    "SELECT 'g:' || gm.group_id, COALESCE(c.last_seq, 0), gm.read_seq, gm.start_seq, 0, "
+    "gm.group_id, GREATEST(COALESCE(c.last_id, 0), gm.joined_id), 0 "
+    "FROM group_members gm LEFT JOIN conversations c ON c.conv = 'g:' || gm.group_id "
+    "WHERE gm.user_id = :u"
+)
+
+# What device :d of user :u misses: every message past its cursor in each conversation
+# (or past where it starts there), but those it sent itself.
+_PAST_CURSORS = (
+    "FROM (" + USER_CONVS + ") x "
+    "LEFT JOIN cursors k ON k.user_id = :u AND k.conv = x.conv AND k.device = :d "
+    "JOIN messages m ON m.conv = x.conv AND m.seq > GREATEST(x.start_seq, COALESCE(k.seq, 0)) "
+    "WHERE x.last_seq > GREATEST(x.start_seq, COALESCE(k.seq, 0)) "
+    "AND NOT (m.sender_id = :u AND m.device = :d)"
+)
+PENDING = f"SELECT {_M} {_PAST_CURSORS} AND m.id > :after ORDER BY m.id LIMIT :limit"
+COUNT_PENDING = f"SELECT count(*) {_PAST_CURSORS}"
+
+# A new device of :u: a cursor in each conversation, at the read position.
+START_DEVICE = (
+    "INSERT INTO cursors (user_id, conv, device, seq) "
+    "SELECT :u, x.conv, :d, x.read_seq FROM (" + USER_CONVS + ") x WHERE x.conv IS NOT NULL "
+    "ON CONFLICT (user_id, conv, device) DO NOTHING"
+)
+
+# The list, newest activity first, below :before unless it is 0; the peer's delivered
+# position is the furthest of their read position and their devices' cursors.
+CONVERSATIONS = (
+    "SELECT CASE WHEN x.grp = 0 THEN 'p2p' ELSE 'group' END, x.peer, x.grp, "
+    "COALESCE(u.name, g.name, ''), x.last_seq, x.read_seq, x.peer_read, "
+    "CASE WHEN x.grp = 0 THEN GREATEST(x.peer_read, COALESCE((SELECT max(k.seq) "
+    "FROM cursors k WHERE k.user_id = x.peer AND k.conv = x.conv), 0)) ELSE 0 END, "
+    f"x.activity, {_M} "
+    "FROM (" + USER_CONVS + ") x "
+    "LEFT JOIN users u ON x.grp = 0 AND u.id = x.peer "
+    "LEFT JOIN groups g ON x.grp != 0 AND g.id = x.grp "
+    "LEFT JOIN messages m ON m.conv = x.conv AND m.seq = x.last_seq AND x.last_seq > 0 "
+    "WHERE CAST(:before AS BIGINT) = 0 OR x.activity < CAST(:before AS BIGINT) "
+    "ORDER BY x.activity DESC, x.conv LIMIT :limit"
+)
+
+# Read positions: the user's in a pair (:c), or in a group (:g); then moved (never back,
+# never past the last message; :seq 0 = the last).
+P2P_READ = (
+    "SELECT CASE WHEN lo = :u THEN lo_read ELSE hi_read END FROM conversations WHERE conv = :c"
+)
+_TARGET = (
+    "CASE WHEN CAST(:seq AS BIGINT) <= 0 THEN last_seq "
+    "ELSE LEAST(CAST(:seq AS BIGINT), last_seq) END"
+)
+P2P_MARK_READ = (
+    "UPDATE conversations SET "
+    f"lo_read = CASE WHEN lo = :u THEN GREATEST(lo_read, {_TARGET}) ELSE lo_read END, "
+    f"hi_read = CASE WHEN hi = :u THEN GREATEST(hi_read, {_TARGET}) ELSE hi_read END "
+    "WHERE conv = :c RETURNING CASE WHEN lo = :u THEN lo_read ELSE hi_read END, last_seq"
+)
+GROUP_READ = "SELECT read_seq FROM group_members WHERE group_id = :g AND user_id = :u"
+LAST_SEQ = "SELECT last_seq FROM conversations WHERE conv = :c"
+GROUP_MARK_READ = (
+    "UPDATE group_members SET read_seq = GREATEST(read_seq, "
+    "CASE WHEN CAST(:seq AS BIGINT) <= 0 THEN CAST(:last AS BIGINT) "
+    "ELSE LEAST(CAST(:seq AS BIGINT), CAST(:last AS BIGINT)) END) "
+    "WHERE group_id = :g AND user_id = :u RETURNING read_seq"
+)
+# Who else wrote what was just read (they get a read receipt).
+SENDERS_BETWEEN = (
+    "SELECT DISTINCT sender_id FROM messages WHERE conv = :c AND seq > :after "
+    "AND seq <= :upto AND sender_id != :u"
+)
+
+# Members of group :g (not the sender of message :s, nor those who joined after it)
+# who have it on a device or have read it.
+RECEIPTS = (
+    "SELECT gm.user_id, CASE WHEN gm.read_seq >= :s THEN 1 ELSE 0 END FROM group_members gm "
+    "WHERE gm.group_id = :g AND gm.start_seq < :s "
+    "AND gm.user_id != COALESCE((SELECT sender_id FROM messages WHERE conv = :c AND seq = :s), 0) "
+    "AND (gm.read_seq >= :s OR EXISTS (SELECT 1 FROM cursors k "
+    "WHERE k.user_id = gm.user_id AND k.conv = :c AND k.seq >= :s)) "
+    "ORDER BY gm.user_id"
+)
+
+# History of one conversation :c: newest first below an id, or below a seq; or after a seq,
+# oldest first.
+_COLS = ", ".join(MSG_COLUMNS)
+HISTORY_BY_ID = (
+    f"SELECT {_COLS} FROM messages WHERE conv = :c AND id < :before ORDER BY id DESC LIMIT :limit"
+)
+HISTORY_BEFORE_SEQ = (
+    f"SELECT {_COLS} FROM messages WHERE conv = :c AND seq < :seq AND id < :before "
+    "ORDER BY seq DESC LIMIT :limit"
+)
+HISTORY_AFTER_SEQ = (
+    f"SELECT {_COLS} FROM messages WHERE conv = :c AND seq > :seq ORDER BY seq LIMIT :limit"
+)
+# The newest id a node issued (ids of one node share bits 12-21).
+LAST_ID = "SELECT id FROM messages WHERE ((id >> :shift) & :mask) = :node ORDER BY id DESC LIMIT 1"

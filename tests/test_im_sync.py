@@ -1,0 +1,424 @@
+"""The sync model end to end, over real sockets, in both modes: standalone (SQLite)
+and a cluster of two nodes (PostgreSQL + Redis), where each user's devices sit on
+the node the test puts them on.
+
+Devices that come back get exactly what they missed; a new device starts at the
+user's read position; reading on one device clears the others and reaches the
+sender; delivered and read receipts; group read counts; the conversation list.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bitchat import RequestError, Server, codes
+from bitchat.app import build_server
+from bitchat.im.client import IMClient
+from bitchat.im.packets import (
+    ConversationList,
+    CreateGroup,
+    GetConversations,
+    GetReceipts,
+    GroupInfo,
+    JoinGroup,
+    MarkRead,
+    ReadState,
+    Receipt,
+    Receipts,
+)
+from bitchat.protocol.packets import Packet
+from cluster_support import (
+    REDIS_URL,
+    cluster_settings,
+    pg_dsn_fixture,  # noqa: F401 (fixture)
+    redis_prefix_fixture,  # noqa: F401 (fixture)
+)
+from conftest import WAIT
+from im_helpers import Inbox, im_settings
+
+MODES = ["standalone", "cluster"]
+
+
+class Deployment:
+    """One standalone server, or two cluster nodes; ``node(i)`` is where a client of
+    side ``i`` connects (the same server twice when standalone)."""
+
+    def __init__(self, make: Callable[[int], Server]) -> None:
+        self._make = make
+        self.servers: list[Server] = []
+        self.clients: list[IMClient] = []
+
+    async def start(self, count: int) -> None:
+        for i in range(count):
+            server = self._make(i)
+            await server.start()
+            self.servers.append(server)
+
+    def node(self, i: int) -> Server:
+        return self.servers[i % len(self.servers)]
+
+    async def restart(self) -> None:
+        """Every server stops and starts again on the same stores."""
+        await self.close_clients()
+        count = len(self.servers)
+        for server in reversed(self.servers):
+            await asyncio.wait_for(server.stop(), 4 * WAIT)
+        self.servers = []
+        await self.start(count)
+
+    async def connect(self, side: int, device: str = "", **kw: Any) -> IMClient:
+        port = self.node(side).address[1]
+        im = IMClient("127.0.0.1", port, self.node(side).settings, device=device, **kw)
+        self.clients.append(im)
+        await im.connect(WAIT)
+        return im
+
+    async def login(self, side: int, name: str, device: str = "", **kw: Any) -> IMClient:
+        im = await self.connect(side, device, **kw)
+        await im.login(name, "secret")
+        return im
+
+    async def close_clients(self) -> None:
+        for im in self.clients:
+            await im.close()
+        self.clients = []
+
+    async def stop(self) -> None:
+        await self.close_clients()
+        for server in reversed(self.servers):
+            await asyncio.wait_for(server.stop(), 4 * WAIT)
+
+
+@pytest.fixture(autouse=True)
+def _cluster_services(request: pytest.FixtureRequest) -> None:
+    """The cluster's PostgreSQL database and Redis prefix, for the cluster cases (taken
+    here: an async fixture cannot be asked for from inside a running test)."""
+    if request.node.callspec.params.get("mode") == "cluster":
+        request.node.services = (
+            request.getfixturevalue("pg_dsn"),
+            request.getfixturevalue("redis_prefix"),
+        )
+
+
+@contextlib.asynccontextmanager
+async def deployment(
+    request: pytest.FixtureRequest, tmp_path: Path, **changes: Any
+) -> AsyncIterator[Deployment]:
+    mode = request.node.callspec.params["mode"]
+    if mode == "standalone":
+
+        def make(i: int) -> Server:
+            return build_server(im_settings(tmp_path, host="127.0.0.1", port=0, **changes))
+
+        d = Deployment(make)
+        await d.start(1)
+    else:
+        pg_dsn, redis_prefix = request.node.services
+
+        def make(i: int) -> Server:
+            settings = cluster_settings(
+                host="127.0.0.1",
+                port=0,
+                mode="cluster",
+                redis_url=REDIS_URL,
+                pg_dsn=pg_dsn,
+                node_id=i + 1,
+                redis_prefix=redis_prefix,
+                **changes,
+            )
+            return build_server(settings)
+
+        d = Deployment(make)
+        await d.start(2)
+    try:
+        yield d
+    finally:
+        await d.stop()
+
+
+class Pushes:
+    """The pushes of one type an IMClient gets, in order."""
+
+    def __init__(self, im: IMClient, cls: type[Packet]) -> None:
+        self.got: list[Any] = []
+        self._changed = asyncio.Event()
+        im.client.on(cls, self._add)
+
+    def _add(self, p: Any) -> None:
+        self.got.append(p)
+        self._changed.set()
+
+    async def until(self, check: Callable[[Any], bool]) -> Any:
+        """The first push that passes ``check``, once it has arrived."""
+
+        async def arrived() -> Any:
+            while True:
+                for p in self.got:
+                    if check(p):
+                        return p
+                self._changed.clear()
+                await self._changed.wait()
+
+        return await asyncio.wait_for(arrived(), WAIT)
+
+
+def uid(im: IMClient) -> int:
+    assert im.user is not None
+    return im.user.id
+
+
+async def conversations(im: IMClient) -> list[dict[str, Any]]:
+    page = await im.client.request(GetConversations())
+    assert isinstance(page, ConversationList)
+    return page.conversations
+
+
+async def settled(im: IMClient) -> None:
+    """The client's automatic acks have reached the server and been written: a round
+    trip after them, then an empty cursor move through the store."""
+    await im.online_users()
+
+
+async def acked_through(server: Server) -> None:
+    im = server.data["im"]
+    await asyncio.wait_for(im.messages.ack(0, 0, []), WAIT)
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_two_devices_of_one_user_both_offline_both_get_everything(
+    request: pytest.FixtureRequest, tmp_path: Path, mode: str
+) -> None:
+    async with deployment(request, tmp_path) as d:
+        phone = await d.login(1, "houyi", "phone")
+        laptop = await d.login(1, "houyi", "laptop")
+        gris = await d.login(0, "gris", "gris-1")
+        group = await gris.client.request(CreateGroup("moon"))
+        assert isinstance(group, GroupInfo)
+        await phone.client.request(JoinGroup(group.group_id))
+        await phone.close()
+        await laptop.close()
+
+        sent = [await gris.send_p2p(uid(phone), f"p{i}") for i in range(5)]
+        sent += [await gris.send_group(group.group_id, f"g{i}") for i in range(3)]
+        assert [a.seq for a in sent] == [1, 2, 3, 4, 5, 1, 2, 3]
+        for device in ("phone", "laptop"):
+            back = await d.connect(1, device)
+            inbox = Inbox(back)
+            ok = await back.login("houyi", "secret")
+            assert ok.device == device and ok.pending == 8
+            got = await inbox.wait_for(8)
+            assert [m.msg_id for m in got] == [a.msg_id for a in sent]
+            await settled(back)
+            await acked_through(d.node(1))
+            await back.close()
+        # Each device has acked: a third login of each gets nothing again.
+        for device in ("phone", "laptop"):
+            again = await d.connect(1, device)
+            assert (await again.login("houyi", "secret")).pending == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_device_offline_across_a_restart_gets_what_it_missed(
+    request: pytest.FixtureRequest, tmp_path: Path, mode: str
+) -> None:
+    async with deployment(request, tmp_path) as d:
+        phone = await d.login(1, "houyi", "phone")
+        laptop = await d.login(1, "houyi", "laptop")
+        gris = await d.login(0, "gris", "g")
+        houyi_id = uid(phone)
+        await phone.close()
+        # The laptop writes while the phone is away: the phone gets it later, the
+        # laptop never gets its own message pushed back.
+        mine = await laptop.send_p2p(uid(gris), "from the laptop")
+        theirs = [await gris.send_p2p(houyi_id, f"m{i}") for i in range(3)]
+        await settled(laptop)
+        await acked_through(d.node(1))
+        await d.restart()
+
+        phone = await d.connect(1, "phone")
+        inbox = Inbox(phone)
+        ok = await phone.login("houyi", "secret")
+        assert ok.pending == 4
+        got = await inbox.wait_for(4)
+        assert [m.msg_id for m in got] == [mine.msg_id] + [a.msg_id for a in theirs]
+        assert [m.seq for m in got] == [1, 2, 3, 4]
+        laptop = await d.connect(1, "laptop")
+        assert (await laptop.login("houyi", "secret")).pending == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_new_device_starts_at_the_read_position(
+    request: pytest.FixtureRequest, tmp_path: Path, mode: str
+) -> None:
+    async with deployment(request, tmp_path) as d:
+        phone = await d.login(1, "houyi", "phone")
+        inbox = Inbox(phone)
+        gris = await d.login(0, "gris", "g")
+        for i in range(5):
+            await gris.send_p2p(uid(phone), f"m{i}")
+        await inbox.wait_for(5)
+        state = await phone.client.request(MarkRead(peer_id=uid(gris), seq=3))
+        assert state == ReadState(uid(gris), 0, 3, 2)
+
+        tablet = await d.connect(1, "tablet")
+        tablet_inbox = Inbox(tablet)
+        ok = await tablet.login("houyi", "secret")
+        assert ok.pending == 2
+        assert [m.text for m in await tablet_inbox.wait_for(2)] == ["m3", "m4"]
+        (talk,) = await conversations(tablet)
+        assert (talk["kind"], talk["peer_id"], talk["name"]) == ("p2p", uid(gris), "gris")
+        assert (talk["last_seq"], talk["read_seq"], talk["unread"]) == (5, 3, 2)
+        assert talk["last_message"]["text"] == "m4"
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_reading_on_one_device_clears_the_other_and_reaches_the_sender(
+    request: pytest.FixtureRequest, tmp_path: Path, mode: str
+) -> None:
+    async with deployment(request, tmp_path) as d:
+        phone = await d.login(1, "houyi", "phone")
+        laptop = await d.login(0, "houyi", "laptop")  # on the other node in a cluster
+        laptop_reads = Pushes(laptop, ReadState)
+        gris = await d.login(0, "gris", "g")
+        receipts = Pushes(gris, Receipt)
+        inbox = Inbox(phone)
+        sent = [await gris.send_p2p(uid(phone), f"m{i}") for i in range(3)]
+        await inbox.wait_for(3)
+        # The phone's automatic acks make a "delivered" receipt.
+        delivered = await receipts.until(lambda r: r.kind == "delivered" and r.seq == 3)
+        assert (delivered.user_id, delivered.name, delivered.group_id) == (uid(phone), "houyi", 0)
+        assert [c["unread"] for c in await conversations(laptop)] == [3]
+
+        state = await phone.client.request(MarkRead(peer_id=uid(gris)))
+        assert state == ReadState(uid(gris), 0, 3, 0)
+        other = await laptop_reads.until(lambda s: s.read_seq == 3)
+        assert other == ReadState(uid(gris), 0, 3, 0)
+        read = await receipts.until(lambda r: r.kind == "read")
+        assert (read.user_id, read.seq, read.group_id) == (uid(phone), 3, 0)
+        assert [c["unread"] for c in await conversations(laptop)] == [0]
+        (mine,) = await conversations(gris)
+        assert (mine["peer_read_seq"], mine["peer_delivered_seq"]) == (3, 3)
+        assert mine["read_seq"] == mine["last_seq"] == sent[-1].seq  # own messages are read
+        # Reading never moves back.
+        state = await phone.client.request(MarkRead(peer_id=uid(gris), seq=1))
+        assert state.read_seq == 3
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_group_read_counts_and_who(
+    request: pytest.FixtureRequest, tmp_path: Path, mode: str
+) -> None:
+    async with deployment(request, tmp_path) as d:
+        gris = await d.login(0, "gris", "g")
+        houyi = await d.login(1, "houyi", "h")
+        chang = await d.login(1, "chang-e", "c")
+        wu = await d.login(0, "wugang", "w", auto_ack=False)
+        group = await gris.client.request(CreateGroup("moon"))
+        assert isinstance(group, GroupInfo)
+        gid = group.group_id
+        for im in (houyi, chang, wu):
+            await im.client.request(JoinGroup(gid))
+        receipts = Pushes(gris, Receipt)
+        inboxes = [Inbox(im) for im in (houyi, chang)]
+        first = await gris.send_group(gid, "one")
+        await gris.send_group(gid, "two")
+        for inbox in inboxes:
+            await inbox.wait_for(2)
+        for im in (houyi, chang):
+            await settled(im)
+        for server in d.servers:
+            await acked_through(server)
+
+        await houyi.client.request(MarkRead(group_id=gid, seq=first.seq))
+        read = await receipts.until(lambda r: r.kind == "read")
+        assert (read.user_id, read.group_id, read.seq) == (uid(houyi), gid, first.seq)
+        counts = await gris.client.request(GetReceipts(gid, first.seq, who=True))
+        assert isinstance(counts, Receipts)
+        # wugang never acked: he has it on no device the server knows of.
+        assert (counts.delivered, counts.read) == (2, 1)
+        assert counts.readers == [
+            {"id": uid(houyi), "name": "houyi", "read": True},
+            {"id": uid(chang), "name": "chang-e", "read": False},
+        ]
+        quiet = await gris.client.request(GetReceipts(gid, first.seq))
+        assert isinstance(quiet, Receipts) and quiet.readers == []
+        # Only members may ask.
+        outsider = await d.login(0, "mallory", "m")
+        with pytest.raises(RequestError) as info:
+            await outsider.client.request(GetReceipts(gid, first.seq))
+        assert info.value.code == codes.NOT_MEMBER
+        # A member who joins later starts at the group's last message: nothing unread.
+        late = await d.login(1, "late", "l")
+        await late.client.request(JoinGroup(gid))
+        (talk,) = await conversations(late)
+        assert (talk["kind"], talk["group_id"], talk["name"]) == ("group", gid, "moon")
+        assert (talk["unread"], talk["last_seq"]) == (0, 2)
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_the_conversation_list_orders_by_activity_pages_and_survives_a_restart(
+    request: pytest.FixtureRequest, tmp_path: Path, mode: str
+) -> None:
+    async with deployment(request, tmp_path) as d:
+        houyi = await d.login(0, "houyi", "h")
+        peers = [await d.login(i % 2, f"peer{i}", f"p{i}") for i in range(5)]
+        for i, peer in enumerate(peers):
+            for n in range(i + 1):
+                await peer.send_p2p(uid(houyi), f"{i}.{n}")
+        await peers[1].send_p2p(uid(houyi), "latest")  # peer1's talk is the newest now
+        houyi_id = uid(houyi)
+        await d.restart()
+
+        houyi = await d.login(1, "houyi", "h")
+        first = await houyi.client.request(GetConversations(limit=2))
+        assert isinstance(first, ConversationList) and first.more
+        rest = await houyi.client.request(
+            GetConversations(limit=10, before=first.conversations[-1]["activity"])
+        )
+        assert isinstance(rest, ConversationList) and not rest.more
+        listed = first.conversations + rest.conversations
+        assert [c["name"] for c in listed] == ["peer1", "peer4", "peer3", "peer2", "peer0"]
+        assert [c["unread"] for c in listed] == [3, 5, 4, 3, 1]
+        assert listed[0]["last_message"]["text"] == "latest"
+        assert all(c["last_message"]["to"] == houyi_id for c in listed)
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_login_without_a_device_gets_one_and_its_token_keeps_it(
+    request: pytest.FixtureRequest, tmp_path: Path, mode: str
+) -> None:
+    async with deployment(request, tmp_path) as d:
+        old = await d.connect(0)  # an older client: it names no device
+        ok = await old.login("houyi", "secret")
+        assert ok.device.startswith("d-")
+        again = await d.connect(1)
+        by_token = await again.login(token=ok.token)
+        assert by_token.device == ok.device
+        # A token is its device's: naming another device does not change it.
+        other = await d.connect(0, device="elsewhere")
+        assert (await other.login(token=ok.token)).device == ok.device
+        bad = await d.connect(0, device="no spaces")
+        with pytest.raises(RequestError) as info:
+            await bad.login("houyi", "secret")
+        assert info.value.code == codes.INVALID_PACKET
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_over_the_device_cap_the_device_seen_longest_ago_is_forgotten(
+    request: pytest.FixtureRequest, tmp_path: Path, mode: str
+) -> None:
+    async with deployment(request, tmp_path, max_devices_per_user=2) as d:
+        first = await d.login(0, "houyi", "one")
+        token = first.token
+        await d.login(0, "houyi", "two")
+        await d.login(1, "houyi", "three")  # "one" goes, with its token
+        late = await d.connect(0)
+        with pytest.raises(RequestError) as info:
+            await late.login(token=token or "")
+        assert info.value.code == codes.LOGIN_FAILED
