@@ -36,6 +36,7 @@ from bitchat.bench.report import (
 from bitchat.bench.runner import BenchResult
 from bitchat.bench.serverproc import UserSpec, parse_target
 from bitchat.bench.stats import percentile, percentiles_ms
+from bitchat.bench.sync import check_devices, plan_messages
 from bitchat.errors import UsageError
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -136,6 +137,84 @@ def test_idle_measures_memory_per_connection(tmp_path: Path) -> None:
     write_json(r, str(path))
     data = json.loads(path.read_text())
     assert REQUIRED | {"rss_kib_per_conn"} <= data.keys()
+
+
+def test_sync_every_device_catches_up_on_every_message(tmp_path: Path) -> None:
+    r = run_bench(BenchConfig("sync", users=4, devices=2, senders=2, messages=40, timeout=WAIT / 3))
+    assert r.ok, r.problems
+    x = r.extra
+    assert (x["devices"], x["devices_caught_up"]) == (8, 8)
+    assert x["messages_sent"] == 40 and x["group_messages_planned"] == 8  # 20 %
+    # 32 one-to-one messages reach both devices of their user; each of the 8 group
+    # messages reaches the 2 users of its group (every 2nd user), on 2 devices each.
+    assert r.delivered == x["deliveries_expected"] == 32 * 2 + 8 * 2 * 2
+    assert x["pending_total"] == r.delivered  # each LoginOk said what was coming
+    assert (r.lost, r.duplicated, r.reordered, x["unexpected"]) == (0, 0, 0, 0)
+    assert (x["pending_wrong"], x["device_wrong"], x["login_failures"]) == (0, 0, 0)
+    # Logged in once more, the devices are pushed nothing: their acks moved their cursors.
+    assert (x["devices_again"], x["pending_after_ack"], x["pushed_after_ack"]) == (8, 0, 0)
+    assert r.server_cpu_us_per_msg is not None and r.latency_ms["max"] is not None
+    path = tmp_path / "sync.json"
+    write_json(r, str(path))
+    data = json.loads(path.read_text())
+    assert REQUIRED | {"catch_up_s", "devices_caught_up", "pending_total"} <= data.keys()
+    assert data["ok"] is True
+
+
+def test_sync_password_come_back() -> None:
+    config = BenchConfig("sync", users=2, devices=2, senders=1, messages=6, group_share=0)
+    config.login, config.procs, config.timeout = "password", 1, WAIT / 3
+    r = run_bench(config)
+    assert r.ok, r.problems
+    assert r.delivered == 6 * 2 and r.extra["group_messages_planned"] == 0
+
+
+def test_sync_plan_spreads_messages() -> None:
+    plan = plan_messages(users=5, senders=2, messages=100, group_share=0.2)
+    assert len(plan) == 100
+    groups = [s for s, u in plan if u < 0]
+    assert len(groups) == 20 and set(groups) == {0, 1}
+    pairs = {(s, u) for s, u in plan if u >= 0}
+    assert pairs == {(s, u) for s in range(2) for u in range(5)}  # every sender to every user
+    assert all(u >= 0 for _, u in plan_messages(3, 1, 10, 0))
+    assert all(u < 0 for _, u in plan_messages(3, 1, 10, 1))
+
+
+def _device(user: int, got: list[int], pending: int, name: str = "d0") -> dict[str, Any]:
+    import array
+
+    return {
+        "user_id": user,
+        "device": name,
+        "named": name,
+        "pending": pending,
+        "received": array.array("Q", got).tobytes(),
+        "done_ns": 1,
+    }
+
+
+def test_sync_checker_counts_every_kind_of_failure() -> None:
+    expected = {1: [10, 11, 12], 2: [11, 13]}
+    good = check_devices(expected, [_device(1, [10, 11, 12], 3), _device(1, [10, 11, 12], 3, "d1")])
+    assert (good.devices, good.caught_up, good.deliveries, good.lost) == (2, 2, 6, 0)
+    assert not good.examples
+    # A device that misses one message: lost, and not caught up.
+    c = check_devices(expected, [_device(1, [10, 12], 3), _device(2, [11, 13], 2)])
+    assert (c.lost, c.caught_up, c.deliveries) == (1, 1, 4)
+    assert "missing 1 of 3 message(s), the first msg_id 11" in c.examples[0]
+    c = check_devices(expected, [_device(1, [10, 11, 11, 12], 3)])
+    assert (c.duplicated, c.lost) == (1, 0)
+    c = check_devices(expected, [_device(1, [10, 12, 11], 3)])
+    assert (c.reordered, c.lost) == (1, 0)
+    c = check_devices(expected, [_device(2, [11, 12, 13], 2)])  # 12 is user 1's
+    assert (c.unexpected, c.lost) == (1, 0)
+    c = check_devices(expected, [_device(1, [10, 11, 12], 5)])
+    assert c.pending_wrong == 1 and "told pending 5, missed 3" in c.examples[0]
+    rec = _device(1, [10, 11, 12], 3)
+    rec["named"] = "other"
+    assert check_devices(expected, [rec]).device_wrong == 1
+    c = check_devices(expected, [_device(2, [], -1)])  # never logged in
+    assert (c.not_logged_in, c.lost, c.caught_up) == (1, 2, 0)
 
 
 def test_password_logins_work_too() -> None:
@@ -283,7 +362,15 @@ def test_targets_must_be_on_this_machine() -> None:
 
 
 def test_bad_configs_are_refused() -> None:
-    for config in (BenchConfig("p2p", users=3), BenchConfig("nope"), BenchConfig(window=-1)):
+    for config in (
+        BenchConfig("p2p", users=3),
+        BenchConfig("nope"),
+        BenchConfig(window=-1),
+        BenchConfig("sync", devices=33),
+        BenchConfig("sync", group_share=1.5),
+        BenchConfig("sync", messages=0),
+        BenchConfig("sync", timeout=0),
+    ):
         with pytest.raises(UsageError):
             config.resolved()
 
@@ -302,7 +389,7 @@ def _result(scenario: str, **config: Any) -> BenchResult:
         "duration": 10.0,
         **config,
     }
-    unit = {"p2p": "messages", "group": "deliveries"}.get(scenario, "logins")
+    unit = {"p2p": "messages", "group": "deliveries", "sync": "deliveries"}.get(scenario, "logins")
     r = BenchResult(
         scenario,
         cfg,
@@ -323,6 +410,9 @@ def _result(scenario: str, **config: Any) -> BenchResult:
     )
     if scenario in ("p2p", "group"):
         r.extra.update(delivered_in_window=251_392, delivered_after_window=6_400)
+    elif scenario == "sync":
+        r.config.update(users=1000, devices=32, messages=100_000, group_share=0.2)
+        r.extra.update(devices=32_000, devices_caught_up=32_000, messages_sent=100_000)
     else:
         r.extra.update(login_failures=0)
     if scenario == "idle":
@@ -336,7 +426,7 @@ def _render(r: BenchResult) -> str:
     return out.getvalue()
 
 
-@pytest.mark.parametrize("scenario", ["p2p", "group", "connect", "idle"])
+@pytest.mark.parametrize("scenario", ["p2p", "group", "connect", "idle", "sync"])
 def test_report_fits_80_columns_without_empty_rows(scenario: str) -> None:
     text = _render(_result(scenario))
     lines = text.splitlines()
@@ -403,7 +493,7 @@ def test_help_is_clean(monkeypatch: pytest.MonkeyPatch) -> None:
         if action.default not in (None, False, [], argparse.SUPPRESS) and action.dest != "help":
             assert "default" in action.help, action.option_strings
     assert "exit status:" in text and "never an error" in text
-    for command in ("bitchat bench p2p", "bitchat bench group", "--json", "--plot"):
+    for command in ("bitchat bench p2p", "bitchat bench group", "bitchat bench sync", "--json"):
         assert command in text
 
 

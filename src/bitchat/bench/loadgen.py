@@ -17,6 +17,7 @@ checks, per sender, that the sequence numbers arrive once each and in order.
 The worker talks to the bench process over a pipe, phase by phase:
 ``ready`` (users logged in) -> ``go`` -> ``sent`` (what each sender had acked)
 -> ``expect`` -> ``result`` -> ``close``; ``progress`` notes come in between.
+The ``sync`` scenario has phases of its own (:mod:`bitchat.bench.syncload`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import resource
 import time
 import traceback
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection as Pipe
 from typing import Any, cast
 
@@ -49,6 +50,8 @@ _LOGIN = Login.TYPE
 _JOIN = JoinGroup.TYPE
 _PING = Ping()
 _PROGRESS_EVERY = 0.25
+MAX_ACK_IDS = 1024
+"""Most ids in one Ack: the server's default ``max_ack_ids``."""
 
 
 class BenchRequestError(BitchatError):
@@ -83,18 +86,52 @@ class WorkerPlan:
     group_id: int = 0
     timeout: float = 30.0
     """Longest wait for one connection or set-up request."""
+    senders: list[UserSpec] = field(default_factory=list)
+    """sync: the users that send the messages the devices of ``users`` miss."""
+    devices: int = 1
+    """sync: devices per user of ``users``."""
+    groups: bool = False
+    """sync: each sender creates a group (some messages go there)."""
+
+
+@dataclass(eq=False)
+class DeviceState:
+    """sync: one device of a user, what it should be pushed and what it was."""
+
+    user: UserSpec
+    name: str
+    """Its device id (``Login.device``)."""
+    token: str = ""
+    """This device's token, from its first login."""
+    missing: set[int] = field(default_factory=set)
+    """Expected msg_ids not pushed yet."""
+    received: array.array[int] = field(default_factory=lambda: array.array("Q"))
+    """Every msg_id pushed in this catch-up, in arrival order (duplicates included)."""
+    pending: int = -1
+    """``LoginOk.pending`` of this catch-up's login (-1: not logged in)."""
+    named: str = ""
+    """``LoginOk.device``: the device the server says this session is."""
+    done_ns: int = 0
+    """When the last missing message arrived (0: not yet)."""
 
 
 class Conn(asyncio.Protocol):
     """One bench user's connection: a sender, a receiver, or both."""
 
-    def __init__(self, worker: Worker, user: UserSpec) -> None:
+    def __init__(self, worker: Worker, user: UserSpec, device: DeviceState | None = None) -> None:
         self.w = worker
         self.user = user
+        self.device = device
         self.transport: asyncio.Transport | None = None
         self.core = Core(Role.CLIENT, max_frame_size=1 << 20)
         self.core.serializer = worker.ser
         self.lost = False
+        self.closing = False
+        """Closed by the bench on purpose: not a dropped connection."""
+        self.gone: asyncio.Future[None] | None = None
+        """Done once the connection is closed (made with the connection)."""
+        self.final_ack: asyncio.Future[Any] | None = None
+        """sync: the answer to the device's last Ack (sent as a request)."""
         self.waiters: dict[int, asyncio.Future[Any]] = {}
         self.last_write = 0
         # sending
@@ -103,6 +140,12 @@ class Conn(asyncio.Protocol):
         self.target = 0
         self.sending = False
         self.seq = 0
+        self.limit = 1 << 62
+        """Messages to send in all (sync: the length of ``targets``)."""
+        self.targets: list[tuple[int, int]] | None = None
+        """sync: (packet type, target) of each message, in sending order."""
+        self.msg_ids: dict[int, int] = {}
+        """sync: sequence number -> msg_id of each stored message."""
         self.inflight: dict[int, int] = {}
         """Request id -> sequence number of each unanswered send."""
         self.failed: list[int] = []
@@ -114,11 +157,15 @@ class Conn(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        self.gone = asyncio.get_running_loop().create_future()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self.sending = False
-        self.w.disconnects += 1
+        if not self.closing:
+            self.w.disconnects += 1
+        if self.gone is not None and not self.gone.done():
+            self.gone.set_result(None)
         for fut in self.waiters.values():
             if not fut.done():
                 fut.set_exception(ConnectionError("the server closed the connection"))
@@ -139,8 +186,10 @@ class Conn(asyncio.Protocol):
                         self.failed.append(seq)
                         code = str(w.loads(ev.body).get("code", "?"))
                         self.errors[code] = self.errors.get(code, 0) + 1
+                    elif self.targets is not None:
+                        self.msg_ids[seq] = int(w.loads(ev.body)["msg_id"])
                     if self.sending:
-                        if now < w.deadline:
+                        if now < w.deadline and self.seq < self.limit:
                             self.send_next()
                         else:
                             self.sending = False
@@ -157,13 +206,26 @@ class Conn(asyncio.Protocol):
             elif ev.type == _CHAT:
                 d = w.loads(ev.body)
                 acks.append(d["msg_id"])
+                if self.device is not None:
+                    self.pushed(self.device, d["msg_id"], now)
+                    continue
                 parts = d["text"].split(" ", 3)
                 if len(parts) < 3 or parts[2] != w.run_id:
                     w.foreign += 1
                     continue
                 self.received(d["sender_id"], int(parts[0]), int(parts[1]), now)
-        if acks:
-            core.send_frame(encode_frame(w.ser, 0, _ACK, 0, w.dumps({"msg_ids": acks})))
+        for i in range(0, len(acks), MAX_ACK_IDS):
+            chunk = acks[i : i + MAX_ACK_IDS] if len(acks) > MAX_ACK_IDS else acks
+            body = w.dumps({"msg_ids": chunk})
+            dev = self.device
+            last = i + MAX_ACK_IDS >= len(acks)
+            if dev is not None and dev.done_ns and self.final_ack is None and last:
+                # The device's last ack asks for an answer: once it comes, the server
+                # has stored this connection's acks (before it, as they are in order).
+                rid = core.send_request_body(_ACK, body)
+                self.final_ack = self.waiters[rid] = asyncio.get_running_loop().create_future()
+            else:
+                core.send_frame(encode_frame(w.ser, 0, _ACK, 0, body))
         if core.pending_output and not self.lost:
             assert self.transport is not None
             self.transport.write(core.data_to_send())
@@ -198,12 +260,28 @@ class Conn(asyncio.Protocol):
         if now <= w.deadline:
             w.in_window += 1
 
+    def pushed(self, dev: DeviceState, msg_id: int, now: int) -> None:
+        """sync: a device was pushed a message (checked afterwards by the bench process)."""
+        dev.received.append(msg_id)
+        if msg_id in dev.missing:
+            dev.missing.discard(msg_id)
+            w = self.w
+            w.delivered += 1
+            b = (now - w.t0) // w.bin_ns
+            if 0 <= b < len(w.bins):
+                w.bins[b] += 1
+            if not dev.missing:
+                w.device_done(dev, now)
+
     # -- sending ------------------------------------------------------------------------------
 
     def send_next(self) -> None:
         """Queue the next chat message on the core (written with the rest of this pass)."""
         w = self.w
         seq = self.seq = self.seq + 1
+        if self.targets is not None:
+            self.send_type, self.target = self.targets[seq - 1]
+            self.target_key = "group_id" if self.send_type == SendGroup.TYPE else "to"
         head = f"{seq} {_now()} {w.run_id} "
         text = head + w.pad[: max(1, w.payload - len(head))]
         body = w.dumps(
@@ -217,6 +295,17 @@ class Conn(asyncio.Protocol):
         self.target = target
         self.sending = True
         for _ in range(window):
+            self.send_next()
+        self.flush()
+
+    def start_targets(self, targets: list[tuple[int, int]], window: int) -> None:
+        """sync: send one message to each of ``targets`` in turn, ``window`` unanswered."""
+        self.targets = targets
+        self.limit = len(targets)
+        if not targets:
+            return
+        self.sending = True
+        for _ in range(min(window, len(targets))):
             self.send_next()
         self.flush()
 
@@ -253,6 +342,25 @@ class Conn(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None and not self.lost:
             self.transport.close()
+
+    async def close_and_wait(self, timeout: float) -> None:
+        """Close on purpose, and return once the server has closed its side too.
+
+        Half-closing first makes the server read the end of the stream and close:
+        when that close arrives, the server has seen this connection go.
+        """
+        self.closing = True
+        transport = self.transport
+        if transport is None or self.gone is None or self.lost:
+            return
+        try:
+            if transport.can_write_eof():
+                transport.write_eof()
+            else:
+                transport.close()
+            await asyncio.wait_for(asyncio.shield(self.gone), timeout)
+        except (TimeoutError, OSError):
+            transport.abort()
 
 
 class Channel:
@@ -314,6 +422,16 @@ class Worker:
         self.notes: list[str] = []
         self.conns: list[Conn] = []
         self.login_errors: dict[str, int] = {}
+        self.devices_done = 0
+        """sync: devices that have every message they should."""
+        self.all_done = asyncio.Event()
+        self.devices_total = 0
+
+    def device_done(self, dev: DeviceState, now: int) -> None:
+        dev.done_ns = now
+        self.devices_done += 1
+        if self.devices_done >= self.devices_total:
+            self.all_done.set()
 
     def note(self, text: str) -> None:
         if len(self.notes) < 20:
@@ -321,23 +439,37 @@ class Worker:
 
     # -- connections --------------------------------------------------------------------------
 
-    async def open_user(self, user: UserSpec, login: str) -> Conn:
+    async def open_user(
+        self, user: UserSpec, login: str, device: DeviceState | None = None
+    ) -> Conn:
+        """Connect and log in ``user`` (sync: as ``device``, with that device's token)."""
         loop = asyncio.get_running_loop()
         plan = self.plan
         _, conn = await asyncio.wait_for(
-            loop.create_connection(lambda: Conn(self, user), plan.host, plan.port), plan.timeout
+            loop.create_connection(lambda: Conn(self, user, device), plan.host, plan.port),
+            plan.timeout,
         )
+        token = user.token if device is None else device.token
+        body: dict[str, Any]
+        if login == "token" and token:
+            body = {"token": token}
+        else:
+            body = {"name": user.name, "password": user.password}
+        if device is not None:
+            body["device"] = device.name
         try:
             # The first byte of the stream must be the magic byte: the login frame is it.
-            if login == "token" and user.token:
-                ok = await conn.request(_LOGIN, {"token": user.token})
-            else:
-                ok = await conn.request(_LOGIN, {"name": user.name, "password": user.password})
+            ok = await conn.request(_LOGIN, body)
         except BaseException:
             conn.close()
             raise
         user.user_id = int(ok["user_id"])
-        user.token = str(ok.get("token") or user.token)
+        if device is None:
+            user.token = str(ok.get("token") or user.token)
+        else:
+            device.token = str(ok.get("token") or device.token)
+            device.pending = int(ok.get("pending", 0))
+            device.named = str(ok.get("device", ""))
         return conn
 
     async def open_many(
@@ -369,6 +501,7 @@ class Worker:
                     latencies.append((_now() - started) // 1000)
                 if keep:
                     opened.append(conn)
+                    self.conns.append(conn)  # heartbeats from now: the rest may take long
                 else:
                     conn.close()
                 if report and time.monotonic() - last_report >= _PROGRESS_EVERY:
@@ -376,7 +509,6 @@ class Worker:
                     self.chan.send("progress", len(opened))
 
         await asyncio.gather(*(one(u) for u in users))
-        self.conns.extend(opened)
         return opened
 
     async def heartbeat(self) -> None:
@@ -386,7 +518,7 @@ class Worker:
             await asyncio.sleep(self.plan.heartbeat / 2)
             now = _now()
             for conn in self.conns:
-                if not conn.lost and now - conn.last_write >= interval:
+                if not conn.lost and not conn.closing and now - conn.last_write >= interval:
                     with contextlib.suppress(ConnectionError):
                         conn.ping()
 
@@ -401,6 +533,10 @@ class Worker:
         try:
             if self.plan.scenario in ("p2p", "group"):
                 await self.run_messages()
+            elif self.plan.scenario == "sync":
+                from bitchat.bench.syncload import run_sync
+
+                await run_sync(self)
             else:
                 await self.run_connect()
         finally:

@@ -79,6 +79,7 @@ TARGETS: dict[str, list[Target]] = {
         ),
     ],
     "connect": [],
+    "sync": [],
 }
 
 EXIT_STATUS_NOTE = (
@@ -119,7 +120,18 @@ def heading(r: BenchResult) -> list[str]:
     cfg = r.config
     c = {
         k: cfg.get(k)
-        for k in ("users", "members", "senders", "window", "payload", "connections", "login")
+        for k in (
+            "users",
+            "members",
+            "senders",
+            "window",
+            "payload",
+            "connections",
+            "login",
+            "devices",
+            "messages",
+            "group_share",
+        )
     }
     secs = f"{cfg.get('duration', r.duration_s):g} s"
     shape = {
@@ -128,6 +140,8 @@ def heading(r: BenchResult) -> list[str]:
         f"{c['payload']} B, {secs}",
         "connect": f"{_fmt(c['connections'])} connections, {c['login']} logins",
         "idle": f"{_fmt(c['connections'])} idle connections held for {secs}",
+        "sync": f"{c['users']} users x {c['devices']} devices miss {_fmt(c['messages'])} "
+        f"messages, {float(c['group_share'] or 0):.0%} in groups",
     }[r.scenario]
     where = "self-started server" if r.server.get("self_started") else "running server"
     if r.server.get("pid"):
@@ -155,7 +169,18 @@ def summary_table(r: BenchResult) -> Table:
             t.add_row(label, value, check)
 
     messages = r.scenario in ("p2p", "group")
-    if messages:
+    sync = r.scenario == "sync"
+    if sync:
+        row(
+            "devices caught up",
+            _pair(_fmt(r.extra.get("devices_caught_up")), _fmt(r.extra.get("devices"))),
+        )
+        row("messages missed (stored while offline)", _fmt(r.extra.get("messages_sent")))
+        row("deliveries (device, message)", _fmt(r.delivered))
+        row("come-back logins", str(r.config.get("login")))
+        row("catch-up time, all devices (s)", _fmt(r.duration_s, 3))
+        row("deliveries per second", _fmt(r.delivered_per_s, 0))
+    elif messages:
         what = "messages delivered" if r.scenario == "p2p" else "deliveries"
         in_window = r.extra.get("delivered_in_window")
         row(f"{what} in the {r.duration_s:g} s of sending", _fmt(in_window))
@@ -168,11 +193,17 @@ def summary_table(r: BenchResult) -> Table:
             _fmt(r.delivered_per_s, 0),
         )
     lat = r.latency_ms
-    what = "one-way latency" if messages else "login latency"
+    what = "one-way latency" if messages else "device caught up" if sync else "login latency"
     if lat.get("p50") is not None:
         row(f"{what} p50 / p90 (ms)", _ms_pair(lat.get("p50"), lat.get("p90")))
         row(f"{what} p99 / max (ms)", _ms_pair(lat.get("p99"), lat.get("max")))
-    per = {"p2p": "message", "group": "delivery", "connect": "login", "idle": "login"}[r.scenario]
+    per = {
+        "p2p": "message",
+        "group": "delivery",
+        "connect": "login",
+        "idle": "login",
+        "sync": "delivery",
+    }[r.scenario]
     if r.server_cpu_us_per_msg is not None:
         row(f"server CPU per {per} (µs)", _fmt(r.server_cpu_us_per_msg))
     if r.server_cpu_s is not None:
@@ -189,7 +220,26 @@ def summary_table(r: BenchResult) -> Table:
     if t.rows:
         t.rows[-1].end_section = True  # then the checks
     checks: list[tuple[str, int]] = []
-    if messages:
+    if sync:
+        checks += [
+            ("messages lost", r.lost),
+            ("messages pushed twice", r.duplicated),
+            ("messages out of msg_id order", r.reordered),
+            ("messages to a wrong user", int(r.extra.get("unexpected", 0))),
+            ("LoginOk.pending wrong", int(r.extra.get("pending_wrong", 0))),
+            (
+                "acked messages that came again",
+                max(
+                    int(r.extra.get("pending_after_ack", 0)),
+                    int(r.extra.get("pushed_after_ack", 0)),
+                ),
+            ),
+            ("LoginOk.device wrong", int(r.extra.get("device_wrong", 0))),
+            ("sends refused", r.send_errors),
+            ("sends unanswered", int(r.extra.get("messages_unacked", 0))),
+            ("logins failed", int(r.extra.get("login_failures", 0))),
+        ]
+    elif messages:
         checks += [
             ("messages lost", r.lost),
             ("messages duplicated", r.duplicated),
@@ -242,6 +292,8 @@ def print_report(r: BenchResult, console: Console) -> None:
         console.print(
             "[green]every check passed[/]: no message lost, duplicated or reordered (exit status 0)"
             if r.scenario in ("p2p", "group")
+            else "[green]every check passed[/]: every device got every message once (exit status 0)"
+            if r.scenario == "sync"
             else "[green]every check passed[/]: no login failed, no connection dropped "
             "(exit status 0)",
             highlight=False,
@@ -277,7 +329,11 @@ def write_plot(r: BenchResult, path: str) -> None:
                 ax1.axvline(v, color="#d5533a", linestyle="--", linewidth=1)
                 ax1.text(v, ax1.get_ylim()[1] * 0.5, f" {name} {v:.2f} ms", color="#d5533a")
     ax1.set_xlabel(
-        "one-way latency (ms)" if r.scenario in ("p2p", "group") else "login latency (ms)"
+        "one-way latency (ms)"
+        if r.scenario in ("p2p", "group")
+        else "time until a device had everything (ms)"
+        if r.scenario == "sync"
+        else "login latency (ms)"
     )
     ax1.set_ylabel("count (log)")
     ax1.set_title("latency distribution")
@@ -285,7 +341,11 @@ def write_plot(r: BenchResult, path: str) -> None:
         xs = [i * BIN_S for i in range(len(r.timeline))]
         ax2.plot(xs, [v / BIN_S for v in r.timeline], color="#2a9d5c")
         ax2.axvline(r.duration_s, color="grey", linestyle=":", linewidth=1)
-    ax2.set_xlabel("seconds since the start of sending")
+    ax2.set_xlabel(
+        "seconds since the devices came back"
+        if r.scenario == "sync"
+        else "seconds since the start of sending"
+    )
     ax2.set_ylabel(f"{r.unit} per second")
     ax2.set_title("throughput over time")
     fig.suptitle(

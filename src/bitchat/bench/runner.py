@@ -7,6 +7,8 @@
 - ``group``: one group; some members post, every other member receives.
 - ``connect``: clients connect and log in as fast as they can.
 - ``idle``: logged-in connections that only heartbeat: memory per connection.
+- ``sync``: users with several devices miss messages while offline, then every
+  device comes back at once and catches up (:mod:`bitchat.bench.sync`).
 
 The server's CPU (user + system, all threads) and memory are read from
 ``/proc/<pid>`` before and after the measured phase; nothing is estimated.
@@ -43,7 +45,7 @@ from bitchat.bench.stats import percentiles_ms
 from bitchat.errors import UsageError
 from bitchat.protocol.serializers import get as get_serializer
 
-SCENARIOS = ("p2p", "group", "connect", "idle")
+SCENARIOS = ("p2p", "group", "connect", "idle", "sync")
 PASSWORD = "bench-password"
 BIN_S = 0.1
 
@@ -60,12 +62,20 @@ class BenchConfig:
     """One bench run; every field has a command-line option of the same name."""
 
     scenario: str = "p2p"
-    users: int = 200
-    """p2p: users, in pairs."""
+    users: int = 0
+    """p2p: users, in pairs (0: 200); sync: users whose devices catch up (0: 50)."""
     members: int = 100
     """group: members of the one group."""
     senders: int = 10
-    """group: members that post."""
+    """group: members that post; sync: the users (others) who send the missed messages."""
+    devices: int = 2
+    """sync: devices per user."""
+    messages: int = 5000
+    """sync: messages sent in all while the devices are offline."""
+    group_share: float = 0.2
+    """sync: the share of ``messages`` that go to groups (0 to 1)."""
+    timeout: float = 60.0
+    """sync: the longest wait for the sending, and then for the catch-up."""
     connections: int = 0
     """connect / idle: connections to open (0: 1,000 for connect, 5,000 for idle)."""
     window: int = 0
@@ -104,12 +114,23 @@ class BenchConfig:
             c.connections = 5000 if c.scenario == "idle" else 1000
         if not c.window:
             c.window = 16 if c.scenario == "group" else 32
+        if not c.users:
+            c.users = 50 if c.scenario == "sync" else 200
         if c.scenario == "p2p" and (c.users < 2 or c.users % 2):
             raise UsageError("p2p needs an even number of users, at least 2")
         if c.scenario == "group":
             if c.members < 2:
                 raise UsageError("a group needs at least 2 members")
             c.senders = max(1, min(c.senders, c.members))
+        if c.scenario == "sync":
+            if c.users < 1 or c.senders < 1 or c.messages < 1:
+                raise UsageError("sync needs at least 1 user, 1 sender and 1 message")
+            if not 1 <= c.devices <= 32:
+                raise UsageError("--devices is 1 to 32 (the server's max_devices_per_user)")
+            if not 0 <= c.group_share <= 1:
+                raise UsageError("--group-share is between 0 and 1")
+            if c.timeout <= 0:
+                raise UsageError("--timeout must be positive")
         if c.login not in ("token", "password"):
             raise UsageError("--login is token or password")
         if c.window < 1 or c.payload < 1 or c.duration <= 0 or c.procs < 1:
@@ -337,23 +358,30 @@ def run_bench(config: BenchConfig, progress: Progress = _quiet) -> BenchResult:
     """Run one scenario end to end and return what it measured."""
     cfg = config.resolved()
     run_id = secrets.token_hex(3)
-    n_users = {"p2p": cfg.users, "group": cfg.members}.get(cfg.scenario)
+    n_users = {"p2p": cfg.users, "group": cfg.members, "sync": cfg.users + cfg.senders}.get(
+        cfg.scenario
+    )
     if n_users is None:
         warm = min(50, max(1, cfg.connections // 20))
         n_users = cfg.connections + warm
     else:
         warm = 0
     # Every connection is a file on both ends; the self-started server inherits this.
-    raise_nofile_limit(2 * n_users + 1024)
+    conns = n_users * cfg.devices if cfg.scenario == "sync" else n_users
+    raise_nofile_limit(2 * conns + 1024)
     users = _make_users(cfg, n_users, run_id)
     result = BenchResult(
         scenario=cfg.scenario,
         config=asdict(cfg),
         machine=machine_info(cfg.uvloop),
         server={},
-        unit={"p2p": "messages", "group": "deliveries", "connect": "logins", "idle": "connections"}[
-            cfg.scenario
-        ],
+        unit={
+            "p2p": "messages",
+            "group": "deliveries",
+            "connect": "logins",
+            "idle": "connections",
+            "sync": "deliveries",
+        }[cfg.scenario],
     )
     with _server(cfg, users, progress) as handle:
         result.server = {
@@ -367,6 +395,10 @@ def run_bench(config: BenchConfig, progress: Progress = _quiet) -> BenchResult:
             result.notes.append("no --server-pid: the server's CPU and memory are not known")
         if cfg.scenario in ("p2p", "group"):
             _run_messages(cfg, handle, users, run_id, result, progress)
+        elif cfg.scenario == "sync":
+            from bitchat.bench.sync import run_sync  # it builds on this module
+
+            run_sync(cfg, handle, users, run_id, result, progress)
         else:
             _run_connect(cfg, handle, users, warm, run_id, result, progress)
     return result

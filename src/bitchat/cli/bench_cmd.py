@@ -21,13 +21,17 @@ scenarios:
   group    one group: some members post, every other member receives
   connect  connections that log in as fast as they can: logins/s
   idle     logged-in connections that only heartbeat: memory per connection
+  sync     users with several devices miss messages while offline, then every
+           device comes back at once: catch-up time, CPU per delivery, and
+           every message on every device exactly once
 """
 
 EPILOG = """\
 exit status:
   0  every check passed, whether or not the targets were met
   1  a correctness check failed: a message lost, duplicated or reordered, a
-     send refused or unanswered, a login failed or a connection dropped
+     send refused or unanswered, a login failed or a connection dropped (sync:
+     also a message to the wrong user, a wrong LoginOk.pending or .device)
   2  the bench could not run (bad option, the server did not start or died)
 
 The table's "target" column gives the project's published goals (see
@@ -38,6 +42,7 @@ examples:
   bitchat bench group --members 20
   bitchat bench connect -k 200
   bitchat bench idle -k 1000
+  bitchat bench sync --users 50 --devices 2 --messages 5000
   bitchat bench p2p --json p2p.json --plot p2p.png
   bitchat bench p2p --target 127.0.0.1:8864 --server-pid 1234
 """
@@ -55,12 +60,17 @@ def add_parser(sub: Any) -> None:
         "scenario",
         nargs="?",
         default="p2p",
-        choices=["p2p", "group", "connect", "idle"],
+        choices=["p2p", "group", "connect", "idle", "sync"],
         help="what to measure (default p2p; see scenarios above)",
     )
     load = p.add_argument_group("load")
     load.add_argument(
-        "--users", type=int, default=200, metavar="N", help="p2p: users, in pairs (default 200)"
+        "--users",
+        type=int,
+        default=0,
+        metavar="N",
+        help="p2p: users, in pairs; sync: users whose devices catch up "
+        "(default 200 for p2p, 50 for sync)",
     )
     load.add_argument(
         "--members", type=int, default=100, metavar="N", help="group: members (default 100)"
@@ -70,7 +80,37 @@ def add_parser(sub: Any) -> None:
         type=int,
         default=10,
         metavar="N",
-        help="group: members that post (default 10)",
+        help="group: members that post; sync: other users who send the missed messages "
+        "(default 10)",
+    )
+    load.add_argument(
+        "--devices",
+        type=int,
+        default=2,
+        metavar="N",
+        help="sync: devices per user, each with its own device id (default 2)",
+    )
+    load.add_argument(
+        "--messages",
+        type=int,
+        default=5000,
+        metavar="N",
+        help="sync: messages sent in all while the devices are offline (default 5000)",
+    )
+    load.add_argument(
+        "--group-share",
+        type=float,
+        default=0.2,
+        metavar="FRACTION",
+        help="sync: the share of the messages sent to groups, 0 to 1; each sender "
+        "owns a group of every --senders-th user (default 0.2)",
+    )
+    load.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="sync: the longest wait for the sending, then for the catch-up (default 60)",
     )
     load.add_argument(
         "--connections",
@@ -85,14 +125,15 @@ def add_parser(sub: Any) -> None:
         type=int,
         default=0,
         metavar="N",
-        help="p2p, group: unanswered messages per sender (default 32 for p2p, 16 for group)",
+        help="p2p, group, sync: unanswered messages per sender "
+        "(default 32 for p2p and sync, 16 for group)",
     )
     load.add_argument(
         "--payload",
         type=int,
         default=100,
         metavar="BYTES",
-        help="p2p, group: bytes of text per message (default 100)",
+        help="p2p, group, sync: bytes of text per message (default 100)",
     )
     load.add_argument(
         "--duration",
@@ -200,6 +241,10 @@ def run(args: argparse.Namespace) -> int:
         users=args.users,
         members=args.members,
         senders=args.senders,
+        devices=args.devices,
+        messages=args.messages,
+        group_share=args.group_share,
+        timeout=args.timeout,
         connections=args.connections,
         window=args.window,
         payload=args.payload,
