@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ from cluster_support import (
     redis_prefix_fixture,  # noqa: F401 (fixture)
 )
 from conftest import WAIT
-from im_helpers import Inbox, im_settings
+from im_helpers import Inbox, clients_of, im_server, im_settings
 
 MODES = ["standalone", "cluster"]
 
@@ -422,3 +423,40 @@ async def test_over_the_device_cap_the_device_seen_longest_ago_is_forgotten(
         with pytest.raises(RequestError) as info:
             await late.login(token=token or "")
         assert info.value.code == codes.LOGIN_FAILED
+
+
+async def test_acks_still_queued_when_a_device_comes_back_are_not_counted_again(
+    tmp_path: Path,
+) -> None:
+    async with im_server(tmp_path) as server, clients_of(server) as c:
+        houyi = await c.login("houyi")
+        inbox = Inbox(houyi)
+        gris = await c.login("gris")
+        store = server.data["im"].messages
+        gate = threading.Event()  # holds the writer thread on the batch with the ack
+        write = store._write_batch
+
+        def held(db: Any, stores: Any, acks: Any) -> Any:
+            if acks:
+                gate.wait(WAIT)
+            return write(db, stores, acks)
+
+        store._write_batch = held
+        ack = store.ack
+
+        def barrier_opens_the_gate(user_id: int, device_id: int, cursors: Any) -> Any:
+            if not cursors:  # the login's barrier is queued behind the held ack
+                gate.set()
+            return ack(user_id, device_id, cursors)
+
+        store.ack = barrier_opens_the_gate
+        try:
+            await gris.send_p2p(uid(houyi), "hi")
+            await inbox.wait_for(1)
+            await houyi.online_users()  # after the one-way ack: it is queued in the store
+            await houyi.close()
+            again = await c.connect(device="dev-houyi")
+            ok = await asyncio.wait_for(again.login("houyi", "secret"), WAIT)
+            assert ok.pending == 0
+        finally:
+            gate.set()

@@ -255,6 +255,10 @@ class IMService:
         if session.user_id is not None and session.user_id != user.id:
             self.watchers.pop(session, None)
             await self._logged_out(session)
+        # Acks the device sent just before (say on the connection this one replaces) may
+        # still be queued for the store: an empty cursor move resolves after them, so what
+        # the device acked is not counted, nor pushed, again.
+        await self.messages.ack(user.id, device_id, [])
         pending = await self.messages.count_pending(user.id, device_id)
         # Seen now: should the node die, the user was last seen at least at this login.
         await self.users.touch_last_seen([user.id], _now_ms())
