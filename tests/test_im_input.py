@@ -150,7 +150,8 @@ async def test_an_ack_over_max_ack_ids_is_refused_and_the_client_splits_its_own(
         await asyncio.wait_for(all_acked.wait(), WAIT)
         await asyncio.wait_for(asyncio.gather(*(f for _, f in acked)), WAIT)
         # Acks of 3, 3, 3 and 1 ids: each moves the conversation's cursor once.
-        assert [c for c, _ in acked] == [[("p:1:3", n)] for n in (3, 6, 9, 10)]
+        # (An empty one is the login's: it waits for the acks still queued.)
+        assert [c for c, _ in acked if c] == [[("p:1:3", n)] for n in (3, 6, 9, 10)]
         assert await pending_of(server.data["im"], 1, "dev-houyi") == 0
 
 

@@ -55,26 +55,39 @@ class DeviceState:
 
     def note(self, conv: str, seq: int) -> None:
         """The connection has message ``seq`` of ``conv`` (pushed, or its own)."""
-        last = self.seqs.get(conv)
+        seqs = self.seqs
+        last = seqs.get(conv)
         if last is None or seq == last + 1:
-            self.seqs[conv] = seq
+            seqs[conv] = seq
             if self.ahead:
-                ahead = self.ahead.get(conv)
-                if ahead:
-                    while seq + 1 in ahead:
-                        seq += 1
-                        ahead.discard(seq)
-                    self.seqs[conv] = seq
-                    if not ahead:
-                        del self.ahead[conv]
+                self._close_gap(conv, seq)
         elif seq > last + 1:
             self.ahead.setdefault(conv, set()).add(seq)
 
+    def _close_gap(self, conv: str, seq: int) -> None:
+        ahead = self.ahead.get(conv)
+        if ahead:
+            while seq + 1 in ahead:
+                seq += 1
+                ahead.discard(seq)
+            self.seqs[conv] = seq
+            if not ahead:
+                del self.ahead[conv]
+
     def pushed(self, message: Message) -> None:
+        # note(), written out: this runs for every message pushed to every device.
         conv = message.conv or message.conversation_key
-        self.note(conv, message.seq)
+        seq = message.seq
+        seqs = self.seqs
+        last = seqs.get(conv)
+        if last is None or seq == last + 1:
+            seqs[conv] = seq
+            if self.ahead:
+                self._close_gap(conv, seq)
+        elif seq > last + 1:
+            self.ahead.setdefault(conv, set()).add(seq)
         unacked = self.unacked
-        unacked[message.id] = (conv, message.seq)
+        unacked[message.id] = (conv, seq)
         if len(unacked) > self.window:
             del unacked[next(iter(unacked))]  # the oldest: it comes again next login
 

@@ -645,14 +645,18 @@ class IMService:
         # Each conversation's cursor moves to the largest seq acked, but never past a
         # gap in what this connection was pushed.
         moves: dict[str, int] = {}
-        unacked, seqs = device.unacked, device.seqs
+        pop = device.unacked.pop
         for msg_id in p.msg_ids:
-            entry = unacked.pop(msg_id, None)
+            entry = pop(msg_id, None)
             if entry is not None:
                 conv, seq = entry
-                seq = min(seq, seqs.get(conv, seq))
                 if moves.get(conv, 0) < seq:
                     moves[conv] = seq
+        seqs = device.seqs
+        for conv, seq in moves.items():
+            have = seqs.get(conv, seq)
+            if have < seq:
+                moves[conv] = have
         if device.ahead and any(c in device.ahead for c in moves):
             device.on_gap(session)  # a push is missing: this connection gets it again
         if not moves:
