@@ -114,3 +114,51 @@ async def test_a_login_that_fails_half_way_leaves_the_session_logged_out(
         ok = await houyi.login("houyi", "secret")
         assert session.user_id == ok.user_id
         assert [u.name for u in await houyi.online_users()] == ["houyi"]
+
+
+async def test_acks_after_a_gap_do_not_skip_the_lost_message(tmp_path: Path) -> None:
+    """A push is lost in transit: the ack that shows the gap starts a re-sync, and an
+    ack that comes while it is on its way (of a message pushed before it) must not
+    move the cursor past the lost message, or the re-sync finds nothing to push."""
+    async with im_server(tmp_path) as server, clients_of(server) as clients:
+        houyi = await clients.login("houyi", auto_ack=False, dedupe_window=0)
+        gris = await clients.login("gris")
+        assert houyi.user is not None
+        inbox = Inbox(houyi)
+        im = im_of(server)
+        await gris.send_p2p(houyi.user.id, "one")
+        (one,) = await inbox.wait_for(1)
+        houyi.ack([one.msg_id])
+        await houyi.online_users()
+        # "two" never reaches houyi's session (as a push lost between nodes).
+        center = im.connections
+        real_deliver = center.deliver
+
+        def deliver(message: Any, user_ids: Any, exclude_session: int = 0) -> None:
+            if message.text != "two":
+                real_deliver(message, user_ids, exclude_session)
+
+        center.deliver = deliver  # type: ignore[method-assign]
+        for text in ("two", "three", "four"):
+            await gris.send_p2p(houyi.user.id, text)
+        _, three, four = await inbox.wait_for(3)
+        assert [three.text, four.text] == ["three", "four"]
+        center.deliver = real_deliver  # type: ignore[method-assign]
+        # The re-sync's read of what the device misses waits until the second ack is in.
+        asked, release = asyncio.Event(), asyncio.Event()
+        real_pending = im.messages.pending
+
+        async def pending(*args: Any) -> Any:
+            asked.set()
+            await asyncio.wait_for(release.wait(), WAIT)
+            return await real_pending(*args)
+
+        im.messages.pending = pending  # type: ignore[method-assign]
+        houyi.ack([three.msg_id])  # shows the gap: a re-sync starts
+        await asyncio.wait_for(asked.wait(), WAIT)
+        houyi.ack([four.msg_id])
+        await houyi.online_users()
+        await asyncio.wait_for(im.messages.ack(0, 0, []), WAIT)
+        release.set()
+        got = await inbox.wait_for(4)
+        assert got[3].text == "two"

@@ -643,7 +643,8 @@ class IMService:
             return _OK
         assert session.user_id is not None
         # Each conversation's cursor moves to the largest seq acked, but never past a
-        # gap in what this connection was pushed.
+        # gap in what this connection was pushed; nor at all in one a re-sync has not
+        # pushed again yet (what it has there is unknown until then).
         moves: dict[str, int] = {}
         pop = device.unacked.pop
         for msg_id in p.msg_ids:
@@ -652,13 +653,15 @@ class IMService:
                 conv, seq = entry
                 if moves.get(conv, 0) < seq:
                     moves[conv] = seq
-        seqs = device.seqs
-        for conv, seq in moves.items():
-            have = seqs.get(conv, seq)
-            if have < seq:
-                moves[conv] = have
         if device.ahead and any(c in device.ahead for c in moves):
             device.on_gap(session)  # a push is missing: this connection gets it again
+        seqs = device.seqs
+        for conv, seq in list(moves.items()):
+            have = seqs.get(conv, 0)
+            if have <= 0:
+                del moves[conv]
+            elif have < seq:
+                moves[conv] = have
         if not moves:
             return _OK
         answer = Deferred()
