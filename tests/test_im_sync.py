@@ -28,6 +28,7 @@ from bitchat.im.packets import (
     GetReceipts,
     GroupInfo,
     JoinGroup,
+    LeaveGroup,
     MarkRead,
     ReadState,
     Receipt,
@@ -460,3 +461,28 @@ async def test_acks_still_queued_when_a_device_comes_back_are_not_counted_again(
             assert ok.pending == 0
         finally:
             gate.set()
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_member_who_left_gets_no_read_receipts_of_the_group(
+    request: pytest.FixtureRequest, tmp_path: Path, mode: str
+) -> None:
+    async with deployment(request, tmp_path) as d:
+        gris = await d.login(0, "gris", "g")
+        houyi = await d.login(0, "houyi", "h")
+        group = await gris.client.request(CreateGroup("moon"))
+        assert isinstance(group, GroupInfo)
+        gid = group.group_id
+        await houyi.client.request(JoinGroup(gid))
+        inbox = Inbox(houyi)
+        await gris.send_group(gid, "one")
+        await inbox.wait_for(1)
+        await gris.client.request(LeaveGroup(gid))
+        await gris.send_p2p(uid(houyi), "hi")
+        await inbox.wait_for(2)
+        receipts = Pushes(gris, Receipt)
+        await houyi.client.request(MarkRead(group_id=gid))
+        # Pushed after the group's, on the same way: once it is here, so is that one.
+        await houyi.client.request(MarkRead(peer_id=uid(gris)))
+        await receipts.until(lambda r: r.kind == "read" and r.group_id == 0)
+        assert [r for r in receipts.got if r.group_id == gid] == []

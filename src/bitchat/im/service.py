@@ -723,6 +723,10 @@ class IMService:
         user_id, name = session.user_id, session.user_name or ""
         conv = await self._conversation_of(session, p.peer_id, p.group_id)
         read_seq, last_seq, senders = await self.messages.mark_read(user_id, conv, max(0, p.seq))
+        if senders and p.group_id:
+            # Only members learn who read a group: not those who wrote there and left.
+            members = set(await self.users.group_members(p.group_id))
+            senders = [u for u in senders if u in members]
         state = ReadState(p.peer_id, p.group_id, read_seq, max(0, last_seq - read_seq))
         # The user's other devices clear their count; the senders learn it was read.
         self.connections.deliver_event(state, [user_id], exclude_session=session.id)
