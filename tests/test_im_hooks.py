@@ -162,3 +162,36 @@ async def test_acks_after_a_gap_do_not_skip_the_lost_message(tmp_path: Path) -> 
         release.set()
         got = await inbox.wait_for(4)
         assert got[3].text == "two"
+
+
+async def test_a_device_registered_by_a_login_that_failed_still_starts_at_the_read_position(
+    tmp_path: Path,
+) -> None:
+    """The login that registers a device fails right after: the device exists, so the
+    next login of it is no longer its first, and it must have its cursors all the same
+    (not start from each conversation's beginning)."""
+    async with im_server(tmp_path) as server, clients_of(server) as clients:
+        houyi = await clients.login("houyi", device="phone")
+        gris = await clients.login("gris")
+        assert houyi.user is not None
+        inbox = Inbox(houyi)
+        await gris.send_p2p(houyi.user.id, "read already")
+        await inbox.wait_for(1)
+        await houyi.mark_read(peer_id=gris.user.id if gris.user else 0)
+        im = im_of(server)
+        real = im.messages.start_device
+        calls = 0
+
+        async def start_device(user_id: int, device_id: int) -> None:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise ServiceUnavailable("the message store is down")
+            await real(user_id, device_id)
+
+        im.messages.start_device = start_device  # type: ignore[method-assign]
+        tablet = await clients.connect(device="tablet")
+        with pytest.raises(RequestError):
+            await tablet.login("houyi", "secret")
+        ok = await tablet.login("houyi", "secret")
+        assert ok.pending == 0

@@ -340,8 +340,9 @@ class UserCenter(abc.ABC):
     @abc.abstractmethod
     async def device(self, user_id: int, name: str, max_devices: int) -> tuple[int, bool]:
         """The id of the user's device called ``name``, and whether it is new (then
-        registered here; its cursors are the message center's
-        :meth:`~MessageCenter.start_device`). Marks it seen. With ``max_devices``
+        registered here, in one transaction with the cursors
+        :meth:`~MessageCenter.start_device` gives, so a device never exists without
+        them). Marks it seen. With ``max_devices``
         devices already, the one seen longest ago is forgotten, cursors and tokens
         with it."""
 

@@ -403,12 +403,20 @@ class SqliteUserCenter(UserCenter):
                     "VALUES (?, ?, ?, ?)",
                     (user_id, name, now, now),
                 )
+                device_id = cur.lastrowid
+                assert device_id is not None
+                # Its cursors in the same transaction (as in PostgreSQL): a device that
+                # exists has them, even if the login that registered it fails after.
+                await self.db.execute(
+                    *sql.render(
+                        sql.START_DEVICE, sql.Dialect.SQLITE, {"u": user_id, "d": device_id}
+                    )
+                )
                 await self.db.execute("COMMIT")
             except sqlite3.Error as exc:
                 await self._rollback()
                 raise ServiceUnavailable(f"user database error: {exc}") from exc
-            assert cur.lastrowid is not None
-            return cur.lastrowid, True
+            return device_id, True
 
     async def device_name(self, user_id: int, device_id: int) -> str | None:
         rows = await self._rows(
@@ -1122,6 +1130,8 @@ class SqliteMessageCenter(MessageCenter):
         return int(rows[0][0])
 
     async def start_device(self, user_id: int, device_id: int) -> None:
+        # SqliteUserCenter.device did this in the transaction that registered the device;
+        # again, it changes nothing (no cursor is moved).
         await self._query(sql.START_DEVICE, u=user_id, d=device_id)
 
     async def conversations(self, user_id: int, before: int, limit: int) -> list[Conversation]:
