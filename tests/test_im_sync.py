@@ -486,3 +486,31 @@ async def test_a_member_who_left_gets_no_read_receipts_of_the_group(
         await houyi.client.request(MarkRead(peer_id=uid(gris)))
         await receipts.until(lambda r: r.kind == "read" and r.group_id == 0)
         assert [r for r in receipts.got if r.group_id == gid] == []
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_member_who_leaves_and_joins_again_gets_each_message_once(
+    request: pytest.FixtureRequest, tmp_path: Path, mode: str
+) -> None:
+    """Back in a group on the same connection, the device starts at the new join: the
+    group's seqs it skipped while away are no gap in what it was pushed."""
+    async with deployment(request, tmp_path) as d:
+        gris = await d.login(0, "gris", "g")
+        houyi = await d.login(0, "houyi", "h", dedupe_window=0)
+        group = await gris.client.request(CreateGroup("moon"))
+        assert isinstance(group, GroupInfo)
+        gid = group.group_id
+        await houyi.client.request(JoinGroup(gid))
+        inbox = Inbox(houyi)
+        await gris.send_group(gid, "one")
+        await inbox.wait_for(1)
+        await houyi.client.request(LeaveGroup(gid))
+        await gris.send_group(gid, "away")
+        await houyi.client.request(JoinGroup(gid))
+        await gris.send_group(gid, "two")
+        await inbox.wait_for(2)
+        await settled(houyi)  # its ack of "two" is in
+        await conversations(houyi)
+        await gris.send_group(gid, "three")
+        got = await inbox.wait_for(3)
+        assert [m.text for m in got] == ["one", "two", "three"]

@@ -91,6 +91,14 @@ class DeviceState:
         if len(unacked) > self.window:
             del unacked[next(iter(unacked))]  # the oldest: it comes again next login
 
+    def forget(self, conv: str) -> None:
+        """The user left ``conv`` (a group): should they join again, the device starts
+        at that join, and the seqs it skipped meanwhile are no gap."""
+        self.seqs.pop(conv, None)
+        ahead = self.ahead
+        if ahead:
+            ahead.pop(conv, None)
+
     def reset(self) -> None:
         """Before pushing again what the device misses: it is all found again."""
         self.seqs.clear()

@@ -805,6 +805,11 @@ class IMService:
     async def on_leave_group(self, session: Session, p: LeaveGroup) -> Ok:
         assert session.user_id is not None
         await self.users.leave_group(p.group_id, session.user_id)
+        conv = conversation("group", session.user_id, p.group_id)
+        for s in self.connections.local_sessions(session.user_id):
+            device: DeviceState | None = s.data.get(DEVICE)
+            if device is not None:
+                device.forget(conv)
         return Ok()
 
     async def on_my_groups(self, session: Session, p: MyGroups) -> GroupList:
