@@ -195,3 +195,41 @@ async def test_a_device_registered_by_a_login_that_failed_still_starts_at_the_re
             await tablet.login("houyi", "secret")
         ok = await tablet.login("houyi", "secret")
         assert ok.pending == 0
+
+
+async def test_a_sync_that_fails_skips_nothing(tmp_path: Path) -> None:
+    """The read of what a device missed fails at login while a live message is held:
+    the device must not ack the live one past what it never got. The connection
+    closes instead; the client comes back and gets it."""
+    async with im_server(tmp_path) as server, clients_of(server) as clients:
+        houyi = await clients.login("houyi")
+        gris = await clients.login("gris")
+        assert houyi.user is not None
+        houyi_id = houyi.user.id
+        await houyi.close()
+        await gris.send_p2p(houyi_id, "missed")
+        im = im_of(server)
+        real = im.messages.pending
+        asked, go = asyncio.Event(), asyncio.Event()
+        calls = 0
+
+        async def pending(*args: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                asked.set()
+                await asyncio.wait_for(go.wait(), WAIT)
+                raise ServiceUnavailable("the message store is down")
+            return await real(*args)
+
+        im.messages.pending = pending  # type: ignore[method-assign]
+        back = await clients.connect(device="dev-houyi")
+        got: asyncio.Queue[str] = asyncio.Queue()
+        back.on_message(lambda m: got.put_nowait(m.text))
+        await back.login("houyi", "secret")
+        await asyncio.wait_for(asked.wait(), WAIT)
+        await gris.send_p2p(houyi_id, "live")  # held: the sync is on its way
+        go.set()
+        texts: list[str] = []
+        while "missed" not in texts:
+            texts.append(await asyncio.wait_for(got.get(), WAIT))

@@ -354,6 +354,7 @@ class IMService:
                 and session.data.get(SYNCING) is held
             )
 
+        failed = False
         try:
             while current():
                 batch = await self.messages.pending(user_id, device_id, after, limit)
@@ -368,8 +369,12 @@ class IMService:
                 await session.drain()
         except Exception:
             log.exception("pushing offline messages to user %d failed", user_id)
+            # Pushed the held messages, the device would ack them past what it never
+            # got. It stays held back; the client comes back and this sync runs again.
+            failed = True
+            session.close()
         finally:
-            if session.data.get(SYNCING) is held:
+            if not failed and session.data.get(SYNCING) is held:
                 del session.data[SYNCING]
                 late = sorted((m for m in held if m.id not in sent), key=lambda m: m.id)
                 if late and not session.closed and session.user_id == user_id:
