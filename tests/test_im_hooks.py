@@ -233,3 +233,41 @@ async def test_a_sync_that_fails_skips_nothing(tmp_path: Path) -> None:
         texts: list[str] = []
         while "missed" not in texts:
             texts.append(await asyncio.wait_for(got.get(), WAIT))
+
+
+async def test_a_push_lost_before_any_other_of_its_conversation_is_not_skipped(
+    tmp_path: Path,
+) -> None:
+    """The first push a connection gets in a conversation is no proof it has what came
+    before: with that push lost (a forward queue full), the next one must show a gap,
+    in a conversation the device had from an earlier login and in a new one."""
+    async with im_server(tmp_path) as server, clients_of(server) as clients:
+        houyi = await clients.login("houyi")
+        gris = await clients.login("gris")
+        chang = await clients.login("chang-e")
+        assert houyi.user is not None
+        houyi_id = houyi.user.id
+        first = Inbox(houyi)
+        await gris.send_p2p(houyi_id, "one")
+        await first.wait_for(1)
+        await houyi.online_users()
+        await houyi.close()
+        back = await clients.login("houyi")  # the same device: nothing pending
+        got: asyncio.Queue[str] = asyncio.Queue()
+        back.on_message(lambda m: got.put_nowait(m.text))
+        center = im_of(server).connections
+        real_deliver = center.deliver
+
+        def deliver(message: Any, user_ids: Any, exclude_session: int = 0) -> None:
+            if message.text not in ("two", "first"):
+                real_deliver(message, user_ids, exclude_session)
+
+        center.deliver = deliver  # type: ignore[method-assign]
+        await gris.send_p2p(houyi_id, "two")
+        await gris.send_p2p(houyi_id, "three")
+        await chang.send_p2p(houyi_id, "first")
+        await chang.send_p2p(houyi_id, "second")
+        center.deliver = real_deliver  # type: ignore[method-assign]
+        texts: set[str] = set()
+        while not {"two", "first"} <= texts:
+            texts.add(await asyncio.wait_for(got.get(), WAIT))

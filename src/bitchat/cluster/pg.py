@@ -1312,6 +1312,12 @@ class PgMessageCenter(MessageCenter):
         )
         return int(rows[0][0])
 
+    async def cursors(self, user_id: int, device_id: int) -> dict[str, int]:
+        rows = await self._fetch(
+            "reading a device's cursors", sql.DEVICE_CURSORS, u=user_id, d=device_id
+        )
+        return {str(r[0]): int(r[1]) for r in rows}
+
     async def conversations(self, user_id: int, before: int, limit: int) -> list[Conversation]:
         rows = await self._fetch(
             "reading conversations", sql.CONVERSATIONS, u=user_id, before=before, limit=limit

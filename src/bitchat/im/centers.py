@@ -468,6 +468,11 @@ class MessageCenter(abc.ABC):
     async def count_pending(self, user_id: int, device_id: int) -> int: ...
 
     @abc.abstractmethod
+    async def cursors(self, user_id: int, device_id: int) -> dict[str, int]:
+        """Where the device is in each of the user's conversations: its cursor, or
+        where it starts there (what :meth:`pending` gives is past it)."""
+
+    @abc.abstractmethod
     async def start_device(self, user_id: int, device_id: int) -> None:
         """A new device: its cursor in each of the user's conversations is the user's
         read position there."""

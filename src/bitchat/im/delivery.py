@@ -23,10 +23,11 @@ DEVICE = "bitchat.device"
 class DeviceState:
     """What the server knows of a logged-in device's connection: which pushed messages
     it may still ack (msg id -> conversation and seq, the newest ``window``), and how
-    far it has each conversation with no gap (``seqs``; its own messages count). An
-    ack moves the device's cursor no further than that, so a push lost in transit
-    between nodes is never skipped: a gap still open at an ack calls ``on_gap`` (the
-    service pushes what the device misses)."""
+    far it has each conversation with no gap (``seqs``; its own messages count), from
+    where each sync found the device (:meth:`seed`). An ack moves the device's cursor
+    no further than that, so a push lost in transit between nodes is never skipped: a
+    gap still open at an ack calls ``on_gap`` (the service pushes what the device
+    misses)."""
 
     __slots__ = (
         "ahead",
@@ -34,6 +35,7 @@ class DeviceState:
         "name",
         "on_gap",
         "receipted",
+        "seeded",
         "seqs",
         "unacked",
         "window",
@@ -52,11 +54,24 @@ class DeviceState:
         """Seqs seen past a gap (the commit of its own message may come after a push)."""
         self.receipted: dict[str, int] = {}
         """The last "delivered" receipt this connection sent per conversation."""
+        self.seeded = False
+        """Whether ``seqs`` holds where the device was in each of its conversations."""
+
+    def seed(self, cursors: dict[str, int]) -> None:
+        """Where the device is in each conversation, as a sync is about to push from
+        there: the first push there must follow on, or it is past a gap. (One of its
+        own messages noted before keeps its place: the sync pushes what is below.)"""
+        seqs = self.seqs
+        for conv, seq in cursors.items():
+            seqs.setdefault(conv, seq)
+        self.seeded = True
 
     def note(self, conv: str, seq: int) -> None:
         """The connection has message ``seq`` of ``conv`` (pushed, or its own)."""
         seqs = self.seqs
         last = seqs.get(conv)
+        if last is None and self.seeded and conv.startswith("p:"):
+            last = 0  # a pair that came after the seed: the device has none of it
         if last is None or seq == last + 1:
             seqs[conv] = seq
             if self.ahead:
@@ -80,6 +95,8 @@ class DeviceState:
         seq = message.seq
         seqs = self.seqs
         last = seqs.get(conv)
+        if last is None and self.seeded and conv.startswith("p:"):
+            last = 0
         if last is None or seq == last + 1:
             seqs[conv] = seq
             if self.ahead:
@@ -103,6 +120,7 @@ class DeviceState:
         """Before pushing again what the device misses: it is all found again."""
         self.seqs.clear()
         self.ahead.clear()
+        self.seeded = False
 
 
 def encode_message(message: Message, serializer: int) -> bytes:

@@ -356,6 +356,11 @@ class IMService:
 
         failed = False
         try:
+            cursors = await self.messages.cursors(user_id, device_id)
+            device: DeviceState | None = session.data.get(DEVICE)
+            if not current() or device is None:
+                return
+            device.seed(cursors)
             while current():
                 batch = await self.messages.pending(user_id, device_id, after, limit)
                 if not current():

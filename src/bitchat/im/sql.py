@@ -170,6 +170,13 @@ _PAST_CURSORS = (
     "AND NOT (m.sender_id = :u AND m.device = :d)"
 )
 PENDING = f"SELECT {_M} {_PAST_CURSORS} AND m.id > :after ORDER BY m.id LIMIT :limit"
+
+# Where device :d of user :u is in each of the user's conversations (its cursor, or where
+# it starts there): a sync pushes from there on.
+DEVICE_CURSORS = (
+    "SELECT x.conv, GREATEST(x.start_seq, COALESCE(k.seq, 0)) FROM (" + USER_CONVS + ") x "
+    "LEFT JOIN cursors k ON k.user_id = :u AND k.conv = x.conv AND k.device = :d"
+)
 COUNT_PENDING = f"SELECT count(*) {_PAST_CURSORS}"
 
 # A new device of :u: a cursor in each conversation, at the read position.

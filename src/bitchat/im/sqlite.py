@@ -1129,6 +1129,10 @@ class SqliteMessageCenter(MessageCenter):
         rows = await self._query(sql.COUNT_PENDING, u=user_id, d=device_id)
         return int(rows[0][0])
 
+    async def cursors(self, user_id: int, device_id: int) -> dict[str, int]:
+        rows = await self._query(sql.DEVICE_CURSORS, u=user_id, d=device_id)
+        return {str(c): int(s) for c, s in rows}
+
     async def start_device(self, user_id: int, device_id: int) -> None:
         # SqliteUserCenter.device did this in the transaction that registered the device;
         # again, it changes nothing (no cursor is moved).
