@@ -148,10 +148,10 @@ async def test_acks_after_a_gap_do_not_skip_the_lost_message(tmp_path: Path) -> 
         asked, release = asyncio.Event(), asyncio.Event()
         real_pending = im.messages.pending
 
-        async def pending(*args: Any) -> Any:
+        async def pending(*args: Any, **kw: Any) -> Any:
             asked.set()
             await asyncio.wait_for(release.wait(), WAIT)
-            return await real_pending(*args)
+            return await real_pending(*args, **kw)
 
         im.messages.pending = pending  # type: ignore[method-assign]
         houyi.ack([three.msg_id])  # shows the gap: a re-sync starts
@@ -213,14 +213,14 @@ async def test_a_sync_that_fails_skips_nothing(tmp_path: Path) -> None:
         asked, go = asyncio.Event(), asyncio.Event()
         calls = 0
 
-        async def pending(*args: Any) -> Any:
+        async def pending(*args: Any, **kw: Any) -> Any:
             nonlocal calls
             calls += 1
             if calls == 1:
                 asked.set()
                 await asyncio.wait_for(go.wait(), WAIT)
                 raise ServiceUnavailable("the message store is down")
-            return await real(*args)
+            return await real(*args, **kw)
 
         im.messages.pending = pending  # type: ignore[method-assign]
         back = await clients.connect(device="dev-houyi")
@@ -271,3 +271,62 @@ async def test_a_push_lost_before_any_other_of_its_conversation_is_not_skipped(
         texts: set[str] = set()
         while not {"two", "first"} <= texts:
             texts.add(await asyncio.wait_for(got.get(), WAIT))
+
+
+async def test_a_device_that_sent_last_is_pushed_what_came_after_once(tmp_path: Path) -> None:
+    """The device's own message sits between its cursor and what it missed: it has
+    that one (it sent it), so what comes after it is no gap to push again."""
+    async with im_server(tmp_path) as server, clients_of(server) as clients:
+        houyi = await clients.login("houyi")
+        gris = await clients.login("gris")
+        assert houyi.user is not None and gris.user is not None
+        await houyi.send_p2p(gris.user.id, "hi")
+        await houyi.close()
+        await gris.send_p2p(houyi.user.id, "yo")
+        back = await clients.connect(device="dev-houyi", dedupe_window=0)
+        got: list[str] = []
+        came = asyncio.Event()
+
+        def add(m: Any) -> None:
+            got.append(m.text)
+            came.set()
+
+        back.on_message(add)
+        ok = await back.login("houyi", "secret")
+        assert ok.pending == 1
+        await asyncio.wait_for(came.wait(), WAIT)
+        # Its ack is in, and whatever it would start has had its round trips.
+        for _ in range(3):
+            await back.online_users()
+            await asyncio.wait_for(im_of(server).messages.ack(0, 0, []), WAIT)
+            await back.conversations()
+        assert got == ["yo"]
+
+
+async def test_a_sync_moves_the_cursor_over_the_devices_own_messages(tmp_path: Path) -> None:
+    """A device that only sends is pushed nothing to ack: its next sync moves its
+    cursor over its own messages, or each login would read them all again."""
+    async with im_server(tmp_path) as server, clients_of(server) as clients:
+        houyi = await clients.login("houyi")
+        gris = await clients.login("gris")
+        assert houyi.user is not None and gris.user is not None
+        houyi_id, gris_id = houyi.user.id, gris.user.id
+        for text in ("a", "b"):
+            await houyi.send_p2p(gris_id, text)
+        await houyi.close()
+        await gris.send_p2p(houyi_id, "c")  # after them: not passed over
+        im = im_of(server)
+        real = im.messages.ack
+        moved: asyncio.Queue[list[tuple[str, int]]] = asyncio.Queue()
+
+        def ack(user_id: int, device_id: int, cursors: Any) -> Any:
+            if user_id == houyi_id:
+                moved.put_nowait(list(cursors))
+            return real(user_id, device_id, cursors)
+
+        im.messages.ack = ack  # type: ignore[method-assign]
+        back = await clients.connect(device="dev-houyi", auto_ack=False)
+        ok = await back.login("houyi", "secret")
+        assert ok.pending == 1
+        conv = f"p:{min(houyi_id, gris_id)}:{max(houyi_id, gris_id)}"
+        assert await asyncio.wait_for(moved.get(), WAIT) == [(conv, 2)]

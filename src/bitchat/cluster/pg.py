@@ -1294,11 +1294,11 @@ class PgMessageCenter(MessageCenter):
         return await self.db.run(doing, q)
 
     async def pending(
-        self, user_id: int, device_id: int, after_id: int, limit: int
+        self, user_id: int, device_id: int, after_id: int, limit: int, own: bool = False
     ) -> list[Message]:
         rows = await self._fetch(
             "reading offline messages",
-            sql.PENDING,
+            sql.PENDING_WITH_OWN if own else sql.PENDING,
             u=user_id,
             d=device_id,
             after=after_id,

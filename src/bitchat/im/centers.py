@@ -459,10 +459,10 @@ class MessageCenter(abc.ABC):
 
     @abc.abstractmethod
     async def pending(
-        self, user_id: int, device_id: int, after_id: int, limit: int
+        self, user_id: int, device_id: int, after_id: int, limit: int, own: bool = False
     ) -> list[Message]:
         """Messages past the device's cursors with id > ``after_id``, ascending by id
-        (not those the device sent itself)."""
+        (not those the device sent itself, unless ``own``)."""
 
     @abc.abstractmethod
     async def count_pending(self, user_id: int, device_id: int) -> int: ...

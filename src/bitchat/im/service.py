@@ -342,8 +342,14 @@ class IMService:
     async def _sync(
         self, session: Session, user_id: int, device_id: int, held: list[Message]
     ) -> None:
-        """Push what the device misses in id order, then the messages held meanwhile."""
+        """Push what the device misses in id order, then the messages held meanwhile.
+
+        The device's own messages past its cursors are read too, never pushed: it has
+        them, so they are no gap in what it has (and its cursor moves over those right
+        after it, which a device that only sends would otherwise read at every login).
+        """
         sent: set[int] = set()
+        own: dict[str, list[int]] = {}
         after = 0
         limit = self.settings.offline_batch
 
@@ -362,16 +368,25 @@ class IMService:
                 return
             device.seed(cursors)
             while current():
-                batch = await self.messages.pending(user_id, device_id, after, limit)
+                batch = await self.messages.pending(user_id, device_id, after, limit, own=True)
                 if not current():
                     return
                 if batch:
-                    push_message_each(batch, session)
-                    sent.update(m.id for m in batch)
                     after = batch[-1].id
+                    push = []
+                    for m in batch:
+                        if m.sender_id == user_id and m.device == device_id:
+                            device.note(m.conversation_key, m.seq)
+                            own.setdefault(m.conversation_key, []).append(m.seq)
+                        else:
+                            push.append(m)
+                    push_message_each(push, session)
+                    sent.update(m.id for m in push)
                 if len(batch) < limit:
                     break
                 await session.drain()
+            if own:
+                await self._past_own(user_id, device_id, cursors, own)
         except Exception:
             log.exception("pushing offline messages to user %d failed", user_id)
             # Pushed the held messages, the device would ack them past what it never
@@ -384,6 +399,25 @@ class IMService:
                 late = sorted((m for m in held if m.id not in sent), key=lambda m: m.id)
                 if late and not session.closed and session.user_id == user_id:
                     push_message_each(late, session)
+
+    async def _past_own(
+        self, user_id: int, device_id: int, cursors: dict[str, int], own: dict[str, list[int]]
+    ) -> None:
+        """Move the device's cursors over its own messages that follow them."""
+        moves: list[tuple[str, int]] = []
+        for conv, seqs in own.items():
+            start = at = cursors.get(conv, 0)
+            for seq in sorted(seqs):
+                if seq != at + 1:
+                    break
+                at = seq
+            if at > start:
+                moves.append((conv, at))
+        if moves:
+            try:
+                await self.messages.ack(user_id, device_id, moves)
+            except RequestError as exc:  # the next sync reads them again
+                log.warning("cannot move the cursors of user %d: %s", user_id, exc.message)
 
     async def _logged_out(self, session: Session) -> None:
         user_id = session.user_id

@@ -161,15 +161,18 @@ USER_CONVS = (
 )
 
 # What device :d of user :u misses: every message past its cursor in each conversation
-# (or past where it starts there), but those it sent itself.
+# (or past where it starts there), but those it sent itself (_NOT_OWN).
 _PAST_CURSORS = (
     "FROM (" + USER_CONVS + ") x "
     "LEFT JOIN cursors k ON k.user_id = :u AND k.conv = x.conv AND k.device = :d "
     "JOIN messages m ON m.conv = x.conv AND m.seq > GREATEST(x.start_seq, COALESCE(k.seq, 0)) "
-    "WHERE x.last_seq > GREATEST(x.start_seq, COALESCE(k.seq, 0)) "
-    "AND NOT (m.sender_id = :u AND m.device = :d)"
+    "WHERE x.last_seq > GREATEST(x.start_seq, COALESCE(k.seq, 0))"
 )
-PENDING = f"SELECT {_M} {_PAST_CURSORS} AND m.id > :after ORDER BY m.id LIMIT :limit"
+_NOT_OWN = " AND NOT (m.sender_id = :u AND m.device = :d)"
+_AFTER = " AND m.id > :after ORDER BY m.id LIMIT :limit"
+PENDING = f"SELECT {_M} {_PAST_CURSORS}{_NOT_OWN}{_AFTER}"
+# The same with the device's own messages among them (a sync notes that it has those).
+PENDING_WITH_OWN = f"SELECT {_M} {_PAST_CURSORS}{_AFTER}"
 
 # Where device :d of user :u is in each of the user's conversations (its cursor, or where
 # it starts there): a sync pushes from there on.
@@ -177,7 +180,7 @@ DEVICE_CURSORS = (
     "SELECT x.conv, GREATEST(x.start_seq, COALESCE(k.seq, 0)) FROM (" + USER_CONVS + ") x "
     "LEFT JOIN cursors k ON k.user_id = :u AND k.conv = x.conv AND k.device = :d"
 )
-COUNT_PENDING = f"SELECT count(*) {_PAST_CURSORS}"
+COUNT_PENDING = f"SELECT count(*) {_PAST_CURSORS}{_NOT_OWN}"
 
 # A new device of :u: a cursor in each conversation, at the read position.
 START_DEVICE = (

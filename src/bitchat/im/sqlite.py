@@ -1120,9 +1120,10 @@ class SqliteMessageCenter(MessageCenter):
         return await self._rows(*sql.render(sql_text, sql.Dialect.SQLITE, params))
 
     async def pending(
-        self, user_id: int, device_id: int, after_id: int, limit: int
+        self, user_id: int, device_id: int, after_id: int, limit: int, own: bool = False
     ) -> list[Message]:
-        rows = await self._query(sql.PENDING, u=user_id, d=device_id, after=after_id, limit=limit)
+        query = sql.PENDING_WITH_OWN if own else sql.PENDING
+        rows = await self._query(query, u=user_id, d=device_id, after=after_id, limit=limit)
         return [sql.message(r) for r in rows]
 
     async def count_pending(self, user_id: int, device_id: int) -> int:
