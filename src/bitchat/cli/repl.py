@@ -106,6 +106,19 @@ def _int(text: str) -> int | None:
         return None
 
 
+def _conversation_args(parts: list[str], usage: str) -> tuple[bool, int, int]:
+    """``[-g] id [n]`` of a command on one conversation: whether it is a group, its
+    user or group id, and the number after it (0 if none)."""
+    args = parts[1:]
+    group = bool(args) and args[0] == "-g"
+    if group:
+        args = args[1:]
+    ids = [_int(a) for a in args]
+    if not 1 <= len(ids) <= 2 or any(i is None for i in ids):
+        raise _Usage(usage)
+    return group, ids[0] or 0, (ids[1] or 0) if len(ids) == 2 else 0
+
+
 def _width(text: str) -> int:
     """Columns ``text`` takes on a terminal: East Asian wide characters take two."""
     return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
@@ -516,15 +529,9 @@ class Repl:
             self.out(text)
 
     async def history(self, parts: list[str], line: str) -> None:
-        args = parts[1:]
-        group = bool(args) and args[0] == "-g"
-        if group:
-            args = args[1:]
-        ids = [_int(a) for a in args]
-        if not 1 <= len(ids) <= 2 or any(i is None for i in ids):
-            raise _Usage("-hi userId [beforeId]  or  -hi -g groupId [beforeId]")
-        target = ids[0] or 0
-        before = (ids[1] or 0) if len(ids) == 2 else 0
+        group, target, before = _conversation_args(
+            parts, "-hi userId [beforeId]  or  -hi -g groupId [beforeId]"
+        )
         await self._connected()
         if group:
             page = await self.im.history(group_id=target, before=before, limit=HISTORY_PAGE)
@@ -566,15 +573,9 @@ class Repl:
             self.out(f"(more: -cl {page.conversations[-1]['activity']})")
 
     async def mark_read(self, parts: list[str], line: str) -> None:
-        args = parts[1:]
-        group = bool(args) and args[0] == "-g"
-        if group:
-            args = args[1:]
-        ids = [_int(a) for a in args]
-        if not 1 <= len(ids) <= 2 or any(i is None for i in ids):
-            raise _Usage("-read userId [seq]  or  -read -g groupId [seq]")
-        target = ids[0] or 0
-        seq = (ids[1] or 0) if len(ids) == 2 else 0
+        group, target, seq = _conversation_args(
+            parts, "-read userId [seq]  or  -read -g groupId [seq]"
+        )
         await self._connected()
         if group:
             state = await self.im.mark_read(group_id=target, seq=seq)
