@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from bitchat import RequestError, Server, ServiceUnavailable, Session, codes
+from bitchat.im.delivery import DEVICE
 from bitchat.im.memory import MemoryConnectionCenter
 from bitchat.im.packets import Presence
 from bitchat.im.service import IMService
@@ -330,3 +331,35 @@ async def test_a_sync_moves_the_cursor_over_the_devices_own_messages(tmp_path: P
         assert ok.pending == 1
         conv = f"p:{min(houyi_id, gris_id)}:{max(houyi_id, gris_id)}"
         assert await asyncio.wait_for(moved.get(), WAIT) == [(conv, 2)]
+
+
+async def test_a_device_forgotten_while_connected_is_not_pushed_everything_again(
+    tmp_path: Path,
+) -> None:
+    """Over the device cap the server forgets a device that is still connected, and
+    its cursors with it: a re-sync of that connection would push every message from
+    the start. It closes instead; the client logs in again as a new device."""
+    async with im_server(tmp_path, max_devices_per_user=2) as server, clients_of(server) as clients:
+        phone = await clients.login("houyi", device="phone", dedupe_window=0)
+        gris = await clients.login("gris")
+        assert phone.user is not None and gris.user is not None
+        inbox = Inbox(phone)
+        for text in ("a", "b", "c"):
+            await gris.send_p2p(phone.user.id, text)
+        await inbox.wait_for(3)
+        await phone.mark_read(peer_id=gris.user.id)
+        await clients.login("houyi", device="two")
+        await clients.login("houyi", device="three")  # "phone" is forgotten
+        (session,) = [
+            s
+            for s in server.sessions.values()
+            if s.user_id == phone.user.id and s.data[DEVICE].name == "phone"
+        ]
+        relogged: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        phone.on_relogin(lambda ok, error: relogged.done() or relogged.set_result(ok))
+        center = im_of(server).connections
+        assert center.on_resync is not None
+        center.on_resync(session)
+        assert await asyncio.wait_for(relogged, WAIT) is not None
+        await phone.online_users()
+        assert len(inbox.messages) == 3

@@ -340,7 +340,12 @@ class IMService:
             log.warning("cannot update the login throttle: %s", exc.message)
 
     async def _sync(
-        self, session: Session, user_id: int, device_id: int, held: list[Message]
+        self,
+        session: Session,
+        user_id: int,
+        device_id: int,
+        held: list[Message],
+        again: bool = False,
     ) -> None:
         """Push what the device misses in id order, then the messages held meanwhile.
 
@@ -362,6 +367,14 @@ class IMService:
 
         failed = False
         try:
+            if again and await self.users.device_name(user_id, device_id) is None:
+                # Forgotten over the device cap since its login, cursors and all: from
+                # the start of every conversation is not what it misses. It comes back
+                # as a new device, at the user's read positions.
+                log.info("session %d: its device was forgotten; closing it", session.id)
+                failed = True
+                session.close()
+                return
             cursors = await self.messages.cursors(user_id, device_id)
             device: DeviceState | None = session.data.get(DEVICE)
             if not current() or device is None:
@@ -485,7 +498,9 @@ class IMService:
         session.data[SYNCING] = held
         # What it has with no gap is found again from the pushes of this sync.
         device.reset()
-        task = self.server.loop.create_task(self._sync(session, user_id, device.device_id, held))
+        task = self.server.loop.create_task(
+            self._sync(session, user_id, device.device_id, held, again=True)
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
