@@ -147,14 +147,14 @@ async def test_acks_after_a_gap_do_not_skip_the_lost_message(tmp_path: Path) -> 
         center.deliver = real_deliver  # type: ignore[method-assign]
         # The re-sync's read of what the device misses waits until the second ack is in.
         asked, release = asyncio.Event(), asyncio.Event()
-        real_pending = im.messages.pending
+        real_pending = im.messages.positions
 
         async def pending(*args: Any, **kw: Any) -> Any:
             asked.set()
             await asyncio.wait_for(release.wait(), WAIT)
             return await real_pending(*args, **kw)
 
-        im.messages.pending = pending  # type: ignore[method-assign]
+        im.messages.positions = pending  # type: ignore[method-assign]
         houyi.ack([three.msg_id])  # shows the gap: a re-sync starts
         await asyncio.wait_for(asked.wait(), WAIT)
         houyi.ack([four.msg_id])
@@ -210,7 +210,7 @@ async def test_a_sync_that_fails_skips_nothing(tmp_path: Path) -> None:
         await houyi.close()
         await gris.send_p2p(houyi_id, "missed")
         im = im_of(server)
-        real = im.messages.pending
+        real = im.messages.positions
         asked, go = asyncio.Event(), asyncio.Event()
         calls = 0
 
@@ -223,7 +223,7 @@ async def test_a_sync_that_fails_skips_nothing(tmp_path: Path) -> None:
                 raise ServiceUnavailable("the message store is down")
             return await real(*args, **kw)
 
-        im.messages.pending = pending  # type: ignore[method-assign]
+        im.messages.positions = pending  # type: ignore[method-assign]
         back = await clients.connect(device="dev-houyi")
         got: asyncio.Queue[str] = asyncio.Queue()
         back.on_message(lambda m: got.put_nowait(m.text))

@@ -514,3 +514,32 @@ async def test_a_member_who_leaves_and_joins_again_gets_each_message_once(
         await gris.send_group(gid, "three")
         got = await inbox.wait_for(3)
         assert [m.text for m in got] == ["one", "two", "three"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_backlog_over_many_conversations_comes_in_id_order_once(
+    request: pytest.FixtureRequest, tmp_path: Path, mode: str
+) -> None:
+    async with deployment(request, tmp_path, offline_batch=4) as d:
+        houyi = await d.login(1, "houyi", "phone")
+        peers = [await d.login(i % 2, f"peer{i}", f"p{i}") for i in range(3)]
+        group = await peers[0].client.request(CreateGroup("moon"))
+        assert isinstance(group, GroupInfo)
+        for im in (houyi, peers[1]):
+            await im.client.request(JoinGroup(group.group_id))
+        await houyi.close()
+        sent = []
+        for n in range(5):  # interleaved: every page of 4 mixes conversations
+            for peer in peers:
+                sent.append(await peer.send_p2p(uid(houyi), f"{n}"))
+            sent.append(await peers[1].send_group(group.group_id, f"g{n}"))
+        back = await d.connect(1, "phone")
+        inbox = Inbox(back)
+        assert (await back.login("houyi", "secret")).pending == 20
+        got = await inbox.wait_for(20)
+        assert [m.msg_id for m in got] == [a.msg_id for a in sent]
+        await settled(back)
+        for server in d.servers:
+            await acked_through(server)
+        again = await d.connect(1, "phone")
+        assert (await again.login("houyi", "secret")).pending == 0

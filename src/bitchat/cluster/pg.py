@@ -1312,11 +1312,17 @@ class PgMessageCenter(MessageCenter):
         )
         return int(rows[0][0])
 
-    async def cursors(self, user_id: int, device_id: int) -> dict[str, int]:
+    async def positions(self, user_id: int, device_id: int) -> dict[str, tuple[int, int]]:
         rows = await self._fetch(
             "reading a device's cursors", sql.DEVICE_CURSORS, u=user_id, d=device_id
         )
-        return {str(r[0]): int(r[1]) for r in rows}
+        return {str(r[0]): (int(r[1]), int(r[2])) for r in rows}
+
+    async def messages_after(self, conv: str, after_seq: int, limit: int) -> list[Message]:
+        rows = await self._fetch(
+            "reading offline messages", sql.HISTORY_AFTER_SEQ, c=conv, seq=after_seq, limit=limit
+        )
+        return [sql.message(r) for r in rows]
 
     async def conversations(self, user_id: int, before: int, limit: int) -> list[Conversation]:
         rows = await self._fetch(

@@ -467,10 +467,19 @@ class MessageCenter(abc.ABC):
     @abc.abstractmethod
     async def count_pending(self, user_id: int, device_id: int) -> int: ...
 
-    @abc.abstractmethod
     async def cursors(self, user_id: int, device_id: int) -> dict[str, int]:
         """Where the device is in each of the user's conversations: its cursor, or
         where it starts there (what :meth:`pending` gives is past it)."""
+        return {c: at for c, (at, _) in (await self.positions(user_id, device_id)).items()}
+
+    @abc.abstractmethod
+    async def positions(self, user_id: int, device_id: int) -> dict[str, tuple[int, int]]:
+        """:meth:`cursors`, each with its conversation's last seq."""
+
+    @abc.abstractmethod
+    async def messages_after(self, conv: str, after_seq: int, limit: int) -> list[Message]:
+        """Up to ``limit`` messages of ``conv`` with a seq past ``after_seq``, in seq
+        order (a sync reads each conversation's backlog this way, not as one sort)."""
 
     @abc.abstractmethod
     async def start_device(self, user_id: int, device_id: int) -> None:

@@ -22,7 +22,9 @@ Typing is relayed, never stored: :mod:`bitchat.im.typing_relay`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
+import heapq
 import logging
 import re
 import secrets
@@ -355,7 +357,6 @@ class IMService:
         """
         sent: set[int] = set()
         own: dict[str, list[int]] = {}
-        after = 0
         limit = self.settings.offline_batch
 
         def current() -> bool:  # a later login on this session replaces this sync
@@ -375,26 +376,26 @@ class IMService:
                 failed = True
                 session.close()
                 return
-            cursors = await self.messages.cursors(user_id, device_id)
+            positions = await self.messages.positions(user_id, device_id)
+            cursors = {conv: at for conv, (at, _) in positions.items()}
             device: DeviceState | None = session.data.get(DEVICE)
             if not current() or device is None:
                 return
             device.seed(cursors)
+            backlog = Backlog(self.messages, positions, limit)
             while current():
-                batch = await self.messages.pending(user_id, device_id, after, limit, own=True)
+                batch = await backlog.next_batch()
                 if not current():
                     return
-                if batch:
-                    after = batch[-1].id
-                    push = []
-                    for m in batch:
-                        if m.sender_id == user_id and m.device == device_id:
-                            device.note(m.conversation_key, m.seq)
-                            own.setdefault(m.conversation_key, []).append(m.seq)
-                        else:
-                            push.append(m)
-                    push_message_each(push, session)
-                    sent.update(m.id for m in push)
+                push = []
+                for m in batch:
+                    if m.sender_id == user_id and m.device == device_id:
+                        device.note(m.conversation_key, m.seq)
+                        own.setdefault(m.conversation_key, []).append(m.seq)
+                    else:
+                        push.append(m)
+                push_message_each(push, session)
+                sent.update(m.id for m in push)
                 if len(batch) < limit:
                     break
                 await session.drain()
@@ -921,3 +922,50 @@ def push_message_each(messages: Sequence[Message], session: Session) -> None:
     finally:
         if held is not None:
             session.data[SYNCING] = held
+
+
+class Backlog:
+    """What a device misses, read conversation by conversation and merged by id.
+
+    Each conversation past the device's position there is read in pages in seq
+    order (an index range each); the pages are merged by message id, so the
+    device is pushed everything in id order, and within a conversation in seq
+    order, without one query sorting the whole backlog for every page.
+    """
+
+    def __init__(
+        self, messages: MessageCenter, positions: dict[str, tuple[int, int]], page: int
+    ) -> None:
+        self.messages = messages
+        self.page = page
+        self.after = {conv: at for conv, (at, last) in positions.items() if last > at}
+        self.buffers: dict[str, collections.deque[Message]] = {}
+        self.heap: list[tuple[int, str]] = []
+        self.started = False
+
+    async def _fill(self, conv: str) -> None:
+        rows = await self.messages.messages_after(conv, self.after[conv], self.page)
+        if len(rows) < self.page:
+            del self.after[conv]  # read to its end
+        elif rows:
+            self.after[conv] = rows[-1].seq
+        if rows:
+            self.buffers.setdefault(conv, collections.deque()).extend(rows)
+            heapq.heappush(self.heap, (rows[0].id, conv))
+
+    async def next_batch(self) -> list[Message]:
+        """The next ``page`` messages in id order (fewer at the end)."""
+        if not self.started:
+            self.started = True
+            for conv in list(self.after):
+                await self._fill(conv)
+        out: list[Message] = []
+        while self.heap and len(out) < self.page:
+            _, conv = heapq.heappop(self.heap)
+            buffer = self.buffers[conv]
+            out.append(buffer.popleft())
+            if not buffer and conv in self.after:
+                await self._fill(conv)
+            elif buffer:
+                heapq.heappush(self.heap, (buffer[0].id, conv))
+        return out

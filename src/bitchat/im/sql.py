@@ -177,7 +177,8 @@ PENDING_WITH_OWN = f"SELECT {_M} {_PAST_CURSORS}{_AFTER}"
 # Where device :d of user :u is in each of the user's conversations (its cursor, or where
 # it starts there): a sync pushes from there on.
 DEVICE_CURSORS = (
-    "SELECT x.conv, GREATEST(x.start_seq, COALESCE(k.seq, 0)) FROM (" + USER_CONVS + ") x "
+    "SELECT x.conv, GREATEST(x.start_seq, COALESCE(k.seq, 0)), x.last_seq "
+    "FROM (" + USER_CONVS + ") x "
     "LEFT JOIN cursors k ON k.user_id = :u AND k.conv = x.conv AND k.device = :d"
 )
 COUNT_PENDING = f"SELECT count(*) {_PAST_CURSORS}{_NOT_OWN}"

@@ -1130,9 +1130,13 @@ class SqliteMessageCenter(MessageCenter):
         rows = await self._query(sql.COUNT_PENDING, u=user_id, d=device_id)
         return int(rows[0][0])
 
-    async def cursors(self, user_id: int, device_id: int) -> dict[str, int]:
+    async def positions(self, user_id: int, device_id: int) -> dict[str, tuple[int, int]]:
         rows = await self._query(sql.DEVICE_CURSORS, u=user_id, d=device_id)
-        return {str(c): int(s) for c, s in rows}
+        return {str(c): (int(at), int(last)) for c, at, last in rows}
+
+    async def messages_after(self, conv: str, after_seq: int, limit: int) -> list[Message]:
+        rows = await self._query(sql.HISTORY_AFTER_SEQ, c=conv, seq=after_seq, limit=limit)
+        return [sql.message(r) for r in rows]
 
     async def start_device(self, user_id: int, device_id: int) -> None:
         # SqliteUserCenter.device did this in the transaction that registered the device;
