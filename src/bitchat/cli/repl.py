@@ -229,12 +229,13 @@ class Repl:
     # -- events ---------------------------------------------------------------------------
 
     def show_message(self, m: ChatMessage) -> None:
-        """An incoming message: ``gris(2): text``; one of ours sent from another device
-        names the recipient, ``houyi(1) -> 2: text``; a group's, ``[group 1] ...``
-        (ours too: the group is the recipient)."""
+        """Print an incoming message (after a login line under way)."""
         self._show(m)
 
     def format_message(self, m: ChatMessage) -> str:
+        """``gris(2): text``; one of ours sent from another device names the recipient,
+        ``houyi(1) -> 2: text``; a group's is ``[group 1] gris(2): text``, ours too
+        (the group is the recipient)."""
         me = self.im.user
         if m.kind == GROUP:
             return f"[group {m.to}] {m.sender_name}({m.sender_id}): {m.text}"
