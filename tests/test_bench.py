@@ -375,6 +375,25 @@ def test_bad_configs_are_refused() -> None:
             config.resolved()
 
 
+@pytest.mark.parametrize(
+    "arg", ["--port", "--port=9000", "--host", "--host=0.0.0.0", "--po", "--hos=::"]
+)
+def test_the_server_address_is_the_benchs_to_pick(arg: str) -> None:
+    with pytest.raises(UsageError, match="picks the self-started server's --host and --port"):
+        BenchConfig(server_args=[arg]).resolved()
+
+
+def test_server_args_naming_the_address_are_a_usage_error() -> None:
+    BenchConfig(server_args=["--workers=2", "--max-message-length", "100"]).resolved()
+    for args in (["--server-arg=--port=9000"], ["--server-arg=--host", "--server-arg=::1"]):
+        done = _bench("p2p", *args)
+        assert done.returncode == 2, done.stderr
+        said = " ".join(done.stderr.split())  # as wrapped to the terminal's width
+        assert said.startswith(f"bitchat bench: --server-arg {args[0].split('=', 1)[1]}: ")
+        assert "picks the self-started server's --host and --port" in said
+        assert done.stdout == ""
+
+
 def _result(scenario: str, **config: Any) -> BenchResult:
     """A made-up result of ``scenario`` with figures as large as real runs give."""
     cfg = {

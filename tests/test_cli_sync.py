@@ -13,6 +13,7 @@ import threading
 import tomllib
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -361,3 +362,125 @@ async def test_the_device_setting_from_each_source(tmp_path: Path) -> None:
     status, out, err = await client(env={"BITCHAT_DEVICE": "a/b"})
     assert status == 2
     assert "environment BITCHAT_DEVICE: expected letters, digits and -_.: only" in err
+
+
+# -- what a login prints --------------------------------------------------------------------
+
+
+async def test_own_messages_print_the_same_live_and_at_login(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One's own messages from another device name the recipient, whether they come
+    live or are pushed at the login, in the same read as its answer even (so handled
+    before the login call returns, as happens on a busy client)."""
+    async with im_server(tmp_path) as server, clients_of(server) as c:
+        port, s = port_of(server), server.settings
+        gris = await c.login("gris")
+        phone = await c.login("chang", "123456", device="phone")
+        moon = await gris.create_group("moon")
+        await phone.join_group(moon.group_id)
+        assert phone.user is not None and gris.user is not None
+        me, to = phone.user.id, gris.user.id
+
+        async with repl_for(port, s, device="cli") as (cli, out):
+            await cli.execute("-lo chang 123456")
+            await phone.send_p2p(to, "live p2p")
+            await phone.send_group(moon.group_id, "live group")
+            live = [await out.expect("live p2p"), await out.expect("live group")]
+        assert live == [
+            f"chang({me}) -> {to}: live p2p",
+            f"[group {moon.group_id}] chang({me}): live group",
+        ]
+
+        for i in range(3):
+            await phone.send_p2p(to, f"offline p2p {i}")
+        await phone.send_group(moon.group_id, "offline group")
+        # The server's push of them is waited for while the client reads nothing: then
+        # the answer and the pushes come in one read.
+        service = server.data["im"]
+        synced = asyncio.Event()
+        sync = service._sync
+
+        async def sync_then_tell(*args: Any) -> None:
+            await sync(*args)
+            synced.set()
+
+        monkeypatch.setattr(service, "_sync", sync_then_tell)
+        async with repl_for(port, s, device="cli") as (cli, out):
+            m = out.mark()
+            proto = cli.im.client._proto
+            assert proto is not None and proto.transport is not None
+            proto.transport.pause_reading()
+            login = asyncio.create_task(cli.execute("-lo chang 123456"))
+            await asyncio.wait_for(synced.wait(), WAIT)
+            proto.transport.resume_reading()
+            await asyncio.wait_for(login, WAIT)
+            await out.expect("offline group")
+            assert out.since(m) == [
+                "Login success, 4 missed message(s)",
+                *(f"chang({me}) -> {to}: offline p2p {i}" for i in range(3)),
+                f"[group {moon.group_id}] chang({me}): offline group",
+            ]
+
+
+async def test_argument_checks_and_what_read_and_login_say(tmp_path: Path) -> None:
+    async with im_server(tmp_path) as server, clients_of(server) as c:
+        port, s = port_of(server), server.settings
+        async with repl_for(port, s) as (houyi, out):
+            await houyi.execute("-lo houyi 123456")
+            assert out.lines[-1] == "Login success"  # nothing missed: nothing more said
+            gris = await c.login("gris", "123456")
+            read = "Usage: -read userId [seq]  or  -read -g groupId [seq]"
+            for line, answer in [
+                ("-cl -5", "Usage: -cl [before]"),
+                ("-read 2 -1", read),
+                ("-read -2", read),
+                ("-read -g 1 -3", read),
+            ]:
+                m = out.mark()
+                failures = houyi.failures
+                await houyi.execute(line)
+                assert out.since(m) == [answer], line
+                assert houyi.failures == failures + 1, line
+            m = out.mark()
+            await houyi.execute("-read 2")
+            assert out.since(m) == ["No conversation with user 2"]
+            moon = await houyi.im.create_group("moon")
+            await houyi.execute(f"-read -g {moon.group_id}")
+            assert out.lines[-1] == f"No messages in group {moon.group_id}"
+            await gris.send_p2p(1, "one")
+            await out.expect("gris(2): one")
+            await houyi.execute("-read 2")
+            assert out.lines[-1] == "Read up to 1 with user 2, 0 unread"
+            for i in range(5):
+                await gris.send_p2p(1, f"later {i}")
+            await out.expect("later 4")
+        # A login after them says how many come (as "Logged in again" does).
+        async with repl_for(port, s) as (again, out):
+            await again.execute("-lo gris 123456")
+            await again.execute("-lo houyi 123456")
+            await out.expect("later 4")
+            assert [x for x in out.lines if x.startswith("Login success")] == [
+                "Login success",
+                "Login success, 5 missed message(s)",
+            ]
+
+
+async def test_a_piped_login_prints_every_missed_message_before_it_exits(tmp_path: Path) -> None:
+    """``printf -- '-lo houyi 123456\\n' | bitchat client --device x``: the input ends
+    right after the login line, and the client waits for what the login announced."""
+    async with im_server(tmp_path / "data") as server, clients_of(server) as c:
+        port = port_of(server)
+        env = {"HOME": str(tmp_path / "home"), "XDG_CONFIG_HOME": ""}
+        houyi = await c.login("houyi", "123456", device="x")
+        await houyi.close()
+        gris = await c.login("gris")
+        count = 200
+        for i in range(count):
+            await gris.send_p2p(1, f"m{i}")
+        lines = await run_client(port, "-lo houyi 123456\n", env, "--device", "x")
+        assert lines[1] == f"Login success, {count} missed message(s)"
+        assert lines[2:] == [f"gris(2): m{i}" for i in range(count)]
+        # Printed and acked: the next run has nothing missed.
+        lines = await run_client(port, "-lo houyi 123456\n", env, "--device", "x")
+        assert lines[1:] == ["Login success"]

@@ -232,6 +232,7 @@ async def test_a_device_offline_across_a_restart_gets_what_it_missed(
     async with deployment(request, tmp_path) as d:
         phone = await d.login(1, "houyi", "phone")
         laptop = await d.login(1, "houyi", "laptop")
+        Inbox(laptop)  # a consumer: what comes to the laptop is acked, not kept for one
         gris = await d.login(0, "gris", "g")
         houyi_id = uid(phone)
         await phone.close()

@@ -284,3 +284,72 @@ async def test_own_messages_from_another_device_are_pushed_and_acked(tmp_path: P
         again = await c.connect(device="phone")
         ok = await again.login("alice", "secret")
         assert ok.pending == 0, "the phone's own message was not acked"
+
+
+async def test_messages_pushed_before_any_consumer_wait_for_the_first(tmp_path: Path) -> None:
+    """``on_message`` after ``login()``: the login's pushes are kept, unacked, for it."""
+    async with im_server(tmp_path) as server, clients_of(server) as c:
+        alice = await c.login("alice", device="phone")
+        await alice.close()
+        bob = await c.login("bob")
+        for i in range(3):
+            await bob.send_p2p(uid(alice), f"m{i}")
+
+        late = await c.connect(device="phone")
+        arrived: Pushes[ChatMessage] = Pushes()
+        late.client.on(ChatMessage, arrived)  # under the IMClient: no consumer of its
+        ok = await late.login("alice", "secret")
+        assert ok.pending == 3
+        await arrived.until(lambda m: m.text == "m2")
+        # Not acked: the login after a reconnect (which waits for the acks the device
+        # sent) counts them again, and the three pushed again are kept once.
+        again_ok = relogins(late)
+        drop_connection(late)
+        assert (await asyncio.wait_for(again_ok.get(), WAIT)).pending == 3
+        await _nth(arrived, 6)
+
+        inbox = Inbox(late)  # the first consumer: handed the three at once
+        assert [m.text for m in inbox.messages] == ["m0", "m1", "m2"]
+        await late.online_users()
+        await late.close()
+        again = await c.connect(device="phone")
+        assert (await again.login("alice", "secret")).pending == 0, "not acked once handed"
+
+        # messages() is a consumer too; a message pushed again while kept comes once.
+        await again.close()
+        await bob.send_p2p(uid(alice), "m3")
+        it = await c.connect(device="phone")
+        seen: Pushes[ChatMessage] = Pushes()
+        it.client.on(ChatMessage, seen)
+        assert (await it.login("alice", "secret")).pending == 1
+        await seen.until(lambda m: m.text == "m3")
+        it_ok = relogins(it)
+        drop_connection(it)
+        assert (await asyncio.wait_for(it_ok.get(), WAIT)).pending == 1
+        await _nth(seen, 2)
+        stream = it.messages()
+        first = await asyncio.wait_for(anext(stream), WAIT)
+        assert first.text == "m3"
+        await bob.send_p2p(uid(alice), "m4")
+        assert (await asyncio.wait_for(anext(stream), WAIT)).text == "m4"
+        await stream.aclose()
+
+
+async def _nth(pushes: Pushes[ChatMessage], n: int) -> None:
+    await pushes.until(lambda _: len(pushes.got) >= n)
+
+
+async def test_kept_messages_are_bounded_by_the_dedupe_window(tmp_path: Path) -> None:
+    async with im_server(tmp_path) as server, clients_of(server) as c:
+        alice = await c.login("alice", device="phone")
+        await alice.close()
+        bob = await c.login("bob")
+        for i in range(3):
+            await bob.send_p2p(uid(alice), f"m{i}")
+        late = await c.connect(device="phone", dedupe_window=2)
+        arrived: Pushes[ChatMessage] = Pushes()
+        late.client.on(ChatMessage, arrived)
+        await late.login("alice", "secret")
+        await arrived.until(lambda m: m.text == "m2")
+        inbox = Inbox(late)
+        assert [m.text for m in inbox.messages] == ["m1", "m2"]  # the oldest dropped

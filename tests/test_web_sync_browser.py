@@ -4,7 +4,8 @@ The sidebar is the server's conversation list (all its pages, by activity, with
 unread badges): it survives a reload and a time offline. Reading a conversation
 in one tab clears its badge in another tab of the same user (another device).
 The ticks on one's own messages go from stored to delivered to read as the peer
-gets and reads them, one-to-one and in a group, and stay after a reload.
+gets and reads them, one-to-one and in a group, and stay after a reload; a reply
+from the peer ticks what came before it read.
 """
 
 from __future__ import annotations
@@ -286,4 +287,16 @@ async def test_ticks_go_from_stored_to_delivered_to_read(tmp_path: Path, browser
             await expect(xena.message("saturday?")).to_have_attribute("data-tick", "read")
             assert await xena.page.evaluate("window.pwned") is None
             await xena.page.screenshot(path=str(artifact("chat-sync-ticks.png")))
+
+            # His reply says he has read what came before it (sending moves his read
+            # position to his message; no receipt comes for that): the page ticks it.
+            await open_row(xena, "yuri")
+            await expect(xena.message("one more thing")).to_have_attribute("data-tick", "delivered")
+            reply = await yuri.send_p2p(xena_id, "yes, here")
+            await expect(xena.message("yes, here")).to_be_visible()
+            await expect(xena.message("one more thing")).to_have_attribute("data-tick", "read")
+            [mine] = [
+                c for c in (await yuri.conversations()).conversations if c["peer_id"] == xena_id
+            ]
+            assert mine["read_seq"] == reply.seq  # the server's rule the page follows
         await xena.close()

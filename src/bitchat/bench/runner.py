@@ -135,8 +135,22 @@ class BenchConfig:
             raise UsageError("--login is token or password")
         if c.window < 1 or c.payload < 1 or c.duration <= 0 or c.procs < 1:
             raise UsageError("window, payload, duration and procs must be positive")
+        for arg in c.server_args:
+            if _names_the_address(arg):
+                raise UsageError(
+                    f"--server-arg {arg}: the bench picks the self-started server's "
+                    "--host and --port (a free loopback port); use --target for a server "
+                    "of your own"
+                )
         get_serializer(c.serializer)
         return c
+
+
+def _names_the_address(arg: str) -> bool:
+    """Whether a ``bitchat server`` option sets its host or port: ``--port``,
+    ``--port=1``, or a prefix argparse takes for one (``--po``)."""
+    name = arg.split("=", 1)[0]
+    return len(name) >= 4 and any(full.startswith(name) for full in ("--host", "--port"))
 
 
 @dataclass

@@ -208,7 +208,8 @@ def add_parser(sub: Any) -> None:
         default=[],
         metavar="ARG",
         help="one more option for the self-started `bitchat server`, e.g. "
-        "--server-arg=--workers=4; repeat for more",
+        "--server-arg=--workers=4; repeat for more (not --host or --port: the server "
+        "listens on a free loopback port)",
     )
     server.add_argument(
         "--profile",

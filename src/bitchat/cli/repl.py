@@ -100,10 +100,17 @@ def _cause(exc: BaseException) -> str:
 
 
 def _int(text: str) -> int | None:
+    """A number of the command line: ids, seqs and paging keys are never negative."""
     try:
-        return int(text)
+        n = int(text)
     except ValueError:
         return None
+    return n if n >= 0 else None
+
+
+def _missed(ok: LoginOk) -> str:
+    """What a login line adds when the server pushes missed messages after it."""
+    return f", {ok.pending} missed message(s)" if ok.pending else ""
 
 
 def _conversation_args(parts: list[str], usage: str) -> tuple[bool, int, int]:
@@ -190,10 +197,19 @@ class Repl:
         self.failures = 0
         """Commands that failed (a refusal, a lost connection, a bad command line)."""
         self._connected_once = False  # "Connected" the first time, then "Reconnected"
+        self._relogin_start = 0  # pushes counted when the connection came back
         self._quiet = False  # a drop not worth telling: the next "Connected" is not said
         self._up = False
         self._status: str | None = None  # the status line printed for the current outage
-        self._held: list[str] | None = None  # messages that wait for a login line
+        # Lines (or messages, formatted when printed: a login's own messages need the
+        # user it names, known once its answer is in) that wait for a login line.
+        self._held: list[str | ChatMessage] | None = None
+        # Chat pushes counted (duplicates too), and the count at which the last login's
+        # missed messages are all in: the end of a script waits for them.
+        self._pushed = 0
+        self._due = 0
+        self._all_in = asyncio.Event()
+        self._all_in.set()
         # Set when a connection attempt has ended (connected or not), cleared while one
         # runs: a command waits for an attempt under way rather than failing at once.
         self._attempted = asyncio.Event()
@@ -214,6 +230,7 @@ class Repl:
             "-read": (self.mark_read, "Mark read"),
         }
         im.on_message(self.show_message)
+        im.client.on(ChatMessage, self._count_push)  # after the IMClient's own handler
         im.on_receipt(self.show_receipt)
         im.on_relogin(self._relogged_in)
         im.client.on_state.append(self._state_changed)
@@ -225,22 +242,40 @@ class Repl:
     # -- events ---------------------------------------------------------------------------
 
     def show_message(self, m: ChatMessage) -> None:
+        """Print an incoming message (after a login line under way)."""
+        self._show(m)
+
+    def format_message(self, m: ChatMessage) -> str:
+        """``gris(2): text``; one of ours sent from another device names the recipient,
+        ``houyi(1) -> 2: text``; a group's is ``[group 1] gris(2): text``, ours too
+        (the group is the recipient)."""
         me = self.im.user
         if m.kind == GROUP:
-            text = f"[group {m.to}] {m.sender_name}({m.sender_id}): {m.text}"
-        elif me is not None and m.sender_id == me.id:
-            # Sent from another connection of ours.
-            text = f"{m.sender_name}({m.sender_id}) -> {m.to}: {m.text}"
-        else:
-            text = f"{m.sender_name}({m.sender_id}): {m.text}"
-        self._show(text)
+            return f"[group {m.to}] {m.sender_name}({m.sender_id}): {m.text}"
+        if me is not None and m.sender_id == me.id:
+            return f"{m.sender_name}({m.sender_id}) -> {m.to}: {m.text}"
+        return f"{m.sender_name}({m.sender_id}): {m.text}"
 
-    def _show(self, text: str) -> None:
+    def _show(self, item: str | ChatMessage) -> None:
         """Print a line about something that came in, after a login line under way."""
         if self._held is not None:
-            self._held.append(text)
+            self._held.append(item)
         else:
-            self.out(text)
+            self.out(item if isinstance(item, str) else self.format_message(item))
+
+    def _count_push(self, m: ChatMessage) -> None:
+        self._pushed += 1
+        if self._pushed >= self._due:
+            self._all_in.set()
+
+    def _expect(self, start: int, ok: LoginOk) -> None:
+        """The login that began when ``start`` pushes were counted said ``ok.pending``
+        messages follow it."""
+        self._due = start + ok.pending
+        if self._pushed < self._due:
+            self._all_in.clear()
+        else:
+            self._all_in.set()
 
     async def show_receipt(self, r: Receipt) -> None:
         """A "read" receipt is one line: ``houyi(1) read your messages up to 17``, in a
@@ -275,8 +310,8 @@ class Repl:
 
     def _release(self) -> None:
         held, self._held = self._held, None
-        for text in held or ():
-            self.out(text)
+        for item in held or ():
+            self.out(item if isinstance(item, str) else self.format_message(item))
 
     def _where(self) -> str:
         client = self.im.client
@@ -297,6 +332,7 @@ class Repl:
             self._status = None
             if self.im.user is not None:
                 self._hold()  # until "Logged in again" (or the connection drops)
+                self._relogin_start = self._pushed
         elif state is State.CLOSED:
             error = self.im.client.last_error
             if isinstance(error, TLSError):  # the client gave up: say why, once
@@ -349,8 +385,8 @@ class Repl:
 
     def _relogged_in(self, ok: LoginOk | None, error: Exception | None) -> None:
         if ok is not None:
-            more = f", {ok.pending} missed message(s)" if ok.pending else ""
-            self.out(f"Logged in again as {ok.name}({ok.user_id}){more}")
+            self._expect(self._relogin_start, ok)
+            self.out(f"Logged in again as {ok.name}({ok.user_id}){_missed(ok)}")
             self._keep_device(ok)
         elif error is not None:
             self.out(f"Login failed cause: {_cause(error)}")
@@ -422,12 +458,14 @@ class Repl:
         kept = self.devices.get(name) if self.devices is not None else ""
         device = self.device or kept  # "": the server names a new one
         self._hold()
+        start = self._pushed
         try:
             ok = await self.im.login(name, parts[2], device=device)
         except (BitchatError, OSError) as exc:
             self._fail(f"Login failed cause: {_cause(exc)}")
         else:
-            self.out("Login success")
+            self._expect(start, ok)
+            self.out(f"Login success{_missed(ok)}")
             self._keep_device(ok)
         finally:
             self._release()
@@ -579,19 +617,41 @@ class Repl:
         await self._connected()
         if group:
             state = await self.im.mark_read(group_id=target, seq=seq)
-            where = f"in group {target}"
+            where, none = f"in group {target}", f"No messages in group {target}"
         else:
             state = await self.im.mark_read(peer_id=target, seq=seq)
-            where = f"with user {target}"
+            where, none = f"with user {target}", f"No conversation with user {target}"
+        if state.read_seq == 0 and state.unread == 0:
+            self.out(none)  # read up to 0: there is no message to read
+            return
         self.out(f"Read up to {state.read_seq} {where}, {state.unread} unread")
 
     # -- front ends -----------------------------------------------------------------------
 
     async def run_lines(self, lines: AsyncIterator[str]) -> None:
-        """Run commands from ``lines`` until ``bye`` or their end."""
+        """Run commands from ``lines`` until ``bye`` or their end.
+
+        At their end (or ``bye``), the missed messages the last login announced
+        (``LoginOk.pending``) are waited for, within ``request_timeout``, so a
+        script that only logs in prints them before it exits."""
         async for line in lines:
+            if line.strip() == "bye":
+                await self.missed_messages_in()
             if not await self.execute(line):
                 return
+        await self.missed_messages_in()
+
+    async def missed_messages_in(self, timeout: float | None = None) -> bool:
+        """Wait until the last login's missed messages have all come (False: not
+        within ``timeout``, by default ``request_timeout``; or the connection went)."""
+        if self._all_in.is_set():
+            return True
+        wait = self.im.client.settings.request_timeout if timeout is None else timeout
+        try:
+            await asyncio.wait_for(self._all_in.wait(), wait)
+        except TimeoutError:
+            return False
+        return True
 
     async def run_interactive(
         self, session: PromptSession[str] | None = None, *, patch: bool = True

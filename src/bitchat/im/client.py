@@ -2,14 +2,19 @@
 
 ::
 
-    im = IMClient("127.0.0.1", 8864)
+    im = IMClient("127.0.0.1", 8864, device="laptop")
     await im.connect()
-    me = await im.login("houyi", "123456")
     im.on_message(lambda m: print(m.sender_name, m.text))
+    me = await im.login("houyi", "123456")
     await im.send_p2p(2, "hello, gris")
 
 Incoming messages are acked automatically (in one Ack per loop iteration) and
-deduplicated, so a message redelivered after a reconnect is seen once. After a
+deduplicated, so a message redelivered after a reconnect is seen once. A message
+that comes while nothing consumes them yet (no :meth:`~IMClient.on_message`
+callback, no :meth:`~IMClient.messages` iterator; say, those the server pushes
+right after a login that comes before ``on_message``) is kept, not acked, and
+handed to the first consumer registered, then acked: at most ``dedupe_window``
+of them, the oldest dropped beyond (unacked; :meth:`~IMClient.history` has them). After a
 reconnect the client logs in again with its token and its device, and the
 server pushes what this device missed. Sends carry a client message id and are
 retried with it when the connection drops, so a retry is never stored twice.
@@ -120,6 +125,8 @@ class IMClient:
         self._queues: list[asyncio.Queue[ChatMessage]] = []
         self._seen: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._dedupe_window = dedupe_window
+        # Messages that came while nothing consumed them, for the first consumer.
+        self._kept: collections.OrderedDict[int, ChatMessage] = collections.OrderedDict()
         self._to_ack: list[int] = []
         self._ack_scheduled = False
         self._relogin_callbacks: list[ReloginCallback] = []
@@ -386,8 +393,13 @@ class IMClient:
     # -- incoming -----------------------------------------------------------------------------
 
     def on_message(self, callback: MessageCallback) -> None:
-        """Call ``callback(ChatMessage)`` for every new incoming message."""
+        """Call ``callback(ChatMessage)`` for every new incoming message.
+
+        The first consumer (this or :meth:`messages`) is first handed, at once,
+        the messages that came before any consumer (those pushed at a login that
+        came first), oldest first; they are acked then."""
         self._callbacks.append(callback)
+        self._hand_kept()
 
     def on_presence(self, callback: Callable[[Presence], Any]) -> None:
         """Call ``callback(Presence)`` for each presence push (``online_users(watch=True)``
@@ -414,9 +426,14 @@ class IMClient:
         self.client.on(ReadState, callback)
 
     async def messages(self) -> AsyncIterator[ChatMessage]:
-        """Iterate over incoming messages until the client closes."""
+        """Iterate over incoming messages until the client closes.
+
+        The first consumer (this or :meth:`on_message`) starts with the messages
+        that came before any consumer, oldest first (see :meth:`on_message`); the
+        iterator is one from its first ``__anext__``."""
         q: asyncio.Queue[ChatMessage] = asyncio.Queue()
         self._queues.append(q)
+        self._hand_kept()
         try:
             while True:
                 m = await q.get()
@@ -427,6 +444,23 @@ class IMClient:
             self._queues.remove(q)
 
     def _on_chat(self, m: ChatMessage) -> None:
+        if m.msg_id in self._kept:
+            return  # pushed again while kept: still unacked, handed once
+        if m.msg_id not in self._seen and not self._callbacks and not self._queues:
+            # Nobody to hand it to yet: kept unacked for the first consumer. Beyond the
+            # window the oldest goes, unacked (the memory is bounded; History has it).
+            self._kept[m.msg_id] = m
+            if len(self._kept) > self._dedupe_window:
+                self._kept.popitem(last=False)
+            return
+        self._deliver(m)
+
+    def _hand_kept(self) -> None:
+        kept, self._kept = self._kept, collections.OrderedDict()
+        for m in kept.values():
+            self._deliver(m)
+
+    def _deliver(self, m: ChatMessage) -> None:
         # Own messages too: one sent from another device comes here to be acked, or
         # the server pushes it again at this device's next login.
         if self.auto_ack:

@@ -577,6 +577,12 @@ function arrived(conv, m, mine) {
   touch(conv, m.msg_id);
   const seq = m.seq || 0;
   if (seq > conv.lastSeq) conv.lastSeq = seq;
+  if (!mine && m.kind === 'p2p' && seq > 1) {
+    // The server moved the sender's read position to this message: they have read mine
+    // before it, as a "read" Receipt up to seq - 1 would say (none comes for that).
+    conv.peerReadSeq = Math.max(conv.peerReadSeq, seq - 1);
+    conv.peerDeliveredSeq = Math.max(conv.peerDeliveredSeq, conv.peerReadSeq);
+  }
   if (mine) {
     if (seq > conv.readSeq) conv.readSeq = seq;
     recount(conv);
