@@ -544,3 +544,42 @@ async def test_a_backlog_over_many_conversations_comes_in_id_order_once(
             await acked_through(server)
         again = await d.connect(1, "phone")
         assert (await again.login("houyi", "secret")).pending == 0
+
+
+async def test_a_page_of_long_messages_is_cut_to_fit_in_a_frame(tmp_path: Path) -> None:
+    # Texts of control characters: six bytes each in JSON. At 64 KiB a frame, a page
+    # of 50 would not fit; the server sends what fits and says there is more.
+    async with im_server(tmp_path, max_frame_size=64 * 1024) as server, clients_of(server) as c:
+        houyi = await c.login("houyi")
+        peers = [await c.login(f"peer{i}") for i in range(5)]
+        text = "\x01" * 4000
+        for peer in peers:
+            await peer.send_p2p(uid(houyi), text)
+        listed: list[dict[str, Any]] = []
+        before = 0
+        while True:
+            page = await houyi.client.request(GetConversations(limit=50, before=before))
+            assert isinstance(page, ConversationList) and 1 <= len(page.conversations) <= 2
+            listed += page.conversations
+            if not page.more:
+                break
+            before = page.conversations[-1]["activity"]
+        assert sorted(c["name"] for c in listed) == [f"peer{i}" for i in range(5)]
+        for _ in range(4):
+            await peers[0].send_p2p(uid(houyi), text)
+        first = await houyi.history(peer_id=uid(peers[0]), limit=50)
+        assert 1 <= len(first.messages) <= 2 and first.more
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_token_from_before_devices_becomes_one_device(
+    request: pytest.FixtureRequest, tmp_path: Path, mode: str
+) -> None:
+    async with deployment(request, tmp_path) as d:
+        houyi = await d.login(0, "houyi", "phone")
+        im = d.node(0).data["im"]
+        old = await im.users.issue_token(uid(houyi), 60.0)  # no device: as before version 5
+        first = await (await d.connect(0)).login(token=old)
+        again = await (await d.connect(1)).login(token=old)
+        assert first.token == again.token == old
+        assert first.device == again.device != "phone"

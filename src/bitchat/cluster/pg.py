@@ -704,6 +704,14 @@ class PgUserCenter(UserCenter):
             "revoking a token", "DELETE FROM tokens WHERE digest = $1", token_digest(token)
         )
 
+    async def bind_token(self, token: str, device_id: int) -> None:
+        await self._fetch(
+            "binding a token to its device",
+            "UPDATE tokens SET device_id = $1 WHERE digest = $2 AND device_id IS NULL",
+            device_id,
+            token_digest(token),
+        )
+
     async def get_users(self, ids: Iterable[int]) -> dict[int, User]:
         wanted = set(ids)
         found = {i: User(i, self._names[i]) for i in wanted if i in self._names}

@@ -354,6 +354,10 @@ class UserCenter(abc.ABC):
     async def revoke_token(self, token: str) -> None: ...
 
     @abc.abstractmethod
+    async def bind_token(self, token: str, device_id: int) -> None:
+        """A token from before devices (device 0) is the device's from now on."""
+
+    @abc.abstractmethod
     async def get_users(self, ids: Iterable[int]) -> dict[int, User]: ...
 
     async def get_user(self, user_id: int) -> User | None:

@@ -29,7 +29,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
 from typing import Any
 
 from bitchat.dispatch import Deferred
@@ -249,8 +249,11 @@ class IMService:
                 raise
             token = ""
         device_id, device = await self._device(user, p.device, token_device)
-        if not token or device_id != token_device:
-            # A password login, or a token from before devices: a token of this device.
+        if token and not token_device:
+            # A token from before devices becomes the device's: it does not make a new
+            # device at every use (each would push a real one out at the cap).
+            await self.users.bind_token(token, device_id)
+        elif not token or device_id != token_device:
             token = await self.users.issue_token(user.id, self.settings.token_ttl, device_id)
         if session.closed:
             raise RequestError(codes.LOGIN_FAILED, "the connection closed during login")
@@ -776,7 +779,21 @@ class IMService:
         assert session.user_id is not None
         limit = max(1, min(p.limit, self.settings.conversations_max_page))
         convs = await self.messages.conversations(session.user_id, max(0, p.before), limit + 1)
-        return ConversationList([c.to_dict() for c in convs[:limit]], len(convs) > limit)
+        keep = min(limit, self._fitting(c.last_message for c in convs))
+        return ConversationList([c.to_dict() for c in convs[:keep]], len(convs) > keep)
+
+    def _fitting(self, messages: Iterable[Message | None]) -> int:
+        """How many of ``messages`` (at least one) one answer can carry and still fit in
+        a frame: texts at their worst once encoded (a control character is six bytes
+        of JSON), and room for the other fields. A page is cut there, ``more`` set."""
+        room = self.settings.max_frame_size - 1024
+        n = 0
+        for m in messages:
+            room -= 512 if m is None else 6 * (len(m.text) + len(m.sender_name)) + 512
+            if room < 0:
+                break
+            n += 1
+        return max(1, n)
 
     async def on_mark_read(self, session: Session, p: MarkRead) -> ReadState:
         assert session.user_id is not None
@@ -832,7 +849,8 @@ class IMService:
             max(0, p.before_seq),
             max(0, p.after_seq),
         )
-        return HistoryPage([m.to_dict() for m in msgs[:limit]], len(msgs) > limit)
+        keep = min(limit, self._fitting(msgs))
+        return HistoryPage([m.to_dict() for m in msgs[:keep]], len(msgs) > keep)
 
     # -- groups -----------------------------------------------------------------------------
 

@@ -428,6 +428,13 @@ class SqliteUserCenter(UserCenter):
         async with self._lock:
             await self._rows("DELETE FROM tokens WHERE digest = ?", (token_digest(token),))
 
+    async def bind_token(self, token: str, device_id: int) -> None:
+        async with self._lock:
+            await self._rows(
+                "UPDATE tokens SET device_id = ? WHERE digest = ? AND device_id IS NULL",
+                (device_id, token_digest(token)),
+            )
+
     async def get_users(self, ids: Iterable[int]) -> dict[int, User]:
         wanted = set(ids)
         found = {i: User(i, self._names[i]) for i in wanted if i in self._names}
