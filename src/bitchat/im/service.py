@@ -877,7 +877,17 @@ class IMService:
     async def on_join_group(self, session: Session, p: JoinGroup) -> GroupInfo:
         assert session.user_id is not None
         await self._check_group_count(session.user_id, p.group_id)
-        g = await self.users.join_group(p.group_id, session.user_id, self.settings.max_group_size)
+        user_id = session.user_id
+        g = await self.users.join_group(p.group_id, user_id, self.settings.max_group_size)
+        # Each connection of the user's here knows where the group starts for it, so a
+        # first push lost in transit shows as a gap (not taken as the start).
+        conv = conversation("group", user_id, p.group_id)
+        for s in self.connections.local_sessions(user_id):
+            device: DeviceState | None = s.data.get(DEVICE)
+            if device is not None and conv not in device.seqs:
+                at = (await self.messages.cursors(user_id, device.device_id)).get(conv)
+                if at is not None:
+                    device.seqs.setdefault(conv, at)
         return GroupInfo(g.id, g.name, g.owner_id, g.members)
 
     async def on_leave_group(self, session: Session, p: LeaveGroup) -> Ok:
