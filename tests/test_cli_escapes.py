@@ -109,7 +109,7 @@ async def test_the_repl_shows_what_the_server_sends(tmp_path: Path) -> None:
             assert await out.expect("[group") == f"[group {group_id}] gris(2): {SHOWN}"
             m = out.mark()
             await houyi.execute("-hi 2")
-            assert [re.sub(r"^\S+ \S+ ", "", x) for x in out.since(m)] == [
+            assert [re.sub(r"^\S+ \S+ \(id \d+\) ", "", x) for x in out.since(m)] == [
                 f"gris(2): {SHOWN}",
                 f"gris(2): {FORGED_SHOWN}",
             ]

@@ -90,7 +90,7 @@ async def test_commands_and_their_output(tmp_path: Path) -> None:
             assert g_out.since(m) == ["userName(userId)", "----------------", "houyi(1)", "gris(2)"]
 
             await gris.execute("-pc 1 hello,houyi")
-            assert g_out.lines[-1] == "Send p2p message success"
+            assert re.fullmatch(r"Send p2p message success \(id \d+\)", g_out.lines[-1])
             assert await h_out.expect("gris(2)") == "gris(2): hello,houyi"
             # The message is the rest of the line, inner spaces kept.
             await houyi.execute("-pc 2   hello   there, gris  ")
@@ -120,19 +120,21 @@ async def test_commands_and_their_output(tmp_path: Path) -> None:
                 "gris(2)           online",
             ]
             await gris.execute("-gc 1 hi moon")
-            assert g_out.lines[-1] == "Send group message success"
+            assert re.fullmatch(r"Send group message success \(id \d+\)", g_out.lines[-1])
             assert await h_out.expect("[group 1]") == "[group 1] gris(2): hi moon"
 
             m = h_out.mark()
             await houyi.execute("-hi 2")
             history = h_out.since(m)
-            assert [re.sub(r"^\S+ \S+ ", "", x) for x in history] == [
+            assert [re.sub(r"^\S+ \S+ \(id \d+\) ", "", x) for x in history] == [
                 "gris(2): hello,houyi",
                 "houyi(1): hello   there, gris",
             ]
             m = h_out.mark()
             await houyi.execute("-hi -g 1")
-            assert [re.sub(r"^\S+ \S+ ", "", x) for x in h_out.since(m)] == ["gris(2): hi moon"]
+            assert [re.sub(r"^\S+ \S+ \(id \d+\) ", "", x) for x in h_out.since(m)] == [
+                "gris(2): hi moon"
+            ]
             await gris.execute("-gleave 1")
             assert g_out.lines[-1] == "Left group 1"
             await gris.execute("-gl")
@@ -489,7 +491,7 @@ async def test_quick_start_with_processes(tmp_path: Path) -> None:
                 "gris(2)",
             ]
             gris.send("-pc 1 hello,houyi")
-            assert await gris.expect("Send p2p") == "Send p2p message success"
+            assert (await gris.expect("Send p2p")).startswith("Send p2p message success (id ")
             assert await houyi.expect("hello") == "gris(2): hello,houyi"
 
             houyi.send("bye")

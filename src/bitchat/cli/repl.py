@@ -500,16 +500,16 @@ class Repl:
         if to is None:
             raise _Usage("-pc userId message")
         await self._connected()
-        await self.im.send_p2p(to, self._rest(line, 2))
-        self.out("Send p2p message success")
+        ack = await self.im.send_p2p(to, self._rest(line, 2))
+        self.out(f"Send p2p message success (id {ack.msg_id})")
 
     async def group_chat(self, parts: list[str], line: str) -> None:
         group_id = _int(parts[1]) if len(parts) >= 3 else None
         if group_id is None:
             raise _Usage("-gc groupId message")
         await self._connected()
-        await self.im.send_group(group_id, self._rest(line, 2))
-        self.out("Send group message success")
+        ack = await self.im.send_group(group_id, self._rest(line, 2))
+        self.out(f"Send group message success (id {ack.msg_id})")
 
     async def group_create(self, parts: list[str], line: str) -> None:
         name = self._rest(line, 1)
@@ -581,7 +581,8 @@ class Repl:
             return
         for m in reversed(messages):
             when = datetime.datetime.fromtimestamp(m.ts / 1000).strftime("%Y-%m-%d %H:%M:%S")
-            self.out(f"{when} {m.sender_name}({m.sender_id}): {m.text}")
+            # The id before the text, which is the sender's: a text cannot forge it.
+            self.out(f"{when} (id {m.msg_id}) {m.sender_name}({m.sender_id}): {m.text}")
         if page.more:
             flag = "-g " if group else ""
             self.out(f"(older: -hi {flag}{target} {messages[-1].msg_id})")
