@@ -90,7 +90,8 @@ async def test_commands_and_their_output(tmp_path: Path) -> None:
             assert g_out.since(m) == ["userName(userId)", "----------------", "houyi(1)", "gris(2)"]
 
             await gris.execute("-pc 1 hello,houyi")
-            assert re.fullmatch(r"Send p2p message success \(id \d+\)", g_out.lines[-1])
+            sent = re.fullmatch(r"Send p2p message success \(id (\d+)\)", g_out.lines[-1])
+            assert sent is not None
             assert await h_out.expect("gris(2)") == "gris(2): hello,houyi"
             # The message is the rest of the line, inner spaces kept.
             await houyi.execute("-pc 2   hello   there, gris  ")
@@ -126,6 +127,7 @@ async def test_commands_and_their_output(tmp_path: Path) -> None:
             m = h_out.mark()
             await houyi.execute("-hi 2")
             history = h_out.since(m)
+            assert f" (id {sent.group(1)}) gris(2): hello,houyi" in history[0]
             assert [re.sub(r"^\S+ \S+ \(id \d+\) ", "", x) for x in history] == [
                 "gris(2): hello,houyi",
                 "houyi(1): hello   there, gris",
