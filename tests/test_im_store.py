@@ -230,3 +230,17 @@ def test_the_writer_checkpoints_rarely_but_still_fsyncs(tmp_path: Path) -> None:
         assert writer.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     finally:
         writer.close()
+
+
+async def test_two_marks_at_once_report_the_newly_read_range_once(tmp_path: Path) -> None:
+    messages = SqliteMessageCenter(str(tmp_path / "m.db"))
+    await messages.start()
+    ids = IdGenerator(1)
+    try:
+        for i in range(3):
+            await messages.store(_msg(ids, 2, 1, f"m{i}"), [1])
+        results = await asyncio.gather(*(messages.mark_read(1, "p:1:2", 0) for _ in range(4)))
+        assert sorted(r[2] for r in results) == [[], [], [], [2]]
+        assert {r[:2] for r in results} == {(3, 3)}
+    finally:
+        await messages.close()

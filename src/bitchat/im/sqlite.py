@@ -725,6 +725,7 @@ class SqliteMessageCenter(MessageCenter):
         self._thread: threading.Thread | None = None
         self._stopped: asyncio.Future[None] | None = None
         self._closing = False
+        self._marking = asyncio.Lock()
 
     async def start(self) -> None:
         self._rdb = await open_db(self.path, self.synchronous)  # creates and migrates
@@ -1155,6 +1156,12 @@ class SqliteMessageCenter(MessageCenter):
         return [sql.conversation_row(r) for r in rows]
 
     async def mark_read(self, user_id: int, conv: str, seq: int) -> tuple[int, int, list[int]]:
+        # One at a time: two marks at once would both read the old position and both
+        # report the range between (its senders told twice).
+        async with self._marking:
+            return await self._mark_read(user_id, conv, seq)
+
+    async def _mark_read(self, user_id: int, conv: str, seq: int) -> tuple[int, int, list[int]]:
         if p2p_pair(conv) is not None:
             found = await self._query(sql.P2P_READ, u=user_id, c=conv)
             if not found:
