@@ -385,7 +385,7 @@ class IMService:
             if not current() or device is None:
                 return
             device.seed(cursors)
-            backlog = Backlog(self.messages, positions, limit)
+            backlog = Backlog(self.messages, positions, limit, self.settings.sync_read_ahead)
             while current():
                 batch = await backlog.next_batch()
                 if not current():
@@ -959,27 +959,43 @@ class Backlog:
     order (an index range each); the pages are merged by message id, so the
     device is pushed everything in id order, and within a conversation in seq
     order, without one query sorting the whole backlog for every page.
+
+    At most about ``read_ahead`` messages are held read and not yet handed out,
+    whatever the number of conversations: a page is ``read_ahead`` shared among
+    the conversations with messages left (at least 1, at most ``page``).
     """
 
     def __init__(
-        self, messages: MessageCenter, positions: dict[str, tuple[int, int]], page: int
+        self,
+        messages: MessageCenter,
+        positions: dict[str, tuple[int, int]],
+        page: int,
+        read_ahead: int = 0,
     ) -> None:
         self.messages = messages
         self.page = page
+        self.read_ahead = read_ahead or 4 * page
         self.after = {conv: at for conv, (at, last) in positions.items() if last > at}
         self.buffers: dict[str, collections.deque[Message]] = {}
         self.heap: list[tuple[int, str]] = []
         self.started = False
+        # Conversations with messages left (to read, or read and not handed out): the
+        # read-ahead is shared among them, so what is held stays within it.
+        self.left = len(self.after)
 
     async def _fill(self, conv: str) -> None:
-        rows = await self.messages.messages_after(conv, self.after[conv], self.page)
-        if len(rows) < self.page:
+        size = max(1, min(self.page, self.read_ahead // max(1, self.left)))
+        rows = await self.messages.messages_after(conv, self.after[conv], size)
+        if len(rows) < size:
             del self.after[conv]  # read to its end
         elif rows:
             self.after[conv] = rows[-1].seq
         if rows:
             self.buffers.setdefault(conv, collections.deque()).extend(rows)
             heapq.heappush(self.heap, (rows[0].id, conv))
+        else:
+            self.buffers.pop(conv, None)
+            self.left -= 1
 
     async def next_batch(self) -> list[Message]:
         """The next ``page`` messages in id order (fewer at the end)."""
@@ -992,8 +1008,11 @@ class Backlog:
             _, conv = heapq.heappop(self.heap)
             buffer = self.buffers[conv]
             out.append(buffer.popleft())
-            if not buffer and conv in self.after:
-                await self._fill(conv)
-            elif buffer:
+            if buffer:
                 heapq.heappush(self.heap, (buffer[0].id, conv))
+            elif conv in self.after:
+                await self._fill(conv)
+            else:
+                del self.buffers[conv]
+                self.left -= 1
         return out
