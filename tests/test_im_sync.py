@@ -571,6 +571,43 @@ async def test_a_page_of_long_messages_is_cut_to_fit_in_a_frame(tmp_path: Path) 
         assert 1 <= len(first.messages) <= 2 and first.more
 
 
+async def test_a_page_at_its_largest_fits_in_a_frame(tmp_path: Path) -> None:
+    # Every field of an entry counts, at its largest once encoded, not only the text:
+    # client message ids of control characters (six bytes each in JSON) where they may
+    # be long, and group names of four-byte characters.
+    async with (
+        im_server(tmp_path, max_client_msg_id_length=1024) as server,
+        clients_of(server) as c,
+    ):
+        gris = await c.login("gris")
+        houyi = await c.login("houyi")
+        text, cmid = "\x01" * 4096, "\x01" * 1020
+        for i in range(45):
+            g = await gris.create_group(f"{i:02d}" + "\U0001f600" * 62)
+            await gris.send_group(g.group_id, text, client_msg_id=f"{cmid}g{i:02d}")
+            await gris.send_p2p(uid(houyi), text, client_msg_id=f"{cmid}p{i:02d}")
+        listed: list[dict[str, Any]] = []
+        before = 0
+        for _ in range(46):  # bounded: at least one entry a page
+            page = await gris.client.request(GetConversations(limit=200, before=before))
+            assert isinstance(page, ConversationList) and page.conversations
+            listed += page.conversations
+            if not page.more:
+                break
+            before = page.conversations[-1]["activity"]
+        assert len(listed) == 46
+        seen: list[int] = []
+        before_seq = 0
+        for _ in range(45):
+            history = await houyi.history(peer_id=uid(gris), limit=200, before_seq=before_seq)
+            assert history.messages
+            seen += [m["seq"] for m in history.messages]
+            if not history.more:
+                break
+            before_seq = history.messages[-1]["seq"]
+        assert sorted(seen) == list(range(1, 46))
+
+
 @pytest.mark.parametrize("mode", MODES)
 async def test_a_token_from_before_devices_becomes_one_device(
     request: pytest.FixtureRequest, tmp_path: Path, mode: str
