@@ -779,17 +779,17 @@ class IMService:
         assert session.user_id is not None
         limit = max(1, min(p.limit, self.settings.conversations_max_page))
         convs = await self.messages.conversations(session.user_id, max(0, p.before), limit + 1)
-        keep = min(limit, self._fitting(c.last_message for c in convs))
+        keep = min(limit, self._fitting(_worst(c.last_message) + 6 * len(c.name) for c in convs))
         return ConversationList([c.to_dict() for c in convs[:keep]], len(convs) > keep)
 
-    def _fitting(self, messages: Iterable[Message | None]) -> int:
-        """How many of ``messages`` (at least one) one answer can carry and still fit in
-        a frame: texts at their worst once encoded (a control character is six bytes
-        of JSON), and room for the other fields. A page is cut there, ``more`` set."""
+    def _fitting(self, sizes: Iterable[int]) -> int:
+        """How many entries of these worst-case ``sizes`` (:func:`_worst`; at least one)
+        one answer can carry and still fit in a frame, with room for its other fields.
+        A page is cut there, ``more`` set."""
         room = self.settings.max_frame_size - 1024
         n = 0
-        for m in messages:
-            room -= 512 if m is None else 6 * (len(m.text) + len(m.sender_name)) + 512
+        for size in sizes:
+            room -= size
             if room < 0:
                 break
             n += 1
@@ -849,7 +849,7 @@ class IMService:
             max(0, p.before_seq),
             max(0, p.after_seq),
         )
-        keep = min(limit, self._fitting(msgs))
+        keep = min(limit, self._fitting(_worst(m) for m in msgs))
         return HistoryPage([m.to_dict() for m in msgs[:keep]], len(msgs) > keep)
 
     # -- groups -----------------------------------------------------------------------------
@@ -939,6 +939,15 @@ def _answer(out: Deferred | asyncio.Future[SendAck], ack: SendAck) -> None:
 def _resolve(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
+
+
+def _worst(m: Message | None) -> int:
+    """The most bytes a message (or a conversation's other fields) takes once encoded:
+    each character of its strings at its worst (a control character is six bytes of
+    JSON), and room for the keys and numbers."""
+    if m is None:
+        return 512
+    return 6 * (len(m.text) + len(m.sender_name) + len(m.client_msg_id)) + 1024
 
 
 def push_message_each(messages: Sequence[Message], session: Session) -> None:
