@@ -620,3 +620,21 @@ async def test_a_token_from_before_devices_becomes_one_device(
         again = await (await d.connect(1)).login(token=old)
         assert first.token == again.token == old
         assert first.device == again.device != "phone"
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_two_first_uses_of_a_token_from_before_devices_at_once(
+    request: pytest.FixtureRequest, tmp_path: Path, mode: str
+) -> None:
+    # Two logins with one token from before devices, at once, naming two devices: the
+    # token is bound to one of them; the other login gets a token of its own device.
+    async with deployment(request, tmp_path) as d:
+        houyi = await d.login(0, "houyi", "phone")
+        im = d.node(0).data["im"]
+        for round_ in range(5):
+            old = await im.users.issue_token(uid(houyi), 60.0)
+            a, b = await d.connect(0, f"a{round_}"), await d.connect(1, f"b{round_}")
+            oks = await asyncio.gather(a.login(token=old), b.login(token=old))
+            for ok in oks:
+                back = await (await d.connect(0)).login(token=ok.token)
+                assert back.device == ok.device, "a token of another device"
