@@ -251,8 +251,10 @@ class IMService:
         device_id, device = await self._device(user, p.device, token_device)
         if token and not token_device:
             # A token from before devices becomes the device's: it does not make a new
-            # device at every use (each would push a real one out at the cap).
-            await self.users.bind_token(token, device_id)
+            # device at every use (each would push a real one out at the cap). Another
+            # login that bound it first made it its device's: this one gets its own.
+            if not await self.users.bind_token(token, device_id):
+                token = await self.users.issue_token(user.id, self.settings.token_ttl, device_id)
         elif not token or device_id != token_device:
             token = await self.users.issue_token(user.id, self.settings.token_ttl, device_id)
         if session.closed:
