@@ -884,12 +884,21 @@ class IMService:
         # Each connection of the user's here knows where the group starts for it, so a
         # first push lost in transit shows as a gap (not taken as the start).
         conv = conversation("group", user_id, p.group_id)
-        for s in self.connections.local_sessions(user_id):
-            device: DeviceState | None = s.data.get(DEVICE)
-            if device is not None and conv not in device.seqs:
-                at = (await self.messages.cursors(user_id, device.device_id)).get(conv)
+        starts: dict[int, int | None] = {}  # per device: its sessions share its cursors
+        try:
+            for s in self.connections.local_sessions(user_id):
+                device: DeviceState | None = s.data.get(DEVICE)
+                if device is None or conv in device.seqs:
+                    continue
+                if device.device_id not in starts:
+                    cursors = await self.messages.cursors(user_id, device.device_id)
+                    starts[device.device_id] = cursors.get(conv)
+                at = starts[device.device_id]
                 if at is not None:
                     device.seqs.setdefault(conv, at)
+        except RequestError as exc:
+            # The join is in: without the seed a first push is taken as the start there.
+            log.warning("cannot read where group %d starts: %s", p.group_id, exc.message)
         return GroupInfo(g.id, g.name, g.owner_id, g.members)
 
     async def on_leave_group(self, session: Session, p: LeaveGroup) -> Ok:
