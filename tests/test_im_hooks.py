@@ -389,3 +389,28 @@ async def test_a_lost_first_push_in_a_group_joined_on_the_connection_is_pushed_a
         await gris.send_group(group.group_id, "second")
         got = await inbox.wait_for(2)  # "second", then "first" from the re-sync
         assert sorted(m.text for m in got) == ["first", "second"]
+
+
+async def test_a_join_is_answered_joined_when_reading_its_start_fails(tmp_path: Path) -> None:
+    """The join is committed; where the group starts for the user's connections is
+    read after it, only to show a lost first push as a gap. That read failing must
+    not answer the join with an error: the user is in the group."""
+    async with im_server(tmp_path) as server, clients_of(server) as clients:
+        gris = await clients.login("gris")
+        houyi = await clients.login("houyi")
+        group = await gris.create_group("moon")
+        im = im_of(server)
+        real = im.messages.positions
+
+        async def positions(*args: Any, **kw: Any) -> Any:
+            raise ServiceUnavailable("the message store is down")
+
+        im.messages.positions = positions  # type: ignore[method-assign]
+        try:
+            info = await houyi.join_group(group.group_id)
+        finally:
+            im.messages.positions = real  # type: ignore[method-assign]
+        assert info.members == 2
+        inbox = Inbox(houyi)
+        await gris.send_group(group.group_id, "welcome")
+        assert [m.text for m in await inbox.wait_for(1)] == ["welcome"]

@@ -571,6 +571,43 @@ async def test_a_page_of_long_messages_is_cut_to_fit_in_a_frame(tmp_path: Path) 
         assert 1 <= len(first.messages) <= 2 and first.more
 
 
+async def test_a_page_at_its_largest_fits_in_a_frame(tmp_path: Path) -> None:
+    # Every field of an entry counts, at its largest once encoded, not only the text:
+    # client message ids of control characters (six bytes each in JSON) where they may
+    # be long, and group names of four-byte characters.
+    async with (
+        im_server(tmp_path, max_client_msg_id_length=1024) as server,
+        clients_of(server) as c,
+    ):
+        gris = await c.login("gris")
+        houyi = await c.login("houyi")
+        text, cmid = "\x01" * 4096, "\x01" * 1020
+        for i in range(45):
+            g = await gris.create_group(f"{i:02d}" + "\U0001f600" * 62)
+            await gris.send_group(g.group_id, text, client_msg_id=f"{cmid}g{i:02d}")
+            await gris.send_p2p(uid(houyi), text, client_msg_id=f"{cmid}p{i:02d}")
+        listed: list[dict[str, Any]] = []
+        before = 0
+        for _ in range(46):  # bounded: at least one entry a page
+            page = await gris.client.request(GetConversations(limit=200, before=before))
+            assert isinstance(page, ConversationList) and page.conversations
+            listed += page.conversations
+            if not page.more:
+                break
+            before = page.conversations[-1]["activity"]
+        assert len(listed) == 46
+        seen: list[int] = []
+        before_seq = 0
+        for _ in range(45):
+            history = await houyi.history(peer_id=uid(gris), limit=200, before_seq=before_seq)
+            assert history.messages
+            seen += [m["seq"] for m in history.messages]
+            if not history.more:
+                break
+            before_seq = history.messages[-1]["seq"]
+        assert sorted(seen) == list(range(1, 46))
+
+
 @pytest.mark.parametrize("mode", MODES)
 async def test_a_token_from_before_devices_becomes_one_device(
     request: pytest.FixtureRequest, tmp_path: Path, mode: str
@@ -583,3 +620,21 @@ async def test_a_token_from_before_devices_becomes_one_device(
         again = await (await d.connect(1)).login(token=old)
         assert first.token == again.token == old
         assert first.device == again.device != "phone"
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_two_first_uses_of_a_token_from_before_devices_at_once(
+    request: pytest.FixtureRequest, tmp_path: Path, mode: str
+) -> None:
+    # Two logins with one token from before devices, at once, naming two devices: the
+    # token is bound to one of them; the other login gets a token of its own device.
+    async with deployment(request, tmp_path) as d:
+        houyi = await d.login(0, "houyi", "phone")
+        im = d.node(0).data["im"]
+        for round_ in range(5):
+            old = await im.users.issue_token(uid(houyi), 60.0)
+            a, b = await d.connect(0, f"a{round_}"), await d.connect(1, f"b{round_}")
+            oks = await asyncio.gather(a.login(token=old), b.login(token=old))
+            for ok in oks:
+                back = await (await d.connect(0)).login(token=ok.token)
+                assert back.device == ok.device, "a token of another device"

@@ -352,4 +352,12 @@ async def test_kept_messages_are_bounded_by_the_dedupe_window(tmp_path: Path) ->
         await late.login("alice", "secret")
         await arrived.until(lambda m: m.text == "m2")
         inbox = Inbox(late)
-        assert [m.text for m in inbox.messages] == ["m1", "m2"]  # the oldest dropped
+        # The first two are kept and handed (then acked); the one beyond the window is
+        # not kept, nor acked: the cursor stops before it, and the next login has it.
+        assert [m.text for m in inbox.messages] == ["m0", "m1"]
+        await late.online_users()
+        await late.close()
+        again = await c.connect(device="phone")
+        later = Inbox(again)
+        assert (await again.login("alice", "secret")).pending == 1
+        assert [m.text for m in await later.wait_for(1)] == ["m2"]

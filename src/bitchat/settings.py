@@ -203,6 +203,10 @@ class Settings:
     """Most messages in one history page, whatever the request asks."""
     offline_batch: int = setting(500, ge=1, commands=_S)
     """Offline messages pushed per batch at login."""
+    sync_read_ahead: int = setting(2000, ge=1, commands=_S)
+    """Most offline messages a login's sync holds read ahead of what it has pushed, over
+    all the device's conversations: each conversation is read in pages of this shared
+    among those with messages left (at least 1, at most ``offline_batch``)."""
     typing_timeout: float = setting(5.0, gt=0, unit="s", commands=_S)
     """How long a "typing" lasts unless repeated: recipients get it as ``expires_in``
     and clear it themselves; the server forgets it then too (typing is never stored)."""

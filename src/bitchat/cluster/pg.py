@@ -704,13 +704,14 @@ class PgUserCenter(UserCenter):
             "revoking a token", "DELETE FROM tokens WHERE digest = $1", token_digest(token)
         )
 
-    async def bind_token(self, token: str, device_id: int) -> None:
-        await self._fetch(
+    async def bind_token(self, token: str, device_id: int) -> bool:
+        rows = await self._fetch(
             "binding a token to its device",
-            "UPDATE tokens SET device_id = $1 WHERE digest = $2 AND device_id IS NULL",
+            "UPDATE tokens SET device_id = $1 WHERE digest = $2 AND device_id IS NULL RETURNING 1",
             device_id,
             token_digest(token),
         )
+        return bool(rows)
 
     async def get_users(self, ids: Iterable[int]) -> dict[int, User]:
         wanted = set(ids)

@@ -354,8 +354,9 @@ class UserCenter(abc.ABC):
     async def revoke_token(self, token: str) -> None: ...
 
     @abc.abstractmethod
-    async def bind_token(self, token: str, device_id: int) -> None:
-        """A token from before devices (device 0) is the device's from now on."""
+    async def bind_token(self, token: str, device_id: int) -> bool:
+        """A token from before devices (device 0) is the device's from now on; False if
+        it is no longer one (another login bound it first: it is that device's)."""
 
     @abc.abstractmethod
     async def get_users(self, ids: Iterable[int]) -> dict[int, User]: ...

@@ -14,7 +14,9 @@ that comes while nothing consumes them yet (no :meth:`~IMClient.on_message`
 callback, no :meth:`~IMClient.messages` iterator; say, those the server pushes
 right after a login that comes before ``on_message``) is kept, not acked, and
 handed to the first consumer registered, then acked: at most ``dedupe_window``
-of them, the oldest dropped beyond (unacked; :meth:`~IMClient.history` has them). After a
+of them, the first that came; those beyond are not kept, nor acked (the next login
+pushes them again, unless a later one of their conversation is acked first;
+:meth:`~IMClient.history` has them). After a
 reconnect the client logs in again with its token and its device, and the
 server pushes what this device missed. Sends carry a client message id and are
 retried with it when the connection drops, so a retry is never stored twice.
@@ -448,10 +450,10 @@ class IMClient:
             return  # pushed again while kept: still unacked, handed once
         if m.msg_id not in self._seen and not self._callbacks and not self._queues:
             # Nobody to hand it to yet: kept unacked for the first consumer. Beyond the
-            # window the oldest goes, unacked (the memory is bounded; History has it).
-            self._kept[m.msg_id] = m
-            if len(self._kept) > self._dedupe_window:
-                self._kept.popitem(last=False)
+            # window one is not kept (the memory is bounded), nor acked: the oldest are
+            # kept, since acking a newer one would move the cursor past those dropped.
+            if len(self._kept) < self._dedupe_window:
+                self._kept[m.msg_id] = m
             return
         self._deliver(m)
 

@@ -251,8 +251,10 @@ class IMService:
         device_id, device = await self._device(user, p.device, token_device)
         if token and not token_device:
             # A token from before devices becomes the device's: it does not make a new
-            # device at every use (each would push a real one out at the cap).
-            await self.users.bind_token(token, device_id)
+            # device at every use (each would push a real one out at the cap). Another
+            # login that bound it first made it its device's: this one gets its own.
+            if not await self.users.bind_token(token, device_id):
+                token = await self.users.issue_token(user.id, self.settings.token_ttl, device_id)
         elif not token or device_id != token_device:
             token = await self.users.issue_token(user.id, self.settings.token_ttl, device_id)
         if session.closed:
@@ -385,7 +387,7 @@ class IMService:
             if not current() or device is None:
                 return
             device.seed(cursors)
-            backlog = Backlog(self.messages, positions, limit)
+            backlog = Backlog(self.messages, positions, limit, self.settings.sync_read_ahead)
             while current():
                 batch = await backlog.next_batch()
                 if not current():
@@ -779,17 +781,17 @@ class IMService:
         assert session.user_id is not None
         limit = max(1, min(p.limit, self.settings.conversations_max_page))
         convs = await self.messages.conversations(session.user_id, max(0, p.before), limit + 1)
-        keep = min(limit, self._fitting(c.last_message for c in convs))
+        keep = min(limit, self._fitting(_worst(c.last_message) + 6 * len(c.name) for c in convs))
         return ConversationList([c.to_dict() for c in convs[:keep]], len(convs) > keep)
 
-    def _fitting(self, messages: Iterable[Message | None]) -> int:
-        """How many of ``messages`` (at least one) one answer can carry and still fit in
-        a frame: texts at their worst once encoded (a control character is six bytes
-        of JSON), and room for the other fields. A page is cut there, ``more`` set."""
+    def _fitting(self, sizes: Iterable[int]) -> int:
+        """How many entries of these worst-case ``sizes`` (:func:`_worst`; at least one)
+        one answer can carry and still fit in a frame, with room for its other fields.
+        A page is cut there, ``more`` set."""
         room = self.settings.max_frame_size - 1024
         n = 0
-        for m in messages:
-            room -= 512 if m is None else 6 * (len(m.text) + len(m.sender_name)) + 512
+        for size in sizes:
+            room -= size
             if room < 0:
                 break
             n += 1
@@ -849,7 +851,7 @@ class IMService:
             max(0, p.before_seq),
             max(0, p.after_seq),
         )
-        keep = min(limit, self._fitting(msgs))
+        keep = min(limit, self._fitting(_worst(m) for m in msgs))
         return HistoryPage([m.to_dict() for m in msgs[:keep]], len(msgs) > keep)
 
     # -- groups -----------------------------------------------------------------------------
@@ -882,12 +884,21 @@ class IMService:
         # Each connection of the user's here knows where the group starts for it, so a
         # first push lost in transit shows as a gap (not taken as the start).
         conv = conversation("group", user_id, p.group_id)
-        for s in self.connections.local_sessions(user_id):
-            device: DeviceState | None = s.data.get(DEVICE)
-            if device is not None and conv not in device.seqs:
-                at = (await self.messages.cursors(user_id, device.device_id)).get(conv)
+        starts: dict[int, int | None] = {}  # per device: its sessions share its cursors
+        try:
+            for s in self.connections.local_sessions(user_id):
+                device: DeviceState | None = s.data.get(DEVICE)
+                if device is None or conv in device.seqs:
+                    continue
+                if device.device_id not in starts:
+                    cursors = await self.messages.cursors(user_id, device.device_id)
+                    starts[device.device_id] = cursors.get(conv)
+                at = starts[device.device_id]
                 if at is not None:
                     device.seqs.setdefault(conv, at)
+        except RequestError as exc:
+            # The join is in: without the seed a first push is taken as the start there.
+            log.warning("cannot read where group %d starts: %s", p.group_id, exc.message)
         return GroupInfo(g.id, g.name, g.owner_id, g.members)
 
     async def on_leave_group(self, session: Session, p: LeaveGroup) -> Ok:
@@ -941,6 +952,15 @@ def _resolve(fut: asyncio.Future[None]) -> None:
         fut.set_result(None)
 
 
+def _worst(m: Message | None) -> int:
+    """The most bytes a message (or a conversation's other fields) takes once encoded:
+    each character of its strings at its worst (a control character is six bytes of
+    JSON), and room for the keys and numbers."""
+    if m is None:
+        return 512
+    return 6 * (len(m.text) + len(m.sender_name) + len(m.client_msg_id)) + 1024
+
+
 def push_message_each(messages: Sequence[Message], session: Session) -> None:
     """Push messages to one session, bypassing the hold of its own sync."""
     held = session.data.pop(SYNCING, None)
@@ -959,27 +979,43 @@ class Backlog:
     order (an index range each); the pages are merged by message id, so the
     device is pushed everything in id order, and within a conversation in seq
     order, without one query sorting the whole backlog for every page.
+
+    At most about ``read_ahead`` messages are held read and not yet handed out,
+    whatever the number of conversations: a page is ``read_ahead`` shared among
+    the conversations with messages left (at least 1, at most ``page``).
     """
 
     def __init__(
-        self, messages: MessageCenter, positions: dict[str, tuple[int, int]], page: int
+        self,
+        messages: MessageCenter,
+        positions: dict[str, tuple[int, int]],
+        page: int,
+        read_ahead: int = 0,
     ) -> None:
         self.messages = messages
         self.page = page
+        self.read_ahead = read_ahead or 4 * page
         self.after = {conv: at for conv, (at, last) in positions.items() if last > at}
         self.buffers: dict[str, collections.deque[Message]] = {}
         self.heap: list[tuple[int, str]] = []
         self.started = False
+        # Conversations with messages left (to read, or read and not handed out): the
+        # read-ahead is shared among them, so what is held stays within it.
+        self.left = len(self.after)
 
     async def _fill(self, conv: str) -> None:
-        rows = await self.messages.messages_after(conv, self.after[conv], self.page)
-        if len(rows) < self.page:
+        size = max(1, min(self.page, self.read_ahead // max(1, self.left)))
+        rows = await self.messages.messages_after(conv, self.after[conv], size)
+        if len(rows) < size:
             del self.after[conv]  # read to its end
         elif rows:
             self.after[conv] = rows[-1].seq
         if rows:
             self.buffers.setdefault(conv, collections.deque()).extend(rows)
             heapq.heappush(self.heap, (rows[0].id, conv))
+        else:
+            self.buffers.pop(conv, None)
+            self.left -= 1
 
     async def next_batch(self) -> list[Message]:
         """The next ``page`` messages in id order (fewer at the end)."""
@@ -992,8 +1028,11 @@ class Backlog:
             _, conv = heapq.heappop(self.heap)
             buffer = self.buffers[conv]
             out.append(buffer.popleft())
-            if not buffer and conv in self.after:
-                await self._fill(conv)
-            elif buffer:
+            if buffer:
                 heapq.heappush(self.heap, (buffer[0].id, conv))
+            elif conv in self.after:
+                await self._fill(conv)
+            else:
+                del self.buffers[conv]
+                self.left -= 1
         return out

@@ -428,12 +428,14 @@ class SqliteUserCenter(UserCenter):
         async with self._lock:
             await self._rows("DELETE FROM tokens WHERE digest = ?", (token_digest(token),))
 
-    async def bind_token(self, token: str, device_id: int) -> None:
+    async def bind_token(self, token: str, device_id: int) -> bool:
         async with self._lock:
-            await self._rows(
-                "UPDATE tokens SET device_id = ? WHERE digest = ? AND device_id IS NULL",
+            rows = await self._rows(
+                "UPDATE tokens SET device_id = ? WHERE digest = ? AND device_id IS NULL "
+                "RETURNING 1",
                 (device_id, token_digest(token)),
             )
+        return bool(rows)
 
     async def get_users(self, ids: Iterable[int]) -> dict[int, User]:
         wanted = set(ids)
