@@ -271,7 +271,7 @@ async def test_sqlite_upgrades_a_version_3_database(tmp_path: Path) -> None:
         rows = await messages.db.execute_fetchall("SELECT id, seq FROM messages")
         convs = await messages.db.execute_fetchall("SELECT conv, last_seq FROM conversations")
         [(version,)] = await messages.db.execute_fetchall("SELECT version FROM schema_version")
-        assert version == len(store.MIGRATIONS) == 5
+        assert version == len(store.MIGRATIONS) == 6
         await check_upgraded_v3(messages, list(rows), list(convs))
     finally:
         await messages.close()
@@ -303,7 +303,7 @@ async def test_postgresql_upgrades_a_version_3_database(pg_dsn: str) -> None:
         con = await asyncpg.connect(pg_dsn)
         try:
             assert await con.fetchval("SELECT version FROM schema_version") == len(pg.MIGRATIONS)
-            assert len(pg.MIGRATIONS) == 5
+            assert len(pg.MIGRATIONS) == 6
             rows = list(await con.fetch("SELECT id, seq FROM messages"))
             convs = list(await con.fetch("SELECT conv, last_seq FROM conversations"))
         finally:

@@ -31,6 +31,7 @@ announced to the router once it listens and leaves the registry as it stops
 from __future__ import annotations
 
 from bitchat.errors import UsageError
+from bitchat.im.auth import Authenticator
 from bitchat.im.memory import MemoryConnectionCenter
 from bitchat.im.passwords import hasher_for
 from bitchat.im.service import IMService
@@ -43,19 +44,20 @@ from bitchat.web import install as install_web
 __all__ = ["build_server", "check_settings", "parse_address"]
 
 
-def build_server(settings: Settings) -> Server:
+def build_server(settings: Settings, *, authenticator: Authenticator | None = None) -> Server:
     """A complete IM server on ``settings.host``:``settings.port``, with the backends
     ``settings.mode`` names: the seed's 单机版 (``standalone``) or a 集群版 node
     (``cluster``). Nothing is opened until the server starts.
 
     Raises :class:`~bitchat.UsageError` when the settings are incomplete or
     malformed (:func:`check_settings`); a duplicate node id is refused at start
-    (:class:`~bitchat.cluster.registry.NodeIdInUse`).
+    (:class:`~bitchat.cluster.registry.NodeIdInUse`). ``authenticator`` checks the
+    ``jwt`` of a Login (default: JWTs, :class:`~bitchat.im.auth.JwtAuthenticator`).
     """
     check_settings(settings)
     server = Server(settings.host, settings.port, settings, mode=settings.mode)
     if settings.mode == "cluster":
-        im = _cluster_service(server)
+        im = _cluster_service(server, authenticator)
     else:
         im = IMService(
             server,
@@ -71,13 +73,14 @@ def build_server(settings: Settings) -> Server:
             ),
             MemoryConnectionCenter(),
             throttle=MemoryLoginThrottle(settings),
+            authenticator=authenticator,
         )
     server.data["im"] = im
     install_web(server, im)
     return server
 
 
-def _cluster_service(server: Server) -> IMService:
+def _cluster_service(server: Server, authenticator: Authenticator | None) -> IMService:
     """The IM service over PostgreSQL and Redis; ``server`` joins the cluster."""
     # Imported here: a standalone server loads neither redis nor asyncpg.
     from bitchat.cluster.connections import RedisConnectionCenter
@@ -105,6 +108,7 @@ def _cluster_service(server: Server) -> IMService:
         connections,
         start_order=(connections, users, messages),
         throttle=throttle,
+        authenticator=authenticator,
     )
     advertise = parse_address(settings.advertise) if settings.advertise else None
     join_cluster(server, connections, advertise)

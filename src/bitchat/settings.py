@@ -253,6 +253,31 @@ class Settings:
     login_throttle_max_entries: int = setting(100_000, ge=1, commands=_S)
     """Accounts and addresses a standalone server remembers failures of (the oldest
     are forgotten first); a cluster keeps them in Redis, each expiring on its own."""
+    password_login: bool = setting(True, commands=_S)
+    """Users may log in with a name and password and sign up. When false, a password
+    Login is ``login_failed`` and Register ``forbidden``: users come from JWT logins
+    (or another authenticator of the server's) only; login tokens still work."""
+    max_jwt_length: int = setting(8192, ge=1, commands=_S)
+    """Longest JWT a Login may carry, in characters."""
+    jwt_secret: str | None = setting(None, commands=_S, metavar="SECRET")
+    """Shared secret of HS256 login JWTs (the product's backend signs with it)."""
+    jwt_public_key_file: str | None = setting(None, commands=_S, metavar="FILE")
+    """PEM public key of RS256 (RSA) or ES256 (P-256) login JWTs."""
+    jwt_jwks_file: str | None = setting(None, commands=_S, metavar="FILE")
+    """JSON Web Key Set of RS256/ES256 login JWTs, chosen by the token's ``kid``; read
+    again when a token names a kid it lacks and the file changed (key rotation)."""
+    jwt_issuer: str | None = setting(None, commands=_S, metavar="ISS")
+    """When set, a login JWT's ``iss`` claim must be this."""
+    jwt_audience: str | None = setting(None, commands=_S, metavar="AUD")
+    """When set, a login JWT's ``aud`` claim must name this; unset, a JWT with an
+    ``aud`` is refused."""
+    jwt_leeway: float = setting(30.0, ge=0, unit="s", commands=_S)
+    """Clock skew allowed when checking a login JWT's ``exp``, ``nbf`` and ``iat``."""
+    jwt_user_claim: str = setting("sub", commands=_S, metavar="CLAIM")
+    """The login JWT's claim that identifies the user: the same value is the same user."""
+    jwt_name_claim: str = setting("name", commands=_S, metavar="CLAIM")
+    """The login JWT's claim that names a user at their first login (made a valid,
+    free name: see the README's JWT section)."""
     node_id: int = setting(0, ge=0, le=1023, commands=_S)
     """This server's node id, part of every message id; in cluster mode it must be
     given, unique per node."""

@@ -228,6 +228,17 @@ MIGRATIONS: list[Migration] = [
     DROP TABLE first_pending;
     DROP TABLE pending;
     """,
+    # 6: users of external logins (a JWT's subject, say), each mapped to its user.
+    """
+    CREATE TABLE external_users (
+        provider TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        user_id BIGINT NOT NULL REFERENCES users(id),
+        created_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (provider, subject)
+    );
+    CREATE INDEX external_users_user ON external_users(user_id);
+    """,
 ]
 
 _MIGRATION_LOCK = 0x62697463  # "bitc": the advisory lock every node migrates under
@@ -607,6 +618,60 @@ class PgUserCenter(UserCenter):
         self._names[r["id"]] = r["name"]
         return r["id"], r["name"], r["password_hash"]
 
+    async def external_user(self, provider: str, subject: str, names: Sequence[str]) -> User:
+        select, args = sql.render(
+            sql.EXTERNAL_USER, sql.Dialect.POSTGRES, {"p": provider, "s": subject}
+        )
+        now = time.time()
+
+        async def create(con: asyncpg.Connection) -> tuple[int, str] | None:
+            for name in names:
+                key, shape = name_keys(name)
+                try:
+                    async with con.transaction():  # a savepoint: a taken name undoes itself
+                        user_id = await con.fetchval(
+                            "INSERT INTO users (name, name_key, name_shape, password_hash, "
+                            "created_at) VALUES ($1, $2, $3, $4, $5) RETURNING id",
+                            name,
+                            key,
+                            shape,
+                            sql.NO_PASSWORD,
+                            now,
+                        )
+                except asyncpg.UniqueViolationError:
+                    continue
+                mapped = await con.fetchval(
+                    "INSERT INTO external_users (provider, subject, user_id, created_at) "
+                    "VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING user_id",
+                    provider,
+                    subject,
+                    user_id,
+                    now,
+                )
+                if mapped is None:
+                    raise _LostRace  # another node's first login of it committed first
+                return int(user_id), name
+            return None
+
+        async def q(con: asyncpg.Connection) -> tuple[int, str] | None:
+            for _ in range(2):
+                row = await con.fetchrow(select, *args)
+                if row is not None:
+                    return int(row[0]), str(row[1])
+                try:
+                    async with con.transaction():
+                        return await create(con)
+                except _LostRace:
+                    continue  # its mapping is committed now: read it
+            raise AssertionError("unreachable: a lost race leaves the mapping")
+
+        # Idempotent: a retry reads the mapping a first try may have committed.
+        found = await self.db.run("creating an external user", q)
+        if found is None:
+            raise taken(names[0] if names else "")
+        self._names[found[0]] = found[1]
+        return User(*found)
+
     async def issue_token(self, user_id: int, ttl: float, device_id: int = 0) -> str:
         token = new_token()
         now = time.time()
@@ -959,6 +1024,10 @@ _FIND_STORED = (
 )
 _TRIES = 3
 """Transactions a batch may take when rows it numbered turn out to be stored already."""
+
+
+class _LostRace(Exception):
+    """Another transaction mapped the identity first (rolls this one back)."""
 
 
 class _Stored(BitchatError):

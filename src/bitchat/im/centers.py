@@ -329,6 +329,13 @@ class UserCenter(abc.ABC):
         return User(user_id, stored_name)
 
     @abc.abstractmethod
+    async def external_user(self, provider: str, subject: str, names: Sequence[str]) -> User:
+        """The user an external identity (:mod:`bitchat.im.auth`) maps to; at its first
+        login a new user, named the first of ``names`` that is free (they are valid
+        names; RequestError ``name_taken`` if none is), with no password, mapped in the
+        same transaction (so two first logins at once make one user)."""
+
+    @abc.abstractmethod
     async def issue_token(self, user_id: int, ttl: float, device_id: int = 0) -> str:
         """A new login token for reconnects of this device."""
 

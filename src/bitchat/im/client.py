@@ -200,9 +200,17 @@ class IMClient:
         return User(info.user_id, info.name)
 
     async def login(
-        self, name: str = "", password: str = "", *, token: str = "", device: str | None = None
+        self,
+        name: str = "",
+        password: str = "",
+        *,
+        token: str = "",
+        jwt: str = "",
+        device: str | None = None,
     ) -> LoginOk:
-        """Log in (``-lo name password``); raises RequestError ``login_failed``.
+        """Log in (``-lo name password``), or with a JWT the product's backend signed
+        (``jwt=``); raises RequestError ``login_failed``. After a reconnect the client
+        logs in again with the token this login got (a JWT may have expired by then).
 
         ``device`` (default: :attr:`device`) is this client's device id; empty, the
         server names one (a password login) or takes the token's. Either way
@@ -210,7 +218,7 @@ class IMClient:
         reconnect."""
         if device is not None:
             self.device = device
-        ok = await self._login(Login(name, password, token, self.device))
+        ok = await self._login(Login(name, password, token, self.device, jwt))
         if name:
             self._password = (name, password)
         return ok

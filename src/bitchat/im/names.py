@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import secrets
 import unicodedata
 from pathlib import Path
 
@@ -107,6 +108,28 @@ def name_shape(name: str) -> str:
 def name_keys(name: str) -> tuple[str, str]:
     """(:func:`name_key`, :func:`name_shape`) of ``name``: what a store keeps unique."""
     return name_key(name), name_shape(name)
+
+
+_SPACES = regex.compile(r"\s+")
+
+
+def name_candidates(wished: str, max_length: int, fallback: str = "user") -> list[str]:
+    """Names to try, in order, for a user an external login creates (its name claim
+    ``wished``): ``wished`` made valid (NFKC; each run of spaces an ``_``; control and
+    invisible characters dropped; cut to ``max_length``; ``fallback`` if nothing is
+    left), then with ``-2`` ... ``-9``, then with three random ``-`` and 6 hex digits
+    (each cut so it fits)."""
+    text = unicodedata.normalize("NFKC", wished).strip()
+    text = _SPACES.sub("_", text)
+    text = _DEFAULT_IGNORABLE.sub("", "".join(ch for ch in text if ch.isprintable()))
+    base = text[:max_length] or fallback[:max_length]
+    suffixes = [f"-{n}" for n in range(2, 10)]
+    suffixes += ["-" + secrets.token_hex(3) for _ in range(3)]
+    out = [base]
+    for suffix in suffixes:
+        if len(suffix) < max_length:
+            out.append(base[: max_length - len(suffix)] + suffix)
+    return [normalize_name(n, max_length) for n in out]
 
 
 def taken(name: str) -> RequestError:

@@ -26,6 +26,7 @@ Text = Annotated[str, Limit("max_message_length", codes.MESSAGE_TOO_LONG)]
 ClientMsgId = Annotated[str, Limit("max_client_msg_id_length")]
 GroupName = Annotated[str, Limit("max_group_name_length")]
 Device = Annotated[str, Limit("max_device_length")]
+Jwt = Annotated[str, Limit("max_jwt_length")]
 
 
 class Ok(Packet, type=100):
@@ -45,7 +46,9 @@ class UserInfo(Packet, type=102):
 
 
 class Login(Packet, type=103):
-    """Log in with a password, or with the token of an earlier login."""
+    """Log in with a password, with the token of an earlier login, or with a JWT
+    the product's backend signed (checked first: ``token``, then ``jwt``, then the
+    password)."""
 
     name: Name = ""
     password: Password = ""
@@ -53,7 +56,10 @@ class Login(Packet, type=103):
     device: Device = ""
     """The client's stable id for this device (letters, digits, ``-_.:``): what it
     missed is kept for it until it acks. Empty: the token's device, or for a
-    password login a new one the server names (:attr:`LoginOk.device`); keep it."""
+    password or JWT login a new one the server names (:attr:`LoginOk.device`); keep it."""
+    jwt: Jwt = ""
+    """A JWT (or another credential the server's :class:`~bitchat.im.auth.Authenticator`
+    takes): its user, created at the first such login."""
 
 
 class LoginOk(Packet, type=104):

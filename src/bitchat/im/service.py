@@ -34,6 +34,7 @@ from typing import Any
 
 from bitchat.dispatch import Deferred
 from bitchat.errors import RequestError, codes
+from bitchat.im.auth import Authenticator, JwtAuthenticator
 from bitchat.im.centers import (
     ConnectionCenter,
     Message,
@@ -45,7 +46,7 @@ from bitchat.im.centers import (
 )
 from bitchat.im.delivery import DEVICE, SYNCING, DeviceState, push_message
 from bitchat.im.ids import IdGenerator
-from bitchat.im.names import name_key, normalize_name
+from bitchat.im.names import name_candidates, name_key, normalize_name
 from bitchat.im.packets import (
     GROUP,
     P2P,
@@ -109,7 +110,8 @@ class IMService:
     ``start_order`` is the order the centers start in (default: users, messages,
     connections); they close in the order connections, messages, users, once the
     service's own tasks are done. ``throttle`` slows password guessing (default:
-    counts in this process).
+    counts in this process). ``authenticator`` checks the ``jwt`` of a Login
+    (default: :class:`~bitchat.im.auth.JwtAuthenticator` over the settings).
     """
 
     def __init__(
@@ -121,10 +123,12 @@ class IMService:
         *,
         start_order: Sequence[Center] | None = None,
         throttle: LoginThrottle | None = None,
+        authenticator: Authenticator | None = None,
     ) -> None:
         self.server = server
         self.settings = server.settings
         self.throttle = throttle or MemoryLoginThrottle(self.settings)
+        self.authenticator = authenticator or JwtAuthenticator(self.settings)
         self.users = users
         self.messages = messages
         self.connections = connections
@@ -171,6 +175,7 @@ class IMService:
 
     async def _start(self, server: Server) -> None:
         # If a step fails, the server runs the shutdown hooks: every center closes.
+        await self.authenticator.start()
         for center in self.start_order:
             await center.start()
         last = await self.messages.last_id(self.settings.node_id)
@@ -186,6 +191,7 @@ class IMService:
         await self.messages.close()
         await self.users.close()
         await self.throttle.close()
+        await self.authenticator.close()
 
     def _session_closed(self, session: Session) -> None:
         self.watchers.pop(session, None)
@@ -197,6 +203,10 @@ class IMService:
     # -- sessions -------------------------------------------------------------------------
 
     async def on_register(self, session: Session, p: Register) -> UserInfo:
+        if not self.settings.password_login:
+            raise RequestError(
+                codes.FORBIDDEN, "password accounts are off on this server: log in with a JWT"
+            )
         if not self.settings.open_registration:
             raise RequestError(codes.FORBIDDEN, "sign-ups are closed on this server")
         name = _valid_name(p.name, self.settings.max_name_length)
@@ -239,6 +249,18 @@ class IMService:
                 self.server.metrics.login_failures.inc()
                 raise RequestError(codes.LOGIN_FAILED, "the token is unknown or expired")
             (user, token_device), token = found, p.token
+        elif p.jwt:
+            try:
+                user = await self._external(p.jwt)
+            except RequestError:
+                self.server.metrics.login_failures.inc()
+                raise
+            token = ""
+        elif not self.settings.password_login:
+            self.server.metrics.login_failures.inc()
+            raise RequestError(
+                codes.LOGIN_FAILED, "password logins are off on this server: log in with a JWT"
+            )
         else:
             name = _valid_name(p.name, self.settings.max_name_length)
             self._check_password(p.password)
@@ -298,6 +320,13 @@ class IMService:
         if first:
             self._presence(user, True)
         return LoginOk(user.id, user.name, token, pending, show_last_seen, device)
+
+    async def _external(self, credential: str) -> User:
+        """The user of an external credential (the Login's ``jwt``), created at its
+        subject's first login with the name it asks for, made valid and free."""
+        identity = await self.authenticator.authenticate(credential)
+        names = name_candidates(identity.name or identity.subject, self.settings.max_name_length)
+        return await self.users.external_user(identity.provider, identity.subject, names)
 
     def _check_device(self, name: str) -> None:
         limit = self.settings.max_device_length

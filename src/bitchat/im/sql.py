@@ -66,10 +66,11 @@ SCHEMA: dict[str, tuple[str, ...]] = {
     ),
     "conversations": ("conv", "last_seq", "lo", "hi", "last_id", "lo_read", "hi_read"),
     "cursors": ("user_id", "conv", "device", "seq"),
+    "external_users": ("provider", "subject", "user_id", "created_at"),
 }
-"""Every table of schema version 5 and its columns, in both stores."""
+"""Every table of schema version 6 and its columns, in both stores."""
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 _PARAM = re.compile(r"(?<![:\w]):([a-z_]+)")
 
@@ -96,6 +97,15 @@ def render(sql: str, dialect: Dialect, params: Mapping[str, Any]) -> tuple[str, 
     if dialect is Dialect.SQLITE:
         return text, params
     return text, [params[n] for n in names]
+
+
+EXTERNAL_USER = (
+    "SELECT u.id, u.name FROM external_users e JOIN users u ON u.id = e.user_id "
+    "WHERE e.provider = :p AND e.subject = :s"
+)
+"""The user an external identity maps to (provider :p, subject :s)."""
+NO_PASSWORD = ""
+"""The password hash of a user an external login created: no password matches it."""
 
 
 # -- row mapping ----------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import aiosqlite
@@ -214,6 +214,17 @@ MIGRATIONS: list[Migration] = [
     """,
     # 5: devices and their cursors; read positions (pending rows become them).
     _devices_and_cursors,
+    # 6: users of external logins (a JWT's subject, say), each mapped to its user.
+    """
+    CREATE TABLE external_users (
+        provider TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        user_id INTEGER NOT NULL REFERENCES users(id),
+        created_at REAL NOT NULL,
+        PRIMARY KEY (provider, subject)
+    ) WITHOUT ROWID;
+    CREATE INDEX external_users_user ON external_users(user_id);
+    """,
 ]
 
 
@@ -316,7 +327,7 @@ class SqliteUserCenter(UserCenter):
             raise ServiceUnavailable("the user database is not open")
         return self._db
 
-    async def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+    async def _rows(self, sql: str, params: Sequence[Any] | Mapping[str, Any] = ()) -> list[Any]:
         try:
             return list(await self.db.execute_fetchall(sql, params))
         except sqlite3.Error as exc:
@@ -353,6 +364,45 @@ class SqliteUserCenter(UserCenter):
         user_id, stored_name, stored = rows[0]
         self._names[user_id] = stored_name
         return user_id, stored_name, stored
+
+    async def external_user(self, provider: str, subject: str, names: Sequence[str]) -> User:
+        params = {"p": provider, "s": subject}
+        query = sql.render(sql.EXTERNAL_USER, sql.Dialect.SQLITE, params)
+        async with self._lock:
+            rows = await self._rows(*query)
+            if rows:
+                self._names[rows[0][0]] = rows[0][1]
+                return User(rows[0][0], rows[0][1])
+            now = time.time()
+            try:
+                await self.db.execute("BEGIN IMMEDIATE")
+                for name in names:
+                    key, shape = name_keys(name)
+                    try:
+                        cur = await self.db.execute(
+                            "INSERT INTO users (name, name_key, name_shape, password_hash, "
+                            "created_at) VALUES (?, ?, ?, ?, ?)",
+                            (name, key, shape, sql.NO_PASSWORD, now),
+                        )
+                    except sqlite3.IntegrityError:
+                        continue  # the statement alone is undone: try the next name
+                    break
+                else:
+                    await self.db.execute("ROLLBACK")
+                    raise taken(names[0] if names else "")
+                user_id = cur.lastrowid
+                assert user_id is not None
+                await self.db.execute(
+                    "INSERT INTO external_users (provider, subject, user_id, created_at) "
+                    "VALUES (?, ?, ?, ?)",
+                    (provider, subject, user_id, now),
+                )
+                await self.db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                await self._rollback()
+                raise ServiceUnavailable(f"user database error: {exc}") from exc
+        self._names[user_id] = name
+        return User(user_id, name)
 
     async def issue_token(self, user_id: int, ttl: float, device_id: int = 0) -> str:
         token = new_token()
