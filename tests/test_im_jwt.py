@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -471,3 +472,18 @@ async def test_bitchat_server_takes_jwt_secret_on_the_command_line(tmp_path: Pat
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_the_readme_jwt_example(tmp_path: Path, capsys: Any) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Log in with a JWT from your backend", 1)[1]
+    match = re.search(r"```python\n(.*?)```", section, re.S)
+    assert match is not None
+    namespace: dict[str, Any] = {"__name__": "readme_jwt_example"}
+    exec(compile(match.group(1), "README.md", "exec"), namespace)
+    changes = {"jwt_secret": namespace["SECRET"], "jwt_audience": "chat"}
+    async with im_server(tmp_path, **changes) as server:
+        await namespace["main"]("127.0.0.1", port_of(server))
+    [line] = capsys.readouterr().out.splitlines()
+    assert line == "1 Ada_Lovelace"
+    assert f"it prints `{line}`" in section
