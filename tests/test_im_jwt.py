@@ -341,16 +341,21 @@ async def test_cluster_nodes_share_jwt_users(redis_prefix: str, pg_dsn: str) -> 
             first = await (await connect(a)).login(jwt=token(sub="u-1", name="ada"))
             second = await (await connect(b)).login(jwt=token(sub="u-1", name="ignored"))
             assert (first.user_id, first.name) == (second.user_id, second.name)
-            # First logins of one subject on both nodes at once: one user.
-            ims = [await connect(a), await connect(b), await connect(a), await connect(b)]
-            oks = await asyncio.gather(*(im.login(jwt=token(sub="u-2", name="bob")) for im in ims))
-            assert len({ok.user_id for ok in oks}) == 1 and oks[0].name == "bob"
+            # First logins of one subject on both nodes at once: one user (each of a few
+            # subjects, so the transactions do overlap).
+            for n in range(4):
+                ims = [await connect(node) for node in (a, b, a, b)]
+                oks = await asyncio.gather(
+                    *(im.login(jwt=token(sub=f"u-2{n}", name=f"bob{n}")) for im in ims)
+                )
+                assert len({ok.user_id for ok in oks}) == 1 and oks[0].name == f"bob{n}"
             # A taken name in PostgreSQL too.
             await (await connect(a)).login("carol", "pw")
             taken = await (await connect(b)).login(jwt=token(sub="u-3", name="Carol"))
             assert taken.name == "Carol-2"
             async with a.data["im"].users.db.connection() as con:
-                assert await con.fetchval("SELECT count(*) FROM external_users") == 3
+                assert await con.fetchval("SELECT count(*) FROM external_users") == 6
+                assert await con.fetchval("SELECT count(*) FROM users") == 7
     finally:
         for im in clients:
             await im.close()
