@@ -115,6 +115,9 @@ class JwtAuthenticator(Authenticator):
 
     async def start(self) -> None:
         s = self.settings
+        if s.jwt_secret and len(s.jwt_secret.encode()) < 32:
+            # RFC 7518 3.2: an HS256 key has at least 256 bits; a short one can be guessed.
+            log.warning("jwt_secret has fewer than 32 bytes: tokens signed with it can be forged")
         if s.jwt_public_key_file:
             self._public = _load_public_key(s.jwt_public_key_file)
         if s.jwt_jwks_file:
