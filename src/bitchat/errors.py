@@ -28,7 +28,9 @@ private ones too: ``bitchat.protocol.packets._Invalid`` (a field value that fail
 validation, always turned into a ``ProtocolError``) under ``BitchatError``, and
 ``bitchat.cli.repl._Usage`` (a mistyped REPL command) under ``UsageError``, and
 ``bitchat.cluster.pg._Stored`` (rows a batch numbered were stored already: its
-transaction is rolled back and tried again) under ``BitchatError``.
+transaction is rolled back and tried again) and ``bitchat.cluster.pg._LostRace``
+(another node mapped an external identity first: the transaction that made a
+user for it is rolled back) under ``BitchatError``.
 
 Error codes carried by Error packets are stable strings, listed in ``codes``.
 """

@@ -1026,7 +1026,7 @@ _TRIES = 3
 """Transactions a batch may take when rows it numbered turn out to be stored already."""
 
 
-class _LostRace(Exception):
+class _LostRace(BitchatError):
     """Another transaction mapped the identity first (rolls this one back)."""
 
 
