@@ -9,8 +9,11 @@ import { fileURLToPath } from 'node:url';
 const here = dirname(fileURLToPath(import.meta.url));
 export const SRC = join(here, '..', 'src');
 export const SDK = join(SRC, 'bitchat', 'web', 'static', 'bitchat.js');
-export const WAIT_MS = 15000; // a cold interpreter start, imports, database setup
-const PYTHON = process.env.BITCHAT_PYTHON || 'python3';
+// A cold interpreter start, imports, database setup; scaled as the Python suite's waits.
+export const WAIT_MS = 15000 * Number(process.env.BITCHAT_TEST_TIMEOUT_FACTOR || '1');
+// The interpreter that runs the server (the pytest wrapper passes its own); BITCHAT_TEST_*
+// variables are the ones the server's settings let through.
+const PYTHON = process.env.BITCHAT_TEST_PYTHON || 'python3';
 
 // Cheap password hashing, as the Python tests (tests/im_helpers.py FAST_HASH); no rate limit.
 const FAST = ['--password-hash-time-cost', '1', '--password-hash-memory-kib', '8', '--rate-limit', '0',

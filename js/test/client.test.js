@@ -17,7 +17,7 @@ before(async () => {
 
 after(async () => {
   for (const c of clients) c.close();
-  await server.close();
+  await server?.close();
 });
 
 async function signIn(name, options = {}) {
