@@ -4,8 +4,8 @@ import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 import { WebSocket } from 'ws';
 
-import { BitchatClient, connect } from '../../src/bitchat/web/static/bitchat.js';
-import { next, Server } from '../support.js';
+import { BitchatClient, connect, decodeFrame, T } from '../../src/bitchat/web/static/bitchat.js';
+import { next, Server, WAIT_MS } from '../support.js';
 
 const FAST_RECONNECT = { reconnectInitialMs: 50, reconnectMaxMs: 200 };
 let server;
@@ -141,4 +141,79 @@ test('a login that fails rejects with the server code', async () => {
   const client = await connect(server.url, { WebSocket });
   clients.push(client);
   await assert.rejects(client.login({ name: 'gina', password: 'wrong' }), { code: 'login_failed' });
+});
+
+// The real `ws` client, keeping what the SDK sends and receives.
+function recording() {
+  const sent = [];
+  const waiters = new Set();
+  class Recording extends WebSocket {
+    constructor(...args) {
+      super(...args);
+      this.on('message', (data) => {
+        const frame = decodeFrame(data);
+        for (const w of waiters) w(frame);
+      });
+    }
+
+    send(data, ...rest) {
+      sent.push(decodeFrame(data));
+      super.send(data, ...rest);
+    }
+  }
+  // The next frame received that passes `test`, within WAIT_MS.
+  const receive = (test) => new Promise((resolve, reject) => {
+    const timer = setTimeout(() => { waiters.delete(w); reject(new Error('no such frame')); }, WAIT_MS);
+    const w = (frame) => {
+      if (!test(frame)) return;
+      clearTimeout(timer);
+      waiters.delete(w);
+      resolve(frame);
+    };
+    waiters.add(w);
+  });
+  return { Recording, sent, receive };
+}
+
+test('the jwt option and the device go with every login; a heartbeat is answered', async () => {
+  const { Recording, sent, receive } = recording();
+  const client = await connect(server.url, { WebSocket: Recording, jwt: 'header.payload.sig', heartbeatMs: 50 });
+  clients.push(client);
+  const ok = await client.login({ name: 'hal', password: 'pw-hal' });
+  const logins = () => sent.filter((f) => f.type === T.LOGIN).map((f) => f.body);
+  assert.deepEqual(logins(), [{ name: 'hal', password: 'pw-hal', device: '', jwt: 'header.payload.sig' }]);
+  // A drop: the SDK logs in again with the token, the server's device name and the jwt.
+  const back = next(client, 'login');
+  client.link.ws.terminate();
+  assert.equal((await back).device, ok.device);
+  assert.deepEqual(logins()[1], { token: ok.token, device: ok.device, jwt: 'header.payload.sig' });
+  // Pings go every heartbeatMs; the server answers each with a Pong.
+  const pong = await receive((f) => f.type === T.PONG);
+  assert.ok(pong.flags & 2); // a response
+  assert.ok(sent.some((f) => f.type === T.PING));
+});
+
+test('logout revokes the token and stops reconnecting', async () => {
+  const { client, ok } = await signIn('ivy', FAST_RECONNECT);
+  await client.logout();
+  assert.equal(client.connected, false);
+  assert.equal(client.retryTimer, null);
+  const again = await connect(server.url, { WebSocket });
+  clients.push(again);
+  await assert.rejects(again.login({ token: ok.token }), { code: 'login_failed' });
+});
+
+test('a server that goes silent is a dead link: closed, then reconnected', async () => {
+  const { client } = await signIn('jo', { heartbeatMs: 50, deadAfterMs: 300, ...FAST_RECONNECT });
+  const dead = next(client, 'disconnect');
+  server.proc.kill('SIGSTOP'); // the socket stays open; nothing answers the Pings
+  let closed;
+  try {
+    closed = await dead;
+  } finally {
+    server.proc.kill('SIGCONT');
+  }
+  assert.deepEqual(closed, { code: 4000, reason: 'heartbeat lost' });
+  await next(client, 'login');
+  assert.equal(client.connected, true);
 });
