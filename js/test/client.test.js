@@ -197,7 +197,7 @@ test('logout revokes the token and stops reconnecting', async () => {
   const { client, ok } = await signIn('ivy', FAST_RECONNECT);
   await client.logout();
   assert.equal(client.connected, false);
-  assert.equal(client.retryTimer, null);
+  assert.equal(client.retryTimer, undefined);
   const again = await connect(server.url, { WebSocket });
   clients.push(again);
   await assert.rejects(again.login({ token: ok.token }), { code: 'login_failed' });

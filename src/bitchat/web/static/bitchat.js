@@ -51,7 +51,8 @@ const utf8out = new TextEncoder();
 // Where the engine lacks JSON source access (Node 20), big integers travel through a string
 // marker: U+0000 never appears in a string the server sends (it refuses them).
 const BIG = '\u0000bigint:';
-const NATIVE_JSON = typeof JSON.rawJSON === 'function';
+const RAW_JSON = /** @type {any} */ (JSON).rawJSON; // not in every engine's JSON yet
+const NATIVE_JSON = typeof RAW_JSON === 'function';
 
 /**
  * JSON.parse, but integers past 2^53 come back as BigInt (exact).
@@ -60,19 +61,24 @@ const NATIVE_JSON = typeof JSON.rawJSON === 'function';
  */
 export function parseJSON(text) {
   if (NATIVE_JSON) {
-    return JSON.parse(text, (key, value, ctx) => {
+    // The reviver's third argument (the source text) is newer than the JSON typings.
+    const reviver = /** @type {any} */ ((/** @type {string} */ key, /** @type {any} */ value, /** @type {any} */ ctx) => {
       if (typeof value === 'number' && !Number.isSafeInteger(value) && ctx &&
           typeof ctx.source === 'string' && /^-?\d+$/.test(ctx.source)) {
         return BigInt(ctx.source);
       }
       return value;
     });
+    return JSON.parse(text, reviver);
   }
   return JSON.parse(markBigIntegers(text), (key, value) =>
     (typeof value === 'string' && value.startsWith(BIG) ? BigInt(value.slice(BIG.length)) : value));
 }
 
-// The text with every integer literal of 16 digits or more (outside strings) quoted as a marker.
+/**
+ * The text with every integer literal past 2^53 (outside strings) quoted as a marker.
+ * @param {string} text
+ */
 function markBigIntegers(text) {
   if (!/\d{16}/.test(text)) return text;
   let out = '';
@@ -110,7 +116,7 @@ function markBigIntegers(text) {
  */
 export function stringifyJSON(value) {
   if (NATIVE_JSON) {
-    return JSON.stringify(value, (key, v) => (typeof v === 'bigint' ? JSON.rawJSON(v.toString()) : v));
+    return JSON.stringify(value, (key, v) => (typeof v === 'bigint' ? RAW_JSON(v.toString()) : v));
   }
   const text = JSON.stringify(value, (key, v) => (typeof v === 'bigint' ? BIG + v.toString() : v));
   return text.includes('\\u0000bigint:') ? text.replace(/"\\u0000bigint:(-?\d+)"/g, '$1') : text;
@@ -219,16 +225,20 @@ export class Link {
     this.nextId = 1;
     this.pending = new Map();
     this.lastHeard = 0;
-    this.heartbeat = null;
+    /** @type {ReturnType<typeof setInterval> | undefined} */
+    this.heartbeat = undefined;
     this.ended = false;
     this.live = false; // logged in on this link: a drop means reconnect
     /** @type {Array<number|bigint>} message ids to ack on this link (acks count per connection) */
     this.toAck = [];
   }
 
-  /** Opens the WebSocket; rejects with RequestFailed('closed') if it cannot. */
+  /**
+   * Opens the WebSocket; rejects with RequestFailed('closed') if it cannot.
+   * @returns {Promise<void>}
+   */
   open() {
-    return new Promise((resolve, reject) => {
+    return /** @type {Promise<void>} */ (new Promise((resolve, reject) => {
       let opened = false;
       const ws = new this.WebSocket(this.url);
       ws.binaryType = 'arraybuffer';
@@ -239,16 +249,16 @@ export class Link {
         this.heartbeat = setInterval(() => this.beat(), this.heartbeatMs);
         resolve();
       };
-      ws.onmessage = (event) => {
+      ws.onmessage = (/** @type {{data: ArrayBuffer}} */ event) => {
         this.lastHeard = Date.now();
         this.receive(event.data);
       };
-      ws.onclose = (event) => {
+      ws.onclose = (/** @type {{code: number, reason: string}} */ event) => {
         if (!opened) reject(new RequestFailed('closed', 'could not connect'));
         this.end(event.code, event.reason);
       };
       ws.onerror = () => {}; // a close event follows
-    });
+    }));
   }
 
   get isOpen() {
@@ -264,6 +274,7 @@ export class Link {
     this.send(T.PING, {});
   }
 
+  /** @param {ArrayBuffer | ArrayBufferView} data */
   receive(data) {
     let frame;
     try {
@@ -307,7 +318,10 @@ export class Link {
     });
   }
 
-  /** A one-way packet (request id 0); dropped when not connected. */
+  /**
+   * A one-way packet (request id 0); dropped when not connected.
+   * @param {number} type @param {object} body
+   */
   send(type, body) {
     if (this.isOpen) this.ws.send(encodeFrame(type, 0, body));
   }
@@ -319,6 +333,7 @@ export class Link {
     this.end(code, reason);
   }
 
+  /** @param {number} code @param {string} reason */
   end(code, reason) {
     if (this.ended) return;
     this.ended = true;
@@ -413,6 +428,7 @@ export class Link {
  * @typedef {'message'|'receipt'|'readState'|'typing'|'presence'|'push'|'login'|'disconnect'|'loggedOut'} EventName
  */
 
+/** @type {Map<number, EventName>} */
 const PUSH_EVENTS = new Map([
   [T.CHAT, 'message'], [T.RECEIPT, 'receipt'], [T.READ_STATE, 'readState'],
   [T.TYPING_EVENT, 'typing'], [T.PRESENCE, 'presence'],
@@ -442,9 +458,11 @@ export class BitchatClient {
     this.token = '';
     this.closed = false;
     this.retries = 0;
-    this.retryTimer = null;
+    /** @type {ReturnType<typeof setTimeout> | undefined} */
+    this.retryTimer = undefined;
     this.reconnects = 0;
     this.handlers = new Map();
+    /** @type {Array<{resolve: () => void, reject: (err: Error) => void}>} */
     this.liveWaiters = [];
   }
 
@@ -475,6 +493,7 @@ export class BitchatClient {
     return () => this.handlers.get(name).delete(handler);
   }
 
+  /** @param {EventName} name @param {...any} args */
   emit(name, ...args) {
     for (const handler of this.handlers.get(name) ?? []) {
       try { handler(...args); } catch (err) { console.error(`bitchat: a ${name} handler failed:`, err); }
@@ -506,12 +525,14 @@ export class BitchatClient {
     const body = { ...credentials, device: credentials.device ?? this.device };
     const jwt = credentials.jwt ?? this.jwt;
     if (jwt) body.jwt = jwt;
-    const ok = await this.link.request(T.LOGIN, body);
+    const link = /** @type {Link} */ (this.link);
+    /** @type {LoginOk} */
+    const ok = await link.request(T.LOGIN, body);
     this.session = ok;
     this.token = ok.token;
     if (ok.device) this.device = ok.device;
     this.retries = 0;
-    this.link.live = true;
+    link.live = true;
     this.emit('login', ok);
     const waiters = this.liveWaiters;
     this.liveWaiters = [];
@@ -538,7 +559,7 @@ export class BitchatClient {
   close() {
     this.closed = true;
     clearTimeout(this.retryTimer);
-    this.retryTimer = null;
+    this.retryTimer = undefined;
     const waiters = this.liveWaiters;
     this.liveWaiters = [];
     for (const w of waiters) w.reject(new RequestFailed('closed', 'the client is closed'));
@@ -546,18 +567,23 @@ export class BitchatClient {
     if (link) { link.live = false; link.close(); }
   }
 
-  // Resolves at the next login (or at once if logged in); rejects after `ms` or on close().
+  /**
+   * Resolves at the next login (or at once if logged in); rejects after `ms` or on close().
+   * @param {number} ms
+   * @returns {Promise<void>}
+   */
   whenLive(ms) {
     if (this.connected) return Promise.resolve();
     if (this.closed) return Promise.reject(new RequestFailed('closed', 'the client is closed'));
     return new Promise((resolve, reject) => {
-      const waiter = {};
       const timer = setTimeout(() => {
         this.liveWaiters = this.liveWaiters.filter((w) => w !== waiter);
         reject(new RequestFailed('timeout', 'not connected'));
       }, Math.max(ms, 0));
-      waiter.resolve = () => { clearTimeout(timer); resolve(); };
-      waiter.reject = (err) => { clearTimeout(timer); reject(err); };
+      const waiter = {
+        resolve: () => { clearTimeout(timer); resolve(); },
+        reject: (/** @type {Error} */ err) => { clearTimeout(timer); reject(err); },
+      };
       this.liveWaiters.push(waiter);
     });
   }
@@ -586,13 +612,17 @@ export class BitchatClient {
       retries, timeoutMs);
   }
 
+  /**
+   * @param {number} type @param {object} body @param {number} [retries] @param {number} [timeoutMs]
+   * @returns {Promise<SendAck>}
+   */
   async sendStored(type, body, retries = SEND_RETRIES, timeoutMs = SEND_TIMEOUT_MS) {
     const deadline = Date.now() + timeoutMs;
     for (let attempt = 0; ; attempt += 1) {
       await this.whenLive(deadline - Date.now());
       try {
-        return await this.link.request(type, body, Math.max(deadline - Date.now(), 1));
-      } catch (err) {
+        return await /** @type {Link} */ (this.link).request(type, body, Math.max(deadline - Date.now(), 1));
+      } catch (/** @type {any} */ err) {
         // Lost with the connection: perhaps stored, perhaps not; the same client_msg_id
         // makes the resend after the next login harmless.
         if (err.code !== 'closed' || attempt >= retries || this.closed) throw err;
@@ -643,7 +673,7 @@ export class BitchatClient {
    * @param {{to?: number, group_id?: number, typing?: boolean}} target
    */
   typing({ to = 0, group_id = 0, typing = true }) {
-    if (this.connected) this.link.send(T.TYPING, group_id ? { group_id, typing } : { to, typing });
+    if (this.connected) /** @type {Link} */ (this.link).send(T.TYPING, group_id ? { group_id, typing } : { to, typing });
   }
 
   /** @param {boolean} [watch] also push Presence @returns {Promise<{users: Array<{id: number, name: string}>}>} */
@@ -672,6 +702,7 @@ export class BitchatClient {
 
   // -- pushes, acks, reconnecting ----------------------------------------------------------------
 
+  /** @param {number} type @param {any} body @param {Link} link */
   onPush(type, body, link) {
     const name = PUSH_EVENTS.get(type);
     if (name) this.emit(name, body);
@@ -680,11 +711,13 @@ export class BitchatClient {
   }
 
   // Acks go in batches, on the connection the message came on (only those count).
+  /** @param {Link} link @param {Id} msgId */
   queueAck(link, msgId) {
     link.toAck.push(msgId);
     if (link.toAck.length === 1) setTimeout(() => this.flushAcks(link), ACK_DELAY_MS);
   }
 
+  /** @param {Link} link */
   async flushAcks(link) {
     const ids = link.toAck;
     link.toAck = [];
@@ -693,11 +726,12 @@ export class BitchatClient {
       for (let i = 0; i < ids.length; i += ACK_MAX_IDS) {
         await link.request(T.ACK, { msg_ids: ids.slice(i, i + ACK_MAX_IDS) });
       }
-    } catch (err) {
+    } catch (/** @type {any} */ err) {
       if (err.code !== 'closed') console.warn('bitchat: ack failed, the messages will come again:', err);
     }
   }
 
+  /** @param {Link} link @param {number} code @param {string} reason */
   onLinkClosed(link, code, reason) {
     if (link !== this.link) return;
     const wasLive = link.live;
@@ -718,13 +752,13 @@ export class BitchatClient {
   /** Reconnects now (it happens by itself after a drop, with backoff) and logs in again. */
   async reconnect() {
     clearTimeout(this.retryTimer);
-    this.retryTimer = null;
+    this.retryTimer = undefined;
     if (this.closed || this.connected) return;
     try {
       await this.open();
       await this.login({ token: this.token, device: this.device });
       this.reconnects += 1;
-    } catch (err) {
+    } catch (/** @type {any} */ err) {
       if (this.link) this.link.close();
       if (err.code === 'login_failed') {
         this.token = '';
