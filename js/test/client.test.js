@@ -89,9 +89,14 @@ test('send, receive, ack, history, conversations, read state, receipts, typing',
   assert.equal((await stopped).user_id, aliceOk.user_id);
 });
 
-test('groups: send, push, receipts', async () => {
+test('groups: send, push, receipts; presence', async () => {
   const { client: carol } = await signIn('carol');
+  const online = await carol.listOnline(true);
+  assert.ok(online.users.some((u) => u.name === 'carol'));
+  const arrives = next(carol, 'presence', (p) => p.name === 'dave');
   const { client: dave, ok: daveOk } = await signIn('dave');
+  const presence = await arrives;
+  assert.deepEqual([presence.user_id, presence.online], [daveOk.user_id, true]);
   const group = await carol.createGroup('walkers');
   await dave.joinGroup(group.group_id);
   const pushed = next(dave, 'message', (m) => m.kind === 'group');
