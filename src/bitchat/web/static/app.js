@@ -1,28 +1,13 @@
 // bitchat in the browser: the same binary protocol a TCP client speaks (DESIGN.md section 2),
 // one frame per WebSocket message, with the JSON serializer, over /ws on the page's own port.
-//
-// Message ids are 64-bit snowflakes: JSON numbers past 2^53 are read from their source text as
-// BigInt and written back exactly with JSON.rawJSON, so an Ack names the very message it clears.
+// The protocol (frames, exact 64-bit ids, requests, heartbeat) is bitchat.js, the JS SDK; the
+// page keeps its own state, outbox and reconnect on top of its Link.
 
-const T = Object.freeze({
-  PING: 1, PONG: 2, ERROR: 3,
-  OK: 100, LOGIN: 103, LOGIN_OK: 104, LOGOUT: 105, LIST_ONLINE: 106, ONLINE_USERS: 107,
-  SEND_P2P: 110, SEND_GROUP: 111, SEND_ACK: 112, CHAT: 113, ACK: 114,
-  CREATE_GROUP: 120, GROUP_INFO: 121, JOIN_GROUP: 122, LEAVE_GROUP: 123, MY_GROUPS: 124,
-  GROUP_LIST: 125, GROUP_MEMBERS: 126, MEMBER_LIST: 127, HISTORY: 130, HISTORY_PAGE: 131,
-  PRESENCE: 140, TYPING: 142, TYPING_EVENT: 143, SET_PRIVACY: 144,
-  GET_CONVERSATIONS: 160, CONVERSATION_LIST: 161, MARK_READ: 162, READ_STATE: 163, RECEIPT: 164,
-  GET_RECEIPTS: 165, RECEIPTS: 166,
-});
-const MAGIC = 0xbc;
-const VERSION = 1;
-const SER_JSON = 1;
-const HEADER = 14;
-const F_RESPONSE = 2;
-const F_ERROR = 4;
-const HEARTBEAT_MS = 5000;       // the seed's HealthyChecker: a Ping every 5 s
-const DEAD_AFTER_MS = 16000;     // nothing heard for this long: the link is dead
-const REQUEST_TIMEOUT_MS = 10000;
+import { Link, RequestFailed, T, newClientMsgId } from './bitchat.js';
+
+// The page's JSON and frames are the SDK's (the browser tests use them from here).
+export { decodeFrame, encodeFrame, parseJSON, stringifyJSON } from './bitchat.js';
+
 const HISTORY_PAGE = 50;
 const GROUPING_MS = 5 * 60 * 1000;
 const ACK_DELAY_MS = 25;
@@ -33,183 +18,8 @@ const CONVERSATIONS_MAX_PAGES = 400; // a bound on the sidebar's paging, whateve
 const READ_DELAY_MS = 50;            // MarkRead waits this long, so a burst of messages costs one
 const DEVICE_KEY = 'bitchat.device'; // localStorage: this browser's device id, named by the server
 
-const utf8in = new TextDecoder();
-const utf8out = new TextEncoder();
-
-// -- JSON that keeps 64-bit integers exact ------------------------------------------------------
-
-export function parseJSON(text) {
-  return JSON.parse(text, (key, value, ctx) => {
-    if (typeof value === 'number' && !Number.isSafeInteger(value) && ctx &&
-        typeof ctx.source === 'string' && /^-?\d+$/.test(ctx.source)) {
-      return BigInt(ctx.source);
-    }
-    return value;
-  });
-}
-
-export function stringifyJSON(value) {
-  return JSON.stringify(value, (key, v) => (typeof v === 'bigint' ? JSON.rawJSON(v.toString()) : v));
-}
-
 const idKey = (id) => String(id);
 const idNum = (id) => BigInt(id);
-
-// -- frames -------------------------------------------------------------------------------------
-
-export function encodeFrame(type, requestId, body, flags = 0) {
-  const payload = utf8out.encode(stringifyJSON(body ?? {}));
-  const bytes = new Uint8Array(HEADER + payload.length);
-  const view = new DataView(bytes.buffer);
-  view.setUint8(0, MAGIC);
-  view.setUint8(1, VERSION);
-  view.setUint8(2, SER_JSON);
-  view.setUint8(3, flags);
-  view.setUint16(4, type);
-  view.setUint32(6, requestId);
-  view.setUint32(10, payload.length);
-  bytes.set(payload, HEADER);
-  return bytes;
-}
-
-export function decodeFrame(buffer) {
-  const view = new DataView(buffer);
-  if (buffer.byteLength < HEADER || view.getUint8(0) !== MAGIC || view.getUint8(1) !== VERSION) {
-    throw new Error('not a bitchat frame');
-  }
-  if (view.getUint8(2) !== SER_JSON) throw new Error('unexpected serializer');
-  const length = view.getUint32(10);
-  if (HEADER + length !== buffer.byteLength) throw new Error('a message must hold one frame');
-  const text = utf8in.decode(new Uint8Array(buffer, HEADER, length));
-  return {
-    flags: view.getUint8(3),
-    type: view.getUint16(4),
-    requestId: view.getUint32(6),
-    body: text ? parseJSON(text) : {},
-  };
-}
-
-class RequestFailed extends Error {
-  constructor(code, message) {
-    super(message || code);
-    this.code = code;
-  }
-}
-
-// -- one WebSocket connection: requests, pushes, heartbeat ---------------------------------------
-
-class Link {
-  constructor(url, { onPush, onClose }) {
-    this.url = url;
-    this.onPush = onPush;
-    this.onClose = onClose;
-    this.ws = null;
-    this.nextId = 1;
-    this.pending = new Map();
-    this.lastHeard = 0;
-    this.heartbeat = null;
-    this.ended = false;
-    this.live = false; // logged in on this link: a drop means reconnect
-  }
-
-  open() {
-    return new Promise((resolve, reject) => {
-      let opened = false;
-      const ws = new WebSocket(this.url);
-      ws.binaryType = 'arraybuffer';
-      this.ws = ws;
-      ws.onopen = () => {
-        opened = true;
-        this.lastHeard = Date.now();
-        this.heartbeat = setInterval(() => this.beat(), HEARTBEAT_MS);
-        resolve();
-      };
-      ws.onmessage = (event) => {
-        this.lastHeard = Date.now();
-        this.receive(event.data);
-      };
-      ws.onclose = (event) => {
-        if (!opened) reject(new RequestFailed('closed', 'could not connect'));
-        this.end(event.code, event.reason);
-      };
-      ws.onerror = () => {}; // a close event follows
-    });
-  }
-
-  beat() {
-    if (Date.now() - this.lastHeard > DEAD_AFTER_MS) {
-      // The server answers every Ping: this silence means the link is gone.
-      this.close(4000, 'heartbeat lost');
-      return;
-    }
-    this.send(T.PING, {});
-  }
-
-  receive(data) {
-    let frame;
-    try {
-      frame = decodeFrame(data);
-    } catch (err) {
-      console.warn('bitchat: dropped a message:', err);
-      return;
-    }
-    if (frame.flags & F_RESPONSE) {
-      if (frame.type === T.PONG) return;
-      const waiter = this.pending.get(frame.requestId);
-      if (waiter) {
-        this.pending.delete(frame.requestId);
-        clearTimeout(waiter.timer);
-        if (frame.flags & F_ERROR) waiter.reject(new RequestFailed(frame.body.code, frame.body.message));
-        else waiter.resolve(frame.body);
-      } else if (frame.flags & F_ERROR) {
-        console.warn('bitchat: server error', frame.body);
-      }
-      return;
-    }
-    this.onPush(frame.type, frame.body);
-  }
-
-  request(type, body, timeout = REQUEST_TIMEOUT_MS) {
-    if (this.ended || !this.ws || this.ws.readyState !== WebSocket.OPEN) {
-      return Promise.reject(new RequestFailed('closed', 'not connected'));
-    }
-    const requestId = this.nextId;
-    this.nextId = this.nextId >= 0xffffffff ? 1 : this.nextId + 1;
-    return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => {
-        this.pending.delete(requestId);
-        reject(new RequestFailed('timeout', 'the server did not answer in time'));
-      }, timeout);
-      this.pending.set(requestId, { resolve, reject, timer });
-      this.ws.send(encodeFrame(type, requestId, body));
-    });
-  }
-
-  send(type, body) {
-    if (!this.ended && this.ws && this.ws.readyState === WebSocket.OPEN) {
-      this.ws.send(encodeFrame(type, 0, body));
-    }
-  }
-
-  close(code = 1000, reason = '') {
-    if (this.ws) {
-      try { this.ws.close(code, reason); } catch { /* already closing */ }
-    }
-    this.end(code, reason);
-  }
-
-  end(code, reason) {
-    if (this.ended) return;
-    this.ended = true;
-    clearInterval(this.heartbeat);
-    for (const waiter of this.pending.values()) {
-      clearTimeout(waiter.timer);
-      waiter.reject(new RequestFailed('closed', 'the connection closed'));
-    }
-    this.pending.clear();
-    this.onClose(this, code, reason);
-  }
-}
 
 // -- state --------------------------------------------------------------------------------------
 
@@ -236,12 +46,6 @@ const el = (tag, className, text) => {
   if (text !== undefined) node.textContent = text;
   return node;
 };
-
-function newId() {
-  // crypto.randomUUID needs a secure context; getRandomValues works on plain http too.
-  const bytes = crypto.getRandomValues(new Uint8Array(16));
-  return Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('');
-}
 
 function newConversation(key) {
   const [kind, id] = key.split(':');
@@ -754,7 +558,7 @@ async function refreshGroups() {
 // -- actions ------------------------------------------------------------------------------------
 
 async function sendText(conv, text) {
-  const cid = newId();
+  const cid = newClientMsgId();
   const msg = {
     msg_id: null, client_msg_id: cid, kind: conv.kind, sender_id: state.me.id,
     sender_name: state.me.name, to: conv.id, text, ts: Date.now(), status: 'pending',

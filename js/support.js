@@ -1,0 +1,106 @@
+// A real bitchat server as a subprocess (this tree's code), and waits with a timeout.
+
+import { spawn } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { delimiter, dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const here = dirname(fileURLToPath(import.meta.url));
+export const SRC = join(here, '..', 'src');
+export const SDK = join(SRC, 'bitchat', 'web', 'static', 'bitchat.js');
+// A cold interpreter start, imports, database setup; scaled as the Python suite's waits.
+export const WAIT_MS = 15000 * Number(process.env.BITCHAT_TEST_TIMEOUT_FACTOR || '1');
+// The interpreter that runs the server (the pytest wrapper passes its own); BITCHAT_TEST_*
+// variables are the ones the server's settings let through.
+const PYTHON = process.env.BITCHAT_TEST_PYTHON || 'python3';
+
+// Cheap password hashing, as the Python tests (tests/im_helpers.py FAST_HASH); no rate limit.
+const FAST = ['--password-hash-time-cost', '1', '--password-hash-memory-kib', '8', '--rate-limit', '0',
+  '--shutdown-grace', '1'];
+
+/** A bitchat server in a temporary data folder; `restart()` keeps the folder and the port. */
+export class Server {
+  constructor() {
+    this.dataDir = mkdtempSync(join(tmpdir(), 'bitchat-js-'));
+    this.port = 0;
+    this.proc = null;
+    this.log = '';
+  }
+
+  get url() {
+    return `ws://127.0.0.1:${this.port}/ws`;
+  }
+
+  // Starts it and waits for "bitchat server started on 127.0.0.1:PORT" on stderr.
+  start() {
+    const env = { ...process.env, PYTHONUNBUFFERED: '1' };
+    env.PYTHONPATH = env.PYTHONPATH ? `${SRC}${delimiter}${env.PYTHONPATH}` : SRC;
+    const proc = spawn(PYTHON, ['-m', 'bitchat', 'server', '--host', '127.0.0.1',
+      '--port', String(this.port), '--data-dir', this.dataDir, ...FAST],
+    { env, stdio: ['ignore', 'ignore', 'pipe'] });
+    this.proc = proc;
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => fail(new Error(`the server did not start:\n${this.log}`)), WAIT_MS);
+      const fail = (err) => { clearTimeout(timer); proc.kill('SIGKILL'); reject(err); };
+      proc.on('exit', (code) => fail(new Error(`the server exited (${code}):\n${this.log}`)));
+      proc.stderr.setEncoding('utf8');
+      proc.stderr.on('data', (chunk) => {
+        this.log += chunk;
+        const m = /bitchat server started on 127\.0\.0\.1:(\d+)/.exec(this.log);
+        if (m) {
+          clearTimeout(timer);
+          this.port = Number(m[1]);
+          resolve(this);
+        }
+      });
+    });
+  }
+
+  // SIGTERM, and wait for a clean exit.
+  stop() {
+    const proc = this.proc;
+    this.proc = null;
+    if (!proc || proc.exitCode !== null) return Promise.resolve();
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => { proc.kill('SIGKILL'); reject(new Error('the server did not stop')); }, WAIT_MS);
+      proc.removeAllListeners('exit');
+      proc.on('exit', (code) => {
+        clearTimeout(timer);
+        if (code === 0) resolve();
+        else reject(new Error(`the server stopped with ${code}:\n${this.log}`));
+      });
+      proc.kill('SIGTERM');
+    });
+  }
+
+  async restart() {
+    await this.stop();
+    this.log = '';
+    await this.start();
+  }
+
+  async close() {
+    try {
+      await this.stop();
+    } finally {
+      rmSync(this.dataDir, { recursive: true, force: true });
+    }
+  }
+}
+
+/**
+ * The next `event` of `client` whose arguments pass `test`, within WAIT_MS.
+ * @returns {Promise<any>} the event's first argument
+ */
+export function next(client, event, test = () => true, ms = WAIT_MS) {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => { off(); reject(new Error(`no ${event} within ${ms} ms`)); }, ms);
+    const off = client.on(event, (...args) => {
+      if (!test(...args)) return;
+      clearTimeout(timer);
+      off();
+      resolve(args[0]);
+    });
+  });
+}
