@@ -1,6 +1,7 @@
 // A real bitchat server as a subprocess (this tree's code), and waits with a timeout.
 
 import { spawn } from 'node:child_process';
+import { createHmac } from 'node:crypto';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { delimiter, dirname, join } from 'node:path';
@@ -15,9 +16,19 @@ export const WAIT_MS = 15000 * Number(process.env.BITCHAT_TEST_TIMEOUT_FACTOR ||
 // variables are the ones the server's settings let through.
 const PYTHON = process.env.BITCHAT_TEST_PYTHON || 'python3';
 
+/** The HS256 secret the test servers take JWT logins with. */
+export const JWT_SECRET = 'a-test-secret-of-at-least-32-bytes!';
+
+/** An HS256 JWT for `claims`, as a product's backend would sign it. */
+export function signJwt(claims, secret = JWT_SECRET) {
+  const part = (o) => Buffer.from(JSON.stringify(o)).toString('base64url');
+  const head = `${part({ alg: 'HS256', typ: 'JWT' })}.${part(claims)}`;
+  return `${head}.${createHmac('sha256', secret).update(head).digest('base64url')}`;
+}
+
 // Cheap password hashing, as the Python tests (tests/im_helpers.py FAST_HASH); no rate limit.
 const FAST = ['--password-hash-time-cost', '1', '--password-hash-memory-kib', '8', '--rate-limit', '0',
-  '--shutdown-grace', '1'];
+  '--shutdown-grace', '1', '--jwt-secret', JWT_SECRET];
 
 /** A bitchat server in a temporary data folder; `restart()` keeps the folder and the port. */
 export class Server {

@@ -5,7 +5,7 @@ import { after, before, test } from 'node:test';
 import { WebSocket } from 'ws';
 
 import { BitchatClient, connect, decodeFrame, T } from '../../src/bitchat/web/static/bitchat.js';
-import { next, Server, WAIT_MS } from '../support.js';
+import { next, Server, signJwt, WAIT_MS } from '../support.js';
 
 const FAST_RECONNECT = { reconnectInitialMs: 50, reconnectMaxMs: 200 };
 let server;
@@ -180,18 +180,27 @@ function recording() {
   return { Recording, sent, receive };
 }
 
-test('the jwt option and the device go with every login; a heartbeat is answered', async () => {
+test('a JWT login, then reconnects with its token and the device; a heartbeat is answered', async () => {
   const { Recording, sent, receive } = recording();
-  const client = await connect(server.url, { WebSocket: Recording, jwt: 'header.payload.sig', heartbeatMs: 50 });
+  const jwt = signJwt({ sub: 'ext-hal', name: 'hal', exp: Math.floor(Date.now() / 1000) + 300 });
+  const client = await connect(server.url, { WebSocket: Recording, jwt, heartbeatMs: 50 });
   clients.push(client);
-  const ok = await client.login({ name: 'hal', password: 'pw-hal' });
+  const ok = await client.login({});
+  assert.equal(ok.name, 'hal');
   const logins = () => sent.filter((f) => f.type === T.LOGIN).map((f) => f.body);
-  assert.deepEqual(logins(), [{ name: 'hal', password: 'pw-hal', device: '', jwt: 'header.payload.sig' }]);
-  // A drop: the SDK logs in again with the token, the server's device name and the jwt.
+  assert.deepEqual(logins(), [{ device: '', jwt }]);
+  // A drop: the SDK logs in again with the token and the server's device name.
   const back = next(client, 'login');
   client.link.ws.terminate();
   assert.equal((await back).device, ok.device);
-  assert.deepEqual(logins()[1], { token: ok.token, device: ok.device, jwt: 'header.payload.sig' });
+  assert.deepEqual(logins()[1], { token: ok.token, device: ok.device });
+  // The same subject is the same user; a bad signature is refused and says why.
+  const again = await connect(server.url, { WebSocket, jwt });
+  clients.push(again);
+  assert.equal((await again.login({})).user_id, ok.user_id);
+  const forged = await connect(server.url, { WebSocket, jwt: signJwt({ sub: 'ext-hal', exp: 9e9 }, 'x'.repeat(32)) });
+  clients.push(forged);
+  await assert.rejects(forged.login({}), { code: 'login_failed' });
   // Pings go every heartbeatMs; the server answers each with a Pong.
   const pong = await receive((f) => f.type === T.PONG);
   assert.ok(pong.flags & 2); // a response

@@ -355,7 +355,7 @@ export class Link {
  * @typedef {object} ClientOptions
  * @property {any} [WebSocket]  a WebSocket class (Node 20: `import { WebSocket } from 'ws'`)
  * @property {string} [device]  this device's stable id (Login.device); kept from LoginOk
- * @property {string} [jwt]     passed through as Login's `jwt` field
+ * @property {string} [jwt]     a JWT the product's backend signed: `login({})` logs in with it
  * @property {boolean} [autoAck=true]  ack every pushed ChatMessage once the handlers ran
  * @property {boolean} [reconnect=true]  reconnect (backoff) and log in again with the token
  * @property {number} [reconnectInitialMs=500]
@@ -515,16 +515,20 @@ export class BitchatClient {
   }
 
   /**
-   * Logs in with `{name, password}` or `{token}`; the device (option, or the last LoginOk's)
-   * and `jwt` go with it. Later reconnects log in with the token and device.
+   * Logs in with `{name, password}`, `{token}` or `{jwt}` (or `{}` with the `jwt` option);
+   * the device (option, or the last LoginOk's) goes with it. Later reconnects log in
+   * with the token and device.
    * @param {{name?: string, password?: string, token?: string, device?: string, jwt?: string}} credentials
    * @returns {Promise<LoginOk>}
    */
   async login(credentials) {
     if (!this.link || this.link.ended) await this.open();
     const body = { ...credentials, device: credentials.device ?? this.device };
-    const jwt = credentials.jwt ?? this.jwt;
+    // The jwt option is the login of a client without a password or token of its own;
+    // a reconnect logs in with the token the JWT login gave.
+    const jwt = credentials.jwt ?? (credentials.name || credentials.token ? '' : this.jwt);
     if (jwt) body.jwt = jwt;
+    else delete body.jwt;
     const link = /** @type {Link} */ (this.link);
     /** @type {LoginOk} */
     const ok = await link.request(T.LOGIN, body);
