@@ -48,7 +48,6 @@ from bitchat.errors import BitchatError, RequestError, ServiceUnavailable, codes
 from bitchat.im import sql
 from bitchat.im.centers import (
     AckJob,
-    Conversation,
     Group,
     Message,
     MessageCenter,
@@ -57,6 +56,7 @@ from bitchat.im.centers import (
     conversation,
     conversation_counts,
     first_of_each,
+    id_order,
     number,
     p2p_pair,
     read_offsets,
@@ -1047,7 +1047,7 @@ def _pg(query: str, **params: Any) -> tuple[Any, ...]:
     return (text, *args)
 
 
-class PgMessageCenter(MessageCenter):
+class PgMessageCenter(sql.SqlReads, MessageCenter):
     """Messages, device cursors and read positions in PostgreSQL, written in batches.
 
     Stores and acks go through one writer (group commit); the other calls are
@@ -1212,7 +1212,8 @@ class PgMessageCenter(MessageCenter):
         if msgs:
             convs = [m.conversation_key for m in msgs]
             counts = conversation_counts(convs)
-            reads = read_offsets(msgs, convs)
+            order = id_order(msgs)
+            reads = read_offsets(msgs, convs, order)
             keys = list(counts)
             last = {
                 r[0]: r[1]
@@ -1223,7 +1224,7 @@ class PgMessageCenter(MessageCenter):
                     *([reads[c][k] for c in keys] for k in range(5)),
                 )
             }
-            number(msgs, convs, counts, last)
+            number(msgs, convs, counts, last, order)
             rows = await con.fetch(
                 _INSERT_MESSAGES,
                 [m.id for m in msgs],
@@ -1314,7 +1315,7 @@ class PgMessageCenter(MessageCenter):
     async def start_device(self, user_id: int, device_id: int) -> None:
         # PgUserCenter.device did this in the transaction that registered the device;
         # again, it changes nothing (no cursor is moved).
-        await self._fetch("starting a device's cursors", sql.START_DEVICE, u=user_id, d=device_id)
+        await self._read("starting a device's cursors", sql.START_DEVICE, u=user_id, d=device_id)
 
     async def mark_read(self, user_id: int, conv: str, seq: int) -> tuple[int, int, list[int]]:
         most = self.db.settings.max_group_size
@@ -1363,91 +1364,10 @@ class PgMessageCenter(MessageCenter):
 
     # -- reads --------------------------------------------------------------------------------
 
-    async def _fetch(self, doing: str, query: str, **params: Any) -> list[asyncpg.Record]:
+    async def _read(self, doing: str, query: str, **params: Any) -> list[asyncpg.Record]:
         statement = _pg(query, **params)
 
         async def q(con: asyncpg.Connection) -> list[asyncpg.Record]:
             return list(await con.fetch(*statement))
 
         return await self.db.run(doing, q)
-
-    async def pending(
-        self, user_id: int, device_id: int, after_id: int, limit: int, own: bool = False
-    ) -> list[Message]:
-        rows = await self._fetch(
-            "reading offline messages",
-            sql.PENDING_WITH_OWN if own else sql.PENDING,
-            u=user_id,
-            d=device_id,
-            after=after_id,
-            limit=limit,
-        )
-        return [sql.message(r) for r in rows]
-
-    async def count_pending(self, user_id: int, device_id: int) -> int:
-        rows = await self._fetch(
-            "counting offline messages", sql.COUNT_PENDING, u=user_id, d=device_id
-        )
-        return int(rows[0][0])
-
-    async def positions(self, user_id: int, device_id: int) -> dict[str, tuple[int, int]]:
-        rows = await self._fetch(
-            "reading a device's cursors", sql.DEVICE_CURSORS, u=user_id, d=device_id
-        )
-        return {str(r[0]): (int(r[1]), int(r[2])) for r in rows}
-
-    async def messages_after(self, conv: str, after_seq: int, limit: int) -> list[Message]:
-        rows = await self._fetch(
-            "reading offline messages", sql.HISTORY_AFTER_SEQ, c=conv, seq=after_seq, limit=limit
-        )
-        return [sql.message(r) for r in rows]
-
-    async def conversations(self, user_id: int, before: int, limit: int) -> list[Conversation]:
-        rows = await self._fetch(
-            "reading conversations", sql.CONVERSATIONS, u=user_id, before=before, limit=limit
-        )
-        return [sql.conversation_row(r) for r in rows]
-
-    async def receipts(self, group_id: int, seq: int) -> list[tuple[int, bool]]:
-        conv = conversation("group", 0, group_id)
-        rows = await self._fetch("reading receipts", sql.RECEIPTS, g=group_id, c=conv, s=seq)
-        return [(int(r[0]), bool(r[1])) for r in rows]
-
-    async def history(
-        self,
-        user_id: int,
-        peer_id: int,
-        group_id: int,
-        before: int,
-        limit: int,
-        before_seq: int = 0,
-        after_seq: int = 0,
-    ) -> list[Message]:
-        conv = (
-            conversation("group", user_id, group_id)
-            if group_id
-            else conversation("p2p", user_id, peer_id)
-        )
-        below = before or (1 << 63) - 1
-        doing = "reading history"
-        if after_seq:
-            rows = await self._fetch(
-                doing, sql.HISTORY_AFTER_SEQ, c=conv, seq=after_seq, limit=limit
-            )
-        elif before_seq:
-            rows = await self._fetch(
-                doing, sql.HISTORY_BEFORE_SEQ, c=conv, seq=before_seq, before=below, limit=limit
-            )
-        else:
-            rows = await self._fetch(doing, sql.HISTORY_BY_ID, c=conv, before=below, limit=limit)
-        return [sql.message(r) for r in rows]
-
-    async def last_id(self, node_id: int) -> int:
-        rows = await self._fetch(
-            "reading the node's last message id",
-            sql.LAST_ID,
-            shift=SEQ_BITS,
-            mask=MAX_NODE,
-            node=node_id,
-        )
-        return int(rows[0][0]) if rows else 0

@@ -164,13 +164,24 @@ def conversation_counts(convs: Iterable[str]) -> dict[str, int]:
     return {c: counts[c] for c in sorted(counts)}
 
 
+def id_order(msgs: Sequence[Message]) -> list[int]:
+    """The positions of ``msgs`` in id order: the order seqs are given in (found once
+    per batch, for :func:`read_offsets` and :func:`number` both)."""
+    return sorted(range(len(msgs)), key=lambda i: msgs[i].id)
+
+
 def number(
-    msgs: Sequence[Message], convs: Sequence[str], counts: dict[str, int], last: dict[str, int]
+    msgs: Sequence[Message],
+    convs: Sequence[str],
+    counts: dict[str, int],
+    last: dict[str, int],
+    order: Sequence[int],
 ) -> None:
-    """Give the new messages of each conversation its next seqs, in id order: the
-    conversation's ``counts[c]`` numbers up to ``last[c]`` (its counter, moved on)."""
+    """Give the new messages of each conversation its next seqs, in id order
+    (``order``): the conversation's ``counts[c]`` numbers up to ``last[c]`` (its
+    counter, moved on)."""
     nxt = {c: last[c] - n + 1 for c, n in counts.items()}
-    for i in sorted(range(len(msgs)), key=lambda i: msgs[i].id):
+    for i in order:
         c = convs[i]
         msgs[i].seq = nxt[c]
         nxt[c] += 1
@@ -241,14 +252,14 @@ def p2p_pair(conv: str) -> tuple[int, int] | None:
 
 
 def read_offsets(
-    msgs: Sequence[Message], convs: Sequence[str]
+    msgs: Sequence[Message], convs: Sequence[str], order: Sequence[int]
 ) -> dict[str, tuple[int | None, int | None, int, int, int]]:
     """Per conversation of a batch: ``(lo, hi, last_id, lo_off, hi_off)``, the p2p pair
     (None for a group), the largest new id, and the 1-based places (in id order, as
     :func:`number` gives seqs) of the last message the pair's lower and higher user
     sent, 0 if none: the senders' read positions move to their own messages."""
     out: dict[str, list[Any]] = {}
-    for i in sorted(range(len(msgs)), key=lambda i: msgs[i].id):
+    for i in order:
         m, c = msgs[i], convs[i]
         entry = out.get(c)
         if entry is None:
@@ -437,7 +448,9 @@ class MessageCenter(abc.ABC):
 
     @abc.abstractmethod
     def store(self, message: Message, recipients: Sequence[int]) -> Awaitable[tuple[Message, bool]]:
-        """Store ``message`` as pending for ``recipients``; resolves when durable.
+        """Store ``message``, for ``recipients`` (the SQL stores write nothing per
+        recipient: each device's cursors say what it misses; a store of one's own may
+        use them); resolves when durable.
 
         Called in the order messages must be stored (it is not a coroutine, so
         the order of calls is the order of queueing). If the sender already

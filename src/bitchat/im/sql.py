@@ -20,7 +20,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from bitchat.im.centers import Conversation, Message
+from bitchat.im.centers import Conversation, Message, conversation
+from bitchat.im.ids import MAX_NODE, SEQ_BITS
 
 
 class Dialect(enum.Enum):
@@ -271,3 +272,82 @@ HISTORY_AFTER_SEQ = (
 )
 # The newest id a node issued (ids of one node share bits 12-21).
 LAST_ID = "SELECT id FROM messages WHERE ((id >> :shift) & :mask) = :node ORDER BY id DESC LIMIT 1"
+
+
+class SqlReads:
+    """The reads both message stores answer the same way: each store gives only
+    :meth:`_read` (its driver, its connection, its errors) and inherits these."""
+
+    async def _read(self, doing: str, query: str, **params: Any) -> Sequence[Sequence[Any]]:
+        """The rows of ``query`` (this module's SQL), ``doing`` naming it in errors."""
+        raise NotImplementedError
+
+    async def pending(
+        self, user_id: int, device_id: int, after_id: int, limit: int, own: bool = False
+    ) -> list[Message]:
+        query = PENDING_WITH_OWN if own else PENDING
+        rows = await self._read(
+            "reading offline messages", query, u=user_id, d=device_id, after=after_id, limit=limit
+        )
+        return [message(r) for r in rows]
+
+    async def count_pending(self, user_id: int, device_id: int) -> int:
+        rows = await self._read("counting offline messages", COUNT_PENDING, u=user_id, d=device_id)
+        return int(rows[0][0])
+
+    async def positions(self, user_id: int, device_id: int) -> dict[str, tuple[int, int]]:
+        rows = await self._read(
+            "reading a device's cursors", DEVICE_CURSORS, u=user_id, d=device_id
+        )
+        return {str(r[0]): (int(r[1]), int(r[2])) for r in rows}
+
+    async def messages_after(self, conv: str, after_seq: int, limit: int) -> list[Message]:
+        rows = await self._read(
+            "reading offline messages", HISTORY_AFTER_SEQ, c=conv, seq=after_seq, limit=limit
+        )
+        return [message(r) for r in rows]
+
+    async def conversations(self, user_id: int, before: int, limit: int) -> list[Conversation]:
+        rows = await self._read(
+            "reading conversations", CONVERSATIONS, u=user_id, before=before, limit=limit
+        )
+        return [conversation_row(r) for r in rows]
+
+    async def receipts(self, group_id: int, seq: int) -> list[tuple[int, bool]]:
+        rows = await self._read("reading receipts", RECEIPTS, g=group_id, c=f"g:{group_id}", s=seq)
+        return [(int(r[0]), bool(r[1])) for r in rows]
+
+    async def history(
+        self,
+        user_id: int,
+        peer_id: int,
+        group_id: int,
+        before: int,
+        limit: int,
+        before_seq: int = 0,
+        after_seq: int = 0,
+    ) -> list[Message]:
+        conv = (
+            conversation("group", user_id, group_id)
+            if group_id
+            else conversation("p2p", user_id, peer_id)
+        )
+        below = before or (1 << 63) - 1
+        if after_seq:
+            query, params = HISTORY_AFTER_SEQ, {"seq": after_seq}
+        elif before_seq:
+            query, params = HISTORY_BEFORE_SEQ, {"seq": before_seq, "before": below}
+        else:
+            query, params = HISTORY_BY_ID, {"before": below}
+        rows = await self._read("reading history", query, c=conv, limit=limit, **params)
+        return [message(r) for r in rows]
+
+    async def last_id(self, node_id: int) -> int:
+        rows = await self._read(
+            "reading the node's last message id",
+            LAST_ID,
+            shift=SEQ_BITS,
+            mask=MAX_NODE,
+            node=node_id,
+        )
+        return int(rows[0][0]) if rows else 0

@@ -38,7 +38,6 @@ from bitchat.errors import RequestError, ServiceUnavailable, codes
 from bitchat.im import sql
 from bitchat.im.centers import (
     AckJob,
-    Conversation,
     Group,
     Message,
     MessageCenter,
@@ -48,13 +47,14 @@ from bitchat.im.centers import (
     conversation,
     conversation_counts,
     first_of_each,
+    id_order,
     number,
     p2p_pair,
     read_offsets,
     refused,
     take_acks,
 )
-from bitchat.im.ids import EPOCH_MS, MAX_NODE, SEQ_BITS, join_id
+from bitchat.im.ids import EPOCH_MS, join_id
 from bitchat.im.names import dedupe_keys, name_key, name_keys, taken
 from bitchat.im.passwords import Passwords, new_token, token_digest
 
@@ -743,7 +743,7 @@ _Outcome = tuple[Message, bool] | BaseException
 _Batch = tuple[list[_Store], list[AckJob]]
 
 
-class SqliteMessageCenter(MessageCenter):
+class SqliteMessageCenter(sql.SqlReads, MessageCenter):
     """Messages and pending deliveries, written in batches.
 
     Each batch is one transaction, run whole on a writer thread of its own with
@@ -1134,13 +1134,14 @@ class SqliteMessageCenter(MessageCenter):
             return
         convs = [m.conversation_key for m in msgs]
         counts = conversation_counts(convs)
-        reads = read_offsets(msgs, convs)
+        order = id_order(msgs)
+        reads = read_offsets(msgs, convs, order)
         flat_counts: list[Any] = []
         for c, n in counts.items():
             lo, hi, last_id, lo_off, hi_off = reads[c]
             flat_counts += (c, n, lo, hi, last_id, lo_off, hi_off)
         last = dict(_read_rows(db, _BUMP_CONVERSATIONS, 7, flat_counts, _CONV_ROWS))
-        number(msgs, convs, counts, last)
+        number(msgs, convs, counts, last, order)
         flat: list[Any] = []
         own: dict[tuple[int, int], int] = {}
         for m, conv in zip(msgs, convs, strict=True):
@@ -1179,33 +1180,13 @@ class SqliteMessageCenter(MessageCenter):
     async def _query(self, sql_text: str, **params: Any) -> list[Any]:
         return await self._rows(*sql.render(sql_text, sql.Dialect.SQLITE, params))
 
-    async def pending(
-        self, user_id: int, device_id: int, after_id: int, limit: int, own: bool = False
-    ) -> list[Message]:
-        query = sql.PENDING_WITH_OWN if own else sql.PENDING
-        rows = await self._query(query, u=user_id, d=device_id, after=after_id, limit=limit)
-        return [sql.message(r) for r in rows]
-
-    async def count_pending(self, user_id: int, device_id: int) -> int:
-        rows = await self._query(sql.COUNT_PENDING, u=user_id, d=device_id)
-        return int(rows[0][0])
-
-    async def positions(self, user_id: int, device_id: int) -> dict[str, tuple[int, int]]:
-        rows = await self._query(sql.DEVICE_CURSORS, u=user_id, d=device_id)
-        return {str(c): (int(at), int(last)) for c, at, last in rows}
-
-    async def messages_after(self, conv: str, after_seq: int, limit: int) -> list[Message]:
-        rows = await self._query(sql.HISTORY_AFTER_SEQ, c=conv, seq=after_seq, limit=limit)
-        return [sql.message(r) for r in rows]
+    async def _read(self, doing: str, query: str, **params: Any) -> list[Any]:
+        return await self._query(query, **params)
 
     async def start_device(self, user_id: int, device_id: int) -> None:
         # SqliteUserCenter.device did this in the transaction that registered the device;
         # again, it changes nothing (no cursor is moved).
         await self._query(sql.START_DEVICE, u=user_id, d=device_id)
-
-    async def conversations(self, user_id: int, before: int, limit: int) -> list[Conversation]:
-        rows = await self._query(sql.CONVERSATIONS, u=user_id, before=before, limit=limit)
-        return [sql.conversation_row(r) for r in rows]
 
     async def mark_read(self, user_id: int, conv: str, seq: int) -> tuple[int, int, list[int]]:
         # One at a time: two marks at once would both read the old position and both
@@ -1240,39 +1221,3 @@ class SqliteMessageCenter(MessageCenter):
             )
             senders = [int(r[0]) for r in found_senders]
         return read_seq, last_seq, senders
-
-    async def receipts(self, group_id: int, seq: int) -> list[tuple[int, bool]]:
-        conv = conversation("group", 0, group_id)
-        rows = await self._query(sql.RECEIPTS, g=group_id, c=conv, s=seq)
-        return [(int(u), bool(r)) for u, r in rows]
-
-    async def history(
-        self,
-        user_id: int,
-        peer_id: int,
-        group_id: int,
-        before: int,
-        limit: int,
-        before_seq: int = 0,
-        after_seq: int = 0,
-    ) -> list[Message]:
-        conv = (
-            conversation("group", user_id, group_id)
-            if group_id
-            else conversation("p2p", user_id, peer_id)
-        )
-        below = before or (1 << 63) - 1
-        if after_seq:
-            rows = await self._query(sql.HISTORY_AFTER_SEQ, c=conv, seq=after_seq, limit=limit)
-        elif before_seq:
-            rows = await self._query(
-                sql.HISTORY_BEFORE_SEQ, c=conv, seq=before_seq, before=below, limit=limit
-            )
-        else:
-            rows = await self._query(sql.HISTORY_BY_ID, c=conv, before=below, limit=limit)
-        return [sql.message(r) for r in rows]
-
-    async def last_id(self, node_id: int) -> int:
-        # Ids of one node share bits 12-21; scan the newest few and pick this node's.
-        rows = await self._query(sql.LAST_ID, shift=SEQ_BITS, mask=MAX_NODE, node=node_id)
-        return int(rows[0][0]) if rows else 0
