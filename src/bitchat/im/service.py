@@ -681,18 +681,13 @@ class IMService:
         device = session.data.get(DEVICE)
         if device is not None:
             msg.device = device.device_id
-        # Pending for every recipient but the sender (whose other devices get it live);
-        # pushed to the recipients and the sender's other devices. One scan of the list.
-        sender = msg.sender_id
-        if sender in recipients:
-            pending: Sequence[int] = [u for u in recipients if u != sender]
-            targets = recipients
-        else:
-            pending, targets = recipients, [*recipients, sender]
+        # Pushed to the recipients and the sender's other devices (what each device
+        # misses follows from its cursors, so nothing is written per recipient).
+        targets = recipients if msg.sender_id in recipients else [*recipients, msg.sender_id]
         out = Deferred() if answer is None else answer
         # A partial rather than a closure: fewer objects per message for the collector.
         self.messages.store_then(
-            msg, pending, functools.partial(self._stored, out, session.id, device, msg, targets)
+            msg, targets, functools.partial(self._stored, out, session.id, device, msg, targets)
         )
         return out
 
