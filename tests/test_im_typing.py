@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from bitchat import RequestError, Server, UsageError, codes
+from bitchat import RequestError, UsageError, codes
 from bitchat.im.client import IMClient
 from bitchat.im.packets import Typing, TypingEvent
 from bitchat.im.typing_relay import TYPING_KEY
@@ -204,25 +205,26 @@ async def test_typing_expires_on_its_own(tmp_path: Path) -> None:
     ):
         alice, bob = await c.login("alice"), await c.login("bob")
         at_bob, inbox = Typings(bob), Inbox(bob)
+        # The server's own timer (0.2 s) is waited on: its expiry sets an event.
+        relay = server.data["im"].typing
+        forget, forgotten = relay._forget, asyncio.Event()
+
+        def forget_and_tell(*args: Any) -> None:
+            forget(*args)
+            forgotten.set()
+
+        relay._forget = forget_and_tell
         await alice.typing(to=uid(bob))
         assert (await at_bob.next()).expires_in == 0.2
         session = next(s for s in server.sessions.values() if s.user_id == uid(alice))
         assert TYPING_KEY in session.data
-        await _forgotten(server, session.id)
+        await asyncio.wait_for(forgotten.wait(), WAIT)
+        assert TYPING_KEY not in server.sessions[session.id].data
         # Expired: a stop now has nothing to clear (the recipient cleared it already).
         await alice.typing(to=uid(bob), typing=False)
         await alice.send_p2p(uid(bob), "marker")
         await inbox.wait_for(1)
         assert at_bob.states == [True]
-
-
-async def _forgotten(server: Server, session_id: int) -> None:
-    # The server's own timer, 0.2 s: waited on by polling its state, bounded.
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + WAIT
-    while TYPING_KEY in server.sessions[session_id].data:
-        assert loop.time() < deadline, "the typing never expired"
-        await asyncio.sleep(0.02)
 
 
 async def test_the_client_needs_one_conversation(tmp_path: Path) -> None:
