@@ -11,7 +11,6 @@ import json
 import sqlite3
 import threading
 import tomllib
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,31 +18,12 @@ import pytest
 
 from bitchat.cli import repl as repl_module
 from bitchat.cli.devices import DeviceStore, config_dir
-from bitchat.cli.repl import USAGE, Repl
+from bitchat.cli.repl import USAGE
 from bitchat.cli.sanitize import visible
-from bitchat.im.client import IMClient
-from bitchat.settings import Settings
 from conftest import WAIT
 from im_helpers import PYTHON, clients_of, im_server, port_of, subprocess_env
 from test_cli_escapes import EVIL_GROUP_SHOWN, _seed_evil_group
-from test_repl import Screen
-
-
-@contextlib.asynccontextmanager
-async def repl_for(
-    port: int,
-    settings: Settings,
-    device: str | None = None,
-    devices: DeviceStore | None = None,
-) -> AsyncIterator[tuple[Repl, Screen]]:
-    screen = Screen()
-    im = IMClient("127.0.0.1", port, settings)
-    repl = Repl(im, out=screen, device=device, devices=devices)
-    await im.connect(WAIT)
-    try:
-        yield repl, screen
-    finally:
-        await im.close()
+from test_repl import repl_for
 
 
 async def test_conversation_list_read_and_receipt_lines(tmp_path: Path) -> None:

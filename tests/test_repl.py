@@ -19,6 +19,7 @@ from prompt_toolkit.input import create_pipe_input
 from prompt_toolkit.output import DummyOutput
 
 from bitchat.cli import build_parser
+from bitchat.cli.devices import DeviceStore
 from bitchat.cli.repl import PROMPT, USAGE, Repl, table
 from bitchat.im.client import IMClient
 from bitchat.settings import Settings
@@ -66,10 +67,15 @@ class Screen:
 
 
 @contextlib.asynccontextmanager
-async def repl_for(port: int, settings: Settings) -> AsyncIterator[tuple[Repl, Screen]]:
+async def repl_for(
+    port: int,
+    settings: Settings,
+    device: str | None = None,
+    devices: DeviceStore | None = None,
+) -> AsyncIterator[tuple[Repl, Screen]]:
     screen = Screen()
     im = IMClient("127.0.0.1", port, settings)
-    repl = Repl(im, out=screen)
+    repl = Repl(im, out=screen, device=device, devices=devices)
     await im.connect(WAIT)
     try:
         yield repl, screen

@@ -10,7 +10,6 @@ from anywhere but the server.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,24 +20,19 @@ from bitchat.app import build_server
 from bitchat.im.client import IMClient
 from bitchat.im.delivery import DEVICE
 from bitchat.im.packets import TypingEvent
-from web_helpers import WAIT, WAIT_MS, artifact, chromium, running_server
+from web_helpers import (
+    WAIT,
+    WAIT_MS,
+    artifact,
+    browser_fixture,  # noqa: F401 (fixture)
+    running_server,
+    server_fixture,  # noqa: F401 (fixture)
+)
 
 pytest.importorskip("playwright")
 from playwright.async_api import Browser, Page, expect
 
 expect.set_options(timeout=WAIT_MS)
-
-
-@pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[Server]:
-    async with running_server(tmp_path) as srv:
-        yield srv
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    async with chromium() as b:
-        yield b
 
 
 def url(server: Server) -> str:

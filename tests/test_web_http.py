@@ -22,13 +22,17 @@ from websockets.asyncio.client import connect
 from bitchat import Server
 from bitchat.im.client import IMClient
 from bitchat.web.status import authorize, is_loopback
-from web_helpers import LOGIN, PING, PONG, RESPONSE, WAIT, frame, running_server, unframe
-
-
-@pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[Server]:
-    async with running_server(tmp_path) as srv:
-        yield srv
+from web_helpers import (
+    LOGIN,
+    PING,
+    PONG,
+    RESPONSE,
+    WAIT,
+    frame,
+    running_server,
+    server_fixture,  # noqa: F401 (fixture)
+    unframe,
+)
 
 
 @pytest.fixture

@@ -3,16 +3,19 @@ page user's own (issue 11, item 6), in a real headless Chromium."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from pathlib import Path
-
 import pytest
 
 from bitchat import Server
 from bitchat.im.client import IMClient
 from bitchat.im.service import IMService
 from cluster_support import eventually
-from web_helpers import WAIT, WAIT_MS, artifact, chromium, running_server
+from web_helpers import (
+    WAIT,
+    WAIT_MS,
+    artifact,
+    browser_fixture,  # noqa: F401 (fixture)
+    server_fixture,  # noqa: F401 (fixture)
+)
 
 pytest.importorskip("playwright")
 from playwright.async_api import Browser, expect
@@ -20,18 +23,6 @@ from playwright.async_api import Browser, expect
 from test_web_browser import PageUser, ask_dialog
 
 expect.set_options(timeout=WAIT_MS)
-
-
-@pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[Server]:
-    async with running_server(tmp_path) as srv:
-        yield srv
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    async with chromium() as b:
-        yield b
 
 
 async def test_an_offline_member_shows_last_seen_and_the_switch_hides_mine(

@@ -11,7 +11,6 @@ from the peer ticks what came before it read.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +18,18 @@ import pytest
 
 from bitchat.im.client import IMClient
 from test_web_browser import PageUser, ask_dialog
-from web_helpers import WAIT, WAIT_MS, artifact, chromium, running_server
+from web_helpers import (
+    WAIT,
+    WAIT_MS,
+    artifact,
+    browser_fixture,  # noqa: F401 (fixtures)
+    running_server,
+)
 
 pytest.importorskip("playwright")
 from playwright.async_api import Browser, expect
 
 expect.set_options(timeout=WAIT_MS)
-
-
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    async with chromium() as b:
-        yield b
 
 
 async def user_id(user: PageUser) -> int:

@@ -8,7 +8,6 @@ heartbeats, the idle timeout and the limits are the TCP session's.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +35,9 @@ from web_helpers import (
     WAIT,
     frame,
     running_server,
+    server_fixture,  # noqa: F401 (fixture)
     unframe,
 )
-
-
-@pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[Server]:
-    async with running_server(tmp_path) as srv:
-        yield srv
 
 
 def ws_url(server: Server, path: str = "/ws") -> str:

@@ -125,3 +125,20 @@ def artifact(name: str) -> Path:
     """A path in test-artifacts/ (git-ignored) for screenshots and the like."""
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS / name
+
+
+# Fixtures a test module takes by importing them (their names: ``server``, ``browser``).
+
+
+@pytest.fixture(name="server")
+async def server_fixture(tmp_path: Path) -> AsyncIterator[Server]:
+    """A running standalone server on loopback, its data in the test's folder."""
+    async with running_server(tmp_path) as srv:
+        yield srv
+
+
+@pytest.fixture(name="browser")
+async def browser_fixture() -> AsyncIterator[Any]:
+    """Debian's headless Chromium, through Playwright."""
+    async with chromium() as b:
+        yield b
