@@ -253,7 +253,10 @@ class Fuzzed:
 
     def __init__(self, data_dir: Path) -> None:
         self.loop = asyncio.new_event_loop()
-        settings = im_settings(data_dir, host="127.0.0.1", port=0, **SMALL_LIMITS)
+        # The peers send no heartbeats and may wait long between examples on a loaded
+        # machine (shrinking, replays): the idle and login deadlines must not close them.
+        quiet = {"read_idle_timeout": 600.0, "login_timeout": 600.0}
+        settings = im_settings(data_dir, host="127.0.0.1", port=0, **SMALL_LIMITS, **quiet)
         self.server = build_server(settings)
         self.errors = Errors()
         self.thread = threading.Thread(target=self._run, name="fuzzed-server", daemon=True)
