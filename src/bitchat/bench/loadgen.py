@@ -446,7 +446,9 @@ class Worker:
         loop = asyncio.get_running_loop()
         plan = self.plan
         _, conn = await asyncio.wait_for(
-            loop.create_connection(lambda: Conn(self, user, device), plan.host, plan.port),
+            loop.create_connection(
+                lambda: Conn(self, user, device), plan.host, user.port or plan.port
+            ),
             plan.timeout,
         )
         token = user.token if device is None else device.token

@@ -14,6 +14,19 @@ from rich.table import Table
 from bitchat.bench.runner import BIN_S, BenchResult
 
 
+def _cluster(r: BenchResult) -> bool:
+    return bool(r.server.get("cluster"))
+
+
+ROLE_LABELS = {
+    "node": "nodes",
+    "router": "router",
+    "postgres backend": "PostgreSQL backends of the run's database",
+    "postgres (shared)": "PostgreSQL WAL writer, checkpointer, bg writer (shared)",
+    "redis": "redis-server (shared)",
+}
+
+
 @dataclass(frozen=True)
 class Target:
     """A goal for one figure of one scenario (the figures docs/benchmarks.md tracks)."""
@@ -49,7 +62,29 @@ class Target:
 
 TARGETS: dict[str, list[Target]] = {
     "p2p": [
-        Target("server CPU per message (µs)", lambda r: r.server_cpu_us_per_msg, "lower", 25, 12),
+        Target(
+            "server CPU per message (µs)",
+            lambda r: r.server_cpu_us_per_msg,
+            "lower",
+            25,
+            12,
+            applies=lambda r: not _cluster(r),
+        ),
+        Target(
+            "CPU per message, every process ÷ standalone",
+            lambda r: r.extra.get("cpu_vs_standalone"),
+            "lower",
+            2,
+            applies=_cluster,
+        ),
+        Target(
+            "messages/s across the nodes",
+            lambda r: r.delivered_per_s,
+            "higher",
+            15_000,
+            applies=_cluster,
+            digits=0,
+        ),
         Target(
             "p99 latency, --window 1 (ms)",
             lambda r: r.latency_ms.get("p99"),
@@ -146,6 +181,15 @@ def heading(r: BenchResult) -> list[str]:
     where = "self-started server" if r.server.get("self_started") else "running server"
     if r.server.get("pid"):
         where += f" (pid {r.server['pid']})"
+    if _cluster(r):
+        nodes = r.server.get("nodes", [])
+        router = r.server.get("router") or {}
+        where = (
+            f"cluster of {len(nodes)} nodes (pids "
+            f"{', '.join(str(n['pid']) for n in nodes)}), partners on different nodes; "
+            f"router (pid {router.get('pid')}) answered nodes {router.get('answered')}; "
+            f"database {r.server.get('database')}, Redis prefix {r.server.get('redis_prefix')}"
+        )
     machine = f"{cfg.get('procs')} load processes, {r.machine.get('nproc')} cores"
     load = r.machine.get("loadavg_at_start")
     if load:
@@ -204,14 +248,33 @@ def summary_table(r: BenchResult) -> Table:
         "idle": "login",
         "sync": "delivery",
     }[r.scenario]
-    if r.server_cpu_us_per_msg is not None:
-        row(f"server CPU per {per} (µs)", _fmt(r.server_cpu_us_per_msg))
-    if r.server_cpu_s is not None:
+    if _cluster(r):
+        row("CPU per message, every process (µs)", _fmt(r.server_cpu_us_per_msg))
+        for role, cost in r.extra.get("cpu_by_role", {}).items():
+            row(f"  {ROLE_LABELS.get(role, role)}", _fmt(cost.get("cpu_us_per_msg")))
+        ratio = r.extra.get("cpu_vs_standalone")
+        if ratio is not None:
+            row(
+                f"  ÷ standalone ({_fmt(r.extra.get('standalone_cpu_us_per_msg'))} µs)",
+                _fmt(ratio),
+            )
         row(
-            "server CPU / load generators' CPU (s)",
+            "CPU of every process / load generators' CPU (s)",
             _pair(_fmt(r.server_cpu_s), _fmt(r.client_cpu_s)),
         )
-    row("server RSS now / peak (MiB)", _pair(_mib(r.server_rss_kib), _mib(r.server_rss_peak_kib)))
+        row("nodes' RSS now (MiB)", _mib(r.server_rss_kib))
+    else:
+        if r.server_cpu_us_per_msg is not None:
+            row(f"server CPU per {per} (µs)", _fmt(r.server_cpu_us_per_msg))
+        if r.server_cpu_s is not None:
+            row(
+                "server CPU / load generators' CPU (s)",
+                _pair(_fmt(r.server_cpu_s), _fmt(r.client_cpu_s)),
+            )
+        row(
+            "server RSS now / peak (MiB)",
+            _pair(_mib(r.server_rss_kib), _mib(r.server_rss_peak_kib)),
+        )
     if r.scenario == "idle":
         kib = r.extra.get("rss_kib_per_conn")
         row("server RSS per idle connection (KiB)", None if kib is None else _fmt(kib))
@@ -255,6 +318,25 @@ def summary_table(r: BenchResult) -> Table:
     return t
 
 
+def processes_table(r: BenchResult) -> Table | None:
+    """--cluster: each counted process's CPU over the run; None for other runs."""
+    procs = r.extra.get("processes")
+    if not procs:
+        return None
+    t = Table(box=box.MINIMAL, show_edge=False, pad_edge=False)
+    t.add_column("process", no_wrap=True)
+    t.add_column("pid", justify="right", no_wrap=True)
+    t.add_column("CPU (s)", justify="right", no_wrap=True)
+    t.add_column("µs per message", justify="right", no_wrap=True)
+    t.add_column("RSS (MiB)", justify="right", no_wrap=True)
+    for p in procs:
+        name = p["name"] + (" (shared)" if p["shared"] and "shared" not in p["role"] else "")
+        t.add_row(
+            name, str(p["pid"]), _fmt(p["cpu_s"], 3), _fmt(p["cpu_us_per_msg"]), _mib(p["rss_kib"])
+        )
+    return t
+
+
 def targets_table(r: BenchResult) -> Table | None:
     """The published targets that apply to this run, measured against; None if none do."""
     rows = [tg for tg in TARGETS[r.scenario] if tg.applies(r) and tg.get(r) is not None]
@@ -279,6 +361,10 @@ def print_report(r: BenchResult, console: Console) -> None:
         console.print(line, highlight=False)
     console.print()
     console.print(summary_table(r))
+    procs = processes_table(r)
+    if procs is not None:
+        console.print()
+        console.print(procs)
     targets = targets_table(r)
     if targets is not None:
         console.print()

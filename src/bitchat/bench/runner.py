@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from bitchat.bench.cluster import ClusterHandle
 from bitchat.bench.loadgen import WorkerPlan, worker_main
 from bitchat.bench.procstat import ProcSample, raise_nofile_limit, read_proc
 from bitchat.bench.serverproc import (
@@ -46,6 +47,9 @@ from bitchat.errors import UsageError
 from bitchat.protocol.serializers import get as get_serializer
 
 SCENARIOS = ("p2p", "group", "connect", "idle", "sync")
+STANDALONE_CPU_US = 25.0
+"""The standalone p2p target for server CPU per message: --cluster compares with it
+unless --baseline names a measured standalone run."""
 PASSWORD = "bench-password"
 BIN_S = 0.1
 
@@ -105,6 +109,14 @@ class BenchConfig:
     """More options for the self-started ``bitchat server``."""
     profile: str | None = None
     """Record the self-started server with py-spy into this file (speedscope JSON)."""
+    cluster: int = 0
+    """p2p: start this many PostgreSQL-backed nodes and a router instead (0: standalone)."""
+    pg: str | None = None
+    """--cluster: the PostgreSQL server (an admin URL; default BITCHAT_BENCH_PG or local)."""
+    redis: str | None = None
+    """--cluster: the Redis server (default BITCHAT_BENCH_REDIS or local)."""
+    baseline: str | None = None
+    """--cluster: a standalone p2p result (--json) whose CPU per message the run compares to."""
 
     def resolved(self) -> BenchConfig:
         c = BenchConfig(**asdict(self))
@@ -131,6 +143,19 @@ class BenchConfig:
                 raise UsageError("--group-share is between 0 and 1")
             if c.timeout <= 0:
                 raise UsageError("--timeout must be positive")
+        if c.cluster:
+            if c.cluster < 2:
+                raise UsageError("--cluster N needs at least 2 nodes")
+            if c.scenario != "p2p":
+                raise UsageError("--cluster runs the p2p scenario only")
+            if c.target or c.profile:
+                raise UsageError("--cluster starts its own nodes: not with --target or --profile")
+            if c.cluster > 1023:
+                raise UsageError("--cluster: node ids go up to 1023")
+            if c.baseline:
+                _baseline(c.baseline)  # refused now rather than after the run
+        elif c.pg or c.redis or c.baseline:
+            raise UsageError("--pg, --redis and --baseline go with --cluster N")
         if c.login not in ("token", "password"):
             raise UsageError("--login is token or password")
         if c.window < 1 or c.payload < 1 or c.duration <= 0 or c.procs < 1:
@@ -303,6 +328,23 @@ class Workers:
 
 @contextlib.contextmanager
 def _server(cfg: BenchConfig, users: list[UserSpec], progress: Progress) -> Iterator[ServerHandle]:
+    if cfg.cluster:
+        from bitchat.bench.cluster import start_cluster
+
+        with start_cluster(
+            nodes=cfg.cluster,
+            users=users,
+            password=PASSWORD,
+            pg=cfg.pg,
+            redis=cfg.redis,
+            data_dir=cfg.data_dir,
+            keep=cfg.keep,
+            use_uvloop=cfg.uvloop,
+            extra_args=cfg.server_args,
+            progress=progress,
+        ) as cluster:
+            yield cluster
+        return
     if cfg.target:
         host, port = parse_target(cfg.target)
         running = ServerHandle(host, port, cfg.server_pid, False)
@@ -397,6 +439,10 @@ def run_bench(config: BenchConfig, progress: Progress = _quiet) -> BenchResult:
             "sync": "deliveries",
         }[cfg.scenario],
     )
+    if cfg.pg:
+        from bitchat.bench.cluster import safe_url
+
+        result.config["pg"] = safe_url(cfg.pg)
     with _server(cfg, users, progress) as handle:
         result.server = {
             "self_started": handle.self_started,
@@ -405,7 +451,10 @@ def run_bench(config: BenchConfig, progress: Progress = _quiet) -> BenchResult:
             "argv": handle.argv,
             "data_dir": handle.data_dir,
         }
-        if handle.pid is None:
+        if isinstance(handle, ClusterHandle):
+            result.server = handle.describe()
+            result.notes.extend(handle.notes)
+        elif handle.pid is None:
             result.notes.append("no --server-pid: the server's CPU and memory are not known")
         if cfg.scenario in ("p2p", "group"):
             _run_messages(cfg, handle, users, run_id, result, progress)
@@ -505,6 +554,7 @@ def _run_messages(
         )
         time.sleep(max(0, t0 - time.monotonic_ns()) / 1e9)
         before = _sample(handle)
+        cluster_before = handle.sample() if isinstance(handle, ClusterHandle) else None
 
         delivered = "messages delivered" if cfg.scenario == "p2p" else "deliveries"
 
@@ -538,6 +588,7 @@ def _run_messages(
         total = sum(r["delivered"] for r in results)
         progress("drain", 1, 1, f"{total:,} {delivered} in all")
         after = _sample(handle)
+        cluster_after = handle.sample() if isinstance(handle, ClusterHandle) else None
     finally:
         workers.stop()
     duration = (deadline - t0) / 1e9
@@ -589,6 +640,8 @@ def _run_messages(
     if cfg.scenario == "group":
         result.extra["fanout"] = len(users) - 1
     _server_cost(result, before, after, result.delivered)
+    if cluster_before is not None and cluster_after is not None:
+        _cluster_cost(cfg, result, cluster_before, cluster_after)
     if result.lost:
         result.problems.insert(0, f"LOST: {result.lost} acked message(s) never arrived")
     if result.duplicated:
@@ -603,6 +656,53 @@ def _run_messages(
     result.extra["messages_unacked"] = unacked
     if unacked:
         result.problems.append(f"UNACKED: {unacked} send(s) got no answer within the drain")
+
+
+def _cluster_cost(
+    cfg: BenchConfig,
+    result: BenchResult,
+    before: dict[int, Any],
+    after: dict[int, Any],
+) -> None:
+    """Every counted process's CPU; the server figures are their total (RSS: the nodes')."""
+    from bitchat.bench.cluster import cluster_cost
+
+    cost = cluster_cost(before, after, result.delivered)
+    result.extra.update(cost)
+    result.server_cpu_s = cost["cluster_cpu_s"]
+    result.server_cpu_us_per_msg = cost["cluster_cpu_us_per_msg"]
+    nodes = [p for p in cost["processes"] if p["role"] == "node"]
+    result.server_rss_kib = sum(p["rss_kib"] for p in nodes)
+    standalone, source = STANDALONE_CPU_US, "the standalone p2p target"
+    if cfg.baseline:
+        standalone, source = _baseline(cfg.baseline), cfg.baseline
+    result.extra["standalone_cpu_us_per_msg"] = standalone
+    result.extra["standalone_from"] = source
+    total = cost["cluster_cpu_us_per_msg"]
+    result.extra["cpu_vs_standalone"] = (
+        None if total is None or not standalone else round(total / standalone, 2)
+    )
+    if cost["processes_gone"]:
+        result.notes.append(
+            f"exited during the run, not counted: {', '.join(cost['processes_gone'])}"
+        )
+
+
+def _baseline(path: str) -> float:
+    """The server CPU per message of a standalone p2p result file."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        value = float(data["server_cpu_us_per_msg"])
+        if data.get("scenario") != "p2p" or data.get("server", {}).get("cluster"):
+            raise ValueError("not a standalone p2p result")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(
+            f"--baseline {path}: want the --json of a standalone bench p2p run ({exc})"
+        ) from None
+    return value
 
 
 def _server_cost(

@@ -37,13 +37,15 @@ TOKEN_TTL = 24 * 3600.0
 
 @dataclass(slots=True)
 class UserSpec:
-    """One bench user: its name, password, and (when seeded) id and token."""
+    """One bench user: its name, password, (when seeded) id and token, and its node."""
 
     index: int
     name: str
     password: str
     user_id: int = 0
     token: str = ""
+    port: int = 0
+    """The port its connection goes to (a cluster node); 0: the server's."""
 
 
 @dataclass

@@ -17,7 +17,8 @@ standalone server (SQLite in a temporary folder, rate limit off); --target
 HOST:PORT --server-pid PID benches one already running on this machine.
 
 scenarios:
-  p2p      users in pairs, each sending to its partner (default)
+  p2p      users in pairs, each sending to its partner (default); with
+           --cluster N, on N nodes and a router, partners on different nodes
   group    one group: some members post, every other member receives
   connect  connections that log in as fast as they can: logins/s
   idle     logged-in connections that only heartbeat: memory per connection
@@ -45,6 +46,8 @@ examples:
   bitchat bench sync --users 50 --devices 2 --messages 5000
   bitchat bench p2p --json p2p.json --plot p2p.png
   bitchat bench p2p --target 127.0.0.1:8864 --server-pid 1234
+  bitchat bench p2p --cluster 2 --duration 3
+  bitchat bench p2p --json alone.json; bitchat bench p2p --cluster 2 --baseline alone.json
 """
 
 
@@ -217,6 +220,36 @@ def add_parser(sub: Any) -> None:
         help="record the self-started server with py-spy: FILE.txt collapsed stacks, "
         "any other name speedscope JSON",
     )
+    cluster = p.add_argument_group("cluster (p2p)")
+    cluster.add_argument(
+        "--cluster",
+        type=int,
+        default=0,
+        metavar="N",
+        help="start N >= 2 PostgreSQL-backed nodes and a router on this machine instead of "
+        "a standalone server; the two users of a pair log in on different nodes, so every "
+        "message crosses nodes; reports the CPU of every process involved",
+    )
+    cluster.add_argument(
+        "--pg",
+        metavar="URL",
+        help="with --cluster: the PostgreSQL server, as a URL whose user may create "
+        "databases (the run's own, bitchat_bench_<random>, dropped afterwards unless "
+        "--keep) (default $BITCHAT_BENCH_PG or postgresql://postgres@127.0.0.1:5432/postgres)",
+    )
+    cluster.add_argument(
+        "--redis",
+        metavar="URL",
+        help="with --cluster: the Redis server (the run's keys have their own prefix, "
+        "deleted afterwards) (default $BITCHAT_BENCH_REDIS or redis://127.0.0.1:6379/0)",
+    )
+    cluster.add_argument(
+        "--baseline",
+        metavar="FILE",
+        help="with --cluster: the --json of a standalone bench p2p run on this machine, "
+        "whose server CPU per message the cluster's is compared with (default: the "
+        "standalone target, 25 µs)",
+    )
     output = p.add_argument_group("output")
     output.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     output.add_argument(
@@ -262,6 +295,10 @@ def run(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         server_args=args.server_arg,
         profile=args.profile,
+        cluster=args.cluster,
+        pg=args.pg,
+        redis=args.redis,
+        baseline=args.baseline,
     )
     progress = Progress(
         TextColumn("{task.description:<16}"),
