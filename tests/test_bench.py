@@ -328,6 +328,28 @@ def test_receiver_tells_duplicates_and_reordering_from_loss() -> None:
     assert len(conn.w.latencies) == 5
 
 
+def test_a_message_pushed_again_is_dropped_by_msg_id_not_a_duplicate() -> None:
+    from bitchat.im.packets import ChatMessage
+    from bitchat.protocol.frame import encode_frame
+    from bitchat.protocol.serializers import SERIALIZERS
+
+    conn = _receiver()
+    conn.lost = True  # no socket: the acks it would write stay queued
+    run = conn.w.run_id
+
+    def push(msg_id: int, seq: int) -> bytes:
+        body = {"msg_id": msg_id, "sender_id": 7, "text": f"{seq} 0 {run} x"}
+        return encode_frame(1, 0, ChatMessage.TYPE, 0, SERIALIZERS[1].dumps(body))
+
+    # A re-sync pushes 11 and 12 again (same msg_ids): the client drops them.
+    conn.data_received(push(11, 1) + push(12, 2) + push(11, 1) + push(12, 2))
+    assert conn.w.redelivered == 2 and conn.rx[7][2] == 0
+    # The same message stored twice (another msg_id, same seq) is a duplicate.
+    conn.data_received(push(13, 2))
+    assert conn.w.redelivered == 2 and conn.rx[7][2] == 1
+    assert conn.w.delivered == 2
+
+
 def test_percentiles_are_nearest_rank() -> None:
     values = list(range(1, 101))
     assert percentile(values, 50) == 50
@@ -524,3 +546,160 @@ def test_table_and_plot(tmp_path: Path) -> None:
     png = tmp_path / "plot.png"
     write_plot(r, str(png))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- a cluster: nodes on PostgreSQL and Redis ---------------------------------------------------
+
+
+def _services() -> tuple[str, str]:
+    """The test PostgreSQL and Redis (as the cluster tests use them), or skip."""
+    import asyncio
+
+    import asyncpg
+    import redis.asyncio as aioredis
+
+    from cluster_support import PG_URL, REDIS_URL, unavailable
+
+    async def check() -> str | None:
+        try:
+            con = await asyncpg.connect(PG_URL, timeout=3)
+            await con.close()
+        except Exception as exc:
+            return f"PostgreSQL at {PG_URL} is unreachable ({exc}); set BITCHAT_TEST_PG"
+        client = aioredis.Redis.from_url(REDIS_URL, socket_connect_timeout=2, socket_timeout=2)
+        try:
+            await client.ping()
+        except Exception as exc:
+            return f"Redis at {REDIS_URL} is unreachable ({exc}); set BITCHAT_TEST_REDIS"
+        finally:
+            await client.aclose()
+        return None
+
+    reason = asyncio.run(check())
+    if reason:
+        unavailable(reason)
+    return PG_URL, REDIS_URL
+
+
+def _leftovers(pg: str, redis_url: str, database: str, prefix: str) -> tuple[bool, int]:
+    """Whether ``database`` still exists, and how many keys ``prefix`` still has."""
+    import asyncio
+
+    import asyncpg
+    import redis.asyncio as aioredis
+
+    async def look() -> tuple[bool, int]:
+        con = await asyncpg.connect(pg, timeout=5)
+        try:
+            found = await con.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", database)
+        finally:
+            await con.close()
+        client = aioredis.Redis.from_url(redis_url)
+        try:
+            keys = [k async for k in client.scan_iter(match=f"{prefix}*")]
+        finally:
+            await client.aclose()
+        return found is not None, len(keys)
+
+    return asyncio.run(look())
+
+
+def test_p2p_on_a_two_node_cluster(tmp_path: Path) -> None:
+    pg, redis_url = _services()
+    out = tmp_path / "cluster.json"
+    done = _bench(
+        "p2p",
+        "--cluster",
+        "2",
+        "--pg",
+        pg,
+        "--redis",
+        redis_url,
+        "--users",
+        "6",
+        "--window",
+        "4",
+        "--duration",
+        "1",
+        "--procs",
+        "1",
+        "--json",
+        str(out),
+        timeout=2 * WAIT,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert max(len(line) for line in done.stdout.splitlines()) <= 80, done.stdout
+    assert "no message lost, duplicated or reordered (exit status 0)" in done.stdout
+    assert "CPU per message, every process (µs)" in done.stdout
+    assert "messages/s across the nodes" in done.stdout  # the cluster's targets
+    assert "server CPU per message (µs)" not in done.stdout  # not the standalone one
+    data = json.loads(out.read_text())
+    assert data.keys() >= REQUIRED | {"processes", "cpu_by_role", "cluster_cpu_us_per_msg"}
+    server = data["server"]
+    assert server["cluster"] == 2 and [n["node_id"] for n in server["nodes"]] == [1, 2]
+    assert sorted(server["router"]["answered"]) == [1, 2]  # started, and it answered
+    # Every pair is split over the two nodes, so every message crossed nodes.
+    assert data["pairs_across_nodes"] == 3
+    assert data["users_per_node"] == {"1": 3, "2": 3}
+    # Every message was checked: all acked ones arrived, once each, in order.
+    assert data["delivered"] > 0 and data["delivered"] == data["messages_acked"]
+    assert (data["lost"], data["duplicated"], data["reordered"]) == (0, 0, 0)
+    assert data["send_errors"] == 0 and data["messages_unacked"] == 0 and data["ok"]
+    assert data["redelivered"] >= 0  # a re-sync's pushes of a msg_id again: reported
+    procs = data["processes"]
+    assert [p["name"] for p in procs if p["role"] == "node"] == ["node 1", "node 2"]
+    assert {p["pid"] for p in procs if p["role"] == "node"} == {n["pid"] for n in server["nodes"]}
+    backends = [p for p in procs if p["role"] == "postgres backend"]
+    assert {p["group"] for p in backends} == {
+        "PostgreSQL backends of bitchat-node-1",
+        "PostgreSQL backends of bitchat-node-2",
+    }
+    assert any(p["role"] == "redis" for p in procs) == (server["redis_pid"] is not None)
+    for p in procs:
+        assert p["cpu_s"] >= 0 and p["cpu_us_per_msg"] is not None
+    # The per-role figures and the total are the processes' sums.
+    total = sum(p["cpu_s"] for p in procs)
+    assert abs(data["cluster_cpu_s"] - total) < 0.01
+    assert data["server_cpu_us_per_msg"] == data["cluster_cpu_us_per_msg"] > 0
+    nodes = data["cpu_by_role"]["node"]
+    assert nodes["cpu_s"] > 0 and nodes["cpu_us_per_msg"] > 0
+    assert data["standalone_cpu_us_per_msg"] == 25.0
+    assert data["cpu_vs_standalone"] == round(data["cluster_cpu_us_per_msg"] / 25.0, 2)
+    # Nothing is left behind: the run's database is dropped, its keys deleted.
+    assert _leftovers(pg, redis_url, server["database"], server["redis_prefix"]) == (False, 0)
+
+
+def test_cluster_refuses_unreachable_services(tmp_path: Path) -> None:
+    from cluster_support import free_port
+
+    closed = free_port()  # nothing listens there
+    done = _bench("p2p", "--cluster", "2", "--pg", f"postgresql://postgres@127.0.0.1:{closed}/x")
+    assert done.returncode == 2, done.stdout + done.stderr
+    said = " ".join(done.stderr.split())
+    assert "--cluster needs PostgreSQL: cannot connect to postgresql://postgres@127.0.0.1" in said
+    assert "--pg URL or BITCHAT_BENCH_PG" in said
+    pg, _ = _services()
+    done = _bench("p2p", "--cluster", "2", "--pg", pg, "--redis", f"redis://127.0.0.1:{closed}/0")
+    assert done.returncode == 2, done.stdout + done.stderr
+    said = " ".join(done.stderr.split())
+    assert f"--cluster needs Redis: cannot reach redis://127.0.0.1:{closed}/0" in said
+    assert "--redis URL or BITCHAT_BENCH_REDIS" in said
+
+
+def test_cluster_configs_are_checked(tmp_path: Path) -> None:
+    for config, says in (
+        (BenchConfig("p2p", cluster=1), "at least 2 nodes"),
+        (BenchConfig("group", cluster=2), "p2p scenario only"),
+        (BenchConfig("p2p", cluster=2, target="127.0.0.1:1"), "not with --target"),
+        (BenchConfig("p2p", pg="postgresql://x"), "go with --cluster"),
+        (BenchConfig("p2p", cluster=2, baseline=str(tmp_path / "none.json")), "--baseline"),
+    ):
+        with pytest.raises(UsageError, match=says):
+            config.resolved()
+    alone = tmp_path / "alone.json"
+    alone.write_text(json.dumps({"scenario": "p2p", "server_cpu_us_per_msg": 30.5, "server": {}}))
+    BenchConfig("p2p", cluster=2, baseline=str(alone)).resolved()
+    grouped = tmp_path / "group.json"
+    grouped.write_text(json.dumps({"scenario": "group", "server_cpu_us_per_msg": 3.0}))
+    with pytest.raises(UsageError, match="standalone bench p2p"):
+        BenchConfig("p2p", cluster=2, baseline=str(grouped)).resolved()

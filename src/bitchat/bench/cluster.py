@@ -93,6 +93,8 @@ class Member:
     pid: int
     shared: bool = False
     """It also serves others (every database of the PostgreSQL server, every Redis user)."""
+    group: str = ""
+    """Shown as one line with the others of its group (a node's PostgreSQL backends)."""
 
 
 @dataclass
@@ -185,7 +187,8 @@ class ClusterHandle(ServerHandle):
                 continue  # PostgreSQL on another machine or in another pid namespace
             if r["datname"] == self.database:
                 app = r["application_name"] or r["backend_type"]
-                out.append(Member("postgres backend", f"backend {pid} ({app})", pid))
+                group = f"PostgreSQL backends of {app}"
+                out.append(Member("postgres backend", f"backend {pid} ({app})", pid, group=group))
             else:
                 out.append(Member("postgres (shared)", str(r["backend_type"]), pid, shared=True))
         return sorted(out, key=lambda m: (m.role, m.name))
@@ -234,6 +237,7 @@ def cluster_cost(
                 "name": m.name,
                 "pid": pid,
                 "shared": m.shared,
+                "group": m.group or m.name,
                 "cpu_s": round(cpu, 3),
                 "cpu_us_per_msg": per(cpu),
                 "rss_kib": s.rss_kib,

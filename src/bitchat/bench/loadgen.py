@@ -152,6 +152,8 @@ class Conn(asyncio.Protocol):
         self.errors: dict[str, int] = {}
         # receiving: sender id -> [last seq, gaps, duplicates, reordered, distinct]
         self.rx: dict[int, list[Any]] = {}
+        self.seen: set[int] = set()
+        """msg_ids received: one pushed again is no duplicate (clients drop it by id)."""
 
     # -- asyncio.Protocol ---------------------------------------------------------------------
 
@@ -213,6 +215,12 @@ class Conn(asyncio.Protocol):
                 if len(parts) < 3 or parts[2] != w.run_id:
                     w.foreign += 1
                     continue
+                # Pushed again (a cluster node's re-sync): a client drops it by msg_id.
+                msg_id = d["msg_id"]
+                if msg_id in self.seen:
+                    w.redelivered += 1
+                    continue
+                self.seen.add(msg_id)
                 self.received(d["sender_id"], int(parts[0]), int(parts[1]), now)
         for i in range(0, len(acks), MAX_ACK_IDS):
             chunk = acks[i : i + MAX_ACK_IDS] if len(acks) > MAX_ACK_IDS else acks
@@ -417,6 +425,8 @@ class Worker:
         self.delivered = 0
         self.in_window = 0
         self.foreign = 0
+        self.redelivered = 0
+        """Pushes of a msg_id the connection already had (a re-sync pushed it again)."""
         self.disconnects = 0
         self.protocol_errors = 0
         self.notes: list[str] = []
@@ -641,6 +651,7 @@ class Worker:
                 "disconnects": self.disconnects,
                 "protocol_errors": self.protocol_errors,
                 "foreign": self.foreign,
+                "redelivered": self.redelivered,
                 "cpu_s": self.cpu_s() - cpu0,
                 "notes": self.notes,
             },

@@ -21,8 +21,8 @@ def _cluster(r: BenchResult) -> bool:
 ROLE_LABELS = {
     "node": "nodes",
     "router": "router",
-    "postgres backend": "PostgreSQL backends of the run's database",
-    "postgres (shared)": "PostgreSQL WAL writer, checkpointer, bg writer (shared)",
+    "postgres backend": "PostgreSQL backends (the run's database)",
+    "postgres (shared)": "PostgreSQL WAL, checkpoints (shared)",
     "redis": "redis-server (shared)",
 }
 
@@ -181,20 +181,22 @@ def heading(r: BenchResult) -> list[str]:
     where = "self-started server" if r.server.get("self_started") else "running server"
     if r.server.get("pid"):
         where += f" (pid {r.server['pid']})"
+    extra: list[str] = []
     if _cluster(r):
         nodes = r.server.get("nodes", [])
         router = r.server.get("router") or {}
-        where = (
-            f"cluster of {len(nodes)} nodes (pids "
-            f"{', '.join(str(n['pid']) for n in nodes)}), partners on different nodes; "
-            f"router (pid {router.get('pid')}) answered nodes {router.get('answered')}; "
-            f"database {r.server.get('database')}, Redis prefix {r.server.get('redis_prefix')}"
-        )
+        pids = ", ".join(str(n["pid"]) for n in nodes)
+        where = f"{len(nodes)} nodes (pids {pids}), partners on different nodes"
+        extra = [
+            f"router (pid {router.get('pid')}) started, answered nodes {router.get('answered')}",
+            f"PostgreSQL database {r.server.get('database')}, "
+            f"Redis prefix {r.server.get('redis_prefix')}",
+        ]
     machine = f"{cfg.get('procs')} load processes, {r.machine.get('nproc')} cores"
     load = r.machine.get("loadavg_at_start")
     if load:
         machine += f", load average {load[0]:g}"
-    return [f"bitchat bench {r.scenario}: {shape}", f"{where}; {machine}"]
+    return [f"bitchat bench {r.scenario}: {shape}", f"{where}; {machine}", *extra]
 
 
 def _check(value: int) -> str:
@@ -230,6 +232,9 @@ def summary_table(r: BenchResult) -> Table:
         row(f"{what} in the {r.duration_s:g} s of sending", _fmt(in_window))
         row(f"{what} in all, drain included", _fmt(r.delivered))
         row(f"{what} per second (in the {r.duration_s:g} s)", _fmt(r.delivered_per_s, 0))
+        again = r.extra.get("redelivered")
+        if again:  # only when there were some: a standalone server pushes nothing twice
+            row("pushed again, same msg_id (dropped)", _fmt(again))
     else:
         row("logins (measured)", _fmt(r.delivered))
         row(
@@ -249,6 +254,11 @@ def summary_table(r: BenchResult) -> Table:
         "sync": "delivery",
     }[r.scenario]
     if _cluster(r):
+        users = int(r.config.get("users") or 0)
+        row(
+            "pairs with partners on different nodes",
+            _pair(_fmt(r.extra.get("pairs_across_nodes")), _fmt(users // 2)),
+        )
         row("CPU per message, every process (µs)", _fmt(r.server_cpu_us_per_msg))
         for role, cost in r.extra.get("cpu_by_role", {}).items():
             row(f"  {ROLE_LABELS.get(role, role)}", _fmt(cost.get("cpu_us_per_msg")))
@@ -319,7 +329,8 @@ def summary_table(r: BenchResult) -> Table:
 
 
 def processes_table(r: BenchResult) -> Table | None:
-    """--cluster: each counted process's CPU over the run; None for other runs."""
+    """--cluster: the CPU of each counted process over the run (a node's PostgreSQL
+    backends on one line; the JSON lists each); None for other runs."""
     procs = r.extra.get("processes")
     if not procs:
         return None
@@ -329,11 +340,21 @@ def processes_table(r: BenchResult) -> Table | None:
     t.add_column("CPU (s)", justify="right", no_wrap=True)
     t.add_column("µs per message", justify="right", no_wrap=True)
     t.add_column("RSS (MiB)", justify="right", no_wrap=True)
+    groups: dict[str, list[dict[str, Any]]] = {}
     for p in procs:
-        name = p["name"] + (" (shared)" if p["shared"] and "shared" not in p["role"] else "")
-        t.add_row(
-            name, str(p["pid"]), _fmt(p["cpu_s"], 3), _fmt(p["cpu_us_per_msg"]), _mib(p["rss_kib"])
-        )
+        groups.setdefault(p.get("group") or p["name"], []).append(p)
+    per = r.delivered or 0
+    for name, members in groups.items():
+        cpu = sum(p["cpu_s"] for p in members)
+        if len(members) == 1:
+            p = members[0]
+            label = name + (" (shared)" if p["shared"] and "shared" not in p["role"] else "")
+            t.add_row(
+                label, str(p["pid"]), _fmt(cpu, 3), _fmt(p["cpu_us_per_msg"]), _mib(p["rss_kib"])
+            )
+        else:
+            us = round(cpu * 1e6 / per, 2) if per else None
+            t.add_row(f"{name} ({len(members)})", "-", _fmt(cpu, 3), _fmt(us), "-")
     return t
 
 

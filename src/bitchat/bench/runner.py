@@ -454,6 +454,14 @@ def run_bench(config: BenchConfig, progress: Progress = _quiet) -> BenchResult:
         if isinstance(handle, ClusterHandle):
             result.server = handle.describe()
             result.notes.extend(handle.notes)
+            node_of = {n.port: i + 1 for i, n in enumerate(handle.nodes)}
+            per_node = {i + 1: 0 for i in range(len(handle.nodes))}
+            for u in users:
+                per_node[node_of[u.port]] += 1
+            result.extra["users_per_node"] = per_node
+            result.extra["pairs_across_nodes"] = sum(
+                users[i].port != users[i + 1].port for i in range(0, len(users) - 1, 2)
+            )
         elif handle.pid is None:
             result.notes.append("no --server-pid: the server's CPU and memory are not known")
         if cfg.scenario in ("p2p", "group"):
@@ -635,6 +643,7 @@ def _run_messages(
             - sum(len(s["unacked"]) + len(s["failed"]) for s in acked.values()),
             "send_error_codes": errors,
             "foreign_messages": sum(r["foreign"] for r in results),
+            "redelivered": sum(r["redelivered"] for r in results),
         }
     )
     if cfg.scenario == "group":
@@ -642,6 +651,12 @@ def _run_messages(
     _server_cost(result, before, after, result.delivered)
     if cluster_before is not None and cluster_after is not None:
         _cluster_cost(cfg, result, cluster_before, cluster_after)
+    if result.extra["redelivered"]:
+        result.notes.append(
+            f"{result.extra['redelivered']:,} push(es) repeated a message its connection "
+            "already had (same msg_id, dropped as clients do): a re-sync after an ack "
+            "found a gap"
+        )
     if result.lost:
         result.problems.insert(0, f"LOST: {result.lost} acked message(s) never arrived")
     if result.duplicated:
