@@ -115,17 +115,41 @@ def test_group_every_member_gets_every_post() -> None:
     assert r.server_cpu_us_per_msg is not None
 
 
-def test_connect_counts_logins() -> None:
+def test_connect_counts_token_and_password_logins_apart() -> None:
     notes: dict[str, str] = {}
     r = run_bench(
         BenchConfig("connect", connections=12, procs=2),
         lambda phase, done, total, note: notes.__setitem__(phase, note),
     )
     assert r.ok, r.problems
-    assert notes["connect + log in"].startswith("12 logins, ")
+    assert r.config["login"] == "both" and r.config["password_logins"] == 2  # 12 // 5
+    assert notes["token logins"].startswith("12 logins, ")
+    assert notes["password logins"].startswith("2 logins, ")
+    kinds = r.extra["by_login"]
+    assert (kinds["token"]["logins"], kinds["password"]["logins"]) == (12, 2)
+    for k in kinds.values():
+        assert k["logins_per_s"] > 0 and k["login_failures"] == 0
+        assert k["latency_ms"]["p50"] is not None
+        assert k["server_cpu_s"] is not None
+    # The run's own figures are the token logins'.
     assert r.extra["logins"] == 12 and r.delivered == 12
-    assert r.extra["logins_per_s"] > 0
-    assert r.latency_ms["p50"] is not None
+    text = _render(r)
+    for kind in ("token", "password"):
+        assert f"{kind} logins per second" in text
+        assert f"{kind} login latency p50 / p99 (ms)" in text
+    assert text.splitlines()[0] == "bitchat bench connect: 12 token logins, then 2 password logins"
+
+
+def test_connect_login_picks_one_kind() -> None:
+    notes: dict[str, str] = {}
+    r = run_bench(
+        BenchConfig("connect", connections=6, procs=1, login="token"),
+        lambda phase, done, total, note: notes.__setitem__(phase, note),
+    )
+    assert r.ok, r.problems
+    assert notes["connect + log in"].startswith("6 logins, ")
+    assert "by_login" not in r.extra and "password logins" not in notes
+    assert r.extra["logins"] == 6 and r.extra["login"] == "token"
 
 
 def test_idle_measures_memory_per_connection(tmp_path: Path) -> None:
@@ -392,6 +416,8 @@ def test_bad_configs_are_refused() -> None:
         BenchConfig("sync", group_share=1.5),
         BenchConfig("sync", messages=0),
         BenchConfig("sync", timeout=0),
+        BenchConfig("connect", login="token", password_logins=5),
+        BenchConfig("p2p", login="both"),
     ):
         with pytest.raises(UsageError):
             config.resolved()

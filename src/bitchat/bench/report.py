@@ -173,7 +173,10 @@ def heading(r: BenchResult) -> list[str]:
         "p2p": f"{c['users']} users in pairs, window {c['window']}, {c['payload']} B, {secs}",
         "group": f"{c['members']} members, {c['senders']} posting, window {c['window']}, "
         f"{c['payload']} B, {secs}",
-        "connect": f"{_fmt(c['connections'])} connections, {c['login']} logins",
+        "connect": f"{_fmt(c['connections'])} token logins, then "
+        f"{_fmt(cfg.get('password_logins'))} password logins"
+        if c["login"] == "both"
+        else f"{_fmt(c['connections'])} connections, {c['login']} logins",
         "idle": f"{_fmt(c['connections'])} idle connections held for {secs}",
         "sync": f"{c['users']} users x {c['devices']} devices miss {_fmt(c['messages'])} "
         f"messages, {float(c['group_share'] or 0):.0%} in groups",
@@ -216,6 +219,8 @@ def summary_table(r: BenchResult) -> Table:
 
     messages = r.scenario in ("p2p", "group")
     sync = r.scenario == "sync"
+    kinds: dict[str, Any] = r.extra.get("by_login") or {}
+    """connect, both kinds of login: each kind's figures."""
     if sync:
         row(
             "devices caught up",
@@ -235,13 +240,21 @@ def summary_table(r: BenchResult) -> Table:
         again = r.extra.get("redelivered")
         if again:  # only when there were some: a standalone server pushes nothing twice
             row("pushed again, same msg_id (dropped)", _fmt(again))
+    elif kinds:
+        for kind, k in kinds.items():
+            row(f"{kind} logins (measured)", _fmt(k.get("logins")))
+            row(f"{kind} logins per second", _fmt(k.get("logins_per_s"), 0))
+            kl = k.get("latency_ms") or {}
+            row(f"{kind} login latency p50 / p99 (ms)", _ms_pair(kl.get("p50"), kl.get("p99")))
+            us = k.get("server_cpu_us_per_login")
+            row(f"server CPU per {kind} login (µs)", None if us is None else _fmt(us, 1))
     else:
         row("logins (measured)", _fmt(r.delivered))
         row(
             "logins per second" + (" (set-up)" if r.scenario == "idle" else ""),
             _fmt(r.delivered_per_s, 0),
         )
-    lat = r.latency_ms
+    lat = {} if kinds else r.latency_ms
     what = "one-way latency" if messages else "device caught up" if sync else "login latency"
     if lat.get("p50") is not None:
         row(f"{what} p50 / p90 (ms)", _ms_pair(lat.get("p50"), lat.get("p90")))
@@ -274,12 +287,15 @@ def summary_table(r: BenchResult) -> Table:
         )
         row("nodes' RSS now (MiB)", _mib(r.server_rss_kib))
     else:
-        if r.server_cpu_us_per_msg is not None:
+        if r.server_cpu_us_per_msg is not None and not kinds:
             row(f"server CPU per {per} (µs)", _fmt(r.server_cpu_us_per_msg))
-        if r.server_cpu_s is not None:
+        server_cpu = r.server_cpu_s
+        if kinds and server_cpu is not None:
+            server_cpu = sum(k.get("server_cpu_s") or 0.0 for k in kinds.values())
+        if server_cpu is not None:
             row(
                 "server CPU / load generators' CPU (s)",
-                _pair(_fmt(r.server_cpu_s), _fmt(r.client_cpu_s)),
+                _pair(_fmt(server_cpu), _fmt(r.client_cpu_s)),
             )
         row(
             "server RSS now / peak (MiB)",

@@ -57,6 +57,10 @@ Progress = Callable[[str, float, float | None, str], None]
 """``progress(phase, done, total, note)``: called as each phase advances."""
 
 
+def _nothing() -> None:
+    pass
+
+
 def _quiet(phase: str, done: float, total: float | None, note: str = "") -> None:
     pass
 
@@ -91,8 +95,12 @@ class BenchConfig:
     procs: int = 2
     """Load-generator processes."""
     serializer: str = "json"
-    login: str = "token"
-    """How the measured logins log in: "token" (a reconnect) or "password" (argon2)."""
+    login: str = ""
+    """How the measured logins log in: "token" (a reconnect), "password" (argon2), or
+    "both" (connect: token logins, then password logins, each measured apart); ""
+    means both for connect, token for the others."""
+    password_logins: int = 0
+    """connect with both kinds: how many password logins (0: a fifth of ``connections``)."""
     target: str | None = None
     """HOST:PORT of a running server; None starts one."""
     server_pid: int | None = None
@@ -156,8 +164,19 @@ class BenchConfig:
                 _baseline(c.baseline)  # refused now rather than after the run
         elif c.pg or c.redis or c.baseline:
             raise UsageError("--pg, --redis and --baseline go with --cluster N")
-        if c.login not in ("token", "password"):
+        if not c.login:
+            c.login = "both" if c.scenario == "connect" else "token"
+        if c.login not in ("token", "password", "both"):
             raise UsageError("--login is token or password")
+        if c.login == "both":
+            if c.scenario != "connect":
+                raise UsageError("only connect measures both kinds of login in one run")
+            if not c.password_logins:
+                c.password_logins = max(1, c.connections // 5)
+        elif c.password_logins:
+            raise UsageError("--password-logins goes with connect measuring both kinds")
+        if c.password_logins < 0:
+            raise UsageError("--password-logins must be positive")
         if c.window < 1 or c.payload < 1 or c.duration <= 0 or c.procs < 1:
             raise UsageError("window, payload, duration and procs must be positive")
         for arg in c.server_args:
@@ -419,7 +438,7 @@ def run_bench(config: BenchConfig, progress: Progress = _quiet) -> BenchResult:
     )
     if n_users is None:
         warm = min(50, max(1, cfg.connections // 20))
-        n_users = cfg.connections + warm
+        n_users = cfg.connections + warm + (cfg.password_logins if cfg.login == "both" else 0)
     else:
         warm = 0
     # Every connection is a file on both ends; the self-started server inherits this.
@@ -470,8 +489,10 @@ def run_bench(config: BenchConfig, progress: Progress = _quiet) -> BenchResult:
             from bitchat.bench.sync import run_sync  # it builds on this module
 
             run_sync(cfg, handle, users, run_id, result, progress)
+        elif cfg.login == "both":
+            _run_both_logins(cfg, handle, users, warm, run_id, result, progress)
         else:
-            _run_connect(cfg, handle, users, warm, run_id, result, progress)
+            _run_connect(cfg, handle, users, warm, run_id, result, progress, cfg.login)
     return result
 
 
@@ -483,6 +504,7 @@ def _plan(
     run_id: str,
     **kw: Any,
 ) -> WorkerPlan:
+    kw.setdefault("login", cfg.login)
     return WorkerPlan(
         index=index,
         scenario=cfg.scenario,
@@ -493,7 +515,6 @@ def _plan(
         window=cfg.window,
         payload=cfg.payload,
         run_id=run_id,
-        login=cfg.login,
         concurrency=cfg.concurrency,
         bin_ns=int(BIN_S * 1e9),
         **kw,
@@ -732,7 +753,16 @@ def _server_cost(
     result.server_rss_peak_kib = after.hwm_kib
 
 
-def _run_connect(
+LOGIN_FIGURES = (
+    "logins",
+    "logins_per_s",
+    "login_failures",
+    "login_error_codes",
+    "warm_connections",
+)
+
+
+def _run_both_logins(
     cfg: BenchConfig,
     handle: ServerHandle,
     users: list[UserSpec],
@@ -741,20 +771,62 @@ def _run_connect(
     result: BenchResult,
     progress: Progress,
 ) -> None:
+    """connect: token logins, then password logins by other users, each measured apart.
+
+    The run's own figures (``delivered``, latency, server CPU) are the token
+    logins'; ``by_login`` holds both kinds' figures.
+    """
+    n_password = cfg.password_logins
+    token_users, password_users = users[:-n_password], users[-n_password:]
+    _run_connect(cfg, handle, token_users, warm, run_id, result, progress, "token", "token")
+    other = BenchResult(result.scenario, result.config, result.machine, result.server, "logins")
+    _run_connect(cfg, handle, password_users, 0, run_id, other, progress, "password", "password")
+    result.extra["by_login"] = {
+        kind: {
+            **{k: r.extra[k] for k in LOGIN_FIGURES},
+            "latency_ms": r.latency_ms,
+            "duration_s": r.duration_s,
+            "server_cpu_s": r.server_cpu_s,
+            "server_cpu_us_per_login": r.server_cpu_us_per_msg,
+        }
+        for kind, r in (("token", result), ("password", other))
+    }
+    result.extra["login"] = "both"
+    result.extra["login_failures"] += other.extra["login_failures"]
+    result.client_cpu_s += other.client_cpu_s
+    result.disconnects += other.disconnects
+    result.problems.extend(f"password logins: {p}" for p in other.problems)
+    result.notes.extend(other.notes)
+
+
+def _run_connect(
+    cfg: BenchConfig,
+    handle: ServerHandle,
+    users: list[UserSpec],
+    warm: int,
+    run_id: str,
+    result: BenchResult,
+    progress: Progress,
+    login: str,
+    label: str = "",
+) -> None:
     procs = max(1, min(cfg.procs, len(users)))
     parts = _split(users, procs, lambda u: u.index)
     warm_per = [0] * procs
     for i in range(warm):  # the first ``warm`` users, spread like the rest
         warm_per[i % procs] += 1
-    plans = [_plan(cfg, i, handle, p, run_id, warm=warm_per[i]) for i, p in enumerate(parts)]
+    plans = [
+        _plan(cfg, i, handle, p, run_id, warm=warm_per[i], login=login) for i, p in enumerate(parts)
+    ]
     measured = len(users) - warm
+    phase = f"{label} logins" if label else "connect + log in"
     workers = Workers(plans)
     try:
-        slow = cfg.login == "password" or bool(cfg.target)
+        slow = login == "password" or bool(cfg.target)
         workers.gather(
             "ready",
             60 + len(users) * (0.2 if slow else 0.02),
-            lambda: progress("warm up", sum(workers.progress), warm, ""),
+            (lambda: progress("warm up", sum(workers.progress), warm, "")) if warm else _nothing,
             handle.alive,
         )
         time.sleep(0.5)  # let the warm-up logins finish their work on the server
@@ -767,7 +839,7 @@ def _run_connect(
             done = sum(workers.progress)
             elapsed = (time.monotonic_ns() - t0) / 1e9
             progress(
-                "connect + log in",
+                phase,
                 done,
                 measured,
                 f"{done:,.0f} logins, {done / elapsed if elapsed > 0 else 0:,.0f}/s",
@@ -780,7 +852,7 @@ def _run_connect(
         n = sum(o["opened"] for o in opened)
         t_last = max(o["t_last"] for o in opened)
         elapsed = max((t_last - t0) / 1e9, 1e-9)
-        progress("connect + log in", n, measured, f"{n:,} logins, {n / elapsed:,.0f}/s")
+        progress(phase, n, measured, f"{n:,} logins, {n / elapsed:,.0f}/s")
         lat: array.array[int] = array.array("Q")
         for o in opened:
             lat.frombytes(o["latencies_us"])
@@ -801,7 +873,7 @@ def _run_connect(
                 "logins_per_s": round(n / elapsed, 1),
                 "login_failures": failed,
                 "login_error_codes": errors,
-                "login": cfg.login,
+                "login": login,
                 "warm_connections": warm,
             }
         )

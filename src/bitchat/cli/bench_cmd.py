@@ -20,7 +20,8 @@ scenarios:
   p2p      users in pairs, each sending to its partner (default); with
            --cluster N, on N nodes and a router, partners on different nodes
   group    one group: some members post, every other member receives
-  connect  connections that log in as fast as they can: logins/s
+  connect  connections that log in as fast as they can: logins/s, token
+           logins and password logins measured apart (--login picks one)
   idle     logged-in connections that only heartbeat: memory per connection
   sync     users with several devices miss messages while offline, then every
            device comes back at once: catch-up time, CPU per delivery, and
@@ -47,7 +48,8 @@ examples:
   bitchat bench p2p --json p2p.json --plot p2p.png
   bitchat bench p2p --target 127.0.0.1:8864 --server-pid 1234
   bitchat bench p2p --cluster 2 --duration 3
-  bitchat bench p2p --json alone.json; bitchat bench p2p --cluster 2 --baseline alone.json
+  bitchat bench p2p --json alone.json
+  bitchat bench p2p --cluster 2 --baseline alone.json
 """
 
 
@@ -158,9 +160,18 @@ def add_parser(sub: Any) -> None:
     load.add_argument(
         "--login",
         choices=["token", "password"],
-        default="token",
+        default="",
         help="how the measured logins log in: token (a reconnect) or password "
-        "(argon2, slow on purpose) (default token)",
+        "(argon2, slow on purpose) (default: connect measures both, token logins "
+        "then password logins, reported apart; the others log in by token)",
+    )
+    load.add_argument(
+        "--password-logins",
+        type=int,
+        default=0,
+        metavar="N",
+        help="connect measuring both kinds: password logins after the token ones "
+        "(default a fifth of --connections)",
     )
     load.add_argument(
         "--concurrency",
@@ -286,6 +297,7 @@ def run(args: argparse.Namespace) -> int:
         procs=args.procs,
         serializer=args.serializer,
         login=args.login,
+        password_logins=args.password_logins,
         target=args.target,
         server_pid=args.server_pid,
         data_dir=args.data_dir,
