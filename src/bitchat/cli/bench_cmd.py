@@ -162,8 +162,8 @@ def add_parser(sub: Any) -> None:
         choices=["token", "password"],
         default="",
         help="how the measured logins log in: token (a reconnect) or password "
-        "(argon2, slow on purpose) (default: connect measures both, token logins "
-        "then password logins, reported apart; the others log in by token)",
+        "(argon2, slow on purpose); by default connect measures both, token logins "
+        "then password logins, reported apart, and the other scenarios use token",
     )
     load.add_argument(
         "--password-logins",
