@@ -258,7 +258,7 @@ def add_parser(sub: Any) -> None:
         "--baseline",
         metavar="FILE",
         help="with --cluster: the --json of a standalone bench p2p run on this machine, "
-        "whose server CPU per message the cluster's is compared with (default: the "
+        "whose server CPU per message the cluster's is compared with (by default the "
         "standalone target, 25 µs)",
     )
     output = p.add_argument_group("output")
