@@ -659,6 +659,7 @@ def test_p2p_on_a_two_node_cluster(tmp_path: Path) -> None:
     assert "CPU per message, every process (µs)" in done.stdout
     assert "messages/s across the nodes" in done.stdout  # the cluster's targets
     assert "server CPU per message (µs)" not in done.stdout  # not the standalone one
+    assert "…" not in done.stdout  # no column cut short
     data = json.loads(out.read_text())
     assert data.keys() >= REQUIRED | {"processes", "cpu_by_role", "cluster_cpu_us_per_msg"}
     server = data["server"]
@@ -677,8 +678,8 @@ def test_p2p_on_a_two_node_cluster(tmp_path: Path) -> None:
     assert {p["pid"] for p in procs if p["role"] == "node"} == {n["pid"] for n in server["nodes"]}
     backends = [p for p in procs if p["role"] == "postgres backend"]
     assert {p["group"] for p in backends} == {
-        "PostgreSQL backends of bitchat-node-1",
-        "PostgreSQL backends of bitchat-node-2",
+        "PostgreSQL backends, node 1",
+        "PostgreSQL backends, node 2",
     }
     assert any(p["role"] == "redis" for p in procs) == (server["redis_pid"] is not None)
     for p in procs:

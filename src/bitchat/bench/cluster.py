@@ -187,7 +187,8 @@ class ClusterHandle(ServerHandle):
                 continue  # PostgreSQL on another machine or in another pid namespace
             if r["datname"] == self.database:
                 app = r["application_name"] or r["backend_type"]
-                group = f"PostgreSQL backends of {app}"
+                node = str(app).removeprefix("bitchat-node-")
+                group = f"PostgreSQL backends, node {node}" if node.isdigit() else str(app)
                 out.append(Member("postgres backend", f"backend {pid} ({app})", pid, group=group))
             else:
                 out.append(Member("postgres (shared)", str(r["backend_type"]), pid, shared=True))

@@ -354,7 +354,7 @@ def processes_table(r: BenchResult) -> Table | None:
     t.add_column("process", no_wrap=True)
     t.add_column("pid", justify="right", no_wrap=True)
     t.add_column("CPU (s)", justify="right", no_wrap=True)
-    t.add_column("µs per message", justify="right", no_wrap=True)
+    t.add_column("µs/message", justify="right", no_wrap=True)
     t.add_column("RSS (MiB)", justify="right", no_wrap=True)
     groups: dict[str, list[dict[str, Any]]] = {}
     for p in procs:
