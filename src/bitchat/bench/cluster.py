@@ -334,7 +334,7 @@ async def seed_pg(dsn: str, users: Sequence[UserSpec], password: str) -> None:
     from bitchat.im.names import name_keys
     from bitchat.im.passwords import hash_password, new_token, token_digest
 
-    logging.getLogger("bitchat.pg").setLevel(logging.WARNING)  # no "migrated" lines
+    logging.getLogger("bitchat.cluster.pg").setLevel(logging.WARNING)  # no "migrated" lines
     db = PgDatabase(dsn, application_name="bitchat-bench-seed")
     await db.open()  # migrates the schema
     try:
