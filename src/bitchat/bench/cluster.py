@@ -139,7 +139,12 @@ class ClusterHandle(ServerHandle):
             "pid": None,
             "address": f"{self.host}:{self.port}",
             "nodes": [
-                {"node_id": i + 1, "pid": n.pid, "address": f"{n.host}:{n.port}", "argv": n.argv}
+                {
+                    "node_id": i + 1,
+                    "pid": n.pid,
+                    "address": f"{n.host}:{n.port}",
+                    "argv": [safe_url(a) if "://" in a else a for a in n.argv],
+                }
                 for i, n in enumerate(self.nodes)
             ],
             "router": None
@@ -384,7 +389,8 @@ def _wait_for_line(handle: ServerHandle, text: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not handle.alive():
-            raise RuntimeError(f"{handle.argv[3]} exited during start-up:\n{handle.log_tail()}")
+            name = os.path.basename(handle.log_path or "").removesuffix(".log")
+            raise RuntimeError(f"{name} exited during start-up:\n{handle.log_tail()}")
         with contextlib.suppress(OSError), open(handle.log_path or "", encoding="utf-8") as f:
             if text in f.read():
                 return
@@ -455,6 +461,10 @@ def start_cluster(
     if redis_pid is None:
         handle.notes.append(
             "redis-server is not a process of this machine (or not visible): its CPU is not counted"
+        )
+    if keep:
+        handle.notes.append(
+            f"--keep: database {name} is kept (dropdb {name} when done), and the logs in {folder}"
         )
     created = False
     try:

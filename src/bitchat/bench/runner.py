@@ -458,10 +458,12 @@ def run_bench(config: BenchConfig, progress: Progress = _quiet) -> BenchResult:
             "sync": "deliveries",
         }[cfg.scenario],
     )
-    if cfg.pg:
+    if cfg.cluster:
         from bitchat.bench.cluster import safe_url
 
-        result.config["pg"] = safe_url(cfg.pg)
+        for key in ("pg", "redis"):  # a URL's password stays out of the report
+            if cfg_url := result.config.get(key):
+                result.config[key] = safe_url(cfg_url)
     with _server(cfg, users, progress) as handle:
         result.server = {
             "self_started": handle.self_started,

@@ -203,13 +203,14 @@ def add_parser(sub: Any) -> None:
     server.add_argument(
         "--data-dir",
         metavar="DIR",
-        help="folder of the self-started server's database "
-        "(default a new temporary folder, removed afterwards)",
+        help="folder of the self-started server's database (--cluster: of the nodes' "
+        "and the router's logs) (default a new temporary folder, removed afterwards)",
     )
     server.add_argument(
         "--keep",
         action="store_true",
-        help="keep the temporary folder (database and server.log) afterwards",
+        help="keep the temporary folder (database and server.log) afterwards; "
+        "--cluster: the run's PostgreSQL database and the logs",
     )
     server.add_argument(
         "--no-uvloop",
