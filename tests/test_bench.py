@@ -12,6 +12,7 @@ import argparse
 import io
 import json
 import os
+import re
 import select
 import subprocess
 import sys
@@ -655,6 +656,11 @@ def test_p2p_on_a_two_node_cluster(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert max(len(line) for line in done.stdout.splitlines()) <= 80, done.stdout
+    lines = done.stdout.splitlines()
+    assert lines[1].startswith("2 nodes (pids ") and lines[1].endswith("on different nodes")
+    assert re.fullmatch(r"router \(pid \d+\) started, answered nodes \[(1, 2|2, 1)\]", lines[2])
+    assert lines[3].startswith("database bitchat_bench_")  # nothing wrapped
+    assert lines[4].startswith("1 load processes, ")
     assert "no message lost, duplicated or reordered (exit status 0)" in done.stdout
     assert "CPU per message, every process (µs)" in done.stdout
     assert "messages/s across the nodes" in done.stdout  # the cluster's targets

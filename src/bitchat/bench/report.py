@@ -189,17 +189,18 @@ def heading(r: BenchResult) -> list[str]:
         nodes = r.server.get("nodes", [])
         router = r.server.get("router") or {}
         pids = ", ".join(str(n["pid"]) for n in nodes)
-        where = f"{len(nodes)} nodes (pids {pids}), partners on different nodes"
         extra = [
+            f"{len(nodes)} nodes (pids {pids}), partners on different nodes",
             f"router (pid {router.get('pid')}) started, answered nodes {router.get('answered')}",
-            f"PostgreSQL database {r.server.get('database')}, "
-            f"Redis prefix {r.server.get('redis_prefix')}",
+            f"database {r.server.get('database')}, Redis prefix {r.server.get('redis_prefix')}",
         ]
     machine = f"{cfg.get('procs')} load processes, {r.machine.get('nproc')} cores"
     load = r.machine.get("loadavg_at_start")
     if load:
         machine += f", load average {load[0]:g}"
-    return [f"bitchat bench {r.scenario}: {shape}", f"{where}; {machine}", *extra]
+    if extra:  # a cluster: what ran where, then the machine
+        return [f"bitchat bench {r.scenario}: {shape}", *extra, machine]
+    return [f"bitchat bench {r.scenario}: {shape}", f"{where}; {machine}"]
 
 
 def _check(value: int) -> str:
