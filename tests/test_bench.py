@@ -673,6 +673,7 @@ def test_p2p_on_a_two_node_cluster(tmp_path: Path) -> None:
     assert sorted(server["router"]["answered"]) == [1, 2]  # started, and it answered
     # Every pair is split over the two nodes, so every message crossed nodes.
     assert data["pairs_across_nodes"] == 3
+    assert data["placement_checked"] is True  # Redis's online:{node} hashes agree
     assert data["users_per_node"] == {"1": 3, "2": 3}
     # Every message was checked: all acked ones arrived, once each, in order.
     assert data["delivered"] > 0 and data["delivered"] == data["messages_acked"]

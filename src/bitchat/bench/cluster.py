@@ -199,6 +199,35 @@ class ClusterHandle(ServerHandle):
                 out.append(Member("postgres (shared)", str(r["backend_type"]), pid, shared=True))
         return sorted(out, key=lambda m: (m.role, m.name))
 
+    def misplaced(self, users: Sequence[UserSpec], timeout: float = 10.0) -> list[UserSpec]:
+        """The users the cluster's own registry does not show online on their node
+        alone (``online:{id}`` in Redis), once every one is or ``timeout`` passed."""
+        import redis.asyncio as aioredis
+
+        from bitchat.cluster.registry import Keys
+
+        keys = Keys(self.prefix)
+        node_of = {n.port: i + 1 for i, n in enumerate(self.nodes)}
+
+        async def check() -> list[UserSpec]:
+            client = aioredis.Redis.from_url(self.redis, socket_timeout=5)
+            try:
+                deadline = time.monotonic() + timeout
+                while True:
+                    where: dict[int, set[int]] = {}
+                    for node in node_of.values():
+                        for field in await client.hkeys(keys.online(node)):
+                            where.setdefault(int(field), set()).add(node)
+                    wrong = [u for u in users if where.get(u.user_id) != {node_of[u.port]}]
+                    if not wrong or time.monotonic() > deadline:
+                        return wrong
+                    # The nodes mirror their sessions into Redis a moment after a login.
+                    await asyncio.sleep(0.05)
+            finally:
+                await client.aclose()
+
+        return asyncio.run(check())
+
     def sample(self) -> dict[int, tuple[Member, ProcSample]]:
         out: dict[int, tuple[Member, ProcSample]] = {}
         for m in self.members():

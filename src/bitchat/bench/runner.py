@@ -569,6 +569,15 @@ def _run_messages(
         for r in ready:
             ids.update(r)
         progress("log in", len(users), len(users), "")
+        if isinstance(handle, ClusterHandle):
+            # Partners apart, as the cluster itself sees it: every message crosses nodes.
+            wrong = handle.misplaced(users)
+            result.extra["placement_checked"] = not wrong
+            if wrong:
+                result.problems.append(
+                    f"PLACEMENT: {len(wrong)} user(s) not online on their node alone in "
+                    f"Redis, e.g. {wrong[0].name}"
+                )
         if cfg.scenario == "p2p":
             senders = {i: ids[i ^ 1] for i in range(len(users))}
             expect_from = {ids[i]: [ids[i ^ 1]] for i in range(len(users))}
