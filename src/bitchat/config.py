@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import difflib
+import json
 import re
 import sys
 import textwrap
@@ -169,6 +170,12 @@ def from_text(name: str, text: str) -> Any:
         return None
     if k is bool:
         return _BOOLS.get(text.strip().lower(), text)
+    if k is dict:
+        # A table in the environment is JSON (BITCHAT_API_KEYS='{"bot": {...}}').
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
     try:
         if k is int:
             return int(text)
@@ -315,7 +322,9 @@ def _allowed(name: str) -> str:
 def _options(name: str) -> str:
     s = spec(name)
     if not s.commands:
-        return "config file only (`[extra]`)" if name == "extra" else ""
+        if name == "extra":
+            return "config file only (`[extra]`)"
+        return f"config file, or `{env_name(name)}` as JSON" if kind(name) is dict else ""
     names = option_names(name)
     if kind(name) is bool:
         names = [n for option in names for n in (option, f"--no-{option[2:]}")]
