@@ -449,7 +449,8 @@ async def test_upgrade_turns_pending_rows_into_read_positions(pg_dsn: str) -> No
 
     async with _centers(pg_dsn) as (users, messages):
         async with users.db.connection() as c:
-            assert await c.fetchval("SELECT version FROM schema_version") == len(MIGRATIONS) == SCHEMA_VERSION
+            version = await c.fetchval("SELECT version FROM schema_version")
+            assert version == len(MIGRATIONS) == SCHEMA_VERSION
             assert await c.fetchval("SELECT to_regclass('pending')") is None
             stored = await c.fetch("SELECT id, conv, seq, device FROM messages ORDER BY id")
             assert [(r[0], r[1], r[2]) for r in stored] == [
