@@ -171,7 +171,7 @@ def from_text(name: str, text: str) -> Any:
     if k is bool:
         return _BOOLS.get(text.strip().lower(), text)
     if k is dict:
-        # A table in the environment is JSON (BITCHAT_API_KEYS='{"bot": {...}}').
+        # A table in the environment or on the command line is JSON: '{"bot": {...}}'.
         try:
             return json.loads(text)
         except ValueError:
@@ -322,9 +322,7 @@ def _allowed(name: str) -> str:
 def _options(name: str) -> str:
     s = spec(name)
     if not s.commands:
-        if name == "extra":
-            return "config file only (`[extra]`)"
-        return f"config file, or `{env_name(name)}` as JSON" if kind(name) is dict else ""
+        return "config file only (`[extra]`)" if name == "extra" else ""
     names = option_names(name)
     if kind(name) is bool:
         names = [n for option in names for n in (option, f"--no-{option[2:]}")]

@@ -344,11 +344,13 @@ class Settings:
     It is also the server API's key with every scope."""
     max_api_body_size: int = setting(64 * 1024, ge=0, unit="bytes", commands=_S)
     """Largest JSON body of a server API request (/api/v1/); above it: 413."""
-    api_keys: dict[str, Any] = field(default_factory=dict, metadata={"spec": Spec()})
+    api_keys: dict[str, Any] = field(
+        default_factory=dict, metadata={"spec": Spec(commands=_S, metavar="JSON")}
+    )
     """Named keys of the server API, a table ``name = { key = "...", scopes = [...] }``
     (scopes: ``users:read``, ``users:write``, ``groups:read``, ``groups:write``,
-    ``messages:read``, ``messages:write``, ``admin``); in the environment
-    ``BITCHAT_API_KEYS`` as JSON. A key has at least 16 characters."""
+    ``messages:read``, ``messages:write``, ``admin``); in the environment and on the
+    command line as JSON. A key has at least 16 characters."""
 
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form settings of your own handlers (the config file's ``[extra]`` table)."""
@@ -455,8 +457,16 @@ def _how_to_set(name: str) -> str:
 FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(Settings)}
 """The fields of :class:`Settings` by name, in the class's order."""
 
-KINDS = {"int": int, "float": float, "str": str, "bool": bool, "str | None": str}
-"""The field types a setting may have (``extra`` aside), as written in the class."""
+KINDS = {
+    "int": int,
+    "float": float,
+    "str": str,
+    "bool": bool,
+    "str | None": str,
+    "dict[str, Any]": dict,
+}
+"""The field types a setting may have, as written in the class (a table: ``api_keys``,
+``extra``)."""
 
 
 def spec(name: str) -> Spec:
