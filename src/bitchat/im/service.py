@@ -211,11 +211,12 @@ class IMService:
         if not self.settings.open_registration:
             raise RequestError(codes.FORBIDDEN, "sign-ups are closed on this server")
         name = _valid_name(p.name, self.settings.max_name_length)
-        self._check_password(p.password)
+        self.check_password(p.password)
         user = await self.users.register(name, p.password)
         return UserInfo(user.id, user.name)
 
-    def _check_password(self, password: str) -> None:
+    def check_password(self, password: str) -> None:
+        """RequestError ``invalid_packet`` unless a password has an allowed length."""
         if not 1 <= len(password) <= self.settings.max_password_length:
             raise RequestError(
                 codes.INVALID_PACKET,
@@ -264,7 +265,7 @@ class IMService:
             )
         else:
             name = _valid_name(p.name, self.settings.max_name_length)
-            self._check_password(p.password)
+            self.check_password(p.password)
             try:
                 user = await self._authenticate(session, name, p.password)
             except RequestError:

@@ -245,7 +245,7 @@ async def create_user(call: Call) -> dict[str, Any]:
     name = normalize_name(body["name"], im.settings.max_name_length)
     # No password: an account only the API sends as (a bot); no password matches it.
     password = body.get("password") or secrets.token_urlsafe(32)
-    im._check_password(password)
+    im.check_password(password)
     user = await im.users.register(name, password)
     return {"id": user.id, "name": user.name, "banned": False}
 

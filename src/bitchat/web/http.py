@@ -1,4 +1,5 @@
-"""HTTP/1.1 on the server's port, with h11: the chat page, /status/*, /healthz, /metrics.
+"""HTTP/1.1 on the server's port, with h11: the chat page, /status/*, /healthz, /metrics,
+and the server API under /api/v1/ (:mod:`bitchat.web.api`).
 
 One :class:`HttpConnection` per connection whose first bytes are an HTTP request.
 It answers requests in order (keep-alive and pipelining included) and hands a
@@ -7,8 +8,12 @@ It answers requests in order (keep-alive and pipelining included) and hands a
 
 Bad input never escapes: a request h11 cannot parse gets 400 (431 when its head
 is over ``Settings.max_http_header_size``) and a close; an unknown path 404; a
-method other than GET/HEAD 405; a body (none of our routes takes one) over
-64 KiB 413. A peer that sends no complete request within ``Settings.http_timeout``
+method other than GET/HEAD 405; a body (none of the other routes takes one) over
+``Settings.max_http_body_size`` 413. An API request's JSON body is bounded by
+``Settings.max_api_body_size`` (413 ``body_too_large`` in JSON); its handler runs
+as a task while the connection reads nothing more, so answers leave in request
+order on a keep-alive connection and a pipelining peer cannot pile requests up.
+A peer that sends no complete request within ``Settings.http_timeout``
 is dropped (the time runs from the start of the request, however slowly its bytes
 come), and one that does not read its answers stops being read. An answer to
 ``HEAD`` never has a body, errors included, and nothing a peer sends is logged
