@@ -201,7 +201,8 @@ async def test_create_and_look_up_users(http: httpx.AsyncClient, clients: Client
     assert (await http.get(f"/api/v1/users/{alice['id']}")).json() == alice
     assert (await http.get("/api/v1/users", params={"name": "alice"})).json() == alice
     error(await http.get("/api/v1/users", params={"name": "nobody"}), 404, codes.NOT_FOUND)
-    error(await http.get("/api/v1/users", params={"name": ""}), 404, codes.NOT_FOUND)
+    for odd in ("", "a b", "x\x00", "x" * 1000, "\u200b"):
+        error(await http.get("/api/v1/users", params={"name": odd}), 404, codes.NOT_FOUND)
     error(await http.get("/api/v1/users"), 400, codes.INVALID_PACKET)
     error(await http.get("/api/v1/users/999"), 404, codes.NOT_FOUND)
     # The name rules of a sign-up.
@@ -542,6 +543,12 @@ async def test_cluster_sends_logouts_and_bans_reach_every_node(
             assert r.status_code == 201
             [got] = await b_in.wait_for(1)
             assert got.msg_id == r.json()["msg_id"]
+            # What PostgreSQL cannot keep (U+0000 in text) is bad input, not a server error.
+            nul = {"from": alice, "to": bob, "text": "a\x00b"}
+            error(await http.post("/api/v1/messages", json=nul), 400, codes.INVALID_PACKET)
+            nul_name = {"name": "x\x00y"}
+            error(await http.post("/api/v1/users", json=nul_name), 400, codes.INVALID_PACKET)
+            error(await http.get("/api/v1/users", params=nul_name), 404, codes.NOT_FOUND)
 
             reason = closed_reason(b)
             r = await http.post(f"/api/v1/users/{bob}/logout")

@@ -255,10 +255,14 @@ async def get_user(call: Call) -> dict[str, Any]:
 
 
 async def find_user(call: Call) -> dict[str, Any]:
-    name: str = call.params["name"]
-    found = await call.im.users.credentials(name) if name.strip() else None
+    asked: str = call.params["name"]
+    try:
+        name = normalize_name(asked, call.im.settings.max_name_length)
+    except RequestError:
+        name = ""  # no user has a name that breaks the rules (nor is it sent to a store)
+    found = await call.im.users.credentials(name) if name else None
     if found is None:
-        raise RequestError(codes.NOT_FOUND, f"no user named {name!r}")
+        raise RequestError(codes.NOT_FOUND, f"no user named {asked[:64]!r}")
     return await _user_out(call, found[0])
 
 
