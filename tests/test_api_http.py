@@ -509,6 +509,23 @@ async def test_pipelined_requests_are_answered_in_order(server: Server) -> None:
         writer.close()
 
 
+async def test_a_client_that_expects_100_continue_is_told_to_go_on(server: Server) -> None:
+    body = orjson.dumps({"name": "carol", "password": "p" * 100})
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(server))
+    try:
+        writer.write(
+            f"POST /api/v1/users HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN}\r\n"
+            f"Expect: 100-continue\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        )
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+        assert interim.startswith(b"HTTP/1.1 100 ")
+        writer.write(body)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+        assert head.startswith(b"HTTP/1.1 201 ")
+    finally:
+        writer.close()
+
+
 async def test_a_body_over_the_limit_is_refused_with_a_json_413(tmp_path: Path) -> None:
     async with im_server(tmp_path, admin_token=ADMIN, max_api_body_size=100) as s:
         base = f"http://127.0.0.1:{port_of(s)}"

@@ -217,6 +217,11 @@ class HttpConnection(asyncio.Protocol):
                 if _content_length(event) > self._body_limit:
                     self._too_large()
                     return
+                if is_api and conn.they_are_waiting_for_100_continue:
+                    # curl asks before a large body: say go on, rather than have it wait.
+                    self.transport.write(
+                        conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b""
+                    )
             elif isinstance(event, h11.Data):
                 self._body_size += len(event.data)
                 if self._body_size > self._body_limit:
