@@ -418,15 +418,20 @@ async def test_logout_closes_every_device_and_revokes_its_tokens(
     token = phone.token
     assert token
     reasons = [closed_reason(phone), closed_reason(laptop)]
+    relogin: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    phone.on_relogin(lambda ok, exc: relogin.done() or relogin.set_result((ok, exc)))
     r = await http.post(f"/api/v1/users/{alice}/logout")
     assert r.status_code == 200 and r.json() == {"ok": True, "revoked_tokens": 2}
     assert await asyncio.wait_for(asyncio.gather(*reasons), WAIT) == [codes.LOGGED_OUT] * 2
-    # The token is gone; the client does not log in again by itself; others stay on.
+    # The client reconnects, and does not log in again by itself.
+    ok, exc = await asyncio.wait_for(relogin, WAIT)
+    assert ok is None and exc.code == codes.LOGGED_OUT
+    assert phone.token is None
+    # The token is gone; others stay on.
     fresh = await clients.connect()
     with pytest.raises(RequestError) as info:
         await fresh.login(token=token)
     assert info.value.code == codes.LOGIN_FAILED
-    assert phone.token is None
     assert [u.name for u in await other.online_users()] == ["bob"]
     # The password still works: a logout is no ban.
     again = await clients.login("alice", device="phone")
