@@ -614,21 +614,20 @@ class Api:
         self.im = im
         self.settings: Settings = server.settings
         self._document: bytes | None = None
+        s = self.settings
+        self._keys = [
+            (name, _digest(entry["key"]), frozenset(entry.get("scopes", ())))
+            for name, entry in s.api_keys.items()
+        ]
+        """Each key's name, digest and scopes (the digests are what is compared)."""
+        if s.admin_token:
+            self._keys.append(("admin_token", _digest(s.admin_token), frozenset(API_SCOPES)))
 
     # -- keys ---------------------------------------------------------------------------------
 
-    def _keys(self) -> list[tuple[str, bytes, frozenset[str]]]:
-        keys = [
-            (name, _digest(entry["key"]), frozenset(entry.get("scopes", ())))
-            for name, entry in self.settings.api_keys.items()
-        ]
-        if self.settings.admin_token:
-            keys.append(("admin_token", _digest(self.settings.admin_token), frozenset(API_SCOPES)))
-        return keys
-
     def authorize(self, authorization: bytes | None, scope: str) -> ApiReply | str:
         """The key's name, or the refusal."""
-        keys = self._keys()
+        keys = self._keys
         if not keys:
             return error_reply(
                 codes.FORBIDDEN,
