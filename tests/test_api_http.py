@@ -596,9 +596,14 @@ async def test_cluster_sends_logouts_and_bans_reach_every_node(
 # -- the stores' upgrade -----------------------------------------------------------------------
 
 
+def _before_bans(migrations: list[Any]) -> int:
+    """The version just before the step that adds bans (whatever its number)."""
+    return next(i for i, m in enumerate(migrations) if isinstance(m, str) and "banned_at" in m)
+
+
 async def test_sqlite_upgrades_a_database_of_the_previous_version_to_bans(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
-    previous = sql.SCHEMA_VERSION - 1
+    previous = _before_bans(store.MIGRATIONS)
     saved = store.MIGRATIONS[:]
     store.MIGRATIONS[:] = saved[:previous]
     try:
@@ -637,7 +642,7 @@ async def test_sqlite_upgrades_a_database_of_the_previous_version_to_bans(tmp_pa
 async def test_postgresql_upgrades_a_database_of_the_previous_version_to_bans(
     pg_dsn: str,
 ) -> None:
-    previous = sql.SCHEMA_VERSION - 1
+    previous = _before_bans(pg.MIGRATIONS)
     con = await asyncpg.connect(pg_dsn)
     try:
         async with con.transaction():
