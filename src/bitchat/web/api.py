@@ -29,6 +29,7 @@ import secrets
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl
 
 import orjson
 from jsonschema import Draft202012Validator
@@ -725,8 +726,6 @@ def _not_allowed(methods: list[str]) -> ApiReply:
 
 
 def _params(route: Route, path_args: dict[str, str], query: str) -> dict[str, Any]:
-    from urllib.parse import parse_qsl
-
     raw: dict[str, str] = dict(path_args)
     try:
         pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=False, errors="strict")
@@ -767,7 +766,9 @@ def _check(validator: Draft202012Validator, value: Any, what: str) -> None:
     if error is not None:
         where = "/".join(str(p) for p in error.absolute_path)
         message = error.message if len(error.message) <= 200 else error.message[:200] + "..."
-        raise RequestError(codes.INVALID_PACKET, f"{what} {where}: {message}".replace("  ", " "))
+        raise RequestError(
+            codes.INVALID_PACKET, f"{what} {where}: {message}" if where else f"{what}: {message}"
+        )
 
 
 def openapi() -> dict[str, Any]:
