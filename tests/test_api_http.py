@@ -516,6 +516,21 @@ async def test_pipelined_requests_are_answered_in_order(server: Server) -> None:
         writer.close()
 
 
+async def test_a_request_in_absolute_form_is_read_as_one_in_origin_form(server: Server) -> None:
+    body = orjson.dumps({"name": "dan"})
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(server))
+    try:
+        writer.write(
+            b"POST http://127.0.0.1/api/v1/users HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            + f"Authorization: Bearer {ADMIN}\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), WAIT)
+        assert head.startswith(b"HTTP/1.1 201 "), head
+    finally:
+        writer.close()
+
+
 async def test_a_client_that_expects_100_continue_is_told_to_go_on(server: Server) -> None:
     body = orjson.dumps({"name": "carol", "password": "p" * 100})
     reader, writer = await asyncio.open_connection("127.0.0.1", port_of(server))

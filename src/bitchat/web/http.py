@@ -205,7 +205,7 @@ class HttpConnection(asyncio.Protocol):
             if isinstance(event, h11.Request):
                 self._request = event
                 self._body_size = 0
-                is_api = event.target.startswith(api.PREFIX.encode() + b"/")
+                is_api = _target_path(event.target).startswith(_API_PREFIX)
                 self._body = bytearray() if is_api else None
                 self._body_limit = (
                     self.settings.max_api_body_size if is_api else self.settings.max_http_body_size
@@ -508,6 +508,19 @@ class HttpConnection(asyncio.Protocol):
     def abort(self) -> None:
         self._finish()
         self.transport.abort()
+
+
+_API_PREFIX = api.PREFIX.encode() + b"/"
+
+
+def _target_path(target: bytes) -> bytes:
+    """The path of a request target, in origin form (``/a?b``) or absolute form
+    (``http://host/a?b``), as the route will see it."""
+    if target.startswith(b"/"):
+        return target
+    scheme_end = target.find(b"://")
+    start = target.find(b"/", scheme_end + 3) if scheme_end >= 0 else -1
+    return target[start:] if start >= 0 else b""
 
 
 async def _awaited(out: Awaitable[api.ApiReply]) -> api.ApiReply:
