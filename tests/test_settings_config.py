@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -93,10 +94,14 @@ def _three(name: str) -> list[Any]:
         return [not d, d, not d]
     if k is str:
         return [f"{name}-file", f"{name}-env", f"{name}-cli"]
+    if k is dict:  # api_keys
+        return [{w: {"key": f"{w}-key-0123456789", "scopes": []}} for w in ("file", "env", "cli")]
     return [d + k(1), d + k(2), d + k(3)]
 
 
 def _text(value: Any) -> str:
+    if isinstance(value, dict):
+        return json.dumps(value)
     return ("true" if value else "false") if isinstance(value, bool) else str(value)
 
 

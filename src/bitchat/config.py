@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import difflib
+import json
 import re
 import sys
 import textwrap
@@ -169,6 +170,12 @@ def from_text(name: str, text: str) -> Any:
         return None
     if k is bool:
         return _BOOLS.get(text.strip().lower(), text)
+    if k is dict:
+        # A table in the environment or on the command line is JSON: '{"bot": {...}}'.
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
     try:
         if k is int:
             return int(text)

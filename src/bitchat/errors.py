@@ -68,10 +68,16 @@ class codes:
     RATE_LIMITED = "rate_limited"
     LOGIN_THROTTLED = "login_throttled"  # too many failed logins: the message says how long
     NO_SERVER = "no_server"
+    BANNED = "banned"  # the user is banned from the server (a login, an API send)
+    # HTTP API level (/api/v1/): the codes above, and these.
+    NOT_IMPLEMENTED = "not_implemented"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    BODY_TOO_LARGE = "body_too_large"
     # Why the server closes a connection (an Error push, request id 0, just before).
     IDLE_TIMEOUT = "idle_timeout"
     FRAME_TIMEOUT = "frame_timeout"
     LOGIN_TIMEOUT = "login_timeout"
+    LOGGED_OUT = "logged_out"  # the server API logged the user out everywhere
 
 
 class BitchatError(Exception):

@@ -340,7 +340,17 @@ class Settings:
     ws_close_timeout: float = setting(5.0, gt=0, unit="s", commands=_S)
     """Time a WebSocket peer has to answer the server's close frame before it is dropped."""
     admin_token: str | None = setting(None, commands=_S, metavar="TOKEN")
-    """When set, /status/* requires ``Authorization: Bearer <token>``; else loopback only."""
+    """When set, /status/* requires ``Authorization: Bearer <token>``; else loopback only.
+    It is also the server API's key with every scope."""
+    max_api_body_size: int = setting(64 * 1024, ge=0, unit="bytes", commands=_S)
+    """Largest JSON body of a server API request (/api/v1/); above it: 413."""
+    api_keys: dict[str, Any] = field(
+        default_factory=dict, metadata={"spec": Spec(commands=_S, metavar="JSON")}
+    )
+    """Named keys of the server API, a table ``name = { key = "...", scopes = [...] }``
+    (scopes: ``users:read``, ``users:write``, ``groups:read``, ``groups:write``,
+    ``messages:read``, ``messages:write``, ``admin``); in the environment and on the
+    command line as JSON. A key has at least 16 characters."""
 
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form settings of your own handlers (the config file's ``[extra]`` table)."""
@@ -377,6 +387,9 @@ class Settings:
             if a > b:
                 source = where.get(high, "default")
                 raise fail(low, f"expected at most {high} = {show(b)} ({source}), got {show(a)}")
+        problem = api_keys_problem(self.api_keys)
+        if problem:
+            raise fail("api_keys", problem)
         if (self.tls_cert is None) != (self.tls_key is None):
             given, missing = ("tls_cert", "tls_key") if self.tls_key is None else _TLS_KEY_ONLY
             raise fail(given, f"{given} needs {missing} too")
@@ -386,6 +399,39 @@ class Settings:
                     raise fail("mode", f"cluster mode needs {_how_to_set(name)}, e.g. {example}")
             if origins is not None and "node_id" not in origins:
                 raise fail("mode", f"cluster mode needs {_how_to_set('node_id')}, unique per node")
+
+
+API_SCOPES = (
+    "users:read",
+    "users:write",
+    "groups:read",
+    "groups:write",
+    "messages:read",
+    "messages:write",
+    "admin",
+)
+"""The scopes a server API key may have (the admin token has them all)."""
+MIN_API_KEY_LENGTH = 16
+
+
+def api_keys_problem(keys: Mapping[str, Any]) -> str:
+    """What is wrong with an ``api_keys`` table, or "" if nothing."""
+    seen: set[str] = set()
+    for name, entry in keys.items():
+        if not isinstance(entry, dict) or set(entry) - {"key", "scopes"}:
+            return f"{name}: expected a table with key and scopes"
+        key, scopes = entry.get("key"), entry.get("scopes", [])
+        if not isinstance(key, str) or len(key) < MIN_API_KEY_LENGTH:
+            return f"{name}: expected a key of at least {MIN_API_KEY_LENGTH} characters"
+        if key in seen:
+            return f"{name}: the same key as another name"
+        seen.add(key)
+        if not isinstance(scopes, list) or not all(isinstance(x, str) for x in scopes):
+            return f"{name}: expected scopes as an array of strings"
+        unknown = [x for x in scopes if x not in API_SCOPES]
+        if unknown:
+            return f"{name}: unknown scope {unknown[0]!r} (known: {', '.join(API_SCOPES)})"
+    return ""
 
 
 _ORDERED = (
@@ -411,8 +457,16 @@ def _how_to_set(name: str) -> str:
 FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(Settings)}
 """The fields of :class:`Settings` by name, in the class's order."""
 
-KINDS = {"int": int, "float": float, "str": str, "bool": bool, "str | None": str}
-"""The field types a setting may have (``extra`` aside), as written in the class."""
+KINDS = {
+    "int": int,
+    "float": float,
+    "str": str,
+    "bool": bool,
+    "str | None": str,
+    "dict[str, Any]": dict,
+}
+"""The field types a setting may have, as written in the class (a table: ``api_keys``,
+``extra``)."""
 
 
 def spec(name: str) -> Spec:

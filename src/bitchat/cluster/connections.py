@@ -29,7 +29,10 @@ Events (typing, read states, receipts: any IM push but a message) cross nodes on
 one cluster-wide ``P typing`` channel, each as its packet type and body with its
 recipients, and each node pushes to those it holds: no lookup of where the
 recipients are, since events are small, rate-limited or rare and worth less than
-the round trip; never stored, and one lost in transit is simply lost.
+the round trip; never stored, and one lost in transit is simply lost. A forced
+logout or a ban (:meth:`RedisConnectionCenter.disconnect_user`) rides the same
+channel: each node closes the user's sessions it holds (their tokens are revoked
+in PostgreSQL first, so a node that missed it cannot log them in again).
 
 While Redis is down the node refuses logins and online lists with ``unavailable``
 (it cannot tell the cluster where the user is), keeps serving its connected
@@ -57,7 +60,7 @@ from bitchat.cluster.registry import (
     safe_url,
 )
 from bitchat.errors import BitchatError, ServiceUnavailable
-from bitchat.im.centers import ConnectionCenter, Message
+from bitchat.im.centers import ConnectionCenter, Message, close_sessions
 from bitchat.im.delivery import push_message
 from bitchat.im.packets import TypingEvent
 from bitchat.protocol.packets import Packet, registry
@@ -105,6 +108,7 @@ return out
 
 _LOCATE_CHUNK = 1000  # users per script call: Lua's unpack() has a stack limit
 FORWARD_BATCH = 512
+_DISCONNECT = "disconnect"  # an event that closes a user's sessions on every node
 
 
 def _message_row(m: Message) -> list[Any]:
@@ -392,7 +396,25 @@ class RedisConnectionCenter(ConnectionCenter):
         finally:
             self._events_task = None
 
+    async def disconnect_user(self, user_id: int, code: str, message: str) -> None:
+        close_sessions(self.local_sessions(user_id), code, message)
+        # On the events channel: every node closes the sessions of the user it holds.
+        payload = msgpack.packb([self.node_id, _DISCONNECT, [user_id], code, message])
+        try:
+            await self.redis.publish(self.keys.typing, payload)
+        except REDIS_ERRORS as exc:
+            self._failed(exc, "publishing a disconnect")
+            raise ServiceUnavailable(
+                "Redis is unavailable: the user's connections on other nodes stay open"
+            ) from exc
+
     def _event_received(self, data: list[Any]) -> None:
+        if len(data) == 5 and data[1] == _DISCONNECT:
+            node, _, users, code, message = data
+            if node != self.node_id:
+                for u in users:
+                    close_sessions(self._by_user.get(u, ()), str(code), str(message))
+            return
         if len(data) == 8:
             # A node from before events carries typing only, field by field.
             node, user_id, name, to, group_id, typing, expires_in, users = data

@@ -239,6 +239,10 @@ MIGRATIONS: list[Migration] = [
     );
     CREATE INDEX external_users_user ON external_users(user_id);
     """,
+    # 7: server-wide bans (Unix ms of the ban; 0: not banned), set by the server API.
+    """
+    ALTER TABLE users ADD COLUMN banned_at BIGINT NOT NULL DEFAULT 0;
+    """,
 ]
 
 _MIGRATION_LOCK = 0x62697463  # "bitc": the advisory lock every node migrates under
@@ -768,6 +772,27 @@ class PgUserCenter(UserCenter):
         await self._fetch(
             "revoking a token", "DELETE FROM tokens WHERE digest = $1", token_digest(token)
         )
+
+    async def revoke_user_tokens(self, user_id: int) -> int:
+        rows = await self._fetch(
+            "revoking tokens", "DELETE FROM tokens WHERE user_id = $1 RETURNING 1", user_id
+        )
+        return len(rows)
+
+    async def set_banned(self, user_id: int, banned: bool, ts: int = 0) -> bool:
+        rows = await self._fetch(
+            "writing a ban",
+            "UPDATE users SET banned_at = $2 WHERE id = $1 RETURNING 1",
+            user_id,
+            max(1, ts) if banned else 0,
+        )
+        return bool(rows)
+
+    async def is_banned(self, user_id: int) -> bool:
+        rows = await self._fetch(
+            "reading a ban", "SELECT banned_at FROM users WHERE id = $1", user_id
+        )
+        return bool(rows and rows[0]["banned_at"])
 
     async def bind_token(self, token: str, device_id: int) -> bool:
         rows = await self._fetch(

@@ -372,6 +372,19 @@ class UserCenter(abc.ABC):
     async def revoke_token(self, token: str) -> None: ...
 
     @abc.abstractmethod
+    async def revoke_user_tokens(self, user_id: int) -> int:
+        """Revoke every token of every device of the user (a forced logout); how many."""
+
+    @abc.abstractmethod
+    async def set_banned(self, user_id: int, banned: bool, ts: int = 0) -> bool:
+        """Ban the user from the server since ``ts`` (Unix ms), or lift the ban; False
+        if there is no such user."""
+
+    @abc.abstractmethod
+    async def is_banned(self, user_id: int) -> bool:
+        """Whether the user is banned from the server (asked at each login)."""
+
+    @abc.abstractmethod
     async def bind_token(self, token: str, device_id: int) -> bool:
         """A token from before devices (device 0) is the device's from now on; False if
         it is no longer one (another login bound it first: it is that device's)."""
@@ -611,9 +624,22 @@ class ConnectionCenter(abc.ABC):
         connection of ``user_ids`` wherever it is but the local session
         ``exclude_session``; at once and best effort, as :meth:`deliver_typing`."""
 
+    async def disconnect_user(self, user_id: int, code: str, message: str) -> None:
+        """Close every connection of the user wherever it is, each told why first (an
+        Error push with ``code``); a center that spans nodes resolves once the others
+        have been told (:class:`~bitchat.errors.ServiceUnavailable` if they cannot be)."""
+        close_sessions(self.local_sessions(user_id), code, message)
+
     def after_forward(self, callback: Callable[[], None]) -> None:
         """``callback()`` once what :meth:`deliver` was given so far has left for the
         other nodes, or at once if that cannot be quick (the sender's ack waits for
         it, so a node that dies after an ack has handed the message on). One node
         forwards nothing: at once."""
         callback()
+
+
+def close_sessions(sessions: Iterable[Session], code: str, message: str) -> None:
+    """Tell each session why (an Error push ``code``), then close it."""
+    for s in list(sessions):
+        s.send_error(code, message)
+        s.close()

@@ -18,7 +18,8 @@ of them, the first that came; those beyond are not kept, nor acked (the next log
 pushes them again, unless a later one of their conversation is acked first;
 :meth:`~IMClient.history` has them). After a
 reconnect the client logs in again with its token and its device, and the
-server pushes what this device missed. Sends carry a client message id and are
+server pushes what this device missed (unless the server closed the connection
+with ``logged_out`` or ``banned``: a forced logout sticks). Sends carry a client message id and are
 retried with it when the connection drops, so a retry is never stored twice.
 
 A device is the client's stable id on the server (``IMClient(device=...)`` or
@@ -40,7 +41,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from bitchat.client import Client, Resolver, State
-from bitchat.errors import ConnectionClosed, RequestError, RequestTimeout, UsageError
+from bitchat.errors import ConnectionClosed, RequestError, RequestTimeout, UsageError, codes
 from bitchat.im.centers import User
 from bitchat.im.packets import (
     Ack,
@@ -81,6 +82,9 @@ from bitchat.protocol.packets import Packet
 from bitchat.settings import Settings
 
 log = logging.getLogger("bitchat.im.client")
+
+_STAY_OUT = (codes.LOGGED_OUT, codes.BANNED)
+"""Why the server closes a connection after which the client does not log in again."""
 
 MessageCallback = Callable[[ChatMessage], Any]
 ReloginCallback = Callable[[LoginOk | None, Exception | None], Any]
@@ -162,7 +166,12 @@ class IMClient:
             return
         ok: LoginOk | None = None
         error: RequestError | None = None
+        reason = client.close_reason  # why the last connection ended, if the server said
         try:
+            if reason is not None and reason.code in _STAY_OUT:
+                # Logged out (or banned) by the server: a forced logout sticks.
+                self.token = self._password = None
+                raise reason
             if self.token:
                 try:
                     ok = await self._login(Login(token=self.token, device=self.device))

@@ -37,6 +37,7 @@ from bitchat.errors import RequestError, codes
 from bitchat.im.auth import Authenticator, JwtAuthenticator
 from bitchat.im.centers import (
     ConnectionCenter,
+    Group,
     Message,
     MessageCenter,
     User,
@@ -210,11 +211,12 @@ class IMService:
         if not self.settings.open_registration:
             raise RequestError(codes.FORBIDDEN, "sign-ups are closed on this server")
         name = _valid_name(p.name, self.settings.max_name_length)
-        self._check_password(p.password)
+        self.check_password(p.password)
         user = await self.users.register(name, p.password)
         return UserInfo(user.id, user.name)
 
-    def _check_password(self, password: str) -> None:
+    def check_password(self, password: str) -> None:
+        """RequestError ``invalid_packet`` unless a password has an allowed length."""
         if not 1 <= len(password) <= self.settings.max_password_length:
             raise RequestError(
                 codes.INVALID_PACKET,
@@ -263,13 +265,16 @@ class IMService:
             )
         else:
             name = _valid_name(p.name, self.settings.max_name_length)
-            self._check_password(p.password)
+            self.check_password(p.password)
             try:
                 user = await self._authenticate(session, name, p.password)
             except RequestError:
                 self.server.metrics.login_failures.inc()
                 raise
             token = ""
+        if await self.users.is_banned(user.id):
+            self.server.metrics.login_failures.inc()
+            raise RequestError(codes.BANNED, "this account is banned from the server")
         device_id, device = await self._device(user, p.device, token_device)
         if token and not token_device:
             # A token from before devices becomes the device's: it does not make a new
@@ -878,11 +883,79 @@ class IMService:
         keep = min(limit, self._fitting(_worst(m) for m in msgs))
         return HistoryPage([m.to_dict() for m in msgs[:keep]], len(msgs) > keep)
 
+    # -- for the server API (bitchat.web.api): as a user, without a connection ------------
+
+    async def send_as(
+        self, sender_id: int, to: int, group_id: int, text: str, client_msg_id: str = ""
+    ) -> SendAck:
+        """Send a message as user ``sender_id`` (to user ``to`` or to group ``group_id``),
+        checked, stored and delivered as a device's would be (its devices get it too)."""
+        if bool(to) == bool(group_id):
+            raise RequestError(codes.INVALID_PACKET, "name either to or group_id")
+        self._check_text(text)
+        limit = self.settings.max_client_msg_id_length
+        if len(client_msg_id) > limit:
+            raise RequestError(
+                codes.INVALID_PACKET, f"a client_msg_id has at most {limit} characters"
+            )
+        sender = await self.users.get_user(sender_id)
+        if sender is None:
+            raise RequestError(codes.NOT_FOUND, f"no user {sender_id}")
+        if await self.users.is_banned(sender_id):
+            raise RequestError(codes.BANNED, f"user {sender_id} is banned from the server")
+        recipients: Sequence[int]
+        if group_id:
+            members = self.users.known_members(group_id)
+            if members is None:
+                if await self.users.get_group(group_id) is None:
+                    raise RequestError(codes.NOT_FOUND, f"no group {group_id}")
+                members = await self.users.group_members(group_id)
+            if sender_id not in members:
+                raise RequestError(codes.NOT_MEMBER, f"user {sender_id} is not in group {group_id}")
+            kind, target, recipients = GROUP, group_id, members
+        else:
+            if await self.users.get_user(to) is None:
+                raise RequestError(codes.NOT_FOUND, f"no user {to}")
+            kind, target, recipients = P2P, to, [to]
+        msg = Message(0, kind, sender_id, sender.name, target, text, 0, client_msg_id)
+        # As _store_and_deliver, with no connection: no device of the sender has it yet.
+        now_ms = _now_ms()
+        msg.id = self.ids.next(now_ms)
+        msg.ts = now_ms
+        targets = recipients if sender_id in recipients else [*recipients, sender_id]
+        out: asyncio.Future[SendAck] = self.server.loop.create_future()
+        self.messages.store_then(
+            msg, targets, functools.partial(self._stored, out, 0, None, msg, targets)
+        )
+        return await out
+
+    async def log_out_everywhere(self, user_id: int, code: str, message: str) -> int:
+        """Revoke every token of the user's devices, then close each of the user's
+        connections on every node (told why: an Error push ``code``); how many tokens."""
+        revoked = await self.users.revoke_user_tokens(user_id)
+        await self.connections.disconnect_user(user_id, code, message)
+        return revoked
+
+    async def set_banned(self, user_id: int, banned: bool) -> None:
+        """Ban the user from the server (logins refused with ``banned``, every session
+        closed, every token revoked), or lift the ban; ``not_found`` for no such user."""
+        if not await self.users.set_banned(user_id, banned, _now_ms()):
+            raise RequestError(codes.NOT_FOUND, f"no user {user_id}")
+        if banned:
+            await self.log_out_everywhere(
+                user_id, codes.BANNED, "this account is banned from the server"
+            )
+
     # -- groups -----------------------------------------------------------------------------
 
     async def on_create_group(self, session: Session, p: CreateGroup) -> GroupInfo:
         assert session.user_id is not None
-        name = p.name.strip()
+        g = await self.create_group(session.user_id, p.name)
+        return GroupInfo(g.id, g.name, g.owner_id, g.members)
+
+    async def create_group(self, owner_id: int, name: str) -> Group:
+        """A new group of ``owner_id``, its name checked (as a CreateGroup's)."""
+        name = name.strip()
         limit = self.settings.max_group_name_length
         if not 1 <= len(name) <= limit:
             raise RequestError(codes.INVALID_PACKET, f"a group name has 1 to {limit} characters")
@@ -890,9 +963,8 @@ class IMService:
         # str.isprintable() lets only the ASCII space through of the spaces.
         if not name.isprintable():
             raise RequestError(codes.INVALID_PACKET, "a group name has no control characters")
-        await self._check_group_count(session.user_id, 0)
-        g = await self.users.create_group(session.user_id, name)
-        return GroupInfo(g.id, g.name, g.owner_id, g.members)
+        await self._check_group_count(owner_id, 0)
+        return await self.users.create_group(owner_id, name)
 
     async def _check_group_count(self, user_id: int, joining: int) -> None:
         limit = self.settings.max_groups_per_user
@@ -902,12 +974,20 @@ class IMService:
 
     async def on_join_group(self, session: Session, p: JoinGroup) -> GroupInfo:
         assert session.user_id is not None
-        await self._check_group_count(session.user_id, p.group_id)
-        user_id = session.user_id
-        g = await self.users.join_group(p.group_id, user_id, self.settings.max_group_size)
+        g = await self.join_group(p.group_id, session.user_id)
+        return GroupInfo(g.id, g.name, g.owner_id, g.members)
+
+    async def join_group(self, group_id: int, user_id: int) -> Group:
+        """``user_id`` joins the group (within the limits), as with a JoinGroup."""
+        await self._check_group_count(user_id, group_id)
+        g = await self.users.join_group(group_id, user_id, self.settings.max_group_size)
+        await self._seed_group(user_id, group_id)
+        return g
+
+    async def _seed_group(self, user_id: int, group_id: int) -> None:
         # Each connection of the user's here knows where the group starts for it, so a
         # first push lost in transit shows as a gap (not taken as the start).
-        conv = conversation("group", user_id, p.group_id)
+        conv = conversation("group", user_id, group_id)
         starts: dict[int, int | None] = {}  # per device: its sessions share its cursors
         try:
             for s in self.connections.local_sessions(user_id):
@@ -922,18 +1002,21 @@ class IMService:
                     device.seqs.setdefault(conv, at)
         except RequestError as exc:
             # The join is in: without the seed a first push is taken as the start there.
-            log.warning("cannot read where group %d starts: %s", p.group_id, exc.message)
-        return GroupInfo(g.id, g.name, g.owner_id, g.members)
+            log.warning("cannot read where group %d starts: %s", group_id, exc.message)
 
     async def on_leave_group(self, session: Session, p: LeaveGroup) -> Ok:
         assert session.user_id is not None
-        await self.users.leave_group(p.group_id, session.user_id)
-        conv = conversation("group", session.user_id, p.group_id)
-        for s in self.connections.local_sessions(session.user_id):
+        await self.leave_group(p.group_id, session.user_id)
+        return Ok()
+
+    async def leave_group(self, group_id: int, user_id: int) -> None:
+        """``user_id`` leaves the group, as with a LeaveGroup."""
+        await self.users.leave_group(group_id, user_id)
+        conv = conversation("group", user_id, group_id)
+        for s in self.connections.local_sessions(user_id):
             device: DeviceState | None = s.data.get(DEVICE)
             if device is not None:
                 device.forget(conv)
-        return Ok()
 
     async def on_my_groups(self, session: Session, p: MyGroups) -> GroupList:
         assert session.user_id is not None

@@ -40,6 +40,7 @@ SCHEMA: dict[str, tuple[str, ...]] = {
         "name_shape",
         "last_seen",
         "show_last_seen",
+        "banned_at",
     ),
     "tokens": ("digest", "user_id", "expires_at", "device_id"),
     "devices": ("id", "user_id", "name", "created_at", "last_seen"),
@@ -69,9 +70,9 @@ SCHEMA: dict[str, tuple[str, ...]] = {
     "cursors": ("user_id", "conv", "device", "seq"),
     "external_users": ("provider", "subject", "user_id", "created_at"),
 }
-"""Every table of schema version 6 and its columns, in both stores."""
+"""Every table of schema version 7 and its columns, in both stores."""
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 _PARAM = re.compile(r"(?<![:\w]):([a-z_]+)")
 

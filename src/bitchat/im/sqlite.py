@@ -225,6 +225,10 @@ MIGRATIONS: list[Migration] = [
     ) WITHOUT ROWID;
     CREATE INDEX external_users_user ON external_users(user_id);
     """,
+    # 7: server-wide bans (Unix ms of the ban; 0: not banned), set by the server API.
+    """
+    ALTER TABLE users ADD COLUMN banned_at INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 
@@ -293,13 +297,16 @@ class SqliteUserCenter(UserCenter):
         self._names: dict[int, str] = {}
         self._users: dict[int, User] = {}
         self._members: dict[int, list[int]] = {}
+        self._banned: set[int] = set()
         # One connection: writes (and their transactions) must not interleave.
         self._lock = asyncio.Lock()
 
     async def start(self) -> None:
         self._db = await open_db(self.path)
-        for uid, name in await self._rows("SELECT id, name FROM users"):
+        for uid, name, banned_at in await self._rows("SELECT id, name, banned_at FROM users"):
             self._names[uid] = name
+            if banned_at:
+                self._banned.add(uid)
 
     def known_user(self, user_id: int) -> User | None:
         # Asked on every one-to-one send: hand out one User per id (names never change)
@@ -477,6 +484,27 @@ class SqliteUserCenter(UserCenter):
     async def revoke_token(self, token: str) -> None:
         async with self._lock:
             await self._rows("DELETE FROM tokens WHERE digest = ?", (token_digest(token),))
+
+    async def revoke_user_tokens(self, user_id: int) -> int:
+        async with self._lock:
+            rows = await self._rows("DELETE FROM tokens WHERE user_id = ? RETURNING 1", (user_id,))
+        return len(rows)
+
+    async def set_banned(self, user_id: int, banned: bool, ts: int = 0) -> bool:
+        async with self._lock:
+            rows = await self._rows(
+                "UPDATE users SET banned_at = ? WHERE id = ? RETURNING 1",
+                (max(1, ts) if banned else 0, user_id),
+            )
+            if rows:
+                if banned:
+                    self._banned.add(user_id)
+                else:
+                    self._banned.discard(user_id)
+        return bool(rows)
+
+    async def is_banned(self, user_id: int) -> bool:
+        return user_id in self._banned
 
     async def bind_token(self, token: str, device_id: int) -> bool:
         async with self._lock:

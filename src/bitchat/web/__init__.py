@@ -5,7 +5,8 @@
     first bytes of a connection (read by TcpConnection)
       0xBC ...................... the packet stream (TcpConnection keeps it)
       GET / POST / HEAD ... ..... HttpConnection (h11): the page, /status/*, /healthz,
-                                  /metrics; a GET /ws with ``Upgrade: websocket``
+                                  /metrics, the server API (/api/v1/, JSON: Api);
+                                  a GET /ws with ``Upgrade: websocket``
                                   becomes a WsConnection (wsproto): a Session like a TCP one
       anything else ............. closed
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
+from bitchat.web.api import Api
 from bitchat.web.assets import StaticFiles
 from bitchat.web.http import HttpConnection, looks_like_http
 from bitchat.web.ws import WsConnection
@@ -36,6 +38,8 @@ class WebFrontend:
         self.server = server
         self.im = im
         self.static = StaticFiles()
+        self.api = Api(server, im)
+        """The server API under /api/v1/ (:mod:`bitchat.web.api`)."""
         self.connections: set[HttpConnection] = set()
         """HTTP connections not (yet) upgraded; WebSocket ones are server sessions."""
         server.on_shutdown.append(self._shutdown)

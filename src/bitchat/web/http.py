@@ -1,4 +1,5 @@
-"""HTTP/1.1 on the server's port, with h11: the chat page, /status/*, /healthz, /metrics.
+"""HTTP/1.1 on the server's port, with h11: the chat page, /status/*, /healthz, /metrics,
+and the server API under /api/v1/ (:mod:`bitchat.web.api`).
 
 One :class:`HttpConnection` per connection whose first bytes are an HTTP request.
 It answers requests in order (keep-alive and pipelining included) and hands a
@@ -7,8 +8,12 @@ It answers requests in order (keep-alive and pipelining included) and hands a
 
 Bad input never escapes: a request h11 cannot parse gets 400 (431 when its head
 is over ``Settings.max_http_header_size``) and a close; an unknown path 404; a
-method other than GET/HEAD 405; a body (none of our routes takes one) over
-64 KiB 413. A peer that sends no complete request within ``Settings.http_timeout``
+method other than GET/HEAD 405; a body (none of the other routes takes one) over
+``Settings.max_http_body_size`` 413. An API request's JSON body is bounded by
+``Settings.max_api_body_size`` (413 ``body_too_large`` in JSON); its handler runs
+as a task while the connection reads nothing more, so answers leave in request
+order on a keep-alive connection and a pipelining peer cannot pile requests up.
+A peer that sends no complete request within ``Settings.http_timeout``
 is dropped (the time runs from the start of the request, however slowly its bytes
 come), and one that does not read its answers stops being read. An answer to
 ``HEAD`` never has a body, errors included, and nothing a peer sends is logged
@@ -19,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -29,8 +34,9 @@ from wsproto.events import AcceptConnection, RejectConnection
 from wsproto.events import Request as WsRequest
 from wsproto.utilities import RemoteProtocolError as WsHandshakeError
 
+from bitchat.errors import codes
 from bitchat.metrics import CONTENT_TYPE_LATEST
-from bitchat.web import status
+from bitchat.web import api, status
 from bitchat.web.ws import WsConnection
 
 if TYPE_CHECKING:
@@ -55,6 +61,7 @@ _PAGE_HEADERS = [
 ]
 _REASONS = {
     200: b"OK",
+    201: b"Created",
     304: b"Not Modified",
     400: b"Bad Request",
     401: b"Unauthorized",
@@ -62,11 +69,14 @@ _REASONS = {
     404: b"Not Found",
     405: b"Method Not Allowed",
     408: b"Request Timeout",
+    409: b"Conflict",
     413: b"Content Too Large",
     426: b"Upgrade Required",
+    429: b"Too Many Requests",
     431: b"Request Header Fields Too Large",
     500: b"Internal Server Error",
     501: b"Not Implemented",
+    503: b"Service Unavailable",
     505: b"HTTP Version Not Supported",
 }
 
@@ -127,6 +137,11 @@ class HttpConnection(asyncio.Protocol):
         )
         self._request: h11.Request | None = None
         self._body_size = 0
+        self._body_limit = self.settings.max_http_body_size
+        self._body: bytearray | None = None
+        """The body of an API request being read (other routes take none)."""
+        self._task: asyncio.Task[api.ApiReply] | None = None
+        """The API request being answered: the next request waits for it."""
         self._write_paused = False
         self._done = False
         self._loop = asyncio.get_running_loop()
@@ -163,7 +178,7 @@ class HttpConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        if not self.transport.is_closing():
+        if not self.transport.is_closing() and self._task is None:
             self.transport.resume_reading()
         self._process()
 
@@ -171,7 +186,7 @@ class HttpConnection(asyncio.Protocol):
 
     def _process(self) -> None:
         conn = self.conn
-        while not self._done and not self._write_paused:
+        while not self._done and not self._write_paused and self._task is None:
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
@@ -190,37 +205,67 @@ class HttpConnection(asyncio.Protocol):
             if isinstance(event, h11.Request):
                 self._request = event
                 self._body_size = 0
+                is_api = _target_path(event.target).startswith(_API_PREFIX)
+                self._body = bytearray() if is_api else None
+                self._body_limit = (
+                    self.settings.max_api_body_size if is_api else self.settings.max_http_body_size
+                )
                 # h11 bounds a head that is still arriving; this bounds one that came whole.
                 if _head_size(event) > self.settings.max_http_header_size:
                     self._fail(431, "the request head is too large")
                     return
-                if _content_length(event) > self.settings.max_http_body_size:
-                    self._fail(413, "request bodies are not accepted here")
+                if _content_length(event) > self._body_limit:
+                    self._too_large()
                     return
+                if is_api and conn.they_are_waiting_for_100_continue:
+                    # curl asks before a large body: say go on, rather than have it wait.
+                    self.transport.write(
+                        conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b""
+                    )
             elif isinstance(event, h11.Data):
                 self._body_size += len(event.data)
-                if self._body_size > self.settings.max_http_body_size:
-                    self._fail(413, "request bodies are not accepted here")
+                if self._body_size > self._body_limit:
+                    self._too_large()
                     return
+                if self._body is not None:
+                    self._body += event.data
             elif isinstance(event, h11.EndOfMessage):
                 request, self._request = self._request, None
+                body, self._body = self._body, None
                 assert request is not None
-                self._handle(request)
+                self._handle(request, bytes(body or b""))
             elif isinstance(event, h11.ConnectionClosed):
                 self.close()
                 return
 
-    def _handle(self, request: h11.Request) -> None:
+    def _too_large(self) -> None:
+        if self._body is None:
+            self._fail(413, "request bodies are not accepted here")
+            return
+        limit = self.settings.max_api_body_size
+        self._fail(
+            413,
+            "the request body is too large",
+            reply=api.error_reply(
+                codes.BODY_TOO_LARGE, f"request bodies are limited to {limit} bytes"
+            ),
+        )
+
+    def _handle(self, request: h11.Request, body: bytes = b"") -> None:
         if request.http_version not in (b"1.0", b"1.1"):
             self._fail(505, f"HTTP/{request.http_version.decode()} is not spoken here", request)
             return
         try:
-            path = urlsplit(request.target.decode("ascii")).path
+            target = urlsplit(request.target.decode("ascii"))
+            path = target.path
         except (UnicodeDecodeError, ValueError):
             self._fail(400, "bad request target", request)
             return
         if path == "/ws" and _header_has(request, b"upgrade", b"websocket"):
             self._upgrade(request)
+            return
+        if path.startswith(api.PREFIX + "/"):
+            self._api(request, path, target.query, body)
             return
         try:
             reply = self._route(request, path)
@@ -239,6 +284,47 @@ class HttpConnection(asyncio.Protocol):
         if request.method not in (b"GET", b"HEAD"):
             return Reply(405, b"Method Not Allowed\n", headers=[(b"allow", _ALLOW)])
         return handler(self, request)
+
+    # -- the server API -----------------------------------------------------------------------
+
+    def _api(self, request: h11.Request, path: str, query: str, body: bytes) -> None:
+        """Answer at once, or run the handler as a task: reading stops until it is
+        answered, so answers leave in request order and a pipelining peer is bounded."""
+        try:
+            out = self.web.api.handle(
+                request.method, path, query, _header_value(request, b"authorization"), body
+            )
+        except Exception:
+            log.exception("API request for %s failed", path)
+            out = api.error_reply(codes.INTERNAL, "the server failed to answer this request")
+        if isinstance(out, api.ApiReply):
+            self._send(_json_reply(out), request)
+            return
+        if self._timer is not None:  # the time is the request's to arrive, not to answer
+            self._timer.cancel()
+            self._timer = None
+        if not self.transport.is_closing():
+            self.transport.pause_reading()
+        task = self._loop.create_task(_awaited(out))
+        self._task = task
+        task.add_done_callback(lambda t: self._answered(t, request))
+
+    def _answered(self, task: asyncio.Task[api.ApiReply], request: h11.Request) -> None:
+        self._task = None
+        if self._done or task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:  # pragma: no cover - Api._run answers every failure itself
+            log.error("API request failed", exc_info=exc)
+            reply = api.error_reply(codes.INTERNAL, "the server failed to answer this request")
+        else:
+            reply = task.result()
+        self._send(_json_reply(reply), request)
+        if self._done:
+            return
+        if not self._write_paused and not self.transport.is_closing():
+            self.transport.resume_reading()
+        self._process()
 
     # -- routes -------------------------------------------------------------------------------
 
@@ -365,13 +451,23 @@ class HttpConnection(asyncio.Protocol):
         if close or self.conn.our_state is h11.MUST_CLOSE:  # the peer asked to close
             self.close()
 
-    def _fail(self, code: int, message: str, request: h11.Request | None = None) -> None:
-        """Answer ``code`` and close; ``request`` (default: the one being read, if
-        any) decides whether the answer may have a body (not to a HEAD)."""
+    def _fail(
+        self,
+        code: int,
+        message: str,
+        request: h11.Request | None = None,
+        *,
+        reply: api.ApiReply | None = None,
+    ) -> None:
+        """Answer ``code`` (or the API's ``reply``) and close; ``request`` (default: the
+        one being read, if any) decides whether the answer may have a body (not to a
+        HEAD)."""
         log.info("bad HTTP request from %s: %s (%d)", self.remote, message, code)
         if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             self._send(
-                _text(code, f"{_REASONS.get(code, b'Error').decode()}: {message}"),
+                _json_reply(reply)
+                if reply is not None
+                else _text(code, f"{_REASONS.get(code, b'Error').decode()}: {message}"),
                 request or self._request,
                 close=True,
             )
@@ -396,6 +492,9 @@ class HttpConnection(asyncio.Protocol):
     def _finish(self) -> None:
         """Stop being this connection's protocol (closed, or upgraded)."""
         self._done = True
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -409,6 +508,27 @@ class HttpConnection(asyncio.Protocol):
     def abort(self) -> None:
         self._finish()
         self.transport.abort()
+
+
+_API_PREFIX = api.PREFIX.encode() + b"/"
+
+
+def _target_path(target: bytes) -> bytes:
+    """The path of a request target, in origin form (``/a?b``) or absolute form
+    (``http://host/a?b``), as the route will see it."""
+    if target.startswith(b"/"):
+        return target
+    scheme_end = target.find(b"://")
+    start = target.find(b"/", scheme_end + 3) if scheme_end >= 0 else -1
+    return target[start:] if start >= 0 else b""
+
+
+async def _awaited(out: Awaitable[api.ApiReply]) -> api.ApiReply:
+    return await out
+
+
+def _json_reply(reply: api.ApiReply) -> Reply:
+    return Reply(reply.status, reply.body, _JSON, [(b"cache-control", b"no-store"), *reply.headers])
 
 
 def _head_size(request: h11.Request) -> int:
@@ -453,10 +573,12 @@ _ROUTES: dict[str, Callable[[HttpConnection, h11.Request], Reply]] = {
 
 
 def _route_label(request: h11.Request | None) -> str:
-    """A bounded label for metrics: a known route, ``static`` or ``other``."""
+    """A bounded label for metrics: a known route, ``api``, ``static`` or ``other``."""
     if request is None:
         return "invalid"
     path = request.target.split(b"?", 1)[0].decode("ascii", "replace")
     if path in _ROUTES:
         return path
+    if path.startswith(api.PREFIX + "/"):
+        return "api"
     return "static" if path.startswith("/static/") else "other"
