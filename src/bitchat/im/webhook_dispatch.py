@@ -28,6 +28,7 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import httpx
@@ -87,6 +88,9 @@ class WebhookDispatcher:
         self._inflight: set[asyncio.Task[None]] = set()
         self._writes: set[asyncio.Task[None]] = set()
         self._closing = False
+        self.on_outcome: Callable[[Claimed, str], None] | None = None
+        """Called once a delivery's outcome is recorded, with the row and how it went:
+        ``delivered``, ``failed`` (to be tried again) or ``dead``."""
 
     @property
     def lease(self) -> float:
@@ -217,10 +221,10 @@ class WebhookDispatcher:
         try:
             if not error:
                 await self.store.delivered(row.id)
-                self._count("delivered")
+                self._count(row, "delivered")
             elif attempts >= s.webhook_max_attempts:
                 await self.store.dead(row.id, attempts, time.time(), error)
-                self._count("dead")
+                self._count(row, "dead")
                 log.warning(
                     "webhooks: %s %s to %s failed %d times (%s): a dead letter",
                     row.type,
@@ -232,7 +236,7 @@ class WebhookDispatcher:
             else:
                 wait = backoff(attempts, s.webhook_backoff_base, s.webhook_backoff_max)
                 await self.store.retry(row.id, attempts, time.time() + wait, error)
-                self._count("failed")
+                self._count(row, "failed")
                 log.info(
                     "webhooks: %s to %s failed (%s); try %d in %.1fs",
                     row.event_id,
@@ -245,6 +249,8 @@ class WebhookDispatcher:
             # Its lease runs out and it is claimed again: delivered twice at worst.
             log.warning("webhooks: cannot record the delivery of %s: %s", row.event_id, exc)
 
-    def _count(self, result: str) -> None:
+    def _count(self, row: Claimed, result: str) -> None:
         if self.metrics is not None:
             self.metrics.webhook_deliveries.labels(result).inc()
+        if self.on_outcome is not None:
+            self.on_outcome(row, result)
