@@ -91,7 +91,8 @@ def _install_webhooks(server: Server, im: IMService) -> None:
         return
     # Imported here: a server without webhooks loads no HTTP client.
     from bitchat import __version__
-    from bitchat.im.outbox import OutboxStore, SqliteOutboxStore
+    from bitchat.im.outbox import OutboxStore
+    from bitchat.im.sqlite_outbox import SqliteOutboxStore
     from bitchat.im.webhook_dispatch import WebhookDispatcher
 
     outbox = Outbox(found)

@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
+import os
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
+
+import orjson
 
 from bitchat.errors import ConfigError
 
@@ -223,12 +224,11 @@ class Outbox:
         if not urls:
             return []
         now = time.time() if at is None else at
-        event_id = str(uuid.uuid4())
-        body = json.dumps(
-            {"id": event_id, "type": event, "created_at": int(now * 1000), "data": data},
-            ensure_ascii=False,
-            separators=(",", ":"),
-        )
+        # 128 random bits: unique without coordination between nodes (as a UUID's 122).
+        event_id = os.urandom(16).hex()
+        body = orjson.dumps(
+            {"id": event_id, "type": event, "created_at": int(now * 1000), "data": data}
+        ).decode()
         return [(event_id, url, event, key, body, now) for url in urls]
 
     def written(self) -> None:

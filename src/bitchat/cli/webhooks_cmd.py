@@ -54,7 +54,7 @@ def store_for(settings: Settings) -> OutboxStore:
 
         assert settings.pg_dsn  # validated: cluster mode has one
         return PgOutboxStore(PgDatabase(settings.pg_dsn, settings, "bitchat-webhooks"))
-    from bitchat.im.outbox import SqliteOutboxStore
+    from bitchat.im.sqlite_outbox import SqliteOutboxStore
 
     return SqliteOutboxStore(settings.db_path)
 

@@ -2,22 +2,17 @@
 
 The stores write the rows with their events (:mod:`bitchat.webhooks`); an
 :class:`OutboxStore` is the dispatcher's side of the same table, one per
-dialect: :class:`SqliteOutboxStore` here, ``PgOutboxStore`` in
-:mod:`bitchat.cluster.outbox`. Both run the queries of :mod:`bitchat.im.sql`.
+dialect: ``SqliteOutboxStore`` in :mod:`bitchat.im.sqlite_outbox`,
+``PgOutboxStore`` in :mod:`bitchat.cluster.outbox`. Both run the queries of :mod:`bitchat.im.sql`.
 """
 
 from __future__ import annotations
 
 import abc
-import json
-import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import aiosqlite
-
-from bitchat.errors import ServiceUnavailable
 from bitchat.im import sql
 from bitchat.webhooks import OutboxRow
 
@@ -136,59 +131,3 @@ class OutboxStore(abc.ABC):
         """Rows not delivered yet (nor dead)."""
         rows = await self._query("counting webhook deliveries", sql.OUTBOX_PENDING)
         return int(rows[0][0])
-
-
-class SqliteOutboxStore(OutboxStore):
-    """The outbox in the standalone database (a connection of its own)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._db: aiosqlite.Connection | None = None
-
-    async def start(self) -> None:
-        from bitchat.im.sqlite import open_db  # the store opens (and migrates) the file
-
-        self._db = await open_db(self.path)
-
-    async def close(self) -> None:
-        if self._db is not None:
-            await self._db.close()
-            self._db = None
-
-    async def _query(self, doing: str, query: str, **params: Any) -> list[Sequence[Any]]:
-        if self._db is None:
-            raise ServiceUnavailable("the webhook outbox is not open")
-        text, args = sql.render(query, sql.Dialect.SQLITE, params)
-        try:
-            return list(await self._db.execute_fetchall(text, args))
-        except sqlite3.Error as exc:
-            raise ServiceUnavailable(f"database error {doing}: {exc}") from exc
-
-    async def claim(
-        self, endpoints: Sequence[str], now: float, lease_until: float, limit: int
-    ) -> list[Claimed]:
-        rows = await self._query(
-            "claiming webhook deliveries",
-            sql.OUTBOX_CLAIM_SQLITE,
-            endpoints=json.dumps(list(endpoints)),
-            now=now,
-            lease=lease_until,
-            limit=limit,
-        )
-        return sorted((Claimed(*r) for r in rows), key=lambda c: c.id)
-
-    async def enqueue(self, events: Sequence[OutboxRow]) -> None:
-        if self._db is None:
-            raise ServiceUnavailable("the webhook outbox is not open")
-        if not events:
-            return
-        # One statement: the rows of one event are written all or none.
-        values = ", ".join(["(?, ?, ?, ?, ?, ?)"] * len(events))
-        try:
-            await self._db.execute(
-                "INSERT INTO webhook_outbox (event_id, endpoint, type, order_key, body, "
-                f"created_at) VALUES {values}",
-                [v for row in events for v in row],
-            )
-        except sqlite3.Error as exc:
-            raise ServiceUnavailable(f"database error writing webhook events: {exc}") from exc

@@ -728,6 +728,12 @@ OUTBOX_INSERT = (
     "VALUES (?, ?, ?, ?, ?, ?)"
 )
 """One :data:`~bitchat.webhooks.OutboxRow` into the outbox."""
+_INSERT_OUTBOX = (
+    "INSERT INTO webhook_outbox (event_id, endpoint, type, order_key, body, created_at) "
+    "SELECT * FROM (VALUES {rows}) WHERE column1 IS NOT NULL"
+)
+_OUTBOX_ROWS = 160
+"""Outbox rows (6 values) per statement."""
 _MESSAGE_ROWS = 90
 """Message rows per INSERT statement (11 variables each: under SQLite's oldest limit of 999)."""
 _PAIR_ROWS = 400
@@ -1262,10 +1268,12 @@ class SqliteMessageCenter(sql.SqlReads, MessageCenter):
                 own[m.to, m.sender_id] = m.seq
         _write_rows(db, _INSERT_MESSAGES, 11, flat, _MESSAGE_ROWS)
         if outbox is not None and outbox.wants(MESSAGE_STORED):
-            events: list[OutboxRow] = []
+            event_rows = outbox.rows
+            events: list[Any] = []
             for m, conv in zip(msgs, convs, strict=True):
-                events += outbox.rows(MESSAGE_STORED, conv, m.to_dict())
-            db.executemany(OUTBOX_INSERT, events)
+                for row in event_rows(MESSAGE_STORED, conv, m.to_dict()):
+                    events += row
+            _write_rows(db, _INSERT_OUTBOX, 6, events, _OUTBOX_ROWS)
         if own:
             rows: list[Any] = []
             for (group_id, sender), seq in own.items():
