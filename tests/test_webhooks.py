@@ -510,3 +510,68 @@ async def test_postgresql_upgrades_a_version_6_database(pg_dsn: str, redis_prefi
         assert len(pg.MIGRATIONS) == sql.SCHEMA_VERSION
     finally:
         await con.close()
+
+
+# -- the README's receiver --------------------------------------------------------------------
+
+
+async def test_the_readme_receiver_verifies_and_prints_events(tmp_path: Path) -> None:
+    import re
+    import threading
+    from http.server import HTTPServer
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Webhooks", 1)[1]
+    match = re.search(r"```python\n(.*?)```", section, re.S)
+    assert match is not None
+    namespace: dict[str, Any] = {"__name__": "readme_webhooks"}
+    exec(compile(match.group(1), "README.md", "exec"), namespace)
+    loop = asyncio.get_running_loop()
+    printed: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+    namespace["print"] = lambda *args: loop.call_soon_threadsafe(printed.put_nowait, args)
+    http = HTTPServer(("127.0.0.1", 0), namespace["Hook"])
+    http.RequestHandlerClass.log_message = lambda *a: None  # type: ignore[attr-defined]
+    thread = threading.Thread(target=http.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{http.server_address[1]}/"
+        words = " ".join(section.split())
+        assert "--webhook-secret the-webhook-secret" in words
+        server = build_server(
+            im_settings(
+                tmp_path,
+                host="127.0.0.1",
+                port=0,
+                webhook_urls=(url,),
+                **{**FAST, "webhook_secret": namespace["SECRET"]},
+            )
+        )
+        async with server, clients(server) as c:
+            await c.login("houyi")
+            line = await asyncio.wait_for(printed.get(), WAIT)
+        assert line == ("user.online", {"user_id": 1, "name": "houyi"})
+        assert f"prints `{line[0]} {line[1]}`" in words
+        # A forged delivery is refused.
+        import httpx
+
+        async with httpx.AsyncClient() as h:
+            answer = await h.post(url, content=b"{}", headers={"X-Bitchat-Signature": "t=1,v1=0"})
+        assert answer.status_code == 400
+    finally:
+        http.shutdown()
+        http.server_close()
+        thread.join(WAIT)
+
+
+def test_settings_with_endpoint_tables_print_as_a_config_that_reads_back(tmp_path: Path) -> None:
+    from bitchat.config import to_toml
+
+    tables = (
+        {"url": "http://127.0.0.1:9/a", "secret": "s", "events": ["user.online"]},
+        {"url": "https://h.example/b", "secret": 'q"uote'},
+    )
+    s = Settings(webhook_urls=("http://127.0.0.1:9/c",), webhook_secret="t", webhooks=tables)
+    config = tmp_path / "out.toml"
+    config.write_text(to_toml(s))
+    again = load_settings(config=str(config)).settings
+    assert again.webhooks == tables and again.webhook_urls == s.webhook_urls
