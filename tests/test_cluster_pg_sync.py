@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 
 from bitchat.cluster.pg import MIGRATIONS, PgDatabase, PgMessageCenter, PgUserCenter
+from bitchat.im import sql
 from bitchat.im.centers import Message, User, conversation
 from bitchat.im.ids import IdGenerator
 from bitchat.im.passwords import hasher_for, new_token, token_digest
@@ -448,7 +449,8 @@ async def test_upgrade_turns_pending_rows_into_read_positions(pg_dsn: str) -> No
 
     async with _centers(pg_dsn) as (users, messages):
         async with users.db.connection() as c:
-            assert await c.fetchval("SELECT version FROM schema_version") == len(MIGRATIONS) == 6
+            version = await c.fetchval("SELECT version FROM schema_version")
+            assert version == len(MIGRATIONS) == sql.SCHEMA_VERSION
             assert await c.fetchval("SELECT to_regclass('pending')") is None
             stored = await c.fetch("SELECT id, conv, seq, device FROM messages ORDER BY id")
             assert [(r[0], r[1], r[2]) for r in stored] == [

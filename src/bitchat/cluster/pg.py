@@ -468,6 +468,15 @@ _SEE_DEVICE = (
 )
 
 
+# With webhooks: the group's conversation row, locked (made, empty, if the group has no
+# message yet) to the commit, as a batch storing the group's messages locks it. So the
+# outbox rows of one group's joins, leaves and messages get their ids in commit order,
+# which is the order the dispatcher sends them in (an empty row reads as no row).
+_LOCK_GROUP_EVENTS = (
+    "INSERT INTO conversations AS c (conv, last_seq) VALUES ($1, 0) "
+    "ON CONFLICT (conv) DO UPDATE SET last_seq = c.last_seq"
+)
+
 MEMBERS_CHANNEL = "bitchat_members"
 """PostgreSQL NOTIFY channel: the payload is a group id whose membership changed."""
 _NOTIFY_MEMBERS = "SELECT pg_notify($1, $2)"
@@ -917,6 +926,8 @@ class PgUserCenter(UserCenter):
                 )
                 if g is None:
                     raise RequestError(codes.NOT_FOUND, f"no group {group_id}")
+                if events:
+                    await con.execute(_LOCK_GROUP_EVENTS, group_key(group_id))
                 members = await con.fetchval(
                     "SELECT count(*) FROM group_members WHERE group_id = $1", group_id
                 )
@@ -967,6 +978,8 @@ class PgUserCenter(UserCenter):
             async with con.transaction():
                 if await con.fetchval("SELECT 1 FROM groups WHERE id = $1", group_id) is None:
                     raise RequestError(codes.NOT_FOUND, f"no group {group_id}")
+                if events:
+                    await con.execute(_LOCK_GROUP_EVENTS, group_key(group_id))
                 status = str(
                     await con.execute(
                         "DELETE FROM group_members WHERE group_id = $1 AND user_id = $2",

@@ -211,8 +211,11 @@ class WebhookDispatcher:
             ) as response:
                 if not 200 <= response.status_code < 300:
                     error = f"HTTP {response.status_code}"
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL, OSError) as exc:
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        except Exception as exc:  # a bug: the row counts a failure, the dispatcher goes on
+            log.exception("webhooks: delivering %s failed", row.event_id)
+            error = f"{type(exc).__name__}: {exc}"
         await self._record(row, error[:_ERROR_LENGTH])
 
     async def _record(self, row: Claimed, error: str) -> None:
