@@ -383,6 +383,38 @@ async def test_dead_letters_after_the_last_attempt_then_replayed(make: Make) -> 
         )
 
 
+async def test_deliveries_under_way_are_bounded_by_the_concurrency(tmp_path: Path) -> None:
+    async with Receiver() as receiver:
+        receiver.gate = asyncio.Event()
+        settings = im_settings(
+            tmp_path,
+            host="127.0.0.1",
+            port=0,
+            webhook_urls=(receiver.url,),
+            webhook_events=("message.stored",),
+            webhook_concurrency=2,
+            **FAST,
+        )
+        async with build_server(settings) as server, clients(server) as c:
+            alice = await c.login("alice")
+            peers = [await c.login(f"peer{i}") for i in range(6)]
+            for peer in peers:  # six conversations: nothing orders one after another
+                assert peer.user is not None
+                await alice.send_p2p(peer.user.id, "hi")
+            await receiver.wait_until(lambda: receiver.waiting == 2, what="2 held")
+            db = sqlite3.connect(tmp_path / "bitchat.db")
+            try:
+                [(leased,)] = db.execute(
+                    "SELECT count(*) FROM webhook_outbox WHERE next_at > ?", (time.time(),)
+                ).fetchall()
+                [(rows,)] = db.execute("SELECT count(*) FROM webhook_outbox").fetchall()
+            finally:
+                db.close()
+            assert (leased, rows) == (2, 6)  # the other four not even claimed
+            receiver.gate.set()
+            await receiver.wait_until(lambda: len(receiver.events()) == 6)
+
+
 # -- cluster: shared work, one event per transition --------------------------------------------
 
 

@@ -49,6 +49,10 @@ class Receiver:
         self._changed = asyncio.Condition()
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self.gate: asyncio.Event | None = None
+        """When set to an Event, each request waits for it before being answered."""
+        self.waiting = 0
+        """Requests received and not answered yet (held by the gate)."""
 
     async def start(self) -> Receiver:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -129,6 +133,13 @@ class Receiver:
                     elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
                         return
                 assert request is not None
+                if self.gate is not None and not self.gate.is_set():
+                    async with self._changed:
+                        self.waiting += 1
+                        self._changed.notify_all()
+                    await self.gate.wait()
+                    async with self._changed:
+                        self.waiting -= 1
                 status = self.status
                 delivery = Delivery(
                     request.method.decode(),
