@@ -645,7 +645,7 @@ class SqliteUserCenter(UserCenter):
             events = self._member_events(MEMBER_REMOVED, group_id, user_id, reason)
             if events:
                 # The event only if a member was removed: the delete counts first.
-                gone = await self._transaction([delete, forget], events, unless_none=0)
+                gone = await self._transaction([delete, forget], events, only_if_changed=0)
             else:
                 try:
                     gone = (await self.db.execute(*delete)).rowcount
@@ -673,17 +673,17 @@ class SqliteUserCenter(UserCenter):
         steps: Sequence[tuple[str, Sequence[Any]]],
         events: list[OutboxRow],
         *,
-        unless_none: int | None = None,
+        only_if_changed: int | None = None,
     ) -> int:
         """``steps`` and the outbox rows ``events`` in one transaction; the rows the
-        first step changed. With ``unless_none``: if step ``unless_none`` changed no
-        row, the events are not written (nothing happened)."""
+        first step changed. With ``only_if_changed``: if that step changed no row,
+        the events are not written (nothing happened)."""
         try:
             await self.db.execute("BEGIN IMMEDIATE")
             changed = []
             for statement, params in steps:
                 changed.append((await self.db.execute(statement, params)).rowcount)
-            if unless_none is None or changed[unless_none]:
+            if only_if_changed is None or changed[only_if_changed]:
                 await self.db.executemany(OUTBOX_INSERT, events)
             await self.db.execute("COMMIT")
         except sqlite3.Error as exc:
