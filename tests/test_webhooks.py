@@ -333,6 +333,29 @@ async def test_a_failing_receiver_that_recovers_gets_everything_in_order(make: M
         assert 'bitchat_webhook_deliveries_total{result="failed"}' in failed
 
 
+async def test_a_failing_endpoint_holds_back_no_other_endpoint(make: Make) -> None:
+    async with Receiver(status=500) as down, Receiver() as up:
+        server = await make(
+            webhook_urls=(down.url, up.url),
+            webhook_events=("message.stored",),
+            webhook_max_attempts=1000,
+        )
+        async with clients(server) as c:
+            alice = await c.login("alice")
+            bob = await c.login("bob")
+            assert bob.user is not None
+            for i in range(5):
+                await alice.send_p2p(bob.user.id, f"m{i}")
+            await up.wait_until(lambda: len(up.events()) == 5)
+            await down.wait_until(lambda: len(down.requests) >= 2, what="retries")
+            assert not down.accepted
+            # Each endpoint's copy of an event has the same id.
+            assert {e["id"] for e in up.events()} >= {down.requests[0].event["id"]}
+            down.status = 200
+            await down.wait_until(lambda: len(down.events()) == 5)
+        assert [e["id"] for e in down.events()] == [e["id"] for e in up.events()]
+
+
 async def test_dead_letters_after_the_last_attempt_then_replayed(make: Make) -> None:
     async with Receiver(status=503) as receiver:
         server = await make(
