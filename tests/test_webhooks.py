@@ -329,6 +329,10 @@ async def test_a_failing_receiver_that_recovers_gets_everything_in_order(make: M
         for seqs in seqs_by_conversation(receiver.events()).values():
             assert seqs == list(range(1, 13))
         assert sum(not d.ok for d in receiver.requests) >= 8
+        # A retry is the same event: its id and body, signed again.
+        taken = {e["id"]: e for e in receiver.events()}
+        for d in receiver.requests:
+            assert d.event == taken[d.headers["x-bitchat-event-id"]]
         failed = server.metrics.render().decode()
         assert 'bitchat_webhook_deliveries_total{result="failed"}' in failed
 
