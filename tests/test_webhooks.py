@@ -442,6 +442,32 @@ async def test_deliveries_under_way_are_bounded_by_the_concurrency(tmp_path: Pat
             await receiver.wait_until(lambda: len(receiver.events()) == 6)
 
 
+async def test_an_endpoint_slower_than_the_timeout_fails(tmp_path: Path) -> None:
+    async with Receiver() as receiver:
+        receiver.gate = asyncio.Event()  # never answers
+        settings = im_settings(
+            tmp_path,
+            host="127.0.0.1",
+            port=0,
+            webhook_urls=(receiver.url,),
+            webhook_events=("message.stored",),
+            webhook_max_attempts=2,
+            **{**FAST, "webhook_timeout": 0.3},
+        )
+        async with build_server(settings) as server, clients(server) as c:
+            outcomes: asyncio.Queue[str] = asyncio.Queue()
+            server.data["im"].webhooks.on_outcome = lambda row, result: outcomes.put_nowait(result)
+            alice = await c.login("alice")
+            bob = await c.login("bob")
+            assert bob.user is not None
+            await alice.send_p2p(bob.user.id, "slow")
+            assert await asyncio.wait_for(outcomes.get(), WAIT) == "failed"
+            assert await asyncio.wait_for(outcomes.get(), WAIT) == "dead"
+            [letter] = await server.data["im"].webhooks.store.dead_letters()
+            assert letter.last_error.startswith("ReadTimeout"), letter.last_error
+            receiver.gate.set()
+
+
 # -- cluster: shared work, one event per transition --------------------------------------------
 
 
