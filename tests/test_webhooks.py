@@ -464,7 +464,8 @@ async def test_an_endpoint_slower_than_the_timeout_fails(tmp_path: Path) -> None
             assert await asyncio.wait_for(outcomes.get(), WAIT) == "failed"
             assert await asyncio.wait_for(outcomes.get(), WAIT) == "dead"
             [letter] = await server.data["im"].webhooks.store.dead_letters()
-            assert letter.last_error.startswith("ReadTimeout"), letter.last_error
+            # httpx's read timeout, or the whole delivery's deadline: whichever came first.
+            assert letter.last_error.startswith(("ReadTimeout", "no answer within 0.3s"))
             receiver.gate.set()
 
 

@@ -205,12 +205,18 @@ class WebhookDispatcher:
         error = ""
         assert self._client is not None
         try:
-            # Streamed and not read: what an endpoint answers beyond its status is ignored.
-            async with self._client.stream(
-                "POST", row.endpoint, content=body, headers=headers
-            ) as response:
-                if not 200 <= response.status_code < 300:
-                    error = f"HTTP {response.status_code}"
+            # httpx's timeout bounds each step; this bounds the whole (a peer trickling
+            # its answer byte by byte), so a delivery ends well within its lease.
+            async with asyncio.timeout(self.settings.webhook_timeout):
+                # Streamed and not read: what an endpoint answers beyond its status is
+                # ignored.
+                async with self._client.stream(
+                    "POST", row.endpoint, content=body, headers=headers
+                ) as response:
+                    if not 200 <= response.status_code < 300:
+                        error = f"HTTP {response.status_code}"
+        except TimeoutError:
+            error = f"no answer within {self.settings.webhook_timeout:g}s"
         except (httpx.HTTPError, httpx.InvalidURL, OSError) as exc:
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         except Exception as exc:  # a bug: the row counts a failure, the dispatcher goes on
