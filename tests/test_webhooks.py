@@ -680,3 +680,20 @@ def test_settings_with_endpoint_tables_print_as_a_config_that_reads_back(tmp_pat
     config.write_text(to_toml(s))
     again = load_settings(config=str(config)).settings
     assert again.webhooks == tables and again.webhook_urls == s.webhook_urls
+
+
+def test_the_readme_config_is_valid(tmp_path: Path) -> None:
+    import re
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Webhooks", 1)[1]
+    match = re.search(r"```toml\n(.*?)```", section, re.S)
+    assert match is not None
+    config = tmp_path / "bitchat.toml"
+    config.write_text(match.group(1))
+    found = endpoints(load_settings(config=str(config)).settings)
+    assert [(e.url, e.secret) for e in found] == [
+        ("https://backend.example/bitchat", "the-webhook-secret"),
+        ("https://analytics.example/in", "another-secret"),
+    ]
+    assert found[1].events == {"user.online", "user.offline"}
