@@ -32,7 +32,9 @@ from bitchat.config import (
 from bitchat.settings import FIELDS, KINDS, default, docs, env_name, kind, option_names, spec
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-NAMES = [name for name in FIELDS if name != "extra"]
+CONFIG_ONLY = ("extra", "webhooks")
+"""Tables of the config file, with no option nor environment variable."""
+NAMES = [name for name in FIELDS if name not in CONFIG_ONLY]
 
 
 def load(
@@ -60,7 +62,7 @@ def test_every_field_has_a_doc_a_known_type_and_an_allowed_default() -> None:
     for name, f in FIELDS.items():
         assert docs()[name].endswith("."), name
         assert name == "extra" or str(f.type) in KINDS, (name, f.type)
-        assert name == "extra" or spec(name).commands, f"{name} is an option of no command"
+        assert name in CONFIG_ONLY or spec(name).commands, f"{name} is an option of no command"
     # A class attribute is still the default (bitchat code reads Settings.redis_prefix).
     assert Settings.redis_prefix == "bitchat:" and Settings.max_frame_size == 1 << 20
 
@@ -92,6 +94,14 @@ def _three(name: str) -> list[Any]:
         return [other, d, other]
     if k is bool:
         return [not d, d, not d]
+    if name == "webhook_urls":
+        return [
+            ("http://file.test/h",),
+            ("http://env.test/h", "https://env.test/2"),
+            ("http://cli.test/h",),
+        ]
+    if name == "webhook_events":
+        return [("user.online",), ("user.offline", "message.stored"), ("group.member_added",)]
     if k is str:
         return [f"{name}-file", f"{name}-env", f"{name}-cli"]
     if k is dict:  # api_keys
@@ -102,6 +112,8 @@ def _three(name: str) -> list[Any]:
 def _text(value: Any) -> str:
     if isinstance(value, dict):
         return json.dumps(value)
+    if isinstance(value, tuple):
+        return ",".join(value)
     return ("true" if value else "false") if isinstance(value, bool) else str(value)
 
 
@@ -116,7 +128,7 @@ def test_command_line_over_environment_over_file_over_default(name: str, tmp_pat
     command = spec(name).commands[0]
     in_file, in_env, on_line = _three(name)
     # What some fields need beside them to be valid: a TLS pair, cluster mode's backends.
-    companions = {"tls_cert": "tls_key", "tls_key": "tls_cert"}
+    companions = {"tls_cert": "tls_key", "tls_key": "tls_cert", "webhook_urls": "webhook_secret"}
     file_lines = [f"{name} = {toml_value(in_file)}"]
     if name in companions:
         file_lines.append(f'{companions[name]} = "x"')

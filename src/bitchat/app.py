@@ -75,9 +75,37 @@ def build_server(settings: Settings, *, authenticator: Authenticator | None = No
             throttle=MemoryLoginThrottle(settings),
             authenticator=authenticator,
         )
+    _install_webhooks(server, im)
     server.data["im"] = im
     install_web(server, im)
     return server
+
+
+def _install_webhooks(server: Server, im: IMService) -> None:
+    """With endpoints configured: the stores write an outbox, a dispatcher delivers it.
+    Without, nothing: the stores' outbox stays None and no row is written."""
+    from bitchat.webhooks import Outbox, endpoints
+
+    found = endpoints(server.settings)
+    if not found:
+        return
+    # Imported here: a server without webhooks loads no HTTP client.
+    from bitchat import __version__
+    from bitchat.im.outbox import OutboxStore
+    from bitchat.im.sqlite_outbox import SqliteOutboxStore
+    from bitchat.im.webhook_dispatch import WebhookDispatcher
+
+    outbox = Outbox(found)
+    im.users.outbox = outbox  # type: ignore[attr-defined]
+    im.messages.outbox = outbox  # type: ignore[attr-defined]
+    store: OutboxStore
+    if server.settings.mode == "cluster":
+        from bitchat.cluster.outbox import PgOutboxStore
+
+        store = PgOutboxStore(im.messages.db)  # type: ignore[attr-defined]
+    else:
+        store = SqliteOutboxStore(server.settings.db_path)
+    im.webhooks = WebhookDispatcher(server.settings, store, outbox, server.metrics, __version__)
 
 
 def _cluster_service(server: Server, authenticator: Authenticator | None) -> IMService:

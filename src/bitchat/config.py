@@ -127,15 +127,17 @@ def read_file(path: str) -> dict[str, Given]:
 
 def read_environ(environ: Mapping[str, str]) -> dict[str, Given]:
     """The ``BITCHAT_*`` settings of an environment; ConfigError for an unknown one."""
-    names = {env_name(name): name for name in FIELDS if name != "extra"}
+    tables = ("extra", "webhooks")
+    names = {env_name(name): name for name in FIELDS if name not in tables}
     found: dict[str, Given] = {}
     for var in sorted(environ):
         if not var.startswith(ENV_PREFIX) or var.startswith(ENV_IGNORED):
             continue
         name = names.get(var)
         if name is None:
-            if var == env_name("extra"):
-                raise ConfigError(f"environment {var}: extra is set in the config file only")
+            for table in tables:
+                if var == env_name(table):
+                    raise ConfigError(f"environment {var}: {table} is set in the config file only")
             raise ConfigError(f"environment {var}: {_unknown(var, names)}")
         found[name] = Given(environ[var], f"environment {var}", text=True)
     return found
@@ -157,6 +159,8 @@ def convert(name: str, given: Given) -> Any:
         value = from_text(name, value)
     elif kind(name) is float and type(value) is int:
         value = float(value)
+    elif kind(name) is tuple and isinstance(value, list):
+        value = tuple(value)  # a TOML array
     choices = spec(name).choices
     if isinstance(value, str) and value not in choices and value.replace("-", "_") in choices:
         value = value.replace("-", "_")  # the router's --policy took least-connections
@@ -176,6 +180,8 @@ def from_text(name: str, text: str) -> Any:
             return json.loads(text)
         except ValueError:
             return text
+    if k is tuple:
+        return tuple(item.strip() for item in text.split(",") if item.strip())
     try:
         if k is int:
             return int(text)
@@ -202,7 +208,7 @@ def to_toml(settings: Settings, origins: Mapping[str, str] | None = None, comman
         f"# As a config file: {who} --config FILE",
     ]
     for name in FIELDS:
-        if name == "extra":
+        if name in ("extra", "webhooks"):
             continue
         lines.append("")
         lines.extend(
@@ -218,6 +224,12 @@ def to_toml(settings: Settings, origins: Mapping[str, str] | None = None, comman
         if name in origins:
             line += f"  # from {origins[name]}"
         lines.append(line)
+    for i, table in enumerate(settings.webhooks):
+        if i == 0:
+            doc = _plain(docs().get("webhooks", ""))
+            lines += ["", *textwrap.wrap(doc, 86, initial_indent="# ", subsequent_indent="# ")]
+        lines.append("[[webhooks]]")
+        lines += [f"{_toml_key(k)} = {toml_value(v)}" for k, v in table.items()]
     if settings.extra:
         lines += ["", "# " + _plain(docs().get("extra", "")), "[extra]"]
         lines += [f"{_toml_key(k)} = {toml_value(v)}" for k, v in settings.extra.items()]
@@ -295,7 +307,7 @@ def format_default(name: str, value: Any) -> str:
         return "`true`" if value else "`false`"
     if isinstance(value, str):
         return f"`{value}`"
-    if isinstance(value, dict):
+    if isinstance(value, dict | tuple):
         return "empty" if not value else f"`{toml_value(value)}`"
     if unit == "bytes" and value >= 1024 and value % 1024 == 0:
         return f"{value >> 20} MiB" if value % (1 << 20) == 0 else f"{value >> 10} KiB"
@@ -322,7 +334,8 @@ def _allowed(name: str) -> str:
 def _options(name: str) -> str:
     s = spec(name)
     if not s.commands:
-        return "config file only (`[extra]`)" if name == "extra" else ""
+        tables = {"extra": "`[extra]`", "webhooks": "`[[webhooks]]`"}
+        return f"config file only ({tables[name]})" if name in tables else ""
     names = option_names(name)
     if kind(name) is bool:
         names = [n for option in names for n in (option, f"--no-{option[2:]}")]

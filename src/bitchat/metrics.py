@@ -97,6 +97,13 @@ class Metrics:
         self.http_requests = Counter(
             "bitchat_http_requests", "HTTP requests answered", ["route", "status"], registry=r
         )
+        self.webhook_deliveries = Counter(
+            "bitchat_webhook_deliveries",
+            "Webhook deliveries by outcome: delivered, failed (tried again later), "
+            "dead (a dead letter after the last attempt)",
+            ["result"],
+            registry=r,
+        )
         # Children resolved once: label lookup is the slow part of prometheus-client.
         self._tcp = self.connections.labels("tcp")
         self._ws = self.connections.labels("ws")

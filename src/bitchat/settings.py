@@ -352,8 +352,55 @@ class Settings:
     ``messages:read``, ``messages:write``, ``admin``); in the environment and on the
     command line as JSON. A key has at least 16 characters."""
 
+    # Webhooks (bitchat.webhooks): events POSTed to the product's endpoints.
+    webhook_urls: tuple[str, ...] = setting((), commands=_S, metavar="URL,...")
+    """Endpoints (``http://`` or ``https://`` URLs) that get every event of
+    ``webhook_events``, signed with ``webhook_secret``; more, each with its own
+    secret and events, in the config file's ``[[webhooks]]`` tables. Neither: no
+    webhooks, and nothing is written for them."""
+    webhook_secret: str | None = setting(None, commands=_S, metavar="SECRET")
+    """Key of the HMAC-SHA256 signature of each delivery (``X-Bitchat-Signature``);
+    required with ``webhook_urls``, the default of a ``[[webhooks]]`` table's own."""
+    webhook_events: tuple[str, ...] = setting((), commands=_S, metavar="EVENT,...")
+    """The events ``webhook_urls`` get (and a ``[[webhooks]]`` table without
+    ``events``): of ``message.stored``, ``message.edited``, ``message.recalled``,
+    ``user.online``, ``user.offline``, ``group.member_added``,
+    ``group.member_removed``; empty = all."""
+    webhooks: tuple[dict[str, Any], ...] = setting(())
+    """Endpoints of their own, as ``[[webhooks]]`` tables of the config file: ``url``,
+    and optionally ``secret`` and ``events`` (default: ``webhook_secret`` and
+    ``webhook_events``)."""
+    webhook_timeout: float = setting(10.0, gt=0, unit="s", commands=_S)
+    """Longest one delivery (connect, send, answer) may take; longer is a failure. A
+    delivery under way is leased for twice this: a node that dies with it leaves it
+    to another node (or to itself, restarted) after that."""
+    webhook_max_attempts: int = setting(12, ge=1, commands=_S)
+    """Deliveries of one event to one endpoint before it becomes a dead letter
+    (``bitchat webhooks dead`` lists them)."""
+    webhook_backoff_base: float = setting(1.0, gt=0, unit="s", commands=_S)
+    """Wait after the first failed delivery; it doubles with each further failure,
+    with jitter (a random part of up to half)."""
+    webhook_backoff_max: float = setting(3600.0, gt=0, unit="s", commands=_S)
+    """Longest wait between two deliveries of one event (at least
+    ``webhook_backoff_base``)."""
+    webhook_concurrency: int = setting(16, ge=1, commands=_S)
+    """Deliveries one server has under way at once (over all endpoints)."""
+    webhook_batch: int = setting(100, ge=1, commands=_S)
+    """Most outbox rows one server claims in one query (at most the free delivery
+    slots)."""
+    webhook_poll_interval: float = setting(1.0, gt=0, unit="s", commands=_S)
+    """How often a server looks for due deliveries when nothing woke it (a retry
+    coming due, another node's events); its own events wake it at once."""
+
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form settings of your own handlers (the config file's ``[extra]`` table)."""
+
+    def __post_init__(self) -> None:
+        # An array from TOML (or a program) is kept as the tuple the field holds.
+        for name in _TUPLES:
+            value = getattr(self, name)
+            if isinstance(value, list):
+                setattr(self, name, tuple(value))
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with some fields changed."""
@@ -399,7 +446,18 @@ class Settings:
                     raise fail("mode", f"cluster mode needs {_how_to_set(name)}, e.g. {example}")
             if origins is not None and "node_id" not in origins:
                 raise fail("mode", f"cluster mode needs {_how_to_set('node_id')}, unique per node")
+        if self.webhook_urls or self.webhooks:
+            from bitchat.webhooks import endpoints  # its rules live with the webhooks
 
+            try:
+                endpoints(self)
+            except ConfigError as exc:
+                name, _, problem = str(exc).partition(": ")
+                raise fail(name, problem) from None
+
+
+_TUPLES = ("webhook_urls", "webhook_events", "webhooks")
+"""The fields that hold a tuple (a TOML array)."""
 
 API_SCOPES = (
     "users:read",
@@ -440,6 +498,7 @@ _ORDERED = (
     ("reconnect_initial_delay", "reconnect_max_delay"),
     ("login_max_delay", "login_address_max_delay"),
     ("login_address_concurrency", "login_address_free_attempts"),
+    ("webhook_backoff_base", "webhook_backoff_max"),
 )
 """Pairs of fields where the first may not exceed the second."""
 _TLS_KEY_ONLY = ("tls_key", "tls_cert")
@@ -464,9 +523,12 @@ KINDS = {
     "bool": bool,
     "str | None": str,
     "dict[str, Any]": dict,
+    "tuple[str, ...]": tuple,
+    "tuple[dict[str, Any], ...]": tuple,
 }
-"""The field types a setting may have, as written in the class (a table: ``api_keys``,
-``extra``)."""
+"""The field types a setting may have, as written in the class. A table (``api_keys``,
+``extra``) is JSON in the environment and on the command line; a tuple comes from a
+TOML array, or a comma-separated list in the environment and on the command line."""
 
 
 def spec(name: str) -> Spec:
@@ -510,6 +572,9 @@ def allows(name: str, value: Any) -> bool:
         return optional(name)
     if k is dict:
         return isinstance(value, dict)
+    if k is tuple:
+        item = dict if "dict" in str(FIELDS[name].type) else str
+        return isinstance(value, tuple) and all(isinstance(v, item) for v in value)
     if k is float:
         if type(value) not in (int, float) or not math.isfinite(value):
             return False
@@ -529,6 +594,8 @@ def expectation(name: str) -> str:
     s, k = spec(name), kind(name)
     if s.choices:
         return "one of " + ", ".join(s.choices)
+    if k is tuple:
+        return "an array of tables" if "dict" in str(FIELDS[name].type) else "an array of strings"
     what = {int: "an integer", float: "a number", bool: "true or false", dict: "a table"}
     text = what.get(k, "a string")
     if s.ge is not None and s.le is not None:
@@ -556,7 +623,7 @@ def show(value: Any) -> str:
         return repr(value)
     if isinstance(value, dict):
         return "a table"
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):
         return "an array"
     return type(value).__name__
 

@@ -1,4 +1,4 @@
-"""The ``bitchat`` command: server, client, router, bench."""
+"""The ``bitchat`` command: server, client, router, bench, webhooks."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     from bitchat.cli import server_cmd
 
     server_cmd.add_parser(sub)
-    for name in ("client_cmd", "router_cmd", "bench_cmd"):
+    for name in ("client_cmd", "router_cmd", "bench_cmd", "webhooks_cmd"):
         try:
             module = __import__(f"bitchat.cli.{name}", fromlist=["add_parser"])
         except ImportError:

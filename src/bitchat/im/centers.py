@@ -428,12 +428,17 @@ class UserCenter(abc.ABC):
         """Create a group with its owner as first member."""
 
     @abc.abstractmethod
-    async def join_group(self, group_id: int, user_id: int, max_size: int) -> Group:
-        """RequestError ``not_found`` or ``group_full``; joining twice is harmless."""
+    async def join_group(
+        self, group_id: int, user_id: int, max_size: int, *, reason: str = "joined"
+    ) -> Group:
+        """RequestError ``not_found`` or ``group_full``; joining twice is harmless.
+        The only way a member is added: a webhook's ``group.member_added`` is written
+        here, in the join's transaction, with ``reason``."""
 
     @abc.abstractmethod
-    async def leave_group(self, group_id: int, user_id: int) -> None:
-        """RequestError ``not_found`` / ``not_member``."""
+    async def leave_group(self, group_id: int, user_id: int, *, reason: str = "left") -> None:
+        """RequestError ``not_found`` / ``not_member``. The only way a member is
+        removed: ``group.member_removed`` is written here, with ``reason``."""
 
     @abc.abstractmethod
     async def get_group(self, group_id: int) -> Group | None: ...

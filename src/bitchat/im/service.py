@@ -30,7 +30,7 @@ import re
 import secrets
 import time
 from collections.abc import Coroutine, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bitchat.dispatch import Deferred
 from bitchat.errors import RequestError, codes
@@ -89,6 +89,9 @@ from bitchat.im.typing_relay import TYPING_KEY, TypingRelay
 from bitchat.server import Server
 from bitchat.session import Session
 
+if TYPE_CHECKING:
+    from bitchat.im.webhook_dispatch import WebhookDispatcher
+
 log = logging.getLogger("bitchat.im")
 
 _OK = Ok()  # no fields: one instance answers every Ack
@@ -141,6 +144,9 @@ class IMService:
         self._tasks: set[asyncio.Task[None]] = set()
         self._syncs: set[asyncio.Task[None]] = set()
         self.typing = TypingRelay(self.settings, users, connections)
+        self.webhooks: WebhookDispatcher | None = None
+        """Delivers the webhook outbox (the composition root sets it when webhooks are
+        configured); it starts after the centers and stops before them."""
         connections.on_presence = self._tell_watchers
         connections.on_resync = self._resync
         self._install()
@@ -181,6 +187,8 @@ class IMService:
             await center.start()
         last = await self.messages.last_id(self.settings.node_id)
         self.ids = IdGenerator(self.settings.node_id, last)
+        if self.webhooks is not None:
+            await self.webhooks.start()
 
     async def _stop(self, server: Server) -> None:
         # Offline syncs stop, detaches of closed sessions finish, before the centers close.
@@ -188,6 +196,8 @@ class IMService:
             task.cancel()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=self.settings.shutdown_grace)
+        if self.webhooks is not None:
+            await self.webhooks.close()
         await self.connections.close()
         await self.messages.close()
         await self.users.close()
@@ -507,8 +517,11 @@ class IMService:
         return Ok()
 
     def _presence(self, user: User, online: bool, last_seen: int = 0) -> None:
-        """The user came online or went offline (on this node): tell every watcher."""
+        """The user came online or went offline (their first session anywhere, their
+        last one anywhere): tell every watcher, and the webhooks."""
         self._tell_watchers(user.id, user.name, online, last_seen)
+        if self.webhooks is not None:
+            self.webhooks.presence(user.id, user.name, online)
         self.connections.publish_presence(user.id, user.name, online, last_seen)
 
     def _tell_watchers(self, user_id: int, name: str, online: bool, last_seen: int = 0) -> None:

@@ -69,10 +69,23 @@ SCHEMA: dict[str, tuple[str, ...]] = {
     "conversations": ("conv", "last_seq", "lo", "hi", "last_id", "lo_read", "hi_read"),
     "cursors": ("user_id", "conv", "device", "seq"),
     "external_users": ("provider", "subject", "user_id", "created_at"),
+    "webhook_outbox": (
+        "id",
+        "event_id",
+        "endpoint",
+        "type",
+        "order_key",
+        "body",
+        "created_at",
+        "state",
+        "attempts",
+        "next_at",
+        "last_error",
+    ),
 }
-"""Every table of schema version 7 and its columns, in both stores."""
+"""Every table of the current schema version and its columns, in both stores."""
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 _PARAM = re.compile(r"(?<![:\w]):([a-z_]+)")
 
@@ -273,6 +286,57 @@ HISTORY_AFTER_SEQ = (
 )
 # The newest id a node issued (ids of one node share bits 12-21).
 LAST_ID = "SELECT id FROM messages WHERE ((id >> :shift) & :mask) = :node ORDER BY id DESC LIMIT 1"
+
+
+# -- the webhook outbox (bitchat.webhooks) ----------------------------------------------------
+
+# One row per event and endpoint (bitchat.webhooks.OutboxRow; each store inserts them in
+# its own way): each endpoint has its own attempts, next try and dead letter, and a
+# claim takes rows, not parts of rows.
+# The rows due whose endpoint has no earlier row of the same order key pending (that
+# is the order per conversation), in id order (the commit order of one key); each
+# claimed is leased (next_at moves to :lease) while it is being delivered.
+_CLAIMABLE = (
+    "SELECT o.id FROM webhook_outbox o WHERE o.state = 'pending' AND o.next_at <= :now "
+    "AND o.endpoint {endpoints} AND NOT EXISTS (SELECT 1 FROM webhook_outbox p "
+    "WHERE p.state = 'pending' AND p.endpoint = o.endpoint AND p.order_key = o.order_key "
+    "AND p.id < o.id) ORDER BY o.id LIMIT :limit"
+)
+_CLAIMED = "RETURNING id, event_id, endpoint, type, body, attempts"
+OUTBOX_CLAIM_SQLITE = (
+    "UPDATE webhook_outbox SET next_at = :lease WHERE id IN ("
+    + _CLAIMABLE.format(endpoints="IN (SELECT value FROM json_each(:endpoints))")
+    + ") "
+    + _CLAIMED
+)
+# Several nodes share the work: a row another node is claiming is skipped, not waited for.
+OUTBOX_CLAIM_POSTGRES = (
+    "UPDATE webhook_outbox SET next_at = :lease WHERE id IN ("
+    + _CLAIMABLE.format(endpoints="= ANY(CAST(:endpoints AS TEXT[]))")
+    + " FOR UPDATE SKIP LOCKED) "
+    + _CLAIMED
+)
+OUTBOX_DELIVERED = "DELETE FROM webhook_outbox WHERE id = :id"
+OUTBOX_RETRY = (
+    "UPDATE webhook_outbox SET attempts = :attempts, next_at = :next_at, last_error = :error "
+    "WHERE id = :id AND state = 'pending'"
+)
+OUTBOX_DEAD = (
+    "UPDATE webhook_outbox SET state = 'dead', attempts = :attempts, next_at = :next_at, "
+    "last_error = :error WHERE id = :id AND state = 'pending'"
+)
+OUTBOX_DEAD_LETTERS = (
+    "SELECT id, event_id, endpoint, type, attempts, last_error, created_at, next_at, body "
+    "FROM webhook_outbox WHERE state = 'dead' ORDER BY id LIMIT :limit"
+)
+"""The dead letters, oldest first (``next_at``: when the event died)."""
+OUTBOX_REPLAY = (
+    "UPDATE webhook_outbox SET state = 'pending', attempts = 0, next_at = 0, last_error = '' "
+    "WHERE state = 'dead' AND (CAST(:id AS BIGINT) = 0 OR id = CAST(:id AS BIGINT)) "
+    "RETURNING id"
+)
+"""Dead letters back to pending (:id, or all of them with 0)."""
+OUTBOX_PENDING = "SELECT count(*) FROM webhook_outbox WHERE state = 'pending'"
 
 
 class SqlReads:

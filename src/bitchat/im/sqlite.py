@@ -57,6 +57,15 @@ from bitchat.im.centers import (
 from bitchat.im.ids import EPOCH_MS, join_id
 from bitchat.im.names import dedupe_keys, name_key, name_keys, taken
 from bitchat.im.passwords import Passwords, new_token, token_digest
+from bitchat.webhooks import (
+    MEMBER_ADDED,
+    MEMBER_REMOVED,
+    MESSAGE_STORED,
+    Outbox,
+    OutboxRow,
+    group_key,
+    member_data,
+)
 
 if TYPE_CHECKING:
     from argon2 import PasswordHasher
@@ -229,6 +238,26 @@ MIGRATIONS: list[Migration] = [
     """
     ALTER TABLE users ADD COLUMN banned_at INTEGER NOT NULL DEFAULT 0;
     """,
+    # 8: the webhook outbox: one row per event and endpoint, written with the event.
+    """
+    CREATE TABLE webhook_outbox (
+        id INTEGER PRIMARY KEY,
+        event_id TEXT NOT NULL,
+        endpoint TEXT NOT NULL,
+        type TEXT NOT NULL,
+        order_key TEXT NOT NULL,
+        body TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        state TEXT NOT NULL DEFAULT 'pending',
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_at REAL NOT NULL DEFAULT 0,
+        last_error TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX webhook_outbox_due ON webhook_outbox(next_at) WHERE state = 'pending';
+    CREATE INDEX webhook_outbox_order ON webhook_outbox(endpoint, order_key, id)
+        WHERE state = 'pending';
+    CREATE INDEX webhook_outbox_dead ON webhook_outbox(id) WHERE state = 'dead';
+    """,
 ]
 
 
@@ -300,6 +329,8 @@ class SqliteUserCenter(UserCenter):
         self._banned: set[int] = set()
         # One connection: writes (and their transactions) must not interleave.
         self._lock = asyncio.Lock()
+        self.outbox: Outbox | None = None
+        """Webhooks: membership events go into the outbox with the change (None: off)."""
 
     async def start(self) -> None:
         self._db = await open_db(self.path)
@@ -564,6 +595,7 @@ class SqliteUserCenter(UserCenter):
 
     async def create_group(self, owner_id: int, name: str) -> Group:
         now = time.time()
+        events: list[OutboxRow] = []
         async with self._lock:
             try:
                 await self.db.execute("BEGIN IMMEDIATE")
@@ -578,10 +610,14 @@ class SqliteUserCenter(UserCenter):
                     "VALUES (?, ?, ?, ?)",
                     (group_id, owner_id, now, join_id(now, group_id)),
                 )
+                events = self._member_events(MEMBER_ADDED, group_id, owner_id, "created")
+                if events:
+                    await self.db.executemany(OUTBOX_INSERT, events)
                 await self.db.execute("COMMIT")
             except sqlite3.Error as exc:
                 await self._rollback()
                 raise ServiceUnavailable(f"user database error: {exc}") from exc
+        self._woke(events)
         self._members[group_id] = [owner_id]
         return Group(group_id, name, owner_id, 1)
 
@@ -589,7 +625,10 @@ class SqliteUserCenter(UserCenter):
         with contextlib.suppress(sqlite3.Error):
             await self.db.execute("ROLLBACK")
 
-    async def join_group(self, group_id: int, user_id: int, max_size: int) -> Group:
+    async def join_group(
+        self, group_id: int, user_id: int, max_size: int, *, reason: str = "joined"
+    ) -> Group:
+        events: list[OutboxRow] = []
         async with self._lock:
             group = await self.get_group(group_id)
             if group is None:
@@ -603,34 +642,82 @@ class SqliteUserCenter(UserCenter):
                 )
             # A member starts at the group's last message: what came before is history.
             now = time.time()
-            await self._rows(
+            insert = (
                 "INSERT INTO group_members "
                 "(group_id, user_id, joined_at, joined_id, read_seq, start_seq) "
                 "SELECT ?, ?, ?, ?, s, s FROM (SELECT coalesce("
                 "(SELECT last_seq FROM conversations WHERE conv = ?), 0) AS s)",
                 (group_id, user_id, now, join_id(now, group_id), f"g:{group_id}"),
             )
+            events = self._member_events(MEMBER_ADDED, group_id, user_id, reason)
+            if events:
+                await self._transaction([insert], events)
+            else:
+                await self._rows(*insert)
             self._members[group_id] = sorted([*members, user_id])
+        self._woke(events)
         return Group(group.id, group.name, group.owner_id, len(members) + 1)
 
-    async def leave_group(self, group_id: int, user_id: int) -> None:
+    async def leave_group(self, group_id: int, user_id: int, *, reason: str = "left") -> None:
         async with self._lock:
             if await self.get_group(group_id) is None:
                 raise RequestError(codes.NOT_FOUND, f"no group {group_id}")
-            try:
-                cur = await self.db.execute(
-                    "DELETE FROM group_members WHERE group_id = ? AND user_id = ?",
-                    (group_id, user_id),
-                )
-                await self.db.execute(
-                    "DELETE FROM cursors WHERE user_id = ? AND conv = ?",
-                    (user_id, conversation("group", 0, group_id)),
-                )
-            except sqlite3.Error as exc:
-                raise ServiceUnavailable(f"user database error: {exc}") from exc
+            delete = (
+                "DELETE FROM group_members WHERE group_id = ? AND user_id = ?",
+                (group_id, user_id),
+            )
+            forget = (
+                "DELETE FROM cursors WHERE user_id = ? AND conv = ?",
+                (user_id, conversation("group", 0, group_id)),
+            )
+            events = self._member_events(MEMBER_REMOVED, group_id, user_id, reason)
+            if events:
+                # The event only if a member was removed: the delete counts first.
+                gone = await self._transaction([delete, forget], events, only_if_changed=0)
+            else:
+                try:
+                    gone = (await self.db.execute(*delete)).rowcount
+                    await self.db.execute(*forget)
+                except sqlite3.Error as exc:
+                    raise ServiceUnavailable(f"user database error: {exc}") from exc
             self._members.pop(group_id, None)
-        if cur.rowcount == 0:
+        if gone == 0:
             raise RequestError(codes.NOT_MEMBER, f"you are not in group {group_id}")
+        self._woke(events)
+
+    def _member_events(
+        self, event: str, group_id: int, user_id: int, reason: str
+    ) -> list[OutboxRow]:
+        if self.outbox is None:
+            return []
+        return self.outbox.rows(event, group_key(group_id), member_data(group_id, user_id, reason))
+
+    def _woke(self, events: list[OutboxRow]) -> None:
+        if events and self.outbox is not None:
+            self.outbox.written()
+
+    async def _transaction(
+        self,
+        steps: Sequence[tuple[str, Sequence[Any]]],
+        events: list[OutboxRow],
+        *,
+        only_if_changed: int | None = None,
+    ) -> int:
+        """``steps`` and the outbox rows ``events`` in one transaction; the rows the
+        first step changed. With ``only_if_changed``: if that step changed no row,
+        the events are not written (nothing happened)."""
+        try:
+            await self.db.execute("BEGIN IMMEDIATE")
+            changed = []
+            for statement, params in steps:
+                changed.append((await self.db.execute(statement, params)).rowcount)
+            if only_if_changed is None or changed[only_if_changed]:
+                await self.db.executemany(OUTBOX_INSERT, events)
+            await self.db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            await self._rollback()
+            raise ServiceUnavailable(f"user database error: {exc}") from exc
+        return changed[0]
 
     async def get_group(self, group_id: int) -> Group | None:
         rows = await self._rows(
@@ -664,6 +751,17 @@ class SqliteUserCenter(UserCenter):
         return members
 
 
+OUTBOX_INSERT = (
+    "INSERT INTO webhook_outbox (event_id, endpoint, type, order_key, body, created_at) "
+    "VALUES (?, ?, ?, ?, ?, ?)"
+)
+"""One :data:`~bitchat.webhooks.OutboxRow` into the outbox."""
+_INSERT_OUTBOX = (
+    "INSERT INTO webhook_outbox (event_id, endpoint, type, order_key, body, created_at) "
+    "SELECT * FROM (VALUES {rows}) WHERE column1 IS NOT NULL"
+)
+_OUTBOX_ROWS = 160
+"""Outbox rows (6 values) per statement."""
 _MESSAGE_ROWS = 90
 """Message rows per INSERT statement (11 variables each: under SQLite's oldest limit of 999)."""
 _PAIR_ROWS = 400
@@ -806,6 +904,9 @@ class SqliteMessageCenter(sql.SqlReads, MessageCenter):
         self._stopped: asyncio.Future[None] | None = None
         self._closing = False
         self._marking = asyncio.Lock()
+        self.outbox: Outbox | None = None
+        """Webhooks: each stored message's event goes into the outbox in its batch's
+        transaction (None: off, and the batch does nothing more)."""
 
     async def start(self) -> None:
         self._rdb = await open_db(self.path, self.synchronous)  # creates and migrates
@@ -970,6 +1071,8 @@ class SqliteMessageCenter(sql.SqlReads, MessageCenter):
                 acks, waiters, partial = take_acks(backlog, self.ack_batch_max)
                 if stores or acks or waiters:
                     outcomes, ack_error = self._write(db, stores, acks)
+                    if stores and self.outbox is not None:
+                        self._call(self.outbox.written)
                     if ack_error is not None and partial is not None:
                         backlog.popleft()  # its rest is dropped: its waiter fails now
                         waiters.append(partial.waiter)
@@ -1114,11 +1217,11 @@ class SqliteMessageCenter(sql.SqlReads, MessageCenter):
         db.execute("SAVEPOINT fresh")
         try:
             try:
-                self._number_and_insert(db, [stores[i][0] for i in fresh])
+                self._number_and_insert(db, [stores[i][0] for i in fresh], self.outbox)
             except sqlite3.IntegrityError:
                 db.execute("ROLLBACK TO fresh")
                 fresh = self._drop_retries(db, stores, results, fresh)
-                self._number_and_insert(db, [stores[i][0] for i in fresh])
+                self._number_and_insert(db, [stores[i][0] for i in fresh], self.outbox)
         finally:
             db.execute("RELEASE fresh")
         for i, first in repeats.items():
@@ -1156,8 +1259,11 @@ class SqliteMessageCenter(sql.SqlReads, MessageCenter):
         return kept
 
     @staticmethod
-    def _number_and_insert(db: sqlite3.Connection, msgs: list[Message]) -> None:
-        """Give ``msgs`` the next seqs of their conversations and insert them."""
+    def _number_and_insert(
+        db: sqlite3.Connection, msgs: list[Message], outbox: Outbox | None
+    ) -> None:
+        """Give ``msgs`` the next seqs of their conversations and insert them (and
+        their ``message.stored`` events into the outbox, if webhooks want them)."""
         if not msgs:
             return
         convs = [m.conversation_key for m in msgs]
@@ -1189,6 +1295,13 @@ class SqliteMessageCenter(sql.SqlReads, MessageCenter):
             if m.kind == "group" and own.get((m.to, m.sender_id), 0) < m.seq:
                 own[m.to, m.sender_id] = m.seq
         _write_rows(db, _INSERT_MESSAGES, 11, flat, _MESSAGE_ROWS)
+        if outbox is not None and outbox.wants(MESSAGE_STORED):
+            event_rows = outbox.rows
+            events: list[Any] = []
+            for m, conv in zip(msgs, convs, strict=True):
+                for row in event_rows(MESSAGE_STORED, conv, m.to_dict()):
+                    events += row
+            _write_rows(db, _INSERT_OUTBOX, 6, events, _OUTBOX_ROWS)
         if own:
             rows: list[Any] = []
             for (group_id, sender), seq in own.items():
