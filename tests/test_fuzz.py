@@ -253,7 +253,16 @@ class Fuzzed:
 
     def __init__(self, data_dir: Path) -> None:
         self.loop = asyncio.new_event_loop()
-        settings = im_settings(data_dir, host="127.0.0.1", port=0, **SMALL_LIMITS)
+        # The anonymous connection lives through every fuzzed handler: no login deadline
+        # (nor idle one) may close it meanwhile.
+        settings = im_settings(
+            data_dir,
+            host="127.0.0.1",
+            port=0,
+            login_timeout=0,
+            read_idle_timeout=0,
+            **SMALL_LIMITS,
+        )
         self.server = build_server(settings)
         self.errors = Errors()
         self.thread = threading.Thread(target=self._run, name="fuzzed-server", daemon=True)

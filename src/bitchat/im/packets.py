@@ -27,8 +27,7 @@ Text = Annotated[str, Limit("max_message_length", codes.MESSAGE_TOO_LONG)]
 ClientMsgId = Annotated[str, Limit("max_client_msg_id_length")]
 GroupName = Annotated[str, Limit("max_group_name_length")]
 Device = Annotated[str, Limit("max_device_length")]
-Role = Annotated[str, Limit("max_name_length")]
-InviteCode = Annotated[str, Limit("max_token_length", codes.BAD_INVITE)]
+InviteCode = Annotated[str, Limit("max_token_length")]
 Jwt = Annotated[str, Limit("max_jwt_length")]
 
 
@@ -153,7 +152,7 @@ class GroupInfo(Packet, type=121):
     """Joining needs an invite (or an admin's approval of a join request)."""
     history_visible: bool = False
     """A new member sees the group's whole history (else only from the join on)."""
-    role: Role = ""
+    role: str = ""
     """The asker's role in the group: "owner", "admin", "member", or "" if not a member."""
     pending: bool = False
     """The answer to a join of an invite-only group without an invite: a join request
@@ -366,7 +365,7 @@ class SetRole(Packet, type=170):
 
     group_id: int
     user_id: int
-    role: Role
+    role: Annotated[str, Limit("max_name_length")]
 
 
 class KickMember(Packet, type=171):
@@ -468,10 +467,10 @@ class GroupEvent(Packet, type=181):
     """
 
     group_id: int
-    event: Role
+    event: str
     user_id: int = 0
     by_id: int = 0
-    role: Role = ""
+    role: str = ""
     until: int = 0
     user_name: Name = ""
     """The name of ``user_id`` (for display)."""
