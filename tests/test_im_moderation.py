@@ -222,7 +222,9 @@ async def test_a_muted_member_cannot_send_until_unmuted(
 async def test_invite_only_groups_invites_and_join_requests(
     request: pytest.FixtureRequest, tmp_path: Path, mode: str
 ) -> None:
-    async with deployment(request, tmp_path, max_invites_per_group=2) as d:
+    async with deployment(
+        request, tmp_path, max_invites_per_group=2, max_join_requests_per_group=2
+    ) as d:
         owner = await d.login(0, "owner")
         adam = await d.login(1, "adam")  # admin
         mia = await d.login(0, "mia")  # member
@@ -242,12 +244,13 @@ async def test_invite_only_groups_invites_and_join_requests(
 
         # A join without an invite is a request: the admins hear of it.
         asked = await dave.join_group(g)
-        assert asked.pending and asked.members == 3
+        assert asked.pending and asked.members == 3 and asked.role == ""
         e = await admin_events.until(lambda e: e.event == "join_requested")
         assert (e.user_id, e.user_name) == (uid(dave), "dave")
         assert not [e for e in member_events.got if e.event == "join_requested"]
         assert (await dave.join_group(g)).pending  # asking twice is one request
         await erin.join_group(g)
+        await refused(codes.FORBIDDEN, gina.join_group(g))  # max_join_requests_per_group
         await refused(codes.FORBIDDEN, mia.join_requests(g))
         reqs = await adam.join_requests(g)
         assert [(r["user_id"], r["name"]) for r in reqs] == [
@@ -274,7 +277,8 @@ async def test_invite_only_groups_invites_and_join_requests(
         assert once.max_uses == 1 and once.expires_at > time.time() * 1000 + 50_000
         await adam.create_invite(g)
         await refused(codes.FORBIDDEN, adam.create_invite(g))  # max_invites_per_group
-        assert not (await frank.join_group(g, once.code)).pending
+        joined = await frank.join_group(g, once.code)
+        assert not joined.pending and joined.role == "member" and joined.invite_only
         await refused(codes.BAD_INVITE, gina.join_group(g, once.code))  # used up
         await refused(codes.BAD_INVITE, gina.join_group(g, "no-such-code"))
         other = (await gina.create_group("other")).group_id

@@ -297,10 +297,11 @@ class Moderation:
         await self.im.check_group_count(user_id, group_id)
         before = await self.users.member(group_id, user_id)
         group = await self.users.join_group(group_id, user_id, self.settings.max_group_size)
-        if before is None:
-            await self.im.seed_group_start(user_id, group_id)
-            await self.tell(group_id, "member_added", user_id, by_id)
-        return group
+        if before is not None:
+            return dataclasses.replace(group, role=before.role)
+        await self.im.seed_group_start(user_id, group_id)
+        await self.tell(group_id, "member_added", user_id, by_id)
+        return dataclasses.replace(group, role=MEMBER)
 
     async def remove(self, group_id: int, user_id: int) -> None:
         """Take the user out of the group (the store's leave path)."""
