@@ -273,6 +273,8 @@ async def test_invite_only_groups_invites_and_join_requests(
         await refused(codes.FORBIDDEN, mia.add_member(g, uid(hal)))
         await refused(codes.INVALID_PACKET, adam.create_invite(g, ttl=-1))
         await refused(codes.INVALID_PACKET, adam.create_invite(g, max_uses=-1))
+        await refused(codes.INVALID_PACKET, adam.create_invite(g, max_uses=2**40))
+        await refused(codes.INVALID_PACKET, adam.create_invite(g, ttl=10**9))
         once = await adam.create_invite(g, ttl=60, max_uses=1)
         assert once.max_uses == 1 and once.expires_at > time.time() * 1000 + 50_000
         await adam.create_invite(g)

@@ -42,6 +42,8 @@ SERVER = 0
 """The actor id of the server API: it acts with the owner's rights."""
 
 _RANK = {OWNER: 3, ADMIN: 2, MEMBER: 1}
+_MOST_USES = 1_000_000_000
+"""The most uses an invite may count (a stored 32-bit count)."""
 
 
 def _now_ms() -> int:
@@ -232,8 +234,8 @@ class Moderation:
         most = self.settings.invite_ttl
         if not 0 <= ttl <= most:
             raise RequestError(codes.INVALID_PACKET, f"an invite lasts 1 to {most} seconds")
-        if max_uses < 0:
-            raise RequestError(codes.INVALID_PACKET, "max_uses is 0 (unlimited) or more")
+        if not 0 <= max_uses <= _MOST_USES:
+            raise RequestError(codes.INVALID_PACKET, f"max_uses is 0 (unlimited) to {_MOST_USES}")
         await self._may_invite(actor_id, group_id)
         invite = Invite(
             secrets.token_urlsafe(16), group_id, _now_ms() + (ttl or most) * 1000, max_uses
@@ -274,7 +276,10 @@ class Moderation:
 
     async def join_requests(self, actor_id: int, group_id: int) -> list[dict[str, object]]:
         await self._moderator(actor_id, group_id)
-        waiting = await self.users.join_requests(group_id)
+        # No more than the answer may carry, should the limit have been lowered since.
+        waiting = (await self.users.join_requests(group_id))[
+            : self.settings.max_join_requests_per_group
+        ]
         users = await self.users.get_users(u for u, _ in waiting)
         return [
             {"user_id": u, "name": users[u].name if u in users else "", "ts": ts}
@@ -325,6 +330,6 @@ class Moderation:
 
     async def blocked(self, user_id: int) -> list[User]:
         """The users ``user_id`` blocks, by id."""
-        mine = sorted((await self.users.blocks(user_id)).mine)
+        mine = sorted((await self.users.blocks(user_id)).mine)[: self.settings.max_blocks_per_user]
         users = await self.users.get_users(mine)
         return [users[u] for u in mine if u in users]
