@@ -302,6 +302,26 @@ async def test_invite_only_groups_invites_and_join_requests(
 
 
 @pytest.mark.parametrize("mode", MODES)
+async def test_an_approval_that_cannot_be_let_in_leaves_the_request_waiting(
+    request: pytest.FixtureRequest, tmp_path: Path, mode: str
+) -> None:
+    async with deployment(request, tmp_path, max_group_size=2) as d:
+        owner = await d.login(0, "owner")
+        dave = await d.login(1, "dave")
+        erin = await d.login(0, "erin")
+        g = (await owner.create_group("moon")).group_id
+        await owner.set_group_options(g, invite_only=True)
+        assert (await dave.join_group(g)).pending
+        await owner.add_member(g, uid(erin))  # now full
+        await refused(codes.GROUP_FULL, owner.answer_join_request(g, uid(dave), True))
+        assert [r["user_id"] for r in await owner.join_requests(g)] == [uid(dave)]
+        await erin.leave_group(g)
+        await owner.answer_join_request(g, uid(dave), True)
+        assert await owner.join_requests(g) == []
+        assert sorted(roles(await dave.group_members(g))) == sorted([uid(owner), uid(dave)])
+
+
+@pytest.mark.parametrize("mode", MODES)
 async def test_history_visible_lets_a_new_member_read_what_came_before(
     request: pytest.FixtureRequest, tmp_path: Path, mode: str
 ) -> None:

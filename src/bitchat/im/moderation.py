@@ -233,7 +233,9 @@ class Moderation:
     ) -> Invite:
         most = self.settings.invite_ttl
         if not 0 <= ttl <= most:
-            raise RequestError(codes.INVALID_PACKET, f"an invite lasts 1 to {most} seconds")
+            raise RequestError(
+                codes.INVALID_PACKET, f"an invite's ttl is 0 (the default) to {most} seconds"
+            )
         if not 0 <= max_uses <= _MOST_USES:
             raise RequestError(codes.INVALID_PACKET, f"max_uses is 0 (unlimited) to {_MOST_USES}")
         await self._may_invite(actor_id, group_id)
@@ -247,8 +249,9 @@ class Moderation:
         """The user joins: ``(group, False)``; or, in an invite-only group without an
         invite, a join request is recorded: ``(group, True)``."""
         group = await self._group(group_id)
-        if await self.users.member(group_id, user_id) is not None:
-            return dataclasses.replace(group, role=await self._role_of(group_id, user_id)), False
+        me = await self.users.member(group_id, user_id)
+        if me is not None:
+            return dataclasses.replace(group, role=me.role), False
         if await self.users.is_banned(group_id, user_id):
             raise RequestError(codes.BANNED, f"you are banned from group {group_id}")
         if invite:
@@ -261,10 +264,6 @@ class Moderation:
                 await self._tell_admins(group_id, "join_requested", user_id)
             return group, True
         return await self.add(group_id, user_id, user_id), False
-
-    async def _role_of(self, group_id: int, user_id: int) -> str:
-        me = await self.users.member(group_id, user_id)
-        return me.role if me else ""
 
     async def add_member(self, actor_id: int, group_id: int, user_id: int) -> Group:
         """Add a user directly (an invite in an invite-only group: admins and owner)."""
@@ -290,10 +289,14 @@ class Moderation:
         self, actor_id: int, group_id: int, user_id: int, approve: bool
     ) -> None:
         await self._moderator(actor_id, group_id)
-        if not await self.users.drop_join_request(group_id, user_id):
+        if all(u != user_id for u, _ in await self.users.join_requests(group_id)):
             raise RequestError(codes.NOT_FOUND, f"no join request of user {user_id}")
         if approve:
+            # The join drops the request in its transaction: one that fails (a full
+            # group) leaves it waiting.
             await self.add(group_id, user_id, actor_id)
+        else:
+            await self.users.drop_join_request(group_id, user_id)
 
     # -- the store's join and leave paths, with their events ----------------------------------
 
