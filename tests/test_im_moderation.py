@@ -32,6 +32,7 @@ from cluster_support import (
     redis_prefix_fixture,  # noqa: F401 (fixture)
 )
 from conftest import WAIT
+from im_helpers import Inbox
 from test_im_sync import (  # noqa: F401 (_cluster_services: fixture)
     MODES,
     Deployment,
@@ -340,11 +341,17 @@ async def test_history_visible_lets_a_new_member_read_what_came_before(
 
         info = await owner.set_group_options(g, history_visible=True)
         assert info.history_visible and not info.invite_only
+        inbox = Inbox(later)
         await later.join_group(g)
         texts = [m["text"] for m in (await later.history(group_id=g)).messages]
         assert texts == ["new", "old 2", "old 1", "old 0"]
+        # Its device starts at the group's start too: the next message shows the gap
+        # before it, and what came before is pushed in order.
+        await owner.send_group(g, "newer")
+        got = await inbox.wait_for(5)
+        assert sorted(m.seq for m in got) == [1, 2, 3, 4, 5]
         # The start of a member is fixed at the join.
-        assert [m["text"] for m in (await late.history(group_id=g)).messages] == ["new"]
+        assert [m["text"] for m in (await late.history(group_id=g)).messages] == ["newer", "new"]
 
 
 @pytest.mark.parametrize("mode", MODES)
