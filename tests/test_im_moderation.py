@@ -80,7 +80,7 @@ def not_muted(group_id: int, user_id: int) -> Any:
 def muted(group_id: int, user_id: int) -> Any:
     def check(users: UserCenter) -> bool:
         mutes = users.known_mutes(group_id)
-        return mutes is None or user_id in mutes
+        return mutes is None or mutes.get(user_id, 0) > time.time() * 1000
 
     return check
 
@@ -212,6 +212,15 @@ async def test_a_muted_member_cannot_send_until_unmuted(
         page = await owner.history(group_id=g)
         assert [m["text"] for m in page.messages] == ["before"]  # nothing stored
         await owner.send_group(g, "only I speak")
+
+        # A mute runs out by itself.
+        past = int(time.time() * 1000) - 1
+        await users_of(d.node(0)).set_muted(g, uid(carol), past)
+        await heard(d, lambda u: (u.known_mutes(g) or {}).get(uid(carol), 0) <= past, "the end")
+        await carol.send_group(g, "it ran out")
+        await owner.mute(g, uid(carol), 60)
+        await heard(d, muted(g, uid(carol)), "the mute again")
+        await refused(codes.MUTED, carol.send_group(g, "again?", retries=0))
 
         await owner.mute(g, uid(carol), 0)
         await events.until(lambda e: e.event == "unmuted")
