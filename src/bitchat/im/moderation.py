@@ -255,6 +255,9 @@ class Moderation:
         if await self.users.is_banned(group_id, user_id):
             raise RequestError(codes.BANNED, f"you are banned from group {group_id}")
         if invite:
+            # What would refuse the join is checked before a use is spent (but a group
+            # that fills meanwhile: that use is gone).
+            await self.im.check_group_count(user_id, group_id)
             if not await self.users.use_invite(invite, group_id, _now_ms()):
                 raise RequestError(codes.BAD_INVITE, "the invite is unknown, expired or used up")
         elif group.invite_only:
