@@ -16,7 +16,9 @@ its node. A recipient's :class:`Ack` clears it; what is not acked is pushed
 again at the next login, in id order, or when the connection center says pushes
 may have been lost (``on_resync``).
 
-Typing is relayed, never stored: :mod:`bitchat.im.typing_relay`.
+Typing is relayed, never stored: :mod:`bitchat.im.typing_relay`. Who may do what
+in a group, and what a block stops: :mod:`bitchat.im.moderation` (the send paths
+check a muted sender and a block against the user center's caches).
 """
 
 from __future__ import annotations
