@@ -291,11 +291,10 @@ async def test_groups_and_members(http: httpx.AsyncClient, server: Server) -> No
 
     role = f"{members}/{bob}/role"
     error(await http.put(role, json={"role": "king"}), 400, codes.INVALID_PACKET)
-    im = server.data["im"]
-    if getattr(im, "moderation", None) is None:
-        error(await http.put(role, json={"role": "admin"}), 501, codes.NOT_IMPLEMENTED)
-    else:  # pragma: no cover - once moderation is in
-        assert (await http.put(role, json={"role": "admin"})).json() == {"ok": True}
+    assert (await http.put(role, json={"role": "admin"})).json() == {"ok": True}
+    members_now = {m.user_id: m.role for m in await server.data["im"].users.members_info(gid)}
+    assert members_now[bob] == "admin"
+    error(await http.put(f"{members}/{dave}/role", json={"role": "admin"}), 403, codes.NOT_MEMBER)
 
 
 # -- messages ---------------------------------------------------------------------------------
@@ -641,7 +640,7 @@ async def test_sqlite_upgrades_a_database_of_the_previous_version_to_bans(tmp_pa
         [(version,)] = await users.db.execute_fetchall("SELECT version FROM schema_version")
         assert version == len(store.MIGRATIONS) == sql.SCHEMA_VERSION
         assert (await users.credentials("alice") or (0,))[0] == alice_id
-        assert not await users.is_banned(alice_id)
+        assert not await users.is_server_banned(alice_id)
         assert await users.set_banned(alice_id, True, 5)
         assert not await users.set_banned(999, True, 5)
     finally:
@@ -649,7 +648,7 @@ async def test_sqlite_upgrades_a_database_of_the_previous_version_to_bans(tmp_pa
     users = SqliteUserCenter(str(path))
     await users.start()
     try:
-        assert await users.is_banned(alice_id)  # read back at start
+        assert await users.is_server_banned(alice_id)  # read back at start
     finally:
         await users.close()
 
@@ -680,11 +679,11 @@ async def test_postgresql_upgrades_a_database_of_the_previous_version_to_bans(
         async with users.db.connection() as c:
             assert await c.fetchval("SELECT version FROM schema_version") == sql.SCHEMA_VERSION
         assert len(pg.MIGRATIONS) == sql.SCHEMA_VERSION
-        assert not await users.is_banned(alice)
+        assert not await users.is_server_banned(alice)
         assert await users.set_banned(alice, True, 5)
-        assert await users.is_banned(alice)
+        assert await users.is_server_banned(alice)
         assert await users.set_banned(alice, False)
-        assert not await users.is_banned(alice)
+        assert not await users.is_server_banned(alice)
         assert not await users.set_banned(999, True)
     finally:
         await users.close()

@@ -211,6 +211,9 @@ def test_every_string_of_a_built_in_request_names_its_own_setting(cls: type[Pack
                 assert (cls.__name__, name) in {
                     ("ChatMessage", "kind"),
                     ("Receipt", "kind"),
+                    ("GroupInfo", "role"),
+                    ("GroupEvent", "event"),
+                    ("GroupEvent", "role"),
                     ("NodeAddress", "host"),
                 }, f"{cls.__name__}.{name} has no limit of its own"
 

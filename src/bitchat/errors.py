@@ -68,7 +68,10 @@ class codes:
     RATE_LIMITED = "rate_limited"
     LOGIN_THROTTLED = "login_throttled"  # too many failed logins: the message says how long
     NO_SERVER = "no_server"
-    BANNED = "banned"  # the user is banned from the server (a login, an API send)
+    BANNED = "banned"  # banned from the server (a login, an API send) or from a group
+    MUTED = "muted"  # muted in the group: the message says until when
+    BLOCKED = "blocked"  # one of the two users blocks the other
+    BAD_INVITE = "bad_invite"  # an unknown, expired or used-up invite code
     # HTTP API level (/api/v1/): the codes above, and these.
     NOT_IMPLEMENTED = "not_implemented"
     METHOD_NOT_ALLOWED = "method_not_allowed"

@@ -238,7 +238,8 @@ async def _user_out(call: Call, user_id: int) -> dict[str, Any]:
     user = await call.im.users.get_user(user_id)
     if user is None:
         raise RequestError(codes.NOT_FOUND, f"no user {user_id}")
-    return {"id": user.id, "name": user.name, "banned": await call.im.users.is_banned(user.id)}
+    banned = await call.im.users.is_server_banned(user.id)
+    return {"id": user.id, "name": user.name, "banned": banned}
 
 
 async def create_user(call: Call) -> dict[str, Any]:
@@ -294,22 +295,19 @@ async def get_group(call: Call) -> dict[str, Any]:
 async def add_member(call: Call) -> dict[str, Any]:
     group_id, user_id = call.params["group_id"], call.body["user_id"]
     await _need_user(call, user_id)
-    await call.im.join_group(group_id, user_id)
+    await call.im.moderation.add_member(0, group_id, user_id)
     return await _group_out(call, group_id)
 
 
 async def remove_member(call: Call) -> dict[str, Any]:
-    await call.im.leave_group(call.params["group_id"], call.params["user_id"])
+    await call.im.moderation.remove_by_server(call.params["group_id"], call.params["user_id"])
     return {"ok": True}
 
 
 async def set_role(call: Call) -> dict[str, Any]:
-    moderation = getattr(call.im, "moderation", None)
-    if moderation is None:
-        raise RequestError(codes.NOT_IMPLEMENTED, "roles are not available on this server")
     group_id, user_id = call.params["group_id"], call.params["user_id"]
     # Actor 0: the server API, with the owner's rights.
-    await moderation.set_role(0, group_id, user_id, call.body["role"])
+    await call.im.moderation.set_role(0, group_id, user_id, call.body["role"])
     return {"ok": True}
 
 
@@ -534,7 +532,7 @@ ROUTES: tuple[Route, ...] = (
         params=(_path_id("group_id", "group"), _path_id("user_id", "user")),
         body=_obj({"role": {"type": "string", "enum": list(_ROLES)}}, ("role",)),
         response=_OK,
-        errors=(404, 501),
+        errors=(404,),
     ),
     Route(
         "POST",
