@@ -264,6 +264,8 @@ async def test_groups_and_members(http: httpx.AsyncClient, server: Server) -> No
         "owner_id": alice,
         "members": 1,
         "member_ids": [alice],
+        "invite_only": False,
+        "history_visible": False,
     }
     gid = g["id"]
     assert (await http.get(f"/api/v1/groups/{gid}")).json() == g

@@ -189,6 +189,8 @@ GROUP = _out(
         "owner_id": _INT,
         "members": _INT,
         "member_ids": {"type": "array", "items": _INT},
+        "invite_only": _BOOL,
+        "history_visible": _BOOL,
     }
 )
 MESSAGE = _out(
@@ -273,7 +275,15 @@ async def _group_out(call: Call, group_id: int) -> dict[str, Any]:
     if g is None:
         raise RequestError(codes.NOT_FOUND, f"no group {group_id}")
     members = await call.im.users.group_members(group_id)
-    return {**g.to_dict(), "members": len(members), "member_ids": members}
+    return {
+        "id": g.id,
+        "name": g.name,
+        "owner_id": g.owner_id,
+        "members": len(members),
+        "member_ids": members,
+        "invite_only": g.invite_only,
+        "history_visible": g.history_visible,
+    }
 
 
 async def _need_user(call: Call, user_id: int) -> None:
