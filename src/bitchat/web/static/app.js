@@ -1105,10 +1105,50 @@ function showApp() {
   render();
 }
 
+// A product that embeds the page signs its user in with `#jwt=<token>`: the fragment, since
+// the browser never sends it to the server (a query string would land in access logs). It is
+// read once and taken out of the address bar at once, so it is neither bookmarked nor shared.
+function takeJwtFromFragment() {
+  if (!location.hash) return '';
+  const jwt = new URLSearchParams(location.hash.slice(1)).get('jwt') ?? '';
+  history.replaceState(history.state, '', location.pathname + location.search);
+  return jwt.trim();
+}
+
+async function signInWithJwt(jwt) {
+  document.body.dataset.state = 'signing-in';
+  try {
+    await connect({ jwt });
+    showApp();
+  } catch (err) {
+    state.me = null;
+    document.body.dataset.state = 'login';
+    $('login-screen').hidden = false;
+    // The server's own reason ("the JWT has expired"): the embedding product can act on it.
+    showLoginError(err.code === 'closed' ? 'Cannot reach the server. Is it running?'
+      : `Sign-in failed: ${err.message}`);
+    $('login-name').focus();
+  }
+}
+
+// The product may sign another user in later by changing the fragment of the page it embeds.
+window.addEventListener('hashchange', () => {
+  const jwt = takeJwtFromFragment();
+  if (!jwt) return;
+  if (state.me) signedOut(null);
+  $('login-screen').hidden = true;
+  signInWithJwt(jwt);
+});
+
 function start() {
   wire();
+  const jwt = takeJwtFromFragment();
   const saved = sessionStorage.getItem('bitchat.session');
-  if (saved) {
+  if (jwt) {
+    // The product names the user now: that wins over a session this tab had before.
+    sessionStorage.removeItem('bitchat.session');
+    signInWithJwt(jwt);
+  } else if (saved) {
     // A reload: log in again with the token of this tab's session.
     const { token, me } = JSON.parse(saved);
     state.token = token;
