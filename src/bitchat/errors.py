@@ -68,6 +68,10 @@ class codes:
     RATE_LIMITED = "rate_limited"
     LOGIN_THROTTLED = "login_throttled"  # too many failed logins: the message says how long
     NO_SERVER = "no_server"
+    BANNED = "banned"  # banned from the group
+    MUTED = "muted"  # muted in the group: the message says until when
+    BLOCKED = "blocked"  # one of the two users blocks the other
+    BAD_INVITE = "bad_invite"  # an unknown, expired or used-up invite code
     # Why the server closes a connection (an Error push, request id 0, just before).
     IDLE_TIMEOUT = "idle_timeout"
     FRAME_TIMEOUT = "frame_timeout"

@@ -198,6 +198,17 @@ class Settings:
     """Most members of a group; one more join fails with ``group_full``."""
     max_groups_per_user: int = setting(1000, ge=0, commands=_S)
     """Most groups one user may be in; one more create or join is ``forbidden``."""
+    max_mute_seconds: int = setting(30 * 86400, ge=1, unit="s", commands=_S)
+    """Longest mute an admin may give a group member; a longer one is refused."""
+    invite_ttl: int = setting(7 * 86400, ge=1, unit="s", commands=_S)
+    """How long a group invite code stays valid when its maker names no time (and the
+    most it may name)."""
+    max_invites_per_group: int = setting(100, ge=1, commands=_S)
+    """Most unexpired invite codes a group may have; one more is ``forbidden``."""
+    max_blocks_per_user: int = setting(1000, ge=1, commands=_S)
+    """Most users one user may block; one more is ``forbidden``."""
+    max_join_requests_per_group: int = setting(200, ge=1, commands=_S)
+    """Most join requests waiting in an invite-only group; one more is ``forbidden``."""
     rate_limit: float = setting(50.0, ge=0, unit="/s", commands=_SR)
     """Sustained requests per second per connection (token bucket refill rate); 0 = off."""
     rate_burst: int = setting(200, ge=1, commands=_SR)

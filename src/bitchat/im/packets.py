@@ -1,6 +1,7 @@
 """The built-in IM packets (types 100-999).
 
-Requests and their answers; ``ChatMessage``, ``Presence`` and ``TypingEvent`` are server pushes.
+Requests and their answers; ``ChatMessage``, ``Presence``, ``TypingEvent`` and
+``GroupEvent`` are server pushes.
 User, group and message ids are integers; message ids are 64-bit snowflakes
 (time-ordered, node id inside). Timestamps are Unix milliseconds.
 
@@ -26,6 +27,8 @@ Text = Annotated[str, Limit("max_message_length", codes.MESSAGE_TOO_LONG)]
 ClientMsgId = Annotated[str, Limit("max_client_msg_id_length")]
 GroupName = Annotated[str, Limit("max_group_name_length")]
 Device = Annotated[str, Limit("max_device_length")]
+Role = Annotated[str, Limit("max_name_length")]
+InviteCode = Annotated[str, Limit("max_token_length", codes.BAD_INVITE)]
 Jwt = Annotated[str, Limit("max_jwt_length")]
 
 
@@ -146,10 +149,21 @@ class GroupInfo(Packet, type=121):
     name: GroupName
     owner_id: int
     members: int
+    invite_only: bool = False
+    """Joining needs an invite (or an admin's approval of a join request)."""
+    history_visible: bool = False
+    """A new member sees the group's whole history (else only from the join on)."""
+    role: Role = ""
+    """The asker's role in the group: "owner", "admin", "member", or "" if not a member."""
+    pending: bool = False
+    """The answer to a join of an invite-only group without an invite: a join request
+    is recorded and waits for an admin (:class:`AnswerJoinRequest`)."""
 
 
 class JoinGroup(Packet, type=122):
     group_id: int
+    invite: InviteCode = ""
+    """An invite code (:class:`CreateInvite`): lets the user into an invite-only group."""
 
 
 class LeaveGroup(Packet, type=123):
@@ -162,7 +176,7 @@ class MyGroups(Packet, type=124):
 
 class GroupList(Packet, type=125):
     groups: Annotated[list[dict[str, Any]], Limit("max_groups_per_user")]
-    """Each ``{"id", "name", "owner_id", "members"}``."""
+    """Each ``{"id", "name", "owner_id", "members", "role"}`` (``role``: the user's)."""
 
 
 class GroupMembers(Packet, type=126):
@@ -172,8 +186,10 @@ class GroupMembers(Packet, type=126):
 class MemberList(Packet, type=127):
     group_id: int
     members: Annotated[list[dict[str, Any]], Limit("max_group_size")]
-    """Each ``{"id", "name", "online", "last_seen"}``: ``last_seen`` is Unix ms for an
-    offline member who shows it, else null."""
+    """Each ``{"id", "name", "online", "last_seen", "role", "muted_until"}``:
+    ``last_seen`` is Unix ms for an offline member who shows it, else null; ``role``
+    "owner", "admin" or "member"; ``muted_until`` Unix ms, 0 when not muted. Only a
+    member may ask (else ``not_member``)."""
 
 
 class History(Packet, type=130):
@@ -330,3 +346,148 @@ class Receipts(Packet, type=166):
     readers: Annotated[list[dict[str, Any]], Limit("max_group_size")]
     """Empty unless ``who``: then each ``{"id", "name", "read"}`` of the members who have the
     message, ``read`` true for those who read it; ordered by id."""
+
+
+# Moderation (types 170-189): roles, kick/ban/mute, invite-only groups, blocks.
+# Refusals: ``forbidden`` (the asker's role does not allow it), ``not_member``,
+# ``not_found`` (no such group or user), ``banned``, ``muted``, ``blocked``,
+# ``bad_invite``, ``invalid_packet`` (a value out of range).
+
+OWNER = "owner"
+ADMIN = "admin"
+MEMBER = "member"
+ROLES = (OWNER, ADMIN, MEMBER)
+"""A group member's roles, highest first: one owner (the creator, until a transfer)."""
+
+
+class SetRole(Packet, type=170):
+    """The owner makes ``user_id`` (a member) "admin" or "member"; "owner" hands the
+    group over (the old owner becomes an admin). Answered with :class:`Ok`."""
+
+    group_id: int
+    user_id: int
+    role: Role
+
+
+class KickMember(Packet, type=171):
+    """An admin or the owner removes a member (who may join again); an admin cannot
+    kick the owner or another admin. Answered with :class:`Ok`."""
+
+    group_id: int
+    user_id: int
+
+
+class BanMember(Packet, type=172):
+    """Ban ``user_id`` (removed if a member; later joins, invites included, fail with
+    ``banned``), or with ``ban=False`` lift the ban. Admin or owner; an admin cannot
+    ban the owner or another admin. Answered with :class:`Ok`."""
+
+    group_id: int
+    user_id: int
+    ban: bool = True
+
+
+class MuteMember(Packet, type=173):
+    """Mute a member for ``seconds`` (at most the server's ``max_mute_seconds``): their
+    SendGroup fails with ``muted``; 0 unmutes. Admin or owner, same rule as kick.
+    Answered with :class:`Ok`."""
+
+    group_id: int
+    user_id: int
+    seconds: int
+
+
+class SetGroupOptions(Packet, type=174):
+    """Change a group's options (None: unchanged). Admin or owner; answered with
+    :class:`GroupInfo`."""
+
+    group_id: int
+    invite_only: bool | None = None
+    history_visible: bool | None = None
+
+
+class CreateInvite(Packet, type=175):
+    """Make an invite code for a group, answered with :class:`InviteInfo`. In an
+    invite-only group only admins and the owner may; in an open group any member."""
+
+    group_id: int
+    ttl: int = 0
+    """Seconds it stays valid; 0 = the server's ``invite_ttl`` (also the most)."""
+    max_uses: int = 0
+    """Joins it allows; 0 = unlimited."""
+
+
+class InviteInfo(Packet, type=176):
+    group_id: int
+    code: InviteCode
+    """Give it to :class:`JoinGroup`'s ``invite`` (``-gjoin group code``)."""
+    expires_at: int
+    """Unix ms."""
+    max_uses: int = 0
+
+
+class AddMember(Packet, type=177):
+    """Add ``user_id`` to the group directly. In an invite-only group only admins and the
+    owner may; in an open group any member. Answered with :class:`Ok`."""
+
+    group_id: int
+    user_id: int
+
+
+class GetJoinRequests(Packet, type=178):
+    """The join requests waiting in an invite-only group (admin or owner)."""
+
+    group_id: int
+
+
+class JoinRequestList(Packet, type=179):
+    group_id: int
+    requests: Annotated[list[dict[str, Any]], Limit("max_join_requests_per_group")]
+    """Each ``{"user_id", "name", "ts"}`` (``ts``: Unix ms of the request), oldest first."""
+
+
+class AnswerJoinRequest(Packet, type=180):
+    """Approve (the user joins) or deny a join request. Admin or owner; answered with
+    :class:`Ok`."""
+
+    group_id: int
+    user_id: int
+    approve: bool
+
+
+class GroupEvent(Packet, type=181):
+    """Push: something changed in a group. Sent to its members and to the user it
+    concerns (a kicked or banned user learns of it too).
+
+    ``event`` is one of "member_added", "member_removed", "kicked", "banned",
+    "unbanned", "muted", "unmuted", "role", "options", "join_requested";
+    ``user_id`` is whom it concerns, ``by_id`` who did it (0: the server);
+    ``role``: the new role ("role"); ``until``: Unix ms ("muted").
+    Membership changes are live pushes, not messages of the conversation: the
+    state they report is in :class:`GroupMembers` and :class:`GroupInfo`.
+    """
+
+    group_id: int
+    event: Role
+    user_id: int = 0
+    by_id: int = 0
+    role: Role = ""
+    until: int = 0
+
+
+class Block(Packet, type=182):
+    """Block ``user_id`` (``block=False`` unblocks): no messages either way between
+    the two (``blocked``), and the blocked user sees the blocker offline, without
+    last-seen or typing. Groups are not affected. Answered with :class:`Ok`."""
+
+    user_id: int
+    block: bool = True
+
+
+class GetBlocked(Packet, type=183):
+    """The users this user blocks."""
+
+
+class BlockedList(Packet, type=184):
+    users: Annotated[list[dict[str, Any]], Limit("max_blocks_per_user")]
+    """Each ``{"id", "name"}``, ordered by id."""
