@@ -755,8 +755,13 @@ function onGroupEvent(e) {
     }
     if (e.event === 'member_removed') { leftGroup(e.group_id); return; }
     if (e.event === 'member_added' && !state.groups.has(e.group_id)) {
-      toast('You were added to a group');
-      refreshGroups();
+      // Added by someone, or a join request approved: the group comes into the sidebar.
+      refreshGroups().then(() => {
+        if (!state.groups.has(e.group_id)) return;
+        conversation(`g:${e.group_id}`);
+        toast(`You are now a member of ${groupName(e.group_id)}`);
+        render();
+      });
       return;
     }
     if (e.event === 'role') {
