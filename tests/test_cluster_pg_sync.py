@@ -16,6 +16,7 @@ from bitchat.cluster.pg import MIGRATIONS, PgDatabase, PgMessageCenter, PgUserCe
 from bitchat.im.centers import Message, User, conversation
 from bitchat.im.ids import IdGenerator
 from bitchat.im.passwords import hasher_for, new_token, token_digest
+from bitchat.im.sql import SCHEMA_VERSION
 from cluster_support import cluster_settings, pg_dsn_fixture  # noqa: F401 (fixtures)
 
 Centers = tuple[PgUserCenter, PgMessageCenter]
@@ -448,7 +449,11 @@ async def test_upgrade_turns_pending_rows_into_read_positions(pg_dsn: str) -> No
 
     async with _centers(pg_dsn) as (users, messages):
         async with users.db.connection() as c:
-            assert await c.fetchval("SELECT version FROM schema_version") == len(MIGRATIONS) == 6
+            assert (
+                await c.fetchval("SELECT version FROM schema_version")
+                == len(MIGRATIONS)
+                == SCHEMA_VERSION
+            )
             assert await c.fetchval("SELECT to_regclass('pending')") is None
             stored = await c.fetch("SELECT id, conv, seq, device FROM messages ORDER BY id")
             assert [(r[0], r[1], r[2]) for r in stored] == [

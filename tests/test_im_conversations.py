@@ -17,6 +17,7 @@ import pytest
 from bitchat import RequestError, Server
 from bitchat.cluster import pg
 from bitchat.cluster.pg import PgDatabase, PgMessageCenter
+from bitchat.im import sql
 from bitchat.im import sqlite as store
 from bitchat.im.centers import Message, MessageCenter
 from bitchat.im.client import IMClient
@@ -271,7 +272,7 @@ async def test_sqlite_upgrades_a_version_3_database(tmp_path: Path) -> None:
         rows = await messages.db.execute_fetchall("SELECT id, seq FROM messages")
         convs = await messages.db.execute_fetchall("SELECT conv, last_seq FROM conversations")
         [(version,)] = await messages.db.execute_fetchall("SELECT version FROM schema_version")
-        assert version == len(store.MIGRATIONS) == 6
+        assert version == len(store.MIGRATIONS) == sql.SCHEMA_VERSION
         await check_upgraded_v3(messages, list(rows), list(convs))
     finally:
         await messages.close()
@@ -303,7 +304,7 @@ async def test_postgresql_upgrades_a_version_3_database(pg_dsn: str) -> None:
         con = await asyncpg.connect(pg_dsn)
         try:
             assert await con.fetchval("SELECT version FROM schema_version") == len(pg.MIGRATIONS)
-            assert len(pg.MIGRATIONS) == 6
+            assert len(pg.MIGRATIONS) == sql.SCHEMA_VERSION
             rows = list(await con.fetch("SELECT id, seq FROM messages"))
             convs = list(await con.fetch("SELECT conv, last_seq FROM conversations"))
         finally:

@@ -23,11 +23,33 @@ async def test_group_lifecycle(tmp_path: Path) -> None:
         assert joined.members == 2
         assert (await gris.join_group(g.group_id)).members == 2  # joining twice is harmless
         assert await gris.my_groups() == [
-            {"id": g.group_id, "name": "moon", "owner_id": 1, "members": 2}
+            {
+                "id": g.group_id,
+                "name": "moon",
+                "owner_id": 1,
+                "members": 2,
+                "role": "member",
+                "invite_only": False,
+                "history_visible": False,
+            }
         ]
         assert await houyi.group_members(g.group_id) == [
-            {"id": 1, "name": "houyi", "online": True, "last_seen": None},
-            {"id": 2, "name": "gris", "online": True, "last_seen": None},
+            {
+                "id": 1,
+                "name": "houyi",
+                "online": True,
+                "last_seen": None,
+                "role": "owner",
+                "muted_until": 0,
+            },
+            {
+                "id": 2,
+                "name": "gris",
+                "online": True,
+                "last_seen": None,
+                "role": "member",
+                "muted_until": 0,
+            },
         ]
 
         chang = await clients.login("chang-e")

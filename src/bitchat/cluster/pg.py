@@ -48,7 +48,10 @@ from bitchat.errors import BitchatError, RequestError, ServiceUnavailable, codes
 from bitchat.im import sql
 from bitchat.im.centers import (
     AckJob,
+    Blocks,
     Group,
+    Invite,
+    Member,
     Message,
     MessageCenter,
     User,
@@ -57,6 +60,7 @@ from bitchat.im.centers import (
     conversation_counts,
     first_of_each,
     id_order,
+    make_blocks,
     number,
     p2p_pair,
     read_offsets,
@@ -239,6 +243,45 @@ MIGRATIONS: list[Migration] = [
     );
     CREATE INDEX external_users_user ON external_users(user_id);
     """,
+    # 7: moderation: member roles and mutes, group options, bans, invites, join
+    # requests, blocks (times in Unix ms; by_id/created_by 0 is the server API).
+    """
+    ALTER TABLE group_members ADD COLUMN role TEXT NOT NULL DEFAULT 'member',
+        ADD COLUMN muted_until BIGINT NOT NULL DEFAULT 0;
+    UPDATE group_members gm SET role = 'owner' FROM groups g
+        WHERE g.id = gm.group_id AND g.owner_id = gm.user_id;
+    ALTER TABLE groups ADD COLUMN invite_only INTEGER NOT NULL DEFAULT 0,
+        ADD COLUMN history_visible INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE group_bans (
+        group_id BIGINT NOT NULL REFERENCES groups(id),
+        user_id BIGINT NOT NULL REFERENCES users(id),
+        by_id BIGINT NOT NULL,
+        created_at BIGINT NOT NULL,
+        PRIMARY KEY (group_id, user_id)
+    );
+    CREATE TABLE group_invites (
+        code TEXT PRIMARY KEY,
+        group_id BIGINT NOT NULL REFERENCES groups(id),
+        created_by BIGINT NOT NULL,
+        created_at BIGINT NOT NULL,
+        expires_at BIGINT NOT NULL,
+        uses_left INTEGER NOT NULL
+    );
+    CREATE INDEX group_invites_group ON group_invites(group_id);
+    CREATE TABLE group_requests (
+        group_id BIGINT NOT NULL REFERENCES groups(id),
+        user_id BIGINT NOT NULL REFERENCES users(id),
+        created_at BIGINT NOT NULL,
+        PRIMARY KEY (group_id, user_id)
+    );
+    CREATE TABLE blocks (
+        user_id BIGINT NOT NULL REFERENCES users(id),
+        blocked_id BIGINT NOT NULL REFERENCES users(id),
+        created_at BIGINT NOT NULL,
+        PRIMARY KEY (user_id, blocked_id)
+    );
+    CREATE INDEX blocks_blocked ON blocks(blocked_id);
+    """,
 ]
 
 _MIGRATION_LOCK = 0x62697463  # "bitc": the advisory lock every node migrates under
@@ -420,6 +463,16 @@ class PgDatabase:
             self.health.ok()
 
 
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _group(row: Sequence[Any]) -> Group:
+    """A Group of ``(id, name, owner_id, members, invite_only, history_visible[, role])``."""
+    role = str(row[6]) if len(row) > 6 else ""
+    return Group(row[0], row[1], row[2], int(row[3]), bool(row[4]), bool(row[5]), role)
+
+
 def _safe_dsn(dsn: str) -> str:
     """The DSN without its password, for logs."""
     if "@" not in dsn or "://" not in dsn:
@@ -440,7 +493,8 @@ _SEE_DEVICE = (
 
 
 MEMBERS_CHANNEL = "bitchat_members"
-"""PostgreSQL NOTIFY channel: the payload is a group id whose membership changed."""
+"""PostgreSQL NOTIFY channel: the payload is a group id whose membership (or a member's
+mute) changed, or ``b`` and a user id whose blocks changed."""
 _NOTIFY_MEMBERS = "SELECT pg_notify($1, $2)"
 
 
@@ -464,7 +518,10 @@ class PgUserCenter(UserCenter):
         self.passwords = Passwords(hasher, hash_concurrency)
         self._names: dict[int, str] = {}
         self._members: dict[int, list[int]] = {}
+        self._mutes: dict[int, dict[int, int]] = {}
         self._generation: dict[int, int] = {}
+        self._blocks: dict[int, Blocks] = {}
+        self._block_generation: dict[int, int] = {}
         self._listener: asyncpg.Connection | None = None
         self._relisten: asyncio.Task[None] | None = None
         self._open = False
@@ -506,6 +563,16 @@ class PgUserCenter(UserCenter):
             return None
         return self._members.get(group_id)
 
+    def known_mutes(self, group_id: int) -> dict[int, int] | None:
+        if self._listener is None or not self.db.health.up:
+            return None
+        return self._mutes.get(group_id)
+
+    def known_blocks(self, user_id: int) -> Blocks | None:
+        if self._listener is None or not self.db.health.up:
+            return None
+        return self._blocks.get(user_id)
+
     async def _listen(self) -> bool:
         try:
             con = await asyncpg.connect(
@@ -524,7 +591,7 @@ class PgUserCenter(UserCenter):
             return False
         con.add_termination_listener(self._listener_lost)
         # Whatever was cached before is unverified: start empty.
-        self._members.clear()
+        self._clear()
         self._listener = con
         self.listens.bump()
         return True
@@ -533,7 +600,7 @@ class PgUserCenter(UserCenter):
         if self._listener is not con:
             return
         self._listener = None
-        self._members.clear()
+        self._clear()
         self.listener_losses.bump()
         if self._open:
             log.warning(
@@ -553,17 +620,30 @@ class PgUserCenter(UserCenter):
             if await self._listen():
                 log.info("listening for group changes again")
 
+    def _clear(self) -> None:
+        self._members.clear()
+        self._mutes.clear()
+        self._blocks.clear()
+
     def _notified(self, con: object, pid: int, channel: str, payload: object) -> None:
+        text = str(payload)
         try:
-            group_id = int(str(payload))
+            if text.startswith("b"):
+                self._invalidate_blocks(int(text[1:]))
+            else:
+                self._invalidate(int(text))
         except ValueError:
             return
-        self._invalidate(group_id)
 
     def _invalidate(self, group_id: int) -> None:
         self._members.pop(group_id, None)
+        self._mutes.pop(group_id, None)
         self._generation[group_id] = self._generation.get(group_id, 0) + 1
         self.invalidations.bump()
+
+    def _invalidate_blocks(self, user_id: int) -> None:
+        self._blocks.pop(user_id, None)
+        self._block_generation[user_id] = self._block_generation.get(user_id, 0) + 1
 
     async def _fetch(self, doing: str, sql: str, *args: Any) -> list[asyncpg.Record]:
         async def q(con: asyncpg.Connection) -> list[asyncpg.Record]:
@@ -843,8 +923,8 @@ class PgUserCenter(UserCenter):
                     )
                 )
                 await con.execute(
-                    "INSERT INTO group_members (group_id, user_id, joined_at, joined_id) "
-                    "VALUES ($1, $2, $3, $4)",
+                    "INSERT INTO group_members (group_id, user_id, joined_at, joined_id, role) "
+                    "VALUES ($1, $2, $3, $4, 'owner')",
                     group_id,
                     owner_id,
                     now,
@@ -853,14 +933,16 @@ class PgUserCenter(UserCenter):
                 return group_id
 
         group_id = await self.db.run("creating a group", q, retry=False)
-        return Group(group_id, name, owner_id, 1)
+        return Group(group_id, name, owner_id, 1, role="owner")
 
     async def join_group(self, group_id: int, user_id: int, max_size: int) -> Group:
         async def q(con: asyncpg.Connection) -> Group:
             async with con.transaction():
                 # The row lock serializes joins of one group across nodes: the size holds.
                 g = await con.fetchrow(
-                    "SELECT id, name, owner_id FROM groups WHERE id = $1 FOR UPDATE", group_id
+                    "SELECT id, name, owner_id, invite_only, history_visible FROM groups "
+                    "WHERE id = $1 FOR UPDATE",
+                    group_id,
                 )
                 if g is None:
                     raise RequestError(codes.NOT_FOUND, f"no group {group_id}")
@@ -874,26 +956,48 @@ class PgUserCenter(UserCenter):
                     user_id,
                 )
                 if inserted:
+                    banned = await con.fetchval(
+                        "SELECT 1 FROM group_bans WHERE group_id = $1 AND user_id = $2",
+                        group_id,
+                        user_id,
+                    )
+                    if banned:
+                        raise RequestError(codes.BANNED, f"you are banned from group {group_id}")
                     if members >= max_size:
                         raise RequestError(
                             codes.GROUP_FULL, f"group {group_id} has reached {max_size} members"
                         )
                     # Its devices start at the group's end as it is now (no history
-                    # is pushed), and so does its read position.
+                    # is pushed; at 0 where the history is visible); its read position
+                    # at the end either way.
                     now = time.time()
                     await con.execute(
                         "INSERT INTO group_members (group_id, user_id, joined_at, read_seq, "
-                        "start_seq, joined_id) SELECT $1, $2, $3, s.n, s.n, $4 FROM "
+                        "start_seq, joined_id) SELECT $1, $2, $3, s.n, "
+                        "CASE WHEN $5::int != 0 THEN 0 ELSE s.n END, $4 FROM "
                         "(SELECT COALESCE((SELECT last_seq FROM conversations "
                         "WHERE conv = 'g:' || $1::bigint), 0) AS n) AS s",
                         group_id,
                         user_id,
                         now,
                         join_id(now, group_id),
+                        int(g["history_visible"]),
+                    )
+                    await con.execute(
+                        "DELETE FROM group_requests WHERE group_id = $1 AND user_id = $2",
+                        group_id,
+                        user_id,
                     )
                     await con.execute(_NOTIFY_MEMBERS, MEMBERS_CHANNEL, str(group_id))
                     members += 1
-                return Group(g["id"], g["name"], g["owner_id"], int(members))
+                return Group(
+                    g["id"],
+                    g["name"],
+                    g["owner_id"],
+                    int(members),
+                    bool(g["invite_only"]),
+                    bool(g["history_visible"]),
+                )
 
         # Idempotent (joining twice is harmless): retried once on a dropped connection.
         try:
@@ -904,7 +1008,10 @@ class PgUserCenter(UserCenter):
     async def leave_group(self, group_id: int, user_id: int) -> None:
         async def q(con: asyncpg.Connection) -> str:
             async with con.transaction():
-                if await con.fetchval("SELECT 1 FROM groups WHERE id = $1", group_id) is None:
+                owner = await con.fetchval(
+                    "SELECT owner_id FROM groups WHERE id = $1 FOR UPDATE", group_id
+                )
+                if owner is None:
                     raise RequestError(codes.NOT_FOUND, f"no group {group_id}")
                 status = str(
                     await con.execute(
@@ -920,6 +1027,10 @@ class PgUserCenter(UserCenter):
                     user_id,
                     conversation("group", user_id, group_id),
                 )
+                if owner == user_id and not status.endswith(" 0"):
+                    # The group goes to the first admin, else the first member to join.
+                    for statement in sql.SUCCESSOR:
+                        await con.execute(*_pg(statement, g=group_id))
                 await con.execute(_NOTIFY_MEMBERS, MEMBERS_CHANNEL, str(group_id))
                 return status
 
@@ -934,22 +1045,24 @@ class PgUserCenter(UserCenter):
         rows = await self._fetch(
             "reading a group",
             "SELECT g.id, g.name, g.owner_id, "
-            "(SELECT count(*) FROM group_members m WHERE m.group_id = g.id) AS n "
+            "(SELECT count(*) FROM group_members m WHERE m.group_id = g.id) AS n, "
+            "g.invite_only, g.history_visible "
             "FROM groups g WHERE g.id = $1",
             group_id,
         )
-        return Group(rows[0][0], rows[0][1], rows[0][2], int(rows[0][3])) if rows else None
+        return _group(rows[0]) if rows else None
 
     async def user_groups(self, user_id: int) -> list[Group]:
         rows = await self._fetch(
             "reading a user's groups",
             "SELECT g.id, g.name, g.owner_id, "
-            "(SELECT count(*) FROM group_members m2 WHERE m2.group_id = g.id) AS n "
+            "(SELECT count(*) FROM group_members m2 WHERE m2.group_id = g.id) AS n, "
+            "g.invite_only, g.history_visible, m.role "
             "FROM group_members m JOIN groups g ON g.id = m.group_id "
             "WHERE m.user_id = $1 ORDER BY g.id",
             user_id,
         )
-        return [Group(r[0], r[1], r[2], int(r[3])) for r in rows]
+        return [_group(r) for r in rows]
 
     async def group_members(self, group_id: int) -> list[int]:
         cached = self.known_members(group_id)
@@ -959,7 +1072,7 @@ class PgUserCenter(UserCenter):
         generation = self._generation.get(group_id, 0)
         rows = await self._fetch(
             "reading group members",
-            "SELECT user_id FROM group_members WHERE group_id = $1 ORDER BY user_id",
+            "SELECT user_id, muted_until FROM group_members WHERE group_id = $1 ORDER BY user_id",
             group_id,
         )
         members = [r[0] for r in rows]
@@ -972,7 +1085,316 @@ class PgUserCenter(UserCenter):
             and self._generation.get(group_id, 0) == generation
         ):
             self._members[group_id] = members
+            self._mutes[group_id] = {r[0]: r[1] for r in rows if r[1]}
         return members
+
+    # -- moderation -------------------------------------------------------------------------
+
+    async def members_info(self, group_id: int) -> list[Member]:
+        rows = await self._fetch(
+            "reading group members",
+            "SELECT user_id, role, muted_until FROM group_members WHERE group_id = $1 "
+            "ORDER BY user_id",
+            group_id,
+        )
+        return [Member(r[0], r[1], r[2]) for r in rows]
+
+    async def member(self, group_id: int, user_id: int) -> Member | None:
+        rows = await self._fetch(
+            "reading a group member",
+            "SELECT user_id, role, muted_until FROM group_members "
+            "WHERE group_id = $1 AND user_id = $2",
+            group_id,
+            user_id,
+        )
+        return Member(rows[0][0], rows[0][1], rows[0][2]) if rows else None
+
+    async def _change(
+        self, doing: str, statements: Sequence[tuple[str, Sequence[Any]]], notify: str = ""
+    ) -> list[int]:
+        """Run the statements in one transaction (NOTIFY ``notify`` in it, if given);
+        each one's row count."""
+
+        async def q(con: asyncpg.Connection) -> list[int]:
+            counts: list[int] = []
+            async with con.transaction():
+                for text, args in statements:
+                    status = str(await con.execute(text, *args))
+                    counts.append(int(status.rsplit(" ", 1)[-1]) if status[-1:].isdigit() else 0)
+                if notify:
+                    await con.execute(_NOTIFY_MEMBERS, MEMBERS_CHANNEL, notify)
+            return counts
+
+        try:
+            return await self.db.run(doing, q, retry=False)
+        except ServiceUnavailable as exc:
+            if isinstance(exc.__cause__, asyncpg.ForeignKeyViolationError):
+                raise RequestError(codes.NOT_FOUND, "no such user or group") from exc
+            raise
+
+    async def set_role(self, group_id: int, user_id: int, role: str) -> None:
+        statements: list[tuple[str, Sequence[Any]]] = []
+        member = "EXISTS (SELECT 1 FROM group_members WHERE group_id = $1 AND user_id = $2)"
+        if role == "owner":
+            statements.append(
+                (
+                    "UPDATE group_members SET role = 'admin' WHERE group_id = $1 "
+                    f"AND role = 'owner' AND user_id != $2 AND {member}",
+                    (group_id, user_id),
+                )
+            )
+            statements.append(
+                (f"UPDATE groups SET owner_id = $2 WHERE id = $1 AND {member}", (group_id, user_id))
+            )
+        statements.append(
+            (
+                "UPDATE group_members SET role = $3 WHERE group_id = $1 AND user_id = $2",
+                (group_id, user_id, role),
+            )
+        )
+        counts = await self._change("setting a role", statements)
+        if not counts[-1]:
+            raise RequestError(codes.NOT_MEMBER, f"user {user_id} is not in group {group_id}")
+
+    async def set_muted(self, group_id: int, user_id: int, until: int) -> None:
+        try:
+            [n] = await self._change(
+                "muting a member",
+                [
+                    (
+                        "UPDATE group_members SET muted_until = $3 "
+                        "WHERE group_id = $1 AND user_id = $2",
+                        (group_id, user_id, until),
+                    )
+                ],
+                notify=str(group_id),
+            )
+        finally:
+            self._invalidate(group_id)
+        if not n:
+            raise RequestError(codes.NOT_MEMBER, f"user {user_id} is not in group {group_id}")
+
+    async def set_ban(self, group_id: int, user_id: int, by_id: int, on: bool) -> bool:
+        if on:
+            statement: tuple[str, Sequence[Any]] = (
+                "INSERT INTO group_bans (group_id, user_id, by_id, created_at) "
+                "VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                (group_id, user_id, by_id, _now_ms()),
+            )
+        else:
+            statement = (
+                "DELETE FROM group_bans WHERE group_id = $1 AND user_id = $2",
+                (group_id, user_id),
+            )
+        [n] = await self._change("banning a user", [statement])
+        return n > 0
+
+    async def is_banned(self, group_id: int, user_id: int) -> bool:
+        rows = await self._fetch(
+            "reading a ban",
+            "SELECT 1 FROM group_bans WHERE group_id = $1 AND user_id = $2",
+            group_id,
+            user_id,
+        )
+        return bool(rows)
+
+    async def set_group_options(
+        self, group_id: int, invite_only: bool | None, history_visible: bool | None
+    ) -> Group:
+        await self._change(
+            "changing group options",
+            [
+                (
+                    "UPDATE groups SET invite_only = COALESCE($2, invite_only), "
+                    "history_visible = COALESCE($3, history_visible) WHERE id = $1",
+                    (
+                        group_id,
+                        None if invite_only is None else int(invite_only),
+                        None if history_visible is None else int(history_visible),
+                    ),
+                )
+            ],
+        )
+        group = await self.get_group(group_id)
+        if group is None:
+            raise RequestError(codes.NOT_FOUND, f"no group {group_id}")
+        return group
+
+    async def add_invite(self, invite: Invite, created_by: int, most: int) -> None:
+        now = _now_ms()
+
+        async def q(con: asyncpg.Connection) -> bool:
+            async with con.transaction():
+                # The group's row lock: two nodes do not both make the last one allowed.
+                await con.execute("SELECT 1 FROM groups WHERE id = $1 FOR UPDATE", invite.group_id)
+                await con.execute(
+                    "DELETE FROM group_invites WHERE group_id = $1 "
+                    "AND (expires_at <= $2 OR uses_left = 0)",
+                    invite.group_id,
+                    now,
+                )
+                n = await con.fetchval(
+                    "SELECT count(*) FROM group_invites WHERE group_id = $1", invite.group_id
+                )
+                if n >= most:
+                    return False
+                await con.execute(
+                    "INSERT INTO group_invites "
+                    "(code, group_id, created_by, created_at, expires_at, uses_left) "
+                    "VALUES ($1, $2, $3, $4, $5, $6)",
+                    invite.code,
+                    invite.group_id,
+                    created_by,
+                    now,
+                    invite.expires_at,
+                    invite.max_uses or -1,
+                )
+                return True
+
+        if not await self.db.run("making an invite", q, retry=False):
+            raise RequestError(codes.FORBIDDEN, f"a group may have at most {most} open invites")
+
+    async def use_invite(self, code: str, group_id: int, now_ms: int) -> bool:
+        [n] = await self._change(
+            "using an invite",
+            [
+                (
+                    "UPDATE group_invites SET uses_left = "
+                    "CASE WHEN uses_left > 0 THEN uses_left - 1 ELSE uses_left END "
+                    "WHERE code = $1 AND group_id = $2 AND expires_at > $3 AND uses_left != 0",
+                    (code, group_id, now_ms),
+                )
+            ],
+        )
+        return n > 0
+
+    async def add_join_request(self, group_id: int, user_id: int, now_ms: int, most: int) -> bool:
+        async def q(con: asyncpg.Connection) -> bool | None:
+            async with con.transaction():
+                await con.execute("SELECT 1 FROM groups WHERE id = $1 FOR UPDATE", group_id)
+                row = await con.fetchrow(
+                    "SELECT count(*), COALESCE(sum(CASE WHEN user_id = $2 THEN 1 ELSE 0 END), 0) "
+                    "FROM group_requests WHERE group_id = $1",
+                    group_id,
+                    user_id,
+                )
+                assert row is not None
+                if row[1]:
+                    return False
+                if row[0] >= most:
+                    return None
+                await con.execute(
+                    "INSERT INTO group_requests (group_id, user_id, created_at) "
+                    "VALUES ($1, $2, $3)",
+                    group_id,
+                    user_id,
+                    now_ms,
+                )
+                return True
+
+        added = await self.db.run("recording a join request", q, retry=False)
+        if added is None:
+            raise RequestError(
+                codes.FORBIDDEN, f"group {group_id} has {most} join requests waiting"
+            )
+        return added
+
+    async def join_requests(self, group_id: int) -> list[tuple[int, int]]:
+        rows = await self._fetch(
+            "reading join requests",
+            "SELECT user_id, created_at FROM group_requests WHERE group_id = $1 "
+            "ORDER BY created_at, user_id",
+            group_id,
+        )
+        return [(int(r[0]), int(r[1])) for r in rows]
+
+    async def drop_join_request(self, group_id: int, user_id: int) -> bool:
+        [n] = await self._change(
+            "dropping a join request",
+            [
+                (
+                    "DELETE FROM group_requests WHERE group_id = $1 AND user_id = $2",
+                    (group_id, user_id),
+                )
+            ],
+        )
+        return n > 0
+
+    async def set_block(self, user_id: int, other_id: int, on: bool, most: int) -> bool:
+        async def q(con: asyncpg.Connection) -> bool | None:
+            async with con.transaction():
+                # The blocker's row lock: two nodes do not both pass the count.
+                await con.execute("SELECT 1 FROM users WHERE id = $1 FOR UPDATE", user_id)
+                if on:
+                    n = await con.fetchval(
+                        "SELECT count(*) FROM blocks WHERE user_id = $1", user_id
+                    )
+                    status = str(
+                        await con.execute(
+                            "INSERT INTO blocks (user_id, blocked_id, created_at) "
+                            "SELECT $1, $2, $3 WHERE $4::bigint < $5::bigint "
+                            "ON CONFLICT DO NOTHING",
+                            user_id,
+                            other_id,
+                            _now_ms(),
+                            n,
+                            most,
+                        )
+                    )
+                    if status.endswith(" 0"):
+                        there = await con.fetchval(
+                            "SELECT 1 FROM blocks WHERE user_id = $1 AND blocked_id = $2",
+                            user_id,
+                            other_id,
+                        )
+                        return False if there else None
+                else:
+                    status = str(
+                        await con.execute(
+                            "DELETE FROM blocks WHERE user_id = $1 AND blocked_id = $2",
+                            user_id,
+                            other_id,
+                        )
+                    )
+                    if status.endswith(" 0"):
+                        return False
+                for u in (user_id, other_id):
+                    await con.execute(_NOTIFY_MEMBERS, MEMBERS_CHANNEL, f"b{u}")
+                return True
+
+        try:
+            changed = await self.db.run("blocking a user", q, retry=False)
+        except ServiceUnavailable as exc:
+            if isinstance(exc.__cause__, asyncpg.ForeignKeyViolationError):
+                raise RequestError(codes.NOT_FOUND, f"no user {other_id}") from exc
+            raise
+        finally:
+            self._invalidate_blocks(user_id)
+            self._invalidate_blocks(other_id)
+        if changed is None:
+            raise RequestError(codes.FORBIDDEN, f"a user may block at most {most} users")
+        return changed
+
+    async def blocks(self, user_id: int) -> Blocks:
+        cached = self.known_blocks(user_id)
+        if cached is not None:
+            return cached
+        listener = self._listener
+        generation = self._block_generation.get(user_id, 0)
+        rows = await self._fetch(
+            "reading blocks",
+            "SELECT blocked_id, true FROM blocks WHERE user_id = $1 "
+            "UNION ALL SELECT user_id, false FROM blocks WHERE blocked_id = $1",
+            user_id,
+        )
+        found = make_blocks((r[0] for r in rows if r[1]), (r[0] for r in rows if not r[1]))
+        if (
+            listener is not None
+            and self._listener is listener
+            and self._block_generation.get(user_id, 0) == generation
+        ):
+            self._blocks[user_id] = found
+        return found
 
 
 # -- messages -----------------------------------------------------------------------------------

@@ -38,6 +38,10 @@ class Group:
     name: str
     owner_id: int
     members: int = 0
+    invite_only: bool = False
+    history_visible: bool = False
+    role: str = ""
+    """The role of the user it was read for (:meth:`UserCenter.user_groups`), else ""."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -45,7 +49,51 @@ class Group:
             "name": self.name,
             "owner_id": self.owner_id,
             "members": self.members,
+            "role": self.role,
+            "invite_only": self.invite_only,
+            "history_visible": self.history_visible,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """A group member's standing: ``role`` "owner", "admin" or "member";
+    ``muted_until`` Unix ms (0: not muted)."""
+
+    user_id: int
+    role: str
+    muted_until: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Blocks:
+    """Whom a user blocks (``mine``) and who blocks them (``by``): no messages pass
+    between the user and either set."""
+
+    mine: frozenset[int] = frozenset()
+    by: frozenset[int] = frozenset()
+
+    def either(self, user_id: int) -> bool:
+        return user_id in self.mine or user_id in self.by
+
+
+NO_BLOCKS = Blocks()
+"""The blocks of a user in none (shared: ``blocks is NO_BLOCKS`` is the quick test)."""
+
+
+def make_blocks(mine: Iterable[int], by: Iterable[int]) -> Blocks:
+    m, b = frozenset(mine), frozenset(by)
+    return Blocks(m, b) if m or b else NO_BLOCKS
+
+
+@dataclass(frozen=True, slots=True)
+class Invite:
+    code: str
+    group_id: int
+    expires_at: int
+    """Unix ms."""
+    max_uses: int = 0
+    """0: unlimited."""
 
 
 @dataclass(slots=True)
@@ -431,6 +479,83 @@ class UserCenter(abc.ABC):
     @abc.abstractmethod
     async def group_members(self, group_id: int) -> list[int]:
         """Member ids, ascending."""
+
+    # Moderation (bitchat.im.moderation holds the rules; these only read and write).
+    # ``join_group`` refuses a banned user (``banned``), drops the user's join request,
+    # and starts a member at 0 in a group whose history is visible; ``leave_group``
+    # hands a leaving owner's group to the first admin (else the first member).
+
+    def known_mutes(self, group_id: int) -> dict[int, int] | None:
+        """The group's muted members (user id -> Unix ms until), if cached and current
+        (no I/O; kept with :meth:`known_members`); None means "ask"."""
+        return None
+
+    @abc.abstractmethod
+    async def members_info(self, group_id: int) -> list[Member]:
+        """Every member's role and mute, ascending by id."""
+
+    @abc.abstractmethod
+    async def member(self, group_id: int, user_id: int) -> Member | None:
+        """The user's standing in the group, None if not a member."""
+
+    @abc.abstractmethod
+    async def set_role(self, group_id: int, user_id: int, role: str) -> None:
+        """Give a member a role; "owner" hands the group over (``groups.owner_id``
+        too; the old owner becomes "admin"), in one transaction. ``not_member``."""
+
+    @abc.abstractmethod
+    async def set_muted(self, group_id: int, user_id: int, until: int) -> None:
+        """Mute a member until ``until`` (Unix ms; 0 unmutes). ``not_member``."""
+
+    @abc.abstractmethod
+    async def set_ban(self, group_id: int, user_id: int, by_id: int, on: bool) -> bool:
+        """Ban (or lift the ban of) a user; whether anything changed. It does not
+        remove a member: that is :meth:`leave_group`."""
+
+    @abc.abstractmethod
+    async def is_banned(self, group_id: int, user_id: int) -> bool: ...
+
+    @abc.abstractmethod
+    async def set_group_options(
+        self, group_id: int, invite_only: bool | None, history_visible: bool | None
+    ) -> Group:
+        """Change the options given (None: unchanged). ``not_found``."""
+
+    @abc.abstractmethod
+    async def add_invite(self, invite: Invite, created_by: int, most: int) -> None:
+        """Store an invite; ``forbidden`` if the group has ``most`` unexpired ones
+        already (expired ones are dropped here)."""
+
+    @abc.abstractmethod
+    async def use_invite(self, code: str, group_id: int, now_ms: int) -> bool:
+        """Spend one use of an invite of the group that is unexpired and not used up;
+        False if there is none such."""
+
+    @abc.abstractmethod
+    async def add_join_request(self, group_id: int, user_id: int, now_ms: int, most: int) -> bool:
+        """Record a join request; False if it was there already; ``forbidden`` if the
+        group has ``most`` waiting."""
+
+    @abc.abstractmethod
+    async def join_requests(self, group_id: int) -> list[tuple[int, int]]:
+        """The waiting requests: ``(user_id, Unix ms)``, oldest first."""
+
+    @abc.abstractmethod
+    async def drop_join_request(self, group_id: int, user_id: int) -> bool:
+        """Forget a request; whether there was one."""
+
+    @abc.abstractmethod
+    async def set_block(self, user_id: int, other_id: int, on: bool, most: int) -> bool:
+        """``user_id`` blocks (or unblocks) ``other_id``; whether anything changed;
+        ``forbidden`` past ``most`` blocks."""
+
+    @abc.abstractmethod
+    async def blocks(self, user_id: int) -> Blocks:
+        """Whom the user blocks and who blocks the user."""
+
+    def known_blocks(self, user_id: int) -> Blocks | None:
+        """:meth:`blocks` if cached and current (no I/O); None means "ask"."""
+        return None
 
 
 class MessageCenter(abc.ABC):

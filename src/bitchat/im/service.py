@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import functools
 import heapq
 import logging
@@ -36,7 +37,9 @@ from bitchat.dispatch import Deferred
 from bitchat.errors import RequestError, codes
 from bitchat.im.auth import Authenticator, JwtAuthenticator
 from bitchat.im.centers import (
+    NO_BLOCKS,
     ConnectionCenter,
+    Group,
     Message,
     MessageCenter,
     User,
@@ -46,21 +49,34 @@ from bitchat.im.centers import (
 )
 from bitchat.im.delivery import DEVICE, SYNCING, DeviceState, push_message
 from bitchat.im.ids import IdGenerator
+from bitchat.im.moderation import Moderation
 from bitchat.im.names import name_candidates, name_key, normalize_name
 from bitchat.im.packets import (
     GROUP,
     P2P,
     Ack,
+    AddMember,
+    AnswerJoinRequest,
+    BanMember,
+    Block,
+    BlockedList,
     ConversationList,
     CreateGroup,
+    CreateInvite,
+    GetBlocked,
     GetConversations,
+    GetJoinRequests,
     GetReceipts,
+    GroupEvent,
     GroupInfo,
     GroupList,
     GroupMembers,
     History,
     HistoryPage,
+    InviteInfo,
     JoinGroup,
+    JoinRequestList,
+    KickMember,
     LeaveGroup,
     ListOnline,
     Login,
@@ -68,6 +84,7 @@ from bitchat.im.packets import (
     Logout,
     MarkRead,
     MemberList,
+    MuteMember,
     MyGroups,
     Ok,
     OnlineUsers,
@@ -79,7 +96,9 @@ from bitchat.im.packets import (
     SendAck,
     SendGroup,
     SendP2P,
+    SetGroupOptions,
     SetPrivacy,
+    SetRole,
     Typing,
     UserInfo,
 )
@@ -140,6 +159,8 @@ class IMService:
         self._tasks: set[asyncio.Task[None]] = set()
         self._syncs: set[asyncio.Task[None]] = set()
         self.typing = TypingRelay(self.settings, users, connections)
+        self.moderation = Moderation(self)
+        """The group moderation and block rules (the server API calls them too)."""
         connections.on_presence = self._tell_watchers
         connections.on_resync = self._resync
         self._install()
@@ -167,6 +188,17 @@ class IMService:
             (MarkRead, self.on_mark_read),
             (GetReceipts, self.on_get_receipts),
             (Typing, self.typing.on_typing),
+            (SetRole, self.on_set_role),
+            (KickMember, self.on_kick),
+            (BanMember, self.on_ban),
+            (MuteMember, self.on_mute),
+            (SetGroupOptions, self.on_set_group_options),
+            (CreateInvite, self.on_create_invite),
+            (AddMember, self.on_add_member),
+            (GetJoinRequests, self.on_get_join_requests),
+            (AnswerJoinRequest, self.on_answer_join_request),
+            (Block, self.on_block),
+            (GetBlocked, self.on_get_blocked),
         ):
             s.add_handler(cls, func, login_required=True, poolable=False)
         s.on_startup.append(self._start)
@@ -511,10 +543,14 @@ class IMService:
         if not self.watchers:
             return
         packet = Presence(user_id, name, online, 0 if online else last_seen)
+        # Those the user blocks see them offline: told nothing (best effort when the
+        # blocks are not cached here).
+        blocks = self.users.known_blocks(user_id)
+        hidden = blocks.mine if blocks is not None else ()
         for s, watcher in list(self.watchers.items()):
             if s.user_id != watcher:  # no longer the user who asked: the watch is over
                 del self.watchers[s]
-            elif watcher != user_id:
+            elif watcher != user_id and watcher not in hidden:
                 s.push(packet)
 
     def _resync(self, session: Session) -> None:
@@ -548,6 +584,10 @@ class IMService:
         if p.watch and session.user_id is not None:
             self.watchers[session] = session.user_id
         ids = await self.connections.online_users()
+        if session.user_id is not None:
+            blocks = await self.users.blocks(session.user_id)
+            if blocks.by:  # those who block the asker show offline to them
+                ids = [u for u in ids if u not in blocks.by]
         users = await self.users.get_users(ids)
         return OnlineUsers([{"id": u, "name": users[u].name} for u in ids if u in users])
 
@@ -580,9 +620,13 @@ class IMService:
         )
         chain = session.data.get(_CHAIN)
         if chain is None or chain.done():
-            user = self.users.known_user(p.to)
-            if user is not None:
-                return self._store_and_deliver(session, msg, [p.to])
+            blocks = self.users.known_blocks(session.user_id)
+            if blocks is not None:
+                if blocks is not NO_BLOCKS and blocks.either(p.to):
+                    raise _blocked(blocks.mine, p.to)
+                user = self.users.known_user(p.to)
+                if user is not None:
+                    return self._store_and_deliver(session, msg, [p.to])
         queued = self._chain(session)
         return asyncio.ensure_future(
             self._send_slow(session, msg, chain, queued, self._p2p_recipients(msg))
@@ -591,6 +635,9 @@ class IMService:
     async def _p2p_recipients(self, msg: Message) -> list[int]:
         if await self.users.get_user(msg.to) is None:
             raise RequestError(codes.NOT_FOUND, f"no user {msg.to}")
+        blocks = await self.users.blocks(msg.sender_id)
+        if blocks.either(msg.to):
+            raise _blocked(blocks.mine, msg.to)
         return [msg.to]
 
     async def _send_slow(
@@ -623,8 +670,12 @@ class IMService:
         if chain is None or chain.done():
             members = self.users.known_members(p.group_id)
             if members is not None:
-                self._check_member(members, session, p.group_id)
-                return self._store_and_deliver(session, msg, members)
+                mutes = self.users.known_mutes(p.group_id)
+                if mutes is not None:
+                    self._check_member(members, session, p.group_id)
+                    if mutes:
+                        _check_muted(mutes.get(msg.sender_id, 0), p.group_id)
+                    return self._store_and_deliver(session, msg, members)
         queued = self._chain(session)
         return asyncio.ensure_future(
             self._send_slow(session, msg, chain, queued, self._group_recipients(session, msg))
@@ -638,6 +689,12 @@ class IMService:
                 raise RequestError(codes.NOT_FOUND, f"no group {msg.to}")
             members = await self.users.group_members(msg.to)
         self._check_member(members, session, msg.to)
+        mutes = self.users.known_mutes(msg.to)
+        if mutes is not None:
+            _check_muted(mutes.get(msg.sender_id, 0), msg.to)
+        else:
+            me = await self.users.member(msg.to, msg.sender_id)
+            _check_muted(me.muted_until if me else 0, msg.to)
         return members
 
     @staticmethod
@@ -890,11 +947,12 @@ class IMService:
         # str.isprintable() lets only the ASCII space through of the spaces.
         if not name.isprintable():
             raise RequestError(codes.INVALID_PACKET, "a group name has no control characters")
-        await self._check_group_count(session.user_id, 0)
+        await self.check_group_count(session.user_id, 0)
         g = await self.users.create_group(session.user_id, name)
-        return GroupInfo(g.id, g.name, g.owner_id, g.members)
+        return _info(g)
 
-    async def _check_group_count(self, user_id: int, joining: int) -> None:
+    async def check_group_count(self, user_id: int, joining: int) -> None:
+        """``forbidden`` if the user is in ``max_groups_per_user`` groups (but ``joining``)."""
         limit = self.settings.max_groups_per_user
         groups = await self.users.user_groups(user_id)
         if len(groups) >= limit and all(g.id != joining for g in groups):
@@ -902,12 +960,14 @@ class IMService:
 
     async def on_join_group(self, session: Session, p: JoinGroup) -> GroupInfo:
         assert session.user_id is not None
-        await self._check_group_count(session.user_id, p.group_id)
-        user_id = session.user_id
-        g = await self.users.join_group(p.group_id, user_id, self.settings.max_group_size)
-        # Each connection of the user's here knows where the group starts for it, so a
-        # first push lost in transit shows as a gap (not taken as the start).
-        conv = conversation("group", user_id, p.group_id)
+        g, pending = await self.moderation.join(session.user_id, p.group_id, p.invite)
+        return _info(g, pending)
+
+    async def seed_group_start(self, user_id: int, group_id: int) -> None:
+        """The user joined the group: each of its connections here learns where the group
+        starts for it, so a first push lost in transit shows as a gap (not taken as the
+        start)."""
+        conv = conversation("group", user_id, group_id)
         starts: dict[int, int | None] = {}  # per device: its sessions share its cursors
         try:
             for s in self.connections.local_sessions(user_id):
@@ -922,17 +982,15 @@ class IMService:
                     device.seqs.setdefault(conv, at)
         except RequestError as exc:
             # The join is in: without the seed a first push is taken as the start there.
-            log.warning("cannot read where group %d starts: %s", p.group_id, exc.message)
-        return GroupInfo(g.id, g.name, g.owner_id, g.members)
+            log.warning("cannot read where group %d starts: %s", group_id, exc.message)
 
     async def on_leave_group(self, session: Session, p: LeaveGroup) -> Ok:
         assert session.user_id is not None
-        await self.users.leave_group(p.group_id, session.user_id)
-        conv = conversation("group", session.user_id, p.group_id)
-        for s in self.connections.local_sessions(session.user_id):
-            device: DeviceState | None = s.data.get(DEVICE)
-            if device is not None:
-                device.forget(conv)
+        user_id = session.user_id
+        await self.moderation.remove(p.group_id, user_id)
+        event = GroupEvent(p.group_id, "member_removed", user_id, user_id)
+        members = list(await self.users.group_members(p.group_id))
+        self.connections.deliver_event(event, [*members, user_id])
         return Ok()
 
     async def on_my_groups(self, session: Session, p: MyGroups) -> GroupList:
@@ -941,25 +999,114 @@ class IMService:
         return GroupList([g.to_dict() for g in groups])
 
     async def on_group_members(self, session: Session, p: GroupMembers) -> MemberList:
-        if await self.users.get_group(p.group_id) is None:
-            raise RequestError(codes.NOT_FOUND, f"no group {p.group_id}")
-        ids = await self.users.group_members(p.group_id)
+        assert session.user_id is not None
+        info = await self.users.members_info(p.group_id)
+        if not any(m.user_id == session.user_id for m in info):
+            if await self.users.get_group(p.group_id) is None:
+                raise RequestError(codes.NOT_FOUND, f"no group {p.group_id}")
+            raise RequestError(codes.NOT_MEMBER, f"you are not in group {p.group_id}")
+        ids = [m.user_id for m in info]
         users = await self.users.get_users(ids)
         online = set(await self.connections.online_users())
-        assert session.user_id is not None
-        seen = await self.users.last_seen([u for u in ids if u not in online], session.user_id)
+        # Those who block the asker show offline to them, without a last seen.
+        hidden = (await self.users.blocks(session.user_id)).by
+        seen = await self.users.last_seen(
+            [u for u in ids if u not in online and u not in hidden], session.user_id
+        )
         return MemberList(
             p.group_id,
             [
                 {
-                    "id": u,
-                    "name": users[u].name if u in users else "",
-                    "online": u in online,
-                    "last_seen": seen.get(u),
+                    "id": m.user_id,
+                    "name": users[m.user_id].name if m.user_id in users else "",
+                    "online": m.user_id in online and m.user_id not in hidden,
+                    "last_seen": None if m.user_id in hidden else seen.get(m.user_id),
+                    "role": m.role,
+                    "muted_until": m.muted_until,
                 }
-                for u in ids
+                for m in info
             ],
         )
+
+    # -- moderation (the rules: bitchat.im.moderation) ------------------------------------------
+
+    async def on_set_role(self, session: Session, p: SetRole) -> Ok:
+        assert session.user_id is not None
+        await self.moderation.set_role(session.user_id, p.group_id, p.user_id, p.role)
+        return Ok()
+
+    async def on_kick(self, session: Session, p: KickMember) -> Ok:
+        assert session.user_id is not None
+        await self.moderation.kick(session.user_id, p.group_id, p.user_id)
+        return Ok()
+
+    async def on_ban(self, session: Session, p: BanMember) -> Ok:
+        assert session.user_id is not None
+        await self.moderation.ban(session.user_id, p.group_id, p.user_id, p.ban)
+        return Ok()
+
+    async def on_mute(self, session: Session, p: MuteMember) -> Ok:
+        assert session.user_id is not None
+        await self.moderation.mute(session.user_id, p.group_id, p.user_id, p.seconds)
+        return Ok()
+
+    async def on_set_group_options(self, session: Session, p: SetGroupOptions) -> GroupInfo:
+        assert session.user_id is not None
+        g = await self.moderation.set_options(
+            session.user_id, p.group_id, p.invite_only, p.history_visible
+        )
+        member = await self.users.member(p.group_id, session.user_id)
+        return _info(dataclasses.replace(g, role=member.role if member else ""))
+
+    async def on_create_invite(self, session: Session, p: CreateInvite) -> InviteInfo:
+        assert session.user_id is not None
+        inv = await self.moderation.create_invite(session.user_id, p.group_id, p.ttl, p.max_uses)
+        return InviteInfo(inv.group_id, inv.code, inv.expires_at, inv.max_uses)
+
+    async def on_add_member(self, session: Session, p: AddMember) -> Ok:
+        assert session.user_id is not None
+        await self.moderation.add_member(session.user_id, p.group_id, p.user_id)
+        return Ok()
+
+    async def on_get_join_requests(self, session: Session, p: GetJoinRequests) -> JoinRequestList:
+        assert session.user_id is not None
+        return JoinRequestList(
+            p.group_id, await self.moderation.join_requests(session.user_id, p.group_id)
+        )
+
+    async def on_answer_join_request(self, session: Session, p: AnswerJoinRequest) -> Ok:
+        assert session.user_id is not None
+        await self.moderation.answer_request(session.user_id, p.group_id, p.user_id, p.approve)
+        return Ok()
+
+    async def on_block(self, session: Session, p: Block) -> Ok:
+        assert session.user_id is not None
+        await self.moderation.block(session.user_id, p.user_id, p.block)
+        return Ok()
+
+    async def on_get_blocked(self, session: Session, p: GetBlocked) -> BlockedList:
+        assert session.user_id is not None
+        users = await self.moderation.blocked(session.user_id)
+        return BlockedList([{"id": u.id, "name": u.name} for u in users])
+
+
+def _info(g: Group, pending: bool = False) -> GroupInfo:
+    return GroupInfo(
+        g.id, g.name, g.owner_id, g.members, g.invite_only, g.history_visible, g.role, pending
+    )
+
+
+def _check_muted(until: int, group_id: int) -> None:
+    """``muted`` while the mute lasts (the caller found the member among the muted)."""
+    if until and until > time.time() * 1000:
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(until / 1000))
+        raise RequestError(codes.MUTED, f"you are muted in group {group_id} until {when}")
+
+
+def _blocked(mine: frozenset[int], other: int) -> RequestError:
+    if other in mine:
+        return RequestError(codes.BLOCKED, "you blocked this user")
+    return RequestError(codes.BLOCKED, "you cannot message this user")
 
 
 def _now_ms() -> int:

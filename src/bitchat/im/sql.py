@@ -43,7 +43,7 @@ SCHEMA: dict[str, tuple[str, ...]] = {
     ),
     "tokens": ("digest", "user_id", "expires_at", "device_id"),
     "devices": ("id", "user_id", "name", "created_at", "last_seen"),
-    "groups": ("id", "name", "owner_id", "created_at"),
+    "groups": ("id", "name", "owner_id", "created_at", "invite_only", "history_visible"),
     "group_members": (
         "group_id",
         "user_id",
@@ -51,7 +51,13 @@ SCHEMA: dict[str, tuple[str, ...]] = {
         "read_seq",
         "start_seq",
         "joined_id",
+        "role",
+        "muted_until",
     ),
+    "group_bans": ("group_id", "user_id", "by_id", "created_at"),
+    "group_invites": ("code", "group_id", "created_by", "created_at", "expires_at", "uses_left"),
+    "group_requests": ("group_id", "user_id", "created_at"),
+    "blocks": ("user_id", "blocked_id", "created_at"),
     "messages": (
         "id",
         "kind",
@@ -69,9 +75,9 @@ SCHEMA: dict[str, tuple[str, ...]] = {
     "cursors": ("user_id", "conv", "device", "seq"),
     "external_users": ("provider", "subject", "user_id", "created_at"),
 }
-"""Every table of schema version 6 and its columns, in both stores."""
+"""Every table of schema version 7 and its columns, in both stores."""
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 _PARAM = re.compile(r"(?<![:\w]):([a-z_]+)")
 
@@ -260,15 +266,32 @@ RECEIPTS = (
 # History of one conversation :c: newest first below an id, or below a seq; or after a seq,
 # oldest first.
 _COLS = ", ".join(MSG_COLUMNS)
+# A member's history (:floor) starts where the member does: at the join, unless the group's
+# history was visible then.
 HISTORY_BY_ID = (
-    f"SELECT {_COLS} FROM messages WHERE conv = :c AND id < :before ORDER BY id DESC LIMIT :limit"
+    f"SELECT {_COLS} FROM messages WHERE conv = :c AND id < :before AND seq > :floor "
+    "ORDER BY id DESC LIMIT :limit"
 )
 HISTORY_BEFORE_SEQ = (
     f"SELECT {_COLS} FROM messages WHERE conv = :c AND seq < :seq AND id < :before "
-    "ORDER BY seq DESC LIMIT :limit"
+    "AND seq > :floor ORDER BY seq DESC LIMIT :limit"
 )
 HISTORY_AFTER_SEQ = (
     f"SELECT {_COLS} FROM messages WHERE conv = :c AND seq > :seq ORDER BY seq LIMIT :limit"
+)
+HISTORY_AFTER_SEQ_FLOOR = (
+    f"SELECT {_COLS} FROM messages WHERE conv = :c "
+    "AND seq > GREATEST(CAST(:seq AS BIGINT), CAST(:floor AS BIGINT)) ORDER BY seq LIMIT :limit"
+)
+# Where member :u of group :g starts (History shows a member no message before it).
+MEMBER_START = "SELECT start_seq FROM group_members WHERE group_id = :g AND user_id = :u"
+# A leaving owner's group :g goes to the first admin, else the first member to join.
+SUCCESSOR = (
+    "UPDATE groups SET owner_id = (SELECT user_id FROM group_members WHERE group_id = :g "
+    "ORDER BY CASE WHEN role = 'admin' THEN 0 ELSE 1 END, joined_id, user_id LIMIT 1) "
+    "WHERE id = :g AND EXISTS (SELECT 1 FROM group_members WHERE group_id = :g)",
+    "UPDATE group_members SET role = 'owner' WHERE group_id = :g "
+    "AND user_id = (SELECT owner_id FROM groups WHERE id = :g)",
 )
 # The newest id a node issued (ids of one node share bits 12-21).
 LAST_ID = "SELECT id FROM messages WHERE ((id >> :shift) & :mask) = :node ORDER BY id DESC LIMIT 1"
@@ -333,13 +356,20 @@ class SqlReads:
             else conversation("p2p", user_id, peer_id)
         )
         below = before or (1 << 63) - 1
+        floor = 0
+        if group_id:
+            start = await self._read("reading history", MEMBER_START, g=group_id, u=user_id)
+            floor = int(start[0][0]) if start else 0
+        params: dict[str, Any]
         if after_seq:
-            query, params = HISTORY_AFTER_SEQ, {"seq": after_seq}
+            query, params = HISTORY_AFTER_SEQ_FLOOR, {"seq": after_seq}
         elif before_seq:
             query, params = HISTORY_BEFORE_SEQ, {"seq": before_seq, "before": below}
         else:
             query, params = HISTORY_BY_ID, {"before": below}
-        rows = await self._read("reading history", query, c=conv, limit=limit, **params)
+        rows = await self._read(
+            "reading history", query, c=conv, limit=limit, floor=floor, **params
+        )
         return [message(r) for r in rows]
 
     async def last_id(self, node_id: int) -> int:

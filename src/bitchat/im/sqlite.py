@@ -22,6 +22,7 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -37,8 +38,12 @@ import aiosqlite
 from bitchat.errors import RequestError, ServiceUnavailable, codes
 from bitchat.im import sql
 from bitchat.im.centers import (
+    NO_BLOCKS,
     AckJob,
+    Blocks,
     Group,
+    Invite,
+    Member,
     Message,
     MessageCenter,
     StoreCallback,
@@ -48,6 +53,7 @@ from bitchat.im.centers import (
     conversation_counts,
     first_of_each,
     id_order,
+    make_blocks,
     number,
     p2p_pair,
     read_offsets,
@@ -225,6 +231,45 @@ MIGRATIONS: list[Migration] = [
     ) WITHOUT ROWID;
     CREATE INDEX external_users_user ON external_users(user_id);
     """,
+    # 7: moderation: member roles and mutes, group options, bans, invites, join
+    # requests, blocks (times in Unix ms; by_id/created_by 0 is the server API).
+    """
+    ALTER TABLE group_members ADD COLUMN role TEXT NOT NULL DEFAULT 'member';
+    ALTER TABLE group_members ADD COLUMN muted_until INTEGER NOT NULL DEFAULT 0;
+    UPDATE group_members SET role = 'owner' WHERE user_id =
+        (SELECT g.owner_id FROM groups g WHERE g.id = group_members.group_id);
+    ALTER TABLE groups ADD COLUMN invite_only INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE groups ADD COLUMN history_visible INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE group_bans (
+        group_id INTEGER NOT NULL REFERENCES groups(id),
+        user_id INTEGER NOT NULL REFERENCES users(id),
+        by_id INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (group_id, user_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE group_invites (
+        code TEXT PRIMARY KEY,
+        group_id INTEGER NOT NULL REFERENCES groups(id),
+        created_by INTEGER NOT NULL,
+        created_at INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL,
+        uses_left INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX group_invites_group ON group_invites(group_id);
+    CREATE TABLE group_requests (
+        group_id INTEGER NOT NULL REFERENCES groups(id),
+        user_id INTEGER NOT NULL REFERENCES users(id),
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (group_id, user_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE blocks (
+        user_id INTEGER NOT NULL REFERENCES users(id),
+        blocked_id INTEGER NOT NULL REFERENCES users(id),
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (user_id, blocked_id)
+    ) WITHOUT ROWID;
+    CREATE INDEX blocks_blocked ON blocks(blocked_id);
+    """,
 ]
 
 
@@ -293,6 +338,10 @@ class SqliteUserCenter(UserCenter):
         self._names: dict[int, str] = {}
         self._users: dict[int, User] = {}
         self._members: dict[int, list[int]] = {}
+        self._mutes: dict[int, dict[int, int]] = {}
+        """Per group in ``_members``: its muted members (kept with it)."""
+        self._blocks: dict[int, Blocks] = {}
+        """Every user with a block either way (loaded at start)."""
         # One connection: writes (and their transactions) must not interleave.
         self._lock = asyncio.Lock()
 
@@ -300,6 +349,15 @@ class SqliteUserCenter(UserCenter):
         self._db = await open_db(self.path)
         for uid, name in await self._rows("SELECT id, name FROM users"):
             self._names[uid] = name
+        mine: dict[int, set[int]] = {}
+        by: dict[int, set[int]] = {}
+        # (A database migrated only part of the way, in a test of an upgrade, has none.)
+        has = await self._rows("SELECT 1 FROM sqlite_master WHERE name = 'blocks'")
+        for uid, other in await self._rows("SELECT user_id, blocked_id FROM blocks") if has else []:
+            mine.setdefault(uid, set()).add(other)
+            by.setdefault(other, set()).add(uid)
+        for uid in mine.keys() | by.keys():
+            self._blocks[uid] = make_blocks(mine.get(uid, ()), by.get(uid, ()))
 
     def known_user(self, user_id: int) -> User | None:
         # Asked on every one-to-one send: hand out one User per id (names never change)
@@ -314,6 +372,12 @@ class SqliteUserCenter(UserCenter):
 
     def known_members(self, group_id: int) -> list[int] | None:
         return self._members.get(group_id)
+
+    def known_mutes(self, group_id: int) -> dict[int, int] | None:
+        return self._mutes.get(group_id)
+
+    def known_blocks(self, user_id: int) -> Blocks | None:
+        return self._blocks.get(user_id, NO_BLOCKS)
 
     async def close(self) -> None:
         self.passwords.close()
@@ -546,8 +610,8 @@ class SqliteUserCenter(UserCenter):
                 group_id = cur.lastrowid
                 assert group_id is not None
                 await self.db.execute(
-                    "INSERT INTO group_members (group_id, user_id, joined_at, joined_id) "
-                    "VALUES (?, ?, ?, ?)",
+                    "INSERT INTO group_members (group_id, user_id, joined_at, joined_id, role) "
+                    "VALUES (?, ?, ?, ?, 'owner')",
                     (group_id, owner_id, now, join_id(now, group_id)),
                 )
                 await self.db.execute("COMMIT")
@@ -555,7 +619,8 @@ class SqliteUserCenter(UserCenter):
                 await self._rollback()
                 raise ServiceUnavailable(f"user database error: {exc}") from exc
         self._members[group_id] = [owner_id]
-        return Group(group_id, name, owner_id, 1)
+        self._mutes[group_id] = {}
+        return Group(group_id, name, owner_id, 1, role="owner")
 
     async def _rollback(self) -> None:
         with contextlib.suppress(sqlite3.Error):
@@ -569,27 +634,43 @@ class SqliteUserCenter(UserCenter):
             members = await self.group_members(group_id)
             if user_id in members:
                 return group
+            if await self.is_banned(group_id, user_id):
+                raise RequestError(codes.BANNED, f"you are banned from group {group_id}")
             if len(members) >= max_size:
                 raise RequestError(
                     codes.GROUP_FULL, f"group {group_id} has reached {max_size} members"
                 )
-            # A member starts at the group's last message: what came before is history.
+            # A member starts at the group's last message (what came before is history),
+            # or at its start where the history is visible; read up to the last either way.
             now = time.time()
             await self._rows(
                 "INSERT INTO group_members "
                 "(group_id, user_id, joined_at, joined_id, read_seq, start_seq) "
-                "SELECT ?, ?, ?, ?, s, s FROM (SELECT coalesce("
+                "SELECT ?, ?, ?, ?, s, CASE WHEN ? THEN 0 ELSE s END FROM (SELECT coalesce("
                 "(SELECT last_seq FROM conversations WHERE conv = ?), 0) AS s)",
-                (group_id, user_id, now, join_id(now, group_id), f"g:{group_id}"),
+                (
+                    group_id,
+                    user_id,
+                    now,
+                    join_id(now, group_id),
+                    int(group.history_visible),
+                    f"g:{group_id}",
+                ),
+            )
+            await self._rows(
+                "DELETE FROM group_requests WHERE group_id = ? AND user_id = ?",
+                (group_id, user_id),
             )
             self._members[group_id] = sorted([*members, user_id])
-        return Group(group.id, group.name, group.owner_id, len(members) + 1)
+        return dataclasses.replace(group, members=len(members) + 1, role="member")
 
     async def leave_group(self, group_id: int, user_id: int) -> None:
         async with self._lock:
-            if await self.get_group(group_id) is None:
+            group = await self.get_group(group_id)
+            if group is None:
                 raise RequestError(codes.NOT_FOUND, f"no group {group_id}")
             try:
+                await self.db.execute("BEGIN IMMEDIATE")
                 cur = await self.db.execute(
                     "DELETE FROM group_members WHERE group_id = ? AND user_id = ?",
                     (group_id, user_id),
@@ -598,42 +679,319 @@ class SqliteUserCenter(UserCenter):
                     "DELETE FROM cursors WHERE user_id = ? AND conv = ?",
                     (user_id, conversation("group", 0, group_id)),
                 )
+                if group.owner_id == user_id and cur.rowcount:
+                    # The group goes to the first admin, else the first member to join.
+                    for statement in sql.SUCCESSOR:
+                        text, params = sql.render(statement, sql.Dialect.SQLITE, {"g": group_id})
+                        await self.db.execute(text, params)
+                await self.db.execute("COMMIT")
             except sqlite3.Error as exc:
+                await self._rollback()
                 raise ServiceUnavailable(f"user database error: {exc}") from exc
-            self._members.pop(group_id, None)
+            finally:
+                self._members.pop(group_id, None)
+                self._mutes.pop(group_id, None)
         if cur.rowcount == 0:
             raise RequestError(codes.NOT_MEMBER, f"you are not in group {group_id}")
 
     async def get_group(self, group_id: int) -> Group | None:
         rows = await self._rows(
             "SELECT g.id, g.name, g.owner_id, "
-            "(SELECT count(*) FROM group_members m WHERE m.group_id = g.id) "
+            "(SELECT count(*) FROM group_members m WHERE m.group_id = g.id), "
+            "g.invite_only, g.history_visible "
             "FROM groups g WHERE g.id = ?",
             (group_id,),
         )
-        return Group(*rows[0]) if rows else None
+        return _group(rows[0]) if rows else None
 
     async def user_groups(self, user_id: int) -> list[Group]:
         rows = await self._rows(
             "SELECT g.id, g.name, g.owner_id, "
-            "(SELECT count(*) FROM group_members m2 WHERE m2.group_id = g.id) "
+            "(SELECT count(*) FROM group_members m2 WHERE m2.group_id = g.id), "
+            "g.invite_only, g.history_visible, m.role "
             "FROM group_members m JOIN groups g ON g.id = m.group_id "
             "WHERE m.user_id = ? ORDER BY g.id",
             (user_id,),
         )
-        return [Group(*r) for r in rows]
+        return [_group(r) for r in rows]
 
     async def group_members(self, group_id: int) -> list[int]:
         cached = self._members.get(group_id)
         if cached is not None:
             return cached
         rows = await self._rows(
-            "SELECT user_id FROM group_members WHERE group_id = ? ORDER BY user_id", (group_id,)
+            "SELECT user_id, muted_until FROM group_members WHERE group_id = ? ORDER BY user_id",
+            (group_id,),
         )
         members = [r[0] for r in rows]
         if members or await self.get_group(group_id) is not None:
             self._members[group_id] = members
+            self._mutes[group_id] = {r[0]: r[1] for r in rows if r[1]}
         return members
+
+    # -- moderation ---------------------------------------------------------------------------
+
+    async def members_info(self, group_id: int) -> list[Member]:
+        rows = await self._rows(
+            "SELECT user_id, role, muted_until FROM group_members WHERE group_id = ? "
+            "ORDER BY user_id",
+            (group_id,),
+        )
+        return [Member(*r) for r in rows]
+
+    async def member(self, group_id: int, user_id: int) -> Member | None:
+        rows = await self._rows(
+            "SELECT user_id, role, muted_until FROM group_members "
+            "WHERE group_id = ? AND user_id = ?",
+            (group_id, user_id),
+        )
+        return Member(*rows[0]) if rows else None
+
+    async def _change(self, statements: Sequence[tuple[str, Sequence[Any]]]) -> list[int]:
+        """Run the statements in one transaction; each one's row count."""
+        counts: list[int] = []
+        async with self._lock:
+            try:
+                await self.db.execute("BEGIN IMMEDIATE")
+                for text, params in statements:
+                    cur = await self.db.execute(text, params)
+                    counts.append(cur.rowcount)
+                await self.db.execute("COMMIT")
+            except sqlite3.IntegrityError as exc:
+                await self._rollback()
+                raise RequestError(codes.NOT_FOUND, f"no such user or group: {exc}") from exc
+            except sqlite3.Error as exc:
+                await self._rollback()
+                raise ServiceUnavailable(f"user database error: {exc}") from exc
+        return counts
+
+    async def set_role(self, group_id: int, user_id: int, role: str) -> None:
+        statements: list[tuple[str, Sequence[Any]]] = []
+        if role == "owner":
+            # The old owner (whoever holds the role) becomes an admin.
+            statements.append(
+                (
+                    "UPDATE group_members SET role = 'admin' WHERE group_id = ? "
+                    "AND role = 'owner' AND user_id != ? AND EXISTS (SELECT 1 FROM "
+                    "group_members WHERE group_id = ? AND user_id = ?)",
+                    (group_id, user_id, group_id, user_id),
+                )
+            )
+            statements.append(
+                (
+                    "UPDATE groups SET owner_id = ? WHERE id = ? AND EXISTS (SELECT 1 FROM "
+                    "group_members WHERE group_id = ? AND user_id = ?)",
+                    (user_id, group_id, group_id, user_id),
+                )
+            )
+        statements.append(
+            (
+                "UPDATE group_members SET role = ? WHERE group_id = ? AND user_id = ?",
+                (role, group_id, user_id),
+            )
+        )
+        counts = await self._change(statements)
+        if not counts[-1]:
+            raise RequestError(codes.NOT_MEMBER, f"user {user_id} is not in group {group_id}")
+
+    async def set_muted(self, group_id: int, user_id: int, until: int) -> None:
+        [n] = await self._change(
+            [
+                (
+                    "UPDATE group_members SET muted_until = ? WHERE group_id = ? AND user_id = ?",
+                    (until, group_id, user_id),
+                )
+            ]
+        )
+        if not n:
+            raise RequestError(codes.NOT_MEMBER, f"user {user_id} is not in group {group_id}")
+        mutes = self._mutes.get(group_id)
+        if mutes is not None:
+            if until:
+                mutes[user_id] = until
+            else:
+                mutes.pop(user_id, None)
+
+    async def set_ban(self, group_id: int, user_id: int, by_id: int, on: bool) -> bool:
+        statement: tuple[str, Sequence[Any]]
+        if on:
+            statement = (
+                "INSERT INTO group_bans (group_id, user_id, by_id, created_at) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                (group_id, user_id, by_id, _now_ms()),
+            )
+        else:
+            statement = (
+                "DELETE FROM group_bans WHERE group_id = ? AND user_id = ?",
+                (group_id, user_id),
+            )
+        [n] = await self._change([statement])
+        return n > 0
+
+    async def is_banned(self, group_id: int, user_id: int) -> bool:
+        return bool(
+            await self._rows(
+                "SELECT 1 FROM group_bans WHERE group_id = ? AND user_id = ?", (group_id, user_id)
+            )
+        )
+
+    async def set_group_options(
+        self, group_id: int, invite_only: bool | None, history_visible: bool | None
+    ) -> Group:
+        await self._change(
+            [
+                (
+                    "UPDATE groups SET invite_only = coalesce(?, invite_only), "
+                    "history_visible = coalesce(?, history_visible) WHERE id = ?",
+                    (
+                        None if invite_only is None else int(invite_only),
+                        None if history_visible is None else int(history_visible),
+                        group_id,
+                    ),
+                )
+            ]
+        )
+        group = await self.get_group(group_id)
+        if group is None:
+            raise RequestError(codes.NOT_FOUND, f"no group {group_id}")
+        return group
+
+    async def add_invite(self, invite: Invite, created_by: int, most: int) -> None:
+        now = _now_ms()
+        async with self._lock:
+            try:
+                await self.db.execute("BEGIN IMMEDIATE")
+                await self.db.execute(
+                    "DELETE FROM group_invites WHERE group_id = ? "
+                    "AND (expires_at <= ? OR uses_left = 0)",
+                    (invite.group_id, now),
+                )
+                [(n,)] = await self.db.execute_fetchall(
+                    "SELECT count(*) FROM group_invites WHERE group_id = ?", (invite.group_id,)
+                )
+                if n >= most:
+                    await self._rollback()
+                    raise RequestError(
+                        codes.FORBIDDEN, f"a group may have at most {most} open invites"
+                    )
+                await self.db.execute(
+                    "INSERT INTO group_invites "
+                    "(code, group_id, created_by, created_at, expires_at, uses_left) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        invite.code,
+                        invite.group_id,
+                        created_by,
+                        now,
+                        invite.expires_at,
+                        invite.max_uses or -1,
+                    ),
+                )
+                await self.db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                await self._rollback()
+                raise ServiceUnavailable(f"user database error: {exc}") from exc
+
+    async def use_invite(self, code: str, group_id: int, now_ms: int) -> bool:
+        [n] = await self._change(
+            [
+                (
+                    "UPDATE group_invites SET uses_left = "
+                    "CASE WHEN uses_left > 0 THEN uses_left - 1 ELSE uses_left END "
+                    "WHERE code = ? AND group_id = ? AND expires_at > ? AND uses_left != 0",
+                    (code, group_id, now_ms),
+                )
+            ]
+        )
+        return n > 0
+
+    async def add_join_request(self, group_id: int, user_id: int, now_ms: int, most: int) -> bool:
+        async with self._lock:
+            try:
+                await self.db.execute("BEGIN IMMEDIATE")
+                rows = await self.db.execute_fetchall(
+                    "SELECT count(*), coalesce(sum(user_id = ?), 0) FROM group_requests "
+                    "WHERE group_id = ?",
+                    (user_id, group_id),
+                )
+                [(n, mine)] = list(rows)
+                if mine:
+                    await self._rollback()
+                    return False
+                if n >= most:
+                    await self._rollback()
+                    raise RequestError(
+                        codes.FORBIDDEN, f"group {group_id} has {most} join requests waiting"
+                    )
+                await self.db.execute(
+                    "INSERT INTO group_requests (group_id, user_id, created_at) VALUES (?, ?, ?)",
+                    (group_id, user_id, now_ms),
+                )
+                await self.db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                await self._rollback()
+                raise ServiceUnavailable(f"user database error: {exc}") from exc
+        return True
+
+    async def join_requests(self, group_id: int) -> list[tuple[int, int]]:
+        rows = await self._rows(
+            "SELECT user_id, created_at FROM group_requests WHERE group_id = ? "
+            "ORDER BY created_at, user_id",
+            (group_id,),
+        )
+        return [(int(r[0]), int(r[1])) for r in rows]
+
+    async def drop_join_request(self, group_id: int, user_id: int) -> bool:
+        [n] = await self._change(
+            [
+                (
+                    "DELETE FROM group_requests WHERE group_id = ? AND user_id = ?",
+                    (group_id, user_id),
+                )
+            ]
+        )
+        return n > 0
+
+    async def set_block(self, user_id: int, other_id: int, on: bool, most: int) -> bool:
+        current = self._blocks.get(user_id, NO_BLOCKS)
+        if on == (other_id in current.mine):
+            return False
+        if on and len(current.mine) >= most:
+            raise RequestError(codes.FORBIDDEN, f"a user may block at most {most} users")
+        statement: tuple[str, Sequence[Any]]
+        if on:
+            statement = (
+                "INSERT INTO blocks (user_id, blocked_id, created_at) VALUES (?, ?, ?) "
+                "ON CONFLICT DO NOTHING",
+                (user_id, other_id, _now_ms()),
+            )
+        else:
+            statement = (
+                "DELETE FROM blocks WHERE user_id = ? AND blocked_id = ?",
+                (user_id, other_id),
+            )
+        await self._change([statement])
+        me, other = self._blocks.get(user_id, NO_BLOCKS), self._blocks.get(other_id, NO_BLOCKS)
+        if on:
+            self._blocks[user_id] = make_blocks(me.mine | {other_id}, me.by)
+            self._blocks[other_id] = make_blocks(other.mine, other.by | {user_id})
+        else:
+            self._blocks[user_id] = make_blocks(me.mine - {other_id}, me.by)
+            self._blocks[other_id] = make_blocks(other.mine, other.by - {user_id})
+        return True
+
+    async def blocks(self, user_id: int) -> Blocks:
+        return self._blocks.get(user_id, NO_BLOCKS)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _group(row: Sequence[Any]) -> Group:
+    """A Group of ``(id, name, owner_id, members, invite_only, history_visible[, role])``."""
+    role = str(row[6]) if len(row) > 6 else ""
+    return Group(row[0], row[1], row[2], int(row[3]), bool(row[4]), bool(row[5]), role)
 
 
 _MESSAGE_ROWS = 90

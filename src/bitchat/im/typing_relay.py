@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from bitchat.errors import RequestError, codes
+from bitchat.im.centers import NO_BLOCKS, Blocks
 from bitchat.im.packets import Ok, Typing, TypingEvent
 
 if TYPE_CHECKING:
@@ -54,6 +55,13 @@ class _State:
         """Forgets this state: when the typing expires, or once the interval is over."""
 
 
+def _unblocked(recipients: Sequence[int], blocks: Blocks) -> Sequence[int]:
+    """The recipients but those the typer blocks or is blocked by (no typing passes)."""
+    if blocks is NO_BLOCKS:
+        return recipients
+    return [r for r in recipients if not blocks.either(r)]
+
+
 class TypingRelay:
     """The Typing handler and the stops that come from logouts, closes and messages."""
 
@@ -70,14 +78,19 @@ class TypingRelay:
             raise RequestError(codes.INVALID_PACKET, "name either to or group_id")
         if p.to == session.user_id:
             raise RequestError(codes.INVALID_PACKET, "no typing to yourself")
+        assert session.user_id is not None
+        blocks = self.users.known_blocks(session.user_id)
+        if blocks is None:
+            return self._slow(session, p)
         if p.to:
             if self.users.known_user(p.to) is not None:
-                self._relay(session, p, (p.to,))
+                self._relay(session, p, _unblocked((p.to,), blocks))
                 return _OK
         else:
             members = self.users.known_members(p.group_id)
             if members is not None:
-                self._relay(session, p, self._others(members, session, p.group_id))
+                others = self._others(members, session, p.group_id)
+                self._relay(session, p, _unblocked(others, blocks))
                 return _OK
         return self._slow(session, p)
 
@@ -92,7 +105,8 @@ class TypingRelay:
             members = await self.users.group_members(p.group_id)
             recipients = self._others(members, session, p.group_id)
         if not session.closed and session.user_id is not None:
-            self._relay(session, p, recipients)
+            blocks = await self.users.blocks(session.user_id)
+            self._relay(session, p, _unblocked(recipients, blocks))
         return _OK
 
     @staticmethod
