@@ -105,5 +105,15 @@ async def test_admin_moderates_and_the_others_see_it_live(server: Server, browse
             await asyncio.wait_for(carol.send_p2p(1, "hello alice"), WAIT)
         assert refused.value.code == codes.BLOCKED
 
+        # The one-to-one conversation's header says so too, and unblocks.
+        await alice.page.locator("#dialog-ok").click()
+        await ask_dialog(alice.page, "+ Message", "3", "Open")
+        block = alice.page.locator("#block")
+        await expect(block).to_have_text("Unblock")
+        await block.click()
+        await expect(block).to_have_text("Block")
+        await carol.send_p2p(1, "hello alice")
+        await expect(alice.message("hello alice")).to_have_count(1)
+
     for user in (alice, bob, dan):
         await user.close()

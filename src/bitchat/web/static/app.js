@@ -930,14 +930,27 @@ function memberRow(view, m, role) {
     actions.append(promote);
   }
   const blocked = state.blocked.has(m.id);
-  actions.append(actionButton(blocked ? 'Unblock' : 'Block', blocked ? 'unblock' : 'block', (ev) => {
-    act(ev.currentTarget, T.BLOCK, { user_id: m.id, block: !blocked }, () => {
-      if (blocked) state.blocked.delete(m.id); else state.blocked.add(m.id);
-      toast(blocked ? `${m.name} is unblocked` : `${m.name} is blocked: no messages either way`);
-    });
-  }));
+  actions.append(actionButton(blocked ? 'Unblock' : 'Block', blocked ? 'unblock' : 'block',
+    (ev) => toggleBlock(ev.currentTarget, m.id, m.name)));
   li.append(actions);
   return li;
+}
+
+// Block (or unblock) a user: no messages either way, and this user shows offline to them.
+async function toggleBlock(button, userId, name) {
+  const blocked = state.blocked.has(userId);
+  button.disabled = true;
+  try {
+    await state.link.request(T.BLOCK, { user_id: userId, block: !blocked });
+    if (blocked) state.blocked.delete(userId); else state.blocked.add(userId);
+    toast(blocked ? `${name} is unblocked` : `${name} is blocked: no messages either way`);
+    renderMembers();
+    render();
+  } catch (err) {
+    toast(err.message);
+  } finally {
+    button.disabled = false;
+  }
 }
 
 function sinceOrAt(ts) {
@@ -1168,6 +1181,8 @@ function renderConversation(opts) {
   }
   $('members').hidden = !isGroup;
   $('leave').hidden = !isGroup;
+  $('block').hidden = isGroup;
+  $('block').textContent = state.blocked.has(conv.id) ? 'Unblock' : 'Block';
   $('load-older').hidden = !conv.more;
   const typing = typingText(conv);
   $('typing').hidden = !typing;
@@ -1411,6 +1426,10 @@ function wire() {
     },
   }));
   $('members').addEventListener('click', () => openMembers(state.convs.get(state.active)));
+  $('block').addEventListener('click', (event) => {
+    const conv = state.convs.get(state.active);
+    if (conv?.kind === 'p2p') toggleBlock(event.currentTarget, conv.id, convTitle(conv));
+  });
   $('leave').addEventListener('click', async () => {
     const conv = state.convs.get(state.active);
     try {
