@@ -1469,9 +1469,10 @@ function takeJwtFromFragment() {
   if (!location.hash) return '';
   const invite = parseInvite(location.hash);
   if (invite) state.pendingInvite = invite;
-  const jwt = new URLSearchParams(location.hash.slice(1)).get('jwt') ?? '';
+  const jwt = new URLSearchParams(location.hash.slice(1)).get('jwt');
+  if (jwt === null && !invite) return ''; // a fragment of someone else's: left alone
   history.replaceState(history.state, '', location.pathname + location.search);
-  return jwt.trim();
+  return (jwt ?? '').trim();
 }
 
 async function signInWithJwt(jwt) {
