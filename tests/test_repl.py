@@ -121,14 +121,14 @@ async def test_commands_and_their_output(tmp_path: Path) -> None:
             m = g_out.mark()
             await gris.execute("-gm 1")
             assert g_out.since(m) == [
-                "userName(userId)  status",
-                "----------------  ------",
-                "houyi(1)          online",
-                "gris(2)           online",
+                "userName(userId)  status  role",
+                "----------------  ------  ------",
+                "houyi(1)          online  owner",
+                "gris(2)           online  member",
             ]
             await gris.execute("-gc 1 hi moon")
             assert re.fullmatch(r"Send group message success \(id \d+\)", g_out.lines[-1])
-            assert await h_out.expect("[group 1]") == "[group 1] gris(2): hi moon"
+            assert await h_out.expect("[group 1] gris(2): ") == "[group 1] gris(2): hi moon"
 
             m = h_out.mark()
             await houyi.execute("-hi 2")

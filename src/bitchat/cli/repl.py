@@ -43,7 +43,7 @@ from bitchat.errors import (
     UsageError,
     codes,
 )
-from bitchat.im.packets import GROUP, P2P, ChatMessage, LoginOk, Receipt
+from bitchat.im.packets import GROUP, P2P, ChatMessage, GroupEvent, LoginOk, Receipt
 
 if TYPE_CHECKING:
     from prompt_toolkit import PromptSession
@@ -66,10 +66,20 @@ Usage: <cmd> [options]
   -pc userId message         send a one-to-one message (the rest of the line)
   -gc groupId message        send a group message
   -gcreate groupName         create a group (you are its first member)
-  -gjoin groupId             join a group
+  -gjoin groupId [code]      join a group (with an invite code for an invite-only one)
   -gleave groupId            leave a group
   -gl                        list my groups
   -gm groupId                list a group's members
+  -gkick groupId userId      remove a member (admins, owner)
+  -gban groupId userId       ban a user from a group; -gunban groupId userId lifts it
+  -gmute groupId userId min  mute a member for some minutes (0 unmutes)
+  -ginvite groupId userId    add a user to a group
+  -glink groupId             make an invite code for a group
+  -grole groupId userId role make a member admin or member, or hand over (owner)
+  -gopts groupId invite_only=on|off history=on|off   change a group's options
+  -greqs groupId             list the join requests of an invite-only group
+  -gapprove groupId userId   let a user in; -gdeny groupId userId refuses
+  -block userId              block a user; -unblock userId; -blocked lists them
   -hi userId [beforeId]      history with a user, 20 messages, oldest first
   -hi -g groupId [beforeId]  history of a group
   -cl [before]               list my conversations: unread count, last message
@@ -126,6 +136,44 @@ def _conversation_args(parts: list[str], usage: str) -> tuple[bool, int, int]:
     if not 1 <= len(ids) <= 2 or any(i is None for i in ids):
         raise _Usage(usage)
     return group, ids[0] or 0, (ids[1] or 0) if len(ids) == 2 else 0
+
+
+def _on(flag: bool) -> str:
+    return "on" if flag else "off"
+
+
+def _when(ms: int) -> str:
+    return datetime.datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M")
+
+
+def _muted(until: int) -> bool:
+    return until > datetime.datetime.now().timestamp() * 1000
+
+
+def _who(user_id: int, name: str) -> str:
+    if not user_id:
+        return "the server"
+    return f"{name}({user_id})" if name else f"user {user_id}"
+
+
+def format_group_event(e: GroupEvent) -> str:
+    """What happened, e.g. ``alice(1) kicked bob(2)`` (without the group)."""
+    user, by = _who(e.user_id, e.user_name), _who(e.by_id, e.by_name)
+    if e.event == "member_added":
+        return f"{user} joined" if e.by_id == e.user_id else f"{by} added {user}"
+    if e.event == "member_removed":
+        return f"{user} left"
+    if e.event in ("kicked", "banned", "unbanned", "unmuted"):
+        return f"{by} {e.event} {user}"
+    if e.event == "muted":
+        return f"{by} muted {user} until {_when(e.until)}"
+    if e.event == "role":
+        return f"{by} made {user} {e.role}"
+    if e.event == "options":
+        return f"{by} changed the group's options"
+    if e.event == "join_requested":
+        return f"{user} asks to join (-gapprove {e.group_id} {e.user_id})"
+    return f"{e.event}: {user} by {by}"
 
 
 def _width(text: str) -> int:
@@ -234,10 +282,25 @@ class Repl:
             "-hi": (self.history, "History"),
             "-cl": (self.conversation_list, "List conversations"),
             "-read": (self.mark_read, "Mark read"),
+            "-gkick": (self.group_kick, "Kick"),
+            "-gban": (self.group_ban, "Ban"),
+            "-gunban": (self.group_unban, "Unban"),
+            "-gmute": (self.group_mute, "Mute"),
+            "-ginvite": (self.group_invite, "Add member"),
+            "-glink": (self.group_link, "Create invite"),
+            "-grole": (self.group_role, "Set role"),
+            "-gopts": (self.group_options, "Set group options"),
+            "-greqs": (self.group_requests, "List join requests"),
+            "-gapprove": (self.group_approve, "Approve"),
+            "-gdeny": (self.group_deny, "Deny"),
+            "-block": (self.block, "Block"),
+            "-unblock": (self.unblock, "Unblock"),
+            "-blocked": (self.blocked, "List blocked users"),
         }
         im.on_message(self.show_message)
         im.client.on(ChatMessage, self._count_push)  # after the IMClient's own handler
         im.on_receipt(self.show_receipt)
+        im.on_group_event(self.show_group_event)
         im.on_relogin(self._relogged_in)
         im.client.on_state.append(self._state_changed)
 
@@ -295,6 +358,10 @@ class Repl:
         name = await self._group_name(r.group_id)
         where = f"[group {r.group_id}]" + (f" {name}" if name else "")
         self._show(f"{who} in {where} up to {r.seq}")
+
+    def show_group_event(self, e: GroupEvent) -> None:
+        """One line, e.g. ``[group 5] alice(1) kicked bob(2)``."""
+        self._show(f"[group {e.group_id}] {format_group_event(e)}")
 
     async def _group_name(self, group_id: int) -> str:
         """The group's name, asked of the server the first time ("" if it cannot say)."""
@@ -550,10 +617,15 @@ class Repl:
         return group_id
 
     async def group_join(self, parts: list[str], line: str) -> None:
-        group_id = self._group_id(parts, "-gjoin groupId")
+        group_id = _int(parts[1]) if len(parts) in (2, 3) else None
+        if group_id is None:
+            raise _Usage("-gjoin groupId [code]")
         await self._connected()
-        g = await self.im.join_group(group_id)
+        g = await self.im.join_group(group_id, parts[2] if len(parts) == 3 else "")
         self._group_names[g.group_id] = g.name
+        if g.pending:
+            self.out(f"Asked to join group {g.name}({g.group_id}); an admin will answer")
+            return
         self.out(f"Joined group {g.name}({g.group_id}), {g.members} member(s)")
 
     async def group_leave(self, parts: list[str], line: str) -> None:
@@ -583,10 +655,146 @@ class Repl:
             self.out("No members")
             return
         rows = [
-            [f"{m['name']}({m['id']})", "online" if m["online"] else "offline"] for m in members
+            [
+                f"{m['name']}({m['id']})",
+                "online" if m["online"] else "offline",
+                m.get("role", "") + (" (muted)" if _muted(m.get("muted_until", 0)) else ""),
+            ]
+            for m in members
         ]
-        for text in table(["userName(userId)", "status"], rows):
+        for text in table(["userName(userId)", "status", "role"], rows):
             self.out(text)
+
+    # -- moderation -----------------------------------------------------------------------
+
+    @staticmethod
+    def _ids(parts: list[str], n: int, usage: str) -> list[int]:
+        """The ``n`` ids after the command (exactly), or the usage."""
+        ids = [_int(a) for a in parts[1:]]
+        if len(ids) != n or any(i is None for i in ids):
+            raise _Usage(usage)
+        return [i or 0 for i in ids]
+
+    async def group_kick(self, parts: list[str], line: str) -> None:
+        group_id, user_id = self._ids(parts, 2, "-gkick groupId userId")
+        await self._connected()
+        await self.im.kick(group_id, user_id)
+        self.out(f"Kicked user {user_id} from group {group_id}")
+
+    async def group_ban(self, parts: list[str], line: str) -> None:
+        group_id, user_id = self._ids(parts, 2, "-gban groupId userId")
+        await self._connected()
+        await self.im.ban(group_id, user_id)
+        self.out(f"Banned user {user_id} from group {group_id}")
+
+    async def group_unban(self, parts: list[str], line: str) -> None:
+        group_id, user_id = self._ids(parts, 2, "-gunban groupId userId")
+        await self._connected()
+        await self.im.ban(group_id, user_id, False)
+        self.out(f"Lifted the ban of user {user_id} in group {group_id}")
+
+    async def group_mute(self, parts: list[str], line: str) -> None:
+        group_id, user_id, minutes = self._ids(parts, 3, "-gmute groupId userId minutes")
+        await self._connected()
+        await self.im.mute(group_id, user_id, minutes * 60)
+        if minutes:
+            self.out(f"Muted user {user_id} in group {group_id} for {minutes} minute(s)")
+        else:
+            self.out(f"Unmuted user {user_id} in group {group_id}")
+
+    async def group_invite(self, parts: list[str], line: str) -> None:
+        group_id, user_id = self._ids(parts, 2, "-ginvite groupId userId")
+        await self._connected()
+        await self.im.add_member(group_id, user_id)
+        self.out(f"Added user {user_id} to group {group_id}")
+
+    async def group_link(self, parts: list[str], line: str) -> None:
+        [group_id] = self._ids(parts, 1, "-glink groupId")
+        await self._connected()
+        inv = await self.im.create_invite(group_id)
+        until = _when(inv.expires_at)
+        self.out(f"Invite code for group {group_id}: {inv.code} (until {until})")
+
+    async def group_role(self, parts: list[str], line: str) -> None:
+        usage = "-grole groupId userId admin|member|owner"
+        if len(parts) != 4:
+            raise _Usage(usage)
+        group_id, user_id = self._ids(parts[:3], 2, usage)
+        role = parts[3]
+        if role not in ("admin", "member", "owner"):
+            raise _Usage(usage)
+        await self._connected()
+        await self.im.set_role(group_id, user_id, role)
+        if role == "owner":
+            self.out(f"User {user_id} now owns group {group_id}")
+        else:
+            self.out(f"User {user_id} is now {role} in group {group_id}")
+
+    async def group_options(self, parts: list[str], line: str) -> None:
+        usage = "-gopts groupId invite_only=on|off history=on|off"
+        group_id = _int(parts[1]) if len(parts) >= 3 else None
+        if group_id is None:
+            raise _Usage(usage)
+        options: dict[str, bool] = {}
+        for word in parts[2:]:
+            key, _, value = word.partition("=")
+            name = {"invite_only": "invite_only", "history": "history_visible"}.get(key)
+            if name is None or value not in ("on", "off") or name in options:
+                raise _Usage(usage)
+            options[name] = value == "on"
+        await self._connected()
+        g = await self.im.set_group_options(group_id, **options)
+        self.out(
+            f"Group {g.name}({g.group_id}): invite_only={_on(g.invite_only)} "
+            f"history={_on(g.history_visible)}"
+        )
+
+    async def group_requests(self, parts: list[str], line: str) -> None:
+        [group_id] = self._ids(parts, 1, "-greqs groupId")
+        await self._connected()
+        requests = await self.im.join_requests(group_id)
+        if not requests:
+            self.out("No join requests")
+            return
+        rows = [[f"{r['name']}({r['user_id']})", _when(r["ts"])] for r in requests]
+        for text in table(["userName(userId)", "asked"], rows):
+            self.out(text)
+
+    async def group_approve(self, parts: list[str], line: str) -> None:
+        group_id, user_id = self._ids(parts, 2, "-gapprove groupId userId")
+        await self._connected()
+        await self.im.answer_join_request(group_id, user_id, True)
+        self.out(f"Let user {user_id} into group {group_id}")
+
+    async def group_deny(self, parts: list[str], line: str) -> None:
+        group_id, user_id = self._ids(parts, 2, "-gdeny groupId userId")
+        await self._connected()
+        await self.im.answer_join_request(group_id, user_id, False)
+        self.out(f"Refused user {user_id} into group {group_id}")
+
+    async def block(self, parts: list[str], line: str) -> None:
+        [user_id] = self._ids(parts, 1, "-block userId")
+        await self._connected()
+        await self.im.block(user_id)
+        self.out(f"Blocked user {user_id}")
+
+    async def unblock(self, parts: list[str], line: str) -> None:
+        [user_id] = self._ids(parts, 1, "-unblock userId")
+        await self._connected()
+        await self.im.block(user_id, False)
+        self.out(f"Unblocked user {user_id}")
+
+    async def blocked(self, parts: list[str], line: str) -> None:
+        self._ids(parts, 0, "-blocked")
+        await self._connected()
+        users = await self.im.blocked()
+        if not users:
+            self.out("No blocked users")
+            return
+        self.out("userName(userId)")
+        self.out("----------------")
+        for u in users:
+            self.out(f"{u.name}({u.id})")
 
     async def history(self, parts: list[str], line: str) -> None:
         group, target, before = _conversation_args(

@@ -44,17 +44,29 @@ from bitchat.errors import ConnectionClosed, RequestError, RequestTimeout, Usage
 from bitchat.im.centers import User
 from bitchat.im.packets import (
     Ack,
+    AddMember,
+    AnswerJoinRequest,
+    BanMember,
+    Block,
+    BlockedList,
     ChatMessage,
     ConversationList,
     CreateGroup,
+    CreateInvite,
+    GetBlocked,
     GetConversations,
+    GetJoinRequests,
     GetReceipts,
+    GroupEvent,
     GroupInfo,
     GroupList,
     GroupMembers,
     History,
     HistoryPage,
+    InviteInfo,
     JoinGroup,
+    JoinRequestList,
+    KickMember,
     LeaveGroup,
     ListOnline,
     Login,
@@ -62,6 +74,7 @@ from bitchat.im.packets import (
     Logout,
     MarkRead,
     MemberList,
+    MuteMember,
     MyGroups,
     OnlineUsers,
     Presence,
@@ -72,7 +85,9 @@ from bitchat.im.packets import (
     SendAck,
     SendGroup,
     SendP2P,
+    SetGroupOptions,
     SetPrivacy,
+    SetRole,
     Typing,
     TypingEvent,
     UserInfo,
@@ -313,8 +328,11 @@ class IMClient:
         assert isinstance(g, GroupInfo)
         return g
 
-    async def join_group(self, group_id: int) -> GroupInfo:
-        g = await self.client.request(JoinGroup(group_id))
+    async def join_group(self, group_id: int, invite: str = "") -> GroupInfo:
+        """Join a group (with an ``invite`` code for an invite-only one). Without an
+        invite, an invite-only group records a join request: the answer has
+        ``pending`` set, and an admin approves it or not."""
+        g = await self.client.request(JoinGroup(group_id, invite))
         assert isinstance(g, GroupInfo)
         return g
 
@@ -331,11 +349,72 @@ class IMClient:
         await self.client.request(SetPrivacy(on))
 
     async def group_members(self, group_id: int) -> list[dict[str, Any]]:
-        """Each ``{"id", "name", "online", "last_seen"}``; ``last_seen`` is Unix ms for
-        an offline member who shows it, else None."""
+        """Each ``{"id", "name", "online", "last_seen", "role", "muted_until"}``;
+        ``last_seen`` is Unix ms for an offline member who shows it, else None;
+        ``muted_until`` Unix ms (0: not muted). Members only."""
         resp = await self.client.request(GroupMembers(group_id))
         assert isinstance(resp, MemberList)
         return resp.members
+
+    # -- moderation ---------------------------------------------------------------------------
+
+    async def set_role(self, group_id: int, user_id: int, role: str) -> None:
+        """The owner makes a member "admin" or "member"; "owner" hands the group over."""
+        await self.client.request(SetRole(group_id, user_id, role))
+
+    async def kick(self, group_id: int, user_id: int) -> None:
+        """Remove a member (who may join again); admins and the owner."""
+        await self.client.request(KickMember(group_id, user_id))
+
+    async def ban(self, group_id: int, user_id: int, ban: bool = True) -> None:
+        """Ban a user from the group (removed if a member), or lift it (``ban=False``)."""
+        await self.client.request(BanMember(group_id, user_id, ban))
+
+    async def mute(self, group_id: int, user_id: int, seconds: int) -> None:
+        """Mute a member for ``seconds`` (0 unmutes): their group messages are refused."""
+        await self.client.request(MuteMember(group_id, user_id, seconds))
+
+    async def set_group_options(
+        self,
+        group_id: int,
+        invite_only: bool | None = None,
+        history_visible: bool | None = None,
+    ) -> GroupInfo:
+        """Change a group's options (None: unchanged); admins and the owner."""
+        g = await self.client.request(SetGroupOptions(group_id, invite_only, history_visible))
+        assert isinstance(g, GroupInfo)
+        return g
+
+    async def create_invite(self, group_id: int, ttl: int = 0, max_uses: int = 0) -> InviteInfo:
+        """An invite code for :meth:`join_group` (``ttl`` seconds, 0: the server's
+        default; ``max_uses`` 0: unlimited)."""
+        resp = await self.client.request(CreateInvite(group_id, ttl, max_uses))
+        assert isinstance(resp, InviteInfo)
+        return resp
+
+    async def add_member(self, group_id: int, user_id: int) -> None:
+        """Add a user to the group directly."""
+        await self.client.request(AddMember(group_id, user_id))
+
+    async def join_requests(self, group_id: int) -> list[dict[str, Any]]:
+        """The waiting join requests: each ``{"user_id", "name", "ts"}``, oldest first."""
+        resp = await self.client.request(GetJoinRequests(group_id))
+        assert isinstance(resp, JoinRequestList)
+        return resp.requests
+
+    async def answer_join_request(self, group_id: int, user_id: int, approve: bool) -> None:
+        await self.client.request(AnswerJoinRequest(group_id, user_id, approve))
+
+    async def block(self, user_id: int, block: bool = True) -> None:
+        """Block a user (``block=False`` unblocks): no messages either way, and they see
+        you offline."""
+        await self.client.request(Block(user_id, block))
+
+    async def blocked(self) -> list[User]:
+        """The users you block, by id."""
+        resp = await self.client.request(GetBlocked())
+        assert isinstance(resp, BlockedList)
+        return [User(u["id"], u["name"]) for u in resp.users]
 
     async def history(
         self,
@@ -429,6 +508,12 @@ class IMClient:
         ``user_id``) or in ``group_id``. Best effort; :meth:`conversations` and
         :meth:`receipts` have the stored state."""
         self.client.on(Receipt, callback)
+
+    def on_group_event(self, callback: Callable[[GroupEvent], Any]) -> None:
+        """Call ``callback(GroupEvent)`` when something changes in one of your groups
+        (a member added, removed, kicked, banned, muted, a role, the options, a join
+        request for an admin), or to you in a group (kicked, banned)."""
+        self.client.on(GroupEvent, callback)
 
     def on_read_state(self, callback: Callable[[ReadState], Any]) -> None:
         """Call ``callback(ReadState)`` when another session of this user marked a

@@ -22,6 +22,7 @@ the blocker offline (no presence, last seen, typing). Groups are not affected.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import secrets
 import time
 from collections.abc import Iterable
@@ -34,6 +35,8 @@ from bitchat.im.packets import ADMIN, MEMBER, OWNER, ROLES, GroupEvent
 
 if TYPE_CHECKING:
     from bitchat.im.service import IMService
+
+log = logging.getLogger("bitchat.im.moderation")
 
 SERVER = 0
 """The actor id of the server API: it acts with the owner's rights."""
@@ -102,15 +105,48 @@ class Moderation:
 
     # -- events -----------------------------------------------------------------------------
 
-    async def _tell(self, group_id: int, event: GroupEvent, also: Iterable[int] = ()) -> None:
-        """Push ``event`` to the group's members and to ``also``."""
-        members = list(await self.users.group_members(group_id))
-        extra = [u for u in also if u and u not in members]
-        self.im.connections.deliver_event(event, members + extra)
+    async def event(
+        self, group_id: int, event: str, user_id: int, by_id: int, role: str = "", until: int = 0
+    ) -> GroupEvent:
+        """A GroupEvent with the names of the two users."""
+        users = await self.users.get_users(u for u in (user_id, by_id) if u)
+        return GroupEvent(
+            group_id,
+            event,
+            user_id,
+            by_id,
+            role,
+            until,
+            users[user_id].name if user_id in users else "",
+            users[by_id].name if by_id in users else "",
+        )
 
-    async def _tell_admins(self, group_id: int, event: GroupEvent) -> None:
+    async def tell(
+        self,
+        group_id: int,
+        event: str,
+        user_id: int,
+        by_id: int,
+        *,
+        role: str = "",
+        until: int = 0,
+        also: Iterable[int] = (),
+    ) -> None:
+        """Push a GroupEvent to the group's members and to ``also`` (best effort: the
+        change is made; a store that cannot say to whom is logged)."""
+        try:
+            packet = await self.event(group_id, event, user_id, by_id, role, until)
+            members = list(await self.users.group_members(group_id))
+        except RequestError as exc:
+            log.warning("cannot tell group %d of %s: %s", group_id, event, exc.message)
+            return
+        extra = [u for u in also if u and u not in members]
+        self.im.connections.deliver_event(packet, members + extra)
+
+    async def _tell_admins(self, group_id: int, event: str, user_id: int) -> None:
+        packet = await self.event(group_id, event, user_id, user_id)
         admins = [m.user_id for m in await self.users.members_info(group_id) if m.role != MEMBER]
-        self.im.connections.deliver_event(event, admins)
+        self.im.connections.deliver_event(packet, admins)
 
     # -- roles, kicks, bans, mutes -----------------------------------------------------------
 
@@ -129,14 +165,14 @@ class Moderation:
         if target.role == OWNER:
             raise _forbidden("the owner's role changes only by a transfer")
         await self.users.set_role(group_id, user_id, role)
-        await self._tell(group_id, GroupEvent(group_id, "role", user_id, actor_id, role))
+        await self.tell(group_id, "role", user_id, actor_id, role=role)
 
     async def kick(self, actor_id: int, group_id: int, user_id: int) -> None:
         """Remove a member below the actor (who may join again)."""
         if await self._below(actor_id, group_id, user_id) is None:
             raise RequestError(codes.NOT_MEMBER, f"user {user_id} is not in group {group_id}")
         await self.remove(group_id, user_id)
-        await self._tell(group_id, GroupEvent(group_id, "kicked", user_id, actor_id), [user_id])
+        await self.tell(group_id, "kicked", user_id, actor_id, also=[user_id])
 
     async def ban(self, actor_id: int, group_id: int, user_id: int, ban: bool = True) -> None:
         """Ban a user below the actor (removed if a member), or lift the ban."""
@@ -144,9 +180,7 @@ class Moderation:
             await self._moderator(actor_id, group_id)
             await self._user(user_id)
             if await self.users.set_ban(group_id, user_id, actor_id, False):
-                await self._tell(
-                    group_id, GroupEvent(group_id, "unbanned", user_id, actor_id), [user_id]
-                )
+                await self.tell(group_id, "unbanned", user_id, actor_id, also=[user_id])
             return
         target = await self._below(actor_id, group_id, user_id)
         # The ban first: a join racing it is refused, or removed just below.
@@ -156,7 +190,7 @@ class Moderation:
             await self.remove(group_id, user_id)
         elif not changed:
             return
-        await self._tell(group_id, GroupEvent(group_id, "banned", user_id, actor_id), [user_id])
+        await self.tell(group_id, "banned", user_id, actor_id, also=[user_id])
 
     async def mute(self, actor_id: int, group_id: int, user_id: int, seconds: int) -> int:
         """Mute a member below the actor for ``seconds`` (0 unmutes); the Unix ms until."""
@@ -168,7 +202,7 @@ class Moderation:
         until = _now_ms() + seconds * 1000 if seconds else 0
         await self.users.set_muted(group_id, user_id, until)
         event = "muted" if until else "unmuted"
-        await self._tell(group_id, GroupEvent(group_id, event, user_id, actor_id, until=until))
+        await self.tell(group_id, event, user_id, actor_id, until=until)
         return until
 
     # -- options, invites, joins --------------------------------------------------------------
@@ -183,7 +217,7 @@ class Moderation:
         await self._moderator(actor_id, group_id)
         group = await self.users.set_group_options(group_id, invite_only, history_visible)
         if invite_only is not None or history_visible is not None:
-            await self._tell(group_id, GroupEvent(group_id, "options", 0, actor_id))
+            await self.tell(group_id, "options", 0, actor_id)
         return group
 
     async def _may_invite(self, actor_id: int, group_id: int) -> None:
@@ -222,9 +256,7 @@ class Moderation:
             await self.im.check_group_count(user_id, group_id)
             most = self.settings.max_join_requests_per_group
             if await self.users.add_join_request(group_id, user_id, _now_ms(), most):
-                await self._tell_admins(
-                    group_id, GroupEvent(group_id, "join_requested", user_id, user_id)
-                )
+                await self._tell_admins(group_id, "join_requested", user_id)
             return group, True
         return await self.add(group_id, user_id, user_id), False
 
@@ -267,7 +299,7 @@ class Moderation:
         group = await self.users.join_group(group_id, user_id, self.settings.max_group_size)
         if before is None:
             await self.im.seed_group_start(user_id, group_id)
-            await self._tell(group_id, GroupEvent(group_id, "member_added", user_id, by_id))
+            await self.tell(group_id, "member_added", user_id, by_id)
         return group
 
     async def remove(self, group_id: int, user_id: int) -> None:

@@ -473,6 +473,10 @@ class GroupEvent(Packet, type=181):
     by_id: int = 0
     role: Role = ""
     until: int = 0
+    user_name: Name = ""
+    """The name of ``user_id`` (for display)."""
+    by_name: Name = ""
+    """The name of ``by_id`` ("" for the server)."""
 
 
 class Block(Packet, type=182):

@@ -67,7 +67,6 @@ from bitchat.im.packets import (
     GetConversations,
     GetJoinRequests,
     GetReceipts,
-    GroupEvent,
     GroupInfo,
     GroupList,
     GroupMembers,
@@ -988,9 +987,7 @@ class IMService:
         assert session.user_id is not None
         user_id = session.user_id
         await self.moderation.remove(p.group_id, user_id)
-        event = GroupEvent(p.group_id, "member_removed", user_id, user_id)
-        members = list(await self.users.group_members(p.group_id))
-        self.connections.deliver_event(event, [*members, user_id])
+        await self.moderation.tell(p.group_id, "member_removed", user_id, user_id, also=[user_id])
         return Ok()
 
     async def on_my_groups(self, session: Session, p: MyGroups) -> GroupList:
