@@ -78,7 +78,8 @@ test('roles, kick, ban, mute, and the groupEvents that tell of them', async () =
   // A kick: the kicked user is told; they may join again.
   const kicked = next(max, 'groupEvent', (x) => x.event === 'kicked');
   await ann.kick({ group_id: g.group_id, user_id: maxId });
-  assert.deepEqual([(await kicked).user_id, (await kicked).by_id], [maxId, annId]);
+  const k = await kicked;
+  assert.deepEqual([k.user_id, k.user_name, k.by_id, k.by_name], [maxId, 'max', annId, 'ann']);
   assert.equal(await refused(max.groupMembers(g.group_id)), 'not_member');
   await max.joinGroup(g.group_id);
 

@@ -721,9 +721,10 @@ async function joinWithInvite(invite) {
   }
 }
 
-// The user's name as the page knows it (GroupEvents carry ids only).
-function nameOf(id, conv) {
+// The user's name: the event's own, else as the page knows it.
+function nameOf(id, conv, given = '') {
   if (id === state.me?.id) return 'you';
+  if (given) return given;
   return conv?.members?.find((m) => m.id === id)?.name ?? state.users.get(id)?.name ?? `user ${id}`;
 }
 
@@ -745,7 +746,7 @@ function leftGroup(groupId) {
 
 function onGroupEvent(e) {
   const conv = state.convs.get(`g:${e.group_id}`);
-  const by = nameOf(e.by_id, conv);
+  const by = e.by_id ? nameOf(e.by_id, conv, e.by_name) : 'An admin';
   const name = groupName(e.group_id);
   if (e.user_id === state.me?.id) {
     if (e.event === 'kicked' || e.event === 'banned') {
@@ -774,7 +775,7 @@ function onGroupEvent(e) {
       toast(`You can write in ${name} again`);
     }
   } else if (e.event === 'join_requested') {
-    toast(`${nameOf(e.user_id, conv)} asks to join ${name}`);
+    toast(`${nameOf(e.user_id, conv, e.user_name)} asks to join ${name}`);
   }
   // The dialog on screen and the member count show the server's state again.
   if (state.membersView?.conv.id === e.group_id) reloadMembers();

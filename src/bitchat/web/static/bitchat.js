@@ -475,6 +475,8 @@ export class Link {
  * @property {number} by_id    who did it (0: the server)
  * @property {Role|''} role    the new role ('role')
  * @property {number} until    Unix ms ('muted')
+ * @property {string} user_name  the name of user_id
+ * @property {string} by_name    the name of by_id ('' for the server)
  *
  * @typedef {'message'|'receipt'|'readState'|'typing'|'presence'|'groupEvent'|'push'|'login'|'disconnect'|'loggedOut'} EventName
  */
