@@ -32,7 +32,7 @@ def member(user: PageUser, user_id: int) -> Locator:
 
 async def test_admin_moderates_and_the_others_see_it_live(server: Server, browser: Browser) -> None:
     port = server.address[1]
-    alice = await PageUser.open(browser, server)
+    alice = await PageUser.open(browser, server, permissions=["clipboard-read", "clipboard-write"])
     bob = await PageUser.open(browser, server)
     await alice.sign_in("alice", "alice-pw")  # user 1
     await bob.sign_in("bob", "bob-pw")  # user 2
@@ -79,6 +79,9 @@ async def test_admin_moderates_and_the_others_see_it_live(server: Server, browse
         # Invite only: bob's join now waits as a request, which alice's dialog shows live.
         await alice.page.get_by_test_id("invite-only").check()
         await expect(alice.page.get_by_test_id("invite-only")).to_be_checked()
+        await alice.page.get_by_test_id("history-visible").check()
+        await expect(alice.page.get_by_test_id("history-visible")).to_be_checked()
+        await expect(alice.page.get_by_test_id("invite-only")).to_be_checked()  # the other kept
         await ask_dialog(bob.page, "Join", "1", "Join")
         await expect(bob.page.locator("#toast")).to_contain_text("waits for an admin")
         request = alice.page.get_by_test_id("join-request").filter(has_text="bob")
@@ -91,6 +94,9 @@ async def test_admin_moderates_and_the_others_see_it_live(server: Server, browse
         await alice.page.get_by_test_id("create-invite").click()
         link = await alice.page.get_by_test_id("invite-link").input_value()
         assert f"127.0.0.1:{port}/#invite=1." in link
+        await alice.page.get_by_test_id("copy-invite").click()
+        await expect(alice.page.locator("#toast")).to_have_text("Invite link copied")
+        assert await alice.page.evaluate("navigator.clipboard.readText()") == link
         dan = await PageUser.open(browser, server)
         await dan.page.goto(link)
         await dan.sign_in("dan", "dan-pw")  # user 4
