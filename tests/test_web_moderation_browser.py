@@ -89,6 +89,7 @@ async def test_admin_moderates_and_the_others_see_it_live(server: Server, browse
         await request.get_by_test_id("approve").click()
         await expect(member(alice, 2)).to_have_count(1)
         await expect(bob.conversation("moon")).to_have_count(1)  # GroupEvent: bob is back
+        await expect(bob.page.locator("#toast")).to_have_text("alice added you to moon")
 
         # An invite link: copyable, and a user who opens it joins once signed in.
         await alice.page.get_by_test_id("create-invite").click()

@@ -33,7 +33,7 @@ const state = {
   groups: new Map(),     // id -> {id, name, owner_id, members, role, invite_only, history_visible}
   blocked: new Set(),    // ids of the users this user blocks
   membersView: null,     // the members dialog on screen: {conv, members, requests, invite}
-  pendingInvite: null,   // {group_id, code} of an invite link the page was opened with
+  pendingInvite: null,   // {group_id, invite} of an invite link the page was opened with
   convs: new Map(),      // 'u:<id>' | 'g:<id>' -> conversation
   active: null,
   outbox: new Map(),     // client_msg_id -> {type, body}
@@ -756,11 +756,12 @@ function onGroupEvent(e) {
     }
     if (e.event === 'member_removed') { leftGroup(e.group_id); return; }
     if (e.event === 'member_added' && !state.groups.has(e.group_id)) {
-      // Added by someone, or a join request approved: the group comes into the sidebar.
+      // Added by someone, a join request approved, or joined on another device: the group
+      // comes into the sidebar (a join of this tab is told by its own answer).
       refreshGroups().then(() => {
         if (!state.groups.has(e.group_id)) return;
         conversation(`g:${e.group_id}`);
-        toast(`You are now a member of ${groupName(e.group_id)}`);
+        if (e.by_id !== state.me?.id) toast(`${by} added you to ${groupName(e.group_id)}`);
         render();
       });
       return;
