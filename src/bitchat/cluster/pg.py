@@ -522,6 +522,7 @@ class PgUserCenter(UserCenter):
         self._generation: dict[int, int] = {}
         self._blocks: dict[int, Blocks] = {}
         self._block_generation: dict[int, int] = {}
+        self._rereads: set[asyncio.Task[None]] = set()
         self._listener: asyncpg.Connection | None = None
         self._relisten: asyncio.Task[None] | None = None
         self._open = False
@@ -545,6 +546,8 @@ class PgUserCenter(UserCenter):
         if self._relisten is not None:
             self._relisten.cancel()
             self._relisten = None
+        for task in self._rereads:
+            task.cancel()
         listener, self._listener = self._listener, None
         if listener is not None:
             with contextlib.suppress(*_CLOSING):
@@ -642,8 +645,20 @@ class PgUserCenter(UserCenter):
         self.invalidations.bump()
 
     def _invalidate_blocks(self, user_id: int) -> None:
-        self._blocks.pop(user_id, None)
+        was = self._blocks.pop(user_id, None)
         self._block_generation[user_id] = self._block_generation.get(user_id, 0) + 1
+        if was is not None and self._open:
+            # Read again at once: a user whose blocks were cached is active here (a
+            # sender, a watcher), and presence pushes can only use cached blocks.
+            task = asyncio.get_running_loop().create_task(self._reread_blocks(user_id))
+            self._rereads.add(task)
+            task.add_done_callback(self._rereads.discard)
+
+    async def _reread_blocks(self, user_id: int) -> None:
+        try:
+            await self.blocks(user_id)
+        except RequestError as exc:  # the next ask reads them
+            log.info("cannot read the blocks of user %d again: %s", user_id, exc.message)
 
     async def _fetch(self, doing: str, sql: str, *args: Any) -> list[asyncpg.Record]:
         async def q(con: asyncpg.Connection) -> list[asyncpg.Record]:

@@ -542,15 +542,16 @@ class IMService:
         if not self.watchers:
             return
         packet = Presence(user_id, name, online, 0 if online else last_seen)
-        # Those the user blocks see them offline: told nothing (best effort when the
-        # blocks are not cached here).
-        blocks = self.users.known_blocks(user_id)
-        hidden = blocks.mine if blocks is not None else ()
+        known_blocks = self.users.known_blocks
         for s, watcher in list(self.watchers.items()):
             if s.user_id != watcher:  # no longer the user who asked: the watch is over
                 del self.watchers[s]
-            elif watcher != user_id and watcher not in hidden:
-                s.push(packet)
+            elif watcher != user_id:
+                # A watcher the user blocks sees them offline: told nothing (the
+                # watcher's blocks are cached from the watch on; best effort if not).
+                blocks = known_blocks(watcher)
+                if blocks is None or blocks is NO_BLOCKS or user_id not in blocks.by:
+                    s.push(packet)
 
     def _resync(self, session: Session) -> None:
         """Push what the session's device misses again (the center's ``on_resync``: pushes
