@@ -2,7 +2,7 @@
 headless Chromium against a real server that takes HS256 JWTs: the token is taken
 out of the address bar, never sent anywhere, a refused one shows the server's
 cause, a query string's ``jwt`` is not read, a reload keeps the session, and a new
-fragment signs another user in."""
+fragment signs another user in (the one before is logged out)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from typing import Any
 import jwt
 import pytest
 
+from bitchat import RequestError, codes
+from bitchat.im.client import IMClient
 from web_helpers import WAIT_MS, chromium, running_server
 
 pytest.importorskip("playwright")
@@ -55,13 +57,18 @@ async def test_page_signs_in_with_the_jwt_of_its_fragment(tmp_path: Path) -> Non
         await expect(body).to_have_attribute("data-state", "online")
         await expect(page.locator("#me-name")).to_contain_text("Ada_Lovelace")
 
-        # The product signs another user in by changing the fragment.
+        # The product signs another user in by changing the fragment; ada's session ends.
+        old = await page.evaluate("JSON.parse(sessionStorage.getItem('bitchat.session')).token")
         await page.evaluate("(t) => { location.hash = 'jwt=' + t; }", token(sub="u-2", name="bo"))
         await expect(page.locator("#me-name")).to_contain_text("bo")
         await expect(body).to_have_attribute("data-state", "online")
         assert await page.evaluate("location.href") == base
         assert errors == []
         await ctx.close()
+        async with IMClient("127.0.0.1", server.address[1]) as im:
+            with pytest.raises(RequestError) as refused:
+                await im.login(token=old)
+            assert refused.value.code == codes.LOGIN_FAILED
 
         # A refused token: the sign-in form, with the server's cause.
         for bad, cause in [

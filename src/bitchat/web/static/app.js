@@ -1494,13 +1494,17 @@ async function signInWithJwt(jwt) {
 }
 
 // The product may sign another user in later by changing the fragment of the page it embeds.
-window.addEventListener('hashchange', () => {
+window.addEventListener('hashchange', async () => {
   const jwt = takeJwtFromFragment();
   if (!jwt) {
     if (state.pendingInvite && state.link?.live) joinWithInvite(state.pendingInvite);
     return;
   }
-  if (state.me) signedOut(null);
+  if (state.me) {
+    // The user before is signed out for good: their login token goes too.
+    try { await state.link?.request(T.LOGOUT, {}, 3000); } catch { /* signing out anyway */ }
+    signedOut(null);
+  }
   $('login-screen').hidden = true;
   signInWithJwt(jwt);
 });
