@@ -122,5 +122,17 @@ async def test_admin_moderates_and_the_others_see_it_live(server: Server, browse
         await carol.send_p2p(1, "hello alice")
         await expect(alice.message("hello alice")).to_have_count(1)
 
+        # The owner hands the group over to dan, in two clicks: alice is an admin then.
+        await alice.open_chat("moon")
+        await alice.page.locator("#members").click()
+        make_owner = member(alice, 4).get_by_test_id("make-owner")
+        await make_owner.click()
+        await expect(make_owner).to_have_text("Confirm: make owner")
+        await expect(member(alice, 4)).to_have_attribute("data-role", "member")
+        await make_owner.click()
+        await expect(member(alice, 4)).to_have_attribute("data-role", "owner")
+        await expect(member(alice, 1)).to_have_attribute("data-role", "admin")
+        await expect(member(alice, 4).get_by_test_id("kick")).to_have_count(0)
+
     for user in (alice, bob, dan):
         await user.close()

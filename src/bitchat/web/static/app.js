@@ -929,7 +929,18 @@ function memberRow(view, m, role) {
     const promote = m.role === 'admin'
       ? actionButton('Remove admin', 'demote', (ev) => act(ev.currentTarget, T.SET_ROLE, { ...target, role: 'member' }))
       : actionButton('Make admin', 'promote', (ev) => act(ev.currentTarget, T.SET_ROLE, { ...target, role: 'admin' }));
-    actions.append(promote);
+    // Handing the group over cannot be taken back by this user: a second click confirms it.
+    const handOver = actionButton('Make owner', 'make-owner', (ev) => {
+      const button = ev.currentTarget;
+      if (button.dataset.armed !== 'true') {
+        button.dataset.armed = 'true';
+        button.textContent = 'Confirm: make owner';
+        return;
+      }
+      act(button, T.SET_ROLE, { ...target, role: 'owner' },
+        () => toast(`${m.name} owns the group now; you are an admin`));
+    });
+    actions.append(promote, handOver);
   }
   const blocked = state.blocked.has(m.id);
   actions.append(actionButton(blocked ? 'Unblock' : 'Block', blocked ? 'unblock' : 'block',
