@@ -143,6 +143,9 @@ class Settings:
     keeps what each device has got. Unset: the one kept for the server and user in
     ``$XDG_CONFIG_HOME/bitchat/devices.json`` (``~/.config``), else the one the
     server names at the first login, which is then kept there."""
+    jwt: str | None = setting(None, commands=_C, metavar="TOKEN")
+    """A JWT the product's backend signed: ``bitchat client`` logs in with it as it
+    starts (as the ``-jwt TOKEN`` command does). Unset: no login at start."""
 
     # Server process.
     host: str = setting("0.0.0.0", commands=_SR)

@@ -13,6 +13,10 @@ and the config file's ``device``); without it, the one kept for the server and
 user in ``devices.json`` of the user's config folder (:mod:`bitchat.cli.devices`),
 else the one the server names at the first login, kept there for the next run.
 
+``--jwt TOKEN`` (also ``BITCHAT_JWT``, the config file's ``jwt``) logs in with a
+JWT the product's backend signed before the first command, printing what
+``-jwt TOKEN`` prints; a script whose login at start fails exits with status 1.
+
 The client says what happens to its connection in status lines of its own
 (``Connection lost; reconnecting...``), so the library's log records below
 ERROR are not shown unless ``--log-level debug``.
@@ -155,6 +159,8 @@ async def main(
     try:
         if interactive is None:
             interactive = sys.stdin.isatty()
+        if settings.jwt:
+            await repl.execute(f"-jwt {settings.jwt}")
         if interactive:
             await repl.run_interactive()
         else:
@@ -185,6 +191,11 @@ def run(args: argparse.Namespace) -> int:
             f"bitchat client: {where}: expected letters, digits and -_.: only, got {show(device)}",
             file=sys.stderr,
         )
+        return 2
+    token = loaded.settings.jwt
+    if token and token.split() != [token]:
+        where = loaded.origins.get("jwt", "jwt")
+        print(f"bitchat client: {where}: expected a JWT (one word, no spaces)", file=sys.stderr)
         return 2
     try:
         tls_context(args)

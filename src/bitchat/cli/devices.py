@@ -9,7 +9,10 @@ login, one per server and user, in ``devices.json`` in the user's config folder
     {"127.0.0.1:8864 houyi": "d-3f9a0c...", "router 10.0.0.1:8870 gris": "..."}
 
 Through a router, the router's address names the server (its nodes share one
-store). The file is written whole to a temporary file and renamed over the old
+store). A JWT login keeps its device under the token's subject (its ``sub``
+claim, matched exactly: ``"127.0.0.1:8864 jwt u-1001"``), since the name is
+known only once the server has answered; names have no spaces, so the two kinds
+of key never meet. The file is written whole to a temporary file and renamed over the old
 one, readable by the user alone, under a lock (``devices.json.lock``) so two
 clients logging in at once both keep theirs; a file that cannot be read or
 parsed counts as empty (the next login writes it again).
@@ -25,6 +28,8 @@ import tempfile
 import unicodedata
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+
+import jwt
 
 try:
     import fcntl
@@ -48,6 +53,18 @@ def config_dir(environ: Mapping[str, str] | None = None) -> Path:
     return Path(base) / "bitchat"
 
 
+def jwt_subject(token: str) -> str:
+    """The ``sub`` claim of a JWT, read without checking the token (``""`` when it is
+    malformed or has none). Only the key its device id is kept under: the server
+    is the one that checks the token."""
+    try:
+        claims = jwt.decode(token, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return ""
+    subject = claims.get("sub")
+    return subject if isinstance(subject, str) else ""
+
+
 class DeviceStore:
     """The device ids of one server (``server``: ``HOST:PORT`` or ``router
     HOST:PORT``), by user name, in ``path``."""
@@ -60,6 +77,10 @@ class DeviceStore:
         # The server finds users by their NFKC name, case folded: "Houyi" is houyi.
         return f"{self.server} {unicodedata.normalize('NFKC', user).casefold()}"
 
+    def _subject_key(self, subject: str) -> str:
+        # A subject is the backend's own id, not a name: matched exactly.
+        return f"{self.server} jwt {subject}"
+
     def _read(self) -> dict[str, str]:
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
@@ -71,12 +92,25 @@ class DeviceStore:
 
     def get(self, user: str) -> str:
         """The device id kept for ``user`` on this server, or ``""``."""
-        device = self._read().get(self._key(user), "")
-        return device if DEVICE_ID.fullmatch(device) else ""
+        return self._get(self._key(user))
+
+    def get_subject(self, subject: str) -> str:
+        """The device id kept for the JWT subject ``subject``, or ``""``."""
+        return self._get(self._subject_key(subject))
 
     def put(self, user: str, device: str) -> None:
         """Keep ``device`` for ``user``; raises OSError when the folder is not writable."""
-        key = self._key(user)
+        self._put(self._key(user), device)
+
+    def put_subject(self, subject: str, device: str) -> None:
+        """Keep ``device`` for the JWT subject ``subject`` (as :meth:`put`)."""
+        self._put(self._subject_key(subject), device)
+
+    def _get(self, key: str) -> str:
+        device = self._read().get(key, "")
+        return device if DEVICE_ID.fullmatch(device) else ""
+
+    def _put(self, key: str, device: str) -> None:
         if self._read().get(key) == device:
             return
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -31,6 +31,7 @@ import unicodedata
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from bitchat.cli.devices import jwt_subject
 from bitchat.cli.sanitize import visible
 from bitchat.client import State
 from bitchat.errors import (
@@ -59,6 +60,7 @@ LAST_MESSAGE_WIDTH = 40
 USAGE = """\
 Usage: <cmd> [options]
   -lo userName password      log in (an unknown name is registered)
+  -jwt token                 log in with a JWT the product's backend signed
   -reg userName password     sign up (where sign-ups are open)
   -lu                        list online users
   -pc userId message         send a one-to-one message (the rest of the line)
@@ -241,6 +243,9 @@ class Repl:
         # the user, else the server names one and ``devices`` keeps it.
         self.device = device
         self.devices = devices
+        # The JWT subject the session's device is kept under; None: a password login
+        # (kept under the name); "": a JWT without a subject (not kept).
+        self._subject: str | None = None
         self._group_names: dict[int, str] = {}  # for receipt lines: [group 1] moon
         self.failures = 0
         """Commands that failed (a refusal, a lost connection, a bad command line)."""
@@ -264,6 +269,7 @@ class Repl:
         # command -> (what it does, its failure's name: "<name> failed cause: ...")
         self._commands: dict[str, tuple[Command, str]] = {
             "-lo": (self.login, "Login"),
+            "-jwt": (self.login_jwt, "Login"),
             "-reg": (self.register, "Register"),
             "-lu": (self.list_users, "List online user"),
             "-pc": (self.p2p_chat, "Send p2p message"),
@@ -523,14 +529,27 @@ class Repl:
         await self._connected()
         name = parts[1]
         kept = self.devices.get(name) if self.devices is not None else ""
+        await self._log_in(None, kept, name=name, password=parts[2])
+
+    async def login_jwt(self, parts: list[str], line: str) -> None:
+        """``-jwt token`` (and ``--jwt``, at start): the same lines as ``-lo``."""
+        if len(parts) != 2:
+            raise _Usage("-jwt token")
+        await self._connected()
+        subject = jwt_subject(parts[1])
+        kept = self.devices.get_subject(subject) if self.devices and subject else ""
+        await self._log_in(subject, kept, jwt=parts[1])
+
+    async def _log_in(self, subject: str | None, kept: str, **credentials: str) -> None:
         device = self.device or kept  # "": the server names a new one
         self._hold()
         start = self._pushed
         try:
-            ok = await self.im.login(name, parts[2], device=device)
+            ok = await self.im.login(**credentials, device=device)
         except (BitchatError, OSError) as exc:
             self._fail(f"Login failed cause: {_cause(exc)}")
         else:
+            self._subject = subject
             self._expect(start, ok)
             self.out(f"Login success{_missed(ok)}")
             self._keep_device(ok)
@@ -539,10 +558,13 @@ class Repl:
 
     def _keep_device(self, ok: LoginOk) -> None:
         """Keep the session's device for the next run, unless ``--device`` names it."""
-        if self.device or self.devices is None or not ok.device:
+        if self.device or self.devices is None or not ok.device or self._subject == "":
             return
         try:
-            self.devices.put(ok.name, ok.device)
+            if self._subject is None:
+                self.devices.put(ok.name, ok.device)
+            else:
+                self.devices.put_subject(self._subject, ok.device)
         except OSError as exc:
             # Not a failed login: this run goes on; the next one is a new device.
             self.out(f"Cannot keep the device id in {self.devices.path}: {_cause(exc)}")

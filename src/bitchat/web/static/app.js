@@ -30,7 +30,10 @@ const state = {
   retries: 0,
   retryTimer: null,
   users: new Map(),      // id -> {id, name, online, lastSeen}
-  groups: new Map(),     // id -> {id, name, owner_id, members}
+  groups: new Map(),     // id -> {id, name, owner_id, members, role, invite_only, history_visible}
+  blocked: new Set(),    // ids of the users this user blocks
+  membersView: null,     // the members dialog on screen: {conv, members, requests, invite}
+  pendingInvite: null,   // {group_id, invite} of an invite link the page was opened with
   convs: new Map(),      // 'u:<id>' | 'g:<id>' -> conversation
   active: null,
   outbox: new Map(),     // client_msg_id -> {type, body}
@@ -218,6 +221,7 @@ async function afterLogin(link) {
   }
   for (const c of convs) mergeConversation(c);
   document.body.dataset.conversations = String(convs.length);
+  loadBlocked(link);
   setConnected(true);
   state.retries = 0;
   // Sends cut off by a drop go again with the same client id: the server stores them once.
@@ -228,6 +232,16 @@ async function afterLogin(link) {
     if (viewing(active)) markRead(active);
   }
   render();
+  if (state.pendingInvite) joinWithInvite(state.pendingInvite);
+}
+
+async function loadBlocked(link) {
+  try {
+    const list = await link.request(T.GET_BLOCKED, {});
+    state.blocked = new Set(list.users.map((u) => u.id));
+  } catch (err) {
+    if (err.code !== 'closed') console.warn('bitchat: no block list from this server:', err);
+  }
 }
 
 // Every page of the user's conversations, most recent first (the sidebar is the server's list).
@@ -331,6 +345,8 @@ function signedOut(message) {
   state.groups.clear();
   state.convs.clear();
   state.outbox.clear();
+  state.blocked.clear();
+  closeMembers();
   document.body.dataset.state = 'login';
   $('app').hidden = true;
   $('login-screen').hidden = false;
@@ -346,6 +362,7 @@ function onPush(type, body) {
   else if (type === T.TYPING_EVENT) onTyping(body);
   else if (type === T.READ_STATE) onReadState(body);
   else if (type === T.RECEIPT) onReceipt(body);
+  else if (type === T.GROUP_EVENT) onGroupEvent(body);
   else if (type === T.PRESENCE) {
     rememberUser(body.user_id, body.name, body.online, body.online ? undefined : body.last_seen);
     render();
@@ -663,15 +680,365 @@ async function refreshMembers(conv) {
   try {
     const list = await state.link.request(T.GROUP_MEMBERS, { group_id: conv.id });
     conv.memberIds = new Set(list.members.map((m) => m.id));
+    conv.members = list.members;
+    const mine = list.members.find((m) => m.id === state.me.id);
     for (const m of list.members) rememberUser(m.id, m.name, m.online, m.online ? undefined : m.last_seen);
     const g = state.groups.get(conv.id);
-    if (g) g.members = list.members.length;
+    if (g) {
+      g.members = list.members.length;
+      if (mine?.role) g.role = mine.role;
+    }
     render();
     return list.members;
   } catch (err) {
     if (err.code !== 'closed') toast(err.message);
     return null;
   }
+}
+
+// -- groups: members, roles, moderation ---------------------------------------------------------
+
+const MUTE_CHOICES = [['10 min', 600], ['1 hour', 3600], ['1 day', 86400], ['1 week', 7 * 86400]];
+const ROLE_LABEL = { owner: 'Owner', admin: 'Admin', member: '' };
+const rank = (role) => ({ owner: 2, admin: 1 })[role] ?? 0;
+
+// An invite link (`…#invite=<group>.<code>`), or "<group> <code>": {group_id, invite}, else null.
+function parseInvite(text) {
+  const m = /(?:^|[#&])invite=(\d+)\.([A-Za-z0-9_-]+)/.exec(text) ?? /^(\d+)\s+([A-Za-z0-9_-]+)$/.exec(text.trim());
+  return m ? { group_id: Number(m[1]), invite: m[2] } : null;
+}
+
+function inviteLink(info) {
+  return `${location.origin}${location.pathname}#invite=${info.group_id}.${info.code}`;
+}
+
+async function joinWithInvite(invite) {
+  state.pendingInvite = null;
+  try {
+    groupArrived(await state.link.request(T.JOIN_GROUP, invite));
+  } catch (err) {
+    toast(`Could not join with the invite: ${err.message}`);
+  }
+}
+
+// The user's name: the event's own, else as the page knows it.
+function nameOf(id, conv, given = '') {
+  if (id === state.me?.id) return 'you';
+  if (given) return given;
+  return conv?.members?.find((m) => m.id === id)?.name ?? state.users.get(id)?.name ?? `user ${id}`;
+}
+
+function groupName(id) {
+  return state.groups.get(id)?.name ?? `group ${id}`;
+}
+
+// Out of a group (kicked, banned, or left on another device): it leaves the sidebar.
+function leftGroup(groupId) {
+  state.groups.delete(groupId);
+  state.convs.delete(`g:${groupId}`);
+  if (state.membersView?.conv.id === groupId) closeMembers();
+  if (state.active === `g:${groupId}`) {
+    state.active = null;
+    $('app').classList.remove('in-chat');
+  }
+  render();
+}
+
+function onGroupEvent(e) {
+  const conv = state.convs.get(`g:${e.group_id}`);
+  const by = e.by_id ? nameOf(e.by_id, conv, e.by_name) : 'An admin';
+  const name = groupName(e.group_id);
+  if (e.user_id === state.me?.id) {
+    if (e.event === 'kicked' || e.event === 'banned') {
+      toast(e.event === 'kicked' ? `${by} removed you from ${name}` : `${by} banned you from ${name}`);
+      leftGroup(e.group_id);
+      return;
+    }
+    if (e.event === 'member_removed') { leftGroup(e.group_id); return; }
+    if (e.event === 'member_added' && !state.groups.has(e.group_id)) {
+      // Added by someone, a join request approved, or joined on another device: the group
+      // comes into the sidebar (a join of this tab is told by its own answer).
+      refreshGroups().then(() => {
+        if (!state.groups.has(e.group_id)) return;
+        conversation(`g:${e.group_id}`);
+        if (e.by_id !== state.me?.id) toast(`${by} added you to ${groupName(e.group_id)}`);
+        render();
+      });
+      return;
+    }
+    if (e.event === 'role') {
+      const g = state.groups.get(e.group_id);
+      if (g) g.role = e.role;
+      toast(`${by} made you ${e.role === 'member' ? 'a member' : `the ${e.role}`} of ${name}`);
+    } else if (e.event === 'muted') {
+      toast(`${by} muted you in ${name} until ${timeFormat.format(new Date(e.until))}`);
+    } else if (e.event === 'unmuted') {
+      toast(`You can write in ${name} again`);
+    }
+  } else if (e.event === 'join_requested') {
+    toast(`${nameOf(e.user_id, conv, e.user_name)} asks to join ${name}`);
+  }
+  // The dialog on screen and the member count show the server's state again.
+  if (state.membersView?.conv.id === e.group_id) reloadMembers();
+  else if (conv && ['member_added', 'member_removed', 'kicked', 'banned'].includes(e.event)) refreshMembers(conv);
+}
+
+async function openMembers(conv) {
+  if (!conv) return;
+  const members = await refreshMembers(conv);
+  if (!members) return;
+  state.membersView = { conv, members, requests: null, invite: null };
+  const body = el('div', 'members-view');
+  body.dataset.testid = 'members-view';
+  state.membersView.body = body;
+  renderMembers();
+  loadJoinRequests();
+  await ask({ title: `${convTitle(conv)} · ${members.length} members`, content: body, ok: 'Close' });
+  if (state.membersView?.body === body) state.membersView = null;
+}
+
+function closeMembers() {
+  const view = state.membersView;
+  state.membersView = null;
+  if (view && $('dialog').open) $('dialog').close();
+}
+
+// Members (and join requests) asked of the server again, drawn in the open dialog.
+async function reloadMembers() {
+  const view = state.membersView;
+  if (!view) return;
+  const members = await refreshMembers(view.conv);
+  if (!members || state.membersView !== view) return;
+  view.members = members;
+  if (!members.some((m) => m.id === state.me.id)) { leftGroup(view.conv.id); return; }
+  renderMembers();
+  loadJoinRequests();
+}
+
+// What an admin sees besides the members: the join requests, and the group's options (a
+// SetGroupOptions that changes nothing answers them: GroupList does not carry them).
+async function loadJoinRequests() {
+  const view = state.membersView;
+  if (!view || rank(myRole(view)) < 1) return;
+  const group_id = view.conv.id;
+  const [requests, info] = await Promise.allSettled([
+    state.link.request(T.GET_JOIN_REQUESTS, { group_id }),
+    state.link.request(T.SET_GROUP_OPTIONS, { group_id }),
+  ]);
+  if (state.membersView !== view) return;
+  if (requests.status === 'fulfilled') view.requests = requests.value.requests;
+  if (info.status === 'fulfilled') rememberGroup(info.value);
+  renderMembers();
+}
+
+function myRole(view) {
+  return view.members.find((m) => m.id === state.me.id)?.role ?? state.groups.get(view.conv.id)?.role ?? '';
+}
+
+// One request of the dialog: its failure is a toast, its success redraws from the server.
+async function act(button, type, body, done) {
+  button.disabled = true;
+  try {
+    const answer = await state.link.request(type, body);
+    if (done) done(answer);
+    await reloadMembers();
+  } catch (err) {
+    toast(err.message);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+function actionButton(text, testid, onClick, danger = false) {
+  const b = el('button', danger ? 'chip danger' : 'chip', text);
+  b.type = 'button';
+  b.dataset.testid = testid;
+  b.addEventListener('click', onClick);
+  return b;
+}
+
+function renderMembers() {
+  const view = state.membersView;
+  if (!view) return;
+  const { conv, members } = view;
+  const role = myRole(view);
+  const g = state.groups.get(conv.id) ?? {};
+  const parts = [];
+  if (rank(role) >= 1) parts.push(optionsSection(view, g), requestsSection(view));
+  if (rank(role) >= 1 || !g.invite_only) parts.push(inviteSection(view));
+  const ul = el('ul', 'member-list');
+  const sorted = [...members].sort((a, b) => rank(b.role) - rank(a.role) || a.name.localeCompare(b.name));
+  for (const m of sorted) ul.append(memberRow(view, m, role));
+  parts.push(ul);
+  view.body.replaceChildren(...parts.filter(Boolean));
+  if (state.membersView === view && $('dialog').open) {
+    $('dialog-title').textContent = `${convTitle(conv)} · ${members.length} members`;
+  }
+}
+
+function memberRow(view, m, role) {
+  const gid = view.conv.id;
+  const li = el('li');
+  li.dataset.testid = 'member';
+  li.dataset.userId = String(m.id);
+  li.dataset.role = m.role ?? 'member';
+  const muted = m.muted_until > Date.now();
+  li.dataset.muted = String(muted);
+  const who = el('div', 'member-text');
+  const top = el('span', 'member-name', m.id === state.me.id ? `${m.name} (you)` : m.name);
+  if (ROLE_LABEL[m.role]) {
+    const badge = el('span', `role-badge ${m.role}`, ROLE_LABEL[m.role]);
+    badge.dataset.testid = 'role';
+    top.append(badge);
+  }
+  who.append(top);
+  if (muted) {
+    const note = el('span', 'member-muted', `muted until ${sinceOrAt(m.muted_until)}`);
+    note.dataset.testid = 'muted';
+    who.append(note);
+  }
+  if (!m.online && m.last_seen) {
+    const since = el('span', 'member-seen', `last seen ${sinceText(m.last_seen)}`);
+    since.dataset.testid = 'last-seen';
+    who.append(since);
+  }
+  li.append(avatar(m.name, m.id, { online: m.online }), who);
+  if (m.id === state.me.id) return li;
+
+  const actions = el('div', 'member-actions');
+  const target = { group_id: gid, user_id: m.id };
+  // An admin acts on members only; the owner on everyone (the server checks it again).
+  if (rank(role) > rank(m.role)) {
+    const mute = el('select', 'chip');
+    mute.dataset.testid = 'mute';
+    mute.setAttribute('aria-label', `Mute ${m.name}`);
+    mute.append(new Option(muted ? 'Muted' : 'Mute…', ''));
+    for (const [label, seconds] of MUTE_CHOICES) mute.append(new Option(`Mute ${label}`, String(seconds)));
+    if (muted) mute.append(new Option('Unmute', '0'));
+    mute.addEventListener('change', () => {
+      if (mute.value === '') return;
+      act(mute, T.MUTE_MEMBER, { ...target, seconds: Number(mute.value) });
+    });
+    actions.append(
+      mute,
+      actionButton('Kick', 'kick', (ev) => act(ev.currentTarget, T.KICK_MEMBER, target), true),
+      actionButton('Ban', 'ban', (ev) => act(ev.currentTarget, T.BAN_MEMBER, { ...target, ban: true }), true),
+    );
+  }
+  if (role === 'owner') {
+    const promote = m.role === 'admin'
+      ? actionButton('Remove admin', 'demote', (ev) => act(ev.currentTarget, T.SET_ROLE, { ...target, role: 'member' }))
+      : actionButton('Make admin', 'promote', (ev) => act(ev.currentTarget, T.SET_ROLE, { ...target, role: 'admin' }));
+    // Handing the group over cannot be taken back by this user: a second click confirms it.
+    const handOver = actionButton('Make owner', 'make-owner', (ev) => {
+      const button = ev.currentTarget;
+      if (button.dataset.armed !== 'true') {
+        button.dataset.armed = 'true';
+        button.textContent = 'Confirm: make owner';
+        return;
+      }
+      act(button, T.SET_ROLE, { ...target, role: 'owner' },
+        () => toast(`${m.name} owns the group now; you are an admin`));
+    });
+    actions.append(promote, handOver);
+  }
+  const blocked = state.blocked.has(m.id);
+  actions.append(actionButton(blocked ? 'Unblock' : 'Block', blocked ? 'unblock' : 'block',
+    (ev) => toggleBlock(ev.currentTarget, m.id, m.name)));
+  li.append(actions);
+  return li;
+}
+
+// Block (or unblock) a user: no messages either way, and this user shows offline to them.
+async function toggleBlock(button, userId, name) {
+  const blocked = state.blocked.has(userId);
+  button.disabled = true;
+  try {
+    await state.link.request(T.BLOCK, { user_id: userId, block: !blocked });
+    if (blocked) state.blocked.delete(userId); else state.blocked.add(userId);
+    toast(blocked ? `${name} is unblocked` : `${name} is blocked: no messages either way`);
+    renderMembers();
+    render();
+  } catch (err) {
+    toast(err.message);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+function sinceOrAt(ts) {
+  const d = new Date(ts);
+  return d.toDateString() === new Date().toDateString() ? timeFormat.format(d)
+    : `${shortDay.format(d)} ${timeFormat.format(d)}`;
+}
+
+function optionsSection(view, g) {
+  const box = el('fieldset', 'group-options');
+  box.append(el('legend', '', 'Group options'));
+  const option = (key, text) => {
+    const label = el('label', 'option');
+    const input = el('input');
+    input.type = 'checkbox';
+    input.checked = !!g[key];
+    input.dataset.testid = key.replace('_', '-');
+    input.addEventListener('change', () => {
+      act(input, T.SET_GROUP_OPTIONS, { group_id: view.conv.id, [key]: input.checked }, (info) => rememberGroup(info));
+    });
+    label.append(input, ` ${text}`);
+    return label;
+  };
+  box.append(option('invite_only', 'Invite only: joining needs an invite link or an approval'),
+    option('history_visible', 'New members see the earlier messages'));
+  return box;
+}
+
+function requestsSection(view) {
+  const requests = view.requests ?? [];
+  if (!requests.length) return null;
+  const box = el('div', 'join-requests');
+  box.dataset.testid = 'join-requests';
+  box.append(el('h3', '', `Join requests (${requests.length})`));
+  const ul = el('ul', 'member-list');
+  for (const r of requests) {
+    const li = el('li');
+    li.dataset.testid = 'join-request';
+    const answer = (approve) => (ev) => act(ev.currentTarget, T.ANSWER_JOIN_REQUEST,
+      { group_id: view.conv.id, user_id: r.user_id, approve });
+    const actions = el('div', 'member-actions');
+    actions.append(actionButton('Approve', 'approve', answer(true)), actionButton('Deny', 'deny', answer(false), true));
+    li.append(avatar(r.name, r.user_id), el('div', 'member-text', r.name), actions);
+    ul.append(li);
+  }
+  box.append(ul);
+  return box;
+}
+
+function inviteSection(view) {
+  const box = el('div', 'invite');
+  if (view.invite) {
+    const input = el('input', 'invite-link');
+    input.readOnly = true;
+    input.value = inviteLink(view.invite);
+    input.dataset.testid = 'invite-link';
+    input.setAttribute('aria-label', 'Invite link');
+    input.addEventListener('focus', () => input.select());
+    const copy = actionButton('Copy', 'copy-invite', async () => {
+      input.select();
+      try {
+        await navigator.clipboard.writeText(input.value);
+      } catch {
+        document.execCommand('copy'); // plain http: no Clipboard API
+      }
+      toast('Invite link copied');
+    });
+    const until = el('span', 'member-seen', `valid until ${sinceOrAt(view.invite.expires_at)}`);
+    box.append(input, copy, until);
+  } else {
+    box.append(actionButton('Create invite link', 'create-invite', (ev) => {
+      act(ev.currentTarget, T.CREATE_INVITE, { group_id: view.conv.id }, (info) => { view.invite = info; });
+    }));
+  }
+  return box;
 }
 
 // -- rendering ----------------------------------------------------------------------------------
@@ -827,6 +1194,8 @@ function renderConversation(opts) {
   }
   $('members').hidden = !isGroup;
   $('leave').hidden = !isGroup;
+  $('block').hidden = isGroup;
+  $('block').textContent = state.blocked.has(conv.id) ? 'Unblock' : 'Block';
   $('load-older').hidden = !conv.more;
   const typing = typingText(conv);
   $('typing').hidden = !typing;
@@ -953,8 +1322,21 @@ function ask({ title, label, placeholder = '', ok = 'OK', type = 'text', content
 }
 
 function groupArrived(g) {
-  state.groups.set(g.group_id, { id: g.group_id, name: g.name, owner_id: g.owner_id, members: g.members });
+  if (g.pending) {
+    toast(`Your request to join ${g.name} waits for an admin`);
+    return;
+  }
+  rememberGroup(g);
   openConversation(`g:${g.group_id}`);
+}
+
+// A GroupInfo (create, join, options) into the page's state.
+function rememberGroup(g) {
+  const known = state.groups.get(g.group_id) ?? {};
+  state.groups.set(g.group_id, {
+    ...known, id: g.group_id, name: g.name, owner_id: g.owner_id, members: g.members,
+    role: g.role || known.role || '', invite_only: !!g.invite_only, history_visible: !!g.history_visible,
+  });
 }
 
 // -- wiring -------------------------------------------------------------------------------------
@@ -1048,31 +1430,18 @@ function wire() {
     submit: async (name) => groupArrived(await state.link.request(T.CREATE_GROUP, { name })),
   }));
   $('join-group').addEventListener('click', () => ask({
-    title: 'Join a group', label: 'Group number', type: 'number', placeholder: 'the number its members see', ok: 'Join',
-    submit: async (value) => groupArrived(await state.link.request(T.JOIN_GROUP, { group_id: Number(value) })),
+    title: 'Join a group', label: 'Group number or invite link', placeholder: 'the number its members see, or a link', ok: 'Join',
+    submit: async (value) => {
+      const invite = parseInvite(value);
+      const group_id = invite ? invite.group_id : Number(value);
+      if (!Number.isInteger(group_id) || group_id <= 0) throw new Error('Enter a group number or an invite link.');
+      groupArrived(await state.link.request(T.JOIN_GROUP, invite ? invite : { group_id }));
+    },
   }));
-  $('members').addEventListener('click', async () => {
+  $('members').addEventListener('click', () => openMembers(state.convs.get(state.active)));
+  $('block').addEventListener('click', (event) => {
     const conv = state.convs.get(state.active);
-    const members = await refreshMembers(conv);
-    if (!members) return;
-    try {
-      const ul = el('ul', 'member-list');
-      for (const m of members) {
-        const li = el('li');
-        const who = el('div', 'member-text');
-        who.append(el('span', '', m.id === state.me.id ? `${m.name} (you)` : m.name));
-        if (!m.online && m.last_seen) {
-          const since = el('span', 'member-seen', `last seen ${sinceText(m.last_seen)}`);
-          since.dataset.testid = 'last-seen';
-          who.append(since);
-        }
-        li.append(avatar(m.name, m.id, { online: m.online }), who);
-        ul.append(li);
-      }
-      await ask({ title: `${convTitle(conv)} · ${members.length} members`, content: ul, ok: 'Close' });
-    } catch (err) {
-      toast(err.message);
-    }
+    if (conv?.kind === 'p2p') toggleBlock(event.currentTarget, conv.id, convTitle(conv));
   });
   $('leave').addEventListener('click', async () => {
     const conv = state.convs.get(state.active);
@@ -1105,10 +1474,61 @@ function showApp() {
   render();
 }
 
+// A product that embeds the page signs its user in with `#jwt=<token>`: the fragment, since
+// the browser never sends it to the server (a query string would land in access logs). It is
+// read once and taken out of the address bar at once, so it is neither bookmarked nor shared.
+// An invite link (`#invite=<group>.<code>`) is a fragment too: the page joins after signing in.
+function takeJwtFromFragment() {
+  if (!location.hash) return '';
+  const invite = parseInvite(location.hash);
+  if (invite) state.pendingInvite = invite;
+  const jwt = new URLSearchParams(location.hash.slice(1)).get('jwt');
+  if (jwt === null && !invite) return ''; // a fragment of someone else's: left alone
+  history.replaceState(history.state, '', location.pathname + location.search);
+  return (jwt ?? '').trim();
+}
+
+async function signInWithJwt(jwt) {
+  document.body.dataset.state = 'signing-in';
+  try {
+    await connect({ jwt });
+    showApp();
+  } catch (err) {
+    state.me = null;
+    document.body.dataset.state = 'login';
+    $('login-screen').hidden = false;
+    // The server's own reason ("the JWT has expired"): the embedding product can act on it.
+    showLoginError(err.code === 'closed' ? 'Cannot reach the server. Is it running?'
+      : `Sign-in failed: ${err.message}`);
+    $('login-name').focus();
+  }
+}
+
+// The product may sign another user in later by changing the fragment of the page it embeds.
+window.addEventListener('hashchange', async () => {
+  const jwt = takeJwtFromFragment();
+  if (!jwt) {
+    if (state.pendingInvite && state.link?.live) joinWithInvite(state.pendingInvite);
+    return;
+  }
+  if (state.me) {
+    // The user before is signed out for good: their login token goes too.
+    try { await state.link?.request(T.LOGOUT, {}, 3000); } catch { /* signing out anyway */ }
+    signedOut(null);
+  }
+  $('login-screen').hidden = true;
+  signInWithJwt(jwt);
+});
+
 function start() {
   wire();
+  const jwt = takeJwtFromFragment();
   const saved = sessionStorage.getItem('bitchat.session');
-  if (saved) {
+  if (jwt) {
+    // The product names the user now: that wins over a session this tab had before.
+    sessionStorage.removeItem('bitchat.session');
+    signInWithJwt(jwt);
+  } else if (saved) {
     // A reload: log in again with the token of this tab's session.
     const { token, me } = JSON.parse(saved);
     state.token = token;

@@ -23,6 +23,10 @@ export const T = Object.freeze({
   PRESENCE: 140, TYPING: 142, TYPING_EVENT: 143, SET_PRIVACY: 144,
   GET_CONVERSATIONS: 160, CONVERSATION_LIST: 161, MARK_READ: 162, READ_STATE: 163, RECEIPT: 164,
   GET_RECEIPTS: 165, RECEIPTS: 166,
+  SET_ROLE: 170, KICK_MEMBER: 171, BAN_MEMBER: 172, MUTE_MEMBER: 173, SET_GROUP_OPTIONS: 174,
+  CREATE_INVITE: 175, INVITE_INFO: 176, ADD_MEMBER: 177, GET_JOIN_REQUESTS: 178,
+  JOIN_REQUEST_LIST: 179, ANSWER_JOIN_REQUEST: 180, GROUP_EVENT: 181,
+  BLOCK: 182, GET_BLOCKED: 183, BLOCKED_LIST: 184,
 });
 
 /** Header flags. */
@@ -425,21 +429,71 @@ export class Link {
  * @property {boolean} online
  * @property {number} last_seen
  *
- * @typedef {'message'|'receipt'|'readState'|'typing'|'presence'|'push'|'login'|'disconnect'|'loggedOut'} EventName
+ * @typedef {'owner'|'admin'|'member'} Role  a group member's role; one owner per group
+ *
+ * @typedef {object} GroupInfo
+ * @property {number} group_id
+ * @property {string} name
+ * @property {number} owner_id
+ * @property {number} members
+ * @property {boolean} invite_only  joining needs an invite (or an admin's approval)
+ * @property {boolean} history_visible  a new member sees the whole history
+ * @property {Role|''} role  the asker's role; '' if not a member
+ * @property {boolean} pending  a join of an invite-only group without an invite: a request waits
+ *
+ * @typedef {object} Member
+ * @property {number} id
+ * @property {string} name
+ * @property {boolean} online
+ * @property {number|null} last_seen  Unix ms of an offline member who shows it
+ * @property {Role} role
+ * @property {number} muted_until  Unix ms; 0 when not muted
+ *
+ * @typedef {object} MemberList
+ * @property {number} group_id
+ * @property {Member[]} members
+ *
+ * @typedef {object} InviteInfo
+ * @property {number} group_id
+ * @property {string} code  joinGroup(group_id, code) lets its holder in
+ * @property {number} expires_at  Unix ms
+ * @property {number} max_uses  0: unlimited
+ *
+ * @typedef {object} JoinRequestList
+ * @property {number} group_id
+ * @property {Array<{user_id: number, name: string, ts: number}>} requests  oldest first
+ *
+ * @typedef {object} BlockedList
+ * @property {Array<{id: number, name: string}>} users
+ *
+ * @typedef {'member_added'|'member_removed'|'kicked'|'banned'|'unbanned'|'muted'|'unmuted'|'role'|'options'|'join_requested'} GroupEventKind
+ *
+ * @typedef {object} GroupEvent  a push to a group's members, and to the user it concerns
+ * @property {number} group_id
+ * @property {GroupEventKind} event
+ * @property {number} user_id  whom it concerns
+ * @property {number} by_id    who did it (0: the server)
+ * @property {Role|''} role    the new role ('role')
+ * @property {number} until    Unix ms ('muted')
+ * @property {string} user_name  the name of user_id
+ * @property {string} by_name    the name of by_id ('' for the server)
+ *
+ * @typedef {'message'|'receipt'|'readState'|'typing'|'presence'|'groupEvent'|'push'|'login'|'disconnect'|'loggedOut'} EventName
  */
 
 /** @type {Map<number, EventName>} */
 const PUSH_EVENTS = new Map([
   [T.CHAT, 'message'], [T.RECEIPT, 'receipt'], [T.READ_STATE, 'readState'],
-  [T.TYPING_EVENT, 'typing'], [T.PRESENCE, 'presence'],
+  [T.TYPING_EVENT, 'typing'], [T.PRESENCE, 'presence'], [T.GROUP_EVENT, 'groupEvent'],
 ]);
 
 /**
  * A bitchat client: one connection at a time, logged in again after every drop.
  *
  * Events (`on(name, handler)`): `message` (ChatMessage), `receipt` (Receipt), `readState`
- * (ReadState), `typing` (TypingEvent), `presence` (Presence), `push` (type, body: any other
- * push), `login` (LoginOk: each login, reconnects too), `disconnect` ({code, reason}),
+ * (ReadState), `typing` (TypingEvent), `presence` (Presence), `groupEvent` (GroupEvent: a
+ * member added, removed, kicked, banned, muted, a role or the options changed, a join
+ * request), `push` (type, body: any other push), `login` (LoginOk: each login, reconnects too), `disconnect` ({code, reason}),
  * `loggedOut` (the token was refused at a reconnect).
  */
 export class BitchatClient {
@@ -682,15 +736,89 @@ export class BitchatClient {
 
   /** @param {boolean} [watch] also push Presence @returns {Promise<{users: Array<{id: number, name: string}>}>} */
   listOnline(watch = false) { return this.request(T.LIST_ONLINE, { watch }); }
-  /** @param {string} name */
+  /** @param {string} name @returns {Promise<GroupInfo>} */
   createGroup(name) { return this.request(T.CREATE_GROUP, { name }); }
-  /** @param {number} group_id */
-  joinGroup(group_id) { return this.request(T.JOIN_GROUP, { group_id }); }
+  /**
+   * Joins a group; `invite` (a code of createInvite) lets the user into an invite-only group.
+   * Without one there, the answer has `pending: true`: a join request waits for an admin.
+   * @param {number} group_id @param {string} [invite] @returns {Promise<GroupInfo>}
+   */
+  joinGroup(group_id, invite = '') {
+    return this.request(T.JOIN_GROUP, invite ? { group_id, invite } : { group_id });
+  }
   /** @param {number} group_id */
   leaveGroup(group_id) { return this.request(T.LEAVE_GROUP, { group_id }); }
+  /** @returns {Promise<{groups: Array<{id: number, name: string, owner_id: number, members: number, role: Role}>}>} */
   myGroups() { return this.request(T.MY_GROUPS, {}); }
-  /** @param {number} group_id */
+  /** The members, with their role and mute (members only). @param {number} group_id @returns {Promise<MemberList>} */
   groupMembers(group_id) { return this.request(T.GROUP_MEMBERS, { group_id }); }
+
+  // -- moderation: roles, kick, ban, mute, invite-only groups, blocks ----------------------------
+  // Refusals: RequestFailed `forbidden` (the role does not allow it), `not_member`, `not_found`,
+  // `banned`, `muted`, `blocked`, `bad_invite`.
+
+  /**
+   * The owner makes a member 'admin' or 'member'; 'owner' hands the group over (the old owner
+   * becomes an admin).
+   * @param {{group_id: number, user_id: number, role: Role}} change
+   */
+  setRole({ group_id, user_id, role }) { return this.request(T.SET_ROLE, { group_id, user_id, role }); }
+  /**
+   * Removes a member, who may join again (an admin cannot kick the owner or another admin).
+   * @param {{group_id: number, user_id: number}} target
+   */
+  kick({ group_id, user_id }) { return this.request(T.KICK_MEMBER, { group_id, user_id }); }
+  /**
+   * Removes the user if a member and refuses their later joins (invites too).
+   * @param {{group_id: number, user_id: number}} target
+   */
+  ban({ group_id, user_id }) { return this.request(T.BAN_MEMBER, { group_id, user_id, ban: true }); }
+  /** Lifts a ban. @param {{group_id: number, user_id: number}} target */
+  unban({ group_id, user_id }) { return this.request(T.BAN_MEMBER, { group_id, user_id, ban: false }); }
+  /**
+   * Mutes a member for `seconds` (at most the server's max_mute_seconds); 0 unmutes.
+   * @param {{group_id: number, user_id: number, seconds: number}} target
+   */
+  mute({ group_id, user_id, seconds }) {
+    return this.request(T.MUTE_MEMBER, { group_id, user_id, seconds });
+  }
+  /**
+   * Changes a group's options (those left out stay as they are). Admin or owner.
+   * @param {{group_id: number, invite_only?: boolean, history_visible?: boolean}} options
+   * @returns {Promise<GroupInfo>}
+   */
+  setGroupOptions({ group_id, invite_only, history_visible }) {
+    /** @type {{group_id: number, invite_only?: boolean, history_visible?: boolean}} */
+    const body = { group_id };
+    if (invite_only !== undefined) body.invite_only = invite_only;
+    if (history_visible !== undefined) body.history_visible = history_visible;
+    return this.request(T.SET_GROUP_OPTIONS, body);
+  }
+  /**
+   * An invite code: `ttl` seconds (0: the server's invite_ttl), `max_uses` joins (0: unlimited).
+   * @param {{group_id: number, ttl?: number, max_uses?: number}} invite
+   * @returns {Promise<InviteInfo>}
+   */
+  createInvite({ group_id, ttl = 0, max_uses = 0 }) {
+    return this.request(T.CREATE_INVITE, { group_id, ttl, max_uses });
+  }
+  /** Adds a user to the group directly. @param {{group_id: number, user_id: number}} target */
+  addMember({ group_id, user_id }) { return this.request(T.ADD_MEMBER, { group_id, user_id }); }
+  /** The join requests waiting in an invite-only group. @param {number} group_id @returns {Promise<JoinRequestList>} */
+  joinRequests(group_id) { return this.request(T.GET_JOIN_REQUESTS, { group_id }); }
+  /**
+   * Approves (the user joins) or denies a join request.
+   * @param {{group_id: number, user_id: number, approve: boolean}} answer
+   */
+  answerJoinRequest({ group_id, user_id, approve }) {
+    return this.request(T.ANSWER_JOIN_REQUEST, { group_id, user_id, approve });
+  }
+  /** No messages either way, and this user shows offline to them. @param {number} user_id */
+  block(user_id) { return this.request(T.BLOCK, { user_id, block: true }); }
+  /** @param {number} user_id */
+  unblock(user_id) { return this.request(T.BLOCK, { user_id, block: false }); }
+  /** The users this user blocks, by id. @returns {Promise<BlockedList>} */
+  blocked() { return this.request(T.GET_BLOCKED, {}); }
   /** @param {boolean} show_last_seen */
   setPrivacy(show_last_seen) { return this.request(T.SET_PRIVACY, { show_last_seen }); }
 
