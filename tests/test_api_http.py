@@ -302,6 +302,91 @@ async def test_groups_and_members(http: httpx.AsyncClient, server: Server) -> No
 # -- messages ---------------------------------------------------------------------------------
 
 
+async def test_moderation_through_the_api(tmp_path: Path) -> None:
+    async with (
+        im_server(tmp_path, admin_token=ADMIN, max_mute_seconds=3600) as server,
+        clients_of(server) as clients,
+        httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port_of(server)}", timeout=WAIT, headers=auth()
+        ) as http,
+    ):
+        alice, bob, carol, dave, eve = [
+            await user(http, n) for n in ("alice", "bob", "carol", "dave", "eve")
+        ]
+        gid = (await http.post("/api/v1/groups", json={"owner_id": alice, "name": "moon"})).json()[
+            "id"
+        ]
+        g = f"/api/v1/groups/{gid}"
+        assert (await http.post(f"{g}/members", json={"user_id": bob})).status_code == 200
+        b = await clients.login("bob")
+
+        # Mute: the member's group messages are refused until unmuted.
+        r = await http.put(f"{g}/members/{bob}/mute", json={"seconds": 60})
+        assert r.status_code == 200 and r.json()["muted_until"] > 0
+        with pytest.raises(RequestError) as info:
+            await b.send_group(gid, "hello?")
+        assert info.value.code == codes.MUTED
+        error(
+            await http.put(f"{g}/members/{bob}/mute", json={"seconds": 7200}),
+            400,
+            codes.INVALID_PACKET,
+        )
+        assert (await http.put(f"{g}/members/{bob}/mute", json={"seconds": 0})).json()[
+            "muted_until"
+        ] == 0
+        await b.send_group(gid, "hello!")
+
+        # Group bans: refused joins until lifted.
+        assert (await http.post(f"{g}/bans", json={"user_id": carol})).json() == {"ok": True}
+        error(await http.post(f"{g}/members", json={"user_id": carol}), 403, codes.BANNED)
+        assert (await http.delete(f"{g}/bans/{carol}")).json() == {"ok": True}
+        assert (
+            carol in (await http.post(f"{g}/members", json={"user_id": carol})).json()["member_ids"]
+        )
+        error(
+            await http.post("/api/v1/groups/999/bans", json={"user_id": carol}),
+            404,
+            codes.NOT_FOUND,
+        )
+
+        # Invite-only: a join is a request the API approves; an invite code lets one in.
+        r = await http.put(f"{g}/options", json={"invite_only": True})
+        assert r.status_code == 200 and r.json()["invite_only"] is True
+        d = await clients.login("dave")
+        assert (await d.join_group(gid)).pending
+        waiting = (await http.get(f"{g}/requests")).json()["requests"]
+        assert [(w["user_id"], w["name"]) for w in waiting] == [(dave, "dave")]
+        assert (await http.post(f"{g}/requests/{dave}", json={"approve": True})).json() == {
+            "ok": True
+        }
+        assert dave in (await http.get(g)).json()["member_ids"]
+        error(await http.post(f"{g}/requests/{dave}", json={"approve": True}), 404, codes.NOT_FOUND)
+        r = await http.post(f"{g}/invites", json={"max_uses": 1})
+        assert r.status_code == 201
+        code = r.json()["code"]
+        e = await clients.login("eve")
+        assert not (await e.join_group(gid, invite=code)).pending
+        assert eve in (await http.get(g)).json()["member_ids"]
+
+        # Blocks: no messages either way while one lasts.
+        assert (await http.post(f"/api/v1/users/{alice}/blocks", json={"user_id": bob})).json() == {
+            "ok": True
+        }
+        listed = (await http.get(f"/api/v1/users/{alice}/blocks")).json()["users"]
+        assert listed == [{"id": bob, "name": "bob"}]
+        with pytest.raises(RequestError) as info:
+            await b.send_p2p(alice, "hi")
+        assert info.value.code == codes.BLOCKED
+        error(
+            await http.post(f"/api/v1/users/{alice}/blocks", json={"user_id": alice}),
+            400,
+            codes.INVALID_PACKET,
+        )
+        assert (await http.delete(f"/api/v1/users/{alice}/blocks/{bob}")).json() == {"ok": True}
+        await b.send_p2p(alice, "hi")
+        error(await http.get("/api/v1/users/999/blocks"), 404, codes.NOT_FOUND)
+
+
 async def test_a_message_sent_as_a_user_is_stored_and_delivered(
     http: httpx.AsyncClient, clients: Clients
 ) -> None:

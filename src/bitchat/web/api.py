@@ -58,6 +58,8 @@ STATUS: dict[str, int] = {
     codes.FORBIDDEN: 403,
     codes.NOT_MEMBER: 403,
     codes.BANNED: 403,
+    codes.MUTED: 403,
+    codes.BLOCKED: 403,
     codes.NOT_FOUND: 404,
     codes.METHOD_NOT_ALLOWED: 405,
     codes.NAME_TAKEN: 409,
@@ -321,6 +323,70 @@ async def set_role(call: Call) -> dict[str, Any]:
     return {"ok": True}
 
 
+async def ban_member(call: Call) -> dict[str, Any]:
+    group_id, user_id = call.params["group_id"], call.body["user_id"]
+    await call.im.moderation.ban(0, group_id, user_id, True)
+    return {"ok": True}
+
+
+async def unban_member(call: Call) -> dict[str, Any]:
+    await call.im.moderation.ban(0, call.params["group_id"], call.params["user_id"], False)
+    return {"ok": True}
+
+
+async def mute_member(call: Call) -> dict[str, Any]:
+    group_id, user_id = call.params["group_id"], call.params["user_id"]
+    until = await call.im.moderation.mute(0, group_id, user_id, call.body["seconds"])
+    return {"muted_until": until}
+
+
+async def set_options(call: Call) -> dict[str, Any]:
+    body = call.body
+    await call.im.moderation.set_options(
+        0, call.params["group_id"], body.get("invite_only"), body.get("history_visible")
+    )
+    return await _group_out(call, call.params["group_id"])
+
+
+async def create_invite(call: Call) -> dict[str, Any]:
+    body = call.body
+    invite = await call.im.moderation.create_invite(
+        0, call.params["group_id"], body.get("ttl", 0), body.get("max_uses", 0)
+    )
+    return {
+        "code": invite.code,
+        "group_id": invite.group_id,
+        "expires_at": invite.expires_at,
+        "max_uses": invite.max_uses,
+    }
+
+
+async def join_requests(call: Call) -> dict[str, Any]:
+    return {"requests": await call.im.moderation.join_requests(0, call.params["group_id"])}
+
+
+async def answer_request(call: Call) -> dict[str, Any]:
+    group_id, user_id = call.params["group_id"], call.params["user_id"]
+    await call.im.moderation.answer_request(0, group_id, user_id, call.body["approve"])
+    return {"ok": True}
+
+
+async def block_user(call: Call) -> dict[str, Any]:
+    await call.im.moderation.block(call.params["user_id"], call.body["user_id"], True)
+    return {"ok": True}
+
+
+async def unblock_user(call: Call) -> dict[str, Any]:
+    await call.im.moderation.block(call.params["user_id"], call.params["other_id"], False)
+    return {"ok": True}
+
+
+async def blocked_users(call: Call) -> dict[str, Any]:
+    await _need_user(call, call.params["user_id"])
+    users = await call.im.moderation.blocked(call.params["user_id"])
+    return {"users": [{"id": u.id, "name": u.name} for u in users]}
+
+
 async def send_message(call: Call) -> dict[str, Any]:
     body = call.body
     ack = await call.im.send_as(
@@ -541,6 +607,136 @@ ROUTES: tuple[Route, ...] = (
         set_role,
         params=(_path_id("group_id", "group"), _path_id("user_id", "user")),
         body=_obj({"role": {"type": "string", "enum": list(_ROLES)}}, ("role",)),
+        response=_OK,
+        errors=(404,),
+    ),
+    Route(
+        "POST",
+        PREFIX + "/groups/{group_id}/bans",
+        "groups:write",
+        "Ban a user from a group (removed if a member; later joins refused with banned).",
+        ban_member,
+        params=(_path_id("group_id", "group"),),
+        body=_obj({"user_id": _id("the user to ban")}, ("user_id",)),
+        response=_OK,
+        errors=(404,),
+    ),
+    Route(
+        "DELETE",
+        PREFIX + "/groups/{group_id}/bans/{user_id}",
+        "groups:write",
+        "Lift a user's ban from a group.",
+        unban_member,
+        params=(_path_id("group_id", "group"), _path_id("user_id", "user")),
+        response=_OK,
+        errors=(404,),
+    ),
+    Route(
+        "PUT",
+        PREFIX + "/groups/{group_id}/members/{user_id}/mute",
+        "groups:write",
+        "Mute a member for some seconds (0 unmutes): their group messages are refused.",
+        mute_member,
+        params=(_path_id("group_id", "group"), _path_id("user_id", "user")),
+        body=_obj(
+            {
+                "seconds": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "maximum": _MAX_ID,
+                    "description": "at most max_mute_seconds; 0 unmutes",
+                }
+            },
+            ("seconds",),
+        ),
+        response=_out({"muted_until": _INT}),
+        errors=(404,),
+    ),
+    Route(
+        "PUT",
+        PREFIX + "/groups/{group_id}/options",
+        "groups:write",
+        "Set a group's options: invite_only, history_visible (to new members).",
+        set_options,
+        params=(_path_id("group_id", "group"),),
+        body=_obj({"invite_only": _BOOL, "history_visible": _BOOL}),
+        response=GROUP,
+        errors=(404,),
+    ),
+    Route(
+        "POST",
+        PREFIX + "/groups/{group_id}/invites",
+        "groups:write",
+        "Create an invite code (JoinGroup's invite): ttl seconds (0: the setting invite_ttl), "
+        "max_uses (0: unlimited).",
+        create_invite,
+        params=(_path_id("group_id", "group"),),
+        body=_obj(
+            {
+                "ttl": {"type": "integer", "minimum": 0, "maximum": _MAX_ID},
+                "max_uses": {"type": "integer", "minimum": 0, "maximum": _MAX_ID},
+            }
+        ),
+        response=_out({"code": _STR, "group_id": _INT, "expires_at": _INT, "max_uses": _INT}),
+        status=201,
+        errors=(404,),
+    ),
+    Route(
+        "GET",
+        PREFIX + "/groups/{group_id}/requests",
+        "groups:read",
+        "The join requests waiting in an invite-only group.",
+        join_requests,
+        params=(_path_id("group_id", "group"),),
+        response=_out(
+            {
+                "requests": {
+                    "type": "array",
+                    "items": _out({"user_id": _INT, "name": _STR, "ts": _INT}),
+                }
+            }
+        ),
+        errors=(404,),
+    ),
+    Route(
+        "POST",
+        PREFIX + "/groups/{group_id}/requests/{user_id}",
+        "groups:write",
+        "Approve or deny a join request.",
+        answer_request,
+        params=(_path_id("group_id", "group"), _path_id("user_id", "user")),
+        body=_obj({"approve": _BOOL}, ("approve",)),
+        response=_OK,
+        errors=(404, 409),
+    ),
+    Route(
+        "GET",
+        PREFIX + "/users/{user_id}/blocks",
+        "users:read",
+        "The users a user blocks.",
+        blocked_users,
+        params=(_path_id("user_id", "user"),),
+        response=_out({"users": {"type": "array", "items": _out({"id": _INT, "name": _STR})}}),
+        errors=(404,),
+    ),
+    Route(
+        "POST",
+        PREFIX + "/users/{user_id}/blocks",
+        "users:write",
+        "A user blocks another: no messages either way, no presence to the blocked one.",
+        block_user,
+        params=(_path_id("user_id", "user"),),
+        body=_obj({"user_id": _id("the user to block")}, ("user_id",)),
+        response=_OK,
+        errors=(404,),
+    ),
+    Route(
+        "DELETE",
+        PREFIX + "/users/{user_id}/blocks/{other_id}",
+        "users:write",
+        "Lift a block.",
+        unblock_user,
+        params=(_path_id("user_id", "user"), _path_id("other_id", "blocked user")),
         response=_OK,
         errors=(404,),
     ),
