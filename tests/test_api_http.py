@@ -326,6 +326,8 @@ async def test_moderation_through_the_api(tmp_path: Path) -> None:
         with pytest.raises(RequestError) as info:
             await b.send_group(gid, "hello?")
         assert info.value.code == codes.MUTED
+        as_bob = {"from": bob, "group_id": gid, "text": "through the backend"}
+        error(await http.post("/api/v1/messages", json=as_bob), 403, codes.MUTED)
         error(
             await http.put(f"{g}/members/{bob}/mute", json={"seconds": 7200}),
             400,
@@ -377,6 +379,13 @@ async def test_moderation_through_the_api(tmp_path: Path) -> None:
         with pytest.raises(RequestError) as info:
             await b.send_p2p(alice, "hi")
         assert info.value.code == codes.BLOCKED
+        for sender, to in ((bob, alice), (alice, bob)):
+            body = {"from": sender, "to": to, "text": "through the backend"}
+            error(await http.post("/api/v1/messages", json=body), 403, codes.BLOCKED)
+        error(await http.delete(f"/api/v1/users/999/blocks/{bob}"), 404, codes.NOT_FOUND)
+        error(
+            await http.post("/api/v1/users/999/blocks", json={"user_id": bob}), 404, codes.NOT_FOUND
+        )
         error(
             await http.post(f"/api/v1/users/{alice}/blocks", json={"user_id": alice}),
             400,
@@ -553,6 +562,46 @@ async def test_a_ban_closes_sessions_refuses_logins_and_sends_and_is_lifted(
     back = await clients.login("alice")
     assert back.user is not None and back.user.id == alice
     assert (await http.post("/api/v1/messages", json=send)).status_code == 201
+
+
+async def test_a_ban_that_lands_during_a_login_keeps_the_user_out(
+    http: httpx.AsyncClient, clients: Clients, server: Server
+) -> None:
+    alice = await user(http, "alice")
+    users = server.data["im"].users
+    issue = users.issue_token
+
+    async def ban_meanwhile(*args: Any, **kw: Any) -> str:
+        # The ban commits (and disconnects, revokes) between the login's check and its
+        # attach: the login must not end with a live session.
+        r = await http.post(f"/api/v1/users/{alice}/ban")
+        assert r.json()["banned"] is True
+        token: str = await issue(*args, **kw)
+        return token
+
+    users.issue_token = ban_meanwhile
+    a = await clients.connect()
+    with pytest.raises(RequestError) as info:
+        await a.login("alice", "secret")
+    assert info.value.code == codes.BANNED
+    users.issue_token = issue
+    assert alice not in await server.data["im"].connections.online_users()
+
+
+async def test_a_bot_account_needs_no_password_and_an_empty_one_is_refused(tmp_path: Path) -> None:
+    async with (
+        im_server(tmp_path, admin_token=ADMIN, max_password_length=8) as server,
+        httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port_of(server)}", timeout=WAIT, headers=auth()
+        ) as http,
+    ):
+        r = await http.post("/api/v1/users", json={"name": "bot"})
+        assert r.status_code == 201, r.text
+        error(
+            await http.post("/api/v1/users", json={"name": "b2", "password": ""}),
+            400,
+            codes.INVALID_PACKET,
+        )
 
 
 async def test_a_ban_outlives_a_restart(tmp_path: Path) -> None:

@@ -332,6 +332,40 @@ async def test_an_approval_that_cannot_be_let_in_leaves_the_request_waiting(
 
 
 @pytest.mark.parametrize("mode", MODES)
+async def test_a_group_its_last_member_left_belongs_to_the_next_to_join(
+    request: pytest.FixtureRequest, tmp_path: Path, mode: str
+) -> None:
+    async with deployment(request, tmp_path) as d:
+        owner = await d.login(0, "owner")
+        bob = await d.login(1, "bob")
+        g = (await owner.create_group("moon")).group_id
+        await owner.leave_group(g)  # the last member: nobody to hand it to
+        joined = await bob.join_group(g)
+        assert (joined.owner_id, joined.role) == (uid(bob), "owner")
+        assert roles(await bob.group_members(g)) == {uid(bob): "owner"}
+        await bob.set_group_options(g, invite_only=True)  # someone runs it again
+        back = await owner.join_group(g)
+        assert back.pending and back.owner_id == uid(bob)
+
+
+async def test_two_hand_overs_at_once_leave_one_owner(pg_dsn: str) -> None:
+    users = PgUserCenter(PgDatabase(pg_dsn, cluster_settings()))
+    await users.start()
+    try:
+        a, b, c = [(await users.register(n, "secret")).id for n in ("ann", "ben", "cat")]
+        for _ in range(5):
+            g = (await users.create_group(a, "moon")).id
+            for u in (b, c):
+                await users.join_group(g, u, 10)
+            await asyncio.gather(users.set_role(g, b, "owner"), users.set_role(g, c, "owner"))
+            owners = [m.user_id for m in await users.members_info(g) if m.role == "owner"]
+            group = await users.get_group(g)
+            assert group is not None and owners == [group.owner_id]
+    finally:
+        await users.close()
+
+
+@pytest.mark.parametrize("mode", MODES)
 async def test_history_visible_lets_a_new_member_read_what_came_before(
     request: pytest.FixtureRequest, tmp_path: Path, mode: str
 ) -> None:

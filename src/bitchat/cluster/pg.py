@@ -1092,17 +1092,27 @@ class PgUserCenter(UserCenter):
                         group_id,
                         user_id,
                     )
+                    owner = g["owner_id"]
+                    if not members:
+                        # An empty group (its owner left last) is the joiner's: someone
+                        # can run it.
+                        for statement in sql.SUCCESSOR:
+                            await con.execute(*_pg(statement, g=group_id))
+                        owner = user_id
                     await write_outbox(con, events)
                     await con.execute(_NOTIFY_MEMBERS, MEMBERS_CHANNEL, str(group_id))
                     members += 1
+                else:
+                    owner = g["owner_id"]
                 added = bool(inserted)
                 return Group(
                     g["id"],
                     g["name"],
-                    g["owner_id"],
+                    owner,
                     int(members),
                     bool(g["invite_only"]),
                     bool(g["history_visible"]),
+                    role="owner" if owner == user_id else "member",
                 )
 
         # Idempotent (joining twice is harmless): retried once on a dropped connection.
@@ -1253,6 +1263,9 @@ class PgUserCenter(UserCenter):
         statements: list[tuple[str, Sequence[Any]]] = []
         member = "EXISTS (SELECT 1 FROM group_members WHERE group_id = $1 AND user_id = $2)"
         if role == "owner":
+            # The group's row first: two hand-overs at once take turns, and the second
+            # demotes the owner the first made (each statement sees what committed).
+            statements.append(("SELECT 1 FROM groups WHERE id = $1 FOR UPDATE", (group_id,)))
             statements.append(
                 (
                     "UPDATE group_members SET role = 'admin' WHERE group_id = $1 "

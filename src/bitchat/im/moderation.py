@@ -315,7 +315,7 @@ class Moderation:
             return dataclasses.replace(group, role=before.role)
         await self.im.seed_group_start(user_id, group_id)
         await self.tell(group_id, "member_added", user_id, by_id)
-        return dataclasses.replace(group, role=MEMBER)
+        return dataclasses.replace(group, role=OWNER if group.owner_id == user_id else MEMBER)
 
     async def remove(self, group_id: int, user_id: int, reason: str) -> None:
         """Take the user out of the group (the store's leave path; ``reason`` goes to the

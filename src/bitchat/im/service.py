@@ -357,6 +357,14 @@ class IMService:
             # attach, so detach here, or the user would stay online for good.
             await self._logged_out(session)
             raise RequestError(codes.LOGIN_FAILED, "the connection closed during login")
+        if await self.users.is_server_banned(user.id):
+            # A ban that came during this login: its disconnect may have run before the
+            # attach and its revocation before this token. The ban is written first, so
+            # either that disconnect found the session or this finds the ban.
+            await self._logged_out(session)
+            await self.users.revoke_token(token)
+            self.server.metrics.login_failures.inc()
+            raise RequestError(codes.BANNED, "this account is banned from the server")
         self.server.metrics.logins.inc()
         # Offline messages go out after the LoginOk answer, in id order.
         task = self.server.loop.create_task(self._sync(session, user.id, device_id, held))
@@ -697,17 +705,18 @@ class IMService:
                     return self._store_and_deliver(session, msg, members)
         queued = self._chain(session)
         return asyncio.ensure_future(
-            self._send_slow(session, msg, chain, queued, self._group_recipients(session, msg))
+            self._send_slow(session, msg, chain, queued, self._group_recipients(msg))
         )
 
-    async def _group_recipients(self, session: Session, msg: Message) -> Sequence[int]:
+    async def _group_recipients(self, msg: Message) -> Sequence[int]:
         # Cached members (no I/O) let a busy connection's sends leave the slow path.
         members = self.users.known_members(msg.to)
         if members is None:
             if await self.users.get_group(msg.to) is None:
                 raise RequestError(codes.NOT_FOUND, f"no group {msg.to}")
             members = await self.users.group_members(msg.to)
-        self._check_member(members, session, msg.to)
+        if msg.sender_id not in members:
+            raise RequestError(codes.NOT_MEMBER, f"you are not in group {msg.to}")
         mutes = self.users.known_mutes(msg.to)
         if mutes is not None:
             _check_muted(mutes.get(msg.sender_id, 0), msg.to)
@@ -974,21 +983,10 @@ class IMService:
             raise RequestError(codes.NOT_FOUND, f"no user {sender_id}")
         if await self.users.is_server_banned(sender_id):
             raise RequestError(codes.BANNED, f"user {sender_id} is banned from the server")
-        recipients: Sequence[int]
-        if group_id:
-            members = self.users.known_members(group_id)
-            if members is None:
-                if await self.users.get_group(group_id) is None:
-                    raise RequestError(codes.NOT_FOUND, f"no group {group_id}")
-                members = await self.users.group_members(group_id)
-            if sender_id not in members:
-                raise RequestError(codes.NOT_MEMBER, f"user {sender_id} is not in group {group_id}")
-            kind, target, recipients = GROUP, group_id, members
-        else:
-            if await self.users.get_user(to) is None:
-                raise RequestError(codes.NOT_FOUND, f"no user {to}")
-            kind, target, recipients = P2P, to, [to]
+        kind, target = (GROUP, group_id) if group_id else (P2P, to)
         msg = Message(0, kind, sender_id, sender.name, target, text, 0, client_msg_id)
+        # The checks a device's send gets: membership and mutes, users and blocks.
+        recipients = await (self._group_recipients(msg) if group_id else self._p2p_recipients(msg))
         # As _store_and_deliver, with no connection: no device of the sender has it yet.
         now_ms = _now_ms()
         msg.id = self.ids.next(now_ms)

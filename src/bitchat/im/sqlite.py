@@ -728,11 +728,20 @@ class SqliteUserCenter(UserCenter):
                 "DELETE FROM group_requests WHERE group_id = ? AND user_id = ?",
                 (group_id, user_id),
             )
+            steps = [insert, request]
+            if not members:
+                # An empty group (its owner left last) is the joiner's: someone can run it.
+                steps += [
+                    sql.render(statement, sql.Dialect.SQLITE, {"g": group_id})
+                    for statement in sql.SUCCESSOR
+                ]
+                group = dataclasses.replace(group, owner_id=user_id)
             events = self._member_events(MEMBER_ADDED, group_id, user_id, reason)
-            await self._transaction([insert, request], events)
+            await self._transaction(steps, events)
             self._members[group_id] = sorted([*members, user_id])
         self._woke(events)
-        return dataclasses.replace(group, members=len(members) + 1, role="member")
+        role = "owner" if group.owner_id == user_id else "member"
+        return dataclasses.replace(group, members=len(members) + 1, role=role)
 
     async def leave_group(self, group_id: int, user_id: int, *, reason: str = "left") -> None:
         async with self._lock:

@@ -249,9 +249,12 @@ async def _user_out(call: Call, user_id: int) -> dict[str, Any]:
 async def create_user(call: Call) -> dict[str, Any]:
     im, body = call.im, call.body
     name = normalize_name(body["name"], im.settings.max_name_length)
-    # No password: an account only the API sends as (a bot); no password matches it.
-    password = body.get("password") or secrets.token_urlsafe(32)
-    im.check_password(password)
+    if "password" in body:
+        password = body["password"]
+        im.check_password(password)
+    else:
+        # No password: an account only the API sends as (a bot); no password matches it.
+        password = secrets.token_urlsafe(32)
     user = await im.users.register(name, password)
     return {"id": user.id, "name": user.name, "banned": False}
 
@@ -372,11 +375,13 @@ async def answer_request(call: Call) -> dict[str, Any]:
 
 
 async def block_user(call: Call) -> dict[str, Any]:
+    await _need_user(call, call.params["user_id"])
     await call.im.moderation.block(call.params["user_id"], call.body["user_id"], True)
     return {"ok": True}
 
 
 async def unblock_user(call: Call) -> dict[str, Any]:
+    await _need_user(call, call.params["user_id"])
     await call.im.moderation.block(call.params["user_id"], call.params["other_id"], False)
     return {"ok": True}
 
