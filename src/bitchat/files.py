@@ -565,6 +565,8 @@ class FileService:
         self.server = server
         self.settings: Settings = server.settings
         self.store = store
+        self._running: set[asyncio.Task[Any]] = set()
+        """Uploads being received: a stop waits for them to remove what a cut one wrote."""
         server.on_startup.append(self._start)
         server.on_shutdown.append(self._stop)
 
@@ -580,6 +582,10 @@ class FileService:
         warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
     async def _stop(self, server: Server) -> None:
+        # The HTTP connections closed first (their hook runs before this one), which
+        # cancelled their uploads; each removes what it wrote before the store closes.
+        if self._running:
+            await asyncio.wait(list(self._running), timeout=self.settings.shutdown_grace)
         await self.store.close()
 
     async def check_start(self, owner_id: int, declared: int | None) -> None:
@@ -606,6 +612,10 @@ class FileService:
         s = self.settings
         name = check_name(name)
         claim = claimed_type(content_type, s.file_types)
+        task = asyncio.current_task()
+        if task is not None:
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
         await self.check_start(owner_id, declared)
         used = await self.store.used(owner_id)
         file_id = new_file_id()
