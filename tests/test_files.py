@@ -477,4 +477,5 @@ async def test_an_upload_that_stalls_is_timed_out_and_leaves_nothing(tmp_path: P
         answer = await asyncio.wait_for(reader.read(), WAIT)  # until the server closes
         writer.close()
         assert answer.startswith(b"HTTP/1.1 408 "), answer[:80]
-    assert stored_names(tmp_path) == []  # the stop waited for the upload to clean up
+        assert b'"upload_timeout"' in answer
+        assert stored_names(tmp_path) == []  # removed before the answer
