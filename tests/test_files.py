@@ -479,3 +479,47 @@ async def test_an_upload_that_stalls_is_timed_out_and_leaves_nothing(tmp_path: P
         assert answer.startswith(b"HTTP/1.1 408 "), answer[:80]
         assert b'"upload_timeout"' in answer
         assert stored_names(tmp_path) == []  # removed before the answer
+
+
+async def test_a_file_message_is_checked_against_the_stored_file(
+    server: Server, clients: Clients
+) -> None:
+    """What the core's type validator hook calls for "file" and "image" messages, and
+    the reference it records once such a message is stored."""
+    alice, bob = [await clients.login(n) for n in ("alice", "bob")]
+    assert alice.user and bob.user
+    files = files_of(server)
+    text = (await post(server, alice, b"report", "text/plain", "r.txt")).json()
+    image = (await post(server, alice, png(30, 20), "image/png", "p.png")).json()
+
+    class Session:  # what the hook hands over: the sender's session
+        def __init__(self, user_id: int | None) -> None:
+            self.user_id = user_id
+
+    await files.validate_file(Session(alice.user.id), text)
+    await files.validate_image(Session(alice.user.id), image)
+    await files.validate_file(Session(alice.user.id), {"file_id": text["file_id"]})
+    refusals = [
+        (Session(bob.user.id), text, codes.FORBIDDEN),  # not bob's upload
+        (Session(None), text, codes.UNAUTHENTICATED),
+        (Session(alice.user.id), {**text, "size": 1}, codes.BAD_FIELDS),
+        (Session(alice.user.id), {**text, "name": "other.txt"}, codes.BAD_FIELDS),
+        (Session(alice.user.id), {**image, "width": 31}, codes.BAD_FIELDS),
+        (Session(alice.user.id), {"file_id": "x"}, codes.BAD_FIELDS),
+        (Session(alice.user.id), {}, codes.BAD_FIELDS),
+        (Session(alice.user.id), {"file_id": "f" * 32}, codes.NOT_FOUND),
+    ]
+    for session, fields, code in refusals:
+        with pytest.raises(RequestError) as info:
+            await files.validate_file(session, fields)
+        assert info.value.code == code, (fields, info.value)
+    with pytest.raises(RequestError) as info:
+        await files.validate_image(Session(alice.user.id), text)  # a text file
+    assert info.value.code == codes.BAD_FIELDS
+    # Stored: bob, in the conversation, may read it.
+    path = f"/api/v1/files/{image['file_id']}"
+    error(await get(server, bob, path), 403, codes.FORBIDDEN)
+    ack = await alice.send_p2p(bob.user.id, "[image] p.png")
+    conv = conversation("p2p", alice.user.id, bob.user.id)
+    await files.message_stored(conv, ack.msg_id, image)
+    assert (await get(server, bob, path)).status_code == 200
