@@ -523,3 +523,21 @@ async def test_a_file_message_is_checked_against_the_stored_file(
     conv = conversation("p2p", alice.user.id, bob.user.id)
     await files.message_stored(conv, ack.msg_id, image)
     assert (await get(server, bob, path)).status_code == 200
+
+
+async def test_send_file_uploads_and_sends_a_typed_message(
+    server: Server, clients: Clients, tmp_path: Path
+) -> None:
+    alice, bob = [await clients.login(n) for n in ("alice", "bob")]
+    assert bob.user
+    inbox: asyncio.Queue[Any] = asyncio.Queue()
+    bob.on_message(inbox.put_nowait)
+    (tmp_path / "dot.png").write_bytes(png(3, 2))
+    ack, info = await alice.send_file(str(tmp_path / "dot.png"), to=bob.user.id)
+    assert (info["width"], info["height"]) == (3, 2)
+    got = await asyncio.wait_for(inbox.get(), WAIT)
+    assert got.msg_id == ack.msg_id and got.text == f"[image] dot.png ({info['size']} bytes)"
+    with pytest.raises(RequestError) as refused:  # a type the allow list refuses: no send
+        await alice.send_file(str(tmp_path / "dot.png"), to=bob.user.id, content_type="x/y")
+    assert refused.value.code == codes.BAD_CONTENT_TYPE
+    assert inbox.empty()
