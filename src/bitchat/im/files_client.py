@@ -11,6 +11,7 @@ import contextlib
 import mimetypes
 import os
 import ssl
+import tempfile
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import unquote
@@ -160,9 +161,9 @@ async def _download(
         name = _filename(r.headers.get("content-disposition", ""), file_id)
         if thumbnail:
             name = "thumbnail-" + name
-        tmp = os.path.join(folder, f".{file_id}.part")
+        fd, tmp = tempfile.mkstemp(prefix=f".{file_id}.", suffix=".part", dir=folder)
         try:
-            with open(tmp, "wb") as fh:
+            with os.fdopen(fd, "wb") as fh:
                 async for chunk in r.aiter_bytes(_CHUNK):
                     fh.write(chunk)
             path = _free_path(folder, name)
