@@ -26,6 +26,7 @@ from bitchat.im import sql
 from bitchat.im import sqlite as store
 from bitchat.im.centers import conversation
 from bitchat.im.client import IMClient
+from bitchat.im.packets import SendP2P
 from cluster_support import (  # noqa: F401 (fixtures)
     cluster_settings,
     node_maker,
@@ -516,13 +517,35 @@ async def test_a_file_message_is_checked_against_the_stored_file(
     with pytest.raises(RequestError) as info:
         await files.validate_image(Session(alice.user.id), text)  # a text file
     assert info.value.code == codes.BAD_FIELDS
-    # Stored: bob, in the conversation, may read it.
+    # Through the wire: a message with someone else's file, or fields that lie, is
+    # refused and nothing is sent; a good one lets the conversation read the file.
     path = f"/api/v1/files/{image['file_id']}"
     error(await get(server, bob, path), 403, codes.FORBIDDEN)
-    ack = await alice.send_p2p(bob.user.id, "[image] p.png")
+    fields = {k: image[k] for k in ("file_id", "name", "size", "content_type")}
+    with pytest.raises(RequestError) as info:
+        await bob.client.request(SendP2P(alice.user.id, "mine?", type="image", fields=fields))
+    assert info.value.code == codes.FORBIDDEN
+    with pytest.raises(RequestError) as info:
+        await alice.client.request(
+            SendP2P(bob.user.id, "x", type="image", fields={**fields, "size": 2})
+        )
+    assert info.value.code == codes.BAD_FIELDS
+    with pytest.raises(RequestError) as info:
+        await alice.client.request(SendP2P(bob.user.id, "x", type="image", fields=text))
+    assert info.value.code == codes.BAD_FIELDS  # a text file as an image (and "thumbnail")
+    error(await get(server, bob, path), 403, codes.FORBIDDEN)
+    inbox: asyncio.Queue[Any] = asyncio.Queue()
+    bob.on_message(inbox.put_nowait)
+    ack = await alice.client.request(SendP2P(bob.user.id, "[image]", type="image", fields=fields))
+    got = await asyncio.wait_for(inbox.get(), WAIT)
+    assert got.msg_id == ack.msg_id and got.type == "image"
+    assert got.fields["file_id"] == image["file_id"]
+    assert (await get(server, bob, path)).status_code == 200  # as soon as it is pushed
     conv = conversation("p2p", alice.user.id, bob.user.id)
-    await files.message_stored(conv, ack.msg_id, image)
-    assert (await get(server, bob, path)).status_code == 200
+    rows = await files.store._fetch(
+        "SELECT conv, msg_id FROM file_refs WHERE file_id = :f", {"f": image["file_id"]}
+    )
+    assert [tuple(r) for r in rows] == [(conv, ack.msg_id)]
 
 
 async def test_send_file_uploads_and_sends_a_typed_message(
