@@ -191,8 +191,10 @@ async def test_unread_counts_messages_not_events(
         two = await alice.send_p2p(uid(bob), "two")
         await alice.recall(two.msg_id)
         three = await alice.send_p2p(uid(bob), "three")
+        await alice.react(three.msg_id, "👀")
         entry = (await conversations(bob))[0]
-        assert (entry["last_seq"], entry["unread"]) == (6, 3)
+        assert (entry["last_seq"], entry["unread"]) == (7, 3)
+        assert entry["last_message"]["msg_id"] == three.msg_id  # a message, not an event
         assert (await conversations(alice))[0]["unread"] == 0  # sending reads
         state = await bob.mark_read(peer_id=uid(alice), seq=one.seq)
         assert state.unread == 2
@@ -274,6 +276,8 @@ async def test_delete_for_me_hides_on_the_users_devices_only(
         await phone.delete_for_me([two.msg_id])
         assert (await hidden.until(lambda p: True)).msg_ids == [two.msg_id]
         assert list(await history_of(laptop, peer_id=uid(alice))) == [one.msg_id]
+        entry = (await conversations(laptop))[0]
+        assert entry["last_message"]["msg_id"] == one.msg_id  # not the hidden one
         assert set(await history_of(alice, peer_id=uid(phone))) == {one.msg_id, two.msg_id}
         # A new device is told at its login, and is not pushed the hidden message.
         tablet = await d.connect(1, "tablet")

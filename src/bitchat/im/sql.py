@@ -282,7 +282,10 @@ CONVERSATIONS = (
     "FROM (" + USER_CONVS + ") x "
     "LEFT JOIN users u ON x.grp = 0 AND u.id = x.peer "
     "LEFT JOIN groups g ON x.grp != 0 AND g.id = x.grp "
-    "LEFT JOIN messages m ON m.conv = x.conv AND m.seq = x.last_seq AND x.last_seq > 0 "
+    # The last message (not an event, nor one the user deleted): back from the newest.
+    "LEFT JOIN messages m ON x.last_seq > 0 AND m.id = (SELECT l.id FROM messages l "
+    "WHERE l.conv = x.conv AND l.op = '' AND NOT EXISTS (SELECT 1 FROM hidden h "
+    "WHERE h.user_id = :u AND h.msg_id = l.id) ORDER BY l.id DESC LIMIT 1) "
     "WHERE CAST(:before AS BIGINT) = 0 OR x.activity < CAST(:before AS BIGINT) "
     "ORDER BY x.activity DESC, x.conv LIMIT :limit"
 )
