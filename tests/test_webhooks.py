@@ -321,7 +321,6 @@ async def test_every_event_is_delivered_signed(make: Make) -> None:
 # -- failures, order, dead letters ------------------------------------------------------------
 
 
-
 async def test_edits_and_recalls_are_delivered(make: Make) -> None:
     async with Receiver() as hooks:
         server = await make(
@@ -341,6 +340,7 @@ async def test_edits_and_recalls_are_delivered(make: Make) -> None:
         assert edited["data"]["msg_id"] == edit.msg_id and edited["data"]["target"] == sent.msg_id
         assert edited["data"]["text"] == "hello" and edited["data"]["op"] == "edit"
         assert recalled["data"]["msg_id"] == recall.msg_id and recalled["data"]["text"] == ""
+
 
 async def test_a_failing_receiver_that_recovers_gets_everything_in_order(make: Make) -> None:
     async with Receiver(status=500) as receiver:
