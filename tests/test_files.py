@@ -560,6 +560,10 @@ async def test_a_file_message_is_checked_against_the_stored_file(
         "SELECT conv, msg_id FROM file_refs WHERE file_id = :f", {"f": image["file_id"]}
     )
     assert [tuple(r) for r in rows] == [(conv, ack.msg_id)]
+    # Recalled: bob no longer reads it; alice, the uploader, still does.
+    await alice.recall(ack.msg_id)
+    error(await get(server, bob, path), 403, codes.FORBIDDEN)
+    assert (await get(server, alice, path)).status_code == 200
 
 
 async def test_send_file_uploads_and_sends_a_typed_message(
