@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import unicodedata
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,13 +16,15 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from PIL import Image
 
 from bitchat import RequestError, Server
 from bitchat.cluster import pg
 from bitchat.cluster.pg import PgDatabase
 from bitchat.errors import codes
-from bitchat.files import FileService, SqliteFileStore
+from bitchat.files import FileService, SqliteFileStore, check_name
 from bitchat.im import sql
 from bitchat.im import sqlite as store
 from bitchat.im.centers import conversation
@@ -582,3 +585,29 @@ async def test_send_file_uploads_and_sends_a_typed_message(
         await alice.send_file(str(tmp_path / "dot.png"), to=bob.user.id, content_type="x/y")
     assert refused.value.code == codes.BAD_CONTENT_TYPE
     assert inbox.empty()
+
+
+# -- names ----------------------------------------------------------------------------------
+
+
+@given(st.text(max_size=300))
+def test_a_kept_name_is_one_printable_path_component(name: str) -> None:
+    try:
+        kept = check_name(name)
+    except RequestError as exc:
+        assert exc.code == codes.INVALID_PACKET
+        return
+    assert kept and len(kept) <= 255 and kept not in (".", "..")
+    assert "/" not in kept and "\\" not in kept
+    assert all(unicodedata.category(c)[0] != "C" for c in kept)
+
+
+@given(st.text(max_size=100))
+def test_a_downloaded_name_stays_in_its_folder(name: str) -> None:
+    from urllib.parse import quote
+
+    from bitchat.im.files_client import _filename
+
+    got = _filename("attachment; filename*=UTF-8''" + quote(name, safe=""), "fallback")
+    assert got and got not in (".", "..") and "/" not in got
+    assert os.path.dirname(os.path.join("folder", got)) == "folder"
