@@ -592,6 +592,10 @@ class SqlReads:
         rows = await self._read("reading reactions", HAS_REACTION, id=msg_id, e=emoji)
         return bool(rows[0][0])
 
+    async def member_floor(self, group_id: int, user_id: int) -> int:
+        rows = await self._read("reading a member's start", MEMBER_START, g=group_id, u=user_id)
+        return int(rows[0][0]) if rows else 0
+
     async def unread(self, conv: str, read_seq: int) -> int:
         rows = await self._read("counting unread messages", UNREAD, c=conv, s=read_seq)
         return max(0, int(rows[0][0])) if rows else 0
