@@ -152,6 +152,7 @@ async def test_upload_then_only_the_uploader_and_the_conversation_may_download(
     r = await get(server, bob, f"/api/v1/files/{fid}")
     assert r.headers["content-disposition"].startswith("attachment")
     assert r.headers["x-content-type-options"] == "nosniff"
+    assert r.headers["content-type"] == "text/plain; charset=utf-8"
     # A group member may once a group message refers to it.
     group = await alice.create_group("team")
     await alice.add_member(group.group_id, carol.user.id if carol.user else 0)
