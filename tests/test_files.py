@@ -206,6 +206,21 @@ async def test_size_limit_and_quota_refuse_and_keep_nothing(
     assert await files_of(server).store.used(alice.user.id if alice.user else 0) == 6000
     # Bob's quota is his own.
     assert (await post(server, bob, b"f" * 4000)).status_code == 201
+    # A delete by its uploader (only) gives the room back.
+    assert alice.user
+    [(first,)] = await files_of(server).store._fetch(
+        "SELECT id FROM files WHERE owner_id = :o AND size = 4000", {"o": alice.user.id}
+    )
+    with pytest.raises(RequestError) as refused:
+        await bob.delete_file(first)
+    assert refused.value.code == codes.FORBIDDEN
+    await alice.delete_file(first)
+    error(await get(server, alice, f"/api/v1/files/{first}"), 404, codes.NOT_FOUND)
+    with pytest.raises(RequestError) as refused:
+        await alice.delete_file(first)
+    assert refused.value.code == codes.NOT_FOUND
+    assert (await post(server, alice, b"g" * 3000)).status_code == 201
+    assert len(stored_names(tmp_path)) == 3  # alice's two, bob's one
 
 
 async def test_content_type_is_checked_against_the_bytes_and_the_allow_list(
@@ -361,7 +376,15 @@ async def _cluster_round(a: Server, b: Server, tmp_path: Path) -> None:
                 yield b"y" * 100_000
 
         error(await post(b, bob, streamed()), 413, codes.BODY_TOO_LARGE)
+        # Deleted on node A: gone for node B too, chunk rows included.
+        await alice.delete_file(raw["file_id"])
+        error(await get(b, bob, f"/api/v1/files/{raw['file_id']}"), 404, codes.NOT_FOUND)
         db: PgDatabase = files_of(b).store.db  # type: ignore[attr-defined]
+        async with db.connection() as con:
+            left = await con.fetchval(
+                "SELECT count(*) FROM file_chunks WHERE file_id = $1", raw["file_id"]
+            )
+        assert left == 0
         async with db.connection() as con:
             orphans = await con.fetchval(
                 "SELECT count(*) FROM file_chunks c WHERE NOT EXISTS "
@@ -478,6 +501,9 @@ async def test_uploads_and_downloads_share_a_keep_alive_connection(
         assert (await h.get(f"/api/v1/files/{one.json()['file_id']}")).content == b"one"
         assert (await h.get(f"/api/v1/files/{fid}")).content == b"two"
         error(await h.post(f"/api/v1/files/{fid}"), 405, codes.METHOD_NOT_ALLOWED)
+        r = await h.delete(f"/api/v1/files/{fid}/thumbnail")
+        error(r, 405, codes.METHOD_NOT_ALLOWED)
+        assert r.headers["allow"] == "GET, HEAD"
 
 
 async def test_an_upload_that_stalls_is_timed_out_and_leaves_nothing(tmp_path: Path) -> None:

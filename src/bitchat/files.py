@@ -228,6 +228,12 @@ class FileStore(ABC):
     async def add_ref(self, file_id: str, conv: str, msg_id: int) -> None:
         await self._execute(_ADD_REF, {"f": file_id, "c": conv, "m": msg_id})
 
+    async def delete(self, file_id: str) -> None:
+        """Forget the file: metadata first (it is no longer served), then the rest."""
+        await self._execute("DELETE FROM files WHERE id = :f", {"f": file_id})
+        await self._execute("DELETE FROM file_refs WHERE file_id = :f", {"f": file_id})
+        await self.delete_bytes(file_id)
+
     async def drop_ref(self, file_id: str, conv: str, msg_id: int) -> None:
         await self._execute(
             "DELETE FROM file_refs WHERE file_id = :f AND conv = :c AND msg_id = :m",
@@ -700,6 +706,16 @@ class FileService:
                 "sent to may read this file",
             )
         return info
+
+    async def delete(self, file_id: str, user_id: int) -> None:
+        """Remove a file of ``user_id`` (its uploader): its bytes, thumbnail and
+        references go, and it no longer counts against the quota."""
+        info = await self.store.get(file_id) if is_file_id(file_id) else None
+        if info is None:
+            raise RequestError(codes.NOT_FOUND, "no such file")
+        if info.owner_id != user_id:
+            raise RequestError(codes.FORBIDDEN, "only its uploader may delete a file")
+        await self.store.delete(file_id)
 
     async def add_ref(self, file_id: str, conv: str, msg_id: int) -> None:
         """Record that message ``msg_id`` of conversation ``conv`` refers to the file (so

@@ -608,6 +608,14 @@ class IMClient:
         )
         return await self._send(packet, 3, None), info
 
+    async def delete_file(self, file_id: str) -> None:
+        """Remove a file you uploaded (it no longer counts against your quota; messages
+        that refer to it stay, their file gone: ``not_found``)."""
+        from bitchat.im import files_client
+
+        url, token = self._files_url()
+        await files_client.delete(url, token, file_id, tls=self.client.ssl)
+
     async def download_file(
         self, file_id: str, folder: str = ".", *, thumbnail: bool = False
     ) -> str:

@@ -79,6 +79,21 @@ async def upload(
     return out
 
 
+async def delete(
+    url: str, token: str, file_id: str, *, tls: ssl.SSLContext | None = None, timeout: float = 30.0
+) -> None:
+    """Remove a file the token's user uploaded."""
+    try:
+        async with httpx.AsyncClient(verify=tls or True, timeout=timeout) as http:
+            r = await http.delete(
+                f"{url}{PATH}/{file_id}", headers={"authorization": f"Bearer {token}"}
+            )
+    except httpx.HTTPError as exc:
+        raise _failed(exc) from None
+    if r.status_code != 200:
+        raise _error(r)
+
+
 def message_fields(info: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """The type ("image" or "file") and fields of a message referring to an upload
     (``info``, the upload's answer)."""

@@ -2,9 +2,10 @@
 
 ::
 
-    POST /api/v1/files?name=<file name>     the body is the file; -> 201 its info
-    GET  /api/v1/files/<file_id>            the bytes
-    GET  /api/v1/files/<file_id>/thumbnail  an image's thumbnail
+    POST   /api/v1/files?name=<file name>     the body is the file; -> 201 its info
+    GET    /api/v1/files/<file_id>            the bytes
+    GET    /api/v1/files/<file_id>/thumbnail  an image's thumbnail
+    DELETE /api/v1/files/<file_id>            its uploader removes it (frees the quota)
 
 They take the device's login token (``Authorization: Bearer <token>``, the one
 ``LoginOk`` gave), not an API key. An upload's body never sits whole in memory:
@@ -158,11 +159,19 @@ async def download(
     m = _DOWNLOAD.match(path)
     if m is None:
         return api.error_reply(codes.NOT_FOUND, f"no endpoint {path}")
-    if request.method not in (b"GET", b"HEAD"):
-        reply = api.error_reply(codes.METHOD_NOT_ALLOWED, "allowed here: GET, HEAD")
-        reply.headers.append((b"allow", b"GET, HEAD"))
-        return reply
     file_id, thumbnail = m.group(1), bool(m.group(2))
+    allowed = b"GET, HEAD" if thumbnail else b"GET, HEAD, DELETE"
+    if request.method not in allowed.split(b", "):
+        reply = api.error_reply(codes.METHOD_NOT_ALLOWED, f"allowed here: {allowed.decode()}")
+        reply.headers.append((b"allow", allowed))
+        return reply
+    if request.method == b"DELETE":
+        try:
+            user = await authenticate(service, request)
+            await service.delete(file_id, user.id)
+        except RequestError as exc:
+            return api.error_reply(exc.code, exc.message)
+        return api.ApiReply(200, orjson.dumps({"ok": True}))
     try:
         user = await authenticate(service, request)
         info = await service.readable(file_id, user.id)
