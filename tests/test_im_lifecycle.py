@@ -137,6 +137,19 @@ async def test_a_device_away_gets_the_edit_the_recall_and_the_reaction(
         ]
         await refused(codes.FORBIDDEN, back.versions(first.msg_id))
         assert await alice.versions(second.msg_id) == []  # a recall erases them
+        if mode == "cluster":  # PostgreSQL: the text cleared in the rows
+            con = await asyncpg.connect(request.node.services[0])
+            try:
+                rows = await con.fetch(
+                    "SELECT text, recalled FROM messages WHERE id = $1 OR target = $1",
+                    second.msg_id,
+                )
+                assert sorted((r["text"], r["recalled"]) for r in rows) == [("", 0), ("", 1)]
+                assert not await con.fetchval(
+                    "SELECT count(*) FROM message_versions WHERE msg_id = $1", second.msg_id
+                )
+            finally:
+                await con.close()
         assert await alice.reactions(first.msg_id) == [
             {"emoji": "👍", "users": [{"id": bob, "name": "bob"}]}
         ]

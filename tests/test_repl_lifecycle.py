@@ -60,6 +60,14 @@ async def test_messages_that_live_in_the_terminal(tmp_path: Path) -> None:
             await houyi.execute("-hi 2")
             assert len(h_out.since(m)) == 2
 
+            await houyi.execute("-gcreate moon")
+            await gris.execute("-gjoin 1")
+            await houyi.execute("-gc 1 hi @gris")
+            await g_out.expect("[group 1] houyi(1): hi @gris")
+            m = g_out.mark()
+            await gris.execute("-cl")
+            assert any("[group 1] moon" in row and "1 (@1)" in row for row in g_out.since(m))
+
             # Refusals: one line each, naming the cause.
             await houyi.execute(f"-edit {first} mine now")
             assert h_out.lines[-1].startswith("Edit failed cause: ")

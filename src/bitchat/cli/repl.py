@@ -1014,8 +1014,12 @@ class Repl:
                 self._group_names[c["group_id"]] = c["name"]
                 who = f"[group {c['group_id']}] {c['name']}"
             m = c.get("last_message")
-            last = _clip(f"{m['sender_name']}({m['sender_id']}): {m['text']}") if m else ""
-            rows.append([who, str(c["unread"]), last])
+            text = _lively(ChatMessage.from_dict(m)) if m else ""
+            last = _clip(f"{m['sender_name']}({m['sender_id']}): {text}") if m else ""
+            unread = str(c["unread"])
+            if c.get("mentions"):
+                unread += f" (@{c['mentions']})"  # unread messages that mention you
+            rows.append([who, unread, last])
         for text in table(["conversation", "unread", "last message"], rows, right=[1]):
             self.out(text)
         if page.more:
