@@ -22,6 +22,7 @@ from bitchat.app import build_server
 from bitchat.config import Given, load_settings, merge
 from bitchat.errors import ConfigError
 from bitchat.im import sql
+from bitchat.im.packets import ChatMessage
 from bitchat.im.webhook_dispatch import backoff
 from bitchat.webhooks import EVENTS, endpoints, sign, verify
 from cluster_support import (  # noqa: F401 (fixtures)
@@ -298,7 +299,8 @@ async def test_every_event_is_delivered_signed(make: Make) -> None:
         assert by_type["group.member_removed"] == [{"group_id": g, "user_id": b, "reason": "left"}]
         p2p, grp = by_type["message.stored"]
         # The message as clients see it.
-        assert p2p == {**pushed.to_dict(), "msg_id": ack.msg_id}
+        # (a plain message's body leaves out the fields that keep their defaults)
+        assert ChatMessage.from_dict(p2p).to_dict() == {**pushed.to_dict(), "msg_id": ack.msg_id}
         assert p2p["text"] == "hello bob" and p2p["seq"] == 1
         assert (grp["kind"], grp["to"], grp["text"], grp["sender_id"]) == ("group", g, "hi team", b)
         assert len({e["id"] for e in events}) == len(events)
@@ -317,6 +319,27 @@ async def test_every_event_is_delivered_signed(make: Make) -> None:
 
 
 # -- failures, order, dead letters ------------------------------------------------------------
+
+
+async def test_edits_and_recalls_are_delivered(make: Make) -> None:
+    async with Receiver() as hooks:
+        server = await make(
+            webhooks=({"url": hooks.url, "events": ["message.edited", "message.recalled"]},),
+        )
+        async with clients(server) as c:
+            alice = await c.login("alice")
+            bob = await c.login("bob")
+            assert bob.user is not None
+            sent = await alice.send_p2p(bob.user.id, "helo")
+            edit = await alice.edit(sent.msg_id, "hello")
+            await alice.react(sent.msg_id, "👍")  # no webhook
+            recall = await alice.recall(sent.msg_id)
+            await hooks.wait_until(lambda: len(hooks.events()) == 2)
+        edited, recalled = (e for e in hooks.events())
+        assert edited["type"] == "message.edited" and recalled["type"] == "message.recalled"
+        assert edited["data"]["msg_id"] == edit.msg_id and edited["data"]["target"] == sent.msg_id
+        assert edited["data"]["text"] == "hello" and edited["data"]["op"] == "edit"
+        assert recalled["data"]["msg_id"] == recall.msg_id and recalled["data"]["text"] == ""
 
 
 async def test_a_failing_receiver_that_recovers_gets_everything_in_order(make: Make) -> None:

@@ -23,6 +23,7 @@ exits with status 1 after a script in which any failed).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import datetime
 import sys
@@ -43,7 +44,8 @@ from bitchat.errors import (
     UsageError,
     codes,
 )
-from bitchat.im.packets import GROUP, P2P, ChatMessage, GroupEvent, LoginOk, Receipt
+from bitchat.im.files_client import file_of
+from bitchat.im.packets import GROUP, P2P, ChatMessage, GroupEvent, Hidden, LoginOk, Receipt
 
 if TYPE_CHECKING:
     from prompt_toolkit import PromptSession
@@ -55,6 +57,8 @@ PROMPT = "bitchat> "
 HISTORY_PAGE = 20
 CONVERSATION_PAGE = 20
 LAST_MESSAGE_WIDTH = 40
+SEEN_MESSAGES = 1000
+"""Messages whose conversation the REPL remembers, for -reply."""
 """Columns of a conversation's last message in ``-cl`` (a longer one is cut, ``...``)."""
 
 USAGE = """\
@@ -80,6 +84,14 @@ Usage: <cmd> [options]
   -greqs groupId             list the join requests of an invite-only group
   -gapprove groupId userId   let a user in; -gdeny groupId userId refuses
   -block userId              block a user; -unblock userId; -blocked lists them
+  -edit msgId text           replace the text of your message
+  -recall msgId              take back a message (yours; any, as a group admin)
+  -reply msgId text          answer a message (one you saw here or in -hi)
+  -react msgId emoji         react to a message; -unreact msgId emoji takes it back
+  -delete msgId              delete a message for you only (all your devices)
+  -file userId path          send a file or an image (the rest of the line is its path)
+  -file -g groupId path      send a file or an image to a group
+  -getfile msgId [folder]    save the file of a message shown here (default folder: .)
   -hi userId [beforeId]      history with a user, 20 messages, oldest first
   -hi -g groupId [beforeId]  history of a group
   -cl [before]               list my conversations: unread count, last message
@@ -87,6 +99,9 @@ Usage: <cmd> [options]
   -read -g groupId [seq]     mark a group read (default: up to its last message)
   help                       show this
   bye                        quit"""
+
+_FILES_KEPT = 1000
+"""File messages -getfile remembers (the most recent)."""
 
 Output = Callable[[str], None]
 Command = Callable[[list[str], str], Awaitable[None]]
@@ -176,6 +191,23 @@ def format_group_event(e: GroupEvent) -> str:
     return f"{e.event}: {user} by {by}"
 
 
+def _lively(m: ChatMessage, body: str | None = None) -> str:
+    """A message's text as ``-hi`` shows it: recalled, edited, the reply, reactions
+    (``body``: what stands for its text, its type included, e.g. a file's line)."""
+    text = "(recalled)" if m.recalled else m.text if body is None else body
+    if m.edited_at and not m.recalled:
+        text += " (edited)"
+    if m.reply:
+        quoted = "(recalled)" if m.reply.get("recalled") else m.reply.get("snippet", "")
+        text = f"[reply to {m.reply.get('sender_name', '')}: {quoted}] {text}"
+    if m.type != "text" and body is None:
+        text = f"[{m.type}] {text}"
+    if m.reactions:
+        counts = " ".join(f"{e} {len(u)}" for e, u in m.reactions.items())
+        text += f" [{counts}]"
+    return text
+
+
 def _width(text: str) -> int:
     """Columns ``text`` takes on a terminal: East Asian wide characters take two."""
     return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
@@ -247,6 +279,8 @@ class Repl:
         # (kept under the name); "": a JWT without a subject (not kept).
         self._subject: str | None = None
         self._group_names: dict[int, str] = {}  # for receipt lines: [group 1] moon
+        # The files of file/image messages shown (pushed or listed), for -getfile.
+        self._files: collections.OrderedDict[int, dict[str, Any]] = collections.OrderedDict()
         self.failures = 0
         """Commands that failed (a refusal, a lost connection, a bad command line)."""
         self._connected_once = False  # "Connected" the first time, then "Reconnected"
@@ -280,6 +314,8 @@ class Repl:
             "-gl": (self.group_list, "List groups"),
             "-gm": (self.group_members, "List members"),
             "-hi": (self.history, "History"),
+            "-file": (self.send_file, "Send file"),
+            "-getfile": (self.get_file, "Get file"),
             "-cl": (self.conversation_list, "List conversations"),
             "-read": (self.mark_read, "Mark read"),
             "-gkick": (self.group_kick, "Kick"),
@@ -296,8 +332,20 @@ class Repl:
             "-block": (self.block, "Block"),
             "-unblock": (self.unblock, "Unblock"),
             "-blocked": (self.blocked, "List blocked users"),
+            "-edit": (self.edit, "Edit"),
+            "-recall": (self.recall, "Recall"),
+            "-reply": (self.reply, "Reply"),
+            "-react": (self.react, "React"),
+            "-unreact": (self.unreact, "Unreact"),
+            "-delete": (self.delete, "Delete"),
         }
+        # Where messages seen here belong (a reply names the conversation): the newest.
+        self._seen: collections.OrderedDict[int, tuple[str, int]] = collections.OrderedDict()
         im.on_message(self.show_message)
+        im.on_edit(self.show_event)
+        im.on_recall(self.show_event)
+        im.on_reaction(self.show_event)
+        im.on_hidden(self.show_hidden)
         im.client.on(ChatMessage, self._count_push)  # after the IMClient's own handler
         im.on_receipt(self.show_receipt)
         im.on_group_event(self.show_group_event)
@@ -312,18 +360,65 @@ class Repl:
 
     def show_message(self, m: ChatMessage) -> None:
         """Print an incoming message (after a login line under way)."""
+        self._remember(m)
         self._show(m)
+
+    def _remember(self, m: ChatMessage) -> None:
+        me = self.im.user
+        if m.kind == GROUP:
+            where = (GROUP, m.to)
+        else:
+            peer = m.to if me is not None and m.sender_id == me.id else m.sender_id
+            where = (P2P, peer)
+        self._seen[m.msg_id] = where
+        if len(self._seen) > SEEN_MESSAGES:
+            self._seen.popitem(last=False)
+
+    def format_event(self, m: ChatMessage) -> str:
+        """An edit, a recall or a reaction: ``gris(2) edited 253...: new text (edited)``."""
+        where = f"[group {m.to}] " if m.kind == GROUP else ""
+        who = f"{where}{m.sender_name}({m.sender_id})"
+        if m.op == "edit":
+            return f"{who} edited {m.target}: {m.text} (edited)"
+        if m.op == "recall":
+            return f"{who} recalled message {m.target}"
+        if m.op == "react":
+            return f"{who} reacted {m.emoji} to message {m.target}"
+        return f"{who} took back {m.emoji} from message {m.target}"
+
+    def show_event(self, m: ChatMessage) -> None:
+        self._show(self.format_event(m))
+
+    def show_hidden(self, h: Hidden) -> None:
+        ids = " ".join(str(i) for i in h.msg_ids)
+        self._show(f"Deleted for you: {ids}")
 
     def format_message(self, m: ChatMessage) -> str:
         """``gris(2): text``; one of ours sent from another device names the recipient,
         ``houyi(1) -> 2: text``; a group's is ``[group 1] gris(2): text``, ours too
         (the group is the recipient)."""
         me = self.im.user
+        text = self._text_of(m)
         if m.kind == GROUP:
-            return f"[group {m.to}] {m.sender_name}({m.sender_id}): {m.text}"
+            return f"[group {m.to}] {m.sender_name}({m.sender_id}): {text}"
         if me is not None and m.sender_id == me.id:
-            return f"{m.sender_name}({m.sender_id}) -> {m.to}: {m.text}"
-        return f"{m.sender_name}({m.sender_id}): {m.text}"
+            return f"{m.sender_name}({m.sender_id}) -> {m.to}: {text}"
+        return f"{m.sender_name}({m.sender_id}): {text}"
+
+    def _text_of(self, m: ChatMessage) -> str:
+        """A message's text; a file's name, size and how to fetch it (remembered)."""
+        fields = file_of(m)
+        if fields is None:
+            return m.text
+        self._files[m.msg_id] = fields
+        self._files.move_to_end(m.msg_id)
+        while len(self._files) > _FILES_KEPT:
+            self._files.popitem(last=False)
+        kind = "image" if m.type == "image" else "file"
+        return (
+            f"[{kind}] {fields.get('name', '')} ({fields.get('size', 0)} bytes): "
+            f"-getfile {m.msg_id}"
+        )
 
     def _show(self, item: str | ChatMessage) -> None:
         """Print a line about something that came in, after a login line under way."""
@@ -584,6 +679,58 @@ class Repl:
         for u in users:
             self.out(f"{u.name}({u.id})")
 
+    def _msg_id(self, parts: list[str], usage: str, rest: bool) -> int:
+        msg_id = _int(parts[1]) if len(parts) >= (3 if rest else 2) else None
+        if msg_id is None or (not rest and len(parts) != 2):
+            raise _Usage(usage)
+        return msg_id
+
+    async def edit(self, parts: list[str], line: str) -> None:
+        msg_id = self._msg_id(parts, "-edit msgId text", True)
+        await self._connected()
+        await self.im.edit(msg_id, self._rest(line, 2))
+        self.out(f"Edit success (id {msg_id})")
+
+    async def recall(self, parts: list[str], line: str) -> None:
+        msg_id = self._msg_id(parts, "-recall msgId", False)
+        await self._connected()
+        await self.im.recall(msg_id)
+        self.out(f"Recall success (id {msg_id})")
+
+    async def reply(self, parts: list[str], line: str) -> None:
+        msg_id = self._msg_id(parts, "-reply msgId text", True)
+        where = self._seen.get(msg_id)
+        if where is None:
+            raise RequestError(codes.NOT_FOUND, f"message {msg_id} not seen here (try -hi)")
+        await self._connected()
+        kind, to = where
+        text = self._rest(line, 2)
+        if kind == GROUP:
+            ack = await self.im.send_group(to, text, reply_to=msg_id)
+        else:
+            ack = await self.im.send_p2p(to, text, reply_to=msg_id)
+        self.out(f"Reply success (id {ack.msg_id})")
+
+    async def react(self, parts: list[str], line: str) -> None:
+        if len(parts) != 3 or _int(parts[1]) is None:
+            raise _Usage("-react msgId emoji")
+        await self._connected()
+        await self.im.react(int(parts[1]), parts[2])
+        self.out(f"React success (id {parts[1]})")
+
+    async def unreact(self, parts: list[str], line: str) -> None:
+        if len(parts) != 3 or _int(parts[1]) is None:
+            raise _Usage("-unreact msgId emoji")
+        await self._connected()
+        await self.im.unreact(int(parts[1]), parts[2])
+        self.out(f"Unreact success (id {parts[1]})")
+
+    async def delete(self, parts: list[str], line: str) -> None:
+        msg_id = self._msg_id(parts, "-delete msgId", False)
+        await self._connected()
+        await self.im.delete_for_me([msg_id])
+        self.out(f"Delete success (id {msg_id})")
+
     async def p2p_chat(self, parts: list[str], line: str) -> None:
         to = _int(parts[1]) if len(parts) >= 3 else None
         if to is None:
@@ -599,6 +746,35 @@ class Repl:
         await self._connected()
         ack = await self.im.send_group(group_id, self._rest(line, 2))
         self.out(f"Send group message success (id {ack.msg_id})")
+
+    async def send_file(self, parts: list[str], line: str) -> None:
+        usage = "-file userId path  or  -file -g groupId path"
+        group = len(parts) >= 2 and parts[1] == "-g"
+        target = _int(parts[2 if group else 1]) if len(parts) >= (4 if group else 3) else None
+        path = self._rest(line, 3 if group else 2)
+        if target is None or not path:
+            raise _Usage(usage)
+        await self._connected()
+        if group:
+            ack, info = await self.im.send_file(path, group_id=target)
+        else:
+            ack, info = await self.im.send_file(path, to=target)
+        self.out(f"Send file success (id {ack.msg_id}): {info['name']}, {info['size']} bytes")
+
+    async def get_file(self, parts: list[str], line: str) -> None:
+        msg_id = _int(parts[1]) if len(parts) >= 2 else None
+        if msg_id is None:
+            raise _Usage("-getfile msgId [folder]")
+        folder = self._rest(line, 2) or "."
+        fields = self._files.get(msg_id)
+        if fields is None:
+            raise RequestError(
+                codes.NOT_FOUND,
+                f"no file message {msg_id} shown here (list the conversation with -hi)",
+            )
+        await self._connected()
+        path = await self.im.download_file(fields["file_id"], folder)
+        self.out(f"Get file success: {path}")
 
     async def group_create(self, parts: list[str], line: str) -> None:
         name = self._rest(line, 1)
@@ -810,9 +986,13 @@ class Repl:
             self.out("No messages")
             return
         for m in reversed(messages):
+            if m.op:
+                continue  # an event: the messages show what it changed
+            self._remember(m)
             when = datetime.datetime.fromtimestamp(m.ts / 1000).strftime("%Y-%m-%d %H:%M:%S")
             # The id before the text, which is the sender's: a text cannot forge it.
-            self.out(f"{when} (id {m.msg_id}) {m.sender_name}({m.sender_id}): {m.text}")
+            text = _lively(m, self._text_of(m) if file_of(m) is not None else None)
+            self.out(f"{when} (id {m.msg_id}) {m.sender_name}({m.sender_id}): {text}")
         if page.more:
             flag = "-g " if group else ""
             self.out(f"(older: -hi {flag}{target} {messages[-1].msg_id})")
@@ -834,8 +1014,12 @@ class Repl:
                 self._group_names[c["group_id"]] = c["name"]
                 who = f"[group {c['group_id']}] {c['name']}"
             m = c.get("last_message")
-            last = _clip(f"{m['sender_name']}({m['sender_id']}): {m['text']}") if m else ""
-            rows.append([who, str(c["unread"]), last])
+            text = _lively(ChatMessage.from_dict(m)) if m else ""
+            last = _clip(f"{m['sender_name']}({m['sender_id']}): {text}") if m else ""
+            unread = str(c["unread"])
+            if c.get("mentions"):
+                unread += f" (@{c['mentions']})"  # unread messages that mention you
+            rows.append([who, unread, last])
         for text in table(["conversation", "unread", "last message"], rows, right=[1]):
             self.out(text)
         if page.more:

@@ -61,6 +61,7 @@ from bitchat.im.centers import (
     first_of_each,
     id_order,
     make_blocks,
+    message_counts,
     number,
     p2p_pair,
     read_offsets,
@@ -314,6 +315,81 @@ MIGRATIONS: list[Migration] = [
         PRIMARY KEY (user_id, blocked_id)
     );
     CREATE INDEX blocks_blocked ON blocks(blocked_id);
+    """,
+    # 10: messages that live: events (edit, recall, react, unreact) are rows of messages
+    # (op, target); typed messages and replies; earlier texts, reactions, delete for me.
+    """
+    ALTER TABLE messages ADD COLUMN op TEXT NOT NULL DEFAULT '';
+    ALTER TABLE messages ADD COLUMN target BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE messages ADD COLUMN type TEXT NOT NULL DEFAULT 'text';
+    ALTER TABLE messages ADD COLUMN fields TEXT NOT NULL DEFAULT '';
+    ALTER TABLE messages ADD COLUMN reply_to BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE messages ADD COLUMN edited_at BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE messages ADD COLUMN recalled INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE messages ADD COLUMN reacts INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE messages ADD COLUMN mentions TEXT NOT NULL DEFAULT '';
+    ALTER TABLE messages ADD COLUMN no BIGINT NOT NULL DEFAULT 0;
+    UPDATE messages SET no = seq;
+    ALTER TABLE conversations ADD COLUMN last_no BIGINT NOT NULL DEFAULT 0;
+    UPDATE conversations SET last_no = last_seq;
+    CREATE TABLE mentions (
+        user_id BIGINT NOT NULL,
+        conv TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        PRIMARY KEY (user_id, conv, seq)
+    );
+    CREATE INDEX messages_target ON messages(target) WHERE target != 0;
+    CREATE TABLE message_versions (
+        msg_id BIGINT NOT NULL,
+        version INTEGER NOT NULL,
+        text TEXT NOT NULL,
+        ts BIGINT NOT NULL,
+        PRIMARY KEY (msg_id, version)
+    );
+    CREATE TABLE reactions (
+        msg_id BIGINT NOT NULL,
+        user_id BIGINT NOT NULL,
+        emoji TEXT NOT NULL,
+        ts BIGINT NOT NULL,
+        PRIMARY KEY (msg_id, user_id, emoji)
+    );
+    CREATE TABLE hidden (
+        user_id BIGINT NOT NULL,
+        msg_id BIGINT NOT NULL,
+        ts BIGINT NOT NULL,
+        PRIMARY KEY (user_id, msg_id)
+    );
+    """,
+    # 11: files and images (bitchat.files): metadata, the messages that refer to each,
+    # and the bytes as chunk rows every node reads (STORAGE EXTERNAL: stored out of line
+    # but not compressed, most uploads are compressed already).
+    """
+    CREATE TABLE files (
+        id TEXT PRIMARY KEY,
+        owner_id BIGINT NOT NULL,
+        name TEXT NOT NULL,
+        size BIGINT NOT NULL,
+        content_type TEXT NOT NULL,
+        width INTEGER NOT NULL DEFAULT 0,
+        height INTEGER NOT NULL DEFAULT 0,
+        has_thumbnail BOOLEAN NOT NULL DEFAULT FALSE,
+        thumbnail_type TEXT NOT NULL DEFAULT '',
+        created_at BIGINT NOT NULL
+    );
+    CREATE INDEX files_owner ON files(owner_id);
+    CREATE TABLE file_refs (
+        file_id TEXT NOT NULL,
+        conv TEXT NOT NULL,
+        msg_id BIGINT NOT NULL,
+        PRIMARY KEY (file_id, conv, msg_id)
+    );
+    CREATE TABLE file_chunks (
+        file_id TEXT NOT NULL,
+        n INTEGER NOT NULL,
+        data BYTEA NOT NULL,
+        PRIMARY KEY (file_id, n)
+    );
+    ALTER TABLE file_chunks ALTER COLUMN data SET STORAGE EXTERNAL;
     """,
 ]
 
@@ -1549,26 +1625,28 @@ _MSG_COLUMNS = ", ".join(sql.MSG_COLUMNS)
 _M_COLUMNS = ", ".join("m." + c for c in sql.MSG_COLUMNS)
 
 _INSERT_MESSAGES = (
-    "INSERT INTO messages (id, kind, conv, sender_id, sender_name, to_id, text, ts, "
-    "client_msg_id, seq, device) SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], "
-    "$4::bigint[], $5::text[], $6::bigint[], $7::text[], $8::bigint[], $9::text[], "
-    "$10::bigint[], $11::bigint[]) ON CONFLICT DO NOTHING RETURNING id"
+    f"INSERT INTO messages ({sql.INSERT_COLUMNS}) SELECT * FROM unnest($1::bigint[], "
+    "$2::text[], $3::text[], $4::bigint[], $5::text[], $6::bigint[], $7::text[], "
+    "$8::bigint[], $9::text[], $10::bigint[], $11::bigint[], $12::text[], $13::bigint[], "
+    "$14::text[], $15::text[], $16::bigint[], $17::bigint[], $18::text[], $19::bigint[]) "
+    "ON CONFLICT DO NOTHING RETURNING id"
 )
 # One row lock per conversation, taken in key order, held to the commit: nodes
 # writing one conversation at once number its messages one after the other. The
 # proposed lo_read / hi_read are the places (from 1) of each side's last message
 # among the batch's: its seq is the old last_seq plus that (SET sees the old row).
 _BUMP_CONVERSATIONS = (
-    "INSERT INTO conversations AS c (conv, last_seq, lo, hi, last_id, lo_read, hi_read) "
-    "SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], "
-    "$5::bigint[], $6::bigint[], $7::bigint[]) "
+    "INSERT INTO conversations AS c (conv, last_seq, lo, hi, last_id, lo_read, hi_read, "
+    "last_no) SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], "
+    "$5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[]) "
     "ON CONFLICT (conv) DO UPDATE SET last_seq = c.last_seq + excluded.last_seq, "
+    "last_no = c.last_no + excluded.last_no, "
     "last_id = GREATEST(c.last_id, excluded.last_id), "
     "lo_read = CASE WHEN excluded.lo_read > 0 "
     "THEN GREATEST(c.lo_read, c.last_seq + excluded.lo_read) ELSE c.lo_read END, "
     "hi_read = CASE WHEN excluded.hi_read > 0 "
     "THEN GREATEST(c.hi_read, c.last_seq + excluded.hi_read) ELSE c.hi_read END "
-    "RETURNING conv, last_seq"
+    "RETURNING conv, last_seq, last_no"
 )
 # Senders' read positions in groups (the conversations' locks, held, keep nodes from
 # updating the same members in two orders).
@@ -1622,6 +1700,8 @@ class PgMessageCenter(sql.SqlReads, MessageCenter):
     transactions of their own. ``mark_read`` names at most the database settings'
     ``max_group_size`` senders.
     """
+
+    DIALECT = sql.Dialect.POSTGRES
 
     def __init__(self, db: PgDatabase, batch_max: int = 512, ack_batch_max: int = 4096) -> None:
         self.db = db
@@ -1787,17 +1867,17 @@ class PgMessageCenter(sql.SqlReads, MessageCenter):
             counts = conversation_counts(convs)
             order = id_order(msgs)
             reads = read_offsets(msgs, convs, order)
+            numbers = message_counts(msgs, convs)
             keys = list(counts)
-            last = {
-                r[0]: r[1]
-                for r in await con.fetch(
-                    _BUMP_CONVERSATIONS,
-                    keys,
-                    list(counts.values()),
-                    *([reads[c][k] for c in keys] for k in range(5)),
-                )
-            }
-            number(msgs, convs, counts, last, order)
+            bumped = await con.fetch(
+                _BUMP_CONVERSATIONS,
+                keys,
+                list(counts.values()),
+                *([reads[c][k] for c in keys] for k in range(5)),
+                [numbers.get(c, 0) for c in keys],
+            )
+            last = {r[0]: r[1] for r in bumped}
+            number(msgs, convs, counts, last, order, {r[0]: r[2] for r in bumped}, numbers)
             rows = await con.fetch(
                 _INSERT_MESSAGES,
                 [m.id for m in msgs],
@@ -1811,17 +1891,35 @@ class PgMessageCenter(sql.SqlReads, MessageCenter):
                 [m.client_msg_id for m in msgs],
                 [m.seq for m in msgs],
                 [m.device for m in msgs],
+                [m.op for m in msgs],
+                [m.target for m in msgs],
+                [m.type for m in msgs],
+                [m.fields for m in msgs],
+                [m.reply_to for m in msgs],
+                [m.edited_at for m in msgs],
+                [m.mentions for m in msgs],
+                [m.no for m in msgs],
             )
             if len(rows) != len(msgs):
                 raise _Stored(f"{len(msgs) - len(rows)} of {len(msgs)} messages")
+            changes = [m for m in msgs if m.op or m.mentions]
+            for m in changes:  # events: the change they make, in the same transaction
+                for statement, params in sql.event_statements(m, self.keep_versions):
+                    await con.execute(*_pg(statement, **params))
+            changes = [m for m in changes if m.op]
             outbox = self.outbox
-            if outbox is not None and outbox.wants(MESSAGE_STORED):
+            if outbox is not None and (changes or outbox.wants(MESSAGE_STORED)):
                 events: list[OutboxRow] = []
                 for m, conv in zip(msgs, convs, strict=True):
-                    events += outbox.rows(MESSAGE_STORED, conv, m.to_dict())
-                await write_outbox(con, events)
+                    kind = sql.webhook_event(m)
+                    if kind:
+                        events += outbox.rows(kind, conv, m.to_dict())
+                if events:
+                    await write_outbox(con, events)
             read: dict[tuple[int, int], int] = {}
             for m in msgs:
+                if m.op:
+                    continue
                 if m.kind == "group" and m.seq > read.get((m.to, m.sender_id), 0):
                     read[(m.to, m.sender_id)] = m.seq
             if read:

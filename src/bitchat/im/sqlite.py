@@ -54,6 +54,7 @@ from bitchat.im.centers import (
     first_of_each,
     id_order,
     make_blocks,
+    message_counts,
     number,
     p2p_pair,
     read_offsets,
@@ -303,6 +304,79 @@ MIGRATIONS: list[Migration] = [
     ) WITHOUT ROWID;
     CREATE INDEX blocks_blocked ON blocks(blocked_id);
     """,
+    # 10: messages that live: events (edit, recall, react, unreact) are rows of messages
+    # (op, target); typed messages and replies; earlier texts, reactions, delete for me.
+    """
+    ALTER TABLE messages ADD COLUMN op TEXT NOT NULL DEFAULT '';
+    ALTER TABLE messages ADD COLUMN target INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE messages ADD COLUMN type TEXT NOT NULL DEFAULT 'text';
+    ALTER TABLE messages ADD COLUMN fields TEXT NOT NULL DEFAULT '';
+    ALTER TABLE messages ADD COLUMN reply_to INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE messages ADD COLUMN edited_at INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE messages ADD COLUMN recalled INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE messages ADD COLUMN reacts INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE messages ADD COLUMN mentions TEXT NOT NULL DEFAULT '';
+    ALTER TABLE messages ADD COLUMN no INTEGER NOT NULL DEFAULT 0;
+    UPDATE messages SET no = seq;
+    ALTER TABLE conversations ADD COLUMN last_no INTEGER NOT NULL DEFAULT 0;
+    UPDATE conversations SET last_no = last_seq;
+    CREATE TABLE mentions (
+        user_id INTEGER NOT NULL,
+        conv TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        PRIMARY KEY (user_id, conv, seq)
+    ) WITHOUT ROWID;
+    CREATE INDEX messages_target ON messages(target) WHERE target != 0;
+    CREATE TABLE message_versions (
+        msg_id INTEGER NOT NULL,
+        version INTEGER NOT NULL,
+        text TEXT NOT NULL,
+        ts INTEGER NOT NULL,
+        PRIMARY KEY (msg_id, version)
+    ) WITHOUT ROWID;
+    CREATE TABLE reactions (
+        msg_id INTEGER NOT NULL,
+        user_id INTEGER NOT NULL,
+        emoji TEXT NOT NULL,
+        ts INTEGER NOT NULL,
+        PRIMARY KEY (msg_id, user_id, emoji)
+    ) WITHOUT ROWID;
+    CREATE TABLE hidden (
+        user_id INTEGER NOT NULL,
+        msg_id INTEGER NOT NULL,
+        ts INTEGER NOT NULL,
+        PRIMARY KEY (user_id, msg_id)
+    ) WITHOUT ROWID;
+    """,
+    # 11: files and images (bitchat.files): metadata, the messages that refer to each,
+    # and chunk rows (here only thumbnails: a file's bytes are under the data folder).
+    """
+    CREATE TABLE files (
+        id TEXT PRIMARY KEY,
+        owner_id INTEGER NOT NULL,
+        name TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        content_type TEXT NOT NULL,
+        width INTEGER NOT NULL DEFAULT 0,
+        height INTEGER NOT NULL DEFAULT 0,
+        has_thumbnail INTEGER NOT NULL DEFAULT 0,
+        thumbnail_type TEXT NOT NULL DEFAULT '',
+        created_at INTEGER NOT NULL
+    );
+    CREATE INDEX files_owner ON files(owner_id);
+    CREATE TABLE file_refs (
+        file_id TEXT NOT NULL,
+        conv TEXT NOT NULL,
+        msg_id INTEGER NOT NULL,
+        PRIMARY KEY (file_id, conv, msg_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE file_chunks (
+        file_id TEXT NOT NULL,
+        n INTEGER NOT NULL,
+        data BLOB NOT NULL,
+        PRIMARY KEY (file_id, n)
+    ) WITHOUT ROWID;
+    """,
 ]
 
 
@@ -323,6 +397,8 @@ async def open_db(path: str, synchronous: str = "FULL") -> aiosqlite.Connection:
         await db.execute(f"PRAGMA synchronous={synchronous}")
         await db.execute("PRAGMA foreign_keys=ON")
         await db.execute("PRAGMA busy_timeout=5000")
+        # A recalled message's text is overwritten on disk, not only unlinked.
+        await db.execute("PRAGMA secure_delete=ON")
         # As the message writer (below): a commit here must not checkpoint sooner.
         await db.execute(f"PRAGMA wal_autocheckpoint={_WAL_AUTOCHECKPOINT}")
         await _migrate(db)
@@ -1119,29 +1195,30 @@ _INSERT_OUTBOX = (
 )
 _OUTBOX_ROWS = 160
 """Outbox rows (6 values) per statement."""
-_MESSAGE_ROWS = 90
-"""Message rows per INSERT statement (11 variables each: under SQLite's oldest limit of 999)."""
+_MESSAGE_ROWS = 52
+"""Message rows per INSERT statement (19 variables each: under SQLite's oldest limit of 999)."""
 _PAIR_ROWS = 400
 """Rows of two values per statement."""
-_CONV_ROWS = 128
-"""Conversation rows (7 values) per statement."""
+_CONV_ROWS = 112
+"""Conversation rows (8 values) per statement."""
 _CURSOR_ROWS = 200
 """Cursor rows (4 values) per statement."""
 # Plain INSERT: retries are found before (a numbered row is never skipped silently).
 _INSERT_MESSAGES = (
-    "INSERT INTO messages (id, kind, conv, sender_id, sender_name, to_id, text, ts, "
-    "client_msg_id, seq, device) SELECT * FROM (VALUES {rows}) WHERE column1 IS NOT NULL"
+    f"INSERT INTO messages ({sql.INSERT_COLUMNS}) "
+    "SELECT * FROM (VALUES {rows}) WHERE column1 IS NOT NULL"
 )
 # One row per conversation of a batch: its counter moves on by the batch's count, and a
 # sender's read position to their own last message (SET sees the row as it was).
 _BUMP_CONVERSATIONS = (
-    "INSERT INTO conversations (conv, last_seq, lo, hi, last_id, lo_read, hi_read) "
+    "INSERT INTO conversations (conv, last_seq, lo, hi, last_id, lo_read, hi_read, last_no) "
     "SELECT * FROM (VALUES {rows}) WHERE column1 IS NOT NULL "
     "ON CONFLICT (conv) DO UPDATE SET last_seq = last_seq + excluded.last_seq, "
+    "last_no = last_no + excluded.last_no, "
     "last_id = max(last_id, excluded.last_id), "
     "lo_read = CASE WHEN excluded.lo_read > 0 THEN last_seq + excluded.lo_read ELSE lo_read END, "
     "hi_read = CASE WHEN excluded.hi_read > 0 THEN last_seq + excluded.hi_read ELSE hi_read END "
-    "RETURNING conv, last_seq"
+    "RETURNING conv, last_seq, last_no"
 )
 _READ_OWN_GROUP = (
     "UPDATE group_members SET read_seq = max(read_seq, v.column3) "
@@ -1159,6 +1236,16 @@ _MOVE_CURSORS = (
     "SELECT * FROM (VALUES {rows}) WHERE column1 IS NOT NULL "
     "ON CONFLICT (user_id, conv, device) DO UPDATE SET seq = max(seq, excluded.seq)"
 )
+
+
+def _erase_recalled(db: sqlite3.Connection, stores: list[_Store]) -> None:
+    """After a batch with a recall: checkpoint the WAL and truncate it, so the recalled
+    text (overwritten in the database file: secure_delete) leaves the log as well."""
+    if any(store[0].op == "recall" for store in stores):
+        try:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:  # the next checkpoint gets it; the text is cleared
+            log.warning("the WAL checkpoint after a recall failed: %s", exc)
 
 
 @functools.cache
@@ -1290,6 +1377,7 @@ class SqliteMessageCenter(sql.SqlReads, MessageCenter):
             db.execute(f"PRAGMA synchronous={self.synchronous}")
             db.execute("PRAGMA foreign_keys=ON")
             db.execute("PRAGMA busy_timeout=5000")
+            db.execute("PRAGMA secure_delete=ON")  # a recall leaves no text behind
             # Room for the hot index pages (they fill only as the store grows).
             db.execute("PRAGMA cache_size=-32768")
             # Checkpoint every 10,000 WAL pages (40 MiB) rather than 1,000: a batch
@@ -1527,6 +1615,7 @@ class SqliteMessageCenter(sql.SqlReads, MessageCenter):
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
             raise
+        _erase_recalled(db, stores)
         return results
 
     def _write_each(
@@ -1561,6 +1650,7 @@ class SqliteMessageCenter(sql.SqlReads, MessageCenter):
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
             raise
+        _erase_recalled(db, stores)
         return outcomes, ack_error
 
     def _insert(self, db: sqlite3.Connection, stores: list[_Store]) -> list[tuple[Message, bool]]:
@@ -1615,9 +1705,8 @@ class SqliteMessageCenter(sql.SqlReads, MessageCenter):
                 results[i] = (o, True)
         return kept
 
-    @staticmethod
     def _number_and_insert(
-        db: sqlite3.Connection, msgs: list[Message], outbox: Outbox | None
+        self, db: sqlite3.Connection, msgs: list[Message], outbox: Outbox | None
     ) -> None:
         """Give ``msgs`` the next seqs of their conversations and insert them (and
         their ``message.stored`` events into the outbox, if webhooks want them)."""
@@ -1627,14 +1716,17 @@ class SqliteMessageCenter(sql.SqlReads, MessageCenter):
         counts = conversation_counts(convs)
         order = id_order(msgs)
         reads = read_offsets(msgs, convs, order)
+        numbers = message_counts(msgs, convs)
         flat_counts: list[Any] = []
         for c, n in counts.items():
             lo, hi, last_id, lo_off, hi_off = reads[c]
-            flat_counts += (c, n, lo, hi, last_id, lo_off, hi_off)
-        last = dict(_read_rows(db, _BUMP_CONVERSATIONS, 7, flat_counts, _CONV_ROWS))
-        number(msgs, convs, counts, last, order)
+            flat_counts += (c, n, lo, hi, last_id, lo_off, hi_off, numbers.get(c, 0))
+        bumped = _read_rows(db, _BUMP_CONVERSATIONS, 8, flat_counts, _CONV_ROWS)
+        last = {r[0]: r[1] for r in bumped}
+        number(msgs, convs, counts, last, order, {r[0]: r[2] for r in bumped}, numbers)
         flat: list[Any] = []
         own: dict[tuple[int, int], int] = {}
+        changes: list[Message] = []
         for m, conv in zip(msgs, convs, strict=True):
             flat += (
                 m.id,
@@ -1648,17 +1740,37 @@ class SqliteMessageCenter(sql.SqlReads, MessageCenter):
                 m.client_msg_id,
                 m.seq,
                 m.device,
+                m.op,
+                m.target,
+                m.type,
+                m.fields,
+                m.reply_to,
+                m.edited_at,
+                m.mentions,
+                m.no,
             )
+            if m.op or m.mentions:
+                changes.append(m)
+            if m.op:
+                continue  # an event moves no read position
             if m.kind == "group" and own.get((m.to, m.sender_id), 0) < m.seq:
                 own[m.to, m.sender_id] = m.seq
-        _write_rows(db, _INSERT_MESSAGES, 11, flat, _MESSAGE_ROWS)
-        if outbox is not None and outbox.wants(MESSAGE_STORED):
+        _write_rows(db, _INSERT_MESSAGES, 19, flat, _MESSAGE_ROWS)
+        for m in changes:  # events: the change they make, in the same transaction
+            for statement, params in sql.event_statements(m, self.keep_versions):
+                db.execute(statement, params)
+        if outbox is not None:
+            changes = [m for m in changes if m.op]
+        if outbox is not None and (changes or outbox.wants(MESSAGE_STORED)):
             event_rows = outbox.rows
             events: list[Any] = []
             for m, conv in zip(msgs, convs, strict=True):
-                for row in event_rows(MESSAGE_STORED, conv, m.to_dict()):
-                    events += row
-            _write_rows(db, _INSERT_OUTBOX, 6, events, _OUTBOX_ROWS)
+                kind = sql.webhook_event(m)
+                if kind and outbox.wants(kind):
+                    for row in event_rows(kind, conv, m.to_dict()):
+                        events += row
+            if events:
+                _write_rows(db, _INSERT_OUTBOX, 6, events, _OUTBOX_ROWS)
         if own:
             rows: list[Any] = []
             for (group_id, sender), seq in own.items():

@@ -65,6 +65,9 @@ STATUS: dict[str, int] = {
     codes.NAME_TAKEN: 409,
     codes.GROUP_FULL: 409,
     codes.BODY_TOO_LARGE: 413,
+    codes.QUOTA_EXCEEDED: 413,
+    codes.BAD_CONTENT_TYPE: 415,
+    codes.UPLOAD_TIMEOUT: 408,
     codes.RATE_LIMITED: 429,
     codes.LOGIN_THROTTLED: 429,
     codes.INTERNAL: 500,
@@ -206,8 +209,11 @@ MESSAGE = _out(
         "ts": _INT,
         "client_msg_id": _STR,
         "seq": _INT,
+        "no": _INT,
     }
 )
+"""A message; an edited, recalled, typed or replying one, or an event (``op``), carries
+more (README "Messages that live"): ``op``, ``target``, ``type``, ``fields``, ..."""
 CONVERSATION = _out(
     {
         "kind": {"type": "string", "enum": ["p2p", "group"]},
@@ -217,6 +223,7 @@ CONVERSATION = _out(
         "last_seq": _INT,
         "read_seq": _INT,
         "unread": _INT,
+        "mentions": _INT,
         "peer_read_seq": _INT,
         "peer_delivered_seq": _INT,
         "activity": _INT,
