@@ -3,7 +3,7 @@
 // The protocol (frames, exact 64-bit ids, requests, heartbeat) is bitchat.js, the JS SDK; the
 // page keeps its own state, outbox and reconnect on top of its Link.
 
-import { Link, RequestFailed, T, newClientMsgId } from './bitchat.js';
+import { Link, RequestFailed, STAY_OUT, T, newClientMsgId } from './bitchat.js';
 
 // The page's JSON and frames are the SDK's (the browser tests use them from here).
 export { decodeFrame, encodeFrame, parseJSON, stringifyJSON } from './bitchat.js';
@@ -280,9 +280,22 @@ function mergeConversation(c) {
   recount(conv);
 }
 
+// What the page says when the server ends the session for good (its API's logout and ban).
+const STAYED_OUT = {
+  logged_out: 'You were logged out. Please sign in again.',
+  banned: 'This account is banned.',
+};
+
 function onLinkClosed(link) {
   if (link !== state.link || !link.live) return;
   link.live = false;
+  const told = link.closeReason?.code;
+  if (state.me && STAY_OUT.has(told)) {
+    // A forced logout sticks: no reconnect with a token the server revoked anyway.
+    signedOut(STAYED_OUT[told]);
+    document.body.dataset.signedOut = told;
+    return;
+  }
   if (state.me) {
     setConnected(false);
     scheduleReconnect();

@@ -235,6 +235,8 @@ export class Link {
     this.live = false; // logged in on this link: a drop means reconnect
     /** @type {Array<number|bigint>} message ids to ack on this link (acks count per connection) */
     this.toAck = [];
+    /** @type {RequestFailed | null} why the server closed this link, if it said (an Error push) */
+    this.closeReason = null;
   }
 
   /**
@@ -296,7 +298,10 @@ export class Link {
         if (frame.flags & FLAGS.ERROR) waiter.reject(new RequestFailed(frame.body.code, frame.body.message));
         else waiter.resolve(frame.body);
       } else if (frame.flags & FLAGS.ERROR) {
-        console.warn('bitchat: server error', frame.body);
+        // An Error that answers no request: the server says why it closes the connection
+        // (`logged_out`, `banned`, ...). Kept for the close handler.
+        if (frame.requestId === 0) this.closeReason = new RequestFailed(frame.body.code, frame.body.message);
+        else console.warn('bitchat: server error', frame.body);
       }
       return;
     }
@@ -481,6 +486,9 @@ export class Link {
  * @typedef {'message'|'receipt'|'readState'|'typing'|'presence'|'groupEvent'|'push'|'login'|'disconnect'|'loggedOut'} EventName
  */
 
+/** Codes of an Error push after which the client must not log in again by itself. */
+export const STAY_OUT = new Set(['logged_out', 'banned']);
+
 /** @type {Map<number, EventName>} */
 const PUSH_EVENTS = new Map([
   [T.CHAT, 'message'], [T.RECEIPT, 'receipt'], [T.READ_STATE, 'readState'],
@@ -494,7 +502,9 @@ const PUSH_EVENTS = new Map([
  * (ReadState), `typing` (TypingEvent), `presence` (Presence), `groupEvent` (GroupEvent: a
  * member added, removed, kicked, banned, muted, a role or the options changed, a join
  * request), `push` (type, body: any other push), `login` (LoginOk: each login, reconnects too), `disconnect` ({code, reason}),
- * `loggedOut` (the token was refused at a reconnect).
+ * `loggedOut` (RequestFailed: the server closed the session with `logged_out` or `banned`,
+ * its API's logout and ban, or the token was refused at a reconnect, `login_failed`; the
+ * client is closed then and does not reconnect).
  */
 export class BitchatClient {
   /** @param {string} url the /ws endpoint, e.g. ws://host:port/ws @param {ClientOptions} [options] */
@@ -869,6 +879,15 @@ export class BitchatClient {
     const wasLive = link.live;
     link.live = false;
     this.emit('disconnect', { code, reason });
+    const told = link.closeReason;
+    if (wasLive && told && STAY_OUT.has(told.code)) {
+      // Logged out or banned by the server (its API): a forced logout sticks, as IMClient's.
+      this.token = '';
+      this.jwt = '';
+      this.close();
+      this.emit('loggedOut', told);
+      return;
+    }
     if (wasLive && !this.closed && this.reconnectEnabled && this.token) this.scheduleReconnect();
   }
 
