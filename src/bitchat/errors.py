@@ -72,6 +72,11 @@ class codes:
     MUTED = "muted"  # muted in the group: the message says until when
     BLOCKED = "blocked"  # one of the two users blocks the other
     BAD_INVITE = "bad_invite"  # an unknown, expired or used-up invite code
+    WINDOW_PASSED = "window_passed"  # an edit or recall after its window
+    RECALLED = "recalled"  # editing or reacting to a recalled message
+    TOO_MANY_REACTIONS = "too_many_reactions"  # one emoji more than a message may carry
+    BAD_TYPE = "bad_type"  # a message type the server does not know
+    BAD_FIELDS = "bad_fields"  # a typed message's fields fail its schema
     # HTTP API level (/api/v1/): the codes above, and these.
     NOT_IMPLEMENTED = "not_implemented"
     METHOD_NOT_ALLOWED = "method_not_allowed"

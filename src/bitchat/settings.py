@@ -209,6 +209,23 @@ class Settings:
     """Most users one user may block; one more is ``forbidden``."""
     max_join_requests_per_group: int = setting(200, ge=1, commands=_S)
     """Most join requests waiting in an invite-only group; one more is ``forbidden``."""
+    edit_window: int = setting(86400, ge=0, unit="s", commands=_S)
+    """How long after sending a user may edit a message (``window_passed`` after)."""
+    recall_window: int = setting(86400, ge=0, unit="s", commands=_S)
+    """How long after sending a user may recall a message (group admins and the owner
+    may recall any message of their group at any time)."""
+    max_reactions_per_message: int = setting(20, ge=1, commands=_S)
+    """Most distinct emoji on one message; one more is ``too_many_reactions``."""
+    max_emoji_length: int = setting(16, ge=1, commands=_S)
+    """Longest reaction emoji, in characters (a flag or a family sequence is several)."""
+    max_mentions_per_message: int = setting(50, ge=0, commands=_S)
+    """Most users one group message's ``@name`` words mention (the rest are plain text)."""
+    max_fields_keys: int = setting(32, ge=1, commands=_S)
+    """Most keys in a typed message's fields."""
+    max_fields_size: int = setting(4096, ge=2, unit="B", commands=_S)
+    """Largest typed message's fields, as compact JSON; larger is ``bad_fields``."""
+    max_versions_per_message: int = setting(50, ge=1, commands=_S)
+    """Most earlier texts kept of an edited message (the oldest go first)."""
     rate_limit: float = setting(50.0, ge=0, unit="/s", commands=_SR)
     """Sustained requests per second per connection (token bucket refill rate); 0 = off."""
     rate_burst: int = setting(200, ge=1, commands=_SR)

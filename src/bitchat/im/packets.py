@@ -12,6 +12,7 @@ decodes a request; the answers it sends stay within the same settings.
 
 from __future__ import annotations
 
+from dataclasses import field
 from typing import Annotated, Any
 
 from bitchat.errors import codes
@@ -29,6 +30,24 @@ GroupName = Annotated[str, Limit("max_group_name_length")]
 Device = Annotated[str, Limit("max_device_length")]
 InviteCode = Annotated[str, Limit("max_token_length")]
 Jwt = Annotated[str, Limit("max_jwt_length")]
+Emoji = Annotated[str, Limit("max_emoji_length")]
+MsgType = Annotated[str, Limit("max_name_length")]
+Fields = Annotated[dict[str, Any], Limit("max_fields_keys")]
+"""A typed message's fields: at most ``max_fields_keys`` keys; the server also bounds
+their JSON size (``max_fields_size``) and validates them against the type's schema."""
+
+TEXT = "text"
+FILE = "file"
+IMAGE = "image"
+"""The built-in message types; an application registers more
+(:meth:`bitchat.im.service.IMService.register_type`)."""
+
+EDIT = "edit"
+RECALL = "recall"
+REACT = "react"
+UNREACT = "unreact"
+OPS = (EDIT, RECALL, REACT, UNREACT)
+"""``ChatMessage.op`` of an event ("" = a message)."""
 
 
 class Ok(Packet, type=100):
@@ -96,12 +115,22 @@ class SendP2P(Packet, type=110):
     text: Text
     client_msg_id: ClientMsgId = ""
     """The sender's id for this message: a retry with the same id is not stored twice."""
+    reply_to: int = 0
+    """The id of a message of the same conversation this one answers (0: none)."""
+    type: MsgType = TEXT
+    """"text", "file", "image" or a type the server's application registered
+    (else ``bad_type``); ``text`` is then the fallback an old client shows."""
+    fields: Fields = field(default_factory=dict)
+    """The type's fields, validated by the server (``bad_fields``); empty for text."""
 
 
 class SendGroup(Packet, type=111):
     group_id: int
     text: Text
     client_msg_id: ClientMsgId = ""
+    reply_to: int = 0
+    type: MsgType = TEXT
+    fields: Fields = field(default_factory=dict)
 
 
 class SendAck(Packet, type=112):
@@ -128,7 +157,32 @@ class ChatMessage(Packet, type=113):
     client_msg_id: ClientMsgId = ""
     seq: int = 0
     """Its place in its conversation (the pair of users, or the group): 1, 2, 3...
-    with no gap, in the order the conversation's messages were stored."""
+    with no gap, in the order the conversation's messages and events were stored."""
+    op: str = ""
+    """"" for a message; for an event "edit", "recall", "react" or "unreact", which
+    changes the message ``target``. Events take seqs like messages (a device that was
+    away gets them in its backlog); the sender of a react/unreact is who reacted."""
+    target: int = 0
+    """An event's message id."""
+    type: MsgType = TEXT
+    fields: Fields = field(default_factory=dict)
+    reply_to: int = 0
+    reply: dict[str, Any] | None = None
+    """The quoted message as it is now: ``{"msg_id", "sender_id", "sender_name",
+    "snippet", "recalled"}`` (null when ``reply_to`` is 0 or the quoted one is gone)."""
+    edited_at: int = 0
+    """Unix ms of the last edit (0: never edited). An edit event carries the new text."""
+    recalled: bool = False
+    """The message was recalled: its text and fields are empty (a placeholder)."""
+    emoji: Emoji = ""
+    """A react/unreact event's emoji."""
+    reactions: dict[str, list[int]] = field(default_factory=dict)
+    """``{emoji: [user ids]}`` on messages in history and backlog."""
+    mentions: list[int] = field(default_factory=list)
+    """The user ids ``@name`` in a group message's text named (members at send)."""
+    no: int = 0
+    """The message's number in its conversation (1, 2, 3...: messages only, events
+    have none); unread counts are differences of numbers."""
 
 
 class Ack(Packet, type=114):
@@ -282,9 +336,10 @@ class GetConversations(Packet, type=160):
 class ConversationList(Packet, type=161):
     conversations: Annotated[list[dict[str, Any]], Limit("conversations_max_page")]
     """Each ``{"kind": "p2p"|"group", "peer_id", "group_id", "name", "last_seq",
-    "read_seq", "unread", "peer_read_seq", "peer_delivered_seq", "activity",
+    "read_seq", "unread", "mentions", "peer_read_seq", "peer_delivered_seq", "activity",
     "last_message"}``: ``peer_id`` (p2p) or ``group_id`` (group, else 0); ``name``
-    is the peer's or the group's; ``unread`` = ``last_seq - read_seq``;
+    is the peer's or the group's; ``unread``: messages (not events) after the user's
+    read position; ``mentions``: unread messages that mention the user;
     ``peer_read_seq`` / ``peer_delivered_seq`` (p2p, else 0): how far the peer has
     read / has on some device; ``activity``: the id of the last message (or of the
     join, for a group without messages), the paging key; ``last_message``: a
@@ -494,3 +549,73 @@ class GetBlocked(Packet, type=183):
 class BlockedList(Packet, type=184):
     users: Annotated[list[dict[str, Any]], Limit("max_blocks_per_user")]
     """Each ``{"id", "name"}``, ordered by id."""
+
+
+# Messages that live (types 190-209): edit, recall, reactions, delete for me.
+# Refusals: ``not_found`` (no such message, or not one of your conversations'),
+# ``not_member``, ``forbidden`` (someone else's message), ``window_passed``,
+# ``recalled``, ``too_many_reactions``, ``invalid_packet``.
+
+
+class EditMessage(Packet, type=190):
+    """Replace the text of your own message (within the server's ``edit_window``):
+    answered with :class:`SendAck` (the edit event's id and seq); every device of the
+    conversation gets a ChatMessage with ``op`` "edit". Earlier texts are kept for
+    the sender (:class:`GetVersions`)."""
+
+    msg_id: int
+    text: Text
+
+
+class RecallMessage(Packet, type=191):
+    """Take back your own message (within ``recall_window``; a group's admins and
+    owner may recall any message of the group): its text, fields and earlier
+    versions are erased; everyone sees a placeholder. Answered with :class:`SendAck`."""
+
+    msg_id: int
+
+
+class React(Packet, type=192):
+    """Add (``on``) or remove an emoji reaction on a message of one of your
+    conversations: answered with :class:`SendAck` (the event's)."""
+
+    msg_id: int
+    emoji: Emoji
+    on: bool = True
+
+
+class DeleteForMe(Packet, type=193):
+    """Hide messages from your own devices only (history, backlog, the conversation
+    list); your other devices get a :class:`Hidden` push. Answered with :class:`Ok`."""
+
+    msg_ids: Annotated[list[int], Limit("max_ack_ids")]
+
+
+class GetVersions(Packet, type=194):
+    """The earlier texts of your own message (the sender only, else ``forbidden``)."""
+
+    msg_id: int
+
+
+class Versions(Packet, type=195):
+    msg_id: int
+    versions: Annotated[list[dict[str, Any]], Limit("max_versions_per_message")]
+    """Each ``{"text", "ts"}`` (``ts``: Unix ms it was replaced), oldest first."""
+
+
+class GetReactions(Packet, type=196):
+    """Who reacted with what to a message of one of your conversations."""
+
+    msg_id: int
+
+
+class ReactionList(Packet, type=197):
+    msg_id: int
+    reactions: Annotated[list[dict[str, Any]], Limit("max_reactions_per_message")]
+    """Each ``{"emoji", "users": [{"id", "name"}]}``, emoji in the order first used."""
+
+
+class Hidden(Packet, type=198):
+    """Push to the user's own devices: these messages were deleted for the user."""
+
+    msg_ids: Annotated[list[int], Limit("max_ack_ids")]
