@@ -448,7 +448,12 @@ function convOf(m) {
 // message where it is shown (and the quotes of it); it is no new message (no unread).
 function onEvent(e) {
   queueAck(e.msg_id);
-  const conv = convOf(e);
+  changed(convOf(e), e);
+  render();
+}
+
+// An event (pushed, or this page's own once the server took it) applied to the conversation.
+function changed(conv, e) {
   if ((e.seq || 0) > conv.lastSeq) conv.lastSeq = e.seq;
   const target = conv.byId.get(idKey(e.target));
   const changed = [target, conv.last?.msg_id != null && idKey(conv.last.msg_id) === idKey(e.target) ? conv.last : null];
@@ -461,7 +466,6 @@ function onEvent(e) {
     }
     if (e.op === 'recall' && state.compose && state.compose.msgId === idKey(e.target)) closeCompose();
   }
-  render();
 }
 
 function applyEvent(m, e) {
@@ -1634,14 +1638,22 @@ async function change(type, body) {
   }
 }
 
+// The server took this page's own change (its SendAck): shown at once; the same event pushed
+// to this device later changes nothing more.
+function applyOwn(conv, m, ack, e) {
+  if (!ack) return;
+  changed(conv, { ...e, target: m.msg_id, sender_id: state.me.id, ts: ack.ts, seq: ack.seq });
+  render();
+}
+
 async function toggleReaction(conv, m, emoji) {
   const on = !(m.reactions?.[emoji] ?? []).includes(state.me.id);
-  await change(T.REACT, { msg_id: idNum(m.msg_id), emoji, on });
-  // The server pushes the event to this device too: the count changes then.
+  const ack = await change(T.REACT, { msg_id: idNum(m.msg_id), emoji, on });
+  applyOwn(conv, m, ack, { op: on ? 'react' : 'unreact', emoji });
 }
 
 async function recallMessage(conv, m) {
-  await change(T.RECALL_MESSAGE, { msg_id: idNum(m.msg_id) });
+  applyOwn(conv, m, await change(T.RECALL_MESSAGE, { msg_id: idNum(m.msg_id) }), { op: 'recall' });
 }
 
 async function deleteForMe(conv, m) {
@@ -1683,7 +1695,10 @@ async function submitComposer(conv, text) {
   if (c?.mode === 'edit') {
     const m = conv.byId.get(c.msgId);
     render();
-    if (m && m.text !== text) await change(T.EDIT_MESSAGE, { msg_id: idNum(m.msg_id), text });
+    if (m && m.text !== text) {
+      const ack = await change(T.EDIT_MESSAGE, { msg_id: idNum(m.msg_id), text });
+      applyOwn(conv, m, ack, { op: 'edit', text, edited_at: ack?.ts });
+    }
     return;
   }
   await sendText(conv, text, c?.mode === 'reply' ? { reply_to: c.msgId } : {});
@@ -2000,6 +2015,9 @@ function wire() {
   $('composer-input').addEventListener('blur', () => { state.mention = null; renderMentions(); });
   // A click elsewhere closes a message's menu.
   document.addEventListener('click', () => { if (state.menuFor) { state.menuFor = null; render(); } });
+  document.addEventListener('keydown', (event) => {
+    if (event.key === 'Escape' && state.menuFor) { state.menuFor = null; render(); }
+  });
 
   $('messages').addEventListener('scroll', () => {
     const conv = state.active && state.convs.get(state.active);
