@@ -31,6 +31,7 @@ announced to the router once it listens and leaves the registry as it stops
 from __future__ import annotations
 
 from bitchat.errors import UsageError
+from bitchat.files import install as install_files
 from bitchat.im.auth import Authenticator
 from bitchat.im.memory import MemoryConnectionCenter
 from bitchat.im.passwords import hasher_for
@@ -77,6 +78,7 @@ def build_server(settings: Settings, *, authenticator: Authenticator | None = No
         )
     _install_webhooks(server, im)
     server.data["im"] = im
+    install_files(server, im)
     install_web(server, im)
     return server
 

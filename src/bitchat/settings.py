@@ -383,6 +383,41 @@ class Settings:
     ``messages:read``, ``messages:write``, ``admin``); in the environment and on the
     command line as JSON. A key has at least 16 characters."""
 
+    # Files and images (bitchat.files): uploaded over HTTP, referred to by messages.
+    max_file_size: int = setting(25 * 1024 * 1024, ge=1, unit="bytes", commands=_S)
+    """Largest file an upload may carry (``POST /api/v1/files``); above it: 413
+    ``body_too_large``, nothing stored."""
+    file_quota_per_user: int = setting(1024 * 1024 * 1024, ge=0, unit="bytes", commands=_S)
+    """Bytes of files a user may keep stored in all; an upload past it: 413
+    ``quota_exceeded``, nothing stored."""
+    file_types: tuple[str, ...] = setting(
+        (
+            "image/png",
+            "image/jpeg",
+            "image/gif",
+            "image/webp",
+            "application/pdf",
+            "application/zip",
+            "text/plain",
+            "application/octet-stream",
+        ),
+        commands=_S,
+        metavar="TYPE,...",
+    )
+    """Content types an upload may claim; its first bytes must agree with the claim
+    (415 ``bad_content_type`` otherwise)."""
+    file_upload_timeout: float = setting(300.0, gt=0, unit="s", commands=_S)
+    """Time an upload's body may take to arrive in full; then: 408 and a close."""
+    file_chunk_size: int = setting(256 * 1024, ge=4096, unit="bytes", commands=_S)
+    """Unit of file storage and of reading: a chunk row in PostgreSQL, a read of a
+    download; an upload buffers at most about two of them before the connection stops
+    being read."""
+    thumbnail_size: int = setting(320, ge=16, le=4096, unit="px", commands=_S)
+    """Largest width and height of an image's thumbnail."""
+    max_image_pixels: int = setting(50_000_000, ge=1, commands=_S)
+    """Images with more pixels (width x height, read from their header) are stored
+    but not decoded: no thumbnail (a decompression bomb decodes to nothing)."""
+
     # Webhooks (bitchat.webhooks): events POSTed to the product's endpoints.
     webhook_urls: tuple[str, ...] = setting((), commands=_S, metavar="URL,...")
     """Endpoints (``http://`` or ``https://`` URLs) that get every event of

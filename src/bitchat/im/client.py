@@ -488,6 +488,40 @@ class IMClient:
         assert isinstance(resp, Receipts)
         return resp
 
+    # -- files --------------------------------------------------------------------------------
+
+    def _files_url(self) -> tuple[str, str]:
+        from bitchat.im import files_client
+
+        if self.token is None:
+            raise UsageError("log in first: files are sent with the login token")
+        c = self.client
+        return files_client.base_url(c.host, c.port, c.ssl), self.token
+
+    async def upload_file(self, path: str, content_type: str | None = None) -> dict[str, Any]:
+        """Upload the file at ``path`` (streamed from disk); its info: ``file_id``,
+        ``name``, ``size``, ``content_type``, ``width``, ``height``, ``thumbnail``.
+        The type is guessed from the name unless given. Raises RequestError (its code:
+        ``body_too_large``, ``quota_exceeded``, ``bad_content_type``, ...)."""
+        from bitchat.im import files_client
+
+        url, token = self._files_url()
+        return await files_client.upload(
+            url, token, path, content_type=content_type, tls=self.client.ssl
+        )
+
+    async def download_file(
+        self, file_id: str, folder: str = ".", *, thumbnail: bool = False
+    ) -> str:
+        """Save a file (or its thumbnail) in ``folder`` under its own name (streamed);
+        the path. Raises RequestError (``forbidden``, ``not_found``)."""
+        from bitchat.im import files_client
+
+        url, token = self._files_url()
+        return await files_client.download(
+            url, token, file_id, folder, thumbnail=thumbnail, tls=self.client.ssl
+        )
+
     # -- incoming -----------------------------------------------------------------------------
 
     def on_message(self, callback: MessageCallback) -> None:

@@ -75,6 +75,20 @@ SCHEMA: dict[str, tuple[str, ...]] = {
     "conversations": ("conv", "last_seq", "lo", "hi", "last_id", "lo_read", "hi_read"),
     "cursors": ("user_id", "conv", "device", "seq"),
     "external_users": ("provider", "subject", "user_id", "created_at"),
+    "files": (
+        "id",
+        "owner_id",
+        "name",
+        "size",
+        "content_type",
+        "width",
+        "height",
+        "has_thumbnail",
+        "thumbnail_type",
+        "created_at",
+    ),
+    "file_refs": ("file_id", "conv", "msg_id"),
+    "file_chunks": ("file_id", "n", "data"),
     "webhook_outbox": (
         "id",
         "event_id",
@@ -91,7 +105,7 @@ SCHEMA: dict[str, tuple[str, ...]] = {
 }
 """Every table of the current schema version and its columns, in both stores."""
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 
 _PARAM = re.compile(r"(?<![:\w]):([a-z_]+)")
 

@@ -26,6 +26,7 @@ from bitchat.web.http import HttpConnection, looks_like_http
 from bitchat.web.ws import WsConnection
 
 if TYPE_CHECKING:
+    from bitchat.files import FileService
     from bitchat.server import Server
 
 __all__ = ["HttpConnection", "WebFrontend", "WsConnection", "install", "looks_like_http"]
@@ -40,6 +41,8 @@ class WebFrontend:
         self.static = StaticFiles()
         self.api = Api(server, im)
         """The server API under /api/v1/ (:mod:`bitchat.web.api`)."""
+        self.files: FileService | None = server.data.get("files")
+        """File uploads and downloads (:mod:`bitchat.web.files`), when the server has them."""
         self.connections: set[HttpConnection] = set()
         """HTTP connections not (yet) upgraded; WebSocket ones are server sessions."""
         server.on_shutdown.append(self._shutdown)

@@ -63,6 +63,8 @@ STATUS: dict[str, int] = {
     codes.NAME_TAKEN: 409,
     codes.GROUP_FULL: 409,
     codes.BODY_TOO_LARGE: 413,
+    codes.QUOTA_EXCEEDED: 413,
+    codes.BAD_CONTENT_TYPE: 415,
     codes.RATE_LIMITED: 429,
     codes.LOGIN_THROTTLED: 429,
     codes.INTERNAL: 500,

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -37,6 +37,7 @@ from wsproto.utilities import RemoteProtocolError as WsHandshakeError
 from bitchat.errors import codes
 from bitchat.metrics import CONTENT_TYPE_LATEST
 from bitchat.web import api, status
+from bitchat.web import files as files_http
 from bitchat.web.ws import WsConnection
 
 if TYPE_CHECKING:
@@ -71,6 +72,7 @@ _REASONS = {
     408: b"Request Timeout",
     409: b"Conflict",
     413: b"Content Too Large",
+    415: b"Unsupported Media Type",
     426: b"Upgrade Required",
     429: b"Too Many Requests",
     431: b"Request Header Fields Too Large",
@@ -140,8 +142,12 @@ class HttpConnection(asyncio.Protocol):
         self._body_limit = self.settings.max_http_body_size
         self._body: bytearray | None = None
         """The body of an API request being read (other routes take none)."""
-        self._task: asyncio.Task[api.ApiReply] | None = None
+        self._task: asyncio.Task[api.ApiReply | None] | None = None
         """The API request being answered: the next request waits for it."""
+        self._upload: files_http.Upload | None = None
+        """The file upload whose body is being read (its task stores it meanwhile)."""
+        self._drained: asyncio.Event | None = None
+        """Set when the peer read enough of a streamed answer for more to be written."""
         self._write_paused = False
         self._done = False
         self._loop = asyncio.get_running_loop()
@@ -178,6 +184,8 @@ class HttpConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        if self._drained is not None:
+            self._drained.set()
         if not self.transport.is_closing() and self._task is None:
             self.transport.resume_reading()
         self._process()
@@ -205,11 +213,15 @@ class HttpConnection(asyncio.Protocol):
             if isinstance(event, h11.Request):
                 self._request = event
                 self._body_size = 0
-                is_api = _target_path(event.target).startswith(_API_PREFIX)
+                target_path = _target_path(event.target)
+                is_api = target_path.startswith(_API_PREFIX)
                 self._body = bytearray() if is_api else None
                 self._body_limit = (
                     self.settings.max_api_body_size if is_api else self.settings.max_http_body_size
                 )
+                if is_api and event.method == b"POST" and self._start_upload(event, target_path):
+                    self._body = None
+                    self._body_limit = self.settings.max_file_size
                 # h11 bounds a head that is still arriving; this bounds one that came whole.
                 if _head_size(event) > self.settings.max_http_header_size:
                     self._fail(431, "the request head is too large")
@@ -229,16 +241,33 @@ class HttpConnection(asyncio.Protocol):
                     return
                 if self._body is not None:
                     self._body += event.data
+                elif self._upload is not None:
+                    self._upload.feed(event.data)
             elif isinstance(event, h11.EndOfMessage):
                 request, self._request = self._request, None
                 body, self._body = self._body, None
                 assert request is not None
+                upload, self._upload = self._upload, None
+                if upload is not None:
+                    upload.end()
+                    self._wait_for(upload.task, request)
+                    continue
                 self._handle(request, bytes(body or b""))
             elif isinstance(event, h11.ConnectionClosed):
                 self.close()
                 return
 
     def _too_large(self) -> None:
+        upload, self._upload = self._upload, None
+        if upload is not None:
+            upload.task.cancel()  # what it wrote is removed
+            limit = self.settings.max_file_size
+            self._fail(
+                413,
+                "the file is too large",
+                reply=api.error_reply(codes.BODY_TOO_LARGE, f"files are limited to {limit} bytes"),
+            )
+            return
         if self._body is None:
             self._fail(413, "request bodies are not accepted here")
             return
@@ -263,6 +292,10 @@ class HttpConnection(asyncio.Protocol):
             return
         if path == "/ws" and _header_has(request, b"upgrade", b"websocket"):
             self._upgrade(request)
+            return
+        files = self.web.files
+        if files is not None and files_http.is_files_path(path):
+            self._wait_for(files_http.download(self, files, request, path), request)
             return
         if path.startswith(api.PREFIX + "/"):
             self._api(request, path, target.query, body)
@@ -300,31 +333,111 @@ class HttpConnection(asyncio.Protocol):
         if isinstance(out, api.ApiReply):
             self._send(_json_reply(out), request)
             return
+        self._wait_for(out, request)
+
+    def _wait_for(
+        self, out: Awaitable[api.ApiReply | None] | asyncio.Task[api.ApiReply], request: h11.Request
+    ) -> None:
         if self._timer is not None:  # the time is the request's to arrive, not to answer
             self._timer.cancel()
             self._timer = None
         if not self.transport.is_closing():
             self.transport.pause_reading()
-        task = self._loop.create_task(_awaited(out))
+        task: asyncio.Task[api.ApiReply | None] = (
+            out if isinstance(out, asyncio.Task) else self._loop.create_task(_awaited(out))
+        )
         self._task = task
         task.add_done_callback(lambda t: self._answered(t, request))
 
-    def _answered(self, task: asyncio.Task[api.ApiReply], request: h11.Request) -> None:
+    def _answered(self, task: asyncio.Task[api.ApiReply | None], request: h11.Request) -> None:
         self._task = None
         if self._done or task.cancelled():
             return
         exc = task.exception()
+        reply: api.ApiReply | None
         if exc is not None:  # pragma: no cover - Api._run answers every failure itself
             log.error("API request failed", exc_info=exc)
             reply = api.error_reply(codes.INTERNAL, "the server failed to answer this request")
         else:
             reply = task.result()
-        self._send(_json_reply(reply), request)
+        if reply is not None:  # None: a streamed answer, sent already
+            self._send(_json_reply(reply), request)
         if self._done:
             return
         if not self._write_paused and not self.transport.is_closing():
             self.transport.resume_reading()
         self._process()
+
+    # -- file uploads and downloads (bitchat.web.files) ---------------------------------------
+
+    def _start_upload(self, request: h11.Request, target_path: bytes) -> bool:
+        """Begin receiving a file upload, if ``request`` is one (and files are served)."""
+        files = self.web.files
+        path, _, query = target_path.partition(b"?")
+        if files is None or path != files_http.UPLOAD_PATH.encode():
+            return False
+        self._upload = upload = files_http.Upload(self, files, request, query.decode("latin-1"))
+        upload.task.add_done_callback(lambda t: self._upload_done(upload, t))
+        self._arm_timer(self.settings.file_upload_timeout)
+        return True
+
+    def _upload_done(self, upload: files_http.Upload, task: asyncio.Task[api.ApiReply]) -> None:
+        # Done before its body ended: refused (not authenticated, over a limit, a wrong
+        # type). Answer now and close, rather than read the rest for nothing.
+        if self._done or task.cancelled() or self._upload is not upload:
+            return
+        self._upload = None
+        reply = task.result()
+        self._fail(reply.status, "upload refused", reply=reply)
+
+    def pause_for_upload(self) -> None:
+        if not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume_for_upload(self) -> None:
+        if not self._write_paused and not self.transport.is_closing() and not self._done:
+            self.transport.resume_reading()
+
+    async def stream_response(
+        self,
+        status_code: int,
+        headers: Headers,
+        chunks: AsyncIterator[bytes],
+        request: h11.Request,
+    ) -> None:
+        """Send a response whose body comes from ``chunks`` (its length among
+        ``headers``), waiting whenever the peer is not reading."""
+        conn = self.conn
+        head = request.method == b"HEAD"
+        try:
+            out = conn.send(
+                h11.Response(
+                    status_code=status_code,
+                    headers=[*headers, (b"server", b"bitchat")],
+                    reason=_REASONS.get(status_code, b""),
+                )
+            )
+            self.transport.write(out or b"")
+            if not head:
+                async for chunk in chunks:
+                    if self._done or self.transport.is_closing():
+                        return
+                    self.transport.write(conn.send(h11.Data(data=chunk)) or b"")
+                    while self._write_paused and not self._done:
+                        self._drained = asyncio.Event()
+                        await self._drained.wait()
+                    self._drained = None
+            self.transport.write(conn.send(h11.EndOfMessage()) or b"")
+        except h11.LocalProtocolError as exc:  # the store's bytes disagree with the length
+            log.warning("could not stream an HTTP %d response: %s", status_code, exc)
+            self.abort()
+            return
+        finally:
+            if hasattr(chunks, "aclose"):
+                await chunks.aclose()
+        self.server.metrics.http_requests.labels("api", str(status_code)).inc()
+        if self.conn.our_state is h11.MUST_CLOSE:
+            self.close()
 
     # -- routes -------------------------------------------------------------------------------
 
@@ -474,10 +587,10 @@ class HttpConnection(asyncio.Protocol):
         else:
             self.abort()
 
-    def _arm_timer(self) -> None:
+    def _arm_timer(self, timeout: float = 0.0) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        timeout = self.settings.http_timeout
+        timeout = timeout or self.settings.http_timeout
         self._timer = self._loop.call_later(timeout, self._timed_out) if timeout > 0 else None
 
     def _timed_out(self) -> None:
@@ -492,6 +605,11 @@ class HttpConnection(asyncio.Protocol):
     def _finish(self) -> None:
         """Stop being this connection's protocol (closed, or upgraded)."""
         self._done = True
+        upload, self._upload = self._upload, None
+        if upload is not None:
+            upload.task.cancel()
+        if self._drained is not None:
+            self._drained.set()
         if self._task is not None:
             self._task.cancel()
             self._task = None
@@ -523,7 +641,7 @@ def _target_path(target: bytes) -> bytes:
     return target[start:] if start >= 0 else b""
 
 
-async def _awaited(out: Awaitable[api.ApiReply]) -> api.ApiReply:
+async def _awaited(out: Awaitable[api.ApiReply | None]) -> api.ApiReply | None:
     return await out
 
 
