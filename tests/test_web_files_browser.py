@@ -49,7 +49,8 @@ PASTE = """([data, name]) => {
   dt.items.add(new File([bytes], name, { type: 'image/png' }));
   const box = document.getElementById('composer-input');
   box.focus();
-  box.dispatchEvent(new ClipboardEvent('paste', { clipboardData: dt, bubbles: true, cancelable: true }));
+  const paste = { clipboardData: dt, bubbles: true, cancelable: true };
+  box.dispatchEvent(new ClipboardEvent('paste', paste));
 }"""
 
 
@@ -94,4 +95,3 @@ async def test_an_image_pasted_in_one_tab_shows_its_preview_in_the_others(
     await expect(notes).to_have_count(1)
     for user in (alice, bob):
         await user.close()
-

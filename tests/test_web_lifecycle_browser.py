@@ -149,7 +149,8 @@ async def test_mentions_completion_badge_and_an_admins_recall(
     await expect(box).to_have_value("look @bob ")
     await box.press_sequentially("up")
     await box.press("Enter")
-    await expect(alice.page.locator(".msg.mine.sent").filter(has_text="look @bob up")).to_have_count(1)
+    sent = alice.page.locator(".msg.mine.sent").filter(has_text="look @bob up")
+    await expect(sent).to_have_count(1)
 
     # bob's sidebar badges the mention; opening the group shows it highlighted, badge gone.
     moon = bob.conversation("moon")

@@ -45,9 +45,11 @@ async def test_a_forced_logout_sticks_and_the_page_says_why(
             "websocket",
             lambda ws: ws.on(
                 "framesent",
-                lambda data: logins.append("login")
-                if isinstance(data, bytes) and data[4:6] == b"\x00\x67"
-                else None,
+                lambda data: (
+                    logins.append("login")
+                    if isinstance(data, bytes) and data[4:6] == b"\x00\x67"
+                    else None
+                ),
             ),
         )
         await lena.sign_in("lena", "lena-pw")

@@ -430,6 +430,15 @@ export class Link {
  * @typedef {object} Hidden  a push to the user's own devices: messages deleted for them
  * @property {Id[]} msg_ids
  *
+ * @typedef {object} FileInfo  an upload's answer
+ * @property {string} file_id
+ * @property {string} name
+ * @property {number} size  bytes
+ * @property {string} content_type
+ * @property {number} width  images: pixels (else 0)
+ * @property {number} height
+ * @property {boolean} thumbnail  a thumbnail can be downloaded
+ *
  * @typedef {object} SendOptions
  * @property {Id} [reply_to]  quote this message (same conversation)
  * @property {string} [type]  default 'text'
@@ -762,6 +771,50 @@ export class BitchatClient {
   /** Who reacted with what, by name. @param {Id} msg_id @returns {Promise<ReactionList>} */
   reactions(msg_id) { return this.request(T.GET_REACTIONS, { msg_id }); }
 
+  // -- files: HTTP on the server's port, with this device's login token ---------------------------
+
+  /** The server's files endpoint, from the WebSocket URL (ws://host:port/ws). */
+  get filesUrl() {
+    const url = new URL(this.url);
+    url.protocol = url.protocol === 'wss:' ? 'https:' : 'http:';
+    url.pathname = '/api/v1/files';
+    url.search = '';
+    return url.toString();
+  }
+
+  /**
+   * Uploads a file (logged in first): its bytes stream from the Blob. Refusals: RequestFailed
+   * with the server's code (`body_too_large`, `quota_exceeded`, `bad_content_type`, ...).
+   * Then send a message that refers to it: `sendP2P({to, text, type: 'image', fields})` with
+   * fields `fileFields(info)`.
+   * @param {Blob | Uint8Array} data @param {{name: string, contentType?: string}} file
+   * @returns {Promise<FileInfo>}
+   */
+  async upload(data, { name, contentType }) {
+    const type = contentType || (typeof Blob !== 'undefined' && data instanceof Blob && data.type) || 'application/octet-stream';
+    const res = await fetch(`${this.filesUrl}?name=${encodeURIComponent(name)}`, {
+      method: 'POST',
+      headers: { Authorization: `Bearer ${this.token}`, 'Content-Type': type },
+      body: /** @type {any} */ (data),
+    });
+    if (!res.ok) throw await httpFailure(res);
+    return res.json();
+  }
+
+  /**
+   * A stored file's bytes (or its thumbnail's), for the uploader and the members of a
+   * conversation holding a message that refers to it (else RequestFailed `forbidden`).
+   * @param {string} file_id @param {{thumbnail?: boolean}} [options]
+   * @returns {Promise<Blob>}
+   */
+  async download(file_id, { thumbnail = false } = {}) {
+    const res = await fetch(`${this.filesUrl}/${encodeURIComponent(file_id)}${thumbnail ? '/thumbnail' : ''}`, {
+      headers: { Authorization: `Bearer ${this.token}` },
+    });
+    if (!res.ok) throw await httpFailure(res);
+    return res.blob();
+  }
+
   /**
    * @param {number} type @param {object} body @param {number} [retries] @param {number} [timeoutMs]
    * @returns {Promise<SendAck>}
@@ -1002,6 +1055,27 @@ export class BitchatClient {
       }
     }
   }
+}
+
+/**
+ * The fields of a 'file' or 'image' message that refers to an uploaded file.
+ * @param {FileInfo} info @returns {Record<string, any>}
+ */
+export function fileFields(info) {
+  const fields = { file_id: info.file_id, name: info.name, size: info.size, content_type: info.content_type };
+  if (info.width) Object.assign(fields, { width: info.width, height: info.height });
+  return fields;
+}
+
+/**
+ * The server's refusal of an HTTP call: `{"error": {"code", "message"}}`.
+ * @param {Response} res @returns {Promise<RequestFailed>}
+ */
+async function httpFailure(res) {
+  let body = null;
+  try { body = await res.json(); } catch { /* not JSON */ }
+  const e = body?.error ?? {};
+  return new RequestFailed(e.code || `http_${res.status}`, e.message || `the server answered ${res.status}`);
 }
 
 /**
