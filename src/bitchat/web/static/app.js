@@ -51,6 +51,7 @@ const state = {
 };
 
 const FILES_URL = '/api/v1/files'; // uploads and downloads: same origin, the login token
+const PREVIEW_MAX_BYTES = 5 * 1024 * 1024; // an image without a thumbnail shows whole up to this
 const blobs = new Map(); // '<file_id>' or '<file_id>/thumbnail' -> {url} | {error} | {loading}
 
 const QUICK_EMOJI = ['👍', '❤️', '😂', '😮', '😢', '🎉'];
@@ -1543,8 +1544,13 @@ function fileBlock(m) {
   if (m.type === 'image') {
     const box = el('div', 'image-box');
     box.dataset.testid = 'image-box';
-    const url = m.localUrl ?? (f.file_id ? blobUrl(f.file_id, true, () => render()) : null);
-    const failed = f.file_id && blobs.get(`${f.file_id}/thumbnail`)?.error;
+    let url = m.localUrl ?? (f.file_id ? blobUrl(f.file_id, true, () => render()) : null);
+    let failed = f.file_id && blobs.get(`${f.file_id}/thumbnail`)?.error;
+    if (failed && (f.size || 0) <= PREVIEW_MAX_BYTES) {
+      // No thumbnail (the server makes none of a very large image): a small one shows whole.
+      url = blobUrl(f.file_id, false, () => render());
+      failed = blobs.get(String(f.file_id))?.error;
+    }
     if (url) {
       const img = el('img');
       img.src = url;
