@@ -542,9 +542,16 @@ async def test_the_moderation_commands(tmp_path: Path) -> None:
 # -- the upgrade from the previous schema version ----------------------------------------------
 
 
+def _before_blocks(migrations: list[Any]) -> int:
+    """The schema version before the moderation step (later steps follow it)."""
+    return next(
+        i for i, m in enumerate(migrations) if isinstance(m, str) and "CREATE TABLE blocks" in m
+    )
+
+
 async def test_sqlite_upgrades_a_database_of_the_previous_version(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
-    before = sql.SCHEMA_VERSION - 1
+    before = _before_blocks(store.MIGRATIONS)
     saved = store.MIGRATIONS[:]
     store.MIGRATIONS[:] = saved[:before]
     users = SqliteUserCenter(str(path))
@@ -579,7 +586,7 @@ async def test_sqlite_upgrades_a_database_of_the_previous_version(tmp_path: Path
 
 
 async def test_postgresql_upgrades_a_database_of_the_previous_version(pg_dsn: str) -> None:
-    before = sql.SCHEMA_VERSION - 1
+    before = _before_blocks(pg.MIGRATIONS)
     con = await asyncpg.connect(pg_dsn)
     try:
         async with con.transaction():

@@ -113,7 +113,13 @@ _DISCONNECT = "disconnect"  # an event that closes a user's sessions on every no
 
 def _message_row(m: Message) -> list[Any]:
     # seq last: a node before it sends 8 values, and Message's seq defaults to 0.
-    return [m.id, m.kind, m.sender_id, m.sender_name, m.to, m.text, m.ts, m.client_msg_id, m.seq]
+    row = [m.id, m.kind, m.sender_id, m.sender_name, m.to, m.text, m.ts, m.client_msg_id, m.seq]
+    if m.op or m.type != "text" or m.reply_to or m.extra or m.fields or m.mentions:
+        # A lively message or event: what it carries beyond a plain message, in
+        # Message's field order (a plain one keeps its short row).
+        row += [0, m.conv, m.op, m.target, m.type, m.fields, m.reply_to, m.edited_at]
+        row += [m.recalled, m.reacts, m.mentions, m.extra]
+    return row
 
 
 class RedisConnectionCenter(ConnectionCenter):

@@ -346,6 +346,46 @@ MIGRATIONS: list[Migration] = [
     );
     ALTER TABLE file_chunks ALTER COLUMN data SET STORAGE EXTERNAL;
     """,
+    # 11: messages that live: events (edit, recall, react, unreact) are rows of messages
+    # (op, target); typed messages and replies; earlier texts, reactions, delete for me.
+    """
+    ALTER TABLE messages ADD COLUMN op TEXT NOT NULL DEFAULT '';
+    ALTER TABLE messages ADD COLUMN target BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE messages ADD COLUMN type TEXT NOT NULL DEFAULT 'text';
+    ALTER TABLE messages ADD COLUMN fields TEXT NOT NULL DEFAULT '';
+    ALTER TABLE messages ADD COLUMN reply_to BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE messages ADD COLUMN edited_at BIGINT NOT NULL DEFAULT 0;
+    ALTER TABLE messages ADD COLUMN recalled INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE messages ADD COLUMN reacts INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE messages ADD COLUMN mentions TEXT NOT NULL DEFAULT '';
+    CREATE TABLE mentions (
+        user_id BIGINT NOT NULL,
+        conv TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        PRIMARY KEY (user_id, conv, seq)
+    );
+    CREATE INDEX messages_target ON messages(target) WHERE target != 0;
+    CREATE TABLE message_versions (
+        msg_id BIGINT NOT NULL,
+        version INTEGER NOT NULL,
+        text TEXT NOT NULL,
+        ts BIGINT NOT NULL,
+        PRIMARY KEY (msg_id, version)
+    );
+    CREATE TABLE reactions (
+        msg_id BIGINT NOT NULL,
+        user_id BIGINT NOT NULL,
+        emoji TEXT NOT NULL,
+        ts BIGINT NOT NULL,
+        PRIMARY KEY (msg_id, user_id, emoji)
+    );
+    CREATE TABLE hidden (
+        user_id BIGINT NOT NULL,
+        msg_id BIGINT NOT NULL,
+        ts BIGINT NOT NULL,
+        PRIMARY KEY (user_id, msg_id)
+    );
+    """,
 ]
 
 _MIGRATION_LOCK = 0x62697463  # "bitc": the advisory lock every node migrates under
@@ -1567,10 +1607,11 @@ _MSG_COLUMNS = ", ".join(sql.MSG_COLUMNS)
 _M_COLUMNS = ", ".join("m." + c for c in sql.MSG_COLUMNS)
 
 _INSERT_MESSAGES = (
-    "INSERT INTO messages (id, kind, conv, sender_id, sender_name, to_id, text, ts, "
-    "client_msg_id, seq, device) SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], "
-    "$4::bigint[], $5::text[], $6::bigint[], $7::text[], $8::bigint[], $9::text[], "
-    "$10::bigint[], $11::bigint[]) ON CONFLICT DO NOTHING RETURNING id"
+    f"INSERT INTO messages ({sql.INSERT_COLUMNS}) SELECT * FROM unnest($1::bigint[], "
+    "$2::text[], $3::text[], $4::bigint[], $5::text[], $6::bigint[], $7::text[], "
+    "$8::bigint[], $9::text[], $10::bigint[], $11::bigint[], $12::text[], $13::bigint[], "
+    "$14::text[], $15::text[], $16::bigint[], $17::bigint[], $18::text[]) "
+    "ON CONFLICT DO NOTHING RETURNING id"
 )
 # One row lock per conversation, taken in key order, held to the commit: nodes
 # writing one conversation at once number its messages one after the other. The
@@ -1640,6 +1681,8 @@ class PgMessageCenter(sql.SqlReads, MessageCenter):
     transactions of their own. ``mark_read`` names at most the database settings'
     ``max_group_size`` senders.
     """
+
+    DIALECT = sql.Dialect.POSTGRES
 
     def __init__(self, db: PgDatabase, batch_max: int = 512, ack_batch_max: int = 4096) -> None:
         self.db = db
@@ -1829,17 +1872,34 @@ class PgMessageCenter(sql.SqlReads, MessageCenter):
                 [m.client_msg_id for m in msgs],
                 [m.seq for m in msgs],
                 [m.device for m in msgs],
+                [m.op for m in msgs],
+                [m.target for m in msgs],
+                [m.type for m in msgs],
+                [m.fields for m in msgs],
+                [m.reply_to for m in msgs],
+                [m.edited_at for m in msgs],
+                [m.mentions for m in msgs],
             )
             if len(rows) != len(msgs):
                 raise _Stored(f"{len(msgs) - len(rows)} of {len(msgs)} messages")
+            changes = [m for m in msgs if m.op or m.mentions]
+            for m in changes:  # events: the change they make, in the same transaction
+                for statement, params in sql.event_statements(m, self.keep_versions):
+                    await con.execute(*_pg(statement, **params))
+            changes = [m for m in changes if m.op]
             outbox = self.outbox
-            if outbox is not None and outbox.wants(MESSAGE_STORED):
+            if outbox is not None and (changes or outbox.wants(MESSAGE_STORED)):
                 events: list[OutboxRow] = []
                 for m, conv in zip(msgs, convs, strict=True):
-                    events += outbox.rows(MESSAGE_STORED, conv, m.to_dict())
-                await write_outbox(con, events)
+                    kind = sql.webhook_event(m)
+                    if kind:
+                        events += outbox.rows(kind, conv, m.to_dict())
+                if events:
+                    await write_outbox(con, events)
             read: dict[tuple[int, int], int] = {}
             for m in msgs:
+                if m.op:
+                    continue
                 if m.kind == "group" and m.seq > read.get((m.to, m.sender_id), 0):
                     read[(m.to, m.sender_id)] = m.seq
             if read:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import collections
+import json
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -116,6 +117,22 @@ class Message:
     the wire."""
     conv: str = ""
     """Its conversation's key (:func:`conversation`), once known; not on the wire."""
+    op: str = ""
+    """"" for a message; an event: "edit", "recall", "react" or "unreact"."""
+    target: int = 0
+    """An event's message."""
+    type: str = "text"
+    fields: str = ""
+    """A typed message's fields as JSON ("" for none)."""
+    reply_to: int = 0
+    edited_at: int = 0
+    recalled: int = 0
+    reacts: int = 0
+    """How many distinct emoji it carries (a read looks up reactions only when some)."""
+    mentions: str = ""
+    """The ids a group message's ``@name`` words named, as JSON ("" for none)."""
+    extra: dict[str, Any] | None = None
+    """What a read adds (``reactions``, ``reply``, ``mentions``); not a column."""
 
     @property
     def conversation_key(self) -> str:
@@ -125,7 +142,7 @@ class Message:
         return conv
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "msg_id": self.id,
             "kind": self.kind,
             "sender_id": self.sender_id,
@@ -136,6 +153,33 @@ class Message:
             "client_msg_id": self.client_msg_id,
             "seq": self.seq,
         }
+        # Plain messages (the hot path) carry only the fields above.
+        if (
+            self.op
+            or self.reply_to
+            or self.edited_at
+            or self.recalled
+            or self.fields
+            or self.extra
+            or self.mentions
+            or self.type != "text"
+        ):
+            self._lively(d)
+        return d
+
+    def _lively(self, d: dict[str, Any]) -> None:
+        if self.op in ("react", "unreact"):
+            d["emoji"], d["text"] = self.text, ""  # a reaction's row keeps its emoji as text
+        d["op"] = self.op
+        d["target"] = self.target
+        d["type"] = self.type
+        d["fields"] = json.loads(self.fields) if self.fields else {}
+        d["reply_to"] = self.reply_to
+        d["edited_at"] = self.edited_at
+        d["recalled"] = bool(self.recalled)
+        d["mentions"] = json.loads(self.mentions) if self.mentions else []
+        if self.extra:
+            d.update(self.extra)
 
 
 @dataclass(slots=True)
@@ -152,6 +196,8 @@ class Conversation:
     peer_delivered_seq: int
     activity: int
     last_message: Message | None
+    mentions: int = 0
+    """Unread messages that mention the user."""
 
     @property
     def unread(self) -> int:
@@ -166,6 +212,7 @@ class Conversation:
             "last_seq": self.last_seq,
             "read_seq": self.read_seq,
             "unread": self.unread,
+            "mentions": self.mentions,
             "peer_read_seq": self.peer_read_seq,
             "peer_delivered_seq": self.peer_delivered_seq,
             "activity": self.activity,
@@ -584,6 +631,33 @@ class MessageCenter(abc.ABC):
     conversation, moved by acks). Read positions are one per user and
     conversation; sending moves the sender's to the message sent.
     """
+
+    keep_versions: int = 50
+    """Earlier texts kept per edited message (the service sets it from the settings)."""
+
+    # Messages that live (bitchat.im.lifecycle); the SQL stores answer them (im/sql.py).
+    async def target(self, msg_id: int) -> Message | None:
+        """A message (not an event) as it is now."""
+        raise NotImplementedError
+
+    async def versions(self, msg_id: int) -> list[tuple[str, int]]:
+        """A message's earlier texts and when each was replaced, oldest first."""
+        raise NotImplementedError
+
+    async def reactions(self, msg_id: int) -> list[tuple[str, int]]:
+        """``(emoji, user_id)`` of a message's reactions, in the order given."""
+        raise NotImplementedError
+
+    async def has_reaction(self, msg_id: int, emoji: str) -> bool:
+        raise NotImplementedError
+
+    async def hide(self, user_id: int, msg_ids: Sequence[int], ts: int) -> None:
+        """Delete messages for the user only."""
+        raise NotImplementedError
+
+    async def hidden_of(self, user_id: int, limit: int) -> list[int]:
+        """The user's most recently hidden messages."""
+        raise NotImplementedError
 
     async def start(self) -> None: ...  # noqa: B027 (optional hook)
 

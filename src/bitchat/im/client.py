@@ -44,6 +44,11 @@ from bitchat.client import Client, Resolver, State
 from bitchat.errors import ConnectionClosed, RequestError, RequestTimeout, UsageError, codes
 from bitchat.im.centers import User
 from bitchat.im.packets import (
+    EDIT,
+    REACT,
+    RECALL,
+    TEXT,
+    UNREACT,
     Ack,
     AddMember,
     AnswerJoinRequest,
@@ -54,14 +59,19 @@ from bitchat.im.packets import (
     ConversationList,
     CreateGroup,
     CreateInvite,
+    DeleteForMe,
+    EditMessage,
     GetBlocked,
     GetConversations,
     GetJoinRequests,
+    GetReactions,
     GetReceipts,
+    GetVersions,
     GroupEvent,
     GroupInfo,
     GroupList,
     GroupMembers,
+    Hidden,
     History,
     HistoryPage,
     InviteInfo,
@@ -79,7 +89,10 @@ from bitchat.im.packets import (
     MyGroups,
     OnlineUsers,
     Presence,
+    React,
+    ReactionList,
     ReadState,
+    RecallMessage,
     Receipt,
     Receipts,
     Register,
@@ -92,6 +105,7 @@ from bitchat.im.packets import (
     Typing,
     TypingEvent,
     UserInfo,
+    Versions,
 )
 from bitchat.protocol.packets import Packet
 from bitchat.settings import Settings
@@ -143,6 +157,7 @@ class IMClient:
         server says this session is (:attr:`LoginOk.device`)."""
         self._password: tuple[str, str] | None = None
         self._callbacks: list[MessageCallback] = []
+        self._event_callbacks: dict[str, list[MessageCallback]] = {}
         self._queues: list[asyncio.Queue[ChatMessage]] = []
         self._seen: collections.OrderedDict[int, None] = collections.OrderedDict()
         self._dedupe_window = dedupe_window
@@ -266,6 +281,10 @@ class IMClient:
         client_msg_id: str | None = None,
         retries: int = 3,
         timeout: float | None = None,
+        *,
+        reply_to: int = 0,
+        type: str = TEXT,
+        fields: dict[str, Any] | None = None,
     ) -> SendAck:
         """Send a one-to-one message (``-pc id message``); returns once it is stored.
 
@@ -273,9 +292,14 @@ class IMClient:
         same ``client_msg_id`` (stored once), up to ``retries`` times within
         ``timeout`` (default ``request_timeout``); then the error is raised:
         :class:`RequestTimeout` or :class:`ConnectionClosed`.
+
+        ``reply_to`` quotes a message of the conversation; ``type`` and ``fields``
+        make a typed message ("file", "image" or one the server registered), ``text``
+        then being the fallback older clients show.
         """
+        cid = client_msg_id or new_client_msg_id()
         return await self._send(
-            SendP2P(to, text, client_msg_id or new_client_msg_id()), retries, timeout
+            SendP2P(to, text, cid, reply_to, type, fields or {}), retries, timeout
         )
 
     async def send_group(
@@ -285,10 +309,56 @@ class IMClient:
         client_msg_id: str | None = None,
         retries: int = 3,
         timeout: float | None = None,
+        *,
+        reply_to: int = 0,
+        type: str = TEXT,
+        fields: dict[str, Any] | None = None,
     ) -> SendAck:
+        """Send to a group (``-gc id message``), as :meth:`send_p2p`; ``@name`` words
+        naming members mention them."""
+        cid = client_msg_id or new_client_msg_id()
         return await self._send(
-            SendGroup(group_id, text, client_msg_id or new_client_msg_id()), retries, timeout
+            SendGroup(group_id, text, cid, reply_to, type, fields or {}), retries, timeout
         )
+
+    # -- messages that live -------------------------------------------------------------------
+
+    async def edit(self, msg_id: int, text: str) -> SendAck:
+        """Replace the text of your message ``msg_id`` (``-edit``): the edit event's ack."""
+        return await self._event(EditMessage(msg_id, text))
+
+    async def recall(self, msg_id: int) -> SendAck:
+        """Take back a message (``-recall``): yours, or any of a group you administer."""
+        return await self._event(RecallMessage(msg_id))
+
+    async def react(self, msg_id: int, emoji: str) -> SendAck:
+        """Add an emoji reaction to a message of your conversations (``-react``)."""
+        return await self._event(React(msg_id, emoji, True))
+
+    async def unreact(self, msg_id: int, emoji: str) -> SendAck:
+        """Remove your emoji reaction (``-unreact``)."""
+        return await self._event(React(msg_id, emoji, False))
+
+    async def _event(self, packet: Packet) -> SendAck:
+        ack = await self.client.request(packet)
+        assert isinstance(ack, SendAck)
+        return ack
+
+    async def delete_for_me(self, msg_ids: list[int]) -> None:
+        """Hide messages from all your devices (``-delete``); others keep them."""
+        await self.client.request(DeleteForMe(msg_ids))
+
+    async def versions(self, msg_id: int) -> list[dict[str, Any]]:
+        """The earlier texts of your own message, oldest first: ``{"text", "ts"}``."""
+        resp = await self.client.request(GetVersions(msg_id))
+        assert isinstance(resp, Versions)
+        return resp.versions
+
+    async def reactions(self, msg_id: int) -> list[dict[str, Any]]:
+        """Who reacted with what: ``{"emoji", "users": [{"id", "name"}]}``."""
+        resp = await self.client.request(GetReactions(msg_id))
+        assert isinstance(resp, ReactionList)
+        return resp.reactions
 
     async def _send(self, packet: Packet, retries: int, timeout: float | None) -> SendAck:
         """Send until stored: a connection lost before the answer came is waited out
@@ -558,6 +628,27 @@ class IMClient:
         request for an admin), or to you in a group (kicked, banned)."""
         self.client.on(GroupEvent, callback)
 
+    def on_edit(self, callback: MessageCallback) -> None:
+        """Call ``callback(ChatMessage)`` for each edit event (``op`` "edit"): ``target``
+        is the message, ``text`` its new text, ``edited_at`` when. Events are not
+        handed to :meth:`on_message` (they are acked like messages)."""
+        self._event_callbacks.setdefault(EDIT, []).append(callback)
+
+    def on_recall(self, callback: MessageCallback) -> None:
+        """Call ``callback(ChatMessage)`` for each recall (``op`` "recall", ``target``)."""
+        self._event_callbacks.setdefault(RECALL, []).append(callback)
+
+    def on_reaction(self, callback: MessageCallback) -> None:
+        """Call ``callback(ChatMessage)`` for each reaction added (``op`` "react") or
+        removed ("unreact"): ``sender_id`` reacted to ``target`` with ``emoji``."""
+        self._event_callbacks.setdefault(REACT, []).append(callback)
+        self._event_callbacks.setdefault(UNREACT, []).append(callback)
+
+    def on_hidden(self, callback: Callable[[Hidden], Any]) -> None:
+        """Call ``callback(Hidden)`` when messages were deleted for this user (on another
+        device, or before this login)."""
+        self.client.on(Hidden, callback)
+
     def on_read_state(self, callback: Callable[[ReadState], Any]) -> None:
         """Call ``callback(ReadState)`` when another session of this user marked a
         conversation read (this session's own :meth:`mark_read` returns it)."""
@@ -584,7 +675,10 @@ class IMClient:
     def _on_chat(self, m: ChatMessage) -> None:
         if m.msg_id in self._kept:
             return  # pushed again while kept: still unacked, handed once
-        if m.msg_id not in self._seen and not self._callbacks and not self._queues:
+        nobody = not self._callbacks and not self._queues
+        if m.op and self._event_callbacks.get(m.op):
+            nobody = False  # an event is handed to its own callbacks
+        if m.msg_id not in self._seen and nobody:
             # Nobody to hand it to yet: kept unacked for the first consumer. Beyond the
             # window one is not kept (the memory is bounded), nor acked: the oldest are
             # kept, since acking a newer one would move the cursor past those dropped.
@@ -608,13 +702,16 @@ class IMClient:
         self._seen[m.msg_id] = None
         if len(self._seen) > self._dedupe_window:
             self._seen.popitem(last=False)
-        for cb in self._callbacks:
+        callbacks = self._event_callbacks.get(m.op, ()) if m.op else self._callbacks
+        for cb in callbacks:
             try:
                 r = cb(m)
                 if asyncio.iscoroutine(r):
                     asyncio.get_running_loop().create_task(r)
             except Exception:
                 log.exception("message callback failed")
+        if m.op:
+            return  # events go to their own callbacks only
         for q in self._queues:
             q.put_nowait(m)
 

@@ -32,7 +32,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from bitchat.dispatch import Deferred
@@ -51,11 +51,14 @@ from bitchat.im.centers import (
 )
 from bitchat.im.delivery import DEVICE, SYNCING, DeviceState, push_message
 from bitchat.im.ids import IdGenerator
+from bitchat.im.lifecycle import Lifecycle, Validator
 from bitchat.im.moderation import Moderation
 from bitchat.im.names import name_candidates, name_key, normalize_name
 from bitchat.im.packets import (
+    EDIT,
     GROUP,
     P2P,
+    TEXT,
     Ack,
     AddMember,
     AnswerJoinRequest,
@@ -65,13 +68,18 @@ from bitchat.im.packets import (
     ConversationList,
     CreateGroup,
     CreateInvite,
+    DeleteForMe,
+    EditMessage,
     GetBlocked,
     GetConversations,
     GetJoinRequests,
+    GetReactions,
     GetReceipts,
+    GetVersions,
     GroupInfo,
     GroupList,
     GroupMembers,
+    Hidden,
     History,
     HistoryPage,
     InviteInfo,
@@ -90,7 +98,9 @@ from bitchat.im.packets import (
     Ok,
     OnlineUsers,
     Presence,
+    React,
     ReadState,
+    RecallMessage,
     Receipt,
     Receipts,
     Register,
@@ -110,6 +120,7 @@ from bitchat.session import Session
 
 if TYPE_CHECKING:
     from bitchat.im.webhook_dispatch import WebhookDispatcher
+    from bitchat.protocol.packets import Packet
 
 log = logging.getLogger("bitchat.im")
 
@@ -168,6 +179,8 @@ class IMService:
         configured); it starts after the centers and stops before them."""
         self.moderation = Moderation(self)
         """The group moderation and block rules (the server API calls them too)."""
+        self.life = Lifecycle(self)
+        """Edits, recalls, reactions, delete for me, replies, mentions, message types."""
         connections.on_presence = self._tell_watchers
         connections.on_resync = self._resync
         self._install()
@@ -206,6 +219,12 @@ class IMService:
             (AnswerJoinRequest, self.on_answer_join_request),
             (Block, self.on_block),
             (GetBlocked, self.on_get_blocked),
+            (EditMessage, self.life.on_edit),
+            (RecallMessage, self.life.on_recall),
+            (React, self.life.on_react),
+            (DeleteForMe, self.life.on_delete_for_me),
+            (GetVersions, self.life.on_get_versions),
+            (GetReactions, self.life.on_get_reactions),
         ):
             s.add_handler(cls, func, login_required=True, poolable=False)
         s.on_startup.append(self._start)
@@ -242,6 +261,16 @@ class IMService:
             task = self.server.loop.create_task(self._logged_out(session))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def register_type(self, name: str, fields: type[Packet]) -> None:
+        """Let clients send messages of type ``name`` with fields checked against
+        ``fields`` (see :meth:`bitchat.im.lifecycle.Lifecycle.register_type`)."""
+        self.life.register_type(name, fields)
+
+    def type_validator(self, name: str, fn: Validator) -> None:
+        """Check the fields of every message of type ``name`` with ``fn(session, fields)``
+        too (see :meth:`bitchat.im.lifecycle.Lifecycle.type_validator`)."""
+        self.life.type_validator(name, fn)
 
     # -- sessions -------------------------------------------------------------------------
 
@@ -463,6 +492,12 @@ class IMService:
             if not current() or device is None:
                 return
             device.seed(cursors)
+            # What the user deleted for themselves: not pushed, but passed over like the
+            # device's own messages; and told again, for the copies it had before.
+            hidden = await self.life.hidden_at_login(user_id)
+            if hidden and current():
+                session.push(Hidden(hidden))
+            hide = set(hidden)
             backlog = Backlog(self.messages, positions, limit, self.settings.sync_read_ahead)
             while current():
                 batch = await backlog.next_batch()
@@ -470,7 +505,7 @@ class IMService:
                     return
                 push = []
                 for m in batch:
-                    if m.sender_id == user_id and m.device == device_id:
+                    if (m.sender_id == user_id and m.device == device_id) or m.id in hide:
                         device.note(m.conversation_key, m.seq)
                         own.setdefault(m.conversation_key, []).append(m.seq)
                     else:
@@ -637,6 +672,10 @@ class IMService:
         msg = Message(
             0, P2P, session.user_id, session.user_name or "", p.to, text, 0, p.client_msg_id
         )
+        if p.reply_to or p.type != TEXT or p.fields:
+            return self._send_lively(
+                session, msg, p.reply_to, p.type, p.fields, lambda: self._p2p_recipients(msg)
+            )
         chain = session.data.get(_CHAIN)
         if chain is None or chain.done():
             blocks = self.users.known_blocks(session.user_id)
@@ -685,6 +724,15 @@ class IMService:
         if TYPING_KEY in session.data:
             self.typing.message_sent(session, 0, p.group_id)
         msg = self._new_message(session, GROUP, p.group_id, p.text, p.client_msg_id)
+        if p.reply_to or p.type != TEXT or p.fields or "@" in p.text:
+            return self._send_lively(
+                session,
+                msg,
+                p.reply_to,
+                p.type,
+                p.fields,
+                lambda: self._group_recipients(session, msg),
+            )
         chain = session.data.get(_CHAIN)
         if chain is None or chain.done():
             members = self.users.known_members(p.group_id)
@@ -699,6 +747,27 @@ class IMService:
         return asyncio.ensure_future(
             self._send_slow(session, msg, chain, queued, self._group_recipients(session, msg))
         )
+
+    def _send_lively(
+        self,
+        session: Session,
+        msg: Message,
+        reply_to: int,
+        type_: str,
+        fields: dict[str, Any],
+        recipients: Callable[[], Coroutine[Any, Any, Sequence[int]]],
+    ) -> asyncio.Future[SendAck]:
+        """A reply, a typed message or one with mentions: checked (I/O) before it is
+        queued, in the connection's order as the slow path keeps it."""
+
+        async def checked() -> Sequence[int]:
+            targets = await recipients()
+            await self.life.prepare(session, msg, reply_to, type_, fields)
+            return targets
+
+        chain = session.data.get(_CHAIN)
+        queued = self._chain(session)
+        return asyncio.ensure_future(self._send_slow(session, msg, chain, queued, checked()))
 
     async def _group_recipients(self, session: Session, msg: Message) -> Sequence[int]:
         # Cached members (no I/O) let a busy connection's sends leave the slow path.
@@ -754,6 +823,8 @@ class IMService:
         now_ms = int(time.time() * 1000)
         msg.id = self.ids.next(now_ms)
         msg.ts = now_ms
+        if msg.op == EDIT:
+            msg.edited_at = now_ms
         device = session.data.get(DEVICE)
         if device is not None:
             msg.device = device.device_id

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import enum
 import functools
+import json
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from bitchat.im.centers import Conversation, Message, conversation
 from bitchat.im.ids import MAX_NODE, SEQ_BITS
+from bitchat.webhooks import MESSAGE_EDITED, MESSAGE_RECALLED, MESSAGE_STORED
 
 
 class Dialect(enum.Enum):
@@ -71,7 +73,20 @@ SCHEMA: dict[str, tuple[str, ...]] = {
         "client_msg_id",
         "seq",
         "device",
+        "op",
+        "target",
+        "type",
+        "fields",
+        "reply_to",
+        "edited_at",
+        "recalled",
+        "reacts",
+        "mentions",
     ),
+    "mentions": ("user_id", "conv", "seq"),
+    "message_versions": ("msg_id", "version", "text", "ts"),
+    "reactions": ("msg_id", "user_id", "emoji", "ts"),
+    "hidden": ("user_id", "msg_id", "ts"),
     "conversations": ("conv", "last_seq", "lo", "hi", "last_id", "lo_read", "hi_read"),
     "cursors": ("user_id", "conv", "device", "seq"),
     "external_users": ("provider", "subject", "user_id", "created_at"),
@@ -105,7 +120,7 @@ SCHEMA: dict[str, tuple[str, ...]] = {
 }
 """Every table of the current schema version and its columns, in both stores."""
 
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 
 _PARAM = re.compile(r"(?<![:\w]):([a-z_]+)")
 
@@ -157,8 +172,22 @@ MSG_COLUMNS = (
     "seq",
     "device",
     "conv",
+    "op",
+    "target",
+    "type",
+    "fields",
+    "reply_to",
+    "edited_at",
+    "recalled",
+    "reacts",
+    "mentions",
 )
 """A message row, in the order of :class:`~bitchat.im.centers.Message`'s fields."""
+INSERT_COLUMNS = (
+    "id, kind, conv, sender_id, sender_name, to_id, text, ts, client_msg_id, seq, device, "
+    "op, target, type, fields, reply_to, edited_at, mentions"
+)
+"""The columns a store's batch insert writes, in this order (18)."""
 _M = ", ".join("m." + c for c in MSG_COLUMNS)
 
 
@@ -170,7 +199,8 @@ def message(row: Sequence[Any]) -> Message:
 def conversation_row(row: Sequence[Any]) -> Conversation:
     """A conversation from a row of :data:`CONVERSATIONS`."""
     kind, peer, group_id, name, last_seq, read_seq, peer_read, peer_delivered, activity = row[:9]
-    last = row[9:]
+    mentioned = row[9]
+    last = row[10:]
     return Conversation(
         kind,
         peer,
@@ -182,6 +212,7 @@ def conversation_row(row: Sequence[Any]) -> Conversation:
         peer_delivered,
         activity,
         message(last) if last[0] is not None else None,
+        int(mentioned),
     )
 
 
@@ -242,7 +273,9 @@ CONVERSATIONS = (
     "COALESCE(u.name, g.name, ''), x.last_seq, x.read_seq, x.peer_read, "
     "CASE WHEN x.grp = 0 THEN GREATEST(x.peer_read, COALESCE((SELECT max(k.seq) "
     "FROM cursors k WHERE k.user_id = x.peer AND k.conv = x.conv), 0)) ELSE 0 END, "
-    f"x.activity, {_M} "
+    "x.activity, CASE WHEN x.grp = 0 THEN 0 ELSE (SELECT count(*) FROM mentions mm "
+    "WHERE mm.user_id = :u AND mm.conv = x.conv AND mm.seq > x.read_seq) END, "
+    f"{_M} "
     "FROM (" + USER_CONVS + ") x "
     "LEFT JOIN users u ON x.grp = 0 AND u.id = x.peer "
     "LEFT JOIN groups g ON x.grp != 0 AND g.id = x.grp "
@@ -296,20 +329,26 @@ RECEIPTS = (
 _COLS = ", ".join(MSG_COLUMNS)
 # A member's history (:floor) starts where the member does: at the join, unless the group's
 # history was visible then.
+# Messages the user deleted for themselves are left out of their history (a sync reads
+# them, to move the device's cursor over them, and does not push them: see IMService._sync).
+_HIDDEN_HERE = (
+    " AND NOT EXISTS (SELECT 1 FROM hidden h WHERE h.user_id = :u AND h.msg_id = messages.id)"
+)
 HISTORY_BY_ID = (
-    f"SELECT {_COLS} FROM messages WHERE conv = :c AND id < :before AND seq > :floor "
-    "ORDER BY id DESC LIMIT :limit"
+    f"SELECT {_COLS} FROM messages WHERE conv = :c AND id < :before AND seq > :floor"
+    f"{_HIDDEN_HERE} ORDER BY id DESC LIMIT :limit"
 )
 HISTORY_BEFORE_SEQ = (
     f"SELECT {_COLS} FROM messages WHERE conv = :c AND seq < :seq AND id < :before "
-    "AND seq > :floor ORDER BY seq DESC LIMIT :limit"
+    f"AND seq > :floor{_HIDDEN_HERE} ORDER BY seq DESC LIMIT :limit"
 )
 HISTORY_AFTER_SEQ = (
     f"SELECT {_COLS} FROM messages WHERE conv = :c AND seq > :seq ORDER BY seq LIMIT :limit"
 )
 HISTORY_AFTER_SEQ_FLOOR = (
     f"SELECT {_COLS} FROM messages WHERE conv = :c "
-    "AND seq > GREATEST(CAST(:seq AS BIGINT), CAST(:floor AS BIGINT)) ORDER BY seq LIMIT :limit"
+    "AND seq > GREATEST(CAST(:seq AS BIGINT), CAST(:floor AS BIGINT))"
+    f"{_HIDDEN_HERE} ORDER BY seq LIMIT :limit"
 )
 # Where member :u of group :g starts (History shows a member no message before it).
 MEMBER_START = "SELECT start_seq FROM group_members WHERE group_id = :g AND user_id = :u"
@@ -376,9 +415,169 @@ OUTBOX_REPLAY = (
 OUTBOX_PENDING = "SELECT count(*) FROM webhook_outbox WHERE state = 'pending'"
 
 
+# -- messages that live (issue 12) ------------------------------------------------------------
+
+# One message (:id) with what the edit/recall/react checks need.
+TARGET = f"SELECT {_COLS} FROM messages WHERE id = :id AND op = ''"
+VERSIONS = "SELECT text, ts FROM message_versions WHERE msg_id = :id ORDER BY version"
+REACTIONS_OF = "SELECT emoji, user_id FROM reactions WHERE msg_id = :id ORDER BY ts, user_id"
+HAS_REACTION = "SELECT count(*) FROM reactions WHERE msg_id = :id AND emoji = :e"
+MENTION = "INSERT INTO mentions (user_id, conv, seq) VALUES (:u, :c, :s) ON CONFLICT DO NOTHING"
+HIDDEN_OF = "SELECT msg_id FROM hidden WHERE user_id = :u ORDER BY ts DESC LIMIT :limit"
+HIDE = (
+    "INSERT INTO hidden (user_id, msg_id, ts) VALUES (:u, :id, :ts) "
+    "ON CONFLICT (user_id, msg_id) DO NOTHING"
+)
+# What a page's messages add: the reactions of those with some, the messages they quote.
+_IDS = {
+    Dialect.SQLITE: "IN (SELECT value FROM json_each(:ids))",
+    Dialect.POSTGRES: "= ANY(CAST(:ids AS BIGINT[]))",
+}
+PAGE_REACTIONS = {
+    d: f"SELECT msg_id, emoji, user_id FROM reactions WHERE msg_id {w} ORDER BY ts, user_id"
+    for d, w in _IDS.items()
+}
+PAGE_QUOTED = {
+    d: f"SELECT id, sender_id, sender_name, text, recalled FROM messages WHERE id {w}"
+    for d, w in _IDS.items()
+}
+
+# The statements an event runs in the transaction that stores its row (:t its target,
+# :text the new text or the emoji, :u who, :ts when); see event_statements.
+_EDIT = (
+    "INSERT INTO message_versions (msg_id, version, text, ts) "
+    "SELECT id, COALESCE((SELECT max(version) FROM message_versions WHERE msg_id = :t), 0) + 1, "
+    "text, CAST(:ts AS BIGINT) FROM messages WHERE id = :t AND recalled = 0",
+    "UPDATE messages SET text = :text, edited_at = :ts WHERE id = :t AND recalled = 0",
+    # Every edit event of the message carries its current text (a device that was away
+    # replays them all and ends on the latest).
+    "UPDATE messages SET text = :text WHERE target = :t AND op = 'edit' AND target != 0",
+    "DELETE FROM message_versions WHERE msg_id = :t AND version <= "
+    "(SELECT max(version) FROM message_versions WHERE msg_id = :t) - CAST(:keep AS BIGINT)",
+)
+_RECALL = (
+    "UPDATE messages SET text = '', fields = '', recalled = 1 WHERE id = :t",
+    "UPDATE messages SET text = '' WHERE target = :t AND op = 'edit' AND target != 0",
+    "DELETE FROM message_versions WHERE msg_id = :t",
+)
+_COUNT_REACTS = (
+    "UPDATE messages SET reacts = (SELECT count(DISTINCT emoji) FROM reactions "
+    "WHERE msg_id = :t) WHERE id = :t"
+)
+_REACT = (
+    "INSERT INTO reactions (msg_id, user_id, emoji, ts) VALUES (:t, :u, :text, :ts) "
+    "ON CONFLICT (msg_id, user_id, emoji) DO NOTHING",
+    _COUNT_REACTS,
+)
+_UNREACT = (
+    "DELETE FROM reactions WHERE msg_id = :t AND user_id = :u AND emoji = :text",
+    _COUNT_REACTS,
+)
+EVENT_STATEMENTS = {"edit": _EDIT, "recall": _RECALL, "react": _REACT, "unreact": _UNREACT}
+
+
+def event_statements(m: Message, keep_versions: int) -> list[tuple[str, dict[str, Any]]]:
+    """The statements event ``m`` runs with its row (for a message: its mentions)."""
+    if not m.op:
+        conv = m.conversation_key
+        return [(MENTION, {"u": u, "c": conv, "s": m.seq}) for u in json.loads(m.mentions or "[]")]
+    params = {"t": m.target, "text": m.text, "u": m.sender_id, "ts": m.ts, "keep": keep_versions}
+    out = []
+    for statement in EVENT_STATEMENTS[m.op]:
+        used = {k: v for k, v in params.items() if f":{k}" in statement}
+        out.append((statement, used))
+    return out
+
+
+_WEBHOOK_EVENTS = {"": MESSAGE_STORED, "edit": MESSAGE_EDITED, "recall": MESSAGE_RECALLED}
+
+
+def webhook_event(m: Message) -> str:
+    """The webhook event a stored row is ("" for reactions: none)."""
+    return _WEBHOOK_EVENTS.get(m.op, "")
+
+
+def snippet(text: str, most: int = 80) -> str:
+    """The start of a quoted message's text."""
+    return text if len(text) <= most else text[: most - 1] + "…"
+
+
 class SqlReads:
     """The reads both message stores answer the same way: each store gives only
     :meth:`_read` (its driver, its connection, its errors) and inherits these."""
+
+    DIALECT: Dialect = Dialect.SQLITE
+
+    def _ids(self, ids: Sequence[int]) -> Any:
+        if self.DIALECT is Dialect.SQLITE:
+            return "[" + ",".join(str(int(i)) for i in ids) + "]"
+        return list(ids)
+
+    async def enrich(self, msgs: list[Message]) -> list[Message]:
+        """Add to messages read what lives beside their rows: their reactions and the
+        message each quotes (as it is now). No query unless a message of the page has
+        reactions or quotes one."""
+        reacted = [m.id for m in msgs if m.reacts]
+        quoting = sorted({m.reply_to for m in msgs if m.reply_to})
+        if not reacted and not quoting:
+            return msgs
+        by_msg: dict[int, dict[str, list[int]]] = {}
+        if reacted:
+            rows = await self._read(
+                "reading reactions", PAGE_REACTIONS[self.DIALECT], ids=self._ids(reacted)
+            )
+            for msg_id, emoji, user_id in rows:
+                by_msg.setdefault(int(msg_id), {}).setdefault(str(emoji), []).append(int(user_id))
+        quoted: dict[int, dict[str, Any]] = {}
+        if quoting:
+            rows = await self._read(
+                "reading quoted messages", PAGE_QUOTED[self.DIALECT], ids=self._ids(quoting)
+            )
+            for qid, sender_id, sender_name, text, recalled in rows:
+                quoted[int(qid)] = {
+                    "msg_id": int(qid),
+                    "sender_id": int(sender_id),
+                    "sender_name": str(sender_name),
+                    "snippet": "" if recalled else snippet(str(text)),
+                    "recalled": bool(recalled),
+                }
+        for m in msgs:
+            extra: dict[str, Any] = {}
+            if m.id in by_msg:
+                extra["reactions"] = by_msg[m.id]
+            if m.reply_to:
+                extra["reply"] = quoted.get(m.reply_to)
+            if extra:
+                m.extra = extra
+        return msgs
+
+    async def target(self, msg_id: int) -> Message | None:
+        """A message (not an event), as it is now."""
+        rows = await self._read("reading a message", TARGET, id=msg_id)
+        return message(rows[0]) if rows else None
+
+    async def versions(self, msg_id: int) -> list[tuple[str, int]]:
+        rows = await self._read("reading versions", VERSIONS, id=msg_id)
+        return [(str(r[0]), int(r[1])) for r in rows]
+
+    async def reactions(self, msg_id: int) -> list[tuple[str, int]]:
+        rows = await self._read("reading reactions", REACTIONS_OF, id=msg_id)
+        return [(str(r[0]), int(r[1])) for r in rows]
+
+    async def has_reaction(self, msg_id: int, emoji: str) -> bool:
+        rows = await self._read("reading reactions", HAS_REACTION, id=msg_id, e=emoji)
+        return bool(rows[0][0])
+
+    async def hidden_of(self, user_id: int, limit: int) -> list[int]:
+        """The user's most recently hidden messages."""
+        rows = await self._read("reading hidden messages", HIDDEN_OF, u=user_id, limit=limit)
+        return [int(r[0]) for r in rows]
+
+    async def hide(self, user_id: int, msg_ids: Sequence[int], ts: int) -> None:
+        for msg_id in msg_ids:
+            await self._read(
+                "hiding a message", HIDE + " RETURNING msg_id", u=user_id, id=msg_id, ts=ts
+            )
 
     async def _read(self, doing: str, query: str, **params: Any) -> Sequence[Sequence[Any]]:
         """The rows of ``query`` (this module's SQL), ``doing`` naming it in errors."""
@@ -391,7 +590,7 @@ class SqlReads:
         rows = await self._read(
             "reading offline messages", query, u=user_id, d=device_id, after=after_id, limit=limit
         )
-        return [message(r) for r in rows]
+        return await self.enrich([message(r) for r in rows])
 
     async def count_pending(self, user_id: int, device_id: int) -> int:
         rows = await self._read("counting offline messages", COUNT_PENDING, u=user_id, d=device_id)
@@ -407,7 +606,7 @@ class SqlReads:
         rows = await self._read(
             "reading offline messages", HISTORY_AFTER_SEQ, c=conv, seq=after_seq, limit=limit
         )
-        return [message(r) for r in rows]
+        return await self.enrich([message(r) for r in rows])
 
     async def conversations(self, user_id: int, before: int, limit: int) -> list[Conversation]:
         rows = await self._read(
@@ -447,9 +646,9 @@ class SqlReads:
         else:
             query, params = HISTORY_BY_ID, {"before": below}
         rows = await self._read(
-            "reading history", query, c=conv, limit=limit, floor=floor, **params
+            "reading history", query, c=conv, u=user_id, limit=limit, floor=floor, **params
         )
-        return [message(r) for r in rows]
+        return await self.enrich([message(r) for r in rows])
 
     async def last_id(self, node_id: int) -> int:
         rows = await self._read(

@@ -332,6 +332,46 @@ MIGRATIONS: list[Migration] = [
         PRIMARY KEY (file_id, n)
     ) WITHOUT ROWID;
     """,
+    # 11: messages that live: events (edit, recall, react, unreact) are rows of messages
+    # (op, target); typed messages and replies; earlier texts, reactions, delete for me.
+    """
+    ALTER TABLE messages ADD COLUMN op TEXT NOT NULL DEFAULT '';
+    ALTER TABLE messages ADD COLUMN target INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE messages ADD COLUMN type TEXT NOT NULL DEFAULT 'text';
+    ALTER TABLE messages ADD COLUMN fields TEXT NOT NULL DEFAULT '';
+    ALTER TABLE messages ADD COLUMN reply_to INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE messages ADD COLUMN edited_at INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE messages ADD COLUMN recalled INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE messages ADD COLUMN reacts INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE messages ADD COLUMN mentions TEXT NOT NULL DEFAULT '';
+    CREATE TABLE mentions (
+        user_id INTEGER NOT NULL,
+        conv TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        PRIMARY KEY (user_id, conv, seq)
+    ) WITHOUT ROWID;
+    CREATE INDEX messages_target ON messages(target) WHERE target != 0;
+    CREATE TABLE message_versions (
+        msg_id INTEGER NOT NULL,
+        version INTEGER NOT NULL,
+        text TEXT NOT NULL,
+        ts INTEGER NOT NULL,
+        PRIMARY KEY (msg_id, version)
+    ) WITHOUT ROWID;
+    CREATE TABLE reactions (
+        msg_id INTEGER NOT NULL,
+        user_id INTEGER NOT NULL,
+        emoji TEXT NOT NULL,
+        ts INTEGER NOT NULL,
+        PRIMARY KEY (msg_id, user_id, emoji)
+    ) WITHOUT ROWID;
+    CREATE TABLE hidden (
+        user_id INTEGER NOT NULL,
+        msg_id INTEGER NOT NULL,
+        ts INTEGER NOT NULL,
+        PRIMARY KEY (user_id, msg_id)
+    ) WITHOUT ROWID;
+    """,
 ]
 
 
@@ -352,6 +392,8 @@ async def open_db(path: str, synchronous: str = "FULL") -> aiosqlite.Connection:
         await db.execute(f"PRAGMA synchronous={synchronous}")
         await db.execute("PRAGMA foreign_keys=ON")
         await db.execute("PRAGMA busy_timeout=5000")
+        # A recalled message's text is overwritten on disk, not only unlinked.
+        await db.execute("PRAGMA secure_delete=ON")
         # As the message writer (below): a commit here must not checkpoint sooner.
         await db.execute(f"PRAGMA wal_autocheckpoint={_WAL_AUTOCHECKPOINT}")
         await _migrate(db)
@@ -1139,8 +1181,8 @@ _INSERT_OUTBOX = (
 )
 _OUTBOX_ROWS = 160
 """Outbox rows (6 values) per statement."""
-_MESSAGE_ROWS = 90
-"""Message rows per INSERT statement (11 variables each: under SQLite's oldest limit of 999)."""
+_MESSAGE_ROWS = 55
+"""Message rows per INSERT statement (18 variables each: under SQLite's oldest limit of 999)."""
 _PAIR_ROWS = 400
 """Rows of two values per statement."""
 _CONV_ROWS = 128
@@ -1149,8 +1191,8 @@ _CURSOR_ROWS = 200
 """Cursor rows (4 values) per statement."""
 # Plain INSERT: retries are found before (a numbered row is never skipped silently).
 _INSERT_MESSAGES = (
-    "INSERT INTO messages (id, kind, conv, sender_id, sender_name, to_id, text, ts, "
-    "client_msg_id, seq, device) SELECT * FROM (VALUES {rows}) WHERE column1 IS NOT NULL"
+    f"INSERT INTO messages ({sql.INSERT_COLUMNS}) "
+    "SELECT * FROM (VALUES {rows}) WHERE column1 IS NOT NULL"
 )
 # One row per conversation of a batch: its counter moves on by the batch's count, and a
 # sender's read position to their own last message (SET sees the row as it was).
@@ -1179,6 +1221,16 @@ _MOVE_CURSORS = (
     "SELECT * FROM (VALUES {rows}) WHERE column1 IS NOT NULL "
     "ON CONFLICT (user_id, conv, device) DO UPDATE SET seq = max(seq, excluded.seq)"
 )
+
+
+def _erase_recalled(db: sqlite3.Connection, stores: list[_Store]) -> None:
+    """After a batch with a recall: checkpoint the WAL and truncate it, so the recalled
+    text (overwritten in the database file: secure_delete) leaves the log as well."""
+    if any(store[0].op == "recall" for store in stores):
+        try:
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:  # the next checkpoint gets it; the text is cleared
+            log.warning("the WAL checkpoint after a recall failed: %s", exc)
 
 
 @functools.cache
@@ -1310,6 +1362,7 @@ class SqliteMessageCenter(sql.SqlReads, MessageCenter):
             db.execute(f"PRAGMA synchronous={self.synchronous}")
             db.execute("PRAGMA foreign_keys=ON")
             db.execute("PRAGMA busy_timeout=5000")
+            db.execute("PRAGMA secure_delete=ON")  # a recall leaves no text behind
             # Room for the hot index pages (they fill only as the store grows).
             db.execute("PRAGMA cache_size=-32768")
             # Checkpoint every 10,000 WAL pages (40 MiB) rather than 1,000: a batch
@@ -1547,6 +1600,7 @@ class SqliteMessageCenter(sql.SqlReads, MessageCenter):
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
             raise
+        _erase_recalled(db, stores)
         return results
 
     def _write_each(
@@ -1581,6 +1635,7 @@ class SqliteMessageCenter(sql.SqlReads, MessageCenter):
             with contextlib.suppress(sqlite3.Error):
                 db.execute("ROLLBACK")
             raise
+        _erase_recalled(db, stores)
         return outcomes, ack_error
 
     def _insert(self, db: sqlite3.Connection, stores: list[_Store]) -> list[tuple[Message, bool]]:
@@ -1635,9 +1690,8 @@ class SqliteMessageCenter(sql.SqlReads, MessageCenter):
                 results[i] = (o, True)
         return kept
 
-    @staticmethod
     def _number_and_insert(
-        db: sqlite3.Connection, msgs: list[Message], outbox: Outbox | None
+        self, db: sqlite3.Connection, msgs: list[Message], outbox: Outbox | None
     ) -> None:
         """Give ``msgs`` the next seqs of their conversations and insert them (and
         their ``message.stored`` events into the outbox, if webhooks want them)."""
@@ -1655,6 +1709,7 @@ class SqliteMessageCenter(sql.SqlReads, MessageCenter):
         number(msgs, convs, counts, last, order)
         flat: list[Any] = []
         own: dict[tuple[int, int], int] = {}
+        changes: list[Message] = []
         for m, conv in zip(msgs, convs, strict=True):
             flat += (
                 m.id,
@@ -1668,17 +1723,36 @@ class SqliteMessageCenter(sql.SqlReads, MessageCenter):
                 m.client_msg_id,
                 m.seq,
                 m.device,
+                m.op,
+                m.target,
+                m.type,
+                m.fields,
+                m.reply_to,
+                m.edited_at,
+                m.mentions,
             )
+            if m.op or m.mentions:
+                changes.append(m)
+            if m.op:
+                continue  # an event moves no read position
             if m.kind == "group" and own.get((m.to, m.sender_id), 0) < m.seq:
                 own[m.to, m.sender_id] = m.seq
-        _write_rows(db, _INSERT_MESSAGES, 11, flat, _MESSAGE_ROWS)
-        if outbox is not None and outbox.wants(MESSAGE_STORED):
+        _write_rows(db, _INSERT_MESSAGES, 18, flat, _MESSAGE_ROWS)
+        for m in changes:  # events: the change they make, in the same transaction
+            for statement, params in sql.event_statements(m, self.keep_versions):
+                db.execute(statement, params)
+        if outbox is not None:
+            changes = [m for m in changes if m.op]
+        if outbox is not None and (changes or outbox.wants(MESSAGE_STORED)):
             event_rows = outbox.rows
             events: list[Any] = []
             for m, conv in zip(msgs, convs, strict=True):
-                for row in event_rows(MESSAGE_STORED, conv, m.to_dict()):
-                    events += row
-            _write_rows(db, _INSERT_OUTBOX, 6, events, _OUTBOX_ROWS)
+                kind = sql.webhook_event(m)
+                if kind and outbox.wants(kind):
+                    for row in event_rows(kind, conv, m.to_dict()):
+                        events += row
+            if events:
+                _write_rows(db, _INSERT_OUTBOX, 6, events, _OUTBOX_ROWS)
         if own:
             rows: list[Any] = []
             for (group_id, sender), seq in own.items():
