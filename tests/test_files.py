@@ -5,6 +5,7 @@ an upload's memory, and the stores' upgrade to files."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 from collections.abc import AsyncIterator
@@ -71,7 +72,9 @@ async def post(
 ) -> httpx.Response:
     headers = {"content-type": content_type, **(bearer(im) if im is not None else {})}
     async with httpx.AsyncClient(base_url=base(server), timeout=WAIT) as http:
-        return await http.post("/api/v1/files", params={"name": name}, headers=headers, content=body)
+        return await http.post(
+            "/api/v1/files", params={"name": name}, headers=headers, content=body
+        )
 
 
 async def get(server: Server, im: IMClient | None, path: str) -> httpx.Response:
@@ -295,7 +298,7 @@ async def test_a_large_upload_is_streamed_not_held_in_memory(tmp_path: Path) -> 
 
 
 async def test_cluster_a_file_uploaded_on_one_node_is_served_by_another(
-    redis_prefix: str, pg_dsn: str, tmp_path: Path  # noqa: F811
+    redis_prefix: str, pg_dsn: str, tmp_path: Path
 ) -> None:
     limits = {"max_file_size": 2_000_000, "file_chunk_size": 64 * 1024}
     async with node_maker(redis_prefix, pg_dsn) as make:
@@ -395,7 +398,7 @@ async def test_sqlite_upgrades_a_database_of_the_previous_version_to_files(
 
 
 async def test_postgresql_upgrades_a_database_of_the_previous_version_to_files(
-    pg_dsn: str,  # noqa: F811
+    pg_dsn: str,
 ) -> None:
     previous = _before_files(pg.MIGRATIONS)
     con = await asyncpg.connect(pg_dsn)
@@ -439,3 +442,102 @@ async def test_postgresql_upgrades_a_database_of_the_previous_version_to_files(
         assert not await files.may_read("cd" * 16, alice + 11)
     finally:
         await files.close()
+
+
+async def test_uploads_and_downloads_share_a_keep_alive_connection(
+    server: Server, clients: Clients
+) -> None:
+    alice = await clients.login("alice")
+    async with httpx.AsyncClient(base_url=base(server), timeout=WAIT, headers=bearer(alice)) as h:
+        up = "/api/v1/files?name=a.txt"
+        one = await h.post(up, headers={"content-type": "text/plain"}, content=b"one")
+        two = await h.post(up, headers={"content-type": "text/plain"}, content=b"two")
+        fid = two.json()["file_id"]
+        head = await h.head(f"/api/v1/files/{fid}")
+        assert head.status_code == 200 and head.headers["content-length"] == "3"
+        assert head.content == b""
+        assert (await h.get(f"/api/v1/files/{one.json()['file_id']}")).content == b"one"
+        assert (await h.get(f"/api/v1/files/{fid}")).content == b"two"
+        error(await h.post(f"/api/v1/files/{fid}"), 405, codes.METHOD_NOT_ALLOWED)
+
+
+async def test_an_upload_that_stalls_is_timed_out_and_leaves_nothing(tmp_path: Path) -> None:
+    async with (
+        im_server(tmp_path, file_upload_timeout=0.5) as server,
+        clients_of(server) as clients,
+    ):
+        alice = await clients.login("alice")
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(server))
+        writer.write(
+            b"POST /api/v1/files?name=slow.txt HTTP/1.1\r\nHost: x\r\n"
+            b"Authorization: Bearer " + (alice.token or "").encode() + b"\r\n"
+            b"Content-Type: text/plain\r\nContent-Length: 100000\r\n\r\n" + b"s" * 9000
+        )
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), WAIT)  # until the server closes
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 408 "), answer[:80]
+        assert b'"upload_timeout"' in answer
+        assert stored_names(tmp_path) == []  # removed before the answer
+
+
+async def test_a_file_message_is_checked_against_the_stored_file(
+    server: Server, clients: Clients
+) -> None:
+    """What the core's type validator hook calls for "file" and "image" messages, and
+    the reference it records once such a message is stored."""
+    alice, bob = [await clients.login(n) for n in ("alice", "bob")]
+    assert alice.user and bob.user
+    files = files_of(server)
+    text = (await post(server, alice, b"report", "text/plain", "r.txt")).json()
+    image = (await post(server, alice, png(30, 20), "image/png", "p.png")).json()
+
+    class Session:  # what the hook hands over: the sender's session
+        def __init__(self, user_id: int | None) -> None:
+            self.user_id = user_id
+
+    await files.validate_file(Session(alice.user.id), text)
+    await files.validate_image(Session(alice.user.id), image)
+    await files.validate_file(Session(alice.user.id), {"file_id": text["file_id"]})
+    refusals = [
+        (Session(bob.user.id), text, codes.FORBIDDEN),  # not bob's upload
+        (Session(None), text, codes.UNAUTHENTICATED),
+        (Session(alice.user.id), {**text, "size": 1}, codes.BAD_FIELDS),
+        (Session(alice.user.id), {**text, "name": "other.txt"}, codes.BAD_FIELDS),
+        (Session(alice.user.id), {**image, "width": 31}, codes.BAD_FIELDS),
+        (Session(alice.user.id), {"file_id": "x"}, codes.BAD_FIELDS),
+        (Session(alice.user.id), {}, codes.BAD_FIELDS),
+        (Session(alice.user.id), {"file_id": "f" * 32}, codes.NOT_FOUND),
+    ]
+    for session, fields, code in refusals:
+        with pytest.raises(RequestError) as info:
+            await files.validate_file(session, fields)
+        assert info.value.code == code, (fields, info.value)
+    with pytest.raises(RequestError) as info:
+        await files.validate_image(Session(alice.user.id), text)  # a text file
+    assert info.value.code == codes.BAD_FIELDS
+    # Stored: bob, in the conversation, may read it.
+    path = f"/api/v1/files/{image['file_id']}"
+    error(await get(server, bob, path), 403, codes.FORBIDDEN)
+    ack = await alice.send_p2p(bob.user.id, "[image] p.png")
+    conv = conversation("p2p", alice.user.id, bob.user.id)
+    await files.message_stored(conv, ack.msg_id, image)
+    assert (await get(server, bob, path)).status_code == 200
+
+
+async def test_send_file_uploads_and_sends_a_typed_message(
+    server: Server, clients: Clients, tmp_path: Path
+) -> None:
+    alice, bob = [await clients.login(n) for n in ("alice", "bob")]
+    assert bob.user
+    inbox: asyncio.Queue[Any] = asyncio.Queue()
+    bob.on_message(inbox.put_nowait)
+    (tmp_path / "dot.png").write_bytes(png(3, 2))
+    ack, info = await alice.send_file(str(tmp_path / "dot.png"), to=bob.user.id)
+    assert (info["width"], info["height"]) == (3, 2)
+    got = await asyncio.wait_for(inbox.get(), WAIT)
+    assert got.msg_id == ack.msg_id and got.text == f"[image] dot.png ({info['size']} bytes)"
+    with pytest.raises(RequestError) as refused:  # a type the allow list refuses: no send
+        await alice.send_file(str(tmp_path / "dot.png"), to=bob.user.id, content_type="x/y")
+    assert refused.value.code == codes.BAD_CONTENT_TYPE
+    assert inbox.empty()

@@ -83,6 +83,7 @@ class codes:
     BODY_TOO_LARGE = "body_too_large"
     QUOTA_EXCEEDED = "quota_exceeded"  # an upload past the user's file quota
     BAD_CONTENT_TYPE = "bad_content_type"  # an upload's type not allowed, or not its bytes
+    UPLOAD_TIMEOUT = "upload_timeout"  # an upload's body took over file_upload_timeout
     # Why the server closes a connection (an Error push, request id 0, just before).
     IDLE_TIMEOUT = "idle_timeout"
     FRAME_TIMEOUT = "frame_timeout"

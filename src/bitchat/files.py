@@ -565,6 +565,8 @@ class FileService:
         self.server = server
         self.settings: Settings = server.settings
         self.store = store
+        self._running: set[asyncio.Task[Any]] = set()
+        """Uploads being received: a stop waits for them to remove what a cut one wrote."""
         server.on_startup.append(self._start)
         server.on_shutdown.append(self._stop)
 
@@ -580,6 +582,10 @@ class FileService:
         warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
     async def _stop(self, server: Server) -> None:
+        # The HTTP connections closed first (their hook runs before this one), which
+        # cancelled their uploads; each removes what it wrote before the store closes.
+        if self._running:
+            await asyncio.wait(list(self._running), timeout=self.settings.shutdown_grace)
         await self.store.close()
 
     async def check_start(self, owner_id: int, declared: int | None) -> None:
@@ -606,6 +612,10 @@ class FileService:
         s = self.settings
         name = check_name(name)
         claim = claimed_type(content_type, s.file_types)
+        task = asyncio.current_task()
+        if task is not None:
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
         await self.check_start(owner_id, declared)
         used = await self.store.used(owner_id)
         file_id = new_file_id()
@@ -690,21 +700,51 @@ class FileService:
         the conversation's members may read it)."""
         await self.store.add_ref(file_id, conv, msg_id)
 
-    async def check_fields(self, owner_id: int, fields: dict[str, Any]) -> FileInfo:
-        """The stored file a file/image message's ``fields`` describe, when they agree
-        with it and the sender uploaded it; else RequestError (bad_fields semantics)."""
+    async def check_fields(
+        self, owner_id: int, fields: dict[str, Any], *, image: bool = False
+    ) -> FileInfo:
+        """The stored file a file (or, with ``image``, image) message's ``fields``
+        describe: it exists, ``owner_id`` uploaded it, and what the fields say of it
+        (name, size, content_type, width, height) is true. Else RequestError:
+        ``bad_fields``, ``not_found``, ``forbidden``."""
         fid = fields.get("file_id")
-        info = await self.store.get(fid) if isinstance(fid, str) and is_file_id(fid) else None
+        if not isinstance(fid, str) or not is_file_id(fid):
+            raise RequestError(codes.BAD_FIELDS, "fields.file_id must be a file's id")
+        info = await self.store.get(fid)
         if info is None:
             raise RequestError(codes.NOT_FOUND, "no such file")
         if info.owner_id != owner_id:
             raise RequestError(
                 codes.FORBIDDEN, "a message can only carry a file its sender uploaded"
             )
-        for key in ("size", "content_type"):
+        if image and not info.width:
+            raise RequestError(codes.BAD_FIELDS, "an image message needs an image file")
+        for key in ("name", "size", "content_type", "width", "height"):
             if key in fields and fields[key] != getattr(info, key):
-                raise RequestError(codes.INVALID_PACKET, f"fields.{key} does not match the file")
+                raise RequestError(codes.BAD_FIELDS, f"fields.{key} does not match the file")
         return info
+
+    async def validate_file(self, session: Any, fields: dict[str, Any]) -> None:
+        """The validator of type "file" (``IMService.type_validator("file", ...)``)."""
+        await self.check_fields(_sender(session), fields)
+
+    async def validate_image(self, session: Any, fields: dict[str, Any]) -> None:
+        """The validator of type "image"."""
+        await self.check_fields(_sender(session), fields, image=True)
+
+    async def message_stored(self, conv: str, msg_id: int, fields: dict[str, Any]) -> None:
+        """Record the reference of a stored file/image message (its ``fields`` were
+        validated): from now on its conversation's members may read the file."""
+        fid = fields.get("file_id")
+        if isinstance(fid, str) and is_file_id(fid):
+            await self.add_ref(fid, conv, msg_id)
+
+
+def _sender(session: Any) -> int:
+    user_id = getattr(session, "user_id", None)
+    if not isinstance(user_id, int):
+        raise RequestError(codes.UNAUTHENTICATED, "log in first")
+    return user_id
 
 
 def _too_large(limit: int) -> RequestError:

@@ -580,6 +580,34 @@ class IMClient:
             url, token, path, content_type=content_type, tls=self.client.ssl
         )
 
+    async def send_file(
+        self,
+        path: str,
+        to: int = 0,
+        group_id: int = 0,
+        *,
+        text: str = "",
+        content_type: str | None = None,
+    ) -> tuple[SendAck, dict[str, Any]]:
+        """Upload the file at ``path`` and send a message of type "image" (an image
+        the server could read) or "file" referring to it, to user ``to`` or group
+        ``group_id``; the message's ack and the file's info. ``text`` is the fallback
+        clients that do not know the type show (default: ``[file] name (size bytes)``)."""
+        from bitchat.im import files_client
+
+        if bool(to) == bool(group_id):
+            raise UsageError("send_file() takes either to or group_id")
+        info = await self.upload_file(path, content_type)
+        kind, fields = files_client.message_fields(info)
+        text = text or f"[{kind}] {info['name']} ({info['size']} bytes)"
+        cmid = new_client_msg_id()
+        packet: Packet = (
+            SendGroup(group_id, text, cmid, type=kind, fields=fields)
+            if group_id
+            else SendP2P(to, text, cmid, type=kind, fields=fields)
+        )
+        return await self._send(packet, 3, None), info
+
     async def download_file(
         self, file_id: str, folder: str = ".", *, thumbnail: bool = False
     ) -> str:

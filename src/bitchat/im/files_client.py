@@ -11,6 +11,7 @@ import contextlib
 import mimetypes
 import os
 import ssl
+import tempfile
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import unquote
@@ -62,17 +63,39 @@ async def upload(
         "content-type": content_type or guess_type(path),
         "content-length": str(size),
     }
-    async with httpx.AsyncClient(verify=tls or True, timeout=timeout) as http:
-        r = await http.post(
-            url + PATH,
-            params={"name": os.path.basename(path)},
-            headers=headers,
-            content=_read(path),
-        )
+    try:
+        async with httpx.AsyncClient(verify=tls or True, timeout=timeout) as http:
+            r = await http.post(
+                url + PATH,
+                params={"name": os.path.basename(path)},
+                headers=headers,
+                content=_read(path),
+            )
+    except httpx.HTTPError as exc:
+        raise _failed(exc) from None
     if r.status_code != 201:
         raise _error(r)
     out: dict[str, Any] = r.json()
     return out
+
+
+def message_fields(info: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The type ("image" or "file") and fields of a message referring to an upload
+    (``info``, the upload's answer)."""
+    keys = ["file_id", "name", "size", "content_type"]
+    if info.get("width"):
+        return "image", {k: info[k] for k in (*keys, "width", "height")}
+    return "file", {k: info[k] for k in keys}
+
+
+def file_of(m: Any) -> dict[str, Any] | None:
+    """The fields of a received file or image message (a ChatMessage), else None."""
+    fields = getattr(m, "fields", None)
+    if getattr(m, "type", "") not in ("file", "image") or not isinstance(fields, dict):
+        return None
+    if not isinstance(fields.get("file_id"), str):
+        return None
+    return fields
 
 
 def _filename(disposition: str, fallback: str) -> str:
@@ -109,6 +132,25 @@ async def download(
     the path written."""
     target = f"{url}{PATH}/{file_id}" + ("/thumbnail" if thumbnail else "")
     os.makedirs(folder, exist_ok=True)
+    try:
+        return await _download(target, token, file_id, folder, thumbnail, tls, timeout)
+    except httpx.HTTPError as exc:
+        raise _failed(exc) from None
+
+
+def _failed(exc: httpx.HTTPError) -> RequestError:
+    return RequestError(codes.UNAVAILABLE, f"the file transfer failed: {exc or type(exc).__name__}")
+
+
+async def _download(
+    target: str,
+    token: str,
+    file_id: str,
+    folder: str,
+    thumbnail: bool,
+    tls: ssl.SSLContext | None,
+    timeout: float,
+) -> str:
     async with (
         httpx.AsyncClient(verify=tls or True, timeout=timeout) as http,
         http.stream("GET", target, headers={"authorization": f"Bearer {token}"}) as r,
@@ -119,9 +161,9 @@ async def download(
         name = _filename(r.headers.get("content-disposition", ""), file_id)
         if thumbnail:
             name = "thumbnail-" + name
-        tmp = os.path.join(folder, f".{file_id}.part")
+        fd, tmp = tempfile.mkstemp(prefix=f".{file_id}.", suffix=".part", dir=folder)
         try:
-            with open(tmp, "wb") as fh:
+            with os.fdopen(fd, "wb") as fh:
                 async for chunk in r.aiter_bytes(_CHUNK):
                     fh.write(chunk)
             path = _free_path(folder, name)

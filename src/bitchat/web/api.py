@@ -65,6 +65,7 @@ STATUS: dict[str, int] = {
     codes.BODY_TOO_LARGE: 413,
     codes.QUOTA_EXCEEDED: 413,
     codes.BAD_CONTENT_TYPE: 415,
+    codes.UPLOAD_TIMEOUT: 408,
     codes.RATE_LIMITED: 429,
     codes.LOGIN_THROTTLED: 429,
     codes.INTERNAL: 500,

@@ -87,6 +87,9 @@ class Upload:
         self._buffered = 0
         self._ended = False
         self._wake = asyncio.Event()
+        self.refusal: api.ApiReply | None = None
+        """Set when the connection refused the upload (too large, too slow): its answer,
+        sent once the task (cancelled) removed what it wrote."""
         self.paused = False
         """Reading stopped because the store is behind (``high_water`` bytes buffered)."""
         self.task: asyncio.Task[api.ApiReply] = asyncio.get_running_loop().create_task(self._run())

@@ -238,6 +238,8 @@ class HttpConnection(asyncio.Protocol):
                     )
             elif isinstance(event, h11.Data):
                 self._body_size += len(event.data)
+                if self._upload is not None and self._upload.refusal is not None:
+                    return  # being refused: nothing more is read
                 if self._body_size > self._body_limit:
                     self._too_large()
                     return
@@ -260,14 +262,10 @@ class HttpConnection(asyncio.Protocol):
                 return
 
     def _too_large(self) -> None:
-        upload, self._upload = self._upload, None
-        if upload is not None:
-            upload.task.cancel()  # what it wrote is removed
+        if self._upload is not None:
             limit = self.settings.max_file_size
-            self._fail(
-                413,
-                "the file is too large",
-                reply=api.error_reply(codes.BODY_TOO_LARGE, f"files are limited to {limit} bytes"),
+            self._refuse_upload(
+                api.error_reply(codes.BODY_TOO_LARGE, f"files are limited to {limit} bytes")
             )
             return
         if self._body is None:
@@ -383,13 +381,27 @@ class HttpConnection(asyncio.Protocol):
         self._arm_timer(self.settings.file_upload_timeout)
         return True
 
+    def _refuse_upload(self, reply: api.ApiReply) -> None:
+        """Stop the upload being read; answer ``reply`` once it removed what it wrote."""
+        upload = self._upload
+        assert upload is not None
+        if upload.refusal is None:
+            upload.refusal = reply
+            self.pause_for_upload()
+            upload.task.cancel()
+
     def _upload_done(self, upload: files_http.Upload, task: asyncio.Task[api.ApiReply]) -> None:
         # Done before its body ended: refused (not authenticated, over a limit, a wrong
-        # type). Answer now and close, rather than read the rest for nothing.
-        if self._done or task.cancelled() or self._upload is not upload:
+        # type, too slow). Answer now and close, rather than read the rest for nothing.
+        # Cancelled or not, the task is done only once it removed what it wrote, so the
+        # answer never comes before the cleanup.
+        if self._done or self._upload is not upload:
             return
         self._upload = None
-        reply = task.result()
+        reply = upload.refusal if task.cancelled() else task.result()
+        if reply is None:  # pragma: no cover - only a refusal cancels an upload here
+            self.abort()
+            return
         self._fail(reply.status, "upload refused", reply=reply)
 
     def pause_for_upload(self) -> None:
@@ -598,6 +610,9 @@ class HttpConnection(asyncio.Protocol):
     def _timed_out(self) -> None:
         self._timer = None
         if self._done:
+            return
+        if self._upload is not None:
+            self._refuse_upload(api.error_reply(codes.UPLOAD_TIMEOUT, "the upload took too long"))
             return
         if self.conn.their_state is h11.IDLE and not self.conn.trailing_data[0]:
             self.close()  # an idle keep-alive connection: nothing to say
