@@ -24,9 +24,15 @@ from playwright.async_api import Browser, expect
 expect.set_options(timeout=WAIT_MS)
 
 
+def msg(user: PageUser, text: str) -> Any:
+    """The message whose own text (not a quote of it) has ``text``."""
+    own = user.page.locator("div.text").filter(has_text=text)
+    return user.page.get_by_test_id("message").filter(has=own)
+
+
 async def menu(user: PageUser, text: str, item: str, **attrs: str) -> None:
     """Open the menu of the message showing ``text`` and click ``item`` (a test id)."""
-    row = user.message(text)
+    row = msg(user, text)
     await row.hover()
     await row.get_by_test_id("msg-menu").click()
     entry = row.get_by_test_id("menu").get_by_test_id(item)
@@ -37,7 +43,7 @@ async def menu(user: PageUser, text: str, item: str, **attrs: str) -> None:
 
 
 def reaction(user: PageUser, text: str, emoji: str) -> Any:
-    return user.message(text).locator(f"[data-testid=reaction][data-emoji='{emoji}']")
+    return msg(user, text).locator(f"[data-testid=reaction][data-emoji='{emoji}']")
 
 
 async def test_react_reply_edit_recall_across_two_tabs(server: Server, browser: Browser) -> None:
@@ -48,7 +54,7 @@ async def test_react_reply_edit_recall_across_two_tabs(server: Server, browser: 
     await ask_dialog(alice.page, "+ Message", "2", "Open")
     await alice.say("see you at noon")
     await bob.open_chat("alice")
-    await expect(bob.message("see you at noon")).to_have_count(1)
+    await expect(msg(bob, "see you at noon")).to_have_count(1)
 
     # bob reacts from the menu: both tabs count one, and say who on hover.
     await menu(bob, "see you at noon", "menu-react", emoji="👍")
@@ -80,9 +86,9 @@ async def test_react_reply_edit_recall_across_two_tabs(server: Server, browser: 
     await expect(box).to_have_value("see you at noon")
     await box.fill("see you at one")
     await box.press("Enter")
-    edited = bob.message("see you at one")
+    edited = msg(bob, "see you at one")
     await expect(edited.get_by_test_id("edited")).to_have_text("edited")
-    await expect(alice.message("see you at one").get_by_test_id("edited")).to_have_count(1)
+    await expect(msg(alice, "see you at one").get_by_test_id("edited")).to_have_count(1)
     await expect(bob.message("works for me").get_by_test_id("quote")).to_have_text(
         "alicesee you at one"
     )
@@ -93,7 +99,7 @@ async def test_react_reply_edit_recall_across_two_tabs(server: Server, browser: 
     await menu(alice, "see you at one", "menu-recall")
     for user in (alice, bob):
         await expect(user.page.get_by_test_id("recalled")).to_have_text("message recalled")
-        await expect(user.message("see you at one")).to_have_count(0)
+        await expect(msg(user, "see you at one")).to_have_count(0)
         await expect(user.message("works for me").get_by_test_id("quote")).to_contain_text(
             "message recalled"
         )
@@ -102,7 +108,7 @@ async def test_react_reply_edit_recall_across_two_tabs(server: Server, browser: 
     await bob.say("one more")
     await alice.page.get_by_label("Message").fill("")
     await alice.say("and mine")
-    row = bob.message("and mine")
+    row = msg(bob, "and mine")
     await row.hover()
     await row.get_by_test_id("msg-menu").click()
     await expect(row.get_by_test_id("menu-reply")).to_have_count(1)
@@ -139,7 +145,7 @@ async def test_mentions_completion_badge_and_an_admins_recall(
 
     # alice types "@b": the members whose name starts so are offered; Enter takes one.
     await alice.open_chat("moon")
-    await expect(alice.message("hello moon")).to_have_count(1)
+    await expect(msg(alice, "hello moon")).to_have_count(1)
     box = alice.page.get_by_label("Message")
     await box.fill("")
     await box.press_sequentially("look @b")
@@ -165,6 +171,6 @@ async def test_mentions_completion_badge_and_an_admins_recall(
     # alice owns the group: she may recall bob's message, from its menu.
     await menu(alice, "hello moon", "menu-recall")
     await expect(bob.page.get_by_test_id("recalled")).to_have_text("message recalled")
-    await expect(bob.message("hello moon")).to_have_count(0)
+    await expect(msg(bob, "hello moon")).to_have_count(0)
     for user in (alice, bob):
         await user.close()

@@ -56,6 +56,7 @@ const blobs = new Map(); // '<file_id>' or '<file_id>/thumbnail' -> {url} | {err
 
 const QUICK_EMOJI = ['👍', '❤️', '😂', '😮', '😢', '🎉'];
 const SNIPPET = 80; // characters of a quoted message shown
+const MENU_ROOM_PX = 240; // a message's menu opens above it when there is this much room
 
 const $ = (id) => document.getElementById(id);
 const el = (tag, className, text) => {
@@ -1415,7 +1416,7 @@ function renderConversation(opts) {
       more.dataset.testid = 'msg-menu';
       more.title = 'More';
       more.setAttribute('aria-label', 'More actions');
-      more.addEventListener('click', (event) => { event.stopPropagation(); toggleMenu(m); });
+      more.addEventListener('click', (event) => { event.stopPropagation(); toggleMenu(m, more); });
       row.append(more);
       if (state.menuFor === idKey(m.msg_id)) {
         row.classList.add('menu-open');
@@ -1590,14 +1591,18 @@ function canRecall(conv, m) {
   return conv.kind === 'group' && rank(state.groups.get(conv.id)?.role) > 0;
 }
 
-function toggleMenu(m) {
+// Opens (or closes) a message's menu: above the message, or below it when there is no room
+// above in the conversation's view.
+function toggleMenu(m, button) {
   const key = idKey(m.msg_id);
   state.menuFor = state.menuFor === key ? null : key;
+  const room = button.getBoundingClientRect().top - $('messages').getBoundingClientRect().top;
+  state.menuBelow = room < MENU_ROOM_PX;
   render();
 }
 
 function messageMenu(conv, m) {
-  const menu = el('div', 'msg-menu');
+  const menu = el('div', state.menuBelow ? 'msg-menu below' : 'msg-menu');
   menu.dataset.testid = 'menu';
   menu.setAttribute('role', 'menu');
   const item = (text, testid, onClick, danger = false) => {
