@@ -179,6 +179,36 @@ async def test_refusals_each_have_a_code_and_change_nothing(
 
 
 @pytest.mark.parametrize("mode", MODES)
+async def test_unread_counts_messages_not_events(
+    request: pytest.FixtureRequest, tmp_path: Path, mode: str
+) -> None:
+    async with deployment(request, tmp_path) as d:
+        alice = await d.login(0, "alice", "a1")
+        bob = await d.login(1, "bob", "b1")
+        one = await alice.send_p2p(uid(bob), "one")
+        await alice.edit(one.msg_id, "one!")
+        await alice.react(one.msg_id, "🎉")
+        two = await alice.send_p2p(uid(bob), "two")
+        await alice.recall(two.msg_id)
+        three = await alice.send_p2p(uid(bob), "three")
+        entry = (await conversations(bob))[0]
+        assert (entry["last_seq"], entry["unread"]) == (6, 3)
+        assert (await conversations(alice))[0]["unread"] == 0  # sending reads
+        state = await bob.mark_read(peer_id=uid(alice), seq=one.seq)
+        assert state.unread == 2
+        state = await bob.mark_read(peer_id=uid(alice), seq=3)  # the react event
+        assert state.unread == 2
+        page = await history_of(bob, peer_id=uid(alice))
+        assert [page[m.msg_id].no for m in (one, two, three)] == [1, 2, 3]
+        g = (await alice.create_group("sun")).group_id
+        await bob.join_group(g)
+        said = await alice.send_group(g, "hey")
+        await alice.edit(said.msg_id, "hey!")
+        entry = next(c for c in await conversations(bob) if c["group_id"] == g)
+        assert entry["unread"] == 1
+
+
+@pytest.mark.parametrize("mode", MODES)
 async def test_windows_come_from_the_settings(
     request: pytest.FixtureRequest, tmp_path: Path, mode: str
 ) -> None:

@@ -118,7 +118,7 @@ def _message_row(m: Message) -> list[Any]:
         # A lively message or event: what it carries beyond a plain message, in
         # Message's field order (a plain one keeps its short row).
         row += [0, m.conv, m.op, m.target, m.type, m.fields, m.reply_to, m.edited_at]
-        row += [m.recalled, m.reacts, m.mentions, m.extra]
+        row += [m.recalled, m.reacts, m.mentions, m.no, m.extra]
     return row
 
 

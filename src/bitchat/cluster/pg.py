@@ -61,6 +61,7 @@ from bitchat.im.centers import (
     first_of_each,
     id_order,
     make_blocks,
+    message_counts,
     number,
     p2p_pair,
     read_offsets,
@@ -358,6 +359,10 @@ MIGRATIONS: list[Migration] = [
     ALTER TABLE messages ADD COLUMN recalled INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE messages ADD COLUMN reacts INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE messages ADD COLUMN mentions TEXT NOT NULL DEFAULT '';
+    ALTER TABLE messages ADD COLUMN no BIGINT NOT NULL DEFAULT 0;
+    UPDATE messages SET no = seq;
+    ALTER TABLE conversations ADD COLUMN last_no BIGINT NOT NULL DEFAULT 0;
+    UPDATE conversations SET last_no = last_seq;
     CREATE TABLE mentions (
         user_id BIGINT NOT NULL,
         conv TEXT NOT NULL,
@@ -1610,7 +1615,7 @@ _INSERT_MESSAGES = (
     f"INSERT INTO messages ({sql.INSERT_COLUMNS}) SELECT * FROM unnest($1::bigint[], "
     "$2::text[], $3::text[], $4::bigint[], $5::text[], $6::bigint[], $7::text[], "
     "$8::bigint[], $9::text[], $10::bigint[], $11::bigint[], $12::text[], $13::bigint[], "
-    "$14::text[], $15::text[], $16::bigint[], $17::bigint[], $18::text[]) "
+    "$14::text[], $15::text[], $16::bigint[], $17::bigint[], $18::text[], $19::bigint[]) "
     "ON CONFLICT DO NOTHING RETURNING id"
 )
 # One row lock per conversation, taken in key order, held to the commit: nodes
@@ -1618,16 +1623,17 @@ _INSERT_MESSAGES = (
 # proposed lo_read / hi_read are the places (from 1) of each side's last message
 # among the batch's: its seq is the old last_seq plus that (SET sees the old row).
 _BUMP_CONVERSATIONS = (
-    "INSERT INTO conversations AS c (conv, last_seq, lo, hi, last_id, lo_read, hi_read) "
-    "SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], "
-    "$5::bigint[], $6::bigint[], $7::bigint[]) "
+    "INSERT INTO conversations AS c (conv, last_seq, lo, hi, last_id, lo_read, hi_read, "
+    "last_no) SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], "
+    "$5::bigint[], $6::bigint[], $7::bigint[], $8::bigint[]) "
     "ON CONFLICT (conv) DO UPDATE SET last_seq = c.last_seq + excluded.last_seq, "
+    "last_no = c.last_no + excluded.last_no, "
     "last_id = GREATEST(c.last_id, excluded.last_id), "
     "lo_read = CASE WHEN excluded.lo_read > 0 "
     "THEN GREATEST(c.lo_read, c.last_seq + excluded.lo_read) ELSE c.lo_read END, "
     "hi_read = CASE WHEN excluded.hi_read > 0 "
     "THEN GREATEST(c.hi_read, c.last_seq + excluded.hi_read) ELSE c.hi_read END "
-    "RETURNING conv, last_seq"
+    "RETURNING conv, last_seq, last_no"
 )
 # Senders' read positions in groups (the conversations' locks, held, keep nodes from
 # updating the same members in two orders).
@@ -1848,17 +1854,17 @@ class PgMessageCenter(sql.SqlReads, MessageCenter):
             counts = conversation_counts(convs)
             order = id_order(msgs)
             reads = read_offsets(msgs, convs, order)
+            numbers = message_counts(msgs, convs)
             keys = list(counts)
-            last = {
-                r[0]: r[1]
-                for r in await con.fetch(
-                    _BUMP_CONVERSATIONS,
-                    keys,
-                    list(counts.values()),
-                    *([reads[c][k] for c in keys] for k in range(5)),
-                )
-            }
-            number(msgs, convs, counts, last, order)
+            bumped = await con.fetch(
+                _BUMP_CONVERSATIONS,
+                keys,
+                list(counts.values()),
+                *([reads[c][k] for c in keys] for k in range(5)),
+                [numbers.get(c, 0) for c in keys],
+            )
+            last = {r[0]: r[1] for r in bumped}
+            number(msgs, convs, counts, last, order, {r[0]: r[2] for r in bumped}, numbers)
             rows = await con.fetch(
                 _INSERT_MESSAGES,
                 [m.id for m in msgs],
@@ -1879,6 +1885,7 @@ class PgMessageCenter(sql.SqlReads, MessageCenter):
                 [m.reply_to for m in msgs],
                 [m.edited_at for m in msgs],
                 [m.mentions for m in msgs],
+                [m.no for m in msgs],
             )
             if len(rows) != len(msgs):
                 raise _Stored(f"{len(msgs) - len(rows)} of {len(msgs)} messages")

@@ -131,6 +131,9 @@ class Message:
     """How many distinct emoji it carries (a read looks up reactions only when some)."""
     mentions: str = ""
     """The ids a group message's ``@name`` words named, as JSON ("" for none)."""
+    no: int = 0
+    """Its number among the conversation's messages (1, 2, 3...); an event has the
+    number of the last message before it. Unread counts are differences of numbers."""
     extra: dict[str, Any] | None = None
     """What a read adds (``reactions``, ``reply``, ``mentions``); not a column."""
 
@@ -152,6 +155,7 @@ class Message:
             "ts": self.ts,
             "client_msg_id": self.client_msg_id,
             "seq": self.seq,
+            "no": self.no,
         }
         # Plain messages (the hot path) carry only the fields above.
         if (
@@ -198,9 +202,15 @@ class Conversation:
     last_message: Message | None
     mentions: int = 0
     """Unread messages that mention the user."""
+    last_no: int = -1
+    """The number of the conversation's last message (-1: unknown, counted by seq)."""
+    read_no: int = 0
+    """The number of the last message the user read."""
 
     @property
     def unread(self) -> int:
+        if self.last_no >= 0:  # messages, not the events between them
+            return max(0, self.last_no - self.read_no)
         return max(0, self.last_seq - self.read_seq)
 
     def to_dict(self) -> dict[str, Any]:
@@ -271,15 +281,35 @@ def number(
     counts: dict[str, int],
     last: dict[str, int],
     order: Sequence[int],
+    last_no: dict[str, int] | None = None,
+    message_counts: dict[str, int] | None = None,
 ) -> None:
     """Give the new messages of each conversation its next seqs, in id order
     (``order``): the conversation's ``counts[c]`` numbers up to ``last[c]`` (its
-    counter, moved on)."""
+    counter, moved on); and with ``last_no``, each message (not event) its number,
+    the conversation's ``message_counts[c]`` numbers up to ``last_no[c]``."""
     nxt = {c: last[c] - n + 1 for c, n in counts.items()}
     for i in order:
         c = convs[i]
         msgs[i].seq = nxt[c]
         nxt[c] += 1
+    if last_no is None or message_counts is None:
+        return
+    no = {c: last_no[c] - message_counts.get(c, 0) for c in counts}
+    for i in order:
+        c, m = convs[i], msgs[i]
+        if not m.op:
+            no[c] += 1
+        m.no = no[c]
+
+
+def message_counts(msgs: Sequence[Message], convs: Sequence[str]) -> dict[str, int]:
+    """How many of a batch's rows in each conversation are messages (not events)."""
+    out: dict[str, int] = {}
+    for m, c in zip(msgs, convs, strict=True):
+        if not m.op:
+            out[c] = out.get(c, 0) + 1
+    return out
 
 
 class AckJob:
@@ -657,6 +687,10 @@ class MessageCenter(abc.ABC):
 
     async def hidden_of(self, user_id: int, limit: int) -> list[int]:
         """The user's most recently hidden messages."""
+        raise NotImplementedError
+
+    async def unread(self, conv: str, read_seq: int) -> int:
+        """Messages (not events) of ``conv`` after ``read_seq``."""
         raise NotImplementedError
 
     async def start(self) -> None: ...  # noqa: B027 (optional hook)

@@ -977,7 +977,9 @@ class IMService:
             # Only members learn who read a group: not those who wrote there and left.
             members = set(await self.users.group_members(p.group_id))
             senders = [u for u in senders if u in members]
-        state = ReadState(p.peer_id, p.group_id, read_seq, max(0, last_seq - read_seq))
+        # What is left counts messages, not the events between them.
+        unread = await self.messages.unread(conv, read_seq) if last_seq > read_seq else 0
+        state = ReadState(p.peer_id, p.group_id, read_seq, unread)
         # The user's other devices clear their count; the senders learn it was read.
         self.connections.deliver_event(state, [user_id], exclude_session=session.id)
         if senders:

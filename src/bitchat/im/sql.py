@@ -82,12 +82,22 @@ SCHEMA: dict[str, tuple[str, ...]] = {
         "recalled",
         "reacts",
         "mentions",
+        "no",
     ),
     "mentions": ("user_id", "conv", "seq"),
     "message_versions": ("msg_id", "version", "text", "ts"),
     "reactions": ("msg_id", "user_id", "emoji", "ts"),
     "hidden": ("user_id", "msg_id", "ts"),
-    "conversations": ("conv", "last_seq", "lo", "hi", "last_id", "lo_read", "hi_read"),
+    "conversations": (
+        "conv",
+        "last_seq",
+        "lo",
+        "hi",
+        "last_id",
+        "lo_read",
+        "hi_read",
+        "last_no",
+    ),
     "cursors": ("user_id", "conv", "device", "seq"),
     "external_users": ("provider", "subject", "user_id", "created_at"),
     "files": (
@@ -181,13 +191,14 @@ MSG_COLUMNS = (
     "recalled",
     "reacts",
     "mentions",
+    "no",
 )
 """A message row, in the order of :class:`~bitchat.im.centers.Message`'s fields."""
 INSERT_COLUMNS = (
     "id, kind, conv, sender_id, sender_name, to_id, text, ts, client_msg_id, seq, device, "
-    "op, target, type, fields, reply_to, edited_at, mentions"
+    "op, target, type, fields, reply_to, edited_at, mentions, no"
 )
-"""The columns a store's batch insert writes, in this order (18)."""
+"""The columns a store's batch insert writes, in this order (19)."""
 _M = ", ".join("m." + c for c in MSG_COLUMNS)
 
 
@@ -199,8 +210,8 @@ def message(row: Sequence[Any]) -> Message:
 def conversation_row(row: Sequence[Any]) -> Conversation:
     """A conversation from a row of :data:`CONVERSATIONS`."""
     kind, peer, group_id, name, last_seq, read_seq, peer_read, peer_delivered, activity = row[:9]
-    mentioned = row[9]
-    last = row[10:]
+    mentioned, last_no, read_no = row[9:12]
+    last = row[12:]
     return Conversation(
         kind,
         peer,
@@ -213,6 +224,8 @@ def conversation_row(row: Sequence[Any]) -> Conversation:
         activity,
         message(last) if last[0] is not None else None,
         int(mentioned),
+        int(last_no),
+        int(read_no),
     )
 
 
@@ -227,11 +240,12 @@ USER_CONVS = (
     "CASE WHEN c.lo = :u THEN c.lo_read ELSE c.hi_read END AS read_seq, "
     "0 AS start_seq, CASE WHEN c.lo = :u THEN c.hi ELSE c.lo END AS peer, 0 AS grp, "
     "c.last_id AS activity, "
-    "CASE WHEN c.lo = :u THEN c.hi_read ELSE c.lo_read END AS peer_read "
+    "CASE WHEN c.lo = :u THEN c.hi_read ELSE c.lo_read END AS peer_read, "
+    "c.last_no AS last_no "
     "FROM conversations c WHERE c.lo = :u OR c.hi = :u "
     "UNION ALL "
     "SELECT 'g:' || gm.group_id, COALESCE(c.last_seq, 0), gm.read_seq, gm.start_seq, 0, "
-    "gm.group_id, GREATEST(COALESCE(c.last_id, 0), gm.joined_id), 0 "
+    "gm.group_id, GREATEST(COALESCE(c.last_id, 0), gm.joined_id), 0, COALESCE(c.last_no, 0) "
     "FROM group_members gm LEFT JOIN conversations c ON c.conv = 'g:' || gm.group_id "
     "WHERE gm.user_id = :u"
 )
@@ -275,6 +289,9 @@ CONVERSATIONS = (
     "FROM cursors k WHERE k.user_id = x.peer AND k.conv = x.conv), 0)) ELSE 0 END, "
     "x.activity, CASE WHEN x.grp = 0 THEN 0 ELSE (SELECT count(*) FROM mentions mm "
     "WHERE mm.user_id = :u AND mm.conv = x.conv AND mm.seq > x.read_seq) END, "
+    # The number at the read position: one index probe (unread = last_no - that).
+    "x.last_no, COALESCE((SELECT r.no FROM messages r WHERE r.conv = x.conv "
+    "AND r.seq = x.read_seq), 0), "
     f"{_M} "
     "FROM (" + USER_CONVS + ") x "
     "LEFT JOIN users u ON x.grp = 0 AND u.id = x.peer "
@@ -422,6 +439,10 @@ TARGET = f"SELECT {_COLS} FROM messages WHERE id = :id AND op = ''"
 VERSIONS = "SELECT text, ts FROM message_versions WHERE msg_id = :id ORDER BY version"
 REACTIONS_OF = "SELECT emoji, user_id FROM reactions WHERE msg_id = :id ORDER BY ts, user_id"
 HAS_REACTION = "SELECT count(*) FROM reactions WHERE msg_id = :id AND emoji = :e"
+UNREAD = (
+    "SELECT c.last_no - COALESCE((SELECT r.no FROM messages r WHERE r.conv = :c "
+    "AND r.seq = :s), 0) FROM conversations c WHERE c.conv = :c"
+)
 MENTION = "INSERT INTO mentions (user_id, conv, seq) VALUES (:u, :c, :s) ON CONFLICT DO NOTHING"
 HIDDEN_OF = "SELECT msg_id FROM hidden WHERE user_id = :u ORDER BY ts DESC LIMIT :limit"
 HIDE = (
@@ -567,6 +588,10 @@ class SqlReads:
     async def has_reaction(self, msg_id: int, emoji: str) -> bool:
         rows = await self._read("reading reactions", HAS_REACTION, id=msg_id, e=emoji)
         return bool(rows[0][0])
+
+    async def unread(self, conv: str, read_seq: int) -> int:
+        rows = await self._read("counting unread messages", UNREAD, c=conv, s=read_seq)
+        return max(0, int(rows[0][0])) if rows else 0
 
     async def hidden_of(self, user_id: int, limit: int) -> list[int]:
         """The user's most recently hidden messages."""

@@ -54,6 +54,7 @@ from bitchat.im.centers import (
     first_of_each,
     id_order,
     make_blocks,
+    message_counts,
     number,
     p2p_pair,
     read_offsets,
@@ -344,6 +345,10 @@ MIGRATIONS: list[Migration] = [
     ALTER TABLE messages ADD COLUMN recalled INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE messages ADD COLUMN reacts INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE messages ADD COLUMN mentions TEXT NOT NULL DEFAULT '';
+    ALTER TABLE messages ADD COLUMN no INTEGER NOT NULL DEFAULT 0;
+    UPDATE messages SET no = seq;
+    ALTER TABLE conversations ADD COLUMN last_no INTEGER NOT NULL DEFAULT 0;
+    UPDATE conversations SET last_no = last_seq;
     CREATE TABLE mentions (
         user_id INTEGER NOT NULL,
         conv TEXT NOT NULL,
@@ -1181,12 +1186,12 @@ _INSERT_OUTBOX = (
 )
 _OUTBOX_ROWS = 160
 """Outbox rows (6 values) per statement."""
-_MESSAGE_ROWS = 55
-"""Message rows per INSERT statement (18 variables each: under SQLite's oldest limit of 999)."""
+_MESSAGE_ROWS = 52
+"""Message rows per INSERT statement (19 variables each: under SQLite's oldest limit of 999)."""
 _PAIR_ROWS = 400
 """Rows of two values per statement."""
-_CONV_ROWS = 128
-"""Conversation rows (7 values) per statement."""
+_CONV_ROWS = 112
+"""Conversation rows (8 values) per statement."""
 _CURSOR_ROWS = 200
 """Cursor rows (4 values) per statement."""
 # Plain INSERT: retries are found before (a numbered row is never skipped silently).
@@ -1197,13 +1202,14 @@ _INSERT_MESSAGES = (
 # One row per conversation of a batch: its counter moves on by the batch's count, and a
 # sender's read position to their own last message (SET sees the row as it was).
 _BUMP_CONVERSATIONS = (
-    "INSERT INTO conversations (conv, last_seq, lo, hi, last_id, lo_read, hi_read) "
+    "INSERT INTO conversations (conv, last_seq, lo, hi, last_id, lo_read, hi_read, last_no) "
     "SELECT * FROM (VALUES {rows}) WHERE column1 IS NOT NULL "
     "ON CONFLICT (conv) DO UPDATE SET last_seq = last_seq + excluded.last_seq, "
+    "last_no = last_no + excluded.last_no, "
     "last_id = max(last_id, excluded.last_id), "
     "lo_read = CASE WHEN excluded.lo_read > 0 THEN last_seq + excluded.lo_read ELSE lo_read END, "
     "hi_read = CASE WHEN excluded.hi_read > 0 THEN last_seq + excluded.hi_read ELSE hi_read END "
-    "RETURNING conv, last_seq"
+    "RETURNING conv, last_seq, last_no"
 )
 _READ_OWN_GROUP = (
     "UPDATE group_members SET read_seq = max(read_seq, v.column3) "
@@ -1701,12 +1707,14 @@ class SqliteMessageCenter(sql.SqlReads, MessageCenter):
         counts = conversation_counts(convs)
         order = id_order(msgs)
         reads = read_offsets(msgs, convs, order)
+        numbers = message_counts(msgs, convs)
         flat_counts: list[Any] = []
         for c, n in counts.items():
             lo, hi, last_id, lo_off, hi_off = reads[c]
-            flat_counts += (c, n, lo, hi, last_id, lo_off, hi_off)
-        last = dict(_read_rows(db, _BUMP_CONVERSATIONS, 7, flat_counts, _CONV_ROWS))
-        number(msgs, convs, counts, last, order)
+            flat_counts += (c, n, lo, hi, last_id, lo_off, hi_off, numbers.get(c, 0))
+        bumped = _read_rows(db, _BUMP_CONVERSATIONS, 8, flat_counts, _CONV_ROWS)
+        last = {r[0]: r[1] for r in bumped}
+        number(msgs, convs, counts, last, order, {r[0]: r[2] for r in bumped}, numbers)
         flat: list[Any] = []
         own: dict[tuple[int, int], int] = {}
         changes: list[Message] = []
@@ -1730,6 +1738,7 @@ class SqliteMessageCenter(sql.SqlReads, MessageCenter):
                 m.reply_to,
                 m.edited_at,
                 m.mentions,
+                m.no,
             )
             if m.op or m.mentions:
                 changes.append(m)
@@ -1737,7 +1746,7 @@ class SqliteMessageCenter(sql.SqlReads, MessageCenter):
                 continue  # an event moves no read position
             if m.kind == "group" and own.get((m.to, m.sender_id), 0) < m.seq:
                 own[m.to, m.sender_id] = m.seq
-        _write_rows(db, _INSERT_MESSAGES, 18, flat, _MESSAGE_ROWS)
+        _write_rows(db, _INSERT_MESSAGES, 19, flat, _MESSAGE_ROWS)
         for m in changes:  # events: the change they make, in the same transaction
             for statement, params in sql.event_statements(m, self.keep_versions):
                 db.execute(statement, params)
