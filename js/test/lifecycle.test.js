@@ -47,6 +47,7 @@ test('edit, versions, reactions, a reply, a recall: each pushed as its event', a
   const sent = await alice.sendP2P({ to: bobId, text: 'lunch at noo' });
   const m = await got;
   assert.equal(m.op ?? '', '');
+  assert.equal(m.no, 1);
 
   // An edit: bob's `edit` event carries the new text; the sender keeps the old one.
   const edited = next(bob, 'edit');
@@ -101,6 +102,10 @@ test('edit, versions, reactions, a reply, a recall: each pushed as its event', a
   assert.equal(byId(page, reply.msg_id).reply.recalled, true);
   assert.equal(await refused(alice.edit(sent.msg_id, 'again')), 'recalled');
   assert.equal(await refused(bob.react(sent.msg_id, '👍')), 'recalled');
+  // Unread counts messages, not events: bob's reply read the conversation; alice's edit,
+  // reaction and recall since are no unread messages.
+  const conv = (await bob.conversations()).conversations.find((c) => c.peer_id === aliceId);
+  assert.equal(conv.unread, 0);
 });
 
 test('delete for me: gone from my history, my other device told; the other user keeps it', async () => {
