@@ -26,6 +26,8 @@ from bitchat.im import sql
 from bitchat.im import sqlite as store
 from bitchat.im.centers import conversation
 from bitchat.im.client import IMClient
+from bitchat.im.files_client import message_fields
+from bitchat.im.packets import SendAck, SendGroup, SendP2P
 from cluster_support import (  # noqa: F401 (fixtures)
     cluster_settings,
     node_maker,
@@ -42,6 +44,19 @@ def png(width: int, height: int, mode: str = "RGB") -> bytes:
     out = io.BytesIO()
     Image.new(mode, (width, height), (200, 30, 30) if mode == "RGB" else None).save(out, "PNG")
     return out.getvalue()
+
+
+async def send(im: IMClient, info: dict[str, Any], to: int = 0, group_id: int = 0) -> SendAck:
+    """Send a file/image message referring to the uploaded ``info``."""
+    kind, fields = message_fields(info)
+    packet = (
+        SendGroup(group_id, f"[{kind}]", type=kind, fields=fields)
+        if group_id
+        else SendP2P(to, f"[{kind}]", type=kind, fields=fields)
+    )
+    ack = await im.client.request(packet)
+    assert isinstance(ack, SendAck)
+    return ack
 
 
 def files_of(server: Server) -> FileService:
@@ -125,8 +140,7 @@ async def test_upload_then_only_the_uploader_and_the_conversation_may_download(
     error(await get(server, bob, f"/api/v1/files/{fid}"), 403, codes.FORBIDDEN)
     # A message of alice to bob refers to it: bob may, carol (in no such conversation) not.
     assert alice.user and bob.user
-    ack = await alice.send_p2p(bob.user.id, "[file] notes.txt")
-    await files_of(server).add_ref(fid, conversation("p2p", alice.user.id, bob.user.id), ack.msg_id)
+    await send(alice, info, to=bob.user.id)
     saved = await bob.download_file(fid, str(tmp_path / "bob"))
     assert Path(saved).read_bytes() == source.read_bytes()
     again = await bob.download_file(fid, str(tmp_path / "bob"))
@@ -138,8 +152,7 @@ async def test_upload_then_only_the_uploader_and_the_conversation_may_download(
     # A group member may once a group message refers to it.
     group = await alice.create_group("team")
     await alice.add_member(group.group_id, carol.user.id if carol.user else 0)
-    gack = await alice.send_group(group.group_id, "[file] notes.txt")
-    await files_of(server).add_ref(fid, f"g:{group.group_id}", gack.msg_id)
+    await send(alice, info, group_id=group.group_id)
     assert (await get(server, carol, f"/api/v1/files/{fid}")).content == source.read_bytes()
 
 
@@ -322,10 +335,12 @@ async def _cluster_round(a: Server, b: Server, tmp_path: Path) -> None:
         raw = await alice.upload_file(str(tmp_path / "blob.bin"))
         error(await get(b, bob, f"/api/v1/files/{info['file_id']}"), 403, codes.FORBIDDEN)
         assert alice.user and bob.user
-        ack = await alice.send_p2p(bob.user.id, "[image] photo.png")
-        conv = conversation("p2p", alice.user.id, bob.user.id)
-        await files_of(a).add_ref(info["file_id"], conv, ack.msg_id)
-        await files_of(a).add_ref(raw["file_id"], conv, ack.msg_id)
+        inbox: asyncio.Queue[Any] = asyncio.Queue()
+        bob.on_message(inbox.put_nowait)
+        ack = await send(alice, info, to=bob.user.id)  # checked and recorded on node A
+        await send(alice, raw, to=bob.user.id)
+        got = await asyncio.wait_for(inbox.get(), WAIT)  # pushed through node B
+        assert got.msg_id == ack.msg_id and got.type == "image"
         saved = await bob.download_file(info["file_id"], str(tmp_path / "bob"))
         assert Path(saved).read_bytes() == data
         saved = await bob.download_file(raw["file_id"], str(tmp_path / "bob"))
@@ -516,13 +531,35 @@ async def test_a_file_message_is_checked_against_the_stored_file(
     with pytest.raises(RequestError) as info:
         await files.validate_image(Session(alice.user.id), text)  # a text file
     assert info.value.code == codes.BAD_FIELDS
-    # Stored: bob, in the conversation, may read it.
+    # Through the wire: a message with someone else's file, or fields that lie, is
+    # refused and nothing is sent; a good one lets the conversation read the file.
     path = f"/api/v1/files/{image['file_id']}"
     error(await get(server, bob, path), 403, codes.FORBIDDEN)
-    ack = await alice.send_p2p(bob.user.id, "[image] p.png")
+    fields = {k: image[k] for k in ("file_id", "name", "size", "content_type")}
+    with pytest.raises(RequestError) as info:
+        await bob.client.request(SendP2P(alice.user.id, "mine?", type="image", fields=fields))
+    assert info.value.code == codes.FORBIDDEN
+    with pytest.raises(RequestError) as info:
+        await alice.client.request(
+            SendP2P(bob.user.id, "x", type="image", fields={**fields, "size": 2})
+        )
+    assert info.value.code == codes.BAD_FIELDS
+    with pytest.raises(RequestError) as info:
+        await alice.client.request(SendP2P(bob.user.id, "x", type="image", fields=text))
+    assert info.value.code == codes.BAD_FIELDS  # a text file as an image (and "thumbnail")
+    error(await get(server, bob, path), 403, codes.FORBIDDEN)
+    inbox: asyncio.Queue[Any] = asyncio.Queue()
+    bob.on_message(inbox.put_nowait)
+    ack = await alice.client.request(SendP2P(bob.user.id, "[image]", type="image", fields=fields))
+    got = await asyncio.wait_for(inbox.get(), WAIT)
+    assert got.msg_id == ack.msg_id and got.type == "image"
+    assert got.fields["file_id"] == image["file_id"]
+    assert (await get(server, bob, path)).status_code == 200  # as soon as it is pushed
     conv = conversation("p2p", alice.user.id, bob.user.id)
-    await files.message_stored(conv, ack.msg_id, image)
-    assert (await get(server, bob, path)).status_code == 200
+    rows = await files.store._fetch(
+        "SELECT conv, msg_id FROM file_refs WHERE file_id = :f", {"f": image["file_id"]}
+    )
+    assert [tuple(r) for r in rows] == [(conv, ack.msg_id)]
 
 
 async def test_send_file_uploads_and_sends_a_typed_message(

@@ -228,6 +228,12 @@ class FileStore(ABC):
     async def add_ref(self, file_id: str, conv: str, msg_id: int) -> None:
         await self._execute(_ADD_REF, {"f": file_id, "c": conv, "m": msg_id})
 
+    async def drop_ref(self, file_id: str, conv: str, msg_id: int) -> None:
+        await self._execute(
+            "DELETE FROM file_refs WHERE file_id = :f AND conv = :c AND msg_id = :m",
+            {"f": file_id, "c": conv, "m": msg_id},
+        )
+
 
 # -- standalone: SQLite and the data folder -------------------------------------------------
 
@@ -720,7 +726,8 @@ class FileService:
         if image and not info.width:
             raise RequestError(codes.BAD_FIELDS, "an image message needs an image file")
         for key in ("name", "size", "content_type", "width", "height"):
-            if key in fields and fields[key] != getattr(info, key):
+            # A field left out (its default: "" or 0) says nothing to check.
+            if fields.get(key) and fields[key] != getattr(info, key):
                 raise RequestError(codes.BAD_FIELDS, f"fields.{key} does not match the file")
         return info
 
@@ -732,12 +739,21 @@ class FileService:
         """The validator of type "image"."""
         await self.check_fields(_sender(session), fields, image=True)
 
-    async def message_stored(self, conv: str, msg_id: int, fields: dict[str, Any]) -> None:
-        """Record the reference of a stored file/image message (its ``fields`` were
-        validated): from now on its conversation's members may read the file."""
+    async def before_message(self, msg: Any, fields: dict[str, Any]) -> None:
+        """A file/image message passed its checks and is about to be stored: its
+        conversation may read the file from now on, before anyone is pushed it
+        (recorded with message id 0 until :meth:`after_message`)."""
         fid = fields.get("file_id")
         if isinstance(fid, str) and is_file_id(fid):
-            await self.add_ref(fid, conv, msg_id)
+            await self.add_ref(fid, msg.conversation_key, 0)
+
+    async def after_message(self, msg: Any, fields: dict[str, Any]) -> None:
+        """The message is stored: its reference names it."""
+        fid = fields.get("file_id")
+        if isinstance(fid, str) and is_file_id(fid):
+            conv = msg.conversation_key
+            await self.add_ref(fid, conv, msg.id)
+            await self.store.drop_ref(fid, conv, 0)
 
 
 def _sender(session: Any) -> int:
@@ -767,4 +783,10 @@ def install(server: Server, im: Any) -> FileService:
         store = SqliteFileStore(s.db_path, os.path.join(s.data_dir, "files"), s.file_chunk_size)
     service = FileService(server, store)
     server.data["files"] = service
+    # Messages of type file/image: checked against the store, and the conversation
+    # they are sent to may read the file.
+    im.type_validator("file", service.validate_file)
+    im.type_validator("image", service.validate_image)
+    for kind in ("file", "image"):
+        im.life.on_store(kind, before=service.before_message, after=service.after_message)
     return service

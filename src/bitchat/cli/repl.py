@@ -23,6 +23,7 @@ exits with status 1 after a script in which any failed).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import datetime
 import sys
@@ -43,6 +44,7 @@ from bitchat.errors import (
     UsageError,
     codes,
 )
+from bitchat.im.files_client import file_of
 from bitchat.im.packets import GROUP, P2P, ChatMessage, GroupEvent, LoginOk, Receipt
 
 if TYPE_CHECKING:
@@ -80,6 +82,9 @@ Usage: <cmd> [options]
   -greqs groupId             list the join requests of an invite-only group
   -gapprove groupId userId   let a user in; -gdeny groupId userId refuses
   -block userId              block a user; -unblock userId; -blocked lists them
+  -file userId path          send a file or an image (the rest of the line is its path)
+  -file -g groupId path      send a file or an image to a group
+  -getfile msgId [folder]    save the file of a message shown here (default folder: .)
   -hi userId [beforeId]      history with a user, 20 messages, oldest first
   -hi -g groupId [beforeId]  history of a group
   -cl [before]               list my conversations: unread count, last message
@@ -87,6 +92,9 @@ Usage: <cmd> [options]
   -read -g groupId [seq]     mark a group read (default: up to its last message)
   help                       show this
   bye                        quit"""
+
+_FILES_KEPT = 1000
+"""File messages -getfile remembers (the most recent)."""
 
 Output = Callable[[str], None]
 Command = Callable[[list[str], str], Awaitable[None]]
@@ -247,6 +255,8 @@ class Repl:
         # (kept under the name); "": a JWT without a subject (not kept).
         self._subject: str | None = None
         self._group_names: dict[int, str] = {}  # for receipt lines: [group 1] moon
+        # The files of file/image messages shown (pushed or listed), for -getfile.
+        self._files: collections.OrderedDict[int, dict[str, Any]] = collections.OrderedDict()
         self.failures = 0
         """Commands that failed (a refusal, a lost connection, a bad command line)."""
         self._connected_once = False  # "Connected" the first time, then "Reconnected"
@@ -280,6 +290,8 @@ class Repl:
             "-gl": (self.group_list, "List groups"),
             "-gm": (self.group_members, "List members"),
             "-hi": (self.history, "History"),
+            "-file": (self.send_file, "Send file"),
+            "-getfile": (self.get_file, "Get file"),
             "-cl": (self.conversation_list, "List conversations"),
             "-read": (self.mark_read, "Mark read"),
             "-gkick": (self.group_kick, "Kick"),
@@ -319,11 +331,27 @@ class Repl:
         ``houyi(1) -> 2: text``; a group's is ``[group 1] gris(2): text``, ours too
         (the group is the recipient)."""
         me = self.im.user
+        text = self._text_of(m)
         if m.kind == GROUP:
-            return f"[group {m.to}] {m.sender_name}({m.sender_id}): {m.text}"
+            return f"[group {m.to}] {m.sender_name}({m.sender_id}): {text}"
         if me is not None and m.sender_id == me.id:
-            return f"{m.sender_name}({m.sender_id}) -> {m.to}: {m.text}"
-        return f"{m.sender_name}({m.sender_id}): {m.text}"
+            return f"{m.sender_name}({m.sender_id}) -> {m.to}: {text}"
+        return f"{m.sender_name}({m.sender_id}): {text}"
+
+    def _text_of(self, m: ChatMessage) -> str:
+        """A message's text; a file's name, size and how to fetch it (remembered)."""
+        fields = file_of(m)
+        if fields is None:
+            return m.text
+        self._files[m.msg_id] = fields
+        self._files.move_to_end(m.msg_id)
+        while len(self._files) > _FILES_KEPT:
+            self._files.popitem(last=False)
+        kind = "image" if m.type == "image" else "file"
+        return (
+            f"[{kind}] {fields.get('name', '')} ({fields.get('size', 0)} bytes): "
+            f"-getfile {m.msg_id}"
+        )
 
     def _show(self, item: str | ChatMessage) -> None:
         """Print a line about something that came in, after a login line under way."""
@@ -600,6 +628,35 @@ class Repl:
         ack = await self.im.send_group(group_id, self._rest(line, 2))
         self.out(f"Send group message success (id {ack.msg_id})")
 
+    async def send_file(self, parts: list[str], line: str) -> None:
+        usage = "-file userId path  or  -file -g groupId path"
+        group = len(parts) >= 2 and parts[1] == "-g"
+        target = _int(parts[2 if group else 1]) if len(parts) >= (4 if group else 3) else None
+        path = self._rest(line, 3 if group else 2)
+        if target is None or not path:
+            raise _Usage(usage)
+        await self._connected()
+        if group:
+            ack, info = await self.im.send_file(path, group_id=target)
+        else:
+            ack, info = await self.im.send_file(path, to=target)
+        self.out(f"Send file success (id {ack.msg_id}): {info['name']}, {info['size']} bytes")
+
+    async def get_file(self, parts: list[str], line: str) -> None:
+        msg_id = _int(parts[1]) if len(parts) >= 2 else None
+        if msg_id is None:
+            raise _Usage("-getfile msgId [folder]")
+        folder = self._rest(line, 2) or "."
+        fields = self._files.get(msg_id)
+        if fields is None:
+            raise RequestError(
+                codes.NOT_FOUND,
+                f"no file message {msg_id} shown here (list the conversation with -hi)",
+            )
+        await self._connected()
+        path = await self.im.download_file(fields["file_id"], folder)
+        self.out(f"Get file success: {path}")
+
     async def group_create(self, parts: list[str], line: str) -> None:
         name = self._rest(line, 1)
         if not name:
@@ -812,7 +869,8 @@ class Repl:
         for m in reversed(messages):
             when = datetime.datetime.fromtimestamp(m.ts / 1000).strftime("%Y-%m-%d %H:%M:%S")
             # The id before the text, which is the sender's: a text cannot forge it.
-            self.out(f"{when} (id {m.msg_id}) {m.sender_name}({m.sender_id}): {m.text}")
+            text = self._text_of(m)
+            self.out(f"{when} (id {m.msg_id}) {m.sender_name}({m.sender_id}): {text}")
         if page.more:
             flag = "-g " if group else ""
             self.out(f"(older: -hi {flag}{target} {messages[-1].msg_id})")

@@ -1889,7 +1889,7 @@ class PgMessageCenter(sql.SqlReads, MessageCenter):
             )
             if len(rows) != len(msgs):
                 raise _Stored(f"{len(msgs) - len(rows)} of {len(msgs)} messages")
-            changes = [m for m in msgs if m.op or m.mentions or m.type in sql.FILE_TYPES]
+            changes = [m for m in msgs if m.op or m.mentions]
             for m in changes:  # events: the change they make, in the same transaction
                 for statement, params in sql.event_statements(m, self.keep_versions):
                     await con.execute(*_pg(statement, **params))

@@ -56,6 +56,10 @@ Validator = Callable[["Session", dict[str, Any]], Awaitable[None]]
 :class:`~bitchat.errors.RequestError` (e.g. ``bad_fields``, ``forbidden``) to refuse."""
 
 
+StoreHook = Callable[[Message, dict[str, Any]], Awaitable[None]]
+"""``async fn(msg, fields)`` of :meth:`Lifecycle.on_store`."""
+
+
 class FileFields(Packet):
     """The fields of a "file" message: a file the sender uploaded."""
 
@@ -104,6 +108,8 @@ class Lifecycle:
         """Message type -> the Packet-style class its fields are checked with (None: no
         fields)."""
         self.validators: dict[str, Validator] = {}
+        self.before_store: dict[str, list[StoreHook]] = {}
+        self.after_store: dict[str, list[StoreHook]] = {}
         service.messages.keep_versions = self.settings.max_versions_per_message
 
     # -- types ----------------------------------------------------------------------------
@@ -122,6 +128,31 @@ class Lifecycle:
         if name not in self.types:
             raise ValueError(f"no message type {name!r}")
         self.validators[name] = fn
+
+    def on_store(
+        self, name: str, before: StoreHook | None = None, after: StoreHook | None = None
+    ) -> None:
+        """Run ``before(msg, fields)`` once a message of type ``name`` passed every
+        check, just before it is queued for storing (its conversation known, its id
+        not yet, nobody pushed it), and ``after(msg, fields)`` once it is stored (its
+        id known; a retry's is the first one's). A ``before`` that raises refuses the
+        message. (Files: the conversation may read the file before anyone is told.)"""
+        if name not in self.types:
+            raise ValueError(f"no message type {name!r}")
+        if before is not None:
+            self.before_store.setdefault(name, []).append(before)
+        if after is not None:
+            self.after_store.setdefault(name, []).append(after)
+
+    async def stored(self, msg: Message, msg_id: int) -> None:
+        """The ``after`` hooks of a stored typed message (``msg_id``: the stored one's)."""
+        hooks = self.after_store.get(msg.type)
+        if not hooks:
+            return
+        msg.id = msg_id
+        fields = json.loads(msg.fields) if msg.fields else {}
+        for hook in hooks:
+            await hook(msg, fields)
 
     async def check_fields(self, session: Session, type_: str, fields: dict[str, Any]) -> str:
         """The fields of a typed message as stored (compact JSON; "" for none)."""
@@ -166,6 +197,11 @@ class Lifecycle:
             msg.extra = {"reply": _quote(quoted)}
         if msg.kind == GROUP and "@" in msg.text:
             await self.mentions(msg)
+        hooks = self.before_store.get(msg.type)
+        if hooks:
+            clean = json.loads(msg.fields) if msg.fields else {}
+            for hook in hooks:
+                await hook(msg, clean)
 
     async def mentions(self, msg: Message) -> None:
         names = mentioned_names(msg.text)

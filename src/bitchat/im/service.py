@@ -767,7 +767,16 @@ class IMService:
 
         chain = session.data.get(_CHAIN)
         queued = self._chain(session)
-        return asyncio.ensure_future(self._send_slow(session, msg, chain, queued, checked()))
+        sending = self._send_slow(session, msg, chain, queued, checked())
+        if type_ not in self.life.after_store:
+            return asyncio.ensure_future(sending)
+
+        async def sent() -> SendAck:
+            ack = await sending
+            await self.life.stored(msg, ack.msg_id)
+            return ack
+
+        return asyncio.ensure_future(sent())
 
     async def _group_recipients(self, session: Session, msg: Message) -> Sequence[int]:
         # Cached members (no I/O) let a busy connection's sends leave the slow path.

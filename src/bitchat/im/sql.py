@@ -443,11 +443,6 @@ UNREAD = (
     "SELECT c.last_no - COALESCE((SELECT r.no FROM messages r WHERE r.conv = :c "
     "AND r.seq = :s), 0) FROM conversations c WHERE c.conv = :c"
 )
-FILE_REF = (
-    "INSERT INTO file_refs (file_id, conv, msg_id) VALUES (:f, :c, :m) ON CONFLICT DO NOTHING"
-)
-FILE_TYPES = ("file", "image")
-"""Message types whose row records a file reference (see event_statements)."""
 MENTION = "INSERT INTO mentions (user_id, conv, seq) VALUES (:u, :c, :s) ON CONFLICT DO NOTHING"
 HIDDEN_OF = "SELECT msg_id FROM hidden WHERE user_id = :u ORDER BY ts DESC LIMIT :limit"
 HIDE = (
@@ -506,14 +501,7 @@ def event_statements(m: Message, keep_versions: int) -> list[tuple[str, dict[str
     """The statements event ``m`` runs with its row (for a message: its mentions)."""
     if not m.op:
         conv = m.conversation_key
-        out = [(MENTION, {"u": u, "c": conv, "s": m.seq}) for u in json.loads(m.mentions or "[]")]
-        if m.type in FILE_TYPES and m.fields:
-            # A file/image message lets its conversation read the file: the reference is
-            # written with the row, so a recipient never sees the message before it.
-            out.append(
-                (FILE_REF, {"f": json.loads(m.fields).get("file_id", ""), "c": conv, "m": m.id})
-            )
-        return out
+        return [(MENTION, {"u": u, "c": conv, "s": m.seq}) for u in json.loads(m.mentions or "[]")]
     params = {"t": m.target, "text": m.text, "u": m.sender_id, "ts": m.ts, "keep": keep_versions}
     out = []
     for statement in EVENT_STATEMENTS[m.op]:

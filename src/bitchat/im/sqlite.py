@@ -1740,7 +1740,7 @@ class SqliteMessageCenter(sql.SqlReads, MessageCenter):
                 m.mentions,
                 m.no,
             )
-            if m.op or m.mentions or m.type in sql.FILE_TYPES:
+            if m.op or m.mentions:
                 changes.append(m)
             if m.op:
                 continue  # an event moves no read position
