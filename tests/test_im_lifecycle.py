@@ -87,7 +87,7 @@ async def history_of(im: IMClient, peer_id: int = 0, group_id: int = 0) -> dict[
 async def test_a_device_away_gets_the_edit_the_recall_and_the_reaction(
     request: pytest.FixtureRequest, tmp_path: Path, mode: str
 ) -> None:
-    async with deployment(request, tmp_path) as d:
+    async with deployment(request, tmp_path, max_versions_per_message=2) as d:
         alice = await d.login(0, "alice", "a1")
         phone = await d.login(1, "bob", "phone")
         laptop = await d.login(0, "bob", "laptop")
@@ -128,8 +128,13 @@ async def test_a_device_away_gets_the_edit_the_recall_and_the_reaction(
         assert page[first.msg_id].text == "hello bob" and page[first.msg_id].edited_at > 0
         assert page[first.msg_id].reactions == {"👍": [bob]}
         assert page[second.msg_id].recalled and page[second.msg_id].text == ""
-        # Only the sender reads the earlier texts.
-        assert [v["text"] for v in await alice.versions(first.msg_id)] == ["helo bob"]
+        await alice.edit(first.msg_id, "hello bob!")
+        await alice.edit(first.msg_id, "hello bob")
+        # Only the sender reads the earlier texts (at most max_versions_per_message).
+        assert [v["text"] for v in await alice.versions(first.msg_id)] == [
+            "hello bob",
+            "hello bob!",
+        ]
         await refused(codes.FORBIDDEN, back.versions(first.msg_id))
         assert await alice.versions(second.msg_id) == []  # a recall erases them
         assert await alice.reactions(first.msg_id) == [
@@ -172,6 +177,16 @@ async def test_refusals_each_have_a_code_and_change_nothing(
         page = await history_of(alice, peer_id=uid(bob))
         assert [m.text for m in page.values()] == ["mine"]
         assert page[sent.msg_id].reactions == {"1": [uid(bob)], "2": [uid(bob), uid(alice)]}
+        await refused(
+            codes.BAD_FIELDS,
+            bob.send_p2p(
+                uid(alice), "f", type="file", fields={"file_id": "x" * 5000, "name": "a", "size": 1}
+            ),
+        )
+        await alice.block(uid(bob))
+        await refused(codes.BLOCKED, bob.react(sent.msg_id, "1"))
+        await refused(codes.BLOCKED, alice.edit(sent.msg_id, "blocked"))
+        await alice.block(uid(bob), False)
         await alice.recall(sent.msg_id)
         await refused(codes.RECALLED, alice.recall(sent.msg_id))
         await refused(codes.RECALLED, alice.edit(sent.msg_id, "back"))
@@ -191,8 +206,10 @@ async def test_unread_counts_messages_not_events(
         two = await alice.send_p2p(uid(bob), "two")
         await alice.recall(two.msg_id)
         three = await alice.send_p2p(uid(bob), "three")
+        await alice.react(three.msg_id, "👀")
         entry = (await conversations(bob))[0]
-        assert (entry["last_seq"], entry["unread"]) == (6, 3)
+        assert (entry["last_seq"], entry["unread"]) == (7, 3)
+        assert entry["last_message"]["msg_id"] == three.msg_id  # a message, not an event
         assert (await conversations(alice))[0]["unread"] == 0  # sending reads
         state = await bob.mark_read(peer_id=uid(alice), seq=one.seq)
         assert state.unread == 2
@@ -253,6 +270,13 @@ async def test_groups_replies_mentions_and_admin_recall(
         # the owner can, any time.
         await refused(codes.FORBIDDEN, ben.recall(said.msg_id))
         await refused(codes.WINDOW_PASSED, ann.recall(said.msg_id))
+        await owner.mute(g, uid(ben), 60)
+        await refused(codes.MUTED, ben.react(said.msg_id, "🙂"))
+        await owner.mute(g, uid(ben), 0)
+        # A member who joins later does not see (nor touch) what came before.
+        late = await d.login(1, "late", "l1")
+        await late.join_group(g)
+        await refused(codes.NOT_FOUND, late.react(said.msg_id, "🙂"))
         await owner.recall(said.msg_id)
         page = await history_of(ben, group_id=g)
         assert page[said.msg_id].recalled and page[said.msg_id].text == ""
@@ -274,6 +298,8 @@ async def test_delete_for_me_hides_on_the_users_devices_only(
         await phone.delete_for_me([two.msg_id])
         assert (await hidden.until(lambda p: True)).msg_ids == [two.msg_id]
         assert list(await history_of(laptop, peer_id=uid(alice))) == [one.msg_id]
+        entry = (await conversations(laptop))[0]
+        assert entry["last_message"]["msg_id"] == one.msg_id  # not the hidden one
         assert set(await history_of(alice, peer_id=uid(phone))) == {one.msg_id, two.msg_id}
         # A new device is told at its login, and is not pushed the hidden message.
         tablet = await d.connect(1, "tablet")

@@ -321,6 +321,27 @@ async def test_every_event_is_delivered_signed(make: Make) -> None:
 # -- failures, order, dead letters ------------------------------------------------------------
 
 
+async def test_edits_and_recalls_are_delivered(make: Make) -> None:
+    async with Receiver() as hooks:
+        server = await make(
+            webhooks=({"url": hooks.url, "events": ["message.edited", "message.recalled"]},),
+        )
+        async with clients(server) as c:
+            alice = await c.login("alice")
+            bob = await c.login("bob")
+            assert bob.user is not None
+            sent = await alice.send_p2p(bob.user.id, "helo")
+            edit = await alice.edit(sent.msg_id, "hello")
+            await alice.react(sent.msg_id, "👍")  # no webhook
+            recall = await alice.recall(sent.msg_id)
+            await hooks.wait_until(lambda: len(hooks.events()) == 2)
+        edited, recalled = (e for e in hooks.events())
+        assert edited["type"] == "message.edited" and recalled["type"] == "message.recalled"
+        assert edited["data"]["msg_id"] == edit.msg_id and edited["data"]["target"] == sent.msg_id
+        assert edited["data"]["text"] == "hello" and edited["data"]["op"] == "edit"
+        assert recalled["data"]["msg_id"] == recall.msg_id and recalled["data"]["text"] == ""
+
+
 async def test_a_failing_receiver_that_recovers_gets_everything_in_order(make: Make) -> None:
     async with Receiver(status=500) as receiver:
         server = await make(

@@ -69,10 +69,9 @@ EVENTS = (
     MEMBER_REMOVED,
 )
 """Every event an endpoint may ask for."""
-SENT_EVENTS = (MESSAGE_STORED, USER_ONLINE, USER_OFFLINE, MEMBER_ADDED, MEMBER_REMOVED)
-"""The events the server sends today: edits and recalls of messages do not exist
-yet, so ``message.edited`` and ``message.recalled`` are accepted and sent once
-they do."""
+SENT_EVENTS = EVENTS
+"""The events the server sends: all of them (``message.edited`` and ``message.recalled``
+are written with the edit or recall event, in its transaction; reactions send none)."""
 
 SIGNATURE_HEADER = "X-Bitchat-Signature"
 EVENT_ID_HEADER = "X-Bitchat-Event-Id"

@@ -45,7 +45,7 @@ from bitchat.errors import (
     codes,
 )
 from bitchat.im.files_client import file_of
-from bitchat.im.packets import GROUP, P2P, ChatMessage, GroupEvent, LoginOk, Receipt
+from bitchat.im.packets import GROUP, P2P, ChatMessage, GroupEvent, Hidden, LoginOk, Receipt
 
 if TYPE_CHECKING:
     from prompt_toolkit import PromptSession
@@ -57,6 +57,8 @@ PROMPT = "bitchat> "
 HISTORY_PAGE = 20
 CONVERSATION_PAGE = 20
 LAST_MESSAGE_WIDTH = 40
+SEEN_MESSAGES = 1000
+"""Messages whose conversation the REPL remembers, for -reply."""
 """Columns of a conversation's last message in ``-cl`` (a longer one is cut, ``...``)."""
 
 USAGE = """\
@@ -85,6 +87,11 @@ Usage: <cmd> [options]
   -file userId path          send a file or an image (the rest of the line is its path)
   -file -g groupId path      send a file or an image to a group
   -getfile msgId [folder]    save the file of a message shown here (default folder: .)
+  -edit msgId text           replace the text of your message
+  -recall msgId              take back a message (yours; any, as a group admin)
+  -reply msgId text          answer a message (one you saw here or in -hi)
+  -react msgId emoji         react to a message; -unreact msgId emoji takes it back
+  -delete msgId              delete a message for you only (all your devices)
   -hi userId [beforeId]      history with a user, 20 messages, oldest first
   -hi -g groupId [beforeId]  history of a group
   -cl [before]               list my conversations: unread count, last message
@@ -182,6 +189,22 @@ def format_group_event(e: GroupEvent) -> str:
     if e.event == "join_requested":
         return f"{user} asks to join (-gapprove {e.group_id} {e.user_id})"
     return f"{e.event}: {user} by {by}"
+
+
+def _lively(m: ChatMessage) -> str:
+    """A message's text as ``-hi`` shows it: recalled, edited, the reply, reactions."""
+    text = "(recalled)" if m.recalled else m.text
+    if m.edited_at and not m.recalled:
+        text += " (edited)"
+    if m.reply:
+        quoted = "(recalled)" if m.reply.get("recalled") else m.reply.get("snippet", "")
+        text = f"[reply to {m.reply.get('sender_name', '')}: {quoted}] {text}"
+    if m.type != "text":
+        text = f"[{m.type}] {text}"
+    if m.reactions:
+        counts = " ".join(f"{e} {len(u)}" for e, u in m.reactions.items())
+        text += f" [{counts}]"
+    return text
 
 
 def _width(text: str) -> int:
@@ -308,8 +331,20 @@ class Repl:
             "-block": (self.block, "Block"),
             "-unblock": (self.unblock, "Unblock"),
             "-blocked": (self.blocked, "List blocked users"),
+            "-edit": (self.edit, "Edit"),
+            "-recall": (self.recall, "Recall"),
+            "-reply": (self.reply, "Reply"),
+            "-react": (self.react, "React"),
+            "-unreact": (self.unreact, "Unreact"),
+            "-delete": (self.delete, "Delete"),
         }
+        # Where messages seen here belong (a reply names the conversation): the newest.
+        self._seen: collections.OrderedDict[int, tuple[str, int]] = collections.OrderedDict()
         im.on_message(self.show_message)
+        im.on_edit(self.show_event)
+        im.on_recall(self.show_event)
+        im.on_reaction(self.show_event)
+        im.on_hidden(self.show_hidden)
         im.client.on(ChatMessage, self._count_push)  # after the IMClient's own handler
         im.on_receipt(self.show_receipt)
         im.on_group_event(self.show_group_event)
@@ -324,7 +359,38 @@ class Repl:
 
     def show_message(self, m: ChatMessage) -> None:
         """Print an incoming message (after a login line under way)."""
+        self._remember(m)
         self._show(m)
+
+    def _remember(self, m: ChatMessage) -> None:
+        me = self.im.user
+        if m.kind == GROUP:
+            where = (GROUP, m.to)
+        else:
+            peer = m.to if me is not None and m.sender_id == me.id else m.sender_id
+            where = (P2P, peer)
+        self._seen[m.msg_id] = where
+        if len(self._seen) > SEEN_MESSAGES:
+            self._seen.popitem(last=False)
+
+    def format_event(self, m: ChatMessage) -> str:
+        """An edit, a recall or a reaction: ``gris(2) edited 253...: new text (edited)``."""
+        where = f"[group {m.to}] " if m.kind == GROUP else ""
+        who = f"{where}{m.sender_name}({m.sender_id})"
+        if m.op == "edit":
+            return f"{who} edited {m.target}: {m.text} (edited)"
+        if m.op == "recall":
+            return f"{who} recalled message {m.target}"
+        if m.op == "react":
+            return f"{who} reacted {m.emoji} to message {m.target}"
+        return f"{who} took back {m.emoji} from message {m.target}"
+
+    def show_event(self, m: ChatMessage) -> None:
+        self._show(self.format_event(m))
+
+    def show_hidden(self, h: Hidden) -> None:
+        ids = " ".join(str(i) for i in h.msg_ids)
+        self._show(f"Deleted for you: {ids}")
 
     def format_message(self, m: ChatMessage) -> str:
         """``gris(2): text``; one of ours sent from another device names the recipient,
@@ -612,6 +678,58 @@ class Repl:
         for u in users:
             self.out(f"{u.name}({u.id})")
 
+    def _msg_id(self, parts: list[str], usage: str, rest: bool) -> int:
+        msg_id = _int(parts[1]) if len(parts) >= (3 if rest else 2) else None
+        if msg_id is None or (not rest and len(parts) != 2):
+            raise _Usage(usage)
+        return msg_id
+
+    async def edit(self, parts: list[str], line: str) -> None:
+        msg_id = self._msg_id(parts, "-edit msgId text", True)
+        await self._connected()
+        await self.im.edit(msg_id, self._rest(line, 2))
+        self.out(f"Edit success (id {msg_id})")
+
+    async def recall(self, parts: list[str], line: str) -> None:
+        msg_id = self._msg_id(parts, "-recall msgId", False)
+        await self._connected()
+        await self.im.recall(msg_id)
+        self.out(f"Recall success (id {msg_id})")
+
+    async def reply(self, parts: list[str], line: str) -> None:
+        msg_id = self._msg_id(parts, "-reply msgId text", True)
+        where = self._seen.get(msg_id)
+        if where is None:
+            raise RequestError(codes.NOT_FOUND, f"message {msg_id} not seen here (try -hi)")
+        await self._connected()
+        kind, to = where
+        text = self._rest(line, 2)
+        if kind == GROUP:
+            ack = await self.im.send_group(to, text, reply_to=msg_id)
+        else:
+            ack = await self.im.send_p2p(to, text, reply_to=msg_id)
+        self.out(f"Reply success (id {ack.msg_id})")
+
+    async def react(self, parts: list[str], line: str) -> None:
+        if len(parts) != 3 or _int(parts[1]) is None:
+            raise _Usage("-react msgId emoji")
+        await self._connected()
+        await self.im.react(int(parts[1]), parts[2])
+        self.out(f"React success (id {parts[1]})")
+
+    async def unreact(self, parts: list[str], line: str) -> None:
+        if len(parts) != 3 or _int(parts[1]) is None:
+            raise _Usage("-unreact msgId emoji")
+        await self._connected()
+        await self.im.unreact(int(parts[1]), parts[2])
+        self.out(f"Unreact success (id {parts[1]})")
+
+    async def delete(self, parts: list[str], line: str) -> None:
+        msg_id = self._msg_id(parts, "-delete msgId", False)
+        await self._connected()
+        await self.im.delete_for_me([msg_id])
+        self.out(f"Delete success (id {msg_id})")
+
     async def p2p_chat(self, parts: list[str], line: str) -> None:
         to = _int(parts[1]) if len(parts) >= 3 else None
         if to is None:
@@ -867,10 +985,13 @@ class Repl:
             self.out("No messages")
             return
         for m in reversed(messages):
+            if m.op:
+                continue  # an event: the messages show what it changed
+            self._remember(m)
             when = datetime.datetime.fromtimestamp(m.ts / 1000).strftime("%Y-%m-%d %H:%M:%S")
             # The id before the text, which is the sender's: a text cannot forge it.
-            text = self._text_of(m)
-            self.out(f"{when} (id {m.msg_id}) {m.sender_name}({m.sender_id}): {text}")
+            shown = _lively(m) if file_of(m) is None else self._text_of(m)
+            self.out(f"{when} (id {m.msg_id}) {m.sender_name}({m.sender_id}): {shown}")
         if page.more:
             flag = "-g " if group else ""
             self.out(f"(older: -hi {flag}{target} {messages[-1].msg_id})")

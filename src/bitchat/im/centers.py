@@ -689,6 +689,10 @@ class MessageCenter(abc.ABC):
         """The user's most recently hidden messages."""
         raise NotImplementedError
 
+    async def member_floor(self, group_id: int, user_id: int) -> int:
+        """The seq a member's view of a group starts after (0: its whole history)."""
+        raise NotImplementedError
+
     async def unread(self, conv: str, read_seq: int) -> int:
         """Messages (not events) of ``conv`` after ``read_seq``."""
         raise NotImplementedError

@@ -221,20 +221,36 @@ class Lifecycle:
 
     # -- the events -------------------------------------------------------------------------
 
-    async def _target(self, session: Session, msg_id: int) -> tuple[Message, list[int]]:
-        """A message of one of the user's conversations, and who is in it but the user."""
+    async def _target(
+        self, session: Session, msg_id: int, speaks: bool = False
+    ) -> tuple[Message, list[int]]:
+        """A message of one of the user's conversations, and who is in it but the user.
+        ``speaks``: the user says something there (an edit, a reaction), which a block
+        (one-to-one) or a mute (group) forbids as it forbids a message."""
         uid = session.user_id
         assert uid is not None
         m = await self.service.messages.target(msg_id)
         if m is None:
             raise RequestError(codes.NOT_FOUND, f"no message {msg_id}")
+        users = self.service.users
         if m.kind == P2P:
             if uid not in (m.sender_id, m.to):
                 raise RequestError(codes.NOT_MEMBER, "that message is not of your conversations")
-            return m, [m.to if m.sender_id == uid else m.sender_id]
-        members = await self.service.users.group_members(m.to)
+            other = m.to if m.sender_id == uid else m.sender_id
+            if speaks and other != uid and (await users.blocks(uid)).either(other):
+                raise RequestError(codes.BLOCKED, "you cannot message this user")
+            return m, [other]
+        members = await users.group_members(m.to)
         if uid not in members:
             raise RequestError(codes.NOT_MEMBER, f"you are not in group {m.to}")
+        # A member sees the group from where it starts (its join, unless the history was
+        # visible then): nothing before is one of its messages.
+        if m.seq <= await self.service.messages.member_floor(m.to, uid):
+            raise RequestError(codes.NOT_FOUND, f"no message {msg_id}")
+        if speaks:
+            me = await users.member(m.to, uid)
+            if me is not None and me.muted_until > _now_ms():
+                raise RequestError(codes.MUTED, f"you are muted in group {m.to}")
         return m, [u for u in members if u != uid]
 
     def _event(self, session: Session, m: Message, op: str, text: str) -> Message:
@@ -258,7 +274,7 @@ class Lifecycle:
 
     async def on_edit(self, session: Session, p: EditMessage) -> SendAck:
         self.service._check_text(p.text)
-        m, others = await self._target(session, p.msg_id)
+        m, others = await self._target(session, p.msg_id, speaks=True)
         if m.sender_id != session.user_id:
             raise RequestError(codes.FORBIDDEN, "only its sender may edit a message")
         if m.recalled:
@@ -287,7 +303,7 @@ class Lifecycle:
         emoji = p.emoji
         if not emoji or emoji != emoji.strip() or any(c.isspace() for c in emoji):
             raise RequestError(codes.INVALID_PACKET, "an emoji is one word without spaces")
-        m, others = await self._target(session, p.msg_id)
+        m, others = await self._target(session, p.msg_id, speaks=p.on)
         if m.recalled:
             raise RequestError(codes.RECALLED, "that message was recalled")
         messages = self.service.messages

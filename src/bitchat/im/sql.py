@@ -296,7 +296,10 @@ CONVERSATIONS = (
     "FROM (" + USER_CONVS + ") x "
     "LEFT JOIN users u ON x.grp = 0 AND u.id = x.peer "
     "LEFT JOIN groups g ON x.grp != 0 AND g.id = x.grp "
-    "LEFT JOIN messages m ON m.conv = x.conv AND m.seq = x.last_seq AND x.last_seq > 0 "
+    # The last message (not an event, nor one the user deleted): back from the newest.
+    "LEFT JOIN messages m ON x.last_seq > 0 AND m.id = (SELECT l.id FROM messages l "
+    "WHERE l.conv = x.conv AND l.op = '' AND NOT EXISTS (SELECT 1 FROM hidden h "
+    "WHERE h.user_id = :u AND h.msg_id = l.id) ORDER BY l.id DESC LIMIT 1) "
     "WHERE CAST(:before AS BIGINT) = 0 OR x.activity < CAST(:before AS BIGINT) "
     "ORDER BY x.activity DESC, x.conv LIMIT :limit"
 )
@@ -588,6 +591,10 @@ class SqlReads:
     async def has_reaction(self, msg_id: int, emoji: str) -> bool:
         rows = await self._read("reading reactions", HAS_REACTION, id=msg_id, e=emoji)
         return bool(rows[0][0])
+
+    async def member_floor(self, group_id: int, user_id: int) -> int:
+        rows = await self._read("reading a member's start", MEMBER_START, g=group_id, u=user_id)
+        return int(rows[0][0]) if rows else 0
 
     async def unread(self, conv: str, read_seq: int) -> int:
         rows = await self._read("counting unread messages", UNREAD, c=conv, s=read_seq)
