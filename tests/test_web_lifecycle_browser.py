@@ -174,3 +174,35 @@ async def test_mentions_completion_badge_and_an_admins_recall(
     await expect(msg(bob, "hello moon")).to_have_count(0)
     for user in (alice, bob):
         await user.close()
+
+
+async def test_unread_badges_count_messages_not_events(server: Server, browser: Browser) -> None:
+    alice = await PageUser.open(browser, server)
+    bob = await PageUser.open(browser, server)
+    await alice.sign_in("alice", "alice-pw")  # user 1
+    await bob.sign_in("bob", "bob-pw")  # user 2
+    await ask_dialog(alice.page, "+ Message", "2", "Open")
+    await alice.say("first")
+    await alice.say("second")
+    row = bob.conversation("alice")
+    await expect(row).to_have_attribute("data-unread", "2")
+    # An edit and a reaction are events of the conversation, no unread messages.
+    await menu(alice, "second", "menu-edit")
+    box = alice.page.get_by_label("Message")
+    await box.fill("second, edited")
+    await box.press("Enter")
+    await menu(alice, "first", "menu-react", emoji="🎉")
+    await expect(msg(alice, "first").get_by_test_id("reaction")).to_have_count(1)
+    await expect(row).to_have_attribute("data-unread", "2")
+    # The same after a reload (the server's list, whose last row is the reaction)...
+    await bob.page.reload()
+    await expect(bob.page.locator("body")).to_have_attribute("data-state", "online")
+    await expect(row).to_have_attribute("data-unread", "2")
+    # ... and a new message counts one more.
+    await alice.say("third")
+    await expect(row).to_have_attribute("data-unread", "3")
+    await bob.open_chat("alice")
+    await expect(row).to_have_attribute("data-unread", "0")
+    await expect(msg(bob, "second, edited").get_by_test_id("edited")).to_have_count(1)
+    for user in (alice, bob):
+        await user.close()

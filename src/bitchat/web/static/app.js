@@ -297,8 +297,8 @@ function mergeConversation(c) {
   conv.readSeq = c.read_seq || 0;
   // Unread counts numbers: the server's last number (its list's, or its last message's), less
   // what it says is unread, is the number read up to.
-  const lastNo = c.last_no ?? (c.last_message ? numberOf(c.last_message) || c.last_seq || 0
-    : Math.max(conv.lastNo, c.unread || 0));
+  const lastNo = c.last_no ?? (c.last_message && !c.last_message.op
+    ? numberOf(c.last_message) || c.last_seq || 0 : Math.max(conv.lastNo, c.unread || 0));
   conv.lastNo = Math.max(conv.lastNo, lastNo);
   conv.readNo = c.read_no ?? Math.max(0, lastNo - (c.unread || 0));
   conv.ownSince = false;
@@ -1258,7 +1258,7 @@ function convRow(conv, { online } = {}) {
   if (conv.last) {
     const who = conv.last.sender_id === state.me.id ? 'You: '
       : conv.kind === 'group' ? `${conv.last.sender_name}: ` : '';
-    preview = who + (conv.last.recalled ? 'message recalled' : conv.last.text);
+    preview = who + previewText(conv.last);
   } else if (conv.kind === 'group') {
     const g = state.groups.get(conv.id);
     preview = g ? `Group ${g.id} · ${g.members} member${g.members === 1 ? '' : 's'}` : `Group ${conv.id}`;
@@ -1285,6 +1285,17 @@ function convRow(conv, { online } = {}) {
   button.addEventListener('click', () => openConversation(conv.key));
   li.append(button);
   return li;
+}
+
+// A sidebar preview of the last message, or of the last event (the list's last row may be one).
+function previewText(m) {
+  if (m.recalled || m.op === 'recall') return 'message recalled';
+  if (m.op === 'react') return `reacted ${m.emoji}`;
+  if (m.op === 'unreact') return `took back ${m.emoji}`;
+  if ((m.type === 'image' || m.type === 'file') && m.fields?.name) {
+    return `${m.type === 'image' ? '🖼' : '📄'} ${m.fields.name}`;
+  }
+  return m.text;
 }
 
 // The server's order: by activity (the last message, or the join), newest first; then by name.
