@@ -207,8 +207,11 @@ MESSAGE = _out(
         "ts": _INT,
         "client_msg_id": _STR,
         "seq": _INT,
+        "no": _INT,
     }
 )
+"""A message; an edited, recalled, typed or replying one, or an event (``op``), carries
+more (README "Messages that live"): ``op``, ``target``, ``type``, ``fields``, ..."""
 CONVERSATION = _out(
     {
         "kind": {"type": "string", "enum": ["p2p", "group"]},
@@ -218,6 +221,7 @@ CONVERSATION = _out(
         "last_seq": _INT,
         "read_seq": _INT,
         "unread": _INT,
+        "mentions": _INT,
         "peer_read_seq": _INT,
         "peer_delivered_seq": _INT,
         "activity": _INT,
