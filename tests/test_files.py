@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import unicodedata
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,13 +16,15 @@ from typing import Any
 import asyncpg
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from PIL import Image
 
 from bitchat import RequestError, Server
 from bitchat.cluster import pg
 from bitchat.cluster.pg import PgDatabase
 from bitchat.errors import codes
-from bitchat.files import FileService, SqliteFileStore
+from bitchat.files import FileService, SqliteFileStore, check_name
 from bitchat.im import sql
 from bitchat.im import sqlite as store
 from bitchat.im.centers import conversation
@@ -149,6 +152,7 @@ async def test_upload_then_only_the_uploader_and_the_conversation_may_download(
     r = await get(server, bob, f"/api/v1/files/{fid}")
     assert r.headers["content-disposition"].startswith("attachment")
     assert r.headers["x-content-type-options"] == "nosniff"
+    assert r.headers["content-type"] == "text/plain; charset=utf-8"
     # A group member may once a group message refers to it.
     group = await alice.create_group("team")
     await alice.add_member(group.group_id, carol.user.id if carol.user else 0)
@@ -560,6 +564,10 @@ async def test_a_file_message_is_checked_against_the_stored_file(
         "SELECT conv, msg_id FROM file_refs WHERE file_id = :f", {"f": image["file_id"]}
     )
     assert [tuple(r) for r in rows] == [(conv, ack.msg_id)]
+    # Recalled: bob no longer reads it; alice, the uploader, still does.
+    await alice.recall(ack.msg_id)
+    error(await get(server, bob, path), 403, codes.FORBIDDEN)
+    assert (await get(server, alice, path)).status_code == 200
 
 
 async def test_send_file_uploads_and_sends_a_typed_message(
@@ -578,3 +586,29 @@ async def test_send_file_uploads_and_sends_a_typed_message(
         await alice.send_file(str(tmp_path / "dot.png"), to=bob.user.id, content_type="x/y")
     assert refused.value.code == codes.BAD_CONTENT_TYPE
     assert inbox.empty()
+
+
+# -- names ----------------------------------------------------------------------------------
+
+
+@given(st.text(max_size=300))
+def test_a_kept_name_is_one_printable_path_component(name: str) -> None:
+    try:
+        kept = check_name(name)
+    except RequestError as exc:
+        assert exc.code == codes.INVALID_PACKET
+        return
+    assert kept and len(kept) <= 255 and kept not in (".", "..")
+    assert "/" not in kept and "\\" not in kept
+    assert all(unicodedata.category(c)[0] != "C" for c in kept)
+
+
+@given(st.text(max_size=100))
+def test_a_downloaded_name_stays_in_its_folder(name: str) -> None:
+    from urllib.parse import quote
+
+    from bitchat.im.files_client import _filename
+
+    got = _filename("attachment; filename*=UTF-8''" + quote(name, safe=""), "fallback")
+    assert got and got not in (".", "..") and "/" not in got
+    assert os.path.dirname(os.path.join("folder", got)) == "folder"

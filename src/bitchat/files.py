@@ -755,6 +755,13 @@ class FileService:
             await self.add_ref(fid, conv, msg.id)
             await self.store.drop_ref(fid, conv, 0)
 
+    async def after_recall(self, msg: Any, fields: dict[str, Any]) -> None:
+        """The message was recalled: its conversation no longer reads the file through
+        it (another message that refers to it still counts; the uploader always may)."""
+        fid = fields.get("file_id")
+        if isinstance(fid, str) and is_file_id(fid):
+            await self.store.drop_ref(fid, msg.conversation_key, msg.id)
+
 
 def _sender(session: Any) -> int:
     user_id = getattr(session, "user_id", None)
@@ -788,5 +795,10 @@ def install(server: Server, im: Any) -> FileService:
     im.type_validator("file", service.validate_file)
     im.type_validator("image", service.validate_image)
     for kind in ("file", "image"):
-        im.life.on_store(kind, before=service.before_message, after=service.after_message)
+        im.life.on_store(
+            kind,
+            before=service.before_message,
+            after=service.after_message,
+            recalled=service.after_recall,
+        )
     return service

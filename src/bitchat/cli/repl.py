@@ -84,14 +84,14 @@ Usage: <cmd> [options]
   -greqs groupId             list the join requests of an invite-only group
   -gapprove groupId userId   let a user in; -gdeny groupId userId refuses
   -block userId              block a user; -unblock userId; -blocked lists them
-  -file userId path          send a file or an image (the rest of the line is its path)
-  -file -g groupId path      send a file or an image to a group
-  -getfile msgId [folder]    save the file of a message shown here (default folder: .)
   -edit msgId text           replace the text of your message
   -recall msgId              take back a message (yours; any, as a group admin)
   -reply msgId text          answer a message (one you saw here or in -hi)
   -react msgId emoji         react to a message; -unreact msgId emoji takes it back
   -delete msgId              delete a message for you only (all your devices)
+  -file userId path          send a file or an image (the rest of the line is its path)
+  -file -g groupId path      send a file or an image to a group
+  -getfile msgId [folder]    save the file of a message shown here (default folder: .)
   -hi userId [beforeId]      history with a user, 20 messages, oldest first
   -hi -g groupId [beforeId]  history of a group
   -cl [before]               list my conversations: unread count, last message
@@ -191,15 +191,16 @@ def format_group_event(e: GroupEvent) -> str:
     return f"{e.event}: {user} by {by}"
 
 
-def _lively(m: ChatMessage) -> str:
-    """A message's text as ``-hi`` shows it: recalled, edited, the reply, reactions."""
-    text = "(recalled)" if m.recalled else m.text
+def _lively(m: ChatMessage, body: str | None = None) -> str:
+    """A message's text as ``-hi`` shows it: recalled, edited, the reply, reactions
+    (``body``: what stands for its text, its type included, e.g. a file's line)."""
+    text = "(recalled)" if m.recalled else m.text if body is None else body
     if m.edited_at and not m.recalled:
         text += " (edited)"
     if m.reply:
         quoted = "(recalled)" if m.reply.get("recalled") else m.reply.get("snippet", "")
         text = f"[reply to {m.reply.get('sender_name', '')}: {quoted}] {text}"
-    if m.type != "text":
+    if m.type != "text" and body is None:
         text = f"[{m.type}] {text}"
     if m.reactions:
         counts = " ".join(f"{e} {len(u)}" for e, u in m.reactions.items())
@@ -990,8 +991,8 @@ class Repl:
             self._remember(m)
             when = datetime.datetime.fromtimestamp(m.ts / 1000).strftime("%Y-%m-%d %H:%M:%S")
             # The id before the text, which is the sender's: a text cannot forge it.
-            shown = _lively(m) if file_of(m) is None else self._text_of(m)
-            self.out(f"{when} (id {m.msg_id}) {m.sender_name}({m.sender_id}): {shown}")
+            text = _lively(m, self._text_of(m) if file_of(m) is not None else None)
+            self.out(f"{when} (id {m.msg_id}) {m.sender_name}({m.sender_id}): {text}")
         if page.more:
             flag = "-g " if group else ""
             self.out(f"(older: -hi {flag}{target} {messages[-1].msg_id})")

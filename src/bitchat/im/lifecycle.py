@@ -110,6 +110,7 @@ class Lifecycle:
         self.validators: dict[str, Validator] = {}
         self.before_store: dict[str, list[StoreHook]] = {}
         self.after_store: dict[str, list[StoreHook]] = {}
+        self.after_recall: dict[str, list[StoreHook]] = {}
         service.messages.keep_versions = self.settings.max_versions_per_message
 
     # -- types ----------------------------------------------------------------------------
@@ -130,19 +131,28 @@ class Lifecycle:
         self.validators[name] = fn
 
     def on_store(
-        self, name: str, before: StoreHook | None = None, after: StoreHook | None = None
+        self,
+        name: str,
+        before: StoreHook | None = None,
+        after: StoreHook | None = None,
+        recalled: StoreHook | None = None,
     ) -> None:
         """Run ``before(msg, fields)`` once a message of type ``name`` passed every
         check, just before it is queued for storing (its conversation known, its id
-        not yet, nobody pushed it), and ``after(msg, fields)`` once it is stored (its
-        id known; a retry's is the first one's). A ``before`` that raises refuses the
-        message. (Files: the conversation may read the file before anyone is told.)"""
+        not yet, nobody pushed it), ``after(msg, fields)`` once it is stored (its id
+        known; a retry's is the first one's), and ``recalled(msg, fields)`` (the
+        fields it had) once its recall is stored. A ``before`` that raises refuses
+        the message. (Files: the conversation may read the file before anyone is
+        told, and no longer once the message is recalled.)"""
         if name not in self.types:
             raise ValueError(f"no message type {name!r}")
-        if before is not None:
-            self.before_store.setdefault(name, []).append(before)
-        if after is not None:
-            self.after_store.setdefault(name, []).append(after)
+        for hook, hooks in (
+            (before, self.before_store),
+            (after, self.after_store),
+            (recalled, self.after_recall),
+        ):
+            if hook is not None:
+                hooks.setdefault(name, []).append(hook)
 
     async def stored(self, msg: Message, msg_id: int) -> None:
         """The ``after`` hooks of a stored typed message (``msg_id``: the stored one's)."""
@@ -297,7 +307,10 @@ class Lifecycle:
                 raise RequestError(
                     codes.FORBIDDEN, "only its sender or a group admin may recall a message"
                 )
-        return await self._store(session, self._event(session, m, RECALL, ""), others)
+        ack = await self._store(session, self._event(session, m, RECALL, ""), others)
+        for hook in self.after_recall.get(m.type, ()):
+            await hook(m, json.loads(m.fields) if m.fields else {})
+        return ack
 
     async def on_react(self, session: Session, p: React) -> SendAck:
         emoji = p.emoji

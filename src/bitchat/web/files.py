@@ -176,6 +176,8 @@ async def download(
         b"; filename*=UTF-8''" + quote(info.name, safe="").encode("ascii")
     )
     served_type = info.thumbnail_type if thumb is not None else info.content_type
+    if served_type.startswith("text/"):
+        served_type += "; charset=utf-8"  # the upload's start was checked to be UTF-8
     headers = [
         (b"content-type", served_type.encode()),
         (b"content-length", str(len(thumb) if thumb is not None else info.size).encode()),
