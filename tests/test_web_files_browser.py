@@ -1,7 +1,8 @@
 """Files and images on the chat page, in real headless Chromium against a real server: an
 image pasted into one tab's composer is uploaded (with the tab's login token) and sent; the
 other user's tab shows its preview, fetched with that user's token into a blob: URL, and a
-download link; a file chosen with the attach button arrives as a download link."""
+download link; a file chosen with the attach button arrives as a download link, and an
+image dropped on the conversation as a preview."""
 
 from __future__ import annotations
 
@@ -54,6 +55,17 @@ PASTE = """([data, name]) => {
 }"""
 
 
+DROP = """([data, name]) => {
+  const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+  const dt = new DataTransfer();
+  dt.items.add(new File([bytes], name, { type: 'image/png' }));
+  const zone = document.getElementById('conversation');
+  const drag = { dataTransfer: dt, bubbles: true, cancelable: true };
+  zone.dispatchEvent(new DragEvent('dragover', drag));
+  zone.dispatchEvent(new DragEvent('drop', drag));
+}"""
+
+
 async def test_an_image_pasted_in_one_tab_shows_its_preview_in_the_others(
     server: Server, browser: Browser
 ) -> None:
@@ -93,5 +105,12 @@ async def test_an_image_pasted_in_one_tab_shows_its_preview_in_the_others(
     )
     notes = bob.page.locator(".msg.theirs").get_by_test_id("file-link").filter(has_text="notes.txt")
     await expect(notes).to_have_count(1)
+
+    # An image dropped on the conversation: the same, as a preview.
+    await alice.page.evaluate(
+        DROP, [base64.b64encode(png(20, 20, (30, 30, 200))).decode(), "blue.png"]
+    )
+    blue = bob.page.locator(".msg.theirs").filter(has_text="blue.png").get_by_test_id("image")
+    await expect(blue).to_have_attribute("src", re.compile(r"^blob:"))
     for user in (alice, bob):
         await user.close()
