@@ -19,6 +19,9 @@ const PYTHON = process.env.BITCHAT_TEST_PYTHON || 'python3';
 /** The HS256 secret the test servers take JWT logins with. */
 export const JWT_SECRET = 'a-test-secret-of-at-least-32-bytes!';
 
+/** The server API key a Server started with `['--admin-token', ADMIN_TOKEN]` takes. */
+export const ADMIN_TOKEN = 'a-test-admin-token-of-some-length';
+
 /** An HS256 JWT for `claims`, as a product's backend would sign it. */
 export function signJwt(claims, secret = JWT_SECRET) {
   const part = (o) => Buffer.from(JSON.stringify(o)).toString('base64url');
@@ -32,8 +35,10 @@ const FAST = ['--password-hash-time-cost', '1', '--password-hash-memory-kib', '8
 
 /** A bitchat server in a temporary data folder; `restart()` keeps the folder and the port. */
 export class Server {
-  constructor() {
+  /** @param {string[]} [args] more `bitchat server` options (e.g. `['--admin-token', ADMIN_TOKEN]`) */
+  constructor(args = []) {
     this.dataDir = mkdtempSync(join(tmpdir(), 'bitchat-js-'));
+    this.args = args;
     this.port = 0;
     this.proc = null;
     this.log = '';
@@ -43,12 +48,32 @@ export class Server {
     return `ws://127.0.0.1:${this.port}/ws`;
   }
 
+  /** The server API's base URL (README "The server API"). */
+  get api() {
+    return `http://127.0.0.1:${this.port}/api/v1`;
+  }
+
+  /**
+   * One server API call with the admin token; resolves to the parsed JSON answer.
+   * @param {string} method @param {string} path @param {object} [body]
+   */
+  async call(method, path, body) {
+    const res = await fetch(`${this.api}${path}`, {
+      method,
+      headers: { Authorization: `Bearer ${ADMIN_TOKEN}`, 'Content-Type': 'application/json' },
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+    const answer = await res.json();
+    if (!res.ok) throw new Error(`${method} ${path}: ${res.status} ${JSON.stringify(answer)}`);
+    return answer;
+  }
+
   // Starts it and waits for "bitchat server started on 127.0.0.1:PORT" on stderr.
   start() {
     const env = { ...process.env, PYTHONUNBUFFERED: '1' };
     env.PYTHONPATH = env.PYTHONPATH ? `${SRC}${delimiter}${env.PYTHONPATH}` : SRC;
     const proc = spawn(PYTHON, ['-m', 'bitchat', 'server', '--host', '127.0.0.1',
-      '--port', String(this.port), '--data-dir', this.dataDir, ...FAST],
+      '--port', String(this.port), '--data-dir', this.dataDir, ...FAST, ...this.args],
     { env, stdio: ['ignore', 'ignore', 'pipe'] });
     this.proc = proc;
     return new Promise((resolve, reject) => {

@@ -61,6 +61,7 @@ class PageUser:
             target.startswith(self.base)
             or target.startswith(self.base.replace("http", "ws"))
             or target.startswith("data:")
+            or target.startswith("blob:" + self.base)  # made by the page from its own fetch
         ):
             self.foreign.append(target)
 

@@ -63,6 +63,8 @@ async def test_chat_page_and_its_files(http: httpx.AsyncClient) -> None:
     assert page.headers["content-type"] == "text/html; charset=utf-8"
     csp = page.headers["content-security-policy"]
     assert "default-src 'self'" in csp and "connect-src 'self'" in csp
+    # Image previews are blob: URLs the page fetched with its token; still no inline script.
+    assert "img-src 'self' data: blob:" in csp and "unsafe-inline" not in csp
     html = page.text
     # Everything it loads is on this server: no CDN, no build step.
     refs = re.findall(r'(?:src|href)="([^"]+)"', html)

@@ -316,7 +316,38 @@ MIGRATIONS: list[Migration] = [
     );
     CREATE INDEX blocks_blocked ON blocks(blocked_id);
     """,
-    # 10: messages that live: events (edit, recall, react, unreact) are rows of messages
+    # 10: files and images (bitchat.files): metadata, the messages that refer to each,
+    # and the bytes as chunk rows every node reads (STORAGE EXTERNAL: stored out of line
+    # but not compressed, most uploads are compressed already).
+    """
+    CREATE TABLE files (
+        id TEXT PRIMARY KEY,
+        owner_id BIGINT NOT NULL,
+        name TEXT NOT NULL,
+        size BIGINT NOT NULL,
+        content_type TEXT NOT NULL,
+        width INTEGER NOT NULL DEFAULT 0,
+        height INTEGER NOT NULL DEFAULT 0,
+        has_thumbnail BOOLEAN NOT NULL DEFAULT FALSE,
+        thumbnail_type TEXT NOT NULL DEFAULT '',
+        created_at BIGINT NOT NULL
+    );
+    CREATE INDEX files_owner ON files(owner_id);
+    CREATE TABLE file_refs (
+        file_id TEXT NOT NULL,
+        conv TEXT NOT NULL,
+        msg_id BIGINT NOT NULL,
+        PRIMARY KEY (file_id, conv, msg_id)
+    );
+    CREATE TABLE file_chunks (
+        file_id TEXT NOT NULL,
+        n INTEGER NOT NULL,
+        data BYTEA NOT NULL,
+        PRIMARY KEY (file_id, n)
+    );
+    ALTER TABLE file_chunks ALTER COLUMN data SET STORAGE EXTERNAL;
+    """,
+    # 11: messages that live: events (edit, recall, react, unreact) are rows of messages
     # (op, target); typed messages and replies; earlier texts, reactions, delete for me.
     """
     ALTER TABLE messages ADD COLUMN op TEXT NOT NULL DEFAULT '';
@@ -359,37 +390,6 @@ MIGRATIONS: list[Migration] = [
         ts BIGINT NOT NULL,
         PRIMARY KEY (user_id, msg_id)
     );
-    """,
-    # 11: files and images (bitchat.files): metadata, the messages that refer to each,
-    # and the bytes as chunk rows every node reads (STORAGE EXTERNAL: stored out of line
-    # but not compressed, most uploads are compressed already).
-    """
-    CREATE TABLE files (
-        id TEXT PRIMARY KEY,
-        owner_id BIGINT NOT NULL,
-        name TEXT NOT NULL,
-        size BIGINT NOT NULL,
-        content_type TEXT NOT NULL,
-        width INTEGER NOT NULL DEFAULT 0,
-        height INTEGER NOT NULL DEFAULT 0,
-        has_thumbnail BOOLEAN NOT NULL DEFAULT FALSE,
-        thumbnail_type TEXT NOT NULL DEFAULT '',
-        created_at BIGINT NOT NULL
-    );
-    CREATE INDEX files_owner ON files(owner_id);
-    CREATE TABLE file_refs (
-        file_id TEXT NOT NULL,
-        conv TEXT NOT NULL,
-        msg_id BIGINT NOT NULL,
-        PRIMARY KEY (file_id, conv, msg_id)
-    );
-    CREATE TABLE file_chunks (
-        file_id TEXT NOT NULL,
-        n INTEGER NOT NULL,
-        data BYTEA NOT NULL,
-        PRIMARY KEY (file_id, n)
-    );
-    ALTER TABLE file_chunks ALTER COLUMN data SET STORAGE EXTERNAL;
     """,
 ]
 

@@ -227,6 +227,10 @@ class Conversation:
             "peer_delivered_seq": self.peer_delivered_seq,
             "activity": self.activity,
             "last_message": None if self.last_message is None else self.last_message.to_dict(),
+            # The numbers unread is the difference of (messages, not events): a client that
+            # counts arrivals itself starts from them.
+            "last_no": max(self.last_no, 0),
+            "read_no": self.read_no if self.last_no >= 0 else 0,
         }
 
 

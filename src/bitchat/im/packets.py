@@ -337,9 +337,10 @@ class ConversationList(Packet, type=161):
     conversations: Annotated[list[dict[str, Any]], Limit("conversations_max_page")]
     """Each ``{"kind": "p2p"|"group", "peer_id", "group_id", "name", "last_seq",
     "read_seq", "unread", "mentions", "peer_read_seq", "peer_delivered_seq", "activity",
-    "last_message"}``: ``peer_id`` (p2p) or ``group_id`` (group, else 0); ``name``
-    is the peer's or the group's; ``unread``: messages (not events) after the user's
-    read position; ``mentions``: unread messages that mention the user;
+    "last_message", "last_no", "read_no"}``: ``peer_id`` (p2p) or ``group_id`` (group,
+    else 0); ``name`` is the peer's or the group's; ``unread``: messages (not events)
+    after the user's read position, ``last_no - read_no`` (the numbers of the last
+    message and of the last one read); ``mentions``: unread messages that mention the user;
     ``peer_read_seq`` / ``peer_delivered_seq`` (p2p, else 0): how far the peer has
     read / has on some device; ``activity``: the id of the last message (or of the
     join, for a group without messages), the paging key; ``last_message``: a

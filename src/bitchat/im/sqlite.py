@@ -304,7 +304,36 @@ MIGRATIONS: list[Migration] = [
     ) WITHOUT ROWID;
     CREATE INDEX blocks_blocked ON blocks(blocked_id);
     """,
-    # 10: messages that live: events (edit, recall, react, unreact) are rows of messages
+    # 10: files and images (bitchat.files): metadata, the messages that refer to each,
+    # and chunk rows (here only thumbnails: a file's bytes are under the data folder).
+    """
+    CREATE TABLE files (
+        id TEXT PRIMARY KEY,
+        owner_id INTEGER NOT NULL,
+        name TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        content_type TEXT NOT NULL,
+        width INTEGER NOT NULL DEFAULT 0,
+        height INTEGER NOT NULL DEFAULT 0,
+        has_thumbnail INTEGER NOT NULL DEFAULT 0,
+        thumbnail_type TEXT NOT NULL DEFAULT '',
+        created_at INTEGER NOT NULL
+    );
+    CREATE INDEX files_owner ON files(owner_id);
+    CREATE TABLE file_refs (
+        file_id TEXT NOT NULL,
+        conv TEXT NOT NULL,
+        msg_id INTEGER NOT NULL,
+        PRIMARY KEY (file_id, conv, msg_id)
+    ) WITHOUT ROWID;
+    CREATE TABLE file_chunks (
+        file_id TEXT NOT NULL,
+        n INTEGER NOT NULL,
+        data BLOB NOT NULL,
+        PRIMARY KEY (file_id, n)
+    ) WITHOUT ROWID;
+    """,
+    # 11: messages that live: events (edit, recall, react, unreact) are rows of messages
     # (op, target); typed messages and replies; earlier texts, reactions, delete for me.
     """
     ALTER TABLE messages ADD COLUMN op TEXT NOT NULL DEFAULT '';
@@ -346,35 +375,6 @@ MIGRATIONS: list[Migration] = [
         msg_id INTEGER NOT NULL,
         ts INTEGER NOT NULL,
         PRIMARY KEY (user_id, msg_id)
-    ) WITHOUT ROWID;
-    """,
-    # 11: files and images (bitchat.files): metadata, the messages that refer to each,
-    # and chunk rows (here only thumbnails: a file's bytes are under the data folder).
-    """
-    CREATE TABLE files (
-        id TEXT PRIMARY KEY,
-        owner_id INTEGER NOT NULL,
-        name TEXT NOT NULL,
-        size INTEGER NOT NULL,
-        content_type TEXT NOT NULL,
-        width INTEGER NOT NULL DEFAULT 0,
-        height INTEGER NOT NULL DEFAULT 0,
-        has_thumbnail INTEGER NOT NULL DEFAULT 0,
-        thumbnail_type TEXT NOT NULL DEFAULT '',
-        created_at INTEGER NOT NULL
-    );
-    CREATE INDEX files_owner ON files(owner_id);
-    CREATE TABLE file_refs (
-        file_id TEXT NOT NULL,
-        conv TEXT NOT NULL,
-        msg_id INTEGER NOT NULL,
-        PRIMARY KEY (file_id, conv, msg_id)
-    ) WITHOUT ROWID;
-    CREATE TABLE file_chunks (
-        file_id TEXT NOT NULL,
-        n INTEGER NOT NULL,
-        data BLOB NOT NULL,
-        PRIMARY KEY (file_id, n)
     ) WITHOUT ROWID;
     """,
 ]

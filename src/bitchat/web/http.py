@@ -50,11 +50,13 @@ _JSON = b"application/json"
 _TEXT = b"text/plain; charset=utf-8"
 _ALLOW = b"GET, HEAD"
 # The page loads nothing from elsewhere; the CSP makes that a promise the browser keeps.
+# blob: in img-src: image previews are fetched with the login token (a download needs the
+# Authorization header, which an <img> cannot send) and shown from blob: URLs the page made.
 _PAGE_HEADERS = [
     (
         b"content-security-policy",
-        b"default-src 'self'; connect-src 'self'; img-src 'self' data:; object-src 'none'; "
-        b"base-uri 'none'; frame-ancestors 'none'",
+        b"default-src 'self'; connect-src 'self'; img-src 'self' data: blob:; "
+        b"object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
     ),
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),

@@ -3,7 +3,7 @@
 // The protocol (frames, exact 64-bit ids, requests, heartbeat) is bitchat.js, the JS SDK; the
 // page keeps its own state, outbox and reconnect on top of its Link.
 
-import { Link, RequestFailed, T, newClientMsgId } from './bitchat.js';
+import { Link, RequestFailed, STAY_OUT, T, newClientMsgId } from './bitchat.js';
 
 // The page's JSON and frames are the SDK's (the browser tests use them from here).
 export { decodeFrame, encodeFrame, parseJSON, stringifyJSON } from './bitchat.js';
@@ -19,6 +19,11 @@ const READ_DELAY_MS = 50;            // MarkRead waits this long, so a burst of 
 const DEVICE_KEY = 'bitchat.device'; // localStorage: this browser's device id, named by the server
 
 const idKey = (id) => String(id);
+// A message's number in its conversation (events have none); a server that numbers nothing has
+// no events either, so there the seq is the number.
+const numberOf = (m) => m.no || (m.op ? 0 : m.seq || 0);
+// What a message's events changed: the server's copy (history, a push again) has them all.
+const LIVE_FIELDS = ['text', 'edited_at', 'recalled', 'reactions', 'reply', 'fields', 'mentions', 'no'];
 const idNum = (id) => BigInt(id);
 
 // -- state --------------------------------------------------------------------------------------
@@ -40,7 +45,18 @@ const state = {
   toAck: [],
   acked: 0,
   reconnects: 0,
+  menuFor: null,         // the id (string) of the message whose menu is open
+  compose: null,         // {mode: 'reply'|'edit', key, msgId}: the composer answers or edits one
+  mention: null,         // the '@' completion on screen: {start, items: [name], index}
 };
+
+const FILES_URL = '/api/v1/files'; // uploads and downloads: same origin, the login token
+const PREVIEW_MAX_BYTES = 5 * 1024 * 1024; // an image without a thumbnail shows whole up to this
+const blobs = new Map(); // '<file_id>' or '<file_id>/thumbnail' -> {url} | {error} | {loading}
+
+const QUICK_EMOJI = ['👍', '❤️', '😂', '😮', '😢', '🎉'];
+const SNIPPET = 80; // characters of a quoted message shown
+const MENU_ROOM_PX = 240; // a message's menu opens above it when there is this much room
 
 const $ = (id) => document.getElementById(id);
 const el = (tag, className, text) => {
@@ -58,14 +74,19 @@ function newConversation(key) {
     unread: 0, loaded: false, loading: false, more: false, last: null,
     name: null,        // the peer's or group's name in the server's conversation list
     activity: 0n,      // the server's ordering key: the id of the last message (or of the join)
-    lastSeq: 0,        // the largest seq known here (messages are numbered 1, 2, 3... per conversation)
+    lastSeq: 0,        // the largest seq known here (messages and events: 1, 2, 3... per conversation)
     readSeq: 0,        // how far this user has read, on any device
+    lastNo: 0,         // the largest message number known here (messages only: unread counts them)
+    readNo: 0,         // the number of the last message read (the server's, or derived from its unread)
+    ownSince: false,   // an own message went since lastNo was known (a SendAck names no number)
     synced: false,     // readSeq is the server's (from its list, a ReadState or an own message)
     readWanted: 0,     // the seq a MarkRead is queued or on its way for (0: none)
+    readWantedNo: 0,   // the number that MarkRead reads up to
     readTimer: null,
     peerReadSeq: 0,      // p2p: how far the peer has read my messages
     peerDeliveredSeq: 0, // p2p: how far the peer has my messages on some device
     groupReadSeq: 0,     // group: the largest seq of mine some member has read
+    mentions: 0,       // unread messages here that mention this user (the server's count)
     typers: new Map(), // user id -> {name, timer}: who is typing here now
     typingSent: 0,     // when this page last said "typing" here (0: it is not typing)
   };
@@ -95,10 +116,11 @@ function touch(conv, msgId) {
   if (id > conv.activity) conv.activity = id;
 }
 
-// What is left to read, from the seqs when the server's read position is known here (a
-// MarkRead on its way counts as done).
+// What is left to read: messages, not events (edits, recalls, reactions take seqs but no
+// number), from the numbers when the server's read position is known here (a MarkRead on its
+// way counts as done).
 function recount(conv) {
-  if (conv.synced) conv.unread = Math.max(0, conv.lastSeq - Math.max(conv.readSeq, conv.readWanted));
+  if (conv.synced) conv.unread = Math.max(0, conv.lastNo - Math.max(conv.readNo, conv.readWantedNo));
 }
 
 // lastSeen: Unix ms of an offline user who shows it; 0 or null: hidden (forget what we knew).
@@ -132,7 +154,10 @@ function order(a, b) {
 function addMessage(conv, msg) {
   if (msg.msg_id != null) {
     const known = conv.byId.get(idKey(msg.msg_id));
-    if (known) return false;
+    if (known) {
+      for (const f of LIVE_FIELDS) if (msg[f] !== undefined) known[f] = msg[f];
+      return false;
+    }
   }
   if (msg.client_msg_id && conv.byClient.has(msg.client_msg_id)) {
     const mine = conv.byClient.get(msg.client_msg_id);
@@ -270,7 +295,15 @@ function mergeConversation(c) {
   // The server's read position, not a larger one of ours: a MarkRead lost with the connection
   // must not hide what is still unread there (opening the conversation reads it again).
   conv.readSeq = c.read_seq || 0;
+  // Unread counts numbers: the server's last number (its list's, or its last message's), less
+  // what it says is unread, is the number read up to.
+  const lastNo = c.last_no ?? (c.last_message && !c.last_message.op
+    ? numberOf(c.last_message) || c.last_seq || 0 : Math.max(conv.lastNo, c.unread || 0));
+  conv.lastNo = Math.max(conv.lastNo, lastNo);
+  conv.readNo = c.read_no ?? Math.max(0, lastNo - (c.unread || 0));
+  conv.ownSince = false;
   conv.peerReadSeq = Math.max(conv.peerReadSeq, c.peer_read_seq || 0);
+  conv.mentions = c.mentions || 0;
   conv.peerDeliveredSeq = Math.max(conv.peerDeliveredSeq, c.peer_delivered_seq || 0, conv.peerReadSeq);
   const last = c.last_message;
   if (last && (!conv.last || conv.last.msg_id == null || idNum(last.msg_id) >= idNum(conv.last.msg_id))) {
@@ -280,9 +313,22 @@ function mergeConversation(c) {
   recount(conv);
 }
 
+// What the page says when the server ends the session for good (its API's logout and ban).
+const STAYED_OUT = {
+  logged_out: 'You were logged out. Please sign in again.',
+  banned: 'This account is banned.',
+};
+
 function onLinkClosed(link) {
   if (link !== state.link || !link.live) return;
   link.live = false;
+  const told = link.closeReason?.code;
+  if (state.me && STAY_OUT.has(told)) {
+    // A forced logout sticks: no reconnect with a token the server revoked anyway.
+    signedOut(STAYED_OUT[told]);
+    document.body.dataset.signedOut = told;
+    return;
+  }
   if (state.me) {
     setConnected(false);
     scheduleReconnect();
@@ -363,6 +409,7 @@ function onPush(type, body) {
   else if (type === T.READ_STATE) onReadState(body);
   else if (type === T.RECEIPT) onReceipt(body);
   else if (type === T.GROUP_EVENT) onGroupEvent(body);
+  else if (type === T.HIDDEN) onHidden(body);
   else if (type === T.PRESENCE) {
     rememberUser(body.user_id, body.name, body.online, body.online ? undefined : body.last_seen);
     render();
@@ -370,6 +417,7 @@ function onPush(type, body) {
 }
 
 function onChat(m) {
+  if (m.op) { onEvent(m); return; }
   const mine = m.sender_id === state.me?.id;
   let key;
   if (m.kind === 'group') {
@@ -392,24 +440,92 @@ function onChat(m) {
   render();
 }
 
+// The conversation of a pushed message or event.
+function convOf(m) {
+  if (m.kind === 'group') return conversation(`g:${m.to}`);
+  return conversation(`u:${m.sender_id === state.me?.id ? m.to : m.sender_id}`);
+}
+
+// An event: a message of the conversation was edited, recalled, or reacted to. It changes the
+// message where it is shown (and the quotes of it); it is no new message (no unread).
+function onEvent(e) {
+  queueAck(e.msg_id);
+  changed(convOf(e), e);
+  render();
+}
+
+// An event (pushed, or this page's own once the server took it) applied to the conversation.
+function changed(conv, e) {
+  if ((e.seq || 0) > conv.lastSeq) conv.lastSeq = e.seq;
+  const target = conv.byId.get(idKey(e.target));
+  const changed = [target, conv.last?.msg_id != null && idKey(conv.last.msg_id) === idKey(e.target) ? conv.last : null];
+  for (const m of changed) if (m) applyEvent(m, e);
+  if (e.op === 'edit' || e.op === 'recall') {
+    for (const m of conv.messages) {
+      if (m.reply && idKey(m.reply.msg_id) === idKey(e.target)) {
+        m.reply = { ...m.reply, snippet: e.op === 'recall' ? '' : snippet(e.text), recalled: e.op === 'recall' };
+      }
+    }
+    if (e.op === 'recall' && state.compose && state.compose.msgId === idKey(e.target)) closeCompose();
+  }
+}
+
+function applyEvent(m, e) {
+  if (e.op === 'edit') {
+    m.text = e.text;
+    m.edited_at = e.edited_at || e.ts;
+  } else if (e.op === 'recall') {
+    Object.assign(m, { recalled: true, text: '', fields: {}, reactions: {} });
+  } else if (e.op === 'react' || e.op === 'unreact') {
+    const reactions = { ...(m.reactions ?? {}) };
+    const who = (reactions[e.emoji] ?? []).filter((id) => id !== e.sender_id);
+    if (e.op === 'react') who.push(e.sender_id);
+    if (who.length) reactions[e.emoji] = who;
+    else delete reactions[e.emoji];
+    m.reactions = reactions;
+  }
+}
+
+// Deleted for this user on another device: gone here too.
+function onHidden(h) {
+  const ids = new Set((h.msg_ids ?? []).map(idKey));
+  for (const conv of state.convs.values()) {
+    conv.messages = conv.messages.filter((m) => m.msg_id == null || !ids.has(idKey(m.msg_id)));
+    for (const id of ids) conv.byId.delete(id);
+    if (conv.last?.msg_id != null && ids.has(idKey(conv.last.msg_id))) conv.last = conv.messages.at(-1) ?? null;
+  }
+  render();
+}
+
+const snippet = (text) => (text.length > SNIPPET ? `${text.slice(0, SNIPPET - 1)}…` : text);
+
 // A new message in a conversation: it moves up the sidebar and counts as unread unless it is
 // mine (sending reads the conversation, on any device) or on screen (then it is read at once).
 function arrived(conv, m, mine) {
   touch(conv, m.msg_id);
   const seq = m.seq || 0;
+  const no = numberOf(m);
   if (seq > conv.lastSeq) conv.lastSeq = seq;
+  if (no > conv.lastNo) conv.lastNo = no;
   if (!mine && m.kind === 'p2p' && seq > 1) {
     // The server moved the sender's read position to this message: they have read mine
     // before it, as a "read" Receipt up to seq - 1 would say (none comes for that).
     conv.peerReadSeq = Math.max(conv.peerReadSeq, seq - 1);
     conv.peerDeliveredSeq = Math.max(conv.peerDeliveredSeq, conv.peerReadSeq);
   }
+  if (!mine && !viewing(conv) && (m.mentions ?? []).includes(state.me?.id)) conv.mentions += 1;
   if (mine) {
     if (seq > conv.readSeq) conv.readSeq = seq;
+    // Sending read the conversation up to this message (its number, when the answer has it).
+    conv.readNo = Math.max(conv.readNo, no || conv.lastNo);
+    conv.ownSince = !no;
     recount(conv);
   } else if (viewing(conv)) {
     markRead(conv);
-  } else if (seq && conv.synced) {
+  } else if (no && conv.synced) {
+    // After an own message whose number was not told, the one before this was read.
+    if (conv.ownSince) conv.readNo = Math.max(conv.readNo, no - 1);
+    conv.ownSince = false;
     recount(conv);
   } else {
     conv.unread += 1;
@@ -423,7 +539,9 @@ function markRead(conv) {
   const seq = conv.lastSeq;
   if (!conv.unread && (!seq || seq <= Math.max(conv.readSeq, conv.readWanted))) return;
   conv.unread = 0;
+  conv.mentions = 0;
   conv.readWanted = Math.max(conv.readWanted, seq);
+  conv.readWantedNo = Math.max(conv.readWantedNo, conv.lastNo);
   if (!conv.readTimer) conv.readTimer = setTimeout(() => flushRead(conv), READ_DELAY_MS);
 }
 
@@ -440,6 +558,7 @@ async function flushRead(conv) {
     // Not read on the server: the badge comes back, and the next login's list says so too.
     if (!conv.readTimer && conv.readWanted === seq) {
       conv.readWanted = 0;
+      conv.readWantedNo = 0;
       recount(conv);
       render();
     }
@@ -452,8 +571,17 @@ function onReadState(r) {
   const conv = state.convs.get(r.group_id ? `g:${r.group_id}` : `u:${r.peer_id}`);
   if (!conv) return;
   conv.readSeq = Math.max(conv.readSeq, r.read_seq || 0);
-  conv.lastSeq = Math.max(conv.lastSeq, (r.read_seq || 0) + (r.unread || 0));
-  if (conv.readWanted <= conv.readSeq) conv.readWanted = 0; // what this page asked is done
+  conv.lastSeq = Math.max(conv.lastSeq, r.read_seq || 0);
+  // unread counts messages (numbers): what is left of the last number known here.
+  if (r.read_no != null) {
+    conv.readNo = Math.max(conv.readNo, r.read_no);
+    conv.lastNo = Math.max(conv.lastNo, r.read_no + (r.unread || 0));
+  } else {
+    conv.lastNo = Math.max(conv.lastNo, conv.readNo + (r.unread || 0));
+    conv.readNo = Math.max(conv.readNo, conv.lastNo - (r.unread || 0));
+  }
+  if (!r.unread) conv.mentions = 0;
+  if (conv.readWanted <= conv.readSeq) { conv.readWanted = 0; conv.readWantedNo = 0; } // done
   conv.synced = true;
   recount(conv);
   if (conv.unread && viewing(conv)) markRead(conv);
@@ -574,17 +702,24 @@ async function refreshGroups() {
 
 // -- actions ------------------------------------------------------------------------------------
 
-async function sendText(conv, text) {
+// extra: {reply_to, type, fields} of a reply or a typed message (left out when not given).
+async function sendText(conv, text, extra = {}) {
   const cid = newClientMsgId();
+  const quoted = extra.reply_to ? conv.byId.get(idKey(extra.reply_to)) : null;
   const msg = {
     msg_id: null, client_msg_id: cid, kind: conv.kind, sender_id: state.me.id,
     sender_name: state.me.name, to: conv.id, text, ts: Date.now(), status: 'pending',
+    type: extra.type || 'text', fields: extra.fields || {}, reply_to: extra.reply_to || 0,
+    reply: quoted ? quoteOf(quoted) : null, reactions: {},
   };
   addMessage(conv, msg);
   conv.typingSent = 0; // the server takes a message as the end of typing
   const body = conv.kind === 'group'
     ? { group_id: conv.id, text, client_msg_id: cid }
     : { to: conv.id, text, client_msg_id: cid };
+  if (extra.reply_to) body.reply_to = idNum(extra.reply_to);
+  if (extra.type && extra.type !== 'text') body.type = extra.type;
+  if (extra.fields && Object.keys(extra.fields).length) body.fields = extra.fields;
   state.outbox.set(cid, { key: conv.key, type: conv.kind === 'group' ? T.SEND_GROUP : T.SEND_P2P, body });
   render({ toBottom: true });
   await deliver(cid);
@@ -625,9 +760,11 @@ async function loadHistory(conv, older) {
     const list = $('messages');
     const fromBottom = list.scrollHeight - list.scrollTop;
     for (const m of page.messages) {
+      if ((m.seq || 0) > conv.lastSeq) conv.lastSeq = m.seq;
+      if (numberOf(m) > conv.lastNo) conv.lastNo = numberOf(m);
+      if (m.op) continue; // the messages carry what their events did
       if (conv.kind === 'p2p' && m.sender_id !== state.me.id) conv.fallbackName = m.sender_name;
       addMessage(conv, { ...m, status: 'sent' });
-      if ((m.seq || 0) > conv.lastSeq) conv.lastSeq = m.seq;
     }
     if (older || !conv.loaded) conv.more = page.more;
     conv.loaded = true;
@@ -1121,7 +1258,7 @@ function convRow(conv, { online } = {}) {
   if (conv.last) {
     const who = conv.last.sender_id === state.me.id ? 'You: '
       : conv.kind === 'group' ? `${conv.last.sender_name}: ` : '';
-    preview = who + conv.last.text;
+    preview = who + previewText(conv.last);
   } else if (conv.kind === 'group') {
     const g = state.groups.get(conv.id);
     preview = g ? `Group ${g.id} · ${g.members} member${g.members === 1 ? '' : 's'}` : `Group ${conv.id}`;
@@ -1131,6 +1268,13 @@ function convRow(conv, { online } = {}) {
   bottom.append(el('span', 'conv-preview', preview));
   button.dataset.unread = String(conv.unread);
   button.dataset.readSeq = String(conv.readSeq); // the server's: tests wait on it
+  button.dataset.mentions = String(conv.mentions);
+  if (conv.mentions) {
+    const at = el('span', 'badge mentions', `@${conv.mentions > 1 ? conv.mentions : ''}`);
+    at.dataset.testid = 'mention-badge';
+    at.title = conv.mentions === 1 ? 'You were mentioned' : `You were mentioned ${conv.mentions} times`;
+    bottom.append(at);
+  }
   if (conv.unread) {
     const badge = el('span', 'badge', String(conv.unread));
     badge.dataset.testid = 'unread';
@@ -1141,6 +1285,17 @@ function convRow(conv, { online } = {}) {
   button.addEventListener('click', () => openConversation(conv.key));
   li.append(button);
   return li;
+}
+
+// A sidebar preview of the last message, or of the last event (the list's last row may be one).
+function previewText(m) {
+  if (m.recalled || m.op === 'recall') return 'message recalled';
+  if (m.op === 'react') return `reacted ${m.emoji}`;
+  if (m.op === 'unreact') return `took back ${m.emoji}`;
+  if ((m.type === 'image' || m.type === 'file') && m.fields?.name) {
+    return `${m.type === 'image' ? '🖼' : '📄'} ${m.fields.name}`;
+  }
+  return m.text;
 }
 
 // The server's order: by activity (the last message, or the join), newest first; then by name.
@@ -1227,8 +1382,24 @@ function renderConversation(opts) {
       sender.style.setProperty('--hue', hue(m.sender_id));
       bubble.append(sender);
     }
-    bubble.append(el('div', 'text', m.text));
+    if (m.reply) bubble.append(quoteBlock(conv, m));
+    if (m.recalled) {
+      const gone = el('div', 'text recalled', 'message recalled');
+      gone.dataset.testid = 'recalled';
+      bubble.append(gone);
+      row.classList.add('recalled');
+    } else if ((m.type === 'image' || m.type === 'file') && (m.fields?.file_id || m.localUrl || m.status !== 'sent')) {
+      bubble.append(...fileBlock(m));
+    } else {
+      bubble.append(textWithMentions(conv, m));
+    }
     const meta = el('div', 'meta');
+    if (m.edited_at && !m.recalled) {
+      const edited = el('span', 'edited', 'edited');
+      edited.dataset.testid = 'edited';
+      edited.title = `edited ${sinceText(m.edited_at)}`;
+      meta.append(edited);
+    }
     meta.append(el('time', '', timeFormat.format(new Date(m.ts))));
     if (mine) {
       const reach = tick(conv, m);
@@ -1245,11 +1416,29 @@ function renderConversation(opts) {
       bubble.addEventListener('click', () => retry(conv, m));
     }
     bubble.append(meta);
-    row.append(bubble);
+    const column = el('div', 'bubble-column');
+    column.append(bubble);
+    const reactions = reactionsRow(conv, m);
+    if (reactions) column.append(reactions);
+    row.append(column);
+    if (m.msg_id != null && m.status !== 'failed') {
+      const more = el('button', 'msg-menu-button', '⋯');
+      more.type = 'button';
+      more.dataset.testid = 'msg-menu';
+      more.title = 'More';
+      more.setAttribute('aria-label', 'More actions');
+      more.addEventListener('click', (event) => { event.stopPropagation(); toggleMenu(m, more); });
+      row.append(more);
+      if (state.menuFor === idKey(m.msg_id)) {
+        row.classList.add('menu-open');
+        row.append(messageMenu(conv, m));
+      }
+    }
     nodes.push(row);
     prev = m;
   }
   $('message-list').replaceChildren(...nodes);
+  renderComposeBar(conv);
   if (opts.keepFromBottom) box.scrollTop = box.scrollHeight - opts.keepFromBottom;
   else if (opts.toBottom || nearBottom) box.scrollTop = box.scrollHeight;
 }
@@ -1257,7 +1446,393 @@ function renderConversation(opts) {
 function retry(conv, msg) {
   conv.messages.splice(conv.messages.indexOf(msg), 1);
   conv.byClient.delete(msg.client_msg_id);
-  sendText(conv, msg.text);
+  if (msg.upload) { sendFile(conv, msg.upload); return; }
+  sendText(conv, msg.text, { reply_to: msg.reply_to, type: msg.type, fields: msg.fields });
+}
+
+// The quote of a message, as the server's `reply` is.
+function quoteOf(m) {
+  return {
+    msg_id: m.msg_id, sender_id: m.sender_id, sender_name: m.sender_name,
+    snippet: m.recalled ? '' : snippet(m.text), recalled: !!m.recalled,
+  };
+}
+
+// -- files and images: upload over HTTP, then a message of type 'file' or 'image' ----------------
+
+const sizeText = (n) => (n < 1024 ? `${n} B` : n < 1048576 ? `${(n / 1024).toFixed(1)} KB`
+  : `${(n / 1048576).toFixed(1)} MB`);
+
+// The server's answer to a refused upload or download: {code, message} (perhaps under error).
+async function httpError(res) {
+  let body = null;
+  try { body = await res.json(); } catch { /* not JSON */ }
+  const e = body?.error ?? body ?? {};
+  return new RequestFailed(e.code || `http_${res.status}`, e.message || `the server answered ${res.status}`);
+}
+
+// Uploads one file (streamed from the browser's Blob), then sends a message that refers to it.
+// A placeholder shows meanwhile, with the local preview of an image.
+async function sendFile(conv, file) {
+  const image = /^image\//.test(file.type);
+  const name = file.name || (image ? `image.${(file.type.split('/')[1] || 'png').replace(/\W/g, '')}` : 'file');
+  const localUrl = image ? URL.createObjectURL(file) : null;
+  const placeholder = {
+    msg_id: null, client_msg_id: newClientMsgId(), kind: conv.kind, sender_id: state.me.id,
+    sender_name: state.me.name, to: conv.id, text: name, ts: Date.now(), status: 'pending',
+    type: image ? 'image' : 'file', fields: { name, size: file.size, content_type: file.type }, localUrl,
+  };
+  addMessage(conv, placeholder);
+  render({ toBottom: true });
+  let info;
+  try {
+    const res = await fetch(`${FILES_URL}?name=${encodeURIComponent(name)}`, {
+      method: 'POST',
+      headers: { Authorization: `Bearer ${state.token}`, 'Content-Type': file.type || 'application/octet-stream' },
+      body: file,
+    });
+    if (!res.ok) throw await httpError(res);
+    info = await res.json();
+  } catch (err) {
+    Object.assign(placeholder, { status: 'failed', error: err.message || String(err), upload: file });
+    toast(`Could not send ${name}: ${err.message || err}`);
+    render();
+    return;
+  }
+  conv.messages.splice(conv.messages.indexOf(placeholder), 1);
+  conv.byClient.delete(placeholder.client_msg_id);
+  const type = image && info.width ? 'image' : 'file';
+  const fields = { file_id: info.file_id, name: info.name, size: info.size, content_type: info.content_type };
+  if (type === 'image') Object.assign(fields, { width: info.width, height: info.height });
+  // The file's own blob is its preview here: nothing to download again.
+  if (localUrl) blobs.set(String(info.file_id), { url: localUrl });
+  if (localUrl && info.thumbnail) blobs.set(`${info.file_id}/thumbnail`, { url: localUrl });
+  const fallback = `${type === 'image' ? '[image]' : '[file]'} ${info.name} (${sizeText(info.size)})`;
+  await sendText(conv, fallback, { type, fields });
+}
+
+// A blob: URL of a stored file (or its thumbnail), fetched with the login token: an <img> or a
+// link cannot send the Authorization header the download needs. Kept for the page's life.
+function blobUrl(fileId, thumbnail, onReady) {
+  const key = thumbnail ? `${fileId}/thumbnail` : String(fileId);
+  const known = blobs.get(key);
+  if (known?.url) return known.url;
+  if (known) return null; // loading, or failed
+  blobs.set(key, { loading: true });
+  (async () => {
+    try {
+      const res = await fetch(`${FILES_URL}/${fileId}${thumbnail ? '/thumbnail' : ''}`, {
+        headers: { Authorization: `Bearer ${state.token}` },
+      });
+      if (!res.ok) throw await httpError(res);
+      blobs.set(key, { url: URL.createObjectURL(await res.blob()) });
+    } catch (err) {
+      blobs.set(key, { error: err.message || String(err) });
+    }
+    onReady();
+  })();
+  return null;
+}
+
+async function download(fileId, name) {
+  const url = blobUrl(fileId, false, () => download(fileId, name));
+  if (!url) {
+    const known = blobs.get(String(fileId));
+    if (known?.error) { blobs.delete(String(fileId)); toast(`Could not download ${name}: ${known.error}`); }
+    return;
+  }
+  const a = el('a');
+  a.href = url;
+  a.download = name || 'file';
+  document.body.append(a);
+  a.click();
+  a.remove();
+}
+
+// The body of a file or image message: the preview, and a download link.
+function fileBlock(m) {
+  const f = m.fields ?? {};
+  const nodes = [];
+  if (m.type === 'image') {
+    const box = el('div', 'image-box');
+    box.dataset.testid = 'image-box';
+    let url = m.localUrl ?? (f.file_id ? blobUrl(f.file_id, true, () => render()) : null);
+    let failed = f.file_id && blobs.get(`${f.file_id}/thumbnail`)?.error;
+    if (failed && (f.size || 0) <= PREVIEW_MAX_BYTES) {
+      // No thumbnail (the server makes none of a very large image): a small one shows whole.
+      url = blobUrl(f.file_id, false, () => render());
+      failed = blobs.get(String(f.file_id))?.error;
+    }
+    if (url) {
+      const img = el('img');
+      img.src = url;
+      img.alt = f.name || 'image';
+      img.dataset.testid = 'image';
+      if (f.width && f.height) { img.width = f.width; img.height = f.height; }
+      box.append(img);
+    } else {
+      box.append(el('span', 'image-missing', failed ? 'image unavailable' : 'loading image…'));
+    }
+    nodes.push(box);
+  }
+  if (f.file_id) {
+    const link = el('a', 'file-link');
+    link.href = `${FILES_URL}/${f.file_id}`;
+    link.dataset.testid = 'file-link';
+    link.append(`${m.type === 'image' ? '' : '📄 '}${f.name || 'file'}`, el('span', 'file-size', sizeText(f.size || 0)));
+    link.addEventListener('click', (event) => { event.preventDefault(); download(f.file_id, f.name); });
+    nodes.push(link);
+  } else if (m.type === 'file') {
+    nodes.push(el('span', 'file-link', `📄 ${f.name || m.text}`));
+  }
+  return nodes;
+}
+
+function sendFiles(files) {
+  const conv = state.active && state.convs.get(state.active);
+  if (!conv) return;
+  for (const file of files) sendFile(conv, file);
+}
+
+// -- a message's menu: reply, react, edit, recall, delete for me ---------------------------------
+
+function canRecall(conv, m) {
+  if (m.msg_id == null || m.recalled) return false;
+  if (m.sender_id === state.me.id) return true;
+  return conv.kind === 'group' && rank(state.groups.get(conv.id)?.role) > 0;
+}
+
+// Opens (or closes) a message's menu: above the message, or below it when there is no room
+// above in the conversation's view.
+function toggleMenu(m, button) {
+  const key = idKey(m.msg_id);
+  state.menuFor = state.menuFor === key ? null : key;
+  const room = button.getBoundingClientRect().top - $('messages').getBoundingClientRect().top;
+  state.menuBelow = room < MENU_ROOM_PX;
+  render();
+}
+
+function messageMenu(conv, m) {
+  const menu = el('div', state.menuBelow ? 'msg-menu below' : 'msg-menu');
+  menu.dataset.testid = 'menu';
+  menu.setAttribute('role', 'menu');
+  const item = (text, testid, onClick, danger = false) => {
+    const b = el('button', danger ? 'danger' : '', text);
+    b.type = 'button';
+    b.dataset.testid = testid;
+    b.setAttribute('role', 'menuitem');
+    b.addEventListener('click', (event) => {
+      event.stopPropagation();
+      state.menuFor = null;
+      onClick();
+      render();
+    });
+    return b;
+  };
+  if (!m.recalled) {
+    const emojis = el('div', 'emoji-row');
+    for (const emoji of QUICK_EMOJI) {
+      const b = item(emoji, 'menu-react', () => toggleReaction(conv, m, emoji));
+      b.dataset.emoji = emoji;
+      b.title = `React with ${emoji}`;
+      emojis.append(b);
+    }
+    menu.append(emojis);
+    menu.append(item('Reply', 'menu-reply', () => startCompose(conv, m, 'reply')));
+  }
+  if (m.sender_id === state.me.id && !m.recalled && (!m.type || m.type === 'text')) {
+    menu.append(item('Edit', 'menu-edit', () => startCompose(conv, m, 'edit')));
+  }
+  if (canRecall(conv, m)) menu.append(item('Recall', 'menu-recall', () => recallMessage(conv, m), true));
+  menu.append(item('Delete for me', 'menu-delete', () => deleteForMe(conv, m), true));
+  return menu;
+}
+
+// A request that changes a message; a refusal is a toast (the message stays as it is).
+async function change(type, body) {
+  try {
+    if (!state.link?.live) throw new RequestFailed('closed', 'not connected');
+    return await state.link.request(type, body);
+  } catch (err) {
+    toast(err.code === 'window_passed' ? 'Too late to change this message.'
+      : err.code === 'closed' ? 'Not connected: try again in a moment.' : err.message || err.code);
+    return null;
+  }
+}
+
+// The server took this page's own change (its SendAck): shown at once; the same event pushed
+// to this device later changes nothing more.
+function applyOwn(conv, m, ack, e) {
+  if (!ack) return;
+  changed(conv, { ...e, target: m.msg_id, sender_id: state.me.id, ts: ack.ts, seq: ack.seq });
+  render();
+}
+
+async function toggleReaction(conv, m, emoji) {
+  const on = !(m.reactions?.[emoji] ?? []).includes(state.me.id);
+  const ack = await change(T.REACT, { msg_id: idNum(m.msg_id), emoji, on });
+  applyOwn(conv, m, ack, { op: on ? 'react' : 'unreact', emoji });
+}
+
+async function recallMessage(conv, m) {
+  applyOwn(conv, m, await change(T.RECALL_MESSAGE, { msg_id: idNum(m.msg_id) }), { op: 'recall' });
+}
+
+async function deleteForMe(conv, m) {
+  if (await change(T.DELETE_FOR_ME, { msg_ids: [idNum(m.msg_id)] })) onHidden({ msg_ids: [m.msg_id] });
+}
+
+// The composer answers (reply) or rewrites (edit) one message.
+function startCompose(conv, m, mode) {
+  state.compose = { mode, key: conv.key, msgId: idKey(m.msg_id) };
+  const input = $('composer-input');
+  if (mode === 'edit') input.value = m.text;
+  fitComposer();
+  input.focus();
+  render();
+}
+
+function closeCompose() {
+  const wasEdit = state.compose?.mode === 'edit';
+  state.compose = null;
+  if (wasEdit) { $('composer-input').value = ''; fitComposer(); }
+  render();
+}
+
+function renderComposeBar(conv) {
+  const c = state.compose;
+  const m = c && c.key === conv.key ? conv.byId.get(c.msgId) : null;
+  $('compose-bar').hidden = !m;
+  if (!m) return;
+  $('compose-bar').dataset.mode = c.mode;
+  $('compose-bar-title').textContent = c.mode === 'edit' ? 'Edit message'
+    : `Reply to ${m.sender_id === state.me.id ? 'yourself' : m.sender_name}`;
+  $('compose-bar-snippet').textContent = m.recalled ? 'message recalled' : snippet(m.text);
+}
+
+// What the composer sends: a new message (perhaps a reply), or an edit.
+async function submitComposer(conv, text) {
+  const c = state.compose && state.compose.key === conv.key ? state.compose : null;
+  state.compose = null;
+  if (c?.mode === 'edit') {
+    const m = conv.byId.get(c.msgId);
+    render();
+    if (m && m.text !== text) {
+      const ack = await change(T.EDIT_MESSAGE, { msg_id: idNum(m.msg_id), text });
+      applyOwn(conv, m, ack, { op: 'edit', text, edited_at: ack?.ts });
+    }
+    return;
+  }
+  await sendText(conv, text, c?.mode === 'reply' ? { reply_to: c.msgId } : {});
+}
+
+// -- mentions: '@' completion of member names, and highlights -----------------------------------
+
+function memberNames(conv) {
+  return (conv.members ?? []).filter((m) => m.id !== state.me.id).map((m) => m.name);
+}
+
+// The '@word' being typed before the caret, in a group: offer the members whose name starts so.
+function updateMentions() {
+  const conv = state.active && state.convs.get(state.active);
+  const input = $('composer-input');
+  const before = input.value.slice(0, input.selectionStart);
+  const m = conv?.kind === 'group' ? /(^|\s)@([^\s@]*)$/.exec(before) : null;
+  const prefix = m ? m[2].toLowerCase() : null;
+  const items = m ? memberNames(conv).filter((n) => n.toLowerCase().startsWith(prefix)).slice(0, 8) : [];
+  state.mention = items.length ? { start: before.length - m[2].length - 1, items, index: 0 } : null;
+  renderMentions();
+}
+
+function renderMentions() {
+  const list = $('mention-list');
+  const view = state.mention;
+  list.hidden = !view;
+  if (!view) { list.replaceChildren(); return; }
+  list.replaceChildren(...view.items.map((name, i) => {
+    const li = el('li', '', `@${name}`);
+    li.setAttribute('role', 'option');
+    li.setAttribute('aria-selected', String(i === view.index));
+    li.dataset.testid = 'mention-option';
+    li.addEventListener('mousedown', (event) => { event.preventDefault(); chooseMention(name); });
+    return li;
+  }));
+}
+
+function chooseMention(name) {
+  const view = state.mention;
+  const input = $('composer-input');
+  if (!view) return;
+  const caret = input.selectionStart;
+  input.value = `${input.value.slice(0, view.start)}@${name} ${input.value.slice(caret)}`;
+  const at = view.start + name.length + 2;
+  input.setSelectionRange(at, at);
+  state.mention = null;
+  renderMentions();
+  input.focus();
+}
+
+// The text with the `@name`s of mentioned users (and of members) highlighted; nodes, never HTML.
+function textWithMentions(conv, m) {
+  const names = new Set(conv.kind === 'group' ? (conv.members ?? []).map((x) => x.name) : []);
+  for (const id of m.mentions ?? []) if (id !== state.me.id) names.add(nameOf(id, conv));
+  names.add(state.me.name);
+  const box = el('div', 'text');
+  if (conv.kind !== 'group' || !m.text.includes('@')) {
+    box.textContent = m.text;
+    return box;
+  }
+  let at = 0;
+  for (const match of m.text.matchAll(/@([^\s@]+)/g)) {
+    let name = match[1];
+    while (name && !names.has(name) && /[.,;:!?)]$/.test(name)) name = name.slice(0, -1);
+    if (!names.has(name)) continue;
+    box.append(m.text.slice(at, match.index));
+    const span = el('span', name === state.me.name ? 'mention me' : 'mention', `@${name}`);
+    span.dataset.testid = 'mention';
+    box.append(span);
+    at = match.index + 1 + name.length;
+  }
+  box.append(m.text.slice(at));
+  return box;
+}
+
+// -- reactions under a bubble: counts, who (on hover), a click toggles one's own ------------------
+
+function reactionsRow(conv, m) {
+  const entries = Object.entries(m.reactions ?? {}).filter(([, ids]) => ids.length);
+  if (!entries.length || m.recalled) return null;
+  const row = el('div', 'reactions');
+  row.dataset.testid = 'reactions';
+  for (const [emoji, ids] of entries) {
+    const mine = ids.includes(state.me.id);
+    const chip = el('button', mine ? 'reaction mine' : 'reaction', `${emoji} ${ids.length}`);
+    chip.type = 'button';
+    chip.dataset.testid = 'reaction';
+    chip.dataset.emoji = emoji;
+    chip.dataset.count = String(ids.length);
+    chip.title = ids.map((id) => (id === state.me.id ? 'You' : nameOf(id, conv))).join(', ');
+    chip.setAttribute('aria-pressed', String(mine));
+    chip.addEventListener('click', () => toggleReaction(conv, m, emoji));
+    row.append(chip);
+  }
+  return row;
+}
+
+function quoteBlock(conv, m) {
+  const r = m.reply;
+  const q = el('div', r.recalled ? 'quote recalled' : 'quote');
+  q.dataset.testid = 'quote';
+  q.append(el('span', 'quote-sender', r.sender_id === state.me.id ? 'You' : r.sender_name || nameOf(r.sender_id, conv)));
+  q.append(el('span', 'quote-snippet', r.recalled ? 'message recalled' : r.snippet));
+  q.addEventListener('click', () => {
+    const row = document.querySelector(`[data-msg-id="${idKey(r.msg_id)}"]`);
+    if (!row) return;
+    row.scrollIntoView({ block: 'center' });
+    row.classList.add('flash');
+    setTimeout(() => row.classList.remove('flash'), 1200);
+  });
+  return q;
 }
 
 // -- small UI pieces ----------------------------------------------------------------------------
@@ -1395,15 +1970,76 @@ function wire() {
     if (!text || !conv) return;
     input.value = '';
     fitComposer();
-    sendText(conv, text);
+    state.mention = null;
+    renderMentions();
+    submitComposer(conv, text);
+  });
+  $('compose-bar-cancel').addEventListener('click', () => closeCompose());
+  $('attach').addEventListener('click', () => $('file-input').click());
+  $('file-input').addEventListener('change', (event) => {
+    sendFiles([...event.target.files]);
+    event.target.value = '';
+  });
+  $('composer-input').addEventListener('paste', (event) => {
+    const files = [...(event.clipboardData?.files ?? [])];
+    if (!files.length) return; // text: pasted as usual
+    event.preventDefault();
+    sendFiles(files);
+  });
+  const dropZone = $('conversation');
+  const carriesFiles = (event) => [...(event.dataTransfer?.types ?? [])].includes('Files');
+  dropZone.addEventListener('dragover', (event) => {
+    if (!carriesFiles(event)) return;
+    event.preventDefault();
+    event.dataTransfer.dropEffect = 'copy';
+    dropZone.classList.add('dropping');
+  });
+  dropZone.addEventListener('dragleave', (event) => {
+    if (!dropZone.contains(event.relatedTarget)) dropZone.classList.remove('dropping');
+  });
+  dropZone.addEventListener('drop', (event) => {
+    dropZone.classList.remove('dropping');
+    if (!carriesFiles(event)) return;
+    event.preventDefault();
+    sendFiles([...event.dataTransfer.files]);
   });
   $('composer-input').addEventListener('keydown', (event) => {
+    const view = state.mention;
+    if (view && !event.isComposing) {
+      if (event.key === 'ArrowDown' || event.key === 'ArrowUp') {
+        event.preventDefault();
+        const n = view.items.length;
+        view.index = (view.index + (event.key === 'ArrowDown' ? 1 : n - 1)) % n;
+        renderMentions();
+        return;
+      }
+      if (event.key === 'Enter' || event.key === 'Tab') {
+        event.preventDefault();
+        chooseMention(view.items[view.index]);
+        return;
+      }
+      if (event.key === 'Escape') {
+        state.mention = null;
+        renderMentions();
+        return;
+      }
+    }
+    if (event.key === 'Escape' && state.compose) {
+      closeCompose();
+      return;
+    }
     if (event.key === 'Enter' && !event.shiftKey && !event.isComposing) {
       event.preventDefault();
       $('composer').requestSubmit();
     }
   });
-  $('composer-input').addEventListener('input', () => { fitComposer(); composerTyped(); });
+  $('composer-input').addEventListener('input', () => { fitComposer(); composerTyped(); updateMentions(); });
+  $('composer-input').addEventListener('blur', () => { state.mention = null; renderMentions(); });
+  // A click elsewhere closes a message's menu.
+  document.addEventListener('click', () => { if (state.menuFor) { state.menuFor = null; render(); } });
+  document.addEventListener('keydown', (event) => {
+    if (event.key === 'Escape' && state.menuFor) { state.menuFor = null; render(); }
+  });
 
   $('messages').addEventListener('scroll', () => {
     const conv = state.active && state.convs.get(state.active);

@@ -27,6 +27,8 @@ export const T = Object.freeze({
   CREATE_INVITE: 175, INVITE_INFO: 176, ADD_MEMBER: 177, GET_JOIN_REQUESTS: 178,
   JOIN_REQUEST_LIST: 179, ANSWER_JOIN_REQUEST: 180, GROUP_EVENT: 181,
   BLOCK: 182, GET_BLOCKED: 183, BLOCKED_LIST: 184,
+  EDIT_MESSAGE: 190, RECALL_MESSAGE: 191, REACT: 192, DELETE_FOR_ME: 193, GET_VERSIONS: 194,
+  VERSIONS: 195, GET_REACTIONS: 196, REACTION_LIST: 197, HIDDEN: 198,
 });
 
 /** Header flags. */
@@ -235,6 +237,8 @@ export class Link {
     this.live = false; // logged in on this link: a drop means reconnect
     /** @type {Array<number|bigint>} message ids to ack on this link (acks count per connection) */
     this.toAck = [];
+    /** @type {RequestFailed | null} why the server closed this link, if it said (an Error push) */
+    this.closeReason = null;
   }
 
   /**
@@ -296,7 +300,10 @@ export class Link {
         if (frame.flags & FLAGS.ERROR) waiter.reject(new RequestFailed(frame.body.code, frame.body.message));
         else waiter.resolve(frame.body);
       } else if (frame.flags & FLAGS.ERROR) {
-        console.warn('bitchat: server error', frame.body);
+        // An Error that answers no request: the server says why it closes the connection
+        // (`logged_out`, `banned`, ...). Kept for the close handler.
+        if (frame.requestId === 0) this.closeReason = new RequestFailed(frame.body.code, frame.body.message);
+        else console.warn('bitchat: server error', frame.body);
       }
       return;
     }
@@ -383,16 +390,62 @@ export class Link {
  * @property {boolean} duplicate
  * @property {number} seq
  *
- * @typedef {object} ChatMessage
+ * @typedef {object} ChatMessage  a message, or an event that changes one (`op`)
  * @property {Id} msg_id
  * @property {'p2p'|'group'} kind
- * @property {number} sender_id
+ * @property {number} sender_id  (an event: who did it)
  * @property {string} sender_name
  * @property {number} to
- * @property {string} text
+ * @property {string} text  (an edit event: the target's new text)
  * @property {number} ts
  * @property {string} client_msg_id
  * @property {number} seq
+ * @property {''|'edit'|'recall'|'react'|'unreact'} [op]  '' for a message
+ * @property {Id} [target]  an event: the message it changes
+ * @property {string} [type]  a message's kind: 'text', 'file', 'image' or one an application registered
+ * @property {Record<string, any>} [fields]  the kind's fields (text is the fallback an old client shows)
+ * @property {Id} [reply_to]  the message this one quotes (0: none)
+ * @property {ReplyQuote | null} [reply]  that message as it is now
+ * @property {number} [edited_at]  Unix ms of the last edit (0: never)
+ * @property {boolean} [recalled]  taken back by its sender (or a group admin): no text
+ * @property {string} [emoji]  a react/unreact event's emoji
+ * @property {Record<string, number[]>} [reactions]  emoji -> the ids of who reacted with it
+ * @property {number[]} [mentions]  the ids of the users its `@name`s mention
+ *
+ * @typedef {object} ReplyQuote
+ * @property {Id} msg_id
+ * @property {number} sender_id
+ * @property {string} sender_name
+ * @property {string} snippet  the start of its current text ('' once recalled)
+ * @property {boolean} recalled
+ *
+ * @typedef {object} Versions  the earlier texts of one's own message, oldest first
+ * @property {Id} msg_id
+ * @property {Array<{text: string, ts: number}>} versions
+ *
+ * @typedef {object} ReactionList
+ * @property {Id} msg_id
+ * @property {Array<{emoji: string, users: Array<{id: number, name: string}>}>} reactions
+ *
+ * @typedef {object} Hidden  a push to the user's own devices: messages deleted for them
+ * @property {Id[]} msg_ids
+ *
+ * @typedef {object} FileInfo  an upload's answer
+ * @property {string} file_id
+ * @property {string} name
+ * @property {number} size  bytes
+ * @property {string} content_type
+ * @property {number} width  images: pixels (else 0)
+ * @property {number} height
+ * @property {boolean} thumbnail  a thumbnail can be downloaded
+ *
+ * @typedef {object} SendOptions
+ * @property {Id} [reply_to]  quote this message (same conversation)
+ * @property {string} [type]  default 'text'
+ * @property {Record<string, any>} [fields]  the type's fields
+ * @property {string} [client_msg_id]
+ * @property {number} [retries]
+ * @property {number} [timeoutMs]
  *
  * @typedef {object} HistoryPage
  * @property {ChatMessage[]} messages
@@ -478,23 +531,37 @@ export class Link {
  * @property {string} user_name  the name of user_id
  * @property {string} by_name    the name of by_id ('' for the server)
  *
- * @typedef {'message'|'receipt'|'readState'|'typing'|'presence'|'groupEvent'|'push'|'login'|'disconnect'|'loggedOut'} EventName
+ * @typedef {'message'|'edit'|'recall'|'reaction'|'hidden'|'receipt'|'readState'|'typing'|'presence'|'groupEvent'|'push'|'login'|'disconnect'|'loggedOut'} EventName
  */
+
+/** Codes of an Error push after which the client must not log in again by itself. */
+export const STAY_OUT = new Set(['logged_out', 'banned']);
 
 /** @type {Map<number, EventName>} */
 const PUSH_EVENTS = new Map([
   [T.CHAT, 'message'], [T.RECEIPT, 'receipt'], [T.READ_STATE, 'readState'],
   [T.TYPING_EVENT, 'typing'], [T.PRESENCE, 'presence'], [T.GROUP_EVENT, 'groupEvent'],
+  [T.HIDDEN, 'hidden'],
+]);
+
+/** The event a pushed ChatMessage is, by its `op`: a message, or a change to one. */
+const OP_EVENTS = new Map([
+  ['', 'message'], ['edit', 'edit'], ['recall', 'recall'], ['react', 'reaction'], ['unreact', 'reaction'],
 ]);
 
 /**
  * A bitchat client: one connection at a time, logged in again after every drop.
  *
- * Events (`on(name, handler)`): `message` (ChatMessage), `receipt` (Receipt), `readState`
+ * Events (`on(name, handler)`): `message` (ChatMessage), `edit` (ChatMessage, op 'edit':
+ * `target` now reads `text`), `recall` (op 'recall': `target` was taken back), `reaction`
+ * (op 'react' or 'unreact': `sender_id` put or took `emoji` on `target`), `hidden` (Hidden:
+ * deleted for this user on another device), `receipt` (Receipt), `readState`
  * (ReadState), `typing` (TypingEvent), `presence` (Presence), `groupEvent` (GroupEvent: a
  * member added, removed, kicked, banned, muted, a role or the options changed, a join
  * request), `push` (type, body: any other push), `login` (LoginOk: each login, reconnects too), `disconnect` ({code, reason}),
- * `loggedOut` (the token was refused at a reconnect).
+ * `loggedOut` (RequestFailed: the server closed the session with `logged_out` or `banned`,
+ * its API's logout and ban, or the token was refused at a reconnect, `login_failed`; the
+ * client is closed then and does not reconnect).
  */
 export class BitchatClient {
   /** @param {string} url the /ws endpoint, e.g. ws://host:port/ws @param {ClientOptions} [options] */
@@ -652,22 +719,100 @@ export class BitchatClient {
    * A one-to-one message; resolves once stored. A connection lost meanwhile is waited out and
    * the message resent with the same client_msg_id (stored once), at most `retries` times,
    * all within `timeoutMs`.
-   * @param {{to: number, text: string, client_msg_id?: string, retries?: number, timeoutMs?: number}} msg
+   * `reply_to` quotes a message of the conversation; `type` and `fields` send a typed message
+   * (`text` is then the fallback a client that does not know the type shows).
+   * @param {{to: number, text: string} & SendOptions} msg
    * @returns {Promise<SendAck>}
    */
-  sendP2P({ to, text, client_msg_id, retries, timeoutMs }) {
-    return this.sendStored(T.SEND_P2P, { to, text, client_msg_id: client_msg_id || newClientMsgId() },
+  sendP2P({ to, text, client_msg_id, retries, timeoutMs, ...extra }) {
+    return this.sendStored(T.SEND_P2P, withExtra({ to, text, client_msg_id: client_msg_id || newClientMsgId() }, extra),
       retries, timeoutMs);
   }
 
   /**
-   * A group message; as sendP2P.
-   * @param {{group_id: number, text: string, client_msg_id?: string, retries?: number, timeoutMs?: number}} msg
+   * A group message; as sendP2P. `@name` in the text mentions that member.
+   * @param {{group_id: number, text: string} & SendOptions} msg
    * @returns {Promise<SendAck>}
    */
-  sendGroup({ group_id, text, client_msg_id, retries, timeoutMs }) {
-    return this.sendStored(T.SEND_GROUP, { group_id, text, client_msg_id: client_msg_id || newClientMsgId() },
+  sendGroup({ group_id, text, client_msg_id, retries, timeoutMs, ...extra }) {
+    return this.sendStored(T.SEND_GROUP, withExtra({ group_id, text, client_msg_id: client_msg_id || newClientMsgId() }, extra),
       retries, timeoutMs);
+  }
+
+  // -- changing messages: edit, recall, reactions, delete for me ---------------------------------
+  // Each change is an event in the conversation (a SendAck: its msg_id and seq), pushed to every
+  // device of the conversation's members as a ChatMessage with `op` (the `edit`, `recall` and
+  // `reaction` events here). Refusals: RequestFailed `forbidden` (someone else's message),
+  // `window_passed`, `recalled`, `too_many_reactions`, `not_member`, `not_found`.
+
+  /**
+   * New text for one's own message (within the server's edit_window); the earlier text is kept
+   * for the sender (versions()).
+   * @param {Id} msg_id @param {string} text @returns {Promise<SendAck>}
+   */
+  edit(msg_id, text) { return this.request(T.EDIT_MESSAGE, { msg_id, text }); }
+  /**
+   * Takes one's own message back (within recall_window; a group's admins and owner may recall
+   * any message there): it becomes a "recalled" placeholder everywhere, its text gone.
+   * @param {Id} msg_id @returns {Promise<SendAck>}
+   */
+  recall(msg_id) { return this.request(T.RECALL_MESSAGE, { msg_id }); }
+  /** Puts `emoji` on a message. @param {Id} msg_id @param {string} emoji @returns {Promise<SendAck>} */
+  react(msg_id, emoji) { return this.request(T.REACT, { msg_id, emoji, on: true }); }
+  /** Takes one's `emoji` off a message. @param {Id} msg_id @param {string} emoji @returns {Promise<SendAck>} */
+  unreact(msg_id, emoji) { return this.request(T.REACT, { msg_id, emoji, on: false }); }
+  /**
+   * Hides messages from this user's history, on all their devices (the others still see them).
+   * @param {Id[]} msg_ids
+   */
+  deleteForMe(msg_ids) { return this.request(T.DELETE_FOR_ME, { msg_ids }); }
+  /** The earlier texts of one's own message. @param {Id} msg_id @returns {Promise<Versions>} */
+  versions(msg_id) { return this.request(T.GET_VERSIONS, { msg_id }); }
+  /** Who reacted with what, by name. @param {Id} msg_id @returns {Promise<ReactionList>} */
+  reactions(msg_id) { return this.request(T.GET_REACTIONS, { msg_id }); }
+
+  // -- files: HTTP on the server's port, with this device's login token ---------------------------
+
+  /** The server's files endpoint, from the WebSocket URL (ws://host:port/ws). */
+  get filesUrl() {
+    const url = new URL(this.url);
+    url.protocol = url.protocol === 'wss:' ? 'https:' : 'http:';
+    url.pathname = '/api/v1/files';
+    url.search = '';
+    return url.toString();
+  }
+
+  /**
+   * Uploads a file (logged in first): its bytes stream from the Blob. Refusals: RequestFailed
+   * with the server's code (`body_too_large`, `quota_exceeded`, `bad_content_type`, ...).
+   * Then send a message that refers to it: `sendP2P({to, text, type: 'image', fields})` with
+   * fields `fileFields(info)`.
+   * @param {Blob | Uint8Array} data @param {{name: string, contentType?: string}} file
+   * @returns {Promise<FileInfo>}
+   */
+  async upload(data, { name, contentType }) {
+    const type = contentType || (typeof Blob !== 'undefined' && data instanceof Blob && data.type) || 'application/octet-stream';
+    const res = await fetch(`${this.filesUrl}?name=${encodeURIComponent(name)}`, {
+      method: 'POST',
+      headers: { Authorization: `Bearer ${this.token}`, 'Content-Type': type },
+      body: /** @type {any} */ (data),
+    });
+    if (!res.ok) throw await httpFailure(res);
+    return res.json();
+  }
+
+  /**
+   * A stored file's bytes (or its thumbnail's), for the uploader and the members of a
+   * conversation holding a message that refers to it (else RequestFailed `forbidden`).
+   * @param {string} file_id @param {{thumbnail?: boolean}} [options]
+   * @returns {Promise<Blob>}
+   */
+  async download(file_id, { thumbnail = false } = {}) {
+    const res = await fetch(`${this.filesUrl}/${encodeURIComponent(file_id)}${thumbnail ? '/thumbnail' : ''}`, {
+      headers: { Authorization: `Bearer ${this.token}` },
+    });
+    if (!res.ok) throw await httpFailure(res);
+    return res.blob();
   }
 
   /**
@@ -836,7 +981,7 @@ export class BitchatClient {
 
   /** @param {number} type @param {any} body @param {Link} link */
   onPush(type, body, link) {
-    const name = PUSH_EVENTS.get(type);
+    const name = type === T.CHAT ? OP_EVENTS.get(body.op || '') ?? 'push' : PUSH_EVENTS.get(type);
     if (name) this.emit(name, body);
     else this.emit('push', type, body);
     if (type === T.CHAT && this.autoAck) this.queueAck(link, body.msg_id);
@@ -869,6 +1014,15 @@ export class BitchatClient {
     const wasLive = link.live;
     link.live = false;
     this.emit('disconnect', { code, reason });
+    const told = link.closeReason;
+    if (wasLive && told && STAY_OUT.has(told.code)) {
+      // Logged out or banned by the server (its API): a forced logout sticks, as IMClient's.
+      this.token = '';
+      this.jwt = '';
+      this.close();
+      this.emit('loggedOut', told);
+      return;
+    }
     if (wasLive && !this.closed && this.reconnectEnabled && this.token) this.scheduleReconnect();
   }
 
@@ -901,6 +1055,39 @@ export class BitchatClient {
       }
     }
   }
+}
+
+/**
+ * The fields of a 'file' or 'image' message that refers to an uploaded file.
+ * @param {FileInfo} info @returns {Record<string, any>}
+ */
+export function fileFields(info) {
+  const fields = { file_id: info.file_id, name: info.name, size: info.size, content_type: info.content_type };
+  if (info.width) Object.assign(fields, { width: info.width, height: info.height });
+  return fields;
+}
+
+/**
+ * The server's refusal of an HTTP call: `{"error": {"code", "message"}}`.
+ * @param {Response} res @returns {Promise<RequestFailed>}
+ */
+async function httpFailure(res) {
+  let body = null;
+  try { body = await res.json(); } catch { /* not JSON */ }
+  const e = body?.error ?? {};
+  return new RequestFailed(e.code || `http_${res.status}`, e.message || `the server answered ${res.status}`);
+}
+
+/**
+ * A send's body with the optional parts that differ from the defaults (an older server, or
+ * a plain text message, gets the same packet as before).
+ * @param {Record<string, any>} body @param {{reply_to?: Id, type?: string, fields?: Record<string, any>}} extra
+ */
+function withExtra(body, { reply_to, type, fields }) {
+  if (reply_to) body.reply_to = reply_to;
+  if (type && type !== 'text') body.type = type;
+  if (fields && Object.keys(fields).length) body.fields = fields;
+  return body;
 }
 
 /**
