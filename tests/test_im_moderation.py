@@ -23,7 +23,7 @@ from bitchat.cluster.pg import PgDatabase, PgUserCenter
 from bitchat.im import sql
 from bitchat.im import sqlite as store
 from bitchat.im.centers import Invite, UserCenter
-from bitchat.im.packets import ChatMessage, GroupEvent, Presence, TypingEvent
+from bitchat.im.packets import ChatMessage, GroupEvent, Presence, Receipt, TypingEvent
 from bitchat.im.sqlite import SqliteUserCenter
 from cluster_support import (
     cluster_settings,
@@ -464,6 +464,27 @@ async def test_a_block_stops_messages_both_ways_and_hides_the_blocker(
         await heard(d, blocks_known(uid(bob), uid(alice), False), "the unblock")
         await bob.send_p2p(uid(alice), "friends again")
         await alice.send_p2p(uid(bob), "yes")
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_blocked_user_gets_no_read_receipts_of_the_blocker(
+    request: pytest.FixtureRequest, tmp_path: Path, mode: str
+) -> None:
+    async with deployment(request, tmp_path) as d:
+        alice = await d.login(0, "alice")
+        bob = await d.login(1, "bob")
+        receipts = Pushes(bob, Receipt)
+        one = await bob.send_p2p(uid(alice), "one")
+        two = await bob.send_p2p(uid(alice), "two")
+        await alice.block(uid(bob))
+        await heard(d, blocks_known(uid(bob), uid(alice), True), "the block")
+        await alice.mark_read(peer_id=uid(bob), seq=one.seq)  # bob must not learn it
+        await alice.block(uid(bob), False)
+        await heard(d, blocks_known(uid(bob), uid(alice), False), "the unblock")
+        await alice.mark_read(peer_id=uid(bob), seq=two.seq)
+        # Receipts from alice's node reach bob in order: the first read one is the last.
+        first = await receipts.until(lambda r: r.kind == "read")
+        assert (first.user_id, first.seq) == (uid(alice), two.seq)
 
 
 # -- the CLI ----------------------------------------------------------------------------------

@@ -949,6 +949,10 @@ class IMService:
             receipted[conv] = seq
             peer = pair[1] if pair[0] == user_id else pair[0]
             if peer != user_id:
+                # Not to a peer either one blocks (from the cache: no I/O on the ack path).
+                blocks = self.users.known_blocks(user_id)
+                if blocks is not None and blocks is not NO_BLOCKS and blocks.either(peer):
+                    continue
                 self.connections.deliver_event(Receipt("delivered", user_id, name, seq), [peer])
 
     async def _conversation_of(self, session: Session, peer_id: int, group_id: int) -> str:
@@ -995,6 +999,13 @@ class IMService:
             # Only members learn who read a group: not those who wrote there and left.
             members = set(await self.users.group_members(p.group_id))
             senders = [u for u in senders if u in members]
+        if senders:
+            # A block hides the blocker from the other one: receipts too.
+            blocks = self.users.known_blocks(user_id)
+            if blocks is None:
+                blocks = await self.users.blocks(user_id)
+            if blocks is not NO_BLOCKS:
+                senders = [u for u in senders if not blocks.either(u)]
         # What is left counts messages, not the events between them.
         unread = await self.messages.unread(conv, read_seq) if last_seq > read_seq else 0
         state = ReadState(p.peer_id, p.group_id, read_seq, unread)
