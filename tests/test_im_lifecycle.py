@@ -40,7 +40,6 @@ from test_im_sync import (  # noqa: F401 (_cluster_services: fixture)
     deployment,
     uid,
 )
-from webhook_support import Receiver
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "poll.py"
 
@@ -343,55 +342,6 @@ async def test_a_recalled_text_is_gone_from_the_database_file_and_its_wal(
                 assert secret.encode() not in f.read_bytes(), f
         page = await history_of(bob, peer_id=uid(alice))
         assert page[sent.msg_id].recalled
-
-
-@pytest.mark.parametrize("mode", MODES)
-async def test_a_recall_takes_its_text_out_of_the_webhook_outbox(
-    request: pytest.FixtureRequest, tmp_path: Path, mode: str
-) -> None:
-    secret = "the vault opens at 0300-QUOKKA"
-    async with Receiver(status=500) as hook:
-        # The endpoint refuses and is not tried again soon: the deliveries wait.
-        changes = {
-            "webhook_urls": (hook.url,),
-            "webhook_secret": "hook-secret",
-            "webhook_backoff_base": 3600.0,
-            "webhook_backoff_max": 3600.0,
-        }
-        async with deployment(request, tmp_path, **changes) as d:
-            alice = await d.login(0, "alice")
-            bob = await d.login(1, "bob")
-            kept = await alice.send_p2p(uid(bob), "this one stays")
-            sent = await alice.send_p2p(uid(bob), secret)
-            await alice.edit(sent.msg_id, secret + " (v2)")
-            await alice.recall(sent.msg_id)
-            if mode == "standalone":
-                db = d.node(0).settings.db_path
-                for f in (Path(db), Path(db + "-wal")):
-                    if f.exists():
-                        assert secret.encode() not in f.read_bytes(), f
-                rows = await asyncio.to_thread(_outbox_rows, db)
-            else:
-                con = await asyncpg.connect(request.node.services[0])
-                try:
-                    rows = [
-                        tuple(r) for r in await con.fetch("SELECT type, body FROM webhook_outbox")
-                    ]
-                finally:
-                    await con.close()
-            assert not [b for _, b in rows if secret in b]
-            types = sorted(t for t, _ in rows if t.startswith("message."))
-            assert types == ["message.recalled", "message.stored"]  # the kept one's, the recall
-            stored = next(b for t, b in rows if t == "message.stored")
-            assert f'"msg_id":{kept.msg_id},' in stored
-
-
-def _outbox_rows(db: str) -> list[tuple[str, str]]:
-    con = sqlite3.connect(db)
-    try:
-        return list(con.execute("SELECT type, body FROM webhook_outbox"))
-    finally:
-        con.close()
 
 
 async def test_an_application_registers_a_poll_type(tmp_path: Path) -> None:

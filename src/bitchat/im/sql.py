@@ -479,18 +479,10 @@ _EDIT = (
     "DELETE FROM message_versions WHERE msg_id = :t AND version <= "
     "(SELECT max(version) FROM message_versions WHERE msg_id = :t) - CAST(:keep AS BIGINT)",
 )
-_ID_TEXT = "CAST(CAST(:t AS BIGINT) AS TEXT)"
 _RECALL = (
     "UPDATE messages SET text = '', fields = '', recalled = 1 WHERE id = :t",
     "UPDATE messages SET text = '' WHERE target = :t AND op = 'edit' AND target != 0",
     "DELETE FROM message_versions WHERE msg_id = :t",
-    # Webhook deliveries still waiting that carry its text (its message.stored, its
-    # edits'): the text goes with them; the message.recalled event tells the endpoint.
-    # (The bodies are orjson's compact JSON: "msg_id":<id>, and "target":<id>.)
-    "DELETE FROM webhook_outbox WHERE type IN ('message.stored', 'message.edited') AND ("
-    f"body LIKE '%\"msg_id\":' || {_ID_TEXT} || ',%' "
-    f"OR body LIKE '%\"target\":' || {_ID_TEXT} || ',%' "
-    f"OR body LIKE '%\"target\":' || {_ID_TEXT} || '}}%')",
 )
 _COUNT_REACTS = (
     "UPDATE messages SET reacts = (SELECT count(DISTINCT emoji) FROM reactions "
