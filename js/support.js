@@ -6,6 +6,11 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { delimiter, dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import assert from 'node:assert/strict';
+import { after, before } from 'node:test';
+import { WebSocket } from 'ws';
+
+import { connect } from '../src/bitchat/web/static/bitchat.js';
 
 const here = dirname(fileURLToPath(import.meta.url));
 export const SRC = join(here, '..', 'src');
@@ -139,4 +144,40 @@ export function next(client, event, test = () => true, ms = WAIT_MS) {
       resolve(args[0]);
     });
   });
+}
+
+/**
+ * One server for a whole test file: started before its tests, closed after them with
+ * every client signed in through it. `signIn(name)` connects and logs in (registering
+ * the name): `{client, id}`.
+ */
+export function sharedServer() {
+  const env = {
+    server: null,
+    clients: [],
+    async signIn(name) {
+      const client = await connect(env.server.url, { WebSocket });
+      env.clients.push(client);
+      const ok = await client.login({ name, password: `pw-${name}` });
+      return { client, id: ok.user_id };
+    },
+  };
+  before(async () => {
+    env.server = await new Server().start();
+  });
+  after(async () => {
+    for (const c of env.clients) c.close();
+    await env.server?.close();
+  });
+  return env;
+}
+
+/** The RequestFailed code of a call that must be refused. */
+export async function refused(promise) {
+  try {
+    await promise;
+  } catch (err) {
+    return err.code;
+  }
+  assert.fail('the server accepted it');
 }

@@ -3,47 +3,21 @@
 // bytes do not match is refused.
 
 import assert from 'node:assert/strict';
-import { after, before, test } from 'node:test';
-import { WebSocket } from 'ws';
+import { test } from 'node:test';
 
-import { connect, fileFields } from '../../src/bitchat/web/static/bitchat.js';
-import { Server } from '../support.js';
+import { fileFields } from '../../src/bitchat/web/static/bitchat.js';
+import { refused, sharedServer } from '../support.js';
 
 // A 1x1 PNG.
 const PNG = Buffer.from('iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==', 'base64');
 
-let server;
-const clients = [];
-
-before(async () => {
-  server = await new Server().start();
-});
-
-after(async () => {
-  for (const c of clients) c.close();
-  await server?.close();
-});
-
-async function signIn(name) {
-  const client = await connect(server.url, { WebSocket });
-  clients.push(client);
-  const ok = await client.login({ name, password: `pw-${name}` });
-  return { client, id: ok.user_id };
-}
-
-async function refused(promise) {
-  try {
-    await promise;
-  } catch (err) {
-    return err.code;
-  }
-  assert.fail('the server accepted it');
-}
+const env = sharedServer();
+const { signIn } = env;
 
 test('upload, download by the uploader, refused to others and for a false type', async () => {
   const { client: gus } = await signIn('gus');
   const { client: hal } = await signIn('hal');
-  assert.equal(gus.filesUrl, `http://127.0.0.1:${server.port}/api/v1/files`);
+  assert.equal(gus.filesUrl, `http://127.0.0.1:${env.server.port}/api/v1/files`);
   const info = await gus.upload(new Blob([PNG], { type: 'image/png' }), { name: 'dot.png' });
   assert.deepEqual([info.name, info.size, info.content_type, info.width, info.height],
     ['dot.png', PNG.length, 'image/png', 1, 1]);

@@ -3,40 +3,14 @@
 // the `edit`, `recall`, `reaction` and `hidden` events they push.
 
 import assert from 'node:assert/strict';
-import { after, before, test } from 'node:test';
+import { test } from 'node:test';
 import { WebSocket } from 'ws';
 
-import { BitchatClient, connect } from '../../src/bitchat/web/static/bitchat.js';
-import { next, Server } from '../support.js';
+import { BitchatClient } from '../../src/bitchat/web/static/bitchat.js';
+import { next, refused, sharedServer } from '../support.js';
 
-let server;
-const clients = [];
-
-before(async () => {
-  server = await new Server().start();
-});
-
-after(async () => {
-  for (const c of clients) c.close();
-  await server?.close();
-});
-
-async function signIn(name) {
-  const client = await connect(server.url, { WebSocket });
-  clients.push(client);
-  const ok = await client.login({ name, password: `pw-${name}` });
-  return { client, id: ok.user_id };
-}
-
-/** The RequestFailed code of a call that must be refused. */
-async function refused(promise) {
-  try {
-    await promise;
-  } catch (err) {
-    return err.code;
-  }
-  assert.fail('the server accepted it');
-}
+const env = sharedServer();
+const { signIn } = env;
 
 const same = (a, b) => String(a) === String(b);
 
@@ -111,8 +85,8 @@ test('edit, versions, reactions, a reply, a recall: each pushed as its event', a
 test('delete for me: gone from my history, my other device told; the other user keeps it', async () => {
   const { client: cleo, id: cleoId } = await signIn('cleo');
   const { client: dan, id: danId } = await signIn('dan');
-  const dan2 = new BitchatClient(server.url, { WebSocket });
-  clients.push(dan2);
+  const dan2 = new BitchatClient(env.server.url, { WebSocket });
+  env.clients.push(dan2);
   await dan2.login({ name: 'dan', password: 'pw-dan' });
   const sent = await cleo.sendP2P({ to: danId, text: 'a secret' });
   const hidden = next(dan2, 'hidden');

@@ -2,40 +2,12 @@
 // options, invites, join requests, direct adds, blocks, and the groupEvent pushes.
 
 import assert from 'node:assert/strict';
-import { after, before, test } from 'node:test';
-import { WebSocket } from 'ws';
+import { test } from 'node:test';
 
-import { connect } from '../../src/bitchat/web/static/bitchat.js';
-import { next, Server } from '../support.js';
+import { next, refused, sharedServer } from '../support.js';
 
-let server;
-const clients = [];
-
-before(async () => {
-  server = await new Server().start();
-});
-
-after(async () => {
-  for (const c of clients) c.close();
-  await server?.close();
-});
-
-async function signIn(name) {
-  const client = await connect(server.url, { WebSocket });
-  clients.push(client);
-  const ok = await client.login({ name, password: `pw-${name}` });
-  return { client, id: ok.user_id };
-}
-
-/** The RequestFailed code of a call that must be refused. */
-async function refused(promise) {
-  try {
-    await promise;
-  } catch (err) {
-    return err.code;
-  }
-  assert.fail('the server accepted it');
-}
+const env = sharedServer();
+const { signIn } = env;
 
 const roles = async (client, groupId) => Object.fromEntries(
   (await client.groupMembers(groupId)).members.map((m) => [m.name, m.role]));
