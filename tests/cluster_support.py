@@ -530,3 +530,17 @@ class ProcessCluster:
     async def close(self) -> None:
         for proc in reversed(self.procs):
             await proc.stop()
+
+
+async def pg_schema_at(con: asyncpg.Connection, version: int) -> None:
+    """Write schema ``version`` (the first ``version`` of ``pg.MIGRATIONS``) into an
+    empty database, as that release left it: the start of an upgrade test."""
+    from bitchat.cluster import pg
+
+    await con.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+    await con.execute("INSERT INTO schema_version VALUES ($1)", version)
+    for script in pg.MIGRATIONS[:version]:
+        if isinstance(script, str):
+            await con.execute(script)
+        else:
+            await script(con)

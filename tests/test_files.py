@@ -35,6 +35,7 @@ from cluster_support import (  # noqa: F401 (fixtures)
     cluster_settings,
     node_maker,
     pg_dsn_fixture,
+    pg_schema_at,
     redis_prefix_fixture,
 )
 from conftest import WAIT
@@ -446,13 +447,7 @@ async def test_postgresql_upgrades_a_database_of_the_previous_version_to_files(
     con = await asyncpg.connect(pg_dsn)
     try:
         async with con.transaction():
-            await con.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
-            await con.execute("INSERT INTO schema_version VALUES ($1)", previous)
-            for script in pg.MIGRATIONS[:previous]:
-                if isinstance(script, str):
-                    await con.execute(script)
-                else:
-                    await script(con)
+            await pg_schema_at(con, previous)
             alice = await con.fetchval(
                 "INSERT INTO users (name, password_hash, created_at, name_key, name_shape) "
                 "VALUES ('alice', 'x', 0, 'alice', 'alice') RETURNING id"

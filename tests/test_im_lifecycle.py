@@ -27,6 +27,7 @@ from bitchat.im.sqlite import SqliteMessageCenter
 from cluster_support import (
     cluster_settings,
     pg_dsn_fixture,  # noqa: F401 (fixture)
+    pg_schema_at,
     redis_prefix_fixture,  # noqa: F401 (fixture)
 )
 from conftest import WAIT
@@ -427,13 +428,7 @@ async def test_postgresql_upgrades_a_database_of_the_previous_version(pg_dsn: st
     con = await asyncpg.connect(pg_dsn)
     try:
         async with con.transaction():
-            await con.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
-            await con.execute("INSERT INTO schema_version VALUES ($1)", before)
-            for script in pg.MIGRATIONS[:before]:
-                if isinstance(script, str):
-                    await con.execute(script)
-                else:
-                    await script(con)
+            await pg_schema_at(con, before)
             await con.execute(
                 "INSERT INTO messages (id, kind, conv, sender_id, sender_name, to_id, text, ts, "
                 "client_msg_id, seq, device) VALUES (5, 'p2p', 'p:1:2', 1, 'a', 2, 'old', 0, '', "

@@ -29,6 +29,7 @@ from cluster_support import (
     cluster_settings,
     eventually,
     pg_dsn_fixture,  # noqa: F401 (fixture)
+    pg_schema_at,
     redis_prefix_fixture,  # noqa: F401 (fixture)
 )
 from conftest import WAIT
@@ -645,13 +646,7 @@ async def test_postgresql_upgrades_a_database_of_the_previous_version(pg_dsn: st
     con = await asyncpg.connect(pg_dsn)
     try:
         async with con.transaction():
-            await con.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
-            await con.execute("INSERT INTO schema_version VALUES ($1)", before)
-            for script in pg.MIGRATIONS[:before]:
-                if isinstance(script, str):
-                    await con.execute(script)
-                else:
-                    await script(con)
+            await pg_schema_at(con, before)
             for i, name in ((1, "alice"), (2, "bob")):
                 await con.execute(
                     "INSERT INTO users (id, name, password_hash, created_at, name_key, name_shape) "
