@@ -173,3 +173,27 @@ def test_the_readme_quotes_the_message_of_a_missing_redis_url() -> None:
     with pytest.raises(UsageError) as err:
         build_server(Settings(mode="cluster"))
     assert f"`{err.value}`" in " ".join(section.split())
+
+
+def test_a_server_loads_only_what_it_uses(tmp_path: Path) -> None:
+    """`bitchat server` built as the command builds it leaves the client's and the
+    bench's modules, PyJWT (cryptography), Pillow, filetype and jsonschema unloaded:
+    each costs megabytes of resident memory, and each is loaded on first use (a JWT
+    login, an upload, an API request). A fresh interpreter: this one has them all."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+from bitchat.cli import build_parser, server_cmd
+from bitchat.cli.options import settings_from_args
+args = build_parser(["server"]).parse_args(["server", "--data-dir", {str(tmp_path)!r}])
+server_cmd.build_server(settings_from_args(args, environ={{}}).settings)
+heavy = ("jwt", "cryptography", "PIL", "filetype", "jsonschema", "bitchat.cli.client_cmd",
+         "bitchat.cli.bench_cmd", "bitchat.bench", "prompt_toolkit", "rich")
+print(" ".join(m for m in heavy if m in sys.modules))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == ""

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import functools
 import io
 import logging
 import os
@@ -36,12 +37,11 @@ import secrets
 import tempfile
 import time
 import unicodedata
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
-
-import filetype
 
 from bitchat.errors import RequestError, codes
 from bitchat.im import sql
@@ -60,8 +60,14 @@ SNIFF_BYTES = 8192
 MAX_NAME_LENGTH = 255
 THUMBNAIL_CHUNK = -1
 """The ``file_chunks`` row number of a file's thumbnail."""
-_SNIFFABLE = frozenset(t.mime for t in filetype.types)
-"""Types the sniffer recognizes: a claim of one must be borne out by the bytes."""
+
+
+@functools.cache
+def _sniffable() -> frozenset[str]:
+    """Types the sniffer recognizes: a claim of one must be borne out by the bytes."""
+    import filetype
+
+    return frozenset(t.mime for t in filetype.types)
 
 
 def new_file_id() -> str:
@@ -507,10 +513,12 @@ def check_bytes(claim: str, head: bytes) -> None:
     """Refuse an upload whose first bytes are not of the claimed type."""
     if claim == "application/octet-stream":
         return  # no claim to check: it is served as bytes to save
+    import filetype  # on the first upload, as Pillow is
+
     sniffed = filetype.guess_mime(head) if head else None
     if sniffed is not None:
         ok = sniffed == claim
-    elif claim in _SNIFFABLE:
+    elif claim in _sniffable():
         ok = False  # a type with a signature, and the bytes have none
     elif claim.startswith("text/"):
         try:
@@ -543,6 +551,12 @@ def inspect_image(fh: IO[bytes], max_pixels: int, size: int) -> ImageFacts | Non
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    if max_pixels != Image.MAX_IMAGE_PIXELS:
+        # Pillow's own bomb check at our limit too (Pillow is loaded on the first image:
+        # about 3 MiB a server without images never needs).
+        Image.MAX_IMAGE_PIXELS = max_pixels
+        # Past it this function decodes nothing (its own check): no warning to give.
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     try:
         with Image.open(fh) as img:
             width, height = img.size
@@ -584,14 +598,6 @@ class FileService:
 
     async def _start(self, server: Server) -> None:
         await self.store.start()
-        # Decoding untrusted images: Pillow's own bomb check at our limit too.
-        import warnings
-
-        from PIL import Image
-
-        Image.MAX_IMAGE_PIXELS = self.settings.max_image_pixels
-        # Past it inspect_image decodes nothing (its own check): no warning to give.
-        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
     async def _stop(self, server: Server) -> None:
         # The HTTP connections closed first (their hook runs before this one), which

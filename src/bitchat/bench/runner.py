@@ -47,7 +47,7 @@ from bitchat.errors import UsageError
 from bitchat.protocol.serializers import get as get_serializer
 
 SCENARIOS = ("p2p", "group", "connect", "idle", "sync")
-STANDALONE_CPU_US = 25.0
+STANDALONE_CPU_US = 15.0
 """The standalone p2p target for server CPU per message: --cluster compares with it
 unless --baseline names a measured standalone run."""
 PASSWORD = "bench-password"

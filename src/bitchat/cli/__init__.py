@@ -20,7 +20,28 @@ def _setup_logging(level: str) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+COMMANDS = {
+    "server": "server_cmd",
+    "client": "client_cmd",
+    "router": "router_cmd",
+    "bench": "bench_cmd",
+    "webhooks": "webhooks_cmd",
+}
+"""Each command and the module that defines it (its options and what it runs)."""
+
+
+def _named_command(argv: list[str]) -> str | None:
+    """The command ``argv`` names, if it names one (the first word that is one)."""
+    for word in argv:
+        if word in COMMANDS:
+            return word
+    return None
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or, given the ``argv`` it is for, of the command
+    it names only: a server then never loads the client's, the bench's or the JWT
+    library's modules (megabytes of resident memory it would keep)."""
     parser = argparse.ArgumentParser(
         prog="bitchat", description="bitchat: an instant-messaging server, client and framework."
     )
@@ -33,20 +54,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    from bitchat.cli import server_cmd
-
-    server_cmd.add_parser(sub)
-    for name in ("client_cmd", "router_cmd", "bench_cmd", "webhooks_cmd"):
+    named = None if argv is None else _named_command(argv)
+    for command, name in COMMANDS.items():
+        if named is not None and command != named:
+            continue
         try:
             module = __import__(f"bitchat.cli.{name}", fromlist=["add_parser"])
         except ImportError:
+            if name == "server_cmd":
+                raise
             continue
         module.add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     _setup_logging(args.log_level)
     func: Command = args.func

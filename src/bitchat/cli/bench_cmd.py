@@ -260,7 +260,7 @@ def add_parser(sub: Any) -> None:
         metavar="FILE",
         help="with --cluster: the --json of a standalone bench p2p run on this machine, "
         "whose server CPU per message the cluster's is compared with (by default the "
-        "standalone target, 25 µs)",
+        "standalone target, 15 µs)",
     )
     output = p.add_argument_group("output")
     output.add_argument("--json", metavar="FILE", help="also write the results as JSON")

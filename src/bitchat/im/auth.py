@@ -33,12 +33,13 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
-
-import jwt
+from typing import TYPE_CHECKING, Any
 
 from bitchat.errors import ConfigError, RequestError, codes
 from bitchat.settings import Settings
+
+if TYPE_CHECKING:
+    import jwt
 
 log = logging.getLogger("bitchat.im.auth")
 
@@ -80,15 +81,28 @@ class Authenticator(abc.ABC):
         """The identity ``credential`` proves, or :func:`login_failed` saying why not."""
 
 
-_WHY = (
-    (jwt.ExpiredSignatureError, "the JWT has expired"),
-    (jwt.InvalidSignatureError, "the JWT has a bad signature"),
-    (jwt.InvalidAudienceError, "the JWT is for the wrong audience (aud)"),
-    (jwt.InvalidIssuerError, "the JWT has the wrong issuer (iss)"),
-    (jwt.ImmatureSignatureError, "the JWT is not valid yet (nbf or iat)"),
-    (jwt.InvalidAlgorithmError, "the JWT's algorithm (alg) is not allowed"),
-)
-"""PyJWT's errors and the causes a client is told, most specific first."""
+def _jwt() -> Any:
+    """PyJWT, imported on first use: with it comes ``cryptography`` (about 8 MiB of
+    resident memory), which a server without JWT logins never needs."""
+    import jwt
+
+    return jwt
+
+
+def _why(exc: Exception) -> str | None:
+    """The cause a client is told of one of PyJWT's errors (most specific first)."""
+    jwt = _jwt()
+    for kind, why in (
+        (jwt.ExpiredSignatureError, "the JWT has expired"),
+        (jwt.InvalidSignatureError, "the JWT has a bad signature"),
+        (jwt.InvalidAudienceError, "the JWT is for the wrong audience (aud)"),
+        (jwt.InvalidIssuerError, "the JWT has the wrong issuer (iss)"),
+        (jwt.ImmatureSignatureError, "the JWT is not valid yet (nbf or iat)"),
+        (jwt.InvalidAlgorithmError, "the JWT's algorithm (alg) is not allowed"),
+    ):
+        if isinstance(exc, kind):
+            return why
+    return None
 
 
 class JwtAuthenticator(Authenticator):
@@ -124,6 +138,7 @@ class JwtAuthenticator(Authenticator):
             self._read_jwks(s.jwt_jwks_file, at_start=True)
 
     def _read_jwks(self, path: str, at_start: bool = False) -> None:
+        jwt = _jwt()
         try:
             st = os.stat(path)
             stat = (st.st_ino, st.st_size, st.st_mtime_ns)
@@ -181,6 +196,7 @@ class JwtAuthenticator(Authenticator):
                 "JWT login is not set up on this server: no key is configured "
                 "(jwt_secret, jwt_public_key_file or jwt_jwks_file)"
             )
+        jwt = _jwt()
         try:
             header = jwt.get_unverified_header(credential)
         except jwt.PyJWTError:
@@ -200,10 +216,8 @@ class JwtAuthenticator(Authenticator):
         except jwt.MissingRequiredClaimError as exc:
             raise login_failed(f"the JWT has no {exc.claim!r} claim") from None
         except jwt.PyJWTError as exc:
-            for kind, why in _WHY:
-                if isinstance(exc, kind):
-                    raise login_failed(why) from None
-            raise login_failed(f"the JWT is invalid: {exc}") from None
+            why = _why(exc)
+            raise login_failed(why or f"the JWT is invalid: {exc}") from None
         subject = claims.get(s.jwt_user_claim)
         if isinstance(subject, int) and not isinstance(subject, bool):
             subject = str(subject)

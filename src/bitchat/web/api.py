@@ -21,6 +21,7 @@ worst is a 500 ``internal_error``, logged once.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import logging
@@ -32,15 +33,14 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
 import orjson
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import ValidationError, best_match
-from jsonschema.validators import extend
 
 from bitchat.errors import RequestError, codes
 from bitchat.im.names import normalize_name
 from bitchat.settings import API_SCOPES, Settings
 
 if TYPE_CHECKING:
+    from jsonschema import Draft202012Validator
+
     from bitchat.im.service import IMService
     from bitchat.server import Server
 
@@ -137,27 +137,41 @@ class Route:
     errors: tuple[int, ...] = ()
     """The error statuses it answers besides 400/401/403/503 (which any may)."""
     pattern: re.Pattern[str] = field(init=False)
-    param_validator: Draft202012Validator = field(init=False)
-    body_validator: Draft202012Validator | None = field(init=False)
+    _validators: tuple[Draft202012Validator, Draft202012Validator | None] | None = field(
+        init=False, default=None, repr=False
+    )
 
     def __post_init__(self) -> None:
         regex = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", self.path)
         self.pattern = re.compile(regex + r"\Z")
-        props = {p.name: dict(p.schema) for p in self.params}
-        required = [p.name for p in self.params if p.required]
-        self.param_validator = _Validator(
-            {"type": "object", "properties": props, "required": required}
-        )
-        self.body_validator = None if self.body is None else _Validator(self.body)
+
+    def validators(self) -> tuple[Draft202012Validator, Draft202012Validator | None]:
+        """(parameters, body or None), made on the route's first request: jsonschema
+        (about 5 MiB resident) is loaded only by a server whose API is used."""
+        if self._validators is None:
+            kind = _validator_class()
+            props = {p.name: dict(p.schema) for p in self.params}
+            required = [p.name for p in self.params if p.required]
+            self._validators = (
+                kind({"type": "object", "properties": props, "required": required}),
+                None if self.body is None else kind(self.body),
+            )
+        return self._validators
 
 
-# "integer" means a JSON integer: 1.0 is a number, and no id.
-_Validator = extend(
-    Draft202012Validator,
-    type_checker=Draft202012Validator.TYPE_CHECKER.redefine(
-        "integer", lambda checker, value: type(value) is int
-    ),
-)
+@functools.cache
+def _validator_class() -> type[Draft202012Validator]:
+    from jsonschema import Draft202012Validator
+    from jsonschema.validators import extend
+
+    # "integer" means a JSON integer: 1.0 is a number, and no id.
+    kind: type[Draft202012Validator] = extend(
+        Draft202012Validator,
+        type_checker=Draft202012Validator.TYPE_CHECKER.redefine(
+            "integer", lambda checker, value: type(value) is int
+        ),
+    )
+    return kind
 
 
 def _id(description: str) -> dict[str, Any]:
@@ -962,23 +976,26 @@ def _params(route: Route, path_args: dict[str, str], query: str) -> dict[str, An
             values[p.name] = int(text)
         else:
             values[p.name] = text
-    _check(route.param_validator, values, "parameter")
+    _check(route.validators()[0], values, "parameter")
     return values
 
 
 def _body(route: Route, body: bytes) -> Any:
-    if route.body_validator is None:
+    validator = route.validators()[1]
+    if validator is None:
         return None
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise RequestError(codes.BAD_BODY, f"the body is not JSON: {exc}") from None
-    _check(route.body_validator, data, "body")
+    _check(validator, data, "body")
     return data
 
 
 def _check(validator: Draft202012Validator, value: Any, what: str) -> None:
-    error: ValidationError | None = best_match(validator.iter_errors(value))
+    from jsonschema.exceptions import best_match
+
+    error = best_match(validator.iter_errors(value))
     if error is not None:
         where = "/".join(str(p) for p in error.absolute_path)
         message = error.message if len(error.message) <= 200 else error.message[:200] + "..."
