@@ -414,3 +414,88 @@ async def test_a_join_is_answered_joined_when_reading_its_start_fails(tmp_path: 
         inbox = Inbox(houyi)
         await gris.send_group(group.group_id, "welcome")
         assert [m.text for m in await inbox.wait_for(1)] == ["welcome"]
+
+
+async def test_a_partner_message_pushed_before_the_own_commit_is_no_gap(tmp_path: Path) -> None:
+    """In a cluster a partner's message can be pushed to a device before its own
+    earlier send is answered by the store (another node stored the partner's). The
+    ack of the partner's message then sees a gap: the device's own message fills it,
+    so nothing is pushed again. A real gap behind a send in flight is still pushed
+    again, once that send is answered."""
+    async with im_server(tmp_path) as server, clients_of(server) as clients:
+        houyi = await clients.login("houyi", auto_ack=False, dedupe_window=0)
+        gris = await clients.login("gris")
+        assert houyi.user is not None and gris.user is not None
+        inbox = Inbox(houyi)
+        im = im_of(server)
+        device = session_of(server, houyi.user.id).data[DEVICE]
+        gaps: list[Session] = []
+        device.on_gap = gaps.append
+        # houyi's own send is committed, but its answer waits (as a slower node's).
+        real_stored = im._stored
+        held: list[tuple[Any, ...]] = []
+        release, holding = asyncio.Event(), asyncio.Event()
+
+        def stored(*args: Any) -> None:
+            if args[3].sender_id == houyi.user.id and not release.is_set():
+                held.append(args)
+                holding.set()
+                if len(held) == 1:
+                    real_stored_later()
+                return
+            real_stored(*args)
+
+        def real_stored_later() -> None:
+            async def later() -> None:
+                await release.wait()
+                for args in held:
+                    real_stored(*args)
+
+            task = asyncio.ensure_future(later())
+            tasks.add(task)
+
+        tasks: set[asyncio.Future[None]] = set()
+        im._stored = stored  # type: ignore[method-assign]
+        mine = asyncio.ensure_future(houyi.send_p2p(gris.user.id, "mine"))
+        await asyncio.wait_for(holding.wait(), WAIT)
+        await gris.send_p2p(houyi.user.id, "theirs")
+        (theirs,) = await inbox.wait_for(1)
+        assert theirs.text == "theirs" and theirs.seq == 2  # seq 1 is houyi's, unanswered
+        houyi.ack([theirs.msg_id])
+        await houyi.online_users()  # the ack is handled
+        assert gaps == []  # a send is in flight: the gap waits for its answer
+        release.set()
+        assert (await asyncio.wait_for(mine, WAIT)).seq == 1
+        await houyi.online_users()
+        assert gaps == [] and not device.ahead  # its own message filled the gap
+        im._stored = real_stored  # type: ignore[method-assign]
+
+        # Now a push really lost behind a send in flight: seq 4 never reaches houyi.
+        center = im.connections
+        real_deliver = center.deliver
+
+        def deliver(message: Any, user_ids: Any, exclude_session: int = 0) -> None:
+            if message.text != "lost":
+                real_deliver(message, user_ids, exclude_session)
+
+        center.deliver = deliver  # type: ignore[method-assign]
+        assert (await houyi.send_p2p(gris.user.id, "answered")).seq == 3
+        await gris.send_p2p(houyi.user.id, "lost")
+        await gris.send_p2p(houyi.user.id, "after")
+        (_, after) = await inbox.wait_for(2)
+        assert after.text == "after" and after.seq == 5
+        center.deliver = real_deliver  # type: ignore[method-assign]
+        release.clear()
+        holding.clear()
+        im._stored = stored  # type: ignore[method-assign]
+        held.clear()
+        flying = asyncio.ensure_future(houyi.send_p2p(gris.user.id, "in flight"))
+        await asyncio.wait_for(holding.wait(), WAIT)  # stored, its answer held
+        houyi.ack([after.msg_id])
+        await houyi.online_users()
+        assert gaps == []  # not yet: the send in flight might have filled it
+        release.set()
+        await asyncio.wait_for(flying, WAIT)
+        await houyi.online_users()
+        assert len(gaps) == 1  # it did not: the device gets what it misses again
+        im._stored = real_stored  # type: ignore[method-assign]

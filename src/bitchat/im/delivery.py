@@ -32,10 +32,13 @@ class DeviceState:
     __slots__ = (
         "ahead",
         "device_id",
+        "gap_check",
         "name",
         "on_gap",
         "receipted",
         "seeded",
+        "sends_done",
+        "sends_started",
         "seqs",
         "unacked",
         "window",
@@ -56,6 +59,16 @@ class DeviceState:
         """The last "delivered" receipt this connection sent per conversation."""
         self.seeded = False
         """Whether ``seqs`` holds where the device was in each of its conversations."""
+        self.sends_started = 0
+        self.sends_done = 0
+        """The device's own sends queued for storing, and those answered by the store: a
+        partner's message can be pushed before the commit of one sent before it (in
+        a cluster, by another node), so a gap at an ack is final only once the sends
+        in flight then are answered (:meth:`gap_at_ack`)."""
+        self.gap_check: tuple[int, Session, list[str]] | None = None
+        """A gap seen at an ack while own sends were in flight: (sends_started then, the
+        session, the conversations), checked again as the last of them is answered
+        (:meth:`sent`)."""
 
     def seed(self, cursors: dict[str, int]) -> None:
         """Where the device is in each conversation, as a sync is about to push from
@@ -78,6 +91,28 @@ class DeviceState:
                 self._close_gap(conv, seq)
         elif seq > last + 1:
             self.ahead.setdefault(conv, set()).add(seq)
+
+    def gap_at_ack(self, session: Session, convs: list[str]) -> None:
+        """An ack found a gap in ``convs``: push again now, or once the sends in flight
+        are answered (one of them may be what fills it)."""
+        if self.sends_done >= self.sends_started:
+            self.on_gap(session)
+        elif self.gap_check is None:
+            self.gap_check = (self.sends_started, session, convs)
+        else:
+            self.gap_check[2].extend(convs)
+
+    def sent(self, conv: str, seq: int) -> None:
+        """One of the device's own sends was answered by the store (``seq`` 0: it failed)."""
+        self.sends_done += 1
+        if seq:
+            self.note(conv, seq)
+        check = self.gap_check
+        if check is not None and self.sends_done >= check[0]:
+            self.gap_check = None
+            ahead = self.ahead
+            if ahead and any(c in ahead for c in check[2]):
+                self.on_gap(check[1])
 
     def _close_gap(self, conv: str, seq: int) -> None:
         ahead = self.ahead.get(conv)
@@ -121,6 +156,7 @@ class DeviceState:
         self.seqs.clear()
         self.ahead.clear()
         self.seeded = False
+        self.gap_check = None
 
 
 def encode_message(message: Message, serializer: int) -> bytes:

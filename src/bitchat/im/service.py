@@ -846,6 +846,7 @@ class IMService:
         device = session.data.get(DEVICE)
         if device is not None:
             msg.device = device.device_id
+            device.sends_started += 1
         # Pushed to the recipients and the sender's other devices (what each device
         # misses follows from its cursors, so nothing is written per recipient).
         targets = recipients if msg.sender_id in recipients else [*recipients, msg.sender_id]
@@ -868,14 +869,18 @@ class IMService:
     ) -> None:
         """A message was committed (or failed): push it, then answer the sender once
         it has left for the other nodes (a node dying after the ack loses nothing)."""
+        if device is not None:
+            # The sending device has its own (a failed send fills no gap).
+            if result is None:
+                device.sent("", 0)
+            else:
+                device.sent(result[0].conversation_key, result[0].seq)
         if out.done():
             return
         if result is None:
             out.set_exception(error or RuntimeError("no result"))
             return
         msg, duplicate = result
-        if device is not None:
-            device.note(msg.conversation_key, msg.seq)  # the sending device has its own
         try:
             if not duplicate:
                 self.server.metrics.message_stored(msg.kind)
@@ -907,8 +912,10 @@ class IMService:
                 conv, seq = entry
                 if moves.get(conv, 0) < seq:
                     moves[conv] = seq
-        if device.ahead and any(c in device.ahead for c in moves):
-            device.on_gap(session)  # a push is missing: this connection gets it again
+        ahead = device.ahead
+        if ahead and any(c in ahead for c in moves):
+            # A push is missing: this connection gets it again.
+            device.gap_at_ack(session, [c for c in moves if c in ahead])
         seqs = device.seqs
         for conv, seq in list(moves.items()):
             have = seqs.get(conv, 0)
