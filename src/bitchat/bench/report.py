@@ -111,6 +111,9 @@ TARGETS: dict[str, list[Target]] = {
             lambda r: r.extra.get("rss_kib_per_conn"),
             "lower",
             8,
+            # A slope: at a few hundred connections the process's own growth (caches,
+            # the hash threads' first use) is spread over too few to tell it.
+            applies=lambda r: (r.extra.get("connections") or 0) >= 1000,
         ),
         Target(
             "server RSS, 200 users logged in by password (MiB)",
