@@ -11,6 +11,8 @@ from typing import Annotated, Any
 import msgpack
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import bitchat.cluster.packets
 import bitchat.im.packets
@@ -227,3 +229,98 @@ def test_acks_and_client_ids_are_bounded() -> None:
     push = {"msg_id": 1, "kind": "p2p", "sender_id": 1, "sender_name": "a", "to": 2}
     exc = refused(limits, ChatMessage, {**push, "text": "", "ts": 0, "client_msg_id": "c" * 65})
     assert "(max_client_msg_id_length)" in exc.message
+
+
+# -- the JSON fast path (msgspec): the same packets, or "decode the usual way" --------------
+
+_json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(1 << 63), max_value=(1 << 64) - 1)  # what orjson writes
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=12),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+def _near(cls: type[Packet]) -> st.SearchStrategy[dict[str, Any]]:
+    """Bodies of ``cls``'s own field names (some left out) with values of any kind."""
+    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    return st.dictionaries(
+        st.sampled_from([*names, "other"]), _json_values, max_size=len(names) + 1
+    )
+
+
+_SMALL = Limits(
+    {
+        **{k: v for k, v in dataclasses.asdict(Settings()).items() if type(v) is int},
+        # Small bounds, so that the bodies drawn pass them too.
+        "max_message_length": 10,
+        "max_client_msg_id_length": 5,
+        "max_ack_ids": 3,
+        "max_name_length": 8,
+        "max_fields_keys": 2,
+        "max_password_length": 6,
+        MAX_STRING: 6,
+        MAX_LIST: 3,
+    }
+)
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [
+        SendP2P,
+        Ack,
+        bitchat.im.packets.SendGroup,
+        bitchat.im.packets.History,
+        Login,
+        bitchat.im.packets.ListOnline,
+        bitchat.im.packets.Typing,
+    ],
+)
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_the_json_fast_path_agrees_with_the_usual_decoder(
+    cls: type[Packet], data: st.DataObject
+) -> None:
+    fast = _SMALL.fast_json(cls)
+    assert fast is not None
+    raw = orjson.dumps(data.draw(_near(cls)))
+    got = fast(raw)
+    try:
+        usual: Packet | ProtocolError = _SMALL.from_dict(cls)(orjson.loads(raw))
+    except ProtocolError as exc:
+        usual = exc
+    if got is not None:  # what it takes, the usual way takes, as the same packet
+        assert usual == got
+    assert (
+        decode_body(cls, JSON, raw, 0, _SMALL) == usual
+        if not isinstance(usual, ProtocolError)
+        else True
+    )
+
+
+def test_the_json_fast_path_takes_the_common_bodies() -> None:
+    fast = _SMALL.fast_json(SendP2P)
+    assert fast is not None
+    assert fast(b'{"to": 3, "text": "hello", "client_msg_id": "c1"}') == SendP2P(3, "hello", "c1")
+    assert _SMALL.fast_json(Ack) is not None
+    assert _SMALL.fast_json(Ack)(b'{"msg_ids": [1, 2]}') == Ack([1, 2])  # type: ignore[misc]
+    # What it leaves to the usual way: a NUL, a bound passed, typed fields, a bool for an int.
+    for raw in (
+        b'{"to": 3, "text": "a\\u0000"}',
+        b'{"to": 3, "text": "12345678901"}',
+        b'{"to": 3, "text": "x", "fields": {"a": 1}}',
+        b'{"to": true, "text": "x"}',
+        b'{"to": 9223372036854775808, "text": "x"}',
+        b"[]",
+    ):
+        assert fast(raw) is None, raw
+    # And the usual way names the error, as it always did.
+    with pytest.raises(ProtocolError) as info:
+        decode_body(SendP2P, JSON, b'{"to": 3, "text": "12345678901"}', 7, _SMALL)
+    assert info.value.code == codes.MESSAGE_TOO_LONG and info.value.request_id == 7

@@ -38,7 +38,13 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, ClassVar, TypeVar, dataclass_transform
 
 from bitchat.errors import BitchatError, ProtocolError, UsageError, codes
-from bitchat.protocol.serializers import SERIALIZERS
+from bitchat.protocol.serializers import JSON, SERIALIZERS
+
+msgspec: Any
+try:
+    import msgspec
+except ImportError:  # the generated decoders below do it all, a little slower
+    msgspec = None
 
 _Check = Callable[[Any], Any]
 P = TypeVar("P", bound="Packet")
@@ -604,6 +610,7 @@ class Limits:
     def __init__(self, source: Any) -> None:
         self.source = source
         self._decoders: dict[type[Packet], Callable[[Any], Packet]] = {}
+        self._fast: dict[type[Packet], Callable[[bytes], Packet | None] | None] = {}
 
     def value(self, name: str) -> int:
         """The bound a limit named ``name`` stands for."""
@@ -628,6 +635,17 @@ class Limits:
         except KeyError:
             decoder = self._decoders[cls] = self._compile(cls)
             return decoder  # type: ignore[return-value]
+
+    def fast_json(self, cls: type[P]) -> Callable[[bytes], P | None] | None:
+        """A decoder of a JSON body straight to a ``cls`` packet (msgspec, in C), for
+        the bodies it can take whole: None from it means "decode the usual way",
+        which then accepts the body or names what is wrong with it. None: ``cls``
+        has a field it does not cover (or msgspec is not installed)."""
+        try:
+            return self._fast[cls]  # type: ignore[return-value]
+        except KeyError:
+            fast = self._fast[cls] = _compile_fast_json(cls, self)
+            return fast
 
     def prepare(self, classes: Iterable[type[Packet]]) -> None:
         """Build the decoders of ``classes`` now: a Limit that names no setting is a
@@ -670,6 +688,12 @@ def decode_body(
 
     Raises a non-fatal :class:`ProtocolError` carrying ``request_id``.
     """
+    if serializer == JSON and limits is not None:
+        fast = limits.fast_json(cls)
+        if fast is not None:
+            packet = fast(body)
+            if packet is not None:
+                return packet
     try:
         data = SERIALIZERS[serializer].loads(body)
     except Exception as exc:
@@ -687,6 +711,67 @@ def decode_body(
         raise ProtocolError(
             codes.INVALID_PACKET, str(exc), fatal=False, request_id=request_id
         ) from None
+
+
+def _compile_fast_json(cls: type[P], limits: Limits) -> Callable[[bytes], P | None] | None:
+    """:meth:`Limits.fast_json`'s decoder of ``cls``: a msgspec Struct of its fields,
+    with the same bounds as the generated ``from_dict`` (64-bit integers, the limits'
+    lengths), then what msgspec does not check (NUL in a string) and a map field
+    that is not empty go the usual way. So it accepts a subset of what the usual
+    way accepts, with the same result, and never decides an error."""
+    if msgspec is None:
+        return None
+    if cls._spec is None:
+        cls._build_spec()
+    func = cls.__dict__.get("from_dict", cls.from_dict)
+    if not getattr(getattr(func, "__func__", func), _GENERATED, False):
+        return None  # a from_dict of its own: only it knows what it accepts
+    hints = typing.get_type_hints(cls, include_extras=True)
+    word = typing.Annotated[int, msgspec.Meta(ge=INT_MIN, le=INT_MAX)]
+    fields: list[tuple[str, Any, Any]] = []
+    env: dict[str, Any] = {"cls": cls, "_Error": msgspec.DecodeError}
+    checks: list[str] = []
+    args: list[str] = []
+    for i, f in enumerate(dataclasses.fields(cls)):  # type: ignore[arg-type]
+        tp, limit = _split_limit(hints[f.name])
+        v = f"s.{f.name}"
+        if tp is int:
+            kind: Any = word
+        elif tp is bool:
+            kind = bool
+        elif tp is str:
+            n = limits.value(limit.setting if limit is not None else MAX_STRING)
+            kind = typing.Annotated[str, msgspec.Meta(max_length=n)]
+            checks.append(f"'\\x00' in {v}")
+        elif typing.get_origin(tp) is list and typing.get_args(tp) in ((int,),):
+            n = limits.value(limit.setting if limit is not None else MAX_LIST)
+            kind = typing.Annotated[list[word], msgspec.Meta(max_length=n)]
+        elif typing.get_origin(tp) is dict and typing.get_args(tp) == (str, Any):
+            kind = dict[str, Any]
+            checks.append(v)  # its keys and values are checked the usual way
+        else:
+            return None
+        if f.default is not dataclasses.MISSING:
+            fields.append((f.name, kind, f.default))
+        elif f.default_factory is not dataclasses.MISSING:
+            fields.append((f.name, kind, msgspec.field(default_factory=f.default_factory)))
+        else:
+            fields.append((f.name, kind, msgspec.NODEFAULT))
+        args.append(v if f.init and not f.kw_only else f"{f.name}={v}")
+        del i
+    struct = msgspec.defstruct(f"{cls.__name__}Body", fields, kw_only=True)
+    env["decode"] = msgspec.json.Decoder(struct).decode
+    lines = [
+        "def fast(body):",
+        "    try:",
+        "        s = decode(body)",
+        "    except _Error:",
+        "        return None",
+    ]
+    if checks:
+        lines += [f"    if {' or '.join(checks)}:", "        return None"]
+    lines.append(f"    return cls({', '.join(args)})")
+    return _compile("fast", lines, env)
 
 
 def encode_body(packet: Packet, serializer: int) -> bytes:
