@@ -118,10 +118,11 @@ async def test_a_login_that_fails_half_way_leaves_the_session_logged_out(
 
 
 async def test_acks_after_a_gap_do_not_skip_the_lost_message(tmp_path: Path) -> None:
-    """A push is lost in transit: the ack that shows the gap starts a re-sync, and an
-    ack that comes while it is on its way (of a message pushed before it) must not
-    move the cursor past the lost message, or the re-sync finds nothing to push."""
-    async with im_server(tmp_path) as server, clients_of(server) as clients:
+    """A push is lost in transit: the ack that shows the gap starts a re-sync (after
+    push_gap_wait, short here), and an ack that comes while it is on its way (of a
+    message pushed before it) must not move the cursor past the lost message, or
+    the re-sync finds nothing to push."""
+    async with im_server(tmp_path, push_gap_wait=0.05) as server, clients_of(server) as clients:
         houyi = await clients.login("houyi", auto_ack=False, dedupe_window=0)
         gris = await clients.login("gris")
         assert houyi.user is not None
@@ -421,8 +422,8 @@ async def test_a_partner_message_pushed_before_the_own_commit_is_no_gap(tmp_path
     earlier send is answered by the store (another node stored the partner's). The
     ack of the partner's message then sees a gap: the device's own message fills it,
     so nothing is pushed again. A real gap behind a send in flight is still pushed
-    again, once that send is answered."""
-    async with im_server(tmp_path) as server, clients_of(server) as clients:
+    again, once that send is answered (no wait here: push_gap_wait 0)."""
+    async with im_server(tmp_path, push_gap_wait=0) as server, clients_of(server) as clients:
         houyi = await clients.login("houyi", auto_ack=False, dedupe_window=0)
         gris = await clients.login("gris")
         assert houyi.user is not None and gris.user is not None
@@ -499,3 +500,42 @@ async def test_a_partner_message_pushed_before_the_own_commit_is_no_gap(tmp_path
         await houyi.online_users()
         assert len(gaps) == 1  # it did not: the device gets what it misses again
         im._stored = real_stored  # type: ignore[method-assign]
+
+
+async def test_a_message_late_from_another_node_within_the_wait_is_no_gap(tmp_path: Path) -> None:
+    """A partner's message n is still on its way (its node committed, then forwards)
+    when n + 1 is pushed and acked: the gap waits push_gap_wait, and once n
+    arrives the check finds nothing to push again."""
+    async with im_server(tmp_path, push_gap_wait=3600) as server, clients_of(server) as clients:
+        houyi = await clients.login("houyi", auto_ack=False, dedupe_window=0)
+        gris = await clients.login("gris")
+        assert houyi.user is not None
+        inbox = Inbox(houyi)
+        im = im_of(server)
+        device = session_of(server, houyi.user.id).data[DEVICE]
+        gaps: list[Session] = []
+        device.on_gap = gaps.append
+        center = im.connections
+        real_deliver = center.deliver
+        late: list[tuple[Any, Any, int]] = []
+
+        def deliver(message: Any, user_ids: Any, exclude_session: int = 0) -> None:
+            if message.text == "late":
+                late.append((message, user_ids, exclude_session))
+            else:
+                real_deliver(message, user_ids, exclude_session)
+
+        center.deliver = deliver  # type: ignore[method-assign]
+        await gris.send_p2p(houyi.user.id, "late")
+        await gris.send_p2p(houyi.user.id, "next")
+        (nxt,) = await inbox.wait_for(1)
+        houyi.ack([nxt.msg_id])
+        await houyi.online_users()
+        assert device.gap_check is not None and gaps == []  # waiting, not re-syncing
+        center.deliver = real_deliver  # type: ignore[method-assign]
+        for args in late:
+            real_deliver(*args)
+        (_, arrived) = await inbox.wait_for(2)
+        assert arrived.text == "late" and not device.ahead
+        device.gap_due()  # the wait is over: the gap closed meanwhile
+        assert gaps == [] and device.gap_check is None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from bitchat.im.centers import Message
 from bitchat.im.packets import ChatMessage
@@ -65,10 +65,10 @@ class DeviceState:
         partner's message can be pushed before the commit of one sent before it (in
         a cluster, by another node), so a gap at an ack is final only once the sends
         in flight then are answered (:meth:`gap_at_ack`)."""
-        self.gap_check: tuple[int, Session, list[str]] | None = None
-        """A gap seen at an ack while own sends were in flight: (sends_started then, the
-        session, the conversations), checked again as the last of them is answered
-        (:meth:`sent`)."""
+        self.gap_check: list[Any] | None = None
+        """A gap an ack showed: [sends_started then, the session, its conversations,
+        due], checked again once ``push_gap_wait`` has passed (:meth:`gap_due`) and
+        the sends in flight at the ack are answered (:meth:`sent`)."""
 
     def seed(self, cursors: dict[str, int]) -> None:
         """Where the device is in each conversation, as a sync is about to push from
@@ -92,15 +92,27 @@ class DeviceState:
         elif seq > last + 1:
             self.ahead.setdefault(conv, set()).add(seq)
 
-    def gap_at_ack(self, session: Session, convs: list[str]) -> None:
-        """An ack found a gap in ``convs``: push again now, or once the sends in flight
-        are answered (one of them may be what fills it)."""
-        if self.sends_done >= self.sends_started:
-            self.on_gap(session)
-        elif self.gap_check is None:
-            self.gap_check = (self.sends_started, session, convs)
-        else:
-            self.gap_check[2].extend(convs)
+    def gap_at_ack(self, session: Session, convs: list[str]) -> bool:
+        """An ack found a gap in ``convs``; True when this starts a check, which the
+        caller runs with :meth:`gap_due` after the wait (the missing message may be
+        on its way, or be one of the device's own sends in flight)."""
+        check = self.gap_check
+        if check is not None:
+            check[2].extend(convs)
+            return False
+        self.gap_check = [self.sends_started, session, convs, False]
+        return True
+
+    def gap_due(self) -> None:
+        """The wait after a gap is over: push again what the device misses if the gap
+        is still open, once the sends that were in flight at the ack are answered."""
+        check = self.gap_check
+        if check is None:
+            return  # a re-sync came first, or the gap check ran
+        if self.sends_done < check[0]:
+            check[3] = True  # their answers may fill it: decided at the last one
+            return
+        self._gap_decided()
 
     def sent(self, conv: str, seq: int) -> None:
         """One of the device's own sends was answered by the store (``seq`` 0: it failed)."""
@@ -108,11 +120,16 @@ class DeviceState:
         if seq:
             self.note(conv, seq)
         check = self.gap_check
-        if check is not None and self.sends_done >= check[0]:
-            self.gap_check = None
-            ahead = self.ahead
-            if ahead and any(c in ahead for c in check[2]):
-                self.on_gap(check[1])
+        if check is not None and check[3] and self.sends_done >= check[0]:
+            self._gap_decided()
+
+    def _gap_decided(self) -> None:
+        check = self.gap_check
+        assert check is not None
+        self.gap_check = None
+        ahead = self.ahead
+        if ahead and any(c in ahead for c in check[2]):
+            self.on_gap(check[1])
 
     def _close_gap(self, conv: str, seq: int) -> None:
         ahead = self.ahead.get(conv)

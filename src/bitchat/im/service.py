@@ -913,9 +913,14 @@ class IMService:
                 if moves.get(conv, 0) < seq:
                     moves[conv] = seq
         ahead = device.ahead
-        if ahead and any(c in ahead for c in moves):
-            # A push is missing: this connection gets it again.
-            device.gap_at_ack(session, [c for c in moves if c in ahead])
+        # A push is missing: this connection gets it again, unless it arrives
+        # meanwhile (forwarded by another node, or the device's own in flight).
+        if (
+            ahead
+            and any(c in ahead for c in moves)
+            and device.gap_at_ack(session, [c for c in moves if c in ahead])
+        ):
+            self.server.loop.call_later(self.settings.push_gap_wait, device.gap_due)
         seqs = device.seqs
         for conv, seq in list(moves.items()):
             have = seqs.get(conv, 0)
