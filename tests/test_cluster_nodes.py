@@ -359,3 +359,20 @@ async def test_typing_crosses_nodes(make_node: MakeNode, make_client: MakeClient
     await bob.close()  # the stop of a disconnect crosses too
     e = await asyncio.wait_for(seen[alice].get(), WAIT)
     assert (e.user_id, e.group_id, e.typing) == (bob.user.id, g.group_id, False)
+
+
+async def test_a_burst_of_logouts_waits_for_redis_connections(
+    make_node: MakeNode, make_client: MakeClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """More commands at once than the Redis pool holds (here 3 connections, 24
+    users leaving together, each detach asks Redis): they wait for a connection
+    instead of failing, so the node never takes Redis for down."""
+    node = await make_node(1, redis_max_connections=3)
+    assert center(node).redis.connection_pool.max_connections == 3
+    watcher = await make_client(node, "watcher")
+    leaving = await asyncio.gather(*(make_client(node, f"user{i}") for i in range(24)))
+    assert len(await online_names(watcher)) == 25
+    await asyncio.gather(*(im.close() for im in leaving))
+    await eventually(lambda: _names_are(watcher, ["watcher"]), WAIT, "the 24 going offline")
+    assert "Redis is unavailable" not in caplog.text
+    assert "failed" not in caplog.text

@@ -343,6 +343,10 @@ class Settings:
     node_ttl: float = setting(5.0, gt=0, unit="s", commands=_S)
     """A node's registration in Redis lives this long unless refreshed (every quarter
     of it): a killed node, and the users online on it, drop out within this time."""
+    redis_max_connections: int = setting(100, ge=2, commands=_SR)
+    """Most connections to Redis a node (or the router) opens; a command that finds
+    them all busy waits for one, up to ``backend_timeout`` (a burst of logouts does
+    not make Redis look down)."""
     redis_prefix: str = setting("bitchat:", commands=_SR, metavar="PREFIX")
     """Prefix of every Redis key and channel of the cluster (several clusters, or
     tests, may share one Redis)."""

@@ -108,15 +108,22 @@ class NodeInfo:
 
 def connect_redis(url: str, settings: Settings) -> aioredis.Redis:
     """A Redis client that fails fast: one quick retry (a stale pooled
-    connection after a Redis restart), then the caller gets the error."""
-    client: aioredis.Redis = aioredis.Redis.from_url(
+    connection after a Redis restart), then the caller gets the error. Its pool
+    holds ``redis_max_connections``; when all are busy a command waits for one (up
+    to ``backend_timeout``): redis-py's default pool refuses at once, so a burst of
+    commands (a hundred logouts together) looked like Redis being down."""
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
+        max_connections=settings.redis_max_connections,
+        timeout=settings.backend_timeout,
         decode_responses=False,
         socket_timeout=settings.backend_timeout,
         socket_connect_timeout=min(settings.backend_timeout, settings.connect_timeout),
         retry=Retry(ConstantBackoff(0.05), 1),
         health_check_interval=max(1, int(settings.node_ttl)),
     )
+    client = aioredis.Redis(connection_pool=pool)
+    client.auto_close_connection_pool = True  # closed with the client, as from_url's
     return client
 
 
