@@ -539,3 +539,29 @@ async def test_a_message_late_from_another_node_within_the_wait_is_no_gap(tmp_pa
         assert arrived.text == "late" and not device.ahead
         device.gap_due()  # the wait is over: the gap closed meanwhile
         assert gaps == [] and device.gap_check is None
+
+        # A gap that opens while the wait for an earlier one runs gets a wait of its own.
+        late.clear()
+        center.deliver = deliver  # type: ignore[method-assign]
+        await gris.send_p2p(houyi.user.id, "late")
+        await gris.send_p2p(houyi.user.id, "one")
+        one = (await inbox.wait_for(3))[-1]
+        houyi.ack([one.msg_id])
+        await houyi.online_users()
+        for args in late:  # the first gap closes...
+            real_deliver(*args)
+        await inbox.wait_for(4)
+        late.clear()
+        await gris.send_p2p(houyi.user.id, "late")  # ...and a second one opens
+        await gris.send_p2p(houyi.user.id, "two")
+        (*_, two) = await inbox.wait_for(5)
+        houyi.ack([two.msg_id])
+        await houyi.online_users()
+        device.gap_due()  # the first one's wait is over: the second one waits again
+        assert gaps == [] and device.gap_check is not None
+        center.deliver = real_deliver  # type: ignore[method-assign]
+        for args in late:
+            real_deliver(*args)
+        await inbox.wait_for(6)
+        device.gap_due()
+        assert gaps == [] and device.gap_check is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,7 @@ class DeviceState:
         "ahead",
         "device_id",
         "gap_check",
+        "gap_wait",
         "name",
         "on_gap",
         "receipted",
@@ -45,7 +47,12 @@ class DeviceState:
     )
 
     def __init__(
-        self, device_id: int, name: str, window: int, on_gap: Callable[[Session], None]
+        self,
+        device_id: int,
+        name: str,
+        window: int,
+        on_gap: Callable[[Session], None],
+        gap_wait: float = 0.0,
     ) -> None:
         self.device_id = device_id
         self.name = name
@@ -65,10 +72,11 @@ class DeviceState:
         partner's message can be pushed before the commit of one sent before it (in
         a cluster, by another node), so a gap at an ack is final only once the sends
         in flight then are answered (:meth:`gap_at_ack`)."""
+        self.gap_wait = gap_wait
         self.gap_check: list[Any] | None = None
-        """A gap an ack showed: [sends_started then, the session, its conversations,
-        due], checked again once ``push_gap_wait`` has passed (:meth:`gap_due`) and
-        the sends in flight at the ack are answered (:meth:`sent`)."""
+        """A gap an ack showed: [sends_started then, the session, {conversation: its
+        first seq missing}, due], decided once ``gap_wait`` has passed
+        (:meth:`gap_due`) and the sends in flight at the ack are answered (:meth:`sent`)."""
 
     def seed(self, cursors: dict[str, int]) -> None:
         """Where the device is in each conversation, as a sync is about to push from
@@ -92,23 +100,27 @@ class DeviceState:
         elif seq > last + 1:
             self.ahead.setdefault(conv, set()).add(seq)
 
-    def gap_at_ack(self, session: Session, convs: list[str]) -> bool:
-        """An ack found a gap in ``convs``; True when this starts a check, which the
-        caller runs with :meth:`gap_due` after the wait (the missing message may be
-        on its way, or be one of the device's own sends in flight)."""
-        check = self.gap_check
-        if check is not None:
-            check[2].extend(convs)
-            return False
-        self.gap_check = [self.sends_started, session, convs, False]
-        return True
-
-    def gap_due(self) -> None:
-        """The wait after a gap is over: push again what the device misses if the gap
-        is still open, once the sends that were in flight at the ack are answered."""
+    def gap_at_ack(self, session: Session, convs: list[str]) -> None:
+        """An ack found a gap in ``convs``. It is decided ``gap_wait`` seconds later
+        (:meth:`gap_due`), and not before the sends in flight now are answered: the
+        missing message may be on its way from another node, or be one of the
+        device's own. Each conversation's gap gets the whole wait: one that opens
+        after another closed is waited for again."""
         check = self.gap_check
         if check is None:
-            return  # a re-sync came first, or the gap check ran
+            check = self.gap_check = [self.sends_started, session, {}, False]
+            asyncio.get_running_loop().call_later(self.gap_wait, self.gap_due)
+        first = check[2]
+        seqs = self.seqs
+        for conv in convs:
+            first.setdefault(conv, seqs.get(conv, 0) + 1)
+
+    def gap_due(self) -> None:
+        """The wait after a gap is over: decide it, once the sends that were in
+        flight at the ack are answered."""
+        check = self.gap_check
+        if check is None:
+            return  # a re-sync came first
         if self.sends_done < check[0]:
             check[3] = True  # their answers may fill it: decided at the last one
             return
@@ -127,9 +139,17 @@ class DeviceState:
         check = self.gap_check
         assert check is not None
         self.gap_check = None
-        ahead = self.ahead
-        if ahead and any(c in ahead for c in check[2]):
-            self.on_gap(check[1])
+        ahead, seqs = self.ahead, self.seqs
+        later = []
+        for conv, first in check[2].items():
+            if conv not in ahead:
+                continue  # it arrived
+            if seqs.get(conv, 0) < first:
+                self.on_gap(check[1])  # still missing after the wait: lost in transit
+                return
+            later.append(conv)  # that gap closed and a later one opened: wait for it
+        if later:
+            self.gap_at_ack(check[1], later)
 
     def _close_gap(self, conv: str, seq: int) -> None:
         ahead = self.ahead.get(conv)

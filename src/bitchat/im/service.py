@@ -374,7 +374,11 @@ class IMService:
         held: list[Message] = []
         session.data[SYNCING] = held
         session.data[DEVICE] = DeviceState(
-            device_id, device, self.settings.ack_window, self._resync_gap
+            device_id,
+            device,
+            self.settings.ack_window,
+            self._resync_gap,
+            self.settings.push_gap_wait,
         )
         session.user_id = user.id
         session.user_name = user.name
@@ -915,12 +919,8 @@ class IMService:
         ahead = device.ahead
         # A push is missing: this connection gets it again, unless it arrives
         # meanwhile (forwarded by another node, or the device's own in flight).
-        if (
-            ahead
-            and any(c in ahead for c in moves)
-            and device.gap_at_ack(session, [c for c in moves if c in ahead])
-        ):
-            self.server.loop.call_later(self.settings.push_gap_wait, device.gap_due)
+        if ahead and any(c in ahead for c in moves):
+            device.gap_at_ack(session, [c for c in moves if c in ahead])
         seqs = device.seqs
         for conv, seq in list(moves.items()):
             have = seqs.get(conv, 0)
