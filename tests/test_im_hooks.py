@@ -531,14 +531,14 @@ async def test_a_message_late_from_another_node_within_the_wait_is_no_gap(tmp_pa
         (nxt,) = await inbox.wait_for(1)
         houyi.ack([nxt.msg_id])
         await houyi.online_users()
-        assert device.gap_check is not None and gaps == []  # waiting, not re-syncing
+        assert device.gap_checks and gaps == []  # waiting, not re-syncing
         center.deliver = real_deliver  # type: ignore[method-assign]
         for args in late:
             real_deliver(*args)
         (_, arrived) = await inbox.wait_for(2)
         assert arrived.text == "late" and not device.ahead
-        device.gap_due()  # the wait is over: the gap closed meanwhile
-        assert gaps == [] and device.gap_check is None
+        _waits_over(device)  # the gap closed meanwhile
+        assert gaps == [] and not device.gap_checks
 
         # A gap that opens while the wait for an earlier one runs gets a wait of its own.
         late.clear()
@@ -557,11 +557,60 @@ async def test_a_message_late_from_another_node_within_the_wait_is_no_gap(tmp_pa
         (*_, two) = await inbox.wait_for(5)
         houyi.ack([two.msg_id])
         await houyi.online_users()
-        device.gap_due()  # the first one's wait is over: the second one waits again
-        assert gaps == [] and device.gap_check is not None
+        _waits_over(device)  # the first one's wait: the second one waits again
+        assert gaps == [] and device.gap_checks
         center.deliver = real_deliver  # type: ignore[method-assign]
         for args in late:
             real_deliver(*args)
         await inbox.wait_for(6)
-        device.gap_due()
-        assert gaps == [] and device.gap_check is None
+        _waits_over(device)
+        assert gaps == [] and not device.gap_checks
+
+
+def _waits_over(device: Any) -> None:
+    """What the timers of the gaps waited for do when they fire (the wait is an hour
+    in these tests, so none does by itself)."""
+    for conv, entry in list((device.gap_checks or {}).items()):
+        device.gap_due(conv, entry)
+
+
+async def test_each_conversation_s_gap_waits_its_own_time(tmp_path: Path) -> None:
+    """Gaps in two conversations, the second shown while the first one's wait runs:
+    the first one's wait ending decides only the first; a re-sync cancels the
+    waits of the others."""
+    async with im_server(tmp_path, push_gap_wait=3600) as server, clients_of(server) as clients:
+        houyi = await clients.login("houyi", auto_ack=False, dedupe_window=0)
+        gris = await clients.login("gris")
+        chang = await clients.login("chang")
+        assert houyi.user is not None
+        inbox = Inbox(houyi)
+        im = im_of(server)
+        device = session_of(server, houyi.user.id).data[DEVICE]
+        gaps: list[Session] = []
+        device.on_gap = gaps.append
+        center = im.connections
+        real_deliver = center.deliver
+
+        def deliver(message: Any, user_ids: Any, exclude_session: int = 0) -> None:
+            if message.text != "lost":
+                real_deliver(message, user_ids, exclude_session)
+
+        center.deliver = deliver  # type: ignore[method-assign]
+        await gris.send_p2p(houyi.user.id, "lost")
+        await gris.send_p2p(houyi.user.id, "after")
+        (first,) = await inbox.wait_for(1)
+        houyi.ack([first.msg_id])
+        await houyi.online_users()
+        await chang.send_p2p(houyi.user.id, "lost")
+        await chang.send_p2p(houyi.user.id, "after")
+        second = (await inbox.wait_for(2))[-1]
+        houyi.ack([second.msg_id])
+        await houyi.online_users()
+        center.deliver = real_deliver  # type: ignore[method-assign]
+        checks = dict(device.gap_checks or {})
+        assert len(checks) == 2
+        (gris_conv, gris_wait), (chang_conv, chang_wait) = checks.items()
+        device.gap_due(gris_conv, gris_wait)  # gris's wait is over: only it is decided
+        assert len(gaps) == 1 and list(device.gap_checks or {}) == [chang_conv]
+        device.reset()  # the re-sync it starts: the other wait is cancelled
+        assert not device.gap_checks and chang_wait[4].cancelled()

@@ -318,8 +318,23 @@ def test_the_json_fast_path_takes_the_common_bodies() -> None:
         b'{"to": true, "text": "x"}',
         b'{"to": 9223372036854775808, "text": "x"}',
         b"[]",
+        # Unknown keys, whose values msgspec would skip unchecked.
+        b'{"to": 3, "text": "x", "other": 1}',
     ):
         assert fast(raw) is None, raw
+    # Bodies orjson refuses that msgspec could skip over or choke on: refused, as before.
+    deep = b"[" * 5000 + b"]" * 5000
+    for raw in (
+        b'{"to": 3, "text": "x", "other": "\xff"}',
+        b'{"to": 3, "text": "x", "\xff": 1}',
+        b'{"to": 3, "text": "x", "other": 1e400}',
+        b'{"to": 3, "text": "x", "other": ' + deep + b"}",
+        b'{"to": 3, "text": "x", "fields": {"a": ' + deep + b"}}",
+    ):
+        assert fast(raw) is None, raw[:60]
+        with pytest.raises(ProtocolError) as refusal:
+            decode_body(SendP2P, JSON, raw, 0, _SMALL)
+        assert refusal.value.code == codes.BAD_BODY, raw[:60]
     # And the usual way names the error, as it always did.
     with pytest.raises(ProtocolError) as info:
         decode_body(SendP2P, JSON, b'{"to": 3, "text": "12345678901"}', 7, _SMALL)

@@ -33,7 +33,7 @@ class DeviceState:
     __slots__ = (
         "ahead",
         "device_id",
-        "gap_check",
+        "gap_checks",
         "gap_wait",
         "name",
         "on_gap",
@@ -73,10 +73,11 @@ class DeviceState:
         a cluster, by another node), so a gap at an ack is final only once the sends
         in flight then are answered (:meth:`gap_at_ack`)."""
         self.gap_wait = gap_wait
-        self.gap_check: list[Any] | None = None
-        """A gap an ack showed: [sends_started then, the session, {conversation: its
-        first seq missing}, due], decided once ``gap_wait`` has passed
-        (:meth:`gap_due`) and the sends in flight at the ack are answered (:meth:`sent`)."""
+        self.gap_checks: dict[str, list[Any]] | None = None
+        """The gaps acks showed, by conversation: [its first seq missing, sends_started
+        then, the session, due, the timer]. Each is decided on its own once
+        ``gap_wait`` has passed (:meth:`gap_due`) and the sends in flight at its ack
+        are answered (:meth:`sent`)."""
 
     def seed(self, cursors: dict[str, int]) -> None:
         """Where the device is in each conversation, as a sync is about to push from
@@ -101,55 +102,56 @@ class DeviceState:
             self.ahead.setdefault(conv, set()).add(seq)
 
     def gap_at_ack(self, session: Session, convs: list[str]) -> None:
-        """An ack found a gap in ``convs``. It is decided ``gap_wait`` seconds later
-        (:meth:`gap_due`), and not before the sends in flight now are answered: the
-        missing message may be on its way from another node, or be one of the
-        device's own. Each conversation's gap gets the whole wait: one that opens
-        after another closed is waited for again."""
-        check = self.gap_check
-        if check is None:
-            check = self.gap_check = [self.sends_started, session, {}, False]
-            asyncio.get_running_loop().call_later(self.gap_wait, self.gap_due)
-        first = check[2]
+        """An ack found a gap in each of ``convs``. Each is decided ``gap_wait``
+        seconds after its own ack (:meth:`gap_due`), and not before the sends in
+        flight then are answered: the missing message may be on its way from
+        another node, or be one of the device's own."""
+        checks = self.gap_checks
+        if checks is None:
+            checks = self.gap_checks = {}
+        later = asyncio.get_running_loop().call_later
         seqs = self.seqs
         for conv in convs:
-            first.setdefault(conv, seqs.get(conv, 0) + 1)
+            if conv not in checks:
+                entry: list[Any] = [seqs.get(conv, 0) + 1, self.sends_started, session, False]
+                entry.append(later(self.gap_wait, self.gap_due, conv, entry))
+                checks[conv] = entry
 
-    def gap_due(self) -> None:
-        """The wait after a gap is over: decide it, once the sends that were in
-        flight at the ack are answered."""
-        check = self.gap_check
-        if check is None:
+    def gap_due(self, conv: str, entry: list[Any]) -> None:
+        """The wait after a gap in ``conv`` is over: decide it, once the sends that
+        were in flight at its ack are answered."""
+        checks = self.gap_checks
+        if checks is None or checks.get(conv) is not entry:
             return  # a re-sync came first
-        if self.sends_done < check[0]:
-            check[3] = True  # their answers may fill it: decided at the last one
+        if self.sends_done < entry[1]:
+            entry[3] = True  # their answers may fill it: decided at the last one
             return
-        self._gap_decided()
+        self._gap_decided(conv, entry)
 
     def sent(self, conv: str, seq: int) -> None:
         """One of the device's own sends was answered by the store (``seq`` 0: it failed)."""
         self.sends_done += 1
         if seq:
             self.note(conv, seq)
-        check = self.gap_check
-        if check is not None and check[3] and self.sends_done >= check[0]:
-            self._gap_decided()
+        checks = self.gap_checks
+        if checks:
+            done = self.sends_done
+            for c, entry in list(checks.items()):
+                if entry[3] and done >= entry[1]:
+                    self._gap_decided(c, entry)
 
-    def _gap_decided(self) -> None:
-        check = self.gap_check
-        assert check is not None
-        self.gap_check = None
-        ahead, seqs = self.ahead, self.seqs
-        later = []
-        for conv, first in check[2].items():
-            if conv not in ahead:
-                continue  # it arrived
-            if seqs.get(conv, 0) < first:
-                self.on_gap(check[1])  # still missing after the wait: lost in transit
-                return
-            later.append(conv)  # that gap closed and a later one opened: wait for it
-        if later:
-            self.gap_at_ack(check[1], later)
+    def _gap_decided(self, conv: str, entry: list[Any]) -> None:
+        checks = self.gap_checks
+        if checks is None or checks.get(conv) is not entry:
+            return  # decided already (a re-sync it started reset the device)
+        del checks[conv]
+        if conv not in self.ahead:
+            return  # it arrived
+        session = entry[2]
+        if self.seqs.get(conv, 0) < entry[0]:
+            self.on_gap(session)  # still missing after the wait: lost in transit
+        else:
+            self.gap_at_ack(session, [conv])  # it closed and a later one opened: wait again
 
     def _close_gap(self, conv: str, seq: int) -> None:
         ahead = self.ahead.get(conv)
@@ -193,7 +195,10 @@ class DeviceState:
         self.seqs.clear()
         self.ahead.clear()
         self.seeded = False
-        self.gap_check = None
+        checks, self.gap_checks = self.gap_checks, None
+        if checks:
+            for entry in checks.values():
+                entry[4].cancel()
 
 
 def encode_message(message: Message, serializer: int) -> bytes:

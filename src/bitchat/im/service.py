@@ -643,6 +643,8 @@ class IMService:
 
     def _resync_gap(self, session: Session) -> None:
         """A push skipped a seq of its conversation (lost between nodes): push again."""
+        if session.closed:
+            return
         log.info("session %d missed a message in transit; pushing again", session.id)
         self.server.loop.call_soon(self._resync, session)
 
@@ -850,7 +852,6 @@ class IMService:
         device = session.data.get(DEVICE)
         if device is not None:
             msg.device = device.device_id
-            device.sends_started += 1
         # Pushed to the recipients and the sender's other devices (what each device
         # misses follows from its cursors, so nothing is written per recipient).
         targets = recipients if msg.sender_id in recipients else [*recipients, msg.sender_id]
@@ -859,6 +860,8 @@ class IMService:
         self.messages.store_then(
             msg, targets, functools.partial(self._stored, out, session.id, device, msg, targets)
         )
+        if device is not None:
+            device.sends_started += 1  # after: a store that raised here answers nothing
         return out
 
     def _stored(
