@@ -34,6 +34,66 @@ def session_of(server: Server, user_id: int) -> Session:
     return session
 
 
+class HeldPushes:
+    """Holds back the pushes of the messages whose text is ``text`` (as pushes on
+    their way between nodes, or lost there) until :meth:`release`; :meth:`stop`
+    pushes the rest as usual again, and what it held stays lost."""
+
+    def __init__(self, center: Any, text: str) -> None:
+        self.center, self.text = center, text
+        self.real = center.deliver
+        self.held: list[tuple[Any, Any, int]] = []
+        center.deliver = self._deliver
+
+    def _deliver(self, message: Any, user_ids: Any, exclude_session: int = 0) -> None:
+        if message.text == self.text:
+            self.held.append((message, user_ids, exclude_session))
+        else:
+            self.real(message, user_ids, exclude_session)
+
+    def stop(self) -> None:
+        self.center.deliver = self.real
+
+    def release(self) -> None:
+        self.stop()
+        for args in self.held:
+            self.real(*args)
+        self.held.clear()
+
+
+class HeldAnswers:
+    """Holds back the store's answers to ``user_id``'s sends (committed, as by a
+    slower node) until :meth:`release`."""
+
+    def __init__(self, im: IMService, user_id: int) -> None:
+        self.im, self.user_id = im, user_id
+        self.real = im._stored
+        self.held: list[tuple[Any, ...]] = []
+        self.holding = asyncio.Event()
+        im._stored = self._stored  # type: ignore[method-assign]
+
+    def _stored(self, *args: Any) -> None:
+        if args[3].sender_id != self.user_id:
+            self.real(*args)
+            return
+        self.held.append(args)
+        self.holding.set()
+
+    def release(self) -> None:
+        self.im._stored = self.real  # type: ignore[method-assign]
+        for args in self.held:
+            self.real(*args)
+
+
+def watch_gaps(server: Server, user_id: int) -> tuple[Any, list[Session]]:
+    """The device state of ``user_id``'s session, and the sessions its gaps would
+    push again (recorded instead)."""
+    device = session_of(server, user_id).data[DEVICE]
+    gaps: list[Session] = []
+    device.on_gap = gaps.append
+    return device, gaps
+
+
 async def test_the_service_subscribes_to_its_connection_center(tmp_path: Path) -> None:
     async with im_server(tmp_path) as server, clients_of(server) as clients:
         center = im_of(server).connections
@@ -133,19 +193,12 @@ async def test_acks_after_a_gap_do_not_skip_the_lost_message(tmp_path: Path) -> 
         houyi.ack([one.msg_id])
         await houyi.online_users()
         # "two" never reaches houyi's session (as a push lost between nodes).
-        center = im.connections
-        real_deliver = center.deliver
-
-        def deliver(message: Any, user_ids: Any, exclude_session: int = 0) -> None:
-            if message.text != "two":
-                real_deliver(message, user_ids, exclude_session)
-
-        center.deliver = deliver  # type: ignore[method-assign]
+        lost = HeldPushes(im.connections, "two")
         for text in ("two", "three", "four"):
             await gris.send_p2p(houyi.user.id, text)
         _, three, four = await inbox.wait_for(3)
         assert [three.text, four.text] == ["three", "four"]
-        center.deliver = real_deliver  # type: ignore[method-assign]
+        lost.stop()
         # The re-sync's read of what the device misses waits until the second ack is in.
         asked, release = asyncio.Event(), asyncio.Event()
         real_pending = im.messages.positions
@@ -429,77 +482,40 @@ async def test_a_partner_message_pushed_before_the_own_commit_is_no_gap(tmp_path
         assert houyi.user is not None and gris.user is not None
         inbox = Inbox(houyi)
         im = im_of(server)
-        device = session_of(server, houyi.user.id).data[DEVICE]
-        gaps: list[Session] = []
-        device.on_gap = gaps.append
+        device, gaps = watch_gaps(server, houyi.user.id)
         # houyi's own send is committed, but its answer waits (as a slower node's).
-        real_stored = im._stored
-        held: list[tuple[Any, ...]] = []
-        release, holding = asyncio.Event(), asyncio.Event()
-
-        def stored(*args: Any) -> None:
-            if args[3].sender_id == houyi.user.id and not release.is_set():
-                held.append(args)
-                holding.set()
-                if len(held) == 1:
-                    real_stored_later()
-                return
-            real_stored(*args)
-
-        def real_stored_later() -> None:
-            async def later() -> None:
-                await release.wait()
-                for args in held:
-                    real_stored(*args)
-
-            task = asyncio.ensure_future(later())
-            tasks.add(task)
-
-        tasks: set[asyncio.Future[None]] = set()
-        im._stored = stored  # type: ignore[method-assign]
+        answers = HeldAnswers(im, houyi.user.id)
         mine = asyncio.ensure_future(houyi.send_p2p(gris.user.id, "mine"))
-        await asyncio.wait_for(holding.wait(), WAIT)
+        await asyncio.wait_for(answers.holding.wait(), WAIT)
         await gris.send_p2p(houyi.user.id, "theirs")
         (theirs,) = await inbox.wait_for(1)
         assert theirs.text == "theirs" and theirs.seq == 2  # seq 1 is houyi's, unanswered
         houyi.ack([theirs.msg_id])
         await houyi.online_users()  # the ack is handled
         assert gaps == []  # a send is in flight: the gap waits for its answer
-        release.set()
+        answers.release()
         assert (await asyncio.wait_for(mine, WAIT)).seq == 1
         await houyi.online_users()
         assert gaps == [] and not device.ahead  # its own message filled the gap
-        im._stored = real_stored  # type: ignore[method-assign]
 
         # Now a push really lost behind a send in flight: seq 4 never reaches houyi.
-        center = im.connections
-        real_deliver = center.deliver
-
-        def deliver(message: Any, user_ids: Any, exclude_session: int = 0) -> None:
-            if message.text != "lost":
-                real_deliver(message, user_ids, exclude_session)
-
-        center.deliver = deliver  # type: ignore[method-assign]
+        lost = HeldPushes(im.connections, "lost")
         assert (await houyi.send_p2p(gris.user.id, "answered")).seq == 3
         await gris.send_p2p(houyi.user.id, "lost")
         await gris.send_p2p(houyi.user.id, "after")
         (_, after) = await inbox.wait_for(2)
         assert after.text == "after" and after.seq == 5
-        center.deliver = real_deliver  # type: ignore[method-assign]
-        release.clear()
-        holding.clear()
-        im._stored = stored  # type: ignore[method-assign]
-        held.clear()
+        lost.stop()
+        answers = HeldAnswers(im, houyi.user.id)
         flying = asyncio.ensure_future(houyi.send_p2p(gris.user.id, "in flight"))
-        await asyncio.wait_for(holding.wait(), WAIT)  # stored, its answer held
+        await asyncio.wait_for(answers.holding.wait(), WAIT)  # stored, its answer held
         houyi.ack([after.msg_id])
         await houyi.online_users()
         assert gaps == []  # not yet: the send in flight might have filled it
-        release.set()
+        answers.release()
         await asyncio.wait_for(flying, WAIT)
         await houyi.online_users()
         assert len(gaps) == 1  # it did not: the device gets what it misses again
-        im._stored = real_stored  # type: ignore[method-assign]
 
 
 async def test_a_message_late_from_another_node_within_the_wait_is_no_gap(tmp_path: Path) -> None:
@@ -511,47 +527,31 @@ async def test_a_message_late_from_another_node_within_the_wait_is_no_gap(tmp_pa
         gris = await clients.login("gris")
         assert houyi.user is not None
         inbox = Inbox(houyi)
-        im = im_of(server)
-        device = session_of(server, houyi.user.id).data[DEVICE]
-        gaps: list[Session] = []
-        device.on_gap = gaps.append
-        center = im.connections
-        real_deliver = center.deliver
-        late: list[tuple[Any, Any, int]] = []
-
-        def deliver(message: Any, user_ids: Any, exclude_session: int = 0) -> None:
-            if message.text == "late":
-                late.append((message, user_ids, exclude_session))
-            else:
-                real_deliver(message, user_ids, exclude_session)
-
-        center.deliver = deliver  # type: ignore[method-assign]
+        center = im_of(server).connections
+        device, gaps = watch_gaps(server, houyi.user.id)
+        late = HeldPushes(center, "late")
         await gris.send_p2p(houyi.user.id, "late")
         await gris.send_p2p(houyi.user.id, "next")
         (nxt,) = await inbox.wait_for(1)
         houyi.ack([nxt.msg_id])
         await houyi.online_users()
         assert device.gap_checks and gaps == []  # waiting, not re-syncing
-        center.deliver = real_deliver  # type: ignore[method-assign]
-        for args in late:
-            real_deliver(*args)
+        late.release()
         (_, arrived) = await inbox.wait_for(2)
         assert arrived.text == "late" and not device.ahead
         _waits_over(device)  # the gap closed meanwhile
         assert gaps == [] and not device.gap_checks
 
         # A gap that opens while the wait for an earlier one runs gets a wait of its own.
-        late.clear()
-        center.deliver = deliver  # type: ignore[method-assign]
+        late = HeldPushes(center, "late")
         await gris.send_p2p(houyi.user.id, "late")
         await gris.send_p2p(houyi.user.id, "one")
         one = (await inbox.wait_for(3))[-1]
         houyi.ack([one.msg_id])
         await houyi.online_users()
-        for args in late:  # the first gap closes...
-            real_deliver(*args)
+        late.release()  # the first gap closes...
         await inbox.wait_for(4)
-        late.clear()
+        late = HeldPushes(center, "late")
         await gris.send_p2p(houyi.user.id, "late")  # ...and a second one opens
         await gris.send_p2p(houyi.user.id, "two")
         (*_, two) = await inbox.wait_for(5)
@@ -559,9 +559,7 @@ async def test_a_message_late_from_another_node_within_the_wait_is_no_gap(tmp_pa
         await houyi.online_users()
         _waits_over(device)  # the first one's wait: the second one waits again
         assert gaps == [] and device.gap_checks
-        center.deliver = real_deliver  # type: ignore[method-assign]
-        for args in late:
-            real_deliver(*args)
+        late.release()
         await inbox.wait_for(6)
         _waits_over(device)
         assert gaps == [] and not device.gap_checks
@@ -570,8 +568,8 @@ async def test_a_message_late_from_another_node_within_the_wait_is_no_gap(tmp_pa
 def _waits_over(device: Any) -> None:
     """What the timers of the gaps waited for do when they fire (the wait is an hour
     in these tests, so none does by itself)."""
-    for conv, entry in list((device.gap_checks or {}).items()):
-        device.gap_due(conv, entry)
+    for conv, wait in list((device.gap_checks or {}).items()):
+        device.gap_due(conv, wait)
 
 
 async def test_each_conversation_s_gap_waits_its_own_time(tmp_path: Path) -> None:
@@ -584,18 +582,8 @@ async def test_each_conversation_s_gap_waits_its_own_time(tmp_path: Path) -> Non
         chang = await clients.login("chang")
         assert houyi.user is not None
         inbox = Inbox(houyi)
-        im = im_of(server)
-        device = session_of(server, houyi.user.id).data[DEVICE]
-        gaps: list[Session] = []
-        device.on_gap = gaps.append
-        center = im.connections
-        real_deliver = center.deliver
-
-        def deliver(message: Any, user_ids: Any, exclude_session: int = 0) -> None:
-            if message.text != "lost":
-                real_deliver(message, user_ids, exclude_session)
-
-        center.deliver = deliver  # type: ignore[method-assign]
+        device, gaps = watch_gaps(server, houyi.user.id)
+        lost = HeldPushes(im_of(server).connections, "lost")
         await gris.send_p2p(houyi.user.id, "lost")
         await gris.send_p2p(houyi.user.id, "after")
         (first,) = await inbox.wait_for(1)
@@ -606,11 +594,11 @@ async def test_each_conversation_s_gap_waits_its_own_time(tmp_path: Path) -> Non
         second = (await inbox.wait_for(2))[-1]
         houyi.ack([second.msg_id])
         await houyi.online_users()
-        center.deliver = real_deliver  # type: ignore[method-assign]
+        lost.stop()
         checks = dict(device.gap_checks or {})
         assert len(checks) == 2
         (gris_conv, gris_wait), (chang_conv, chang_wait) = checks.items()
         device.gap_due(gris_conv, gris_wait)  # gris's wait is over: only it is decided
         assert len(gaps) == 1 and list(device.gap_checks or {}) == [chang_conv]
         device.reset()  # the re-sync it starts: the other wait is cancelled
-        assert not device.gap_checks and chang_wait[4].cancelled()
+        assert not device.gap_checks and chang_wait.timer.cancelled()

@@ -81,17 +81,14 @@ class Authenticator(abc.ABC):
         """The identity ``credential`` proves, or :func:`login_failed` saying why not."""
 
 
-def _jwt() -> Any:
-    """PyJWT, imported on first use: with it comes ``cryptography`` (about 8 MiB of
-    resident memory), which a server without JWT logins never needs."""
-    import jwt
-
-    return jwt
+# PyJWT is imported where it is used: with it comes ``cryptography`` (about 8 MiB
+# of resident memory), which a server without JWT logins never needs.
 
 
 def _why(exc: Exception) -> str | None:
     """The cause a client is told of one of PyJWT's errors (most specific first)."""
-    jwt = _jwt()
+    import jwt
+
     for kind, why in (
         (jwt.ExpiredSignatureError, "the JWT has expired"),
         (jwt.InvalidSignatureError, "the JWT has a bad signature"),
@@ -138,7 +135,8 @@ class JwtAuthenticator(Authenticator):
             self._read_jwks(s.jwt_jwks_file, at_start=True)
 
     def _read_jwks(self, path: str, at_start: bool = False) -> None:
-        jwt = _jwt()
+        import jwt
+
         try:
             st = os.stat(path)
             stat = (st.st_ino, st.st_size, st.st_mtime_ns)
@@ -196,7 +194,8 @@ class JwtAuthenticator(Authenticator):
                 "JWT login is not set up on this server: no key is configured "
                 "(jwt_secret, jwt_public_key_file or jwt_jwks_file)"
             )
-        jwt = _jwt()
+        import jwt
+
         try:
             header = jwt.get_unverified_header(credential)
         except jwt.PyJWTError:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from bitchat.im.centers import Message
 from bitchat.im.packets import ChatMessage
@@ -19,6 +19,22 @@ SYNCING = "bitchat.syncing"
 """Session data key: a list of messages held back while offline messages are pushed."""
 DEVICE = "bitchat.device"
 """Session data key: the :class:`DeviceState` of a logged-in session."""
+
+
+class GapWait:
+    """A gap an ack showed in one conversation, waiting to be decided."""
+
+    __slots__ = ("due", "first", "sends", "session", "timer")
+
+    def __init__(self, first: int, sends: int, session: Session) -> None:
+        self.first = first
+        """Its first seq missing: still missing when decided, it was lost."""
+        self.sends = sends
+        """The device's sends started at the ack: all answered before it is decided."""
+        self.session = session
+        self.due = False
+        """The wait is over; decided once those sends are answered."""
+        self.timer: asyncio.TimerHandle | None = None
 
 
 class DeviceState:
@@ -73,9 +89,8 @@ class DeviceState:
         a cluster, by another node), so a gap at an ack is final only once the sends
         in flight then are answered (:meth:`gap_at_ack`)."""
         self.gap_wait = gap_wait
-        self.gap_checks: dict[str, list[Any]] | None = None
-        """The gaps acks showed, by conversation: [its first seq missing, sends_started
-        then, the session, due, the timer]. Each is decided on its own once
+        self.gap_checks: dict[str, GapWait] | None = None
+        """The gaps acks showed, by conversation, each decided on its own once
         ``gap_wait`` has passed (:meth:`gap_due`) and the sends in flight at its ack
         are answered (:meth:`sent`)."""
 
@@ -113,20 +128,20 @@ class DeviceState:
         seqs = self.seqs
         for conv in convs:
             if conv not in checks:
-                entry: list[Any] = [seqs.get(conv, 0) + 1, self.sends_started, session, False]
-                entry.append(later(self.gap_wait, self.gap_due, conv, entry))
-                checks[conv] = entry
+                wait = GapWait(seqs.get(conv, 0) + 1, self.sends_started, session)
+                wait.timer = later(self.gap_wait, self.gap_due, conv, wait)
+                checks[conv] = wait
 
-    def gap_due(self, conv: str, entry: list[Any]) -> None:
+    def gap_due(self, conv: str, wait: GapWait) -> None:
         """The wait after a gap in ``conv`` is over: decide it, once the sends that
         were in flight at its ack are answered."""
         checks = self.gap_checks
-        if checks is None or checks.get(conv) is not entry:
+        if checks is None or checks.get(conv) is not wait:
             return  # a re-sync came first
-        if self.sends_done < entry[1]:
-            entry[3] = True  # their answers may fill it: decided at the last one
+        if self.sends_done < wait.sends:
+            wait.due = True  # their answers may fill it: decided at the last one
             return
-        self._gap_decided(conv, entry)
+        self._gap_decided(conv, wait)
 
     def sent(self, conv: str, seq: int) -> None:
         """One of the device's own sends was answered by the store (``seq`` 0: it failed)."""
@@ -136,22 +151,21 @@ class DeviceState:
         checks = self.gap_checks
         if checks:
             done = self.sends_done
-            for c, entry in list(checks.items()):
-                if entry[3] and done >= entry[1]:
-                    self._gap_decided(c, entry)
+            for c, wait in list(checks.items()):
+                if wait.due and done >= wait.sends:
+                    self._gap_decided(c, wait)
 
-    def _gap_decided(self, conv: str, entry: list[Any]) -> None:
+    def _gap_decided(self, conv: str, wait: GapWait) -> None:
         checks = self.gap_checks
-        if checks is None or checks.get(conv) is not entry:
+        if checks is None or checks.get(conv) is not wait:
             return  # decided already (a re-sync it started reset the device)
         del checks[conv]
         if conv not in self.ahead:
             return  # it arrived
-        session = entry[2]
-        if self.seqs.get(conv, 0) < entry[0]:
-            self.on_gap(session)  # still missing after the wait: lost in transit
+        if self.seqs.get(conv, 0) < wait.first:
+            self.on_gap(wait.session)  # still missing after the wait: lost in transit
         else:
-            self.gap_at_ack(session, [conv])  # it closed and a later one opened: wait again
+            self.gap_at_ack(wait.session, [conv])  # it closed, a later one opened: wait
 
     def _close_gap(self, conv: str, seq: int) -> None:
         ahead = self.ahead.get(conv)
@@ -197,8 +211,9 @@ class DeviceState:
         self.seeded = False
         checks, self.gap_checks = self.gap_checks, None
         if checks:
-            for entry in checks.values():
-                entry[4].cancel()
+            for wait in checks.values():
+                if wait.timer is not None:
+                    wait.timer.cancel()
 
 
 def encode_message(message: Message, serializer: int) -> bytes:

@@ -920,10 +920,12 @@ class IMService:
                 if moves.get(conv, 0) < seq:
                     moves[conv] = seq
         ahead = device.ahead
-        # A push is missing: this connection gets it again, unless it arrives
-        # meanwhile (forwarded by another node, or the device's own in flight).
-        if ahead and any(c in ahead for c in moves):
-            device.gap_at_ack(session, [c for c in moves if c in ahead])
+        if ahead:
+            # A push is missing: this connection gets it again, unless it arrives
+            # meanwhile (forwarded by another node, or the device's own in flight).
+            gaps = [c for c in moves if c in ahead]
+            if gaps:
+                device.gap_at_ack(session, gaps)
         seqs = device.seqs
         for conv, seq in list(moves.items()):
             have = seqs.get(conv, 0)

@@ -657,9 +657,7 @@ class Limits:
         hints = typing.get_type_hints(cls, include_extras=True)
         if cls._spec is None:
             cls._build_spec()  # annotations that did not resolve at declaration
-        func = cls.__dict__.get("from_dict", cls.from_dict)
-        func = getattr(func, "__func__", func)
-        if getattr(func, _GENERATED, False) or func is Packet.__dict__["from_dict"].__func__:
+        if _decodes_by_fields(cls):
             return _compile_from_dict(cls, hints, self)
         # A class with a from_dict of its own: its fields are checked once it is built.
         fields = dataclasses.fields(cls)  # type: ignore[arg-type]
@@ -713,6 +711,14 @@ def decode_body(
         ) from None
 
 
+def _decodes_by_fields(cls: type[Packet]) -> bool:
+    """Whether ``cls`` decodes with the generic or a generated ``from_dict`` (what its
+    fields say), not one of its own."""
+    func = cls.__dict__.get("from_dict", cls.from_dict)
+    func = getattr(func, "__func__", func)
+    return bool(getattr(func, _GENERATED, False)) or func is Packet.__dict__["from_dict"].__func__
+
+
 def _compile_fast_json(cls: type[P], limits: Limits) -> Callable[[bytes], P | None] | None:
     """:meth:`Limits.fast_json`'s decoder of ``cls``: a msgspec Struct of its fields,
     with the same bounds as the generated ``from_dict`` (64-bit integers, the limits'
@@ -723,8 +729,7 @@ def _compile_fast_json(cls: type[P], limits: Limits) -> Callable[[bytes], P | No
         return None
     if cls._spec is None:
         cls._build_spec()
-    func = cls.__dict__.get("from_dict", cls.from_dict)
-    if not getattr(getattr(func, "__func__", func), _GENERATED, False):
+    if not _decodes_by_fields(cls):
         return None  # a from_dict of its own: only it knows what it accepts
     hints = typing.get_type_hints(cls, include_extras=True)
     word = typing.Annotated[int, msgspec.Meta(ge=INT_MIN, le=INT_MAX)]
@@ -732,7 +737,7 @@ def _compile_fast_json(cls: type[P], limits: Limits) -> Callable[[bytes], P | No
     env: dict[str, Any] = {"cls": cls}
     checks: list[str] = []
     args: list[str] = []
-    for i, f in enumerate(dataclasses.fields(cls)):  # type: ignore[arg-type]
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         tp, limit = _split_limit(hints[f.name])
         v = f"s.{f.name}"
         if tp is int:
@@ -758,7 +763,6 @@ def _compile_fast_json(cls: type[P], limits: Limits) -> Callable[[bytes], P | No
         else:
             fields.append((f.name, kind, msgspec.NODEFAULT))
         args.append(v if f.init and not f.kw_only else f"{f.name}={v}")
-        del i
     # Unknown keys go the usual way: msgspec skips their values without checking
     # them all (bad UTF-8, 1e400), where orjson refuses the body.
     struct = msgspec.defstruct(
